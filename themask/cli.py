@@ -1,0 +1,38 @@
+"""``themask`` command line: one sub-command per module in ``themask.commands``.
+
+Each command module defines ``register(subparsers)``, which adds its parser and sets
+``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
+Command modules import heavy dependencies inside their ``func`` so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from typing import Optional, Sequence
+
+# Order = order in ``themask --help``.
+COMMAND_MODULES: tuple = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="themask",
+        description="THE-Mask video semantic segmentation: train, evaluate, predict, convert.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"themask.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    return int(args.func(args) or 0)

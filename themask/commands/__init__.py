@@ -1,0 +1,1 @@
+"""Sub-commands of the ``themask`` CLI (see ``themask.cli``)."""

@@ -1,0 +1,38 @@
+"""Configuration of the training objective (DESIGN.md §5). Defaults are the official values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Tuple
+
+
+@dataclass
+class LossConfig:
+    """Two-round matching and hierarchical loss.
+
+    THE-Mask: ``num_rounds=2, second_round_loss="soft"``.
+    Mask2Former baseline: ``num_rounds=1, second_round_loss="hard"``.
+    """
+
+    num_rounds: int = 2  # 1: one-to-one Hungarian only; 2: add the secondary round
+    second_round_loss: Literal["soft", "hard"] = "soft"  # soft = hierarchical (paper)
+    second_round_cost: Literal["full", "bce"] = "full"  # official single-frame: "bce"
+    round_weights: Tuple[float, float] = (1.0, 0.5)
+    warmup_steps: int = 0  # one round while step < warmup_steps, then num_rounds
+    # loss weights
+    class_weight: float = 2.0
+    mask_weight: float = 5.0  # hard BCE
+    dice_weight: float = 5.0  # hard dice
+    soft_mask_weight: float = 0.5
+    soft_dice_weight: float = 0.5
+    no_object_weight: float = 0.1
+    frame_head_weight: float = 0.25  # TAD frame head
+    deep_supervision: bool = True
+    # matching cost weights
+    cost_class: float = 2.0
+    cost_mask: float = 5.0
+    cost_dice: float = 5.0
+    # point sampling
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75

@@ -1,0 +1,40 @@
+"""Named outputs of the network (no string-keyed dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from torch import Tensor
+
+
+@dataclass
+class PredictionSet:
+    """One prediction set of one head.
+
+    class_logits: (B, N, K+1) for the clip head; (B, T, N, K+1) for the frame head.
+    mask_logits:  (B, N, T, H/4, W/4) for both heads (frame-head masks stacked over time).
+    """
+
+    class_logits: Tensor
+    mask_logits: Tensor
+
+
+@dataclass
+class Predictions:
+    """All prediction sets of a forward pass in train mode.
+
+    clip:  L+1 sets (10 for 9 decoder layers), before layer 1 and after each layer;
+           ``clip[-1]`` is the final output, the others are for deep supervision.
+    frame: the TAD frame head, same length, or ``None`` for the single-frame decoder.
+
+    For the single-frame decoder every frame is its own clip: B here is B·T of the input
+    and T = 1 (``THEMask.is_temporal`` tells which layout a model uses).
+    """
+
+    clip: List[PredictionSet]
+    frame: Optional[List[PredictionSet]] = None
+
+    @property
+    def final(self) -> PredictionSet:
+        return self.clip[-1]

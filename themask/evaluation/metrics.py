@@ -1,0 +1,287 @@
+"""VSPW metrics (reference/vspw.md §3): confusion matrix → mIoU, WIoU, accuracies; mVC_n.
+
+Everything is streaming: the accumulators hold one K×K matrix, resp. two counters plus a
+few per-pixel maps of the current video, never a whole split of predictions.
+Values are fractions in [0, 1] (the CLI prints them ×100); ``nan`` marks an undefined value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+ArrayLike = Union[Tensor, np.ndarray]
+
+__all__ = [
+    "confusion_matrix",
+    "segmentation_metrics",
+    "SegmentationAccumulator",
+    "VideoConsistencyAccumulator",
+    "per_class_table",
+    "window_consistency",
+]
+
+
+def _as_tensor(x: ArrayLike) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def confusion_matrix(
+    pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: int = 255
+) -> Tensor:
+    """Pixel confusion matrix, rows = ground truth, columns = prediction.
+
+    pred, target: integer maps of the same shape (any number of dims, e.g. (T, H, W)).
+    Pixels whose target equals ``ignore_index`` are left out. Returns (K, K) int64 on the
+    device of ``pred``.
+    """
+    pred_t, target_t = _as_tensor(pred), _as_tensor(target)
+    if pred_t.shape != target_t.shape:
+        raise ValueError(
+            f"confusion_matrix: pred shape {tuple(pred_t.shape)} != target shape "
+            f"{tuple(target_t.shape)}"
+        )
+    target_t = target_t.to(pred_t.device).reshape(-1).long()
+    pred_t = pred_t.reshape(-1).long()
+    valid = target_t != ignore_index
+    target_t, pred_t = target_t[valid], pred_t[valid]
+    if target_t.numel() and (int(target_t.min()) < 0 or int(target_t.max()) >= num_classes):
+        raise ValueError(
+            f"confusion_matrix: target values must be in [0, {num_classes}) or {ignore_index}, "
+            f"got range [{int(target_t.min())}, {int(target_t.max())}]"
+        )
+    if pred_t.numel() and (int(pred_t.min()) < 0 or int(pred_t.max()) >= num_classes):
+        raise ValueError(
+            f"confusion_matrix: predicted values must be in [0, {num_classes}), "
+            f"got range [{int(pred_t.min())}, {int(pred_t.max())}]"
+        )
+    counts = torch.bincount(target_t * num_classes + pred_t, minlength=num_classes**2)
+    return counts.reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
+    """Metrics of a (K, K) confusion matrix (rows = GT), reference/vspw.md §3.1–3.2.
+
+    Returns a dict of
+      ``mIoU``          mmseg variant: mean IoU over classes with union > 0;
+      ``mIoU_present``  Evaluator variant: mean IoU over classes present in the GT;
+      ``WIoU``          frequency-weighted IoU, Σ_c (g_c / Σ g) · IoU_c;
+      ``aAcc``          pixel accuracy Σ I_c / Σ g_c;
+      ``mAcc``          mean over classes present in the GT of I_c / g_c;
+      ``IoU``, ``Acc``  per-class lists (``nan`` where undefined).
+    """
+    m = _as_tensor(conf).detach().to("cpu", torch.float64)
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"segmentation_metrics: expected a square matrix, got {tuple(m.shape)}")
+    inter = m.diagonal()
+    gt = m.sum(dim=1)
+    predicted = m.sum(dim=0)
+    union = gt + predicted - inter
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    iou = torch.where(union > 0, inter / union.clamp(min=1), nan)
+    acc = torch.where(gt > 0, inter / gt.clamp(min=1), nan)
+    present = gt > 0
+    total = gt.sum()
+
+    def mean_or_nan(values: Tensor) -> float:
+        return float(values.mean()) if values.numel() else math.nan
+
+    return {
+        "mIoU": mean_or_nan(iou[union > 0]),
+        "mIoU_present": mean_or_nan(iou[present]),
+        "WIoU": float((gt[present] / total * iou[present]).sum()) if total > 0 else math.nan,
+        "aAcc": float(inter.sum() / total) if total > 0 else math.nan,
+        "mAcc": mean_or_nan(acc[present]),
+        "IoU": iou.tolist(),
+        "Acc": acc.tolist(),
+    }
+
+
+def _all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` in place over all processes (no-op unless torch.distributed is set up).
+
+    NCCL only reduces CUDA tensors, so CPU tensors travel through the current CUDA device.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(staged)
+        tensor.copy_(staged.to(tensor.device))
+    else:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class SegmentationAccumulator:
+    """Streaming confusion matrix over a split; ``compute()`` → :func:`segmentation_metrics`."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        ignore_index: int = 255,
+        device: Union[str, torch.device] = "cpu",
+    ) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.device = torch.device(device)
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=self.device)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    def update(self, pred: ArrayLike, target: ArrayLike) -> None:
+        """Add the pixels of ``pred`` / ``target`` (same shape, e.g. (H, W) or (T, H, W))."""
+        pred_t = _as_tensor(pred).to(self.device)
+        self.matrix += confusion_matrix(pred_t, target, self.num_classes, self.ignore_index)
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over all processes (call once, on every rank, before ``compute``)."""
+        _all_reduce_sum_(self.matrix)
+
+    def compute(self) -> Dict[str, object]:
+        return segmentation_metrics(self.matrix)
+
+
+def window_consistency(gt: Tensor, pred: Tensor) -> float:
+    """VC of one window (reference/vspw.md §3.3, step 3–4), computed directly.
+
+    gt, pred: (n, H, W). Returns |S ∩ T| / |S| with S the pixels whose GT is equal in all
+    n frames and T those whose prediction is; ``nan`` when S is empty.
+    """
+    stable_gt = (gt == gt[:1]).all(dim=0)
+    stable_pred = (pred == pred[:1]).all(dim=0)
+    size = int(stable_gt.sum())
+    if size == 0:
+        return math.nan
+    return int((stable_gt & stable_pred).sum()) / size
+
+
+class VideoConsistencyAccumulator:
+    """mVC_n exactly as reference/vspw.md §3.3 (official VSPW / CFFM scripts), streaming.
+
+    Per video of N frames, windows start at i = 0 … N−n−1 (N − n windows: the window that
+    ends on the last frame is not counted, as in the official script) and a video with
+    N ≤ n contributes none. VC of a window = |S ∩ T| / |S| (see :func:`window_consistency`);
+    windows with empty S are dropped; mVC_n = mean over all windows of all videos (window-
+    weighted, not per video).
+
+    Feed frames in temporal order: ``start_video()``, ``update(pred, gt)`` per frame,
+    ``end_video()``. Memory does not grow with the video: instead of keeping the last n
+    frames, each pixel keeps the length of its current run of equal values (one previous
+    frame plus two run-length maps), which decides window stability in O(H·W) per frame.
+    A window's value is committed only when the frame after it arrives, which drops the
+    last window of each video.
+
+    GT encoding: equality is all that matters. Feeding train ids (VSPW 0 "others" and 255
+    "void" both → 255) reproduces the CFFM script that THE-Mask's lineage uses; feeding raw
+    PNG values reproduces the dataset authors' script (0 ↔ 255 flips count as unstable).
+    ``themask.evaluation.inference.evaluate_split`` lets the caller choose.
+    """
+
+    def __init__(self, n: int, *, device: Union[str, torch.device] = "cpu") -> None:
+        if n < 2:
+            raise ValueError(f"VideoConsistencyAccumulator: window length n must be >= 2, got {n}")
+        self.n = n
+        self.device = torch.device(device)
+        # [sum of window VC values, number of windows with non-empty S]
+        self.totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._in_video = False
+        self._reset_video()
+
+    def _reset_video(self) -> None:
+        self._prev_gt: Optional[Tensor] = None
+        self._prev_pred: Optional[Tensor] = None
+        self._run_gt: Optional[Tensor] = None  # (H, W) frames since the GT value last changed
+        self._run_pred: Optional[Tensor] = None
+        self._pending: Optional[float] = None  # VC of the window ending on the previous frame
+        self.frames_seen = 0
+
+    def reset(self) -> None:
+        self.totals.zero_()
+        self._in_video = False
+        self._reset_video()
+
+    def start_video(self) -> None:
+        if self._in_video:
+            raise RuntimeError("VideoConsistencyAccumulator: start_video() before end_video()")
+        self._reset_video()
+        self._in_video = True
+
+    def update(self, pred: ArrayLike, gt: ArrayLike) -> None:
+        """Add the next frame of the current video. pred, gt: (H, W) integer maps."""
+        if not self._in_video:
+            raise RuntimeError("VideoConsistencyAccumulator: update() outside start/end_video()")
+        pred_t = _as_tensor(pred).to(self.device)
+        gt_t = _as_tensor(gt).to(self.device)
+        if pred_t.shape != gt_t.shape or pred_t.dim() != 2:
+            raise ValueError(
+                f"VideoConsistencyAccumulator: expected pred and gt of one (H, W) shape, got "
+                f"{tuple(pred_t.shape)} and {tuple(gt_t.shape)}"
+            )
+        if self._pending is not None:  # a later frame exists, so that window is counted
+            if not math.isnan(self._pending):
+                self.totals[0] += self._pending
+                self.totals[1] += 1
+            self._pending = None
+        if self._prev_gt is None:
+            self._run_gt = torch.zeros(gt_t.shape, dtype=torch.int32, device=self.device)
+            self._run_pred = torch.zeros_like(self._run_gt)
+        else:
+            if self._prev_gt.shape != gt_t.shape:
+                raise ValueError(
+                    f"VideoConsistencyAccumulator: frame size changed within a video: "
+                    f"{tuple(self._prev_gt.shape)} -> {tuple(gt_t.shape)}"
+                )
+            self._run_gt = torch.where(gt_t == self._prev_gt, self._run_gt + 1, 0)
+            self._run_pred = torch.where(pred_t == self._prev_pred, self._run_pred + 1, 0)
+        self._prev_gt, self._prev_pred = gt_t, pred_t
+        self.frames_seen += 1
+        if self.frames_seen >= self.n:
+            # The window of the last n frames is stable where the run spans n−1 equalities.
+            stable_gt = self._run_gt >= self.n - 1
+            stable_pred = self._run_pred >= self.n - 1
+            size = int(stable_gt.sum())
+            self._pending = (
+                int((stable_gt & stable_pred).sum()) / size if size > 0 else math.nan
+            )
+
+    def end_video(self) -> None:
+        """Close the current video (its last window is dropped, see the class docstring)."""
+        if not self._in_video:
+            raise RuntimeError("VideoConsistencyAccumulator: end_video() without start_video()")
+        self._in_video = False
+        self._reset_video()
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.totals[1])
+
+    def all_reduce(self) -> None:
+        """Sum the window totals over all processes (call on every rank before ``compute``)."""
+        _all_reduce_sum_(self.totals)
+
+    def compute(self) -> float:
+        """mVC_n as a fraction; ``nan`` when no window was counted."""
+        total, count = self.totals.tolist()
+        return total / count if count > 0 else math.nan
+
+
+def per_class_table(
+    metrics: Dict[str, object], class_names: Optional[List[str]] = None
+) -> List[Dict[str, object]]:
+    """Rows ``{"class", "name", "IoU", "Acc"}`` of the per-class results of a metrics dict."""
+    ious = list(metrics["IoU"])  # type: ignore[call-overload]
+    accs = list(metrics["Acc"])  # type: ignore[call-overload]
+    names = class_names if class_names is not None else [str(i) for i in range(len(ious))]
+    if len(names) != len(ious):
+        raise ValueError(f"per_class_table: {len(names)} class names for {len(ious)} classes")
+    return [
+        {"class": i, "name": names[i], "IoU": ious[i], "Acc": accs[i]} for i in range(len(ious))
+    ]

@@ -1,0 +1,95 @@
+"""Thin DDP helpers: set-up from the torchrun environment, rank queries, reductions.
+
+``torchrun --nproc-per-node N -m themask train ...`` sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; without them everything runs as a single
+process and the helpers below are no-ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single-process run): only this process writes files."""
+    return get_rank() == 0
+
+
+def init_distributed(device: Union[str, torch.device, None] = None) -> DistInfo:
+    """Initialise the process group from the torchrun environment (if present).
+
+    ``device``: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). The backend is NCCL
+    on CUDA and gloo on CPU; on CUDA each process uses ``cuda:LOCAL_RANK``.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        logger.info("process group: %s, rank %d of %d", backend, rank, world_size)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Per-rank seed: ranks draw different augmentations and dropout masks."""
+    return seed + 1000 * rank
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of ``value`` over processes (a new tensor; the input is left unchanged)."""
+    if not is_initialized():
+        return value.detach().clone()
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / get_world_size()
+
+
+def cleanup() -> None:
+    """Destroy the process group (safe to call when none exists)."""
+    if is_initialized():
+        barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,167 @@
+"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch.
+
+Every query looks at P sampling points per head and per level. The points are the query's
+reference point plus learned offsets (in pixels of that level); the sampled values are bilinear
+interpolations (zero padding, ``align_corners=False``) weighted by a softmax over the L·P points of
+each head. Sampling runs as one ``F.grid_sample`` call per level over all B·M (batch, head) pairs;
+no compiled extension is needed, and the same code runs on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MSDeformAttn", "ms_deform_attn_pytorch"]
+
+SpatialShapes = Sequence[tuple[int, int]]
+
+
+def ms_deform_attn_pytorch(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Weighted sum of bilinearly sampled values.
+
+    Args:
+        value: (B, S, M, D) per-head values of all levels, concatenated in the order of
+            ``spatial_shapes``, each level flattened row-major; S = Σ H_l·W_l.
+        spatial_shapes: L pairs (H_l, W_l).
+        sampling_locations: (B, Q, M, L, P, 2) points as (x, y) normalised to the map: 0 is the
+            left/top edge and 1 the right/bottom edge; points outside read zeros.
+        attention_weights: (B, Q, M, L, P).
+
+    Returns:
+        (B, Q, M·D), heads concatenated.
+    """
+    batch, num_tokens, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    if len(spatial_shapes) != num_levels:
+        raise ValueError(
+            f"ms_deform_attn: {len(spatial_shapes)} spatial shapes for {num_levels} sampling levels"
+        )
+    level_sizes = [h * w for h, w in spatial_shapes]
+    if sum(level_sizes) != num_tokens:
+        raise ValueError(
+            f"ms_deform_attn: value has {num_tokens} tokens but spatial_shapes "
+            f"{list(spatial_shapes)} hold {sum(level_sizes)}"
+        )
+    # One copy into the grid_sample layout; the per-level slices below are views.
+    value = value.permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, num_tokens)
+    grids = 2 * sampling_locations - 1  # grid_sample coordinates in [-1, 1]
+    output = None
+    for level, ((height, width), value_l) in enumerate(
+        zip(spatial_shapes, value.split(level_sizes, dim=2))
+    ):
+        value_l = value_l.view(batch * num_heads, head_dim, height, width)
+        grid_l = (
+            grids[:, :, :, level]
+            .transpose(1, 2)
+            .reshape(batch * num_heads, num_queries, num_points, 2)
+        )
+        sampled = F.grid_sample(
+            value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # (B·M, D, Q, P)
+        weights_l = (
+            attention_weights[:, :, :, level]
+            .transpose(1, 2)
+            .reshape(batch * num_heads, 1, num_queries, num_points)
+        )
+        contribution = (sampled * weights_l).sum(dim=-1)  # (B·M, D, Q)
+        output = contribution if output is None else output + contribution
+    assert output is not None
+    # (B·M, D, Q) -> (B, Q, M·D)
+    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention with learned offsets and weights.
+
+    Parameter names follow Deformable DETR: ``sampling_offsets`` (C -> M·L·P·2),
+    ``attention_weights`` (C -> M·L·P), ``value_proj`` and ``output_proj`` (C -> C).
+    """
+
+    def __init__(
+        self, *, dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"MSDeformAttn: dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable-DETR initialisation.
+
+        Offsets start on a ring of directions (head m points at angle 2π·m/M, scaled so the
+        larger coordinate is 1) with point p at distance p+1; attention starts uniform.
+        """
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)
+        directions = torch.stack((angles.cos(), angles.sin()), dim=-1)  # (M, 2)
+        directions = directions / directions.abs().max(dim=-1, keepdim=True).values
+        steps = torch.arange(1, self.num_points + 1, dtype=torch.float32)  # (P,)
+        grid = directions[:, None, None, :] * steps[None, None, :, None]  # (M, 1, P, 2)
+        grid = grid.expand(self.num_heads, self.num_levels, self.num_points, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: SpatialShapes,
+    ) -> Tensor:
+        """Attend from queries to the multi-level value map.
+
+        Args:
+            query: (B, Q, C), positional encodings already added.
+            reference_points: (B, Q, 2) or (1, Q, 2), (x, y) normalised to [0, 1]; the same
+                normalised point is used on every level.
+            value: (B, S, C) tokens of all levels (no positional encoding).
+            spatial_shapes: L pairs (H_l, W_l) describing how ``value`` is split into levels.
+
+        Returns:
+            (B, Q, C).
+        """
+        batch, num_queries, _ = query.shape
+        num_tokens = value.shape[1]
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        if len(spatial_shapes) != levels:
+            raise ValueError(
+                f"MSDeformAttn: built for {levels} levels, "
+                f"got spatial_shapes {list(spatial_shapes)}"
+            )
+        projected = self.value_proj(value).view(batch, num_tokens, heads, self.dim // heads)
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        weights = weights.softmax(dim=-1).view(batch, num_queries, heads, levels, points)
+        # Offsets are in pixels of each level: divide by (W_l, H_l) to normalise.
+        normaliser = torch.tensor(
+            [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
+        )  # (L, 2)
+        locations = (
+            reference_points[:, :, None, None, None, :]
+            + offsets / normaliser[None, None, None, :, None, :]
+        )  # (B, Q, M, L, P, 2)
+        output = ms_deform_attn_pytorch(projected, spatial_shapes, locations, weights)
+        return self.output_proj(output)

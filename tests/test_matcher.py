@@ -1,0 +1,207 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from themask.loss.matcher import (
+    HungarianMatcher,
+    match_two_rounds,
+    pairwise_dice,
+    pairwise_sigmoid_bce,
+)
+from themask.loss.targets import build_targets
+
+
+def brute_force(cost, rows):
+    """Minimum-cost injective assignment of min(len(rows), M) pairs over the given rows."""
+    num_targets = cost.shape[1]
+    best, best_pairs = math.inf, set()
+    if len(rows) >= num_targets:
+        candidates = (
+            list(zip(chosen, range(num_targets)))
+            for chosen in itertools.permutations(rows, num_targets)
+        )
+    else:
+        candidates = (
+            list(zip(rows, chosen)) for chosen in itertools.permutations(range(num_targets), len(rows))
+        )
+    for pairs in candidates:
+        total = sum(cost[q, t] for q, t in pairs)
+        if total < best - 1e-12:
+            best, best_pairs = total, set(pairs)
+    return best, best_pairs
+
+
+def pairs_of(index_pair):
+    query, target = index_pair
+    return set(zip(query.tolist(), target.tolist()))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("queries,targets", [(6, 2), (6, 3), (5, 4), (4, 3), (3, 3)])
+def test_both_rounds_equal_brute_force(seed, queries, targets):
+    rng = np.random.default_rng(seed)
+    cost = rng.random((queries, targets))
+    second = rng.random((queries, targets))
+    for second_cost in (None, second):
+        match = match_two_rounds(torch.as_tensor(cost), second_round_cost=second_cost)
+        _, expected_primary = brute_force(cost, list(range(queries)))
+        assert pairs_of(match.primary) == expected_primary
+        free = [q for q in range(queries) if q not in {q for q, _ in expected_primary}]
+        round2 = cost if second_cost is None else second
+        _, expected_secondary = brute_force(round2, free)
+        assert pairs_of(match.secondary) == expected_secondary
+        # rounds are disjoint and every target appears at most once per round
+        assert not set(match.primary[0].tolist()) & set(match.secondary[0].tolist())
+        assert len(set(match.secondary[1].tolist())) == len(match.secondary[1])
+        assert len(match.secondary[0]) == min(targets, queries - targets)
+
+
+def test_more_targets_than_free_queries_matches_as_many_as_possible():
+    rng = np.random.default_rng(3)
+    cost = rng.random((5, 4))
+    match = match_two_rounds(cost)
+    assert len(match.primary[0]) == 4
+    assert len(match.secondary[0]) == 1  # only one query is left for round 2
+    free = [q for q in range(5) if q not in match.primary[0].tolist()]
+    _, expected = brute_force(cost, free)
+    assert pairs_of(match.secondary) == expected
+
+
+def test_more_targets_than_queries():
+    cost = np.random.default_rng(1).random((2, 5))
+    match = match_two_rounds(cost)
+    assert len(match.primary[0]) == 2 and len(match.secondary[0]) == 0
+    _, expected = brute_force(cost, [0, 1])
+    assert pairs_of(match.primary) == expected
+
+
+def test_no_targets_gives_empty_matches():
+    match = match_two_rounds(np.zeros((4, 0)))
+    for query, target in (match.primary, match.secondary):
+        assert query.numel() == 0 and target.numel() == 0
+        assert query.dtype == torch.long
+
+
+def test_one_round_has_no_secondary():
+    match = match_two_rounds(np.random.default_rng(0).random((5, 2)), num_rounds=1)
+    assert len(match.primary[0]) == 2 and len(match.secondary[0]) == 0
+
+
+def naive_bilinear(image, x, y):
+    """align_corners=False bilinear sample with zero padding; image (H, W), x, y in [0, 1]."""
+    height, width = image.shape
+    px, py = x * width - 0.5, y * height - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    value = 0.0
+    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            if 0 <= yy < height and 0 <= xx < width:
+                value += wy * wx * float(image[yy, xx])
+    return value
+
+
+def test_pairwise_costs_equal_naive_loops():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7)
+    targets = (torch.rand(2, 7) > 0.5).float()
+    bce, dice = pairwise_sigmoid_bce(logits, targets), pairwise_dice(logits, targets)
+    for q in range(3):
+        for m in range(2):
+            p = [1 / (1 + math.exp(-v)) for v in logits[q].tolist()]
+            y = targets[m].tolist()
+            naive_bce = -sum(yi * math.log(pi) + (1 - yi) * math.log(1 - pi) for pi, yi in zip(p, y)) / 7
+            naive_dice = 1 - (2 * sum(pi * yi for pi, yi in zip(p, y)) + 1) / (sum(p) + sum(y) + 1)
+            assert bce[q, m].item() == pytest.approx(naive_bce, rel=1e-5)
+            assert dice[q, m].item() == pytest.approx(naive_dice, rel=1e-5)
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_matcher_cost_equals_naive_cost_at_the_drawn_points(frames):
+    torch.manual_seed(1)
+    batch, queries, classes, points = 2, 4, 3, 5
+    class_logits = torch.randn(batch, queries, classes + 1)
+    mask_logits = torch.randn(batch, queries, frames, 3, 4)
+    labels = torch.randint(0, classes, (batch, frames, 6, 8))
+    labels[1, :, :3] = 255
+    targets = build_targets(labels, classes)
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=points)
+    torch.manual_seed(7)
+    costs = matcher.costs(class_logits, mask_logits, targets)
+    torch.manual_seed(7)
+    coords = torch.rand(batch, points, 2)  # the matcher's first random draw
+    for b in range(batch):
+        probs = class_logits[b].softmax(-1)
+        for q in range(queries):
+            pred = [
+                naive_bilinear(mask_logits[b, q, t], *coords[b, p].tolist())
+                for t in range(frames)
+                for p in range(points)
+            ]
+            for m, cls in enumerate(targets[b].classes.tolist()):
+                gt = [
+                    naive_bilinear(targets[b].masks[m, t], *coords[b, p].tolist())
+                    for t in range(frames)
+                    for p in range(points)
+                ]
+                sig = [1 / (1 + math.exp(-v)) for v in pred]
+                bce = sum(
+                    -(g * math.log(s) + (1 - g) * math.log(1 - s)) for s, g in zip(sig, gt)
+                ) / len(gt)
+                dice = 1 - (2 * sum(s * g for s, g in zip(sig, gt)) + 1) / (sum(sig) + sum(gt) + 1)
+                expected = -2.0 * probs[q, cls].item() + 5.0 * bce + 5.0 * dice
+                assert costs[b].full[q, m].item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+                assert costs[b].bce[q, m].item() == pytest.approx(5.0 * bce, rel=1e-4, abs=1e-5)
+
+
+def test_costs_are_float32_under_autocast():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (1, 1, 8, 8))
+    targets = build_targets(labels, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        class_logits = torch.randn(1, 4, 4).bfloat16()
+        mask_logits = torch.randn(1, 4, 1, 4, 4).bfloat16()
+        costs = HungarianMatcher(num_points=16).costs(class_logits, mask_logits, targets)
+    assert costs[0].full.dtype == torch.float32 and torch.isfinite(costs[0].full).all()
+
+
+def test_matcher_finds_the_obvious_assignment_in_both_rounds():
+    # class 0 = left half, class 1 = right half; queries 3, 1 predict them best, 0, 2 next best
+    labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    labels[..., 4:] = 1
+    targets = build_targets(labels, 2)
+    left = torch.full((8, 8), -8.0)
+    left[:, :4] = 8.0
+    right = -left
+    mask_logits = torch.full((1, 6, 1, 8, 8), -8.0)
+    mask_logits[0, 3, 0], mask_logits[0, 1, 0] = left, right
+    mask_logits[0, 0, 0], mask_logits[0, 2, 0] = left * 0.3, right * 0.3
+    class_logits = torch.zeros(1, 6, 3)
+    class_logits[0, [3, 0], 0] = 5.0
+    class_logits[0, [1, 2], 1] = 5.0
+    torch.manual_seed(0)
+    (match,) = HungarianMatcher(num_points=256)(class_logits, mask_logits, targets)
+    assert pairs_of(match.primary) == {(3, 0), (1, 1)}
+    assert pairs_of(match.secondary) == {(0, 0), (2, 1)}
+
+
+def test_bce_second_round_cost_uses_the_bce_matrix():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 1, 8, 8))
+    targets = build_targets(labels, 3)
+    class_logits = torch.randn(2, 6, 4) * 3
+    mask_logits = torch.randn(2, 6, 1, 4, 4)
+    matcher = HungarianMatcher(num_points=32, second_round_cost="bce")
+    torch.manual_seed(5)
+    matches = matcher(class_logits, mask_logits, targets)
+    torch.manual_seed(5)
+    costs = matcher.costs(class_logits, mask_logits, targets)
+    differs = False
+    for match, cost in zip(matches, costs):
+        expected = match_two_rounds(cost.full, second_round_cost=cost.bce)
+        assert pairs_of(match.primary) == pairs_of(expected.primary)
+        assert pairs_of(match.secondary) == pairs_of(expected.secondary)
+        differs |= pairs_of(match.secondary) != pairs_of(match_two_rounds(cost.full).secondary)
+    assert differs  # the example is one where the choice of round-2 cost matters

@@ -1,0 +1,71 @@
+"""Point sampling of mask maps and uncertainty-based point selection (DESIGN.md §5).
+
+Point coordinates are (x, y) in [0, 1]² over the whole map: x runs along W, y along H, and
+(0, 0) is the top-left corner of the top-left pixel (``align_corners=False`` convention: pixel
+centres sit at (i + 0.5) / W). Maps are read with bilinear interpolation and zero padding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
+    """Bilinearly sample maps at points.
+
+    maps:   (R, C, H, W)
+    coords: (R, P, 2) points (x, y) in [0, 1]; one point set per map batch entry
+            (expand a shared set to R rows).
+    Returns (R, C, P).
+    """
+    grid = coords.unsqueeze(2) * 2.0 - 1.0  # (R, P, 1, 2) in grid_sample's [-1, 1]
+    sampled = F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", align_corners=False)
+    return sampled.squeeze(3)
+
+
+def most_uncertain(candidates: Tensor, logits: Tensor, count: int) -> Tensor:
+    """Keep the ``count`` candidate points whose logit is closest to 0 (|logit| smallest).
+
+    candidates: (R, S, 2) points; logits: (R, S) mask logits at those points.
+    Returns (R, count, 2).
+    """
+    uncertainty = -logits.abs()  # (R, S): larger = more uncertain
+    index = uncertainty.topk(count, dim=1).indices  # (R, count)
+    return torch.gather(candidates, 1, index.unsqueeze(-1).expand(-1, -1, 2))
+
+
+def uncertain_point_coords(
+    logits: Tensor,
+    *,
+    num_points: int = 12544,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Choose points per mask for the hard mask loss (uncertainty sampling).
+
+    Draws ``oversample_ratio · num_points`` uniform points, keeps the
+    ``importance_sample_ratio · num_points`` most uncertain ones and fills up with fresh
+    uniform points.
+    logits: (R, H, W) mask logits (no gradient is needed). Returns (R, num_points, 2).
+    """
+    if oversample_ratio < 1.0:
+        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
+    if not 0.0 <= importance_sample_ratio <= 1.0:
+        raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
+    rows = logits.shape[0]
+    num_candidates = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    num_random = num_points - num_uncertain
+    device = logits.device
+    candidates = torch.rand(rows, num_candidates, 2, device=device, generator=generator)
+    values = point_sample(logits.unsqueeze(1).float(), candidates)[:, 0]  # (R, S)
+    chosen = most_uncertain(candidates, values, num_uncertain)
+    if num_random == 0:
+        return chosen
+    fill = torch.rand(rows, num_random, 2, device=device, generator=generator)
+    return torch.cat([chosen, fill], dim=1)

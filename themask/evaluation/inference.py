@@ -1,0 +1,316 @@
+"""Inference on videos: streaming evaluation of a split, sliding-window prediction.
+
+``evaluate_split`` walks every video of a ``VSPWIndex`` with the test-clip protocol
+(reference/vspw.md §2.2–2.3, every frame predicted once), scores each frame at its stored
+resolution and feeds the metric accumulators in frame order; nothing but the frames of the
+current clip (and those waiting for an earlier frame) is kept.
+
+``predict_video`` / ``StreamingPredictor`` predict an unbounded frame stream with causal
+sliding windows (``themask.data.clips.sliding_windows``), encoding every frame once and
+reusing its backbone + pixel-decoder features in all the windows it belongs to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import (
+    Callable,
+    ContextManager,
+    Deque,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from themask.data.clips import TEST_CLIP_STRIDE, test_clips
+from themask.data.vspw import (
+    IGNORE_INDEX,
+    Video,
+    VSPWIndex,
+    read_frame,
+    read_label,
+    read_raw_label,
+)
+from themask.distributed import get_rank, get_world_size, is_main
+from themask.evaluation.metrics import (
+    SegmentationAccumulator,
+    VideoConsistencyAccumulator,
+    all_reduce_sum_,
+)
+from themask.evaluation.visualize import save_label_png
+from themask.io import PathLike
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "evaluate_split",
+    "predict_video",
+    "scores_to_labels",
+    "FramePrediction",
+    "StreamingPredictor",
+]
+
+Transform = Callable[[List[np.ndarray]], Tensor]  # list of (H, W, 3) uint8 → (T, 3, h, w)
+AmpSpec = Union[str, torch.dtype, None]
+
+
+def _amp_dtype(amp: AmpSpec) -> Optional[torch.dtype]:
+    if amp is None or amp == "off":
+        return None
+    if isinstance(amp, torch.dtype):
+        return amp
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp must be 'off', 'bf16', 'fp16' or a torch dtype, got {amp!r}")
+    return dtypes[amp]
+
+
+def _autocast(device: torch.device, amp: AmpSpec) -> ContextManager:
+    dtype = _amp_dtype(amp)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def scores_to_labels(scores: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Class scores (T, K, h, w) → labels (T, H, W) int64 at ``size`` = (H, W).
+
+    Scores are resized bilinearly (align_corners False) one frame at a time, so a K×H×W
+    float map of one frame is the largest temporary.
+    """
+    labels = []
+    for frame_scores in scores:
+        resized = frame_scores.float()[None]
+        if tuple(resized.shape[-2:]) != tuple(size):
+            resized = F.interpolate(resized, size=size, mode="bilinear", align_corners=False)
+        labels.append(resized[0].argmax(dim=0))
+    return torch.stack(labels)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def evaluate_split(
+    model: nn.Module,
+    index: VSPWIndex,
+    *,
+    clip_len: int,
+    transform: Transform,
+    device: Union[str, torch.device],
+    num_classes: int,
+    write_dir: Optional[PathLike] = None,
+    palette: Optional[np.ndarray] = None,
+    amp: AmpSpec = None,
+    vc_lengths: Sequence[int] = (8, 16),
+    vc_gt: str = "train_id",
+    clip_stride: int = TEST_CLIP_STRIDE,
+    max_videos: Optional[int] = None,
+    progress: bool = True,
+) -> Dict[str, object]:
+    """Predict every frame of ``index`` with test clips of ``clip_len`` frames and score it.
+
+    ``model(frames (1, T, 3, h, w))`` in eval mode must return class scores (1, T, K, h, w);
+    ``transform`` maps the clip's original frames to the network input (T, 3, h, w).
+    Scores are resized to each frame's stored size, argmax'ed and compared with the GT.
+
+    ``vc_gt`` picks the GT encoding of mVC (see ``VideoConsistencyAccumulator``):
+    ``"train_id"`` (0 and 255 both ignore; the CFFM script, default) or ``"raw"`` (raw PNG
+    values; the VSPW authors' script). ``write_dir``: also write ``<dir>/<video>/<stem>.png``
+    ('P' mode, train ids, ``palette``).
+    Under torch.distributed the videos are split over the processes and the metric sums are
+    reduced; every rank returns the same dict.
+
+    Returns the dict of :func:`themask.evaluation.metrics.segmentation_metrics` plus
+    ``mVC<n>`` per window length, ``num_videos`` and ``num_frames``.
+    """
+    if vc_gt not in ("train_id", "raw"):
+        raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
+    if write_dir is not None and palette is None:
+        raise ValueError("evaluate_split: write_dir needs a palette for the prediction PNGs")
+    if not index.labelled:
+        raise ValueError(f"evaluate_split: split '{index.split}' of {index.root} has no masks")
+    device = torch.device(device)
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    seg = SegmentationAccumulator(num_classes=num_classes, ignore_index=IGNORE_INDEX, device=device)
+    vcs = {n: VideoConsistencyAccumulator(n, device=device) for n in vc_lengths}
+    videos = index.videos[:max_videos] if max_videos is not None else index.videos
+    mine = videos[get_rank() :: get_world_size()]
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # videos, frames
+    bar = tqdm(
+        total=sum(len(v) for v in mine),
+        desc=f"eval {index.split}",
+        unit="frame",
+        disable=not (progress and is_main()),
+    )
+    try:
+        for video in mine:
+            for vc in vcs.values():
+                vc.start_video()
+            pending: Dict[int, Tensor] = {}
+            next_frame = 0
+            for clip in test_clips(len(video), clip_len, stride=clip_stride):
+                frames = [read_frame(video.frame_paths[i]) for i in clip]
+                inputs = transform(frames).unsqueeze(0).to(device)  # (1, T, 3, h, w)
+                with torch.no_grad(), _autocast(device, amp):
+                    scores = net(inputs)  # (1, T, K, h, w)
+                labels = scores_to_labels(scores[0], frames[0].shape[:2])  # (T, H, W)
+                pending.update(zip(clip, labels))
+                while next_frame in pending:  # clips may come out of frame order (T = 2, 4)
+                    pred = pending.pop(next_frame)
+                    _score_frame(video, next_frame, pred, seg, vcs, num_classes, vc_gt)
+                    if write_dir is not None:
+                        stem = video.frame_paths[next_frame].stem
+                        save_label_png(
+                            pred.to("cpu", torch.uint8).numpy(),
+                            Path(write_dir) / video.name / f"{stem}.png",
+                            palette,
+                        )
+                    next_frame += 1
+                    bar.update(1)
+            if pending or next_frame != len(video):
+                raise RuntimeError(f"test clips of {video.name} did not cover every frame once")
+            for vc in vcs.values():
+                vc.end_video()
+            counts += torch.tensor([1.0, len(video)], dtype=torch.float64, device=device)
+    finally:
+        bar.close()
+        net.train(was_training)
+    seg.all_reduce()
+    for vc in vcs.values():
+        vc.all_reduce()
+    all_reduce_sum_(counts)
+    results: Dict[str, object] = dict(seg.compute())
+    for n, vc in vcs.items():
+        results[f"mVC{n}"] = vc.compute()
+    results["num_videos"] = int(counts[0])
+    results["num_frames"] = int(counts[1])
+    return results
+
+
+def _score_frame(
+    video: Video,
+    frame: int,
+    pred: Tensor,
+    seg: SegmentationAccumulator,
+    vcs: Dict[int, VideoConsistencyAccumulator],
+    num_classes: int,
+    vc_gt: str,
+) -> None:
+    mask_path = video.mask_paths[frame]
+    target = torch.from_numpy(read_label(mask_path, num_classes=num_classes))
+    if target.shape != pred.shape:
+        raise ValueError(
+            f"{mask_path}: mask size {tuple(target.shape)} differs from its frame's "
+            f"{tuple(pred.shape)}"
+        )
+    seg.update(pred, target)
+    if vcs:
+        vc_target = target
+        if vc_gt == "raw":
+            vc_target = torch.from_numpy(np.array(read_raw_label(mask_path)))
+        for vc in vcs.values():
+            vc.update(pred, vc_target)
+
+
+@dataclass
+class FramePrediction:
+    """Prediction of one frame of a stream: ``frame`` (H, W, 3) uint8, ``labels`` (H, W) int64."""
+
+    index: int
+    frame: np.ndarray
+    labels: np.ndarray
+
+
+class StreamingPredictor:
+    """Causal sliding-window prediction with per-frame feature reuse.
+
+    The window of frame t is ``[t − (T−1)·step, …, t − step, t]`` (indices below 0 clamped
+    to 0), the same as ``themask.data.clips.sliding_windows``; the scores of its last frame
+    are kept. Each pushed frame is encoded once (``model.encode``); the decoder runs on the
+    concatenated features of the window (``FrameFeatures.cat``), so only the last
+    (T−1)·step + 1 frames' features are held. A single-frame model uses T = 1.
+    """
+
+    def __init__(self, model: nn.Module, *, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
+        if clip_len < 1 or step < 1:
+            raise ValueError(f"clip_len and step must be >= 1, got {clip_len} and {step}")
+        self.model = _unwrap(model)
+        self.clip_len = clip_len if getattr(self.model, "is_temporal", True) else 1
+        if self.clip_len != clip_len:
+            logger.info("single-frame model: predicting with clip_len 1 instead of %d", clip_len)
+        self.step = step
+        self._history: Deque = deque(maxlen=(self.clip_len - 1) * step + 1)
+        self._count = 0
+
+    def reset(self) -> None:
+        """Start a new stream (forget the cached features)."""
+        self._history.clear()
+        self._count = 0
+
+    def window(self, t: int) -> List[int]:
+        """Frame indices of the window that predicts frame ``t``."""
+        return [max(0, t - self.step * (self.clip_len - 1 - i)) for i in range(self.clip_len)]
+
+    @torch.no_grad()
+    def push(self, frame: Tensor) -> Tensor:
+        """Add the next frame (3, h, w), normalised; return its class scores (K, h, w)."""
+        features = self.model.encode(frame[None, None])  # one frame: B = T = 1
+        self._history.append(features)
+        t = self._count
+        self._count += 1
+        first = t - len(self._history) + 1  # frame index of self._history[0]
+        parts = [self._history[i - first] for i in self.window(t)]
+        clip_features = parts[0].cat(parts) if len(parts) > 1 else parts[0]
+        predictions = self.model.decode(clip_features, batch=1, frames=len(parts))
+        scores = self.model.semantic_scores(predictions, tuple(frame.shape[-2:]))
+        return scores[0, -1]  # (K, h, w)
+
+
+def predict_video(
+    model: nn.Module,
+    frames_iter: Iterable[np.ndarray],
+    *,
+    clip_len: int,
+    transform: Transform,
+    device: Union[str, torch.device],
+    step: int = TEST_CLIP_STRIDE,
+    amp: AmpSpec = None,
+) -> Iterator[FramePrediction]:
+    """Predict a stream of (H, W, 3) uint8 RGB frames; yields one ``FramePrediction`` per frame.
+
+    Uses ``StreamingPredictor`` (causal windows of ``clip_len`` frames ``step`` apart, each
+    frame encoded once); scores are resized to the frame's size and argmax'ed.
+    """
+    device = torch.device(device)
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    predictor = StreamingPredictor(net, clip_len=clip_len, step=step)
+    try:
+        for t, frame in enumerate(frames_iter):
+            inputs = transform([frame])[0].to(device)  # (3, h, w)
+            with _autocast(device, amp):
+                scores = predictor.push(inputs)
+            labels = scores_to_labels(scores[None], frame.shape[:2])[0]
+            yield FramePrediction(index=t, frame=frame, labels=labels.cpu().numpy())
+    finally:
+        net.train(was_training)

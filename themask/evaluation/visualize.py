@@ -1,0 +1,166 @@
+"""Label maps to pictures: palette colouring, overlays, legends, label PNGs and overlay MP4s."""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw
+
+from themask.io import PathLike
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["colorize", "overlay", "draw_legend", "save_label_png", "OverlayVideoWriter"]
+
+
+def _palette_array(palette: Union[np.ndarray, Sequence[Sequence[int]]]) -> np.ndarray:
+    arr = np.asarray(palette, dtype=np.uint8)
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"palette must be (K, 3) RGB values, got shape {arr.shape}")
+    return arr
+
+
+def colorize(
+    labels: np.ndarray,
+    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    *,
+    ignore_color: Sequence[int] = (0, 0, 0),
+) -> np.ndarray:
+    """(H, W) integer labels → (H, W, 3) uint8 RGB; labels outside [0, K) get ``ignore_color``."""
+    pal = _palette_array(palette)
+    lookup = np.zeros((max(256, len(pal)), 3), dtype=np.uint8)
+    lookup[:] = np.asarray(ignore_color, dtype=np.uint8)
+    lookup[: len(pal)] = pal
+    labels = np.asarray(labels)
+    return lookup[np.clip(labels, 0, len(lookup) - 1).astype(np.int64)]
+
+
+def overlay(
+    frame: np.ndarray,
+    labels: np.ndarray,
+    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    *,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Blend coloured labels onto an RGB frame: (1 − alpha)·frame + alpha·colour.
+
+    frame: (H, W, 3) uint8; labels: (H, W). Pixels with labels outside [0, K) keep the frame.
+    """
+    if frame.shape[:2] != np.asarray(labels).shape:
+        raise ValueError(
+            f"overlay: frame {frame.shape[:2]} and labels {np.asarray(labels).shape} differ in size"
+        )
+    colours = colorize(labels, palette).astype(np.float32)
+    blended = (1.0 - alpha) * frame.astype(np.float32) + alpha * colours
+    valid = (np.asarray(labels) >= 0) & (np.asarray(labels) < len(_palette_array(palette)))
+    out = np.where(valid[..., None], blended, frame.astype(np.float32))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def draw_legend(
+    image: np.ndarray,
+    class_ids: Sequence[int],
+    class_names: Sequence[str],
+    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    *,
+    max_entries: int = 12,
+) -> np.ndarray:
+    """Draw a small legend (colour box + name per class) in the top-left corner of a copy."""
+    pal = _palette_array(palette)
+    ids = [int(c) for c in class_ids if 0 <= int(c) < len(pal)][:max_entries]
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    if not ids:
+        return np.asarray(picture)
+    draw = ImageDraw.Draw(picture)
+    row, box, pad = 14, 10, 3
+    width = max(draw.textlength(class_names[c]) for c in ids) + box + 3 * pad
+    draw.rectangle([0, 0, int(width), row * len(ids) + pad], fill=(0, 0, 0))
+    for i, c in enumerate(ids):
+        top = pad + i * row
+        draw.rectangle([pad, top, pad + box, top + box], fill=tuple(int(v) for v in pal[c]))
+        draw.text((2 * pad + box, top - 1), class_names[c], fill=(255, 255, 255))
+    return np.asarray(picture)
+
+
+def save_label_png(
+    labels: np.ndarray,
+    path: PathLike,
+    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+) -> None:
+    """Write (H, W) train ids (0 … K−1, < 256) as a palettised 'P' PNG (VSPW prediction format)."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"save_label_png: labels must fit in uint8, got range "
+                         f"[{labels.min()}, {labels.max()}] for {path}")
+    pal = _palette_array(palette)
+    flat = np.zeros((256, 3), dtype=np.uint8)
+    flat[: min(256, len(pal))] = pal[:256]
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    image.putpalette(flat.reshape(-1).tolist())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+class OverlayVideoWriter:
+    """Write RGB frames to an MP4 with PyAV (H.264 when available, else MPEG-4 part 2).
+
+    Frames of odd width/height are padded by one edge pixel (yuv420p needs even sizes); all
+    frames must have the size of the first. Use as a context manager.
+    """
+
+    def __init__(self, path: PathLike, *, fps: float = 15.0) -> None:
+        self.path = Path(path)
+        self.fps = fps
+        self._container: Optional[av.container.OutputContainer] = None
+        self._stream = None
+        self._size: Optional[tuple] = None
+        self.frames_written = 0
+
+    def __enter__(self) -> "OverlayVideoWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self, height: int, width: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        self._container = av.open(str(self.path), mode="w")
+        rate = Fraction(self.fps).limit_denominator(1001)
+        self._stream = self._container.add_stream(codec, rate=rate)
+        self._stream.width = width + width % 2
+        self._stream.height = height + height % 2
+        self._stream.pix_fmt = "yuv420p"
+        self._size = (height, width)
+        logger.debug("writing %s with codec %s at %s fps", self.path, codec, rate)
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one (H, W, 3) uint8 RGB frame."""
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"OverlayVideoWriter: expected (H, W, 3) frames, got {frame.shape}")
+        if self._container is None:
+            self._open(frame.shape[0], frame.shape[1])
+        if frame.shape[:2] != self._size:
+            raise ValueError(
+                f"OverlayVideoWriter: frame size {frame.shape[:2]} differs from the first "
+                f"frame's {self._size} in {self.path}"
+            )
+        height, width = frame.shape[:2]
+        frame = np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        for packet in self._stream.encode(video_frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+
+    def close(self) -> None:
+        if self._container is None:
+            return
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+        self._container = None

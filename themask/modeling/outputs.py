@@ -30,10 +30,13 @@ class Predictions:
 
     For the single-frame decoder every frame is its own clip: B here is B·T of the input
     and T = 1 (``THEMask.is_temporal`` tells which layout a model uses).
+    frames_per_clip: T of the input clips, so the single-frame layout (B·T one-frame clips)
+    can be regrouped into (B, T) by ``THEMask.semantic_scores``.
     """
 
     clip: List[PredictionSet]
     frame: Optional[List[PredictionSet]] = None
+    frames_per_clip: int = 1
 
     @property
     def final(self) -> PredictionSet:

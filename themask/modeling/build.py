@@ -1,0 +1,142 @@
+"""Presets and builders: the only place that reads a ``ModelConfig``.
+
+``PRESETS`` maps a name to a diff of ``ModelConfig`` fields (``loss`` holds a diff of
+``LossConfig`` fields). Families (DESIGN §4–§7):
+
+* ``themask_mit_b{0..5}_t1``: single-frame decoder, two-round hierarchical loss with the
+  BCE-only second-round cost of the official single-frame variant (stage 1);
+* ``themask_mit_b{0..5}_t2``: Temporal Aggregation Decoder, 2-frame clips, full second-round
+  cost (stage 2);
+* ``mask2former_mit_b{0..5}``: single-frame decoder with the baseline's one-round objective;
+* ``themask_tiny_t1``, ``themask_tiny_t2``, ``mask2former_tiny``: small widths for tests and
+  the CPU demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+from themask.loss.config import LossConfig
+from themask.modeling.config import ModelConfig
+from themask.modeling.mask_decoder import MaskDecoder
+from themask.modeling.mit import build_mit
+from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
+from themask.modeling.temporal_decoder import TemporalDecoder
+from themask.modeling.themask import THEMask
+
+_T1: Dict[str, Any] = dict(decoder="single", num_frames=1, loss=dict(second_round_cost="bce"))
+_T2: Dict[str, Any] = dict(decoder="temporal", num_frames=2, loss=dict(second_round_cost="full"))
+_M2F: Dict[str, Any] = dict(
+    decoder="single", num_frames=1, loss=dict(num_rounds=1, second_round_loss="hard")
+)
+_TINY: Dict[str, Any] = dict(
+    backbone="mit_b0",
+    backbone_embed_dims=(16, 32, 64, 128),
+    backbone_depths=(1, 1, 1, 1),
+    backbone_num_heads=(1, 1, 2, 4),
+    num_queries=10,
+    hidden_dim=64,
+    mask_dim=64,
+    pixel_decoder_layers=2,
+    pixel_decoder_heads=4,
+    pixel_decoder_ffn_dim=128,
+    deform_points=2,
+    decoder_layers=3,
+    decoder_heads=4,
+    decoder_ffn_dim=128,
+    tad_ffn_dim=128,
+)
+_TINY_LOSS: Dict[str, Any] = dict(num_points=1024)
+
+
+def _merge(*diffs: Dict[str, Any]) -> Dict[str, Any]:
+    merged: Dict[str, Any] = {}
+    for diff in diffs:
+        for key, value in diff.items():
+            if key == "loss":
+                merged["loss"] = {**merged.get("loss", {}), **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {}
+for _index in range(6):
+    _backbone = dict(backbone=f"mit_b{_index}")
+    PRESETS[f"themask_mit_b{_index}_t1"] = _merge(_backbone, _T1)
+    PRESETS[f"themask_mit_b{_index}_t2"] = _merge(_backbone, _T2)
+    PRESETS[f"mask2former_mit_b{_index}"] = _merge(_backbone, _M2F)
+PRESETS["themask_tiny_t1"] = _merge(_TINY, _T1, dict(loss=_TINY_LOSS))
+PRESETS["themask_tiny_t2"] = _merge(_TINY, _T2, dict(loss=_TINY_LOSS))
+PRESETS["mask2former_tiny"] = _merge(_TINY, _M2F, dict(loss=_TINY_LOSS))
+
+
+def list_presets() -> List[str]:
+    """Names accepted by ``build_model``, sorted."""
+    return sorted(PRESETS)
+
+
+def preset_config(name: str, *, num_classes: int = 124, **overrides: Any) -> ModelConfig:
+    """The ``ModelConfig`` of preset ``name`` with ``overrides`` (``ModelConfig`` fields;
+    ``loss`` may be a ``LossConfig`` or a dict of ``LossConfig`` fields) applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {list_presets()}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"preset {name!r}: unknown ModelConfig field(s) {unknown}")
+    diff = dict(PRESETS[name])
+    loss = LossConfig(**diff.pop("loss", {}))
+    loss_override = overrides.pop("loss", None)
+    if isinstance(loss_override, dict):
+        loss = dataclasses.replace(loss, **loss_override)
+    elif loss_override is not None:
+        loss = loss_override
+    return ModelConfig(**{**diff, **overrides, "num_classes": num_classes, "loss": loss})
+
+
+def build_model_from_config(config: ModelConfig) -> THEMask:
+    """Wire backbone, pixel decoder and transformer decoder as ``config`` describes."""
+    backbone = build_mit(
+        config.backbone,
+        embed_dims=config.backbone_embed_dims,
+        depths=config.backbone_depths,
+        num_heads=config.backbone_num_heads,
+        drop_path_rate=config.drop_path_rate,
+    )
+    pixel_decoder = MSDeformAttnPixelDecoder(
+        in_channels=backbone.out_channels,
+        conv_dim=config.hidden_dim,
+        mask_dim=config.mask_dim,
+        num_layers=config.pixel_decoder_layers,
+        num_heads=config.pixel_decoder_heads,
+        num_points=config.deform_points,
+        ffn_dim=config.pixel_decoder_ffn_dim,
+    )
+    decoder_args = dict(
+        num_classes=config.num_classes,
+        num_queries=config.num_queries,
+        dim=config.hidden_dim,
+        mask_dim=config.mask_dim,
+        num_heads=config.decoder_heads,
+        ffn_dim=config.decoder_ffn_dim,
+        num_layers=config.decoder_layers,
+    )
+    decoder: MaskDecoder
+    if config.decoder == "temporal":
+        decoder = TemporalDecoder(
+            **decoder_args, tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout
+        )
+    elif config.decoder == "single":
+        decoder = MaskDecoder(**decoder_args)
+    else:
+        raise ValueError(
+            f"ModelConfig.decoder: expected 'single' or 'temporal', got {config.decoder!r}"
+        )
+    return THEMask(config=config, backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder)
+
+
+def build_model(name: str, *, num_classes: int = 124, **overrides: Any) -> THEMask:
+    """Build preset ``name`` (see ``list_presets()``); ``overrides`` are ``ModelConfig`` fields."""
+    return build_model_from_config(preset_config(name, num_classes=num_classes, **overrides))

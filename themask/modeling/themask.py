@@ -1,0 +1,171 @@
+"""The THE-Mask network: MiT backbone → pixel decoder → transformer decoder (DESIGN.md §1–4).
+
+Inputs are already normalised (DESIGN §1); the model pads them with zeros to a multiple of
+``size_divisor`` (the training pipeline pads normalised images with 0 as well; test-time sizes
+are already multiples of 32) and crops the scores back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from themask.modeling.config import ModelConfig
+from themask.modeling.mask_decoder import MaskDecoder
+from themask.modeling.outputs import Predictions, PredictionSet
+from themask.modeling.temporal_decoder import TemporalDecoder
+
+
+@dataclass
+class FrameFeatures:
+    """Per-frame outputs of backbone + pixel decoder, frames stacked on the first axis (B·T).
+
+    mask_features: (B·T, mask_dim, H'/4, W'/4) with H', W' the padded input size;
+    multi_scale:   3 × (B·T, C, h, w), strides 32, 16, 8.
+    """
+
+    mask_features: Tensor
+    multi_scale: List[Tensor]
+
+    def __len__(self) -> int:
+        return self.mask_features.shape[0]
+
+    def select(self, indices: Union[Sequence[int], Tensor]) -> "FrameFeatures":
+        """The features of the frames at ``indices`` (positions on the B·T axis), in that order."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.mask_features.device)
+        return FrameFeatures(
+            mask_features=self.mask_features.index_select(0, index),
+            multi_scale=[level.index_select(0, index) for level in self.multi_scale],
+        )
+
+    @classmethod
+    def cat(cls, items: Sequence["FrameFeatures"]) -> "FrameFeatures":
+        """Concatenate along the B·T axis (all items must share the padded size)."""
+        if not items:
+            raise ValueError("FrameFeatures.cat: nothing to concatenate")
+        return cls(
+            mask_features=torch.cat([item.mask_features for item in items]),
+            multi_scale=[
+                torch.cat([item.multi_scale[level] for item in items])
+                for level in range(len(items[0].multi_scale))
+            ],
+        )
+
+
+def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """Semantic inference of one prediction set (DESIGN §4.3).
+
+    class_logits (B, N, K+1) (one class per clip query) or (B, T, N, K+1) (per frame),
+    mask_logits (B, N, T, h, w) → Σ_q softmax(class)[..., :K] · sigmoid(mask): (B, T, K, h, w).
+    """
+    probs = class_logits.softmax(dim=-1)[..., :-1]
+    masks = mask_logits.sigmoid()
+    if probs.dim() == 3:
+        return torch.einsum("bnk,bnthw->btkhw", probs, masks)
+    return torch.einsum("btnk,bnthw->btkhw", probs, masks)
+
+
+class THEMask(nn.Module):
+    """THE-Mask (or its single-frame Mask2Former decoder) on clips (B, T, 3, H, W).
+
+    ``forward``: train mode → ``Predictions``; eval mode → class scores (B, T, K, H, W).
+    Built by ``themask.modeling.build``; ``config`` is the ``ModelConfig`` it was built from.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: ModelConfig,
+        backbone: nn.Module,
+        pixel_decoder: nn.Module,
+        decoder: Union[MaskDecoder, TemporalDecoder],
+    ):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.decoder = decoder
+
+    @property
+    def is_temporal(self) -> bool:
+        """True for the TAD (B clips of T frames), False for the single-frame decoder."""
+        return isinstance(self.decoder, TemporalDecoder)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def _padded_size(self, height: int, width: int) -> Tuple[int, int]:
+        divisor = self.config.size_divisor
+        return -(-height // divisor) * divisor, -(-width // divisor) * divisor
+
+    def encode(self, frames: Tensor) -> FrameFeatures:
+        """frames (B, T, 3, H, W), normalised → ``FrameFeatures`` of the B·T frames
+        (zero-padded on the bottom/right to a multiple of ``size_divisor``)."""
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise ValueError(f"THEMask.encode: expected frames (B, T, 3, H, W), got {tuple(frames.shape)}")
+        height, width = frames.shape[-2:]
+        padded_h, padded_w = self._padded_size(height, width)
+        images = frames.flatten(0, 1)  # (B·T, 3, H, W)
+        if (padded_h, padded_w) != (height, width):
+            images = F.pad(images, (0, padded_w - width, 0, padded_h - height))
+        mask_features, multi_scale = self.pixel_decoder(self.backbone(images))
+        return FrameFeatures(mask_features=mask_features, multi_scale=list(multi_scale))
+
+    def decode(self, features: FrameFeatures, batch: int, frames: int) -> Predictions:
+        """Transformer decoder on the features of B clips of T frames (frame t of clip b at
+        position b·T + t). Train mode: all prediction sets; eval mode: the final set only."""
+        if len(features) != batch * frames:
+            raise ValueError(
+                f"THEMask.decode: features hold {len(features)} frames, expected "
+                f"batch × frames = {batch} × {frames}"
+            )
+        if isinstance(self.decoder, TemporalDecoder):
+            predictions = self.decoder(
+                features.mask_features, features.multi_scale, frames=frames,
+                return_all=self.training,
+            )
+        else:
+            predictions = self.decoder(
+                features.mask_features, features.multi_scale, return_all=self.training
+            )
+        predictions.frames_per_clip = frames
+        return predictions
+
+    def semantic_scores(self, predictions: Predictions, image_size: Tuple[int, int]) -> Tensor:
+        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W) (DESIGN §4.3).
+
+        Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
+        Scores are upsampled bilinearly to the padded input size, then cropped.
+        """
+        final: PredictionSet = predictions.final
+        scores = semantic_map(final.class_logits, final.mask_logits)  # (B', T', K, h, w)
+        if predictions.frame is not None:
+            frame_final = predictions.frame[-1]
+            scores = 0.5 * scores + 0.5 * semantic_map(
+                frame_final.class_logits, frame_final.mask_logits
+            )
+        clips, clip_len, classes, low_h, low_w = scores.shape
+        if clip_len == 1 and predictions.frames_per_clip > 1:  # single-frame layout → (B, T)
+            clip_len = predictions.frames_per_clip
+            clips //= clip_len
+        height, width = image_size
+        padded = self._padded_size(height, width)
+        scores = F.interpolate(
+            scores.reshape(-1, classes, low_h, low_w), size=padded, mode="bilinear",
+            align_corners=False,
+        )[..., :height, :width]
+        return scores.reshape(clips, clip_len, classes, height, width)
+
+    def forward(self, frames: Tensor) -> Union[Predictions, Tensor]:
+        """frames (B, T, 3, H, W), normalised → ``Predictions`` (train) or scores
+        (B, T, K, H, W) (eval)."""
+        batch, clip_len = frames.shape[:2]
+        predictions = self.decode(self.encode(frames), batch, clip_len)
+        if self.training:
+            return predictions
+        return self.semantic_scores(predictions, (frames.shape[-2], frames.shape[-1]))

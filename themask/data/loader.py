@@ -1,0 +1,427 @@
+"""Datasets, the resumable infinite sampler, ``Batch``/``collate`` and the loader builders.
+
+Reproducibility: the training stream is a pure function of ``(seed, step, rank)``. The sampler
+yields keys ``(video_index, sample_id)`` where ``sample_id`` is the sample's global position in
+the stream; the dataset derives every random choice of that sample (reversal, target frame,
+augmentation, redraws) from ``(seed, sample_id)``. Augmentations therefore do not depend on the
+number of workers or on which worker handles a sample, and resuming at ``start_step``
+continues the exact same stream.
+
+Bad files during training: a frame or mask that cannot be decoded (``CorruptFileError``) is
+skipped — the clip is redrawn from another video, a warning names the file and the running
+skip count (per process). Every other ``DataError`` (mask of the wrong size, label values out
+of range, RGB mask) stops training: those point at a wrong dataset, never at a silent label.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from themask.data.clips import clip_span, sample_train_clip, sliding_windows, test_clips
+from themask.data.config import DataConfig
+from themask.data.transforms import TestTransform, TrainTransform
+from themask.data.vspw import (
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    CorruptFileError,
+    DataError,
+    Video,
+    VSPWIndex,
+    read_frame,
+    read_label,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_REDRAWS = 10
+
+
+@dataclass
+class ClipMeta:
+    """Where a clip came from.
+
+    ``original_size`` is the stored frame size (H, W); ``frame_indices`` index the video's
+    sorted frames; ``scored[i]`` says whether frame i's prediction counts (all for test
+    clips, only the last — the new frame — for sliding windows).
+    """
+
+    video: str
+    frame_names: List[str]
+    original_size: Tuple[int, int]
+    frame_indices: List[int] = field(default_factory=list)
+    scored: List[bool] = field(default_factory=list)
+    labelled: bool = True
+
+
+@dataclass
+class ClipSample:
+    """One clip: frames (T, 3, H, W) float32, labels (T, H', W') int64, meta."""
+
+    frames: torch.Tensor
+    labels: torch.Tensor
+    meta: ClipMeta
+
+
+@dataclass
+class Batch:
+    """frames (B, T, 3, H, W) float32 normalised; labels (B, T, H', W') int64 (255 = ignore).
+
+    For training H' = H (the crop). For evaluation labels stay at the original frame size.
+    """
+
+    frames: torch.Tensor
+    labels: torch.Tensor
+    meta: List[ClipMeta]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            self.frames.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.meta,
+        )
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.frames.pin_memory(), self.labels.pin_memory(), self.meta)
+
+
+def collate(samples: Sequence[ClipSample]) -> Batch:
+    """Stack ``ClipSample``s of equal shapes into a ``Batch``."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of clips")
+    shapes = {(tuple(s.frames.shape), tuple(s.labels.shape)) for s in samples}
+    if len(shapes) > 1:
+        videos = ", ".join(s.meta.video for s in samples)
+        raise ValueError(
+            f"clips of different sizes cannot share a batch ({videos}: {sorted(shapes)}); "
+            "use batch_size=1 for evaluation of videos of different sizes"
+        )
+    return Batch(
+        torch.stack([s.frames for s in samples]),
+        torch.stack([s.labels for s in samples]),
+        [s.meta for s in samples],
+    )
+
+
+def _read_clip_labels(video: Video, indices: Sequence[int], frames: Sequence[np.ndarray],
+                      num_classes: int, ignore_index: int) -> List[np.ndarray]:
+    assert video.mask_paths is not None
+    labels = []
+    for i, frame in zip(indices, frames):
+        label = read_label(video.mask_paths[i], num_classes=num_classes, ignore_index=ignore_index)
+        if label.shape != frame.shape[:2]:
+            raise DataError(
+                f"{video.mask_paths[i]}: mask size {label.shape[1]}x{label.shape[0]} (WxH) differs "
+                f"from frame {video.frame_paths[i].name} size {frame.shape[1]}x{frame.shape[0]}"
+            )
+        labels.append(label)
+    return labels
+
+
+class VSPWTrainDataset(Dataset):
+    """Training clips (``reference/vspw.md`` §2.1): item = one clip of one video.
+
+    Keys are ``(video_index, sample_id)`` from ``InfiniteClipSampler``; an ``int`` key ``i``
+    means ``(i % num_videos, i)``. Returns a ``ClipSample`` with frames (T, 3, h, w) and labels
+    (T, h, w) at the crop size. Raises ``DataError`` at construction naming every video shorter
+    than the clip span.
+    """
+
+    def __init__(
+        self,
+        videos: Sequence[Video],
+        *,
+        dilation: Sequence[int] = (-3,),
+        transform: TrainTransform,
+        reverse_prob: float = 0.5,
+        seed: int = 0,
+        num_classes: int = NUM_CLASSES,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        if not videos:
+            raise DataError("no training videos")
+        span = clip_span(dilation)
+        short = [v for v in videos if len(v) < span]
+        if short:
+            listed = ", ".join(f"{v.frame_paths[0].parent} ({len(v)} frames)" for v in short[:10])
+            raise DataError(
+                f"{len(short)} video(s) shorter than the clip span: dilation {list(dilation)} "
+                f"needs at least {span} frames per video: {listed}"
+            )
+        if any(v.mask_paths is None for v in videos):
+            raise DataError("training videos need masks (index built with labelled=False)")
+        self.videos = list(videos)
+        self.dilation = tuple(dilation)
+        self.transform = transform
+        self.reverse_prob = reverse_prob
+        self.seed = seed
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def _load(self, video_index: int, rng: np.random.Generator) -> ClipSample:
+        video = self.videos[video_index]
+        indices = sample_train_clip(len(video), self.dilation, rng, reverse_prob=self.reverse_prob)
+        frames = [read_frame(video.frame_paths[i]) for i in indices]
+        for i, f in zip(indices, frames):
+            if f.shape != frames[0].shape:
+                raise DataError(f"{video.frame_paths[i]}: frame size {f.shape} differs from {frames[0].shape}")
+        labels = _read_clip_labels(video, indices, frames, self.num_classes, self.ignore_index)
+        frame_t, label_t = self.transform(frames, labels, rng)
+        meta = ClipMeta(
+            video=video.name,
+            frame_names=[video.frame_paths[i].stem for i in indices],
+            original_size=(frames[0].shape[0], frames[0].shape[1]),
+            frame_indices=list(indices),
+            scored=[True] * len(indices),
+        )
+        return ClipSample(frame_t, label_t, meta)
+
+    def __getitem__(self, key) -> ClipSample:
+        if isinstance(key, (tuple, list)):
+            video_index, sample_id = int(key[0]), int(key[1])
+        else:
+            video_index, sample_id = int(key) % len(self.videos), int(key)
+        rng = np.random.default_rng([self.seed, sample_id])
+        sample: Optional[ClipSample] = None
+        for _ in range(MAX_REDRAWS + 1):
+            try:
+                sample = self._load(video_index, rng)
+            except CorruptFileError as err:
+                self.skipped += 1
+                logger.warning("skipping a clip of %s: %s (%d clip(s) skipped so far in this process)",
+                               self.videos[video_index].name, err, self.skipped)
+                video_index = int(rng.integers(len(self.videos)))
+                continue
+            if bool((sample.labels != self.ignore_index).any()):
+                return sample
+            video_index = int(rng.integers(len(self.videos)))
+        if sample is None:
+            raise DataError(f"{MAX_REDRAWS + 1} clips in a row could not be decoded; see the warnings above")
+        logger.warning("sample %d: every label is ignored after %d redraws; using it anyway",
+                       sample_id, MAX_REDRAWS)
+        return sample
+
+
+class InfiniteClipSampler(Sampler):
+    """Endless stream of ``(video_index, sample_id)`` keys, sharded over ranks.
+
+    The global stream is a sequence of epochs, each a permutation of all videos drawn from
+    ``(seed, epoch)``. Rank ``r`` of ``world_size`` takes global positions
+    ``r, r + W, r + 2W, ...`` (like ``DistributedSampler``), and its k-th sample belongs to
+    step ``k // batch_size``; ``start_step`` skips the samples of earlier steps. The key at a
+    position depends only on ``(seed, position)``.
+    """
+
+    def __init__(self, num_videos: int, *, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0) -> None:
+        if num_videos < 1 or batch_size < 1:
+            raise ValueError(f"need num_videos >= 1 and batch_size >= 1, got {num_videos}, {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.num_videos = num_videos
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_step = start_step
+
+    def key_at(self, position: int) -> Tuple[int, int]:
+        """Global stream position -> ``(video_index, position)``."""
+        epoch, offset = divmod(position, self.num_videos)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_videos)
+        return int(order[offset]), position
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        k = self.start_step * self.batch_size
+        cached_epoch, order = -1, np.empty(0, dtype=np.int64)
+        while True:
+            position = k * self.world_size + self.rank
+            epoch, offset = divmod(position, self.num_videos)
+            if epoch != cached_epoch:
+                cached_epoch = epoch
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_videos)
+            yield int(order[offset]), position
+            k += 1
+
+
+class VSPWClipDataset(Dataset):
+    """Evaluation clips of a split: every ``test_clips`` clip (``mode="test"``) or one causal
+    ``sliding_windows`` window per frame (``mode="sliding"``) of every video.
+
+    Item: ``ClipSample`` with frames (T, 3, h, w) from ``TestTransform`` and labels (T, H, W)
+    int64 at the original size (all ``ignore_index`` for an unlabelled index).
+    """
+
+    def __init__(
+        self,
+        index: VSPWIndex,
+        *,
+        clip_len: int,
+        transform: Optional[TestTransform] = None,
+        mode: str = "test",
+        stride: int = 3,
+        num_classes: int = NUM_CLASSES,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        if mode not in ("test", "sliding"):
+            raise ValueError(f"mode must be 'test' or 'sliding', got {mode!r}")
+        self.index = index
+        self.transform = transform or TestTransform()
+        self.mode = mode
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.items: List[Tuple[int, List[int]]] = []
+        for v, video in enumerate(index.videos):
+            if mode == "test":
+                groups = test_clips(len(video), clip_len, stride=stride)
+            else:
+                groups = sliding_windows(len(video), clip_len, step=stride)
+            self.items.extend((v, g) for g in groups)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> ClipSample:
+        v, indices = self.items[i]
+        video = self.index.videos[v]
+        frames = [read_frame(video.frame_paths[j]) for j in indices]
+        size = frames[0].shape[:2]
+        if video.mask_paths is not None:
+            labels = _read_clip_labels(video, indices, frames, self.num_classes, self.ignore_index)
+            label_t = torch.from_numpy(np.stack(labels)).long()
+        else:
+            label_t = torch.full((len(indices), *size), self.ignore_index, dtype=torch.long)
+        scored = [True] * len(indices) if self.mode == "test" else [False] * (len(indices) - 1) + [True]
+        meta = ClipMeta(
+            video=video.name,
+            frame_names=[video.frame_paths[j].stem for j in indices],
+            original_size=(int(size[0]), int(size[1])),
+            frame_indices=list(indices),
+            scored=scored,
+            labelled=video.mask_paths is not None,
+        )
+        return ClipSample(self.transform(frames), label_t, meta)
+
+
+class _ShardSampler(Sampler):
+    """Indices ``rank, rank + W, ...`` of a finite dataset (no padding, no duplicates)."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed Python/NumPy global RNGs of a worker from its torch seed (set by the loader)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_train_dataset(data_cfg: DataConfig, *, seed: int = 0) -> VSPWTrainDataset:
+    """The training clip dataset described by ``data_cfg``."""
+    index = VSPWIndex(data_cfg.root, data_cfg.train_split)
+    transform = TrainTransform(
+        scale=data_cfg.scale,
+        ratio_range=data_cfg.ratio_range,
+        crop_size=data_cfg.crop_size,
+        cat_max_ratio=data_cfg.cat_max_ratio,
+        crop_retries=data_cfg.crop_retries,
+        flip_prob=data_cfg.flip_prob,
+        photometric=data_cfg.photometric,
+        ignore_index=data_cfg.ignore_index,
+    )
+    return VSPWTrainDataset(
+        index.videos,
+        dilation=data_cfg.dilation,
+        transform=transform,
+        reverse_prob=data_cfg.reverse_prob,
+        seed=seed,
+        num_classes=data_cfg.num_classes,
+        ignore_index=data_cfg.ignore_index,
+    )
+
+
+def build_train_loader(
+    data_cfg: DataConfig,
+    *,
+    batch_size: int,
+    num_workers: Optional[int] = None,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+) -> DataLoader:
+    """Endless loader of training ``Batch``es for one rank; batch ``i`` is step ``start_step + i``.
+
+    ``num_workers=None`` uses ``data_cfg.num_workers``. The stream is a pure function of
+    ``(seed, step, rank)`` (see the module docstring).
+    """
+    dataset = build_train_dataset(data_cfg, seed=seed)
+    sampler = InfiniteClipSampler(
+        len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+        start_step=start_step,
+    )
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1000003 + rank)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
+
+
+def build_eval_loader(
+    data_cfg: DataConfig,
+    *,
+    split: Optional[str] = None,
+    clip_len: Optional[int] = None,
+    mode: str = "test",
+    num_workers: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    labelled: bool = True,
+) -> DataLoader:
+    """Loader of evaluation clips (batch size 1) of ``split`` (default ``data_cfg.val_split``).
+
+    Clip ``i`` goes to rank ``i % world_size``; every clip is visited once over all ranks.
+    """
+    index = VSPWIndex(data_cfg.root, split or data_cfg.val_split, labelled=labelled)
+    dataset = VSPWClipDataset(
+        index,
+        clip_len=clip_len or data_cfg.eval_clip_len,
+        transform=TestTransform(scale=data_cfg.scale, size_divisor=data_cfg.size_divisor),
+        mode=mode,
+        num_classes=data_cfg.num_classes,
+        ignore_index=data_cfg.ignore_index,
+    )
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    return DataLoader(
+        dataset,
+        batch_size=1,
+        sampler=_ShardSampler(len(dataset), rank, world_size),
+        num_workers=workers,
+        collate_fn=collate,
+    )

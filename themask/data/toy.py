@@ -1,0 +1,284 @@
+"""The embedded offline dataset: small synthetic videos in the VSPW layout and encoding.
+
+``make_toy_dataset(root)`` writes ``train.txt``/``val.txt`` and
+``data/<video>/origin/*.jpg`` + ``mask/*.png`` with raw labels ``0`` (others), ``1..8`` (the
+classes of ``TOY_CLASS_NAMES``) and ``255`` (void), so the VSPW reader applies unchanged with
+``num_classes=8``.
+
+What makes it a video segmentation task rather than a colour lookup:
+- classes differ by texture (stuff) and by shape plus texture (objects); every region takes two
+  colours drawn from one shared set, so colour says nothing about the class;
+- the camera pans over a larger world, objects move independently, bounce and occlude each
+  other (drawn in depth order);
+- each video holds 2 of the 4 stuff classes and 1-3 of the 4 object classes, so classes are
+  absent from some clips; a smooth "others" patch (0) and a void band (255) around every
+  object are present too.
+Output is a pure function of the arguments (same seed -> byte-identical files).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+from PIL import Image
+
+from themask.data.vspw import FRAME_DIR, MASK_DIR, PathLike
+
+logger = logging.getLogger(__name__)
+
+TOY_CLASS_NAMES: Tuple[str, ...] = (
+    "stripes", "checker", "dots", "grain",  # stuff: textures over the background
+    "disc", "box", "triangle", "cross",  # objects: shapes with their own textures
+)
+TOY_PALETTE: np.ndarray = np.array(
+    [
+        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+        (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
+    ],
+    dtype=np.uint8,
+)
+"""(8, 3) uint8 display colour of each toy train id (not the colours of the rendered frames)."""
+
+STUFF_IDS = (1, 2, 3, 4)  # raw ids
+OBJECT_IDS = (5, 6, 7, 8)
+OTHERS_ID = 0
+VOID_ID = 255
+# Colours of rendered regions, shared by every class.
+_COLOURS = np.array(
+    [(200, 60, 50), (40, 150, 70), (50, 80, 190), (220, 200, 60), (150, 150, 150), (30, 30, 30),
+     (240, 240, 235), (150, 60, 160)],
+    dtype=np.float32,
+)
+
+Pattern = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _stripes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (np.floor(y / 4) % 2).astype(np.float32)
+
+
+def _checker(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return ((np.floor(x / 6) + np.floor(y / 6)) % 2).astype(np.float32)
+
+
+def _dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (((x % 8) - 4) ** 2 + ((y % 8) - 4) ** 2 <= 5).astype(np.float32)
+
+
+def _rings(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (np.floor(np.hypot(x, y) / 3) % 2).astype(np.float32)
+
+
+def _diagonal(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (np.floor((x + y) / 4) % 2).astype(np.float32)
+
+
+def _vertical(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (np.floor(x / 3) % 2).astype(np.float32)
+
+
+def _anti_diagonal(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (np.floor((x - y) / 4) % 2).astype(np.float32)
+
+
+# "grain" (raw id 4) is a per-video random field, not a formula; see ``_Scene``.
+_STUFF_PATTERNS: Dict[int, Pattern] = {1: _stripes, 2: _checker, 3: _dots}
+_OBJECT_PATTERNS: Dict[int, Pattern] = {5: _rings, 6: _diagonal, 7: _vertical, 8: _anti_diagonal}
+
+
+def _object_shape(class_id: int, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """Boolean mask of an object centred at the origin of the local coordinates (x, y)."""
+    if class_id == 5:  # disc
+        return x**2 + y**2 <= radius**2
+    if class_id == 6:  # box
+        return (np.abs(x) <= radius * 0.85) & (np.abs(y) <= radius * 0.85)
+    if class_id == 7:  # triangle, apex up
+        return (y <= radius * 0.8) & (y >= -radius) & (np.abs(x) <= (y + radius) * 0.6)
+    if class_id == 8:  # cross
+        arm = radius * 0.35
+        inside = (np.abs(x) <= radius) & (np.abs(y) <= radius)
+        return inside & ((np.abs(x) <= arm) | (np.abs(y) <= arm))
+    raise ValueError(f"not an object class id: {class_id}")
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """4-neighbour binary erosion by one pixel (pixels outside the frame count as inside)."""
+    padded = np.pad(mask, 1, mode="edge")
+    return (
+        mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    )
+
+
+@dataclass
+class _Object:
+    class_id: int
+    radius: float
+    position: np.ndarray  # (y, x) in world coordinates at frame 0
+    velocity: np.ndarray  # pixels per frame
+    colours: Tuple[int, int]
+
+
+class _Scene:
+    """One video's world: two stuff classes split by a wavy horizon, an others patch, objects."""
+
+    def __init__(self, rng: np.random.Generator, stuff: Tuple[int, int], objects: List[int],
+                 size: Tuple[int, int], num_frames: int) -> None:
+        self.rng = rng
+        self.size = size
+        self.num_frames = num_frames
+        h, w = size
+        self.world = (h + h // 3, w + w // 2)
+        self.stuff = stuff
+        self.stuff_colours = [self._colour_pair() for _ in stuff]
+        self.horizon = (self.world[0] * rng.uniform(0.4, 0.6), rng.uniform(4, 10),
+                        rng.uniform(0.03, 0.08), rng.uniform(0, 2 * np.pi))
+        # Coarse random field for "grain" (2x2 cells), defined over the whole world.
+        self.grain = rng.random((self.world[0] // 2 + 2, self.world[1] // 2 + 2)) < 0.5
+        self.others = None
+        if rng.random() < 0.75:
+            self.others = (rng.uniform(0, self.world[0]), rng.uniform(0, self.world[1]),
+                           rng.uniform(h * 0.12, h * 0.22), rng.uniform(w * 0.15, w * 0.3),
+                           self._colour_pair())
+        self.camera_start = np.array([rng.uniform(0, self.world[0] - h), rng.uniform(0, self.world[1] - w)])
+        self.camera_end = np.array([rng.uniform(0, self.world[0] - h), rng.uniform(0, self.world[1] - w)])
+        self.objects = [self._new_object(c) for c in objects]
+
+    def _colour_pair(self) -> Tuple[int, int]:
+        a, b = self.rng.choice(len(_COLOURS), size=2, replace=False)
+        return int(a), int(b)
+
+    def _new_object(self, class_id: int) -> _Object:
+        h, w = self.size
+        radius = self.rng.uniform(0.13, 0.22) * h
+        centre = np.array(self.world) / 2
+        position = centre + self.rng.uniform(-0.35, 0.35, size=2) * np.array([h, w])
+        speed = self.rng.uniform(1.0, 2.5)
+        angle = self.rng.uniform(0, 2 * np.pi)
+        velocity = speed * np.array([np.sin(angle), np.cos(angle)])
+        return _Object(class_id, radius, position, velocity, self._colour_pair())
+
+    def _object_position(self, obj: _Object, t: int) -> np.ndarray:
+        """Position at frame t, bouncing inside the world (reflection off its walls)."""
+        low = np.full(2, obj.radius)
+        span = np.array(self.world, dtype=np.float64) - 2 * obj.radius
+        p = (obj.position + obj.velocity * t - low) % (2 * span)
+        return low + np.where(p > span, 2 * span - p, p)
+
+    def render(self, t: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Frame t -> (H, W, 3) uint8 RGB image and (H, W) uint8 raw labels."""
+        h, w = self.size
+        alpha = t / max(self.num_frames - 1, 1)
+        cam_y, cam_x = self.camera_start + alpha * (self.camera_end - self.camera_start)
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        wy, wx = y + np.float32(cam_y), x + np.float32(cam_x)
+        image = np.zeros((h, w, 3), dtype=np.float32)
+        label = np.zeros((h, w), dtype=np.uint8)
+
+        base, amp, freq, phase = self.horizon
+        lower = wy > base + amp * np.sin(wx * freq + phase)
+        for region, class_id, colours in zip((~lower, lower), self.stuff, self.stuff_colours):
+            self._paint(image, label, region, class_id, colours, self._stuff_pattern(class_id, wx, wy))
+
+        if self.others is not None:
+            oy, ox, ry, rx, colours = self.others
+            region = ((wy - oy) / ry) ** 2 + ((wx - ox) / rx) ** 2 <= 1.0
+            gradient = np.clip((wx - ox + rx) / (2 * rx), 0, 1)
+            self._paint(image, label, region, OTHERS_ID, colours, gradient)
+
+        void = np.zeros((h, w), dtype=bool)
+        for obj in self.objects:  # later objects are in front
+            py, px = self._object_position(obj, t)
+            lx, ly = wx - np.float32(px), wy - np.float32(py)
+            region = _object_shape(obj.class_id, lx, ly, obj.radius)
+            pattern = _OBJECT_PATTERNS[obj.class_id](lx, ly)
+            self._paint(image, label, region, obj.class_id, obj.colours, pattern)
+            void &= ~region
+            void |= region & ~_erode(region)
+        label[void] = VOID_ID
+        image += self.rng.normal(0.0, 5.0, size=image.shape).astype(np.float32)
+        return np.clip(image, 0, 255).astype(np.uint8), label
+
+    def _stuff_pattern(self, class_id: int, wx: np.ndarray, wy: np.ndarray) -> np.ndarray:
+        if class_id == 4:
+            return self.grain[(wy // 2).astype(int), (wx // 2).astype(int)].astype(np.float32)
+        return _STUFF_PATTERNS[class_id](wx, wy)
+
+    @staticmethod
+    def _paint(image: np.ndarray, label: np.ndarray, region: np.ndarray, class_id: int,
+               colours: Tuple[int, int], pattern: np.ndarray) -> None:
+        c0, c1 = _COLOURS[colours[0]], _COLOURS[colours[1]]
+        p = pattern[region][:, None]
+        image[region] = c0 * (1 - p) + c1 * p
+        label[region] = class_id
+
+
+def _class_plans(rng: np.random.Generator, num_videos: int) -> List[Tuple[Tuple[int, int], List[int]]]:
+    """Per video: 2 stuff classes and 1-3 object classes, cycling so every class is used."""
+    pairs = list(itertools.combinations(STUFF_IDS, 2))
+    pair_order = rng.permutation(len(pairs))
+    object_cycle = [int(c) for c in rng.permutation(OBJECT_IDS)]
+    plans = []
+    cursor = 0
+    for v in range(num_videos):
+        stuff = pairs[pair_order[v % len(pairs)]]
+        if rng.random() < 0.5:
+            stuff = (stuff[1], stuff[0])
+        count = int(rng.integers(1, 4))
+        objects = [object_cycle[(cursor + i) % len(object_cycle)] for i in range(count)]
+        cursor += count
+        plans.append((stuff, objects))
+    return plans
+
+
+def _write_split(root: Path, split: str, names: List[str]) -> None:
+    (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+
+
+def make_toy_dataset(
+    root: PathLike,
+    *,
+    seed: int = 0,
+    num_train: int = 12,
+    num_val: int = 4,
+    num_frames: int = 16,
+    size: Tuple[int, int] = (96, 128),
+    jpeg_quality: int = 92,
+) -> Path:
+    """Write the toy dataset under ``root`` (VSPW layout) and return ``root``.
+
+    Videos have ``num_frames - 3 .. num_frames`` frames of ``size`` = (H, W); frame numbers
+    start at a random offset, as in VSPW. Existing files of the same names are overwritten.
+    """
+    if num_frames < 4:
+        raise ValueError(f"num_frames must be >= 4, got {num_frames}")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    total = num_train + num_val
+    plans = _class_plans(rng, total)
+    names = [f"{i:04d}_toy{seed}" for i in range(total)]
+    for name, (stuff, objects) in zip(names, plans):
+        video_rng = np.random.default_rng([seed, int(name[:4])])
+        length = int(video_rng.integers(num_frames - 3, num_frames + 1))
+        start = int(video_rng.integers(0, 300))
+        scene = _Scene(video_rng, stuff, objects, size, length)
+        frame_dir = root / "data" / name / FRAME_DIR
+        mask_dir = root / "data" / name / MASK_DIR
+        frame_dir.mkdir(parents=True, exist_ok=True)
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        for t in range(length):
+            image, label = scene.render(t)
+            stem = f"{start + t:08d}"
+            Image.fromarray(image).save(frame_dir / f"{stem}.jpg", quality=jpeg_quality)
+            Image.fromarray(label).save(mask_dir / f"{stem}.png")
+    _write_split(root, "train", names[:num_train])
+    _write_split(root, "val", names[num_train:])
+    label_names = {"others": "0", **{n: str(i + 1) for i, n in enumerate(TOY_CLASS_NAMES)}}
+    (root / "label_num_dic_final.json").write_text(json.dumps(label_names, indent=1), encoding="utf-8")
+    logger.info("wrote toy dataset to %s: %d train and %d val videos", root, num_train, num_val)
+    return root

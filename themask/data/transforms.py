@@ -1,0 +1,274 @@
+"""Clip transforms: training augmentation with one geometry per clip, and the test resize.
+
+A clip is a list of T frames (H, W, 3) uint8 RGB and T label maps (H, W) uint8 train ids of
+equal size. ``TrainTransform`` follows DESIGN.md §6 / ``reference/vspw.md`` §2.1; sizes are
+parameters so tiny CPU configurations work. ``TestTransform`` follows §2.3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from themask.data.vspw import IGNORE_INDEX
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+# PhotoMetricDistortion parameters (mmseg defaults used by the official configs).
+BRIGHTNESS_DELTA = 32
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18  # in OpenCV's 0..180 hue units
+
+
+def normalize(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) RGB 0..255 -> (T, 3, H, W) float32 normalised with ``MEAN``/``STD``."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().permute(0, 3, 1, 2)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(frames: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``normalize``: (..., 3, H, W) -> RGB floats in 0..255."""
+    mean = torch.tensor(MEAN, device=frames.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=frames.device).view(3, 1, 1)
+    return frames * std + mean
+
+
+def keep_ratio_size(size_hw: Tuple[int, int], scale: Tuple[int, int]) -> Tuple[int, int]:
+    """Size (h, w) after rescaling ``size_hw`` to fit ``scale`` = (long, short) keeping the ratio.
+
+    factor = min(long / long_side, short / short_side); sides are rounded to nearest.
+    """
+    h, w = size_hw
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(h, w), short_edge / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def resize_frame(frame: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an (H, W, 3) uint8 frame to ``size_hw``."""
+    if frame.shape[:2] == tuple(size_hw):
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((size_hw[1], size_hw[0]), Image.BILINEAR))
+
+
+def resize_label(label: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an (H, W) uint8 label map to ``size_hw``."""
+    if label.shape[:2] == tuple(size_hw):
+        return label
+    return np.asarray(Image.fromarray(label).resize((size_hw[1], size_hw[0]), Image.NEAREST))
+
+
+def crop_is_acceptable(
+    label: np.ndarray, *, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX
+) -> bool:
+    """True if ``label`` holds >= 2 non-ignored classes and none covers >= ``cat_max_ratio``."""
+    values, counts = np.unique(label, return_counts=True)
+    counts = counts[values != ignore_index]
+    return counts.size > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
+def choose_crop(
+    label: np.ndarray,
+    crop_hw: Tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    cat_max_ratio: float = 0.75,
+    retries: int = 10,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tuple[int, int]:
+    """Top-left corner (y, x) of a crop box of the target frame's ``label`` (H, W).
+
+    A box is drawn uniformly; it is checked with ``crop_is_acceptable`` and redrawn after each
+    failed check, at most ``retries`` times — the last draw is kept unchecked (mmseg's rule).
+    ``cat_max_ratio >= 1`` disables the check. A crop side larger than the map is clipped.
+    """
+    h, w = label.shape
+    ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
+
+    def draw() -> Tuple[int, int]:
+        return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+
+    y, x = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(retries):
+            if crop_is_acceptable(label[y : y + ch, x : x + cw], cat_max_ratio=cat_max_ratio, ignore_index=ignore_index):
+                break
+            y, x = draw()
+    return y, x
+
+
+def pad_clip(
+    frames: torch.Tensor, labels: torch.Tensor, size_hw: Tuple[int, int], *, ignore_index: int = IGNORE_INDEX
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pad frames (T, 3, h, w) with 0 and labels (T, h, w) with ``ignore_index`` at the bottom/right.
+
+    Returns (T, 3, H, W) and (T, H, W) with (H, W) = ``size_hw`` (must be >= the input size);
+    ``crop_back`` undoes it.
+    """
+    h, w = frames.shape[-2:]
+    ph, pw = size_hw[0] - h, size_hw[1] - w
+    if ph < 0 or pw < 0:
+        raise ValueError(f"cannot pad {h}x{w} to the smaller size {size_hw[0]}x{size_hw[1]}")
+    if ph == 0 and pw == 0:
+        return frames, labels
+    frames = F.pad(frames, (0, pw, 0, ph), value=0.0)
+    labels = F.pad(labels, (0, pw, 0, ph), value=ignore_index)
+    return frames, labels
+
+
+def crop_back(x: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:
+    """Remove bottom/right padding: (..., H, W) -> (..., h, w) with (h, w) = ``size_hw``."""
+    return x[..., : size_hw[0], : size_hw[1]]
+
+
+def _adjust_hsv(frame: np.ndarray, saturation: float, hue_shift: int) -> np.ndarray:
+    """Scale saturation and rotate hue of an (H, W, 3) uint8 RGB frame (hue in 0..180 units)."""
+    hsv = np.asarray(Image.fromarray(frame).convert("HSV")).astype(np.int32)
+    if hue_shift:
+        # PIL hue is 0..255 for a full turn; OpenCV's is 0..180.
+        hsv[..., 0] = (hsv[..., 0] + round(hue_shift * 256 / 180)) % 256
+    if saturation != 1.0:
+        hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
+    h, w = frame.shape[:2]
+    hsv_image = Image.frombytes("HSV", (w, h), hsv.astype(np.uint8).tobytes())
+    return np.asarray(hsv_image.convert("RGB"))
+
+
+def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random brightness, contrast, saturation and hue of one (H, W, 3) uint8 frame (each p=0.5).
+
+    Contrast goes before or after the colour changes at random, as in mmseg.
+    """
+    out = frame.astype(np.float32)
+    if rng.random() < 0.5:
+        out = np.clip(out + rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA), 0, 255)
+    contrast_first = rng.random() < 0.5
+    contrast = rng.uniform(*CONTRAST_RANGE) if rng.random() < 0.5 else 1.0
+    if contrast_first and contrast != 1.0:
+        out = np.clip(out * contrast, 0, 255)
+    saturation = rng.uniform(*SATURATION_RANGE) if rng.random() < 0.5 else 1.0
+    hue_shift = int(rng.integers(-HUE_DELTA, HUE_DELTA + 1)) if rng.random() < 0.5 else 0
+    result = out.astype(np.uint8)
+    if saturation != 1.0 or hue_shift:
+        result = _adjust_hsv(result, saturation, hue_shift)
+    if not contrast_first and contrast != 1.0:
+        result = np.clip(result.astype(np.float32) * contrast, 0, 255).astype(np.uint8)
+    return result
+
+
+class TrainTransform:
+    """Clip-consistent training augmentation (DESIGN.md §6).
+
+    Geometry — resize ratio, crop box (checked on the target frame, the last one), flip — is
+    drawn once per clip; the photometric distortion is drawn per frame. Output: frames
+    (T, 3, H, W) float32 normalised and labels (T, H, W) int64, padded to ``crop_size`` (image 0,
+    label ``ignore_index``). ``scale`` is (long, short) of the base size; ``crop_size`` is (H, W).
+    """
+
+    def __init__(
+        self,
+        *,
+        scale: Tuple[int, int] = (853, 480),
+        ratio_range: Tuple[float, float] = (0.5, 2.0),
+        crop_size: Tuple[int, int] = (480, 480),
+        cat_max_ratio: float = 0.75,
+        crop_retries: int = 10,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        self.scale = tuple(scale)
+        self.ratio_range = tuple(ratio_range)
+        self.crop_size = tuple(crop_size)
+        self.cat_max_ratio = cat_max_ratio
+        self.crop_retries = crop_retries
+        self.flip_prob = flip_prob
+        self.photometric = photometric
+        self.ignore_index = ignore_index
+
+    def __call__(
+        self, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], rng: np.random.Generator
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if len(frames) != len(labels) or not frames:
+            raise ValueError(f"need the same positive number of frames and labels, got {len(frames)} and {len(labels)}")
+        h, w = frames[0].shape[:2]
+        ratio = rng.uniform(*self.ratio_range)
+        target_scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
+        size = keep_ratio_size((h, w), target_scale)
+        imgs = [resize_frame(f, size) for f in frames]
+        segs = [resize_label(s, size) for s in labels]
+        y, x = choose_crop(
+            segs[-1], self.crop_size, rng, cat_max_ratio=self.cat_max_ratio,
+            retries=self.crop_retries, ignore_index=self.ignore_index,
+        )
+        ch, cw = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
+        imgs = [f[y : y + ch, x : x + cw] for f in imgs]
+        segs = [s[y : y + ch, x : x + cw] for s in segs]
+        if rng.random() < self.flip_prob:
+            imgs = [f[:, ::-1] for f in imgs]
+            segs = [s[:, ::-1] for s in segs]
+        if self.photometric:
+            imgs = [photometric_distortion(np.ascontiguousarray(f), rng) for f in imgs]
+        frame_t = normalize(np.stack(imgs))
+        label_t = torch.from_numpy(np.ascontiguousarray(np.stack(segs))).long()
+        return pad_clip(frame_t, label_t, self.crop_size, ignore_index=self.ignore_index)
+
+
+def aligned_size(size_hw: Tuple[int, int], scale: Tuple[int, int], size_divisor: int) -> Tuple[int, int]:
+    """Network input size of the test transform: keep-ratio fit, each side up to a multiple."""
+    h, w = keep_ratio_size(size_hw, scale)
+    return (
+        int(math.ceil(h / size_divisor)) * size_divisor,
+        int(math.ceil(w / size_divisor)) * size_divisor,
+    )
+
+
+class TestTransform:
+    """Test-time resize (``reference/vspw.md`` §2.3): fit ``scale`` = (long, short) keeping the
+    ratio, then stretch each side up to a multiple of ``size_divisor`` (853x480 -> 864x480).
+
+    ``__call__`` maps T frames (H, W, 3) uint8 of one size to (T, 3, h, w) float32 normalised;
+    ``restore`` maps scores (..., h, w) back to the original (H, W) bilinearly.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, *, scale: Tuple[int, int] = (853, 480), size_divisor: int = 32) -> None:
+        self.scale = tuple(scale)
+        self.size_divisor = size_divisor
+
+    def input_size(self, original_hw: Tuple[int, int]) -> Tuple[int, int]:
+        return aligned_size(original_hw, self.scale, self.size_divisor)
+
+    def __call__(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        if not frames:
+            raise ValueError("TestTransform needs at least one frame")
+        original = frames[0].shape[:2]
+        for f in frames:
+            if f.shape[:2] != original:
+                raise ValueError(f"all frames of a clip must share one size, got {f.shape[:2]} and {original}")
+        size = self.input_size(original)
+        return normalize(np.stack([resize_frame(f, size) for f in frames]))
+
+    @staticmethod
+    def restore(scores: torch.Tensor, original_hw: Tuple[int, int]) -> torch.Tensor:
+        """Bilinear resize of scores (B, C, h, w) or (C, h, w) to ``original_hw``."""
+        if tuple(scores.shape[-2:]) == tuple(original_hw):
+            return scores
+        squeeze = scores.dim() == 3
+        x = scores.unsqueeze(0) if squeeze else scores
+        x = F.interpolate(x, size=tuple(original_hw), mode="bilinear", align_corners=False)
+        return x.squeeze(0) if squeeze else x
+
+
+def stack_labels(labels: List[np.ndarray]) -> torch.Tensor:
+    """T label maps (H, W) uint8 -> (T, H, W) int64."""
+    return torch.from_numpy(np.stack(labels)).long()

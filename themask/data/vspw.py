@@ -1,0 +1,284 @@
+"""VSPW on disk: split files, video folders, frame/label readers, class names and palette.
+
+Layout (``reference/vspw.md`` §1.1)::
+
+    <root>/{train,val,test}.txt          one video folder name per line
+    <root>/data/<video>/origin/<frame>.jpg
+    <root>/data/<video>/mask/<frame>.png  single-channel raw labels, same stem as the frame
+
+Label encoding (§1.4-1.5): raw PNG values ``0`` ("others") and ``255`` (void) are ignored,
+``1..K`` become train ids ``0..K-1``. Any other raw value is an error, never a silent label.
+The embedded toy dataset (``themask.data.toy``) uses the same layout and encoding with fewer
+classes, so every reader here takes ``num_classes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+NUM_CLASSES = 124
+IGNORE_INDEX = 255
+FRAME_DIR = "origin"
+MASK_DIR = "mask"
+MASK_SUFFIX = ".png"
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Single-channel PIL modes whose pixel values are raw label ids.
+_LABEL_MODES = ("L", "P", "I", "I;16")
+
+CLASS_NAMES: Tuple[str, ...] = (
+    "wall", "ceiling", "door", "stair", "ladder", "escalator", "Playground_slide",
+    "handrail_or_fence", "window", "rail", "goal", "pillar", "pole", "floor", "ground", "grass",
+    "sand", "athletic_field", "road", "path", "crosswalk", "building", "house", "bridge", "tower",
+    "windmill", "well_or_well_lid", "other_construction", "sky", "mountain", "stone", "wood",
+    "ice", "snowfield", "grandstand", "sea", "river", "lake", "waterfall", "water",
+    "billboard_or_Bulletin_Board", "sculpture", "pipeline", "flag", "parasol_or_umbrella",
+    "cushion_or_carpet", "tent", "roadblock", "car", "bus", "truck", "bicycle", "motorcycle",
+    "wheeled_machine", "ship_or_boat", "raft", "airplane", "tyre", "traffic_light", "lamp",
+    "person", "cat", "dog", "horse", "cattle", "other_animal", "tree", "flower", "other_plant",
+    "toy", "ball_net", "backboard", "skateboard", "bat", "ball",
+    "cupboard_or_showcase_or_storage_rack", "box", "traveling_case_or_trolley_case", "basket",
+    "bag_or_package", "trash_can", "cage", "plate", "tub_or_bowl_or_pot", "bottle_or_cup",
+    "barrel", "fishbowl", "bed", "pillow", "table_or_desk", "chair_or_seat", "bench", "sofa",
+    "shelf", "bathtub", "gun", "commode", "roaster", "other_machine", "refrigerator",
+    "washing_machine", "Microwave_oven", "fan", "curtain", "textiles", "clothes",
+    "painting_or_poster", "mirror", "flower_pot_or_vase", "clock", "book", "tool", "blackboard",
+    "tissue", "screen_or_television", "computer", "printer", "Mobile_phone", "keyboard",
+    "other_electronic_product", "fruit", "food", "instrument", "train",
+)
+
+_PALETTE_ROWS: Tuple[Tuple[int, int, int], ...] = (
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
+    (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
+    (150, 5, 61), (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4),
+    (255, 51, 7), (204, 70, 3), (0, 102, 200), (61, 230, 250), (255, 6, 51), (11, 102, 255),
+    (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220), (255, 9, 92), (112, 9, 255),
+    (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255),
+    (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255),
+    (140, 140, 140), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0),
+    (153, 255, 0), (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255),
+    (11, 200, 200), (255, 82, 0), (0, 255, 245), (0, 61, 255), (0, 255, 112), (0, 255, 133),
+    (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0), (0, 143, 255), (51, 255, 0),
+    (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0), (0, 255, 153),
+    (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20),
+    (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194),
+    (0, 255, 82), (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255),
+    (0, 255, 163), (255, 153, 0), (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255),
+    (163, 255, 0), (255, 235, 0), (8, 184, 170), (133, 0, 255), (0, 255, 92), (184, 0, 255),
+    (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112), (92, 255, 0), (0, 224, 255),
+    (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0), (255, 0, 163),
+    (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0),
+)
+PALETTE: np.ndarray = np.array(_PALETTE_ROWS, dtype=np.uint8)
+"""(124, 3) uint8 RGB colour of each train id (first 124 ADE20K colours; ids 6 and 48 share one)."""
+
+
+class DataError(ValueError):
+    """A dataset file or folder is missing or malformed; the message names it."""
+
+
+class CorruptFileError(DataError):
+    """An image or mask file exists but cannot be decoded (0-byte, truncated, not an image)."""
+
+
+def label_lookup_table(num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """(256,) int16 table raw value -> train id; ``-1`` marks values that are not allowed.
+
+    0 and 255 -> ``ignore_index``; 1..num_classes -> 0..num_classes-1; the rest -> -1.
+    """
+    if not 1 <= num_classes <= 254:
+        raise ValueError(f"num_classes must be in 1..254 to fit the uint8 encoding, got {num_classes}")
+    table = np.full(256, -1, dtype=np.int16)
+    table[0] = ignore_index
+    table[255] = ignore_index
+    table[1 : num_classes + 1] = np.arange(num_classes, dtype=np.int16)
+    return table
+
+
+def map_raw_labels(
+    raw: np.ndarray,
+    *,
+    num_classes: int = NUM_CLASSES,
+    ignore_index: int = IGNORE_INDEX,
+    source: str = "<array>",
+) -> np.ndarray:
+    """Raw label values (H, W) -> train ids (H, W) uint8; raises ``DataError`` on bad values."""
+    if raw.ndim != 2:
+        raise DataError(f"{source}: expected a single-channel label map (H, W), got shape {raw.shape}")
+    if raw.dtype != np.uint8:
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise DataError(
+                f"{source}: label values must be in {{0..{num_classes}, 255}}, "
+                f"found range {int(raw.min())}..{int(raw.max())}"
+            )
+        raw = raw.astype(np.uint8)
+    mapped = label_lookup_table(num_classes, ignore_index)[raw]
+    if (mapped < 0).any():
+        bad = np.unique(raw[mapped < 0])
+        shown = ", ".join(str(int(v)) for v in bad[:10])
+        raise DataError(
+            f"{source}: label values must be in {{0..{num_classes}, 255}}, found {shown}"
+            + (" ..." if bad.size > 10 else "")
+        )
+    return mapped.astype(np.uint8)
+
+
+def read_frame(path: PathLike) -> np.ndarray:
+    """Decode an image file -> (H, W, 3) uint8 RGB; ``DataError`` if unreadable or truncated."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: frame file does not exist") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptFileError(
+            f"{path}: cannot decode image ({err}); the file is corrupt or truncated"
+        ) from err
+
+
+def read_raw_label(path: PathLike) -> np.ndarray:
+    """Read a label PNG's raw pixel values (H, W) without any mapping or palette conversion."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            raw = np.asarray(image)
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: mask file does not exist") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptFileError(
+            f"{path}: cannot decode mask ({err}); the file is corrupt or truncated"
+        ) from err
+    if mode not in _LABEL_MODES:
+        raise DataError(
+            f"{path}: expected a single-channel label PNG (mode L or P), got mode {mode}; "
+            "colour-coded (RGB) masks are not supported"
+        )
+    return raw
+
+
+def read_label(
+    path: PathLike, *, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX
+) -> np.ndarray:
+    """Read a mask PNG -> (H, W) uint8 train ids (``ignore_index`` = ignore)."""
+    return map_raw_labels(
+        read_raw_label(path), num_classes=num_classes, ignore_index=ignore_index, source=str(path)
+    )
+
+
+def read_split(root: PathLike, split: str) -> List[str]:
+    """Video names listed in ``<root>/<split>.txt`` (stripped; CRLF and blank lines tolerated)."""
+    path = Path(root) / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found (expected one video folder name per line)")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    names = [name for name in names if name]
+    if not names:
+        raise DataError(f"{path}: split file is empty (expected one video folder name per line)")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise DataError(f"{path}: videos listed more than once: {', '.join(duplicates[:10])}")
+    return names
+
+
+def list_frames(folder: PathLike) -> List[Path]:
+    """Image files of ``folder`` sorted by name (hidden files such as macOS ``._*`` skipped)."""
+    folder = Path(folder)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in FRAME_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+
+
+@dataclass(frozen=True)
+class Video:
+    """One video: frames sorted by name; ``mask_paths`` is ``None`` for an unlabelled split."""
+
+    name: str
+    frame_paths: Tuple[Path, ...]
+    mask_paths: Optional[Tuple[Path, ...]]
+
+    def __len__(self) -> int:
+        return len(self.frame_paths)
+
+    @property
+    def frame_names(self) -> List[str]:
+        return [p.stem for p in self.frame_paths]
+
+
+def _read_video(root: Path, name: str, labelled: bool) -> Tuple[Optional[Video], List[str]]:
+    """Build one ``Video``; returns ``(None, problems)`` when the folder is unusable."""
+    frame_dir = root / "data" / name / FRAME_DIR
+    if not frame_dir.is_dir():
+        return None, [f"{frame_dir}: video folder listed in the split does not exist"]
+    frames = list_frames(frame_dir)
+    if not frames:
+        return None, [f"{frame_dir}: no frames (*.jpg) in the video folder"]
+    if not labelled:
+        return Video(name, tuple(frames), None), []
+    masks = tuple(root / "data" / name / MASK_DIR / (p.stem + MASK_SUFFIX) for p in frames)
+    problems = [f"{m}: mask missing for frame {f.name}" for f, m in zip(frames, masks) if not m.is_file()]
+    return Video(name, tuple(frames), masks), problems
+
+
+class VSPWIndex:
+    """Videos of one split of a VSPW-format folder (``reference/vspw.md`` §1.1-1.2).
+
+    Every listed video must exist with at least one frame and, when ``labelled``, a mask for
+    every frame; otherwise ``DataError`` names every offending path (first 20) and the count.
+    """
+
+    def __init__(self, root: PathLike, split: str, *, labelled: bool = True) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.labelled = labelled
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: dataset root does not exist")
+        videos: List[Video] = []
+        problems: List[str] = []
+        for name in read_split(self.root, split):
+            video, found = _read_video(self.root, name, labelled)
+            problems.extend(found)
+            if video is not None:
+                videos.append(video)
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise DataError(
+                f"{self.root} split '{split}': {len(problems)} problem(s):\n  {shown}{more}"
+            )
+        self.videos: List[Video] = videos
+        logger.info(
+            "%s split '%s': %d videos, %d frames", self.root, split, len(videos), self.num_frames
+        )
+
+    @property
+    def num_frames(self) -> int:
+        return sum(len(v) for v in self.videos)
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, index: int) -> Video:
+        return self.videos[index]
+
+
+def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]] = PALETTE) -> np.ndarray:
+    """Train ids (H, W) -> (H, W, 3) uint8 RGB; ids outside the palette (ignore) are black."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    colours = np.asarray(palette, dtype=np.uint8)
+    table[: len(colours)] = colours
+    return table[labels.astype(np.uint8)]

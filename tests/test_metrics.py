@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -16,6 +17,8 @@ from themask.evaluation.metrics import (
     SegmentationAccumulator,
     VideoConsistencyAccumulator,
     confusion_matrix,
+    format_metrics_table,
+    metrics_to_json,
     per_class_table,
     segmentation_metrics,
 )
@@ -226,3 +229,15 @@ def test_ddp_all_reduce_sums_over_processes():
     for r in results:
         assert r["matrix"].tolist() == expected.tolist()
         assert r["totals"].tolist() == [1.5, 3.0]
+
+
+def test_table_and_json_report_percentages_and_undefined_values():
+    m = segmentation_metrics(TOY_MATRIX)
+    m["mVC8"], m["mVC16"] = 0.5, float("nan")
+    table = format_metrics_table(m, ["a", "b", "c", "d"])
+    assert "62.09" in table and "82.78" in table and "77.58" in table and "50.00" in table
+    row_c = next(line for line in table.splitlines() if line.split()[:2] == ["2", "c"])
+    assert row_c.split()[2:] == ["0.00", "-"]
+    out = metrics_to_json(m, ["a", "b", "c", "d"])
+    json.dumps(out, allow_nan=False)  # strict JSON: no NaN left
+    assert out["mVC16"] is None and out["per_class"]["c"] == {"IoU": 0.0, "Acc": None}

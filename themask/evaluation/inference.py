@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from themask.data.clips import TEST_CLIP_STRIDE, test_clips
+from themask.data.config import DataConfig, dataset_classes
+from themask.data.transforms import TestTransform
 from themask.data.vspw import (
     IGNORE_INDEX,
     Video,
@@ -58,6 +60,8 @@ from themask.io import PathLike
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EvalReport",
+    "evaluate_config",
     "evaluate_split",
     "predict_video",
     "scores_to_labels",
@@ -122,8 +126,9 @@ def evaluate_split(
     vc_gt: str = "train_id",
     clip_stride: int = TEST_CLIP_STRIDE,
     max_videos: Optional[int] = None,
+    distributed: bool = False,
     progress: bool = True,
-) -> Dict[str, object]:
+) -> "EvalReport":
     """Predict every frame of ``index`` with test clips of ``clip_len`` frames and score it.
 
     ``model(frames (1, T, 3, h, w))`` in eval mode must return class scores (1, T, K, h, w);
@@ -134,11 +139,12 @@ def evaluate_split(
     ``"train_id"`` (0 and 255 both ignore; the CFFM script, default) or ``"raw"`` (raw PNG
     values; the VSPW authors' script). ``write_dir``: also write ``<dir>/<video>/<stem>.png``
     ('P' mode, train ids, ``palette``).
-    Under torch.distributed the videos are split over the processes and the metric sums are
-    reduced; every rank returns the same dict.
+    ``distributed=True`` (all ranks must call): the videos are split over the processes and
+    the metric sums reduced, so every rank returns the same result; with ``False`` the calling
+    process evaluates everything alone (e.g. rank 0 during training).
 
-    Returns the dict of :func:`themask.evaluation.metrics.segmentation_metrics` plus
-    ``mVC<n>`` per window length, ``num_videos`` and ``num_frames``.
+    Returns an ``EvalReport``: the dict of :func:`themask.evaluation.metrics.segmentation_metrics`
+    plus ``mVC<n>`` per window length, ``num_videos`` and ``num_frames``.
     """
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
@@ -153,13 +159,13 @@ def evaluate_split(
     seg = SegmentationAccumulator(num_classes=num_classes, ignore_index=IGNORE_INDEX, device=device)
     vcs = {n: VideoConsistencyAccumulator(n, device=device) for n in vc_lengths}
     videos = index.videos[:max_videos] if max_videos is not None else index.videos
-    mine = videos[get_rank() :: get_world_size()]
+    mine = videos[get_rank() :: get_world_size()] if distributed else videos
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # videos, frames
     bar = tqdm(
         total=sum(len(v) for v in mine),
         desc=f"eval {index.split}",
         unit="frame",
-        disable=not (progress and is_main()),
+        disable=not (progress and (is_main() or not distributed)),
     )
     try:
         for video in mine:
@@ -194,16 +200,62 @@ def evaluate_split(
     finally:
         bar.close()
         net.train(was_training)
-    seg.all_reduce()
-    for vc in vcs.values():
-        vc.all_reduce()
-    all_reduce_sum_(counts)
-    results: Dict[str, object] = dict(seg.compute())
+    if distributed:
+        seg.all_reduce()
+        for vc in vcs.values():
+            vc.all_reduce()
+        all_reduce_sum_(counts)
+    results = EvalReport(seg.compute())
     for n, vc in vcs.items():
         results[f"mVC{n}"] = vc.compute()
     results["num_videos"] = int(counts[0])
     results["num_frames"] = int(counts[1])
     return results
+
+
+class EvalReport(dict):
+    """Result dict of :func:`evaluate_split` (fractions in [0, 1]; ``nan`` = undefined)."""
+
+    SUMMARY_KEYS = ("mIoU", "mIoU_present", "WIoU", "aAcc", "mAcc")
+
+    def summary(self) -> Dict[str, float]:
+        """The scalar metrics: both mIoU variants, WIoU, aAcc, mAcc and every ``mVC<n>``."""
+        keys = list(self.SUMMARY_KEYS) + sorted(
+            (k for k in self if k.startswith("mVC")), key=lambda k: int(k[3:])
+        )
+        return {k: float(self[k]) for k in keys}
+
+
+def evaluate_config(
+    model: nn.Module,
+    data: DataConfig,
+    *,
+    split: str,
+    clip_len: int,
+    device: Union[str, torch.device],
+    max_videos: Optional[int] = None,
+    **kwargs: object,
+) -> EvalReport:
+    """:func:`evaluate_split` on ``<data.root>/<split>`` with the settings of a ``DataConfig``.
+
+    Builds the index, the test transform (``data.scale``, ``data.size_divisor``), the class
+    count and palette of ``data.kind``; ``kwargs`` go to ``evaluate_split`` (``write_dir``,
+    ``amp``, ``distributed``, ``vc_gt``, ``progress`` …).
+    """
+    _, palette = dataset_classes(data.kind)
+    index = VSPWIndex(data.root, split)
+    transform = TestTransform(scale=data.scale, size_divisor=data.size_divisor)
+    return evaluate_split(
+        model,
+        index,
+        clip_len=clip_len,
+        transform=transform,
+        device=device,
+        num_classes=data.num_classes,
+        palette=palette,
+        max_videos=max_videos,
+        **kwargs,  # type: ignore[arg-type]
+    )
 
 
 def _score_frame(

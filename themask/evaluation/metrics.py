@@ -22,6 +22,9 @@ __all__ = [
     "segmentation_metrics",
     "SegmentationAccumulator",
     "VideoConsistencyAccumulator",
+    "all_reduce_sum_",
+    "format_metrics_table",
+    "metrics_to_json",
     "per_class_table",
     "window_consistency",
 ]
@@ -102,7 +105,7 @@ def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
     }
 
 
-def _all_reduce_sum_(tensor: Tensor) -> Tensor:
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` in place over all processes (no-op unless torch.distributed is set up).
 
     NCCL only reduces CUDA tensors, so CPU tensors travel through the current CUDA device.
@@ -143,7 +146,7 @@ class SegmentationAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the matrix over all processes (call once, on every rank, before ``compute``)."""
-        _all_reduce_sum_(self.matrix)
+        all_reduce_sum_(self.matrix)
 
     def compute(self) -> Dict[str, object]:
         return segmentation_metrics(self.matrix)
@@ -265,7 +268,7 @@ class VideoConsistencyAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the window totals over all processes (call on every rank before ``compute``)."""
-        _all_reduce_sum_(self.totals)
+        all_reduce_sum_(self.totals)
 
     def compute(self) -> float:
         """mVC_n as a fraction; ``nan`` when no window was counted."""
@@ -285,3 +288,59 @@ def per_class_table(
     return [
         {"class": i, "name": names[i], "IoU": ious[i], "Acc": accs[i]} for i in range(len(ious))
     ]
+
+
+def _percent(value: object) -> str:
+    v = float(value)  # type: ignore[arg-type]
+    return "    -" if math.isnan(v) else f"{100 * v:6.2f}"
+
+
+def format_metrics_table(
+    metrics: Dict[str, object], class_names: Optional[List[str]] = None
+) -> str:
+    """Printable text: summary lines (×100) then the per-class IoU / accuracy table.
+
+    Reads ``mIoU``, ``mIoU_present``, ``WIoU``, ``aAcc``, ``mAcc``, any ``mVC<n>`` and the
+    per-class ``IoU`` / ``Acc`` lists; ``-`` marks undefined values.
+    """
+    labels = {
+        "mIoU": "mIoU (mmseg: classes predicted or present)",
+        "mIoU_present": "mIoU (Evaluator: classes present in GT)",
+        "WIoU": "Weighted IoU",
+        "aAcc": "pixel accuracy (aAcc)",
+        "mAcc": "mean class accuracy (mAcc)",
+    }
+    vc_keys = sorted((k for k in metrics if k.startswith("mVC")), key=lambda k: int(k[3:]))
+    for key in vc_keys:
+        labels[key] = f"{key} (video consistency, {key[3:]} frames)"
+    width = max(len(v) for v in labels.values())
+    lines = [f"{labels[k]:<{width}}  {_percent(metrics[k])}" for k in labels if k in metrics]
+    if "IoU" in metrics:
+        rows = per_class_table(metrics, class_names)
+        name_width = max(12, max(len(str(r["name"])) for r in rows))
+        lines += ["", f"{'id':>3}  {'class':<{name_width}}  {'IoU':>6}  {'Acc':>6}"]
+        for r in rows:
+            iou, acc = _percent(r["IoU"]), _percent(r["Acc"])
+            lines.append(f"{r['class']:>3}  {r['name']:<{name_width}}  {iou}  {acc}")
+    return "\n".join(lines)
+
+
+def metrics_to_json(
+    metrics: Dict[str, object], class_names: Optional[List[str]] = None
+) -> Dict[str, object]:
+    """A JSON-safe copy (``nan`` → ``None``); with names, per-class values become name maps."""
+
+    def clean(value: object) -> object:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    out = {k: clean(v) for k, v in metrics.items()}
+    if class_names is not None and "IoU" in metrics:
+        out["per_class"] = {
+            str(r["name"]): {"IoU": clean(r["IoU"]), "Acc": clean(r["Acc"])}
+            for r in per_class_table(metrics, class_names)
+        }
+    return out

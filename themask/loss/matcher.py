@@ -161,7 +161,7 @@ class HungarianMatcher:
                     )
                 target_points = point_sample(
                     masks.flatten(0, 1).unsqueeze(0), coords[b : b + 1]
-                ).reshape(num_masks, -1)  # (M, T·P)
+                ).reshape(num_masks, frames * self.num_points)  # (M, T·P)
                 class_cost = -probs[b][:, clip.classes.to(device)]  # (N, M)
                 bce = pairwise_sigmoid_bce(pred_points[b], target_points)
                 dice = pairwise_dice(pred_points[b], target_points)

@@ -1,0 +1,433 @@
+import math
+
+import pytest
+import torch
+
+import themask.loss.criterion as criterion_module
+from themask.loss.config import LossConfig
+from themask.loss.criterion import SetCriterion
+from themask.loss.matcher import MatchIndices
+from themask.loss.point_sample import most_uncertain, point_sample, uncertain_point_coords
+from themask.loss.targets import build_targets
+from themask.modeling.outputs import PredictionSet, Predictions
+
+# ---------------------------------------------------------------- naive references
+
+
+def naive_bilinear(image, x, y):
+    """align_corners=False bilinear sample with zero padding; image (H, W), x, y in [0, 1]."""
+    height, width = image.shape
+    px, py = x * width - 0.5, y * height - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    value = 0.0
+    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            if 0 <= yy < height and 0 <= xx < width:
+                value += wy * wx * float(image[yy, xx])
+    return value
+
+
+def sigmoid(v):
+    return 1.0 / (1.0 + math.exp(-v))
+
+
+def naive_bce_dice(logits, targets):
+    probs = [sigmoid(v) for v in logits]
+    bce = sum(-(y * math.log(p) + (1 - y) * math.log(1 - p)) for p, y in zip(probs, targets))
+    dice = 1 - (2 * sum(p * y for p, y in zip(probs, targets)) + 1) / (sum(probs) + sum(targets) + 1)
+    return bce / len(targets), dice
+
+
+def naive_hard(pred, gt, coords):
+    """pred (h, w), gt (H, W), coords list of (x, y): point-sampled (bce, dice)."""
+    logits = [naive_bilinear(pred, x, y) for x, y in coords]
+    labels = [naive_bilinear(gt, x, y) for x, y in coords]
+    return naive_bce_dice(logits, labels)
+
+
+def naive_soft(pred, gt, full_target=False):
+    """pred (h, w) upsampled by nearest to gt (H, W); target gt ∧ σ(pred) > 0.5: (bce, dice)."""
+    (h, w), (big_h, big_w) = pred.shape, gt.shape
+    logits, labels = [], []
+    for y in range(big_h):
+        for x in range(big_w):
+            value = float(pred[y * h // big_h, x * w // big_w])
+            logits.append(value)
+            fires = full_target or sigmoid(value) > 0.5
+            labels.append(float(gt[y, x]) * float(fires))
+    return naive_bce_dice(logits, labels)
+
+
+def naive_class_loss(class_logits, classes, matches, num_classes, no_object_weight):
+    """class_logits (B, N, K+1) or (B, T, N, K+1); weighted-mean cross-entropy by loops."""
+    if class_logits.dim() == 3:
+        class_logits = class_logits[:, None]
+    numerator = denominator = 0.0
+    batch, frames, queries, _ = class_logits.shape
+    for b in range(batch):
+        assigned = {}
+        for query, target in (matches[b].primary, matches[b].secondary):
+            for q, t in zip(query.tolist(), target.tolist()):
+                assigned[q] = int(classes[b][t])
+        for t in range(frames):
+            for q in range(queries):
+                target = assigned.get(q, num_classes)
+                weight = no_object_weight if target == num_classes else 1.0
+                log_probs = class_logits[b, t, q].log_softmax(-1)
+                numerator += -weight * float(log_probs[target])
+                denominator += weight
+    return numerator / denominator
+
+
+def pair(queries, targets):
+    return torch.tensor(queries, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
+
+
+FIXED_COORDS = torch.tensor(
+    [[0.1, 0.2], [0.5, 0.5], [0.93, 0.07], [0.3, 0.81], [0.66, 0.4], [0.02, 0.99]]
+)
+
+
+@pytest.fixture
+def fixed_points(monkeypatch):
+    def fake(logits, **_):
+        return FIXED_COORDS.expand(logits.shape[0], -1, -1).clone()
+
+    monkeypatch.setattr(criterion_module, "uncertain_point_coords", fake)
+    return [tuple(c) for c in FIXED_COORDS.tolist()]
+
+
+# ---------------------------------------------------------------- point sampling
+
+
+def test_point_sample_equals_naive_bilinear():
+    torch.manual_seed(0)
+    maps = torch.randn(3, 2, 5, 7)
+    coords = torch.rand(3, 9, 2)
+    coords[0, 0] = torch.tensor([0.0, 0.0])
+    coords[0, 1] = torch.tensor([1.0, 0.999])
+    sampled = point_sample(maps, coords)
+    assert sampled.shape == (3, 2, 9)
+    for r in range(3):
+        for c in range(2):
+            for p in range(9):
+                expected = naive_bilinear(maps[r, c], *coords[r, p].tolist())
+                assert sampled[r, c, p].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_most_uncertain_equals_naive_sort():
+    torch.manual_seed(1)
+    candidates = torch.rand(2, 20, 2)
+    logits = torch.randn(2, 20)
+    chosen = most_uncertain(candidates, logits, 6)
+    for r in range(2):
+        order = sorted(range(20), key=lambda i: abs(float(logits[r, i])))[:6]
+        expected = {tuple(candidates[r, i].tolist()) for i in order}
+        assert {tuple(p) for p in chosen[r].tolist()} == expected
+
+
+def test_uncertain_point_coords_keeps_most_uncertain_candidates_then_fills():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 6, 6)
+    generator = torch.Generator().manual_seed(11)
+    coords = uncertain_point_coords(
+        logits, num_points=8, oversample_ratio=3.0, importance_sample_ratio=0.75, generator=generator
+    )
+    assert coords.shape == (2, 8, 2)
+    replay = torch.Generator().manual_seed(11)
+    candidates = torch.rand(2, 24, 2, generator=replay)
+    fill = torch.rand(2, 2, 2, generator=replay)
+    for r in range(2):
+        values = [naive_bilinear(logits[r], *candidates[r, i].tolist()) for i in range(24)]
+        order = sorted(range(24), key=lambda i: abs(values[i]))[:6]
+        expected = {tuple(candidates[r, i].tolist()) for i in order}
+        assert {tuple(p) for p in coords[r, :6].tolist()} == expected
+        assert torch.equal(coords[r, 6:], fill[r])
+
+
+# ---------------------------------------------------------------- single terms
+
+
+def make_clip_example(frames=1):
+    """Two clips, K = 3, N = 5, masks 4×4 → labels 8×8; explicit matches."""
+    torch.manual_seed(3)
+    labels = torch.randint(0, 3, (2, frames, 8, 8))
+    labels[1] = torch.randint(1, 3, (frames, 8, 8))
+    labels[1, :, :2] = 255
+    targets = build_targets(labels, 3)
+    assert targets[0].classes.tolist() == [0, 1, 2] and targets[1].classes.tolist() == [1, 2]
+    matches = [
+        MatchIndices(primary=pair([1, 3, 4], [2, 0, 1]), secondary=pair([0, 2], [0, 1])),
+        MatchIndices(primary=pair([0, 2], [1, 0]), secondary=pair([3, 4], [0, 1])),
+    ]
+    return labels, targets, matches
+
+
+def test_class_loss_equals_naive_weighted_cross_entropy():
+    _, targets, matches = make_clip_example()
+    criterion = SetCriterion(LossConfig(), num_classes=3)
+    for shape in [(2, 5, 4), (2, 3, 5, 4)]:  # clip head, frame head (T = 3)
+        logits = torch.randn(*shape)
+        got = criterion.class_loss(PredictionSet(logits, torch.zeros(2, 5, 1, 4, 4)), targets, matches)
+        classes = [t.classes.tolist() for t in targets]
+        expected = naive_class_loss(logits, classes, matches, 3, 0.1)
+        assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hard_mask_loss_equals_naive_point_loss(fixed_points):
+    _, targets, matches = make_clip_example(frames=2)
+    mask_logits = torch.randn(2, 5, 2, 4, 4) * 2
+    criterion = SetCriterion(LossConfig(), num_classes=3)
+    bce, dice = criterion.hard_mask_loss(mask_logits, targets, [m.primary for m in matches])
+    expected_bce = expected_dice = 0.0
+    for b, match in enumerate(matches):
+        for q, m in zip(*[x.tolist() for x in match.primary]):
+            for t in range(2):
+                pb, pd = naive_hard(mask_logits[b, q, t], targets[b].masks[m, t], fixed_points)
+                expected_bce, expected_dice = expected_bce + pb, expected_dice + pd
+    assert bce.item() == pytest.approx(expected_bce, rel=1e-5)
+    assert dice.item() == pytest.approx(expected_dice, rel=1e-5)
+
+
+def test_soft_mask_loss_equals_naive_dense_loss_with_soft_target():
+    _, targets, matches = make_clip_example(frames=2)
+    mask_logits = torch.randn(2, 5, 2, 4, 4) * 2
+    criterion = SetCriterion(LossConfig(), num_classes=3)
+    bce, dice = criterion.soft_mask_loss(mask_logits, targets, [m.secondary for m in matches])
+    expected_bce = expected_dice = 0.0
+    for b, match in enumerate(matches):
+        for q, m in zip(*[x.tolist() for x in match.secondary]):
+            for t in range(2):
+                pb, pd = naive_soft(mask_logits[b, q, t], targets[b].masks[m, t])
+                expected_bce, expected_dice = expected_bce + pb, expected_dice + pd
+    assert bce.item() == pytest.approx(expected_bce, rel=1e-5)
+    assert dice.item() == pytest.approx(expected_dice, rel=1e-5)
+    # the soft target differs from the GT here, so the full-GT loss would not match
+    full = sum(
+        naive_soft(mask_logits[b, q, t], targets[b].masks[m, t], full_target=True)[0]
+        for b, match in enumerate(matches)
+        for q, m in zip(*[x.tolist() for x in match.secondary])
+        for t in range(2)
+    )
+    assert abs(full - expected_bce) > 1e-3
+
+
+# ---------------------------------------------------------------- whole criterion
+
+
+class StubMatcher:
+    """Returns fixed matches for every set and records what it was given."""
+
+    def __init__(self, matches):
+        self.matches = matches
+        self.calls = []
+
+    def match_sets(self, sets, targets, *, num_rounds):
+        self.calls.append((sets, num_rounds))
+        if num_rounds == 1:
+            single = [MatchIndices(primary=m.primary) for m in self.matches]
+            return [single for _ in sets]
+        return [self.matches for _ in sets]
+
+
+def expected_head_loss(class_logits, mask_logits, targets, matches, points, config, hard_second):
+    classes = [t.classes.tolist() for t in targets]
+    frames = mask_logits.shape[2]
+    num_masks = sum(len(c) for c in classes)
+    ce = naive_class_loss(class_logits, classes, matches, 3, config.no_object_weight)
+    sums = {"hard": [0.0, 0.0], "second": [0.0, 0.0]}
+    for b, match in enumerate(matches):
+        for key, (query, target) in (("hard", match.primary), ("second", match.secondary)):
+            for q, m in zip(query.tolist(), target.tolist()):
+                for t in range(frames):
+                    pred, gt = mask_logits[b, q, t], targets[b].masks[m, t]
+                    if key == "hard" or hard_second:
+                        pb, pd = naive_hard(pred, gt, points)
+                    else:
+                        pb, pd = naive_soft(pred, gt)
+                    sums[key][0] += pb
+                    sums[key][1] += pd
+    norm = num_masks * frames
+    w1, w2 = config.round_weights
+    second_weights = (
+        (config.mask_weight, config.dice_weight)
+        if hard_second
+        else (config.soft_mask_weight, config.soft_dice_weight)
+    )
+    return (
+        config.class_weight * ce
+        + w1 * (config.mask_weight * sums["hard"][0] + config.dice_weight * sums["hard"][1]) / norm
+        + w2 * (second_weights[0] * sums["second"][0] + second_weights[1] * sums["second"][1]) / norm
+    )
+
+
+def random_sets(count, frames, temporal):
+    torch.manual_seed(4)
+    clip = [PredictionSet(torch.randn(2, 5, 4), torch.randn(2, 5, frames, 4, 4) * 2) for _ in range(count)]
+    if not temporal:
+        return Predictions(clip=clip)
+    frame = [
+        PredictionSet(torch.randn(2, frames, 5, 4), torch.randn(2, 5, frames, 4, 4) * 2)
+        for _ in range(count)
+    ]
+    return Predictions(clip=clip, frame=frame)
+
+
+@pytest.mark.parametrize("second_round_loss", ["soft", "hard"])
+def test_tad_criterion_total_equals_naive_sum(fixed_points, second_round_loss):
+    labels, targets, matches = make_clip_example(frames=2)
+    predictions = random_sets(2, frames=2, temporal=True)
+    config = LossConfig(second_round_loss=second_round_loss)
+    criterion = SetCriterion(config, num_classes=3)
+    criterion.matcher = StubMatcher(matches)
+    output = criterion(predictions, labels)
+    hard_second = second_round_loss == "hard"
+    expected = 0.0
+    for clip_set, frame_set in zip(predictions.clip, predictions.frame):
+        args = (targets, matches, fixed_points, config, hard_second)
+        expected += expected_head_loss(clip_set.class_logits, clip_set.mask_logits, *args)
+        expected += 0.25 * expected_head_loss(frame_set.class_logits, frame_set.mask_logits, *args)
+    assert output.total.item() == pytest.approx(expected, rel=1e-5)
+    # one matching per set, from clip-head classes and frame-head masks
+    ((sets, rounds),) = criterion.matcher.calls
+    assert rounds == 2 and len(sets) == 2
+    for (class_logits, mask_logits), clip_set, frame_set in zip(sets, predictions.clip, predictions.frame):
+        assert class_logits is clip_set.class_logits and mask_logits is frame_set.mask_logits
+    loss_terms = {k: v for k, v in output.terms.items() if k.startswith(("loss_", "frame_loss_"))}
+    assert len(loss_terms) == 10
+    assert sum(loss_terms.values()) == pytest.approx(output.total.item(), rel=1e-5)
+    assert output.terms["matched_fraction_round1"] == pytest.approx((3 + 2) / (2 * 5))
+    assert output.terms["matched_fraction_round2"] == pytest.approx((2 + 2) / (2 * 5))
+    assert output.terms["num_masks"] == 5
+
+
+def test_hard_second_round_uses_full_gt_masks(fixed_points):
+    labels, targets, matches = make_clip_example()
+    predictions = random_sets(1, frames=1, temporal=False)
+    secondary_terms = {}
+    for mode in ("soft", "hard"):
+        criterion = SetCriterion(LossConfig(second_round_loss=mode), num_classes=3)
+        criterion.matcher = StubMatcher(matches)
+        secondary_terms[mode] = criterion(predictions, labels).terms["loss_mask_secondary"]
+    mask_logits = predictions.clip[0].mask_logits
+    full_gt = sum(
+        naive_hard(mask_logits[b, q, 0], targets[b].masks[m, 0], fixed_points)[0]
+        for b, match in enumerate(matches)
+        for q, m in zip(*[x.tolist() for x in match.secondary])
+    )
+    assert secondary_terms["hard"] == pytest.approx(0.5 * 5.0 * full_gt / 5, rel=1e-5)
+    assert abs(secondary_terms["hard"] - secondary_terms["soft"]) > 1e-3
+
+
+def test_deep_supervision_sums_sets_and_switch_keeps_only_final(fixed_points):
+    labels, _, matches = make_clip_example()
+    predictions = random_sets(3, frames=1, temporal=False)
+    criterion = SetCriterion(LossConfig(), num_classes=3)
+    criterion.matcher = StubMatcher(matches)
+    per_set = [criterion(Predictions(clip=[s]), labels).total.item() for s in predictions.clip]
+    assert criterion(predictions, labels).total.item() == pytest.approx(sum(per_set), rel=1e-5)
+    final_only = SetCriterion(LossConfig(deep_supervision=False), num_classes=3)
+    final_only.matcher = StubMatcher(matches)
+    assert final_only(predictions, labels).total.item() == pytest.approx(per_set[-1], rel=1e-5)
+
+
+def obvious_example():
+    """One clip, classes 0 (left) and 1 (right); strong primary candidates, weaker others."""
+    labels = torch.zeros(1, 1, 16, 16, dtype=torch.long)
+    labels[..., 8:] = 1
+    mask_logits = torch.randn(1, 6, 1, 4, 4)
+    mask_logits[0, 3, 0, :, :2], mask_logits[0, 3, 0, :, 2:] = 6.0, -6.0
+    mask_logits[0, 1, 0, :, :2], mask_logits[0, 1, 0, :, 2:] = -6.0, 6.0
+    class_logits = torch.zeros(1, 6, 3)
+    class_logits[0, 3, 0] = class_logits[0, 1, 1] = 6.0
+    return labels, class_logits, mask_logits
+
+
+@pytest.mark.parametrize(
+    "config,step,two_rounds",
+    [
+        (LossConfig(num_rounds=1), 0, False),
+        (LossConfig(num_rounds=2), 0, True),
+        (LossConfig(num_rounds=2, warmup_steps=3), 2, False),
+        (LossConfig(num_rounds=2, warmup_steps=3), 3, True),
+    ],
+)
+def test_round_switches_and_warmup(config, step, two_rounds):
+    labels, class_logits, mask_logits = obvious_example()
+    config.num_points = 64
+    criterion = SetCriterion(config, num_classes=2)
+    torch.manual_seed(0)
+    output = criterion(Predictions(clip=[PredictionSet(class_logits, mask_logits)]), labels, step=step)
+    assert ("loss_mask_secondary" in output.terms) == two_rounds
+    assert ("loss_dice_secondary" in output.terms) == two_rounds
+    assert output.terms["matched_fraction_round1"] == pytest.approx(2 / 6)
+    assert output.terms["matched_fraction_round2"] == pytest.approx(2 / 6 if two_rounds else 0.0)
+    assert criterion.rounds_at(step) == (2 if two_rounds else 1)
+
+
+def test_gradients_reach_secondary_queries_through_soft_and_class_loss():
+    labels, class_logits, mask_logits = obvious_example()
+    class_logits.requires_grad_(True)
+    mask_logits.requires_grad_(True)
+    criterion = SetCriterion(LossConfig(num_points=64), num_classes=2)
+    torch.manual_seed(0)
+    (match,) = criterion.matcher(class_logits, mask_logits, build_targets(labels, 2))
+    secondary, secondary_targets = match.secondary
+    unmatched = sorted(set(range(6)) - set(secondary.tolist()) - set(match.primary[0].tolist()))
+    targets = build_targets(labels, 2)
+    bce, dice = criterion.soft_mask_loss(mask_logits, targets, [match.secondary])
+    (bce + dice).backward()
+    grad = mask_logits.grad[0]
+    assert all(grad[q].abs().sum() > 0 for q in secondary.tolist())
+    assert all(grad[q].abs().sum() == 0 for q in unmatched + match.primary[0].tolist())
+    loss = criterion.class_loss(PredictionSet(class_logits, mask_logits), targets, [match])
+    loss.backward()
+    for q, m in zip(secondary.tolist(), secondary_targets.tolist()):
+        assert class_logits.grad[0, q, int(targets[0].classes[m])] < 0  # raises its GT class
+
+
+def test_all_ignore_batch_gives_no_object_only():
+    labels = torch.full((2, 1, 8, 8), 255)
+    predictions = random_sets(2, frames=1, temporal=False)
+    criterion = SetCriterion(LossConfig(num_points=16), num_classes=3)
+    output = criterion(predictions, labels)
+    assert output.terms["num_masks"] == 1.0
+    assert output.terms["loss_mask"] == 0.0 and output.terms["loss_mask_secondary"] == 0.0
+    expected = sum(
+        2.0 * torch.nn.functional.cross_entropy(s.class_logits.reshape(-1, 4), torch.full((10,), 3)).item()
+        for s in predictions.clip
+    )
+    assert output.total.item() == pytest.approx(expected, rel=1e-5)
+    assert output.terms["matched_fraction_round1"] == 0.0
+
+
+def test_losses_finite_under_bfloat16_autocast():
+    torch.manual_seed(5)
+    labels = torch.randint(0, 3, (2, 2, 16, 16))
+    weights = torch.randn(8, 5 * 2 * 4 * 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = torch.randn(2, 8) @ weights  # bf16 under autocast
+        mask_logits = features.reshape(2, 5, 2, 4, 4)
+        class_logits = (torch.randn(2, 8) @ torch.randn(8, 5 * 4)).reshape(2, 5, 4)
+        frame_logits = (torch.randn(2, 8) @ torch.randn(8, 2 * 5 * 4)).reshape(2, 2, 5, 4)
+        assert mask_logits.dtype == torch.bfloat16
+        predictions = Predictions(
+            clip=[PredictionSet(class_logits, mask_logits)],
+            frame=[PredictionSet(frame_logits, mask_logits * 0.5)],
+        )
+        output = SetCriterion(LossConfig(num_points=32), num_classes=3)(predictions, labels)
+    assert output.total.dtype == torch.float32 and torch.isfinite(output.total)
+    assert all(math.isfinite(v) for v in output.terms.values())
+    output.total.backward()
+    assert torch.isfinite(weights.grad).all() and weights.grad.abs().sum() > 0
+
+
+def test_shape_errors_name_the_problem():
+    labels = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    criterion = SetCriterion(LossConfig(), num_classes=3)
+    wrong_classes = Predictions(clip=[PredictionSet(torch.randn(2, 5, 7), torch.randn(2, 5, 1, 4, 4))])
+    with pytest.raises(ValueError, match="num_classes"):
+        criterion(wrong_classes, labels)
+    wrong_frames = Predictions(clip=[PredictionSet(torch.randn(2, 5, 4), torch.randn(2, 5, 3, 4, 4))])
+    with pytest.raises(ValueError, match="B, N, T, h, w"):
+        criterion(wrong_frames, labels)

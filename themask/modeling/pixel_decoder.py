@@ -1,0 +1,211 @@
+"""Mask2Former pixel decoder: a multi-scale deformable-attention encoder plus one FPN step.
+
+Inputs are the four backbone maps res2..res5 (strides 4, 8, 16, 32). res5, res4 and res3 are
+projected to ``conv_dim`` channels and refined together by ``num_layers`` deformable encoder
+layers; res2 joins through a lateral 1×1 conv and the upsampled stride-8 encoder output, and a
+final 1×1 conv gives the per-pixel ``mask_features`` that the mask heads read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from themask.modeling.ms_deform_attn import MSDeformAttn, SpatialShapes
+from themask.modeling.position_encoding import sine_position_encoding_2d
+
+__all__ = ["DeformableEncoderLayer", "MSDeformAttnPixelDecoder", "PixelDecoderOutput"]
+
+NUM_ENCODER_LEVELS = 3
+
+
+class PixelDecoderOutput(NamedTuple):
+    """Outputs of the pixel decoder (unpacks as ``mask_features, multi_scale_features``).
+
+    mask_features:        (N, mask_dim, H/4, W/4).
+    multi_scale_features: the encoder maps from the lowest resolution to the highest:
+                          [(N, C, H/32, W/32), (N, C, H/16, W/16), (N, C, H/8, W/8)].
+    """
+
+    mask_features: Tensor
+    multi_scale_features: list[Tensor]
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm encoder layer: deformable self-attention, then a ReLU FFN (dropout 0)."""
+
+    def __init__(
+        self,
+        *,
+        dim: int = 256,
+        ffn_dim: int = 1024,
+        num_heads: int = 8,
+        num_levels: int = NUM_ENCODER_LEVELS,
+        num_points: int = 4,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(
+            dim=dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+        )
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(
+        self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: SpatialShapes
+    ) -> Tensor:
+        """src (N, S, C), pos (N or 1, S, C), reference_points (N or 1, S, 2) -> (N, S, C)."""
+        src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+
+
+def _pixel_centres(
+    spatial_shapes: SpatialShapes, *, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """(1, S, 2) pixel centres ((j+0.5)/W_l, (i+0.5)/H_l) of every level, row-major, in order."""
+    work_dtype = torch.promote_types(dtype, torch.float32)  # never coarser than float32
+    centres = []
+    for height, width in spatial_shapes:
+        ys = (torch.arange(height, dtype=work_dtype, device=device) + 0.5) / height
+        xs = (torch.arange(width, dtype=work_dtype, device=device) + 0.5) / width
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        centres.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1))
+    return torch.cat(centres, dim=0).to(dtype).unsqueeze(0)
+
+
+class MSDeformAttnPixelDecoder(nn.Module):
+    """Pixel decoder of Mask2Former (DESIGN.md §3).
+
+    Submodules (official names in brackets, for the weight converter):
+      ``input_proj[i]``: 1×1 conv (bias) + GroupNorm for res5, res4, res3 [input_proj.i];
+      ``level_embed``: (3, C) [transformer.level_embed];
+      ``encoder_layers[k]``: :class:`DeformableEncoderLayer` [transformer.encoder.layers.k];
+      ``lateral``: 1×1 conv (no bias) + GroupNorm on res2 [adapter_1, adapter_1.norm];
+      ``fpn_output``: 3×3 conv (no bias) + GroupNorm + ReLU [layer_1, layer_1.norm];
+      ``mask_features``: 1×1 conv (bias) [mask_features].
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: Sequence[int],
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        num_layers: int = 6,
+        num_heads: int = 8,
+        num_points: int = 4,
+        ffn_dim: int = 1024,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder: in_channels must list the 4 backbone stages "
+                f"(strides 4, 8, 16, 32), got {list(in_channels)}"
+            )
+        if conv_dim % norm_groups:
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder: conv_dim {conv_dim} is not divisible by "
+                f"norm_groups {norm_groups}"
+            )
+        if conv_dim % 2:
+            raise ValueError(f"MSDeformAttnPixelDecoder: conv_dim must be even, got {conv_dim}")
+        self.in_channels = tuple(in_channels)
+        self.conv_dim = conv_dim
+        self.mask_dim = mask_dim
+        self.num_feature_levels = NUM_ENCODER_LEVELS
+
+        # res5, res4, res3: lowest resolution first, the encoder's level order.
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, conv_dim, 1), nn.GroupNorm(norm_groups, conv_dim))
+            for channels in reversed(self.in_channels[1:])
+        )
+        self.level_embed = nn.Parameter(torch.empty(NUM_ENCODER_LEVELS, conv_dim))
+        self.encoder_layers = nn.ModuleList(
+            DeformableEncoderLayer(
+                dim=conv_dim, ffn_dim=ffn_dim, num_heads=num_heads, num_points=num_points
+            )
+            for _ in range(num_layers)
+        )
+        self.lateral = nn.Sequential(
+            nn.Conv2d(self.in_channels[0], conv_dim, 1, bias=False),
+            nn.GroupNorm(norm_groups, conv_dim),
+        )
+        self.fpn_output = nn.Sequential(
+            nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False),
+            nn.GroupNorm(norm_groups, conv_dim),
+            nn.ReLU(),
+        )
+        self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Mask2Former initialisation: xavier for the projections and encoder, Caffe2-style
+        xavier (kaiming-uniform, a=1) for the FPN convs, N(0, 1) level embeddings."""
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight)
+            nn.init.zeros_(proj[0].bias)
+        for param in self.encoder_layers.parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+        for layer in self.encoder_layers:
+            layer.self_attn.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        for conv in (self.lateral[0], self.fpn_output[0], self.mask_features):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+
+    def _check_inputs(self, features: Sequence[Tensor]) -> None:
+        if len(features) != 4:
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder: expected 4 feature maps res2..res5, got {len(features)}"
+            )
+        channels = tuple(f.shape[1] for f in features)
+        if channels != self.in_channels:
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder: feature channels {channels} differ from the "
+                f"in_channels {self.in_channels} it was built with"
+            )
+
+    def forward(self, features: Sequence[Tensor]) -> PixelDecoderOutput:
+        """features: [res2 (N, C2, H/4, W/4), res3 (N, C3, H/8, W/8), res4 (N, C4, H/16, W/16),
+        res5 (N, C5, H/32, W/32)] -> :class:`PixelDecoderOutput`."""
+        self._check_inputs(features)
+        maps = [proj(x) for proj, x in zip(self.input_proj, reversed(features[1:]))]
+        batch = maps[0].shape[0]
+        spatial_shapes = [(m.shape[2], m.shape[3]) for m in maps]  # stride 32, 16, 8
+        src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (N, S, C)
+        pos = torch.cat(
+            [
+                sine_position_encoding_2d(
+                    1, h, w, num_feats=self.conv_dim // 2, device=src.device, dtype=src.dtype
+                )
+                .flatten(2)
+                .transpose(1, 2)
+                + self.level_embed[level]
+                for level, (h, w) in enumerate(spatial_shapes)
+            ],
+            dim=1,
+        )  # (1, S, C), shared by the batch
+        reference_points = _pixel_centres(spatial_shapes, device=src.device, dtype=src.dtype)
+        for layer in self.encoder_layers:
+            src = layer(src, pos, reference_points, spatial_shapes)
+
+        multi_scale = [
+            tokens.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
+            for (h, w), tokens in zip(
+                spatial_shapes, src.split([h * w for h, w in spatial_shapes], 1)
+            )
+        ]
+        lateral = self.lateral(features[0])  # (N, C, H/4, W/4)
+        upsampled = F.interpolate(
+            multi_scale[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
+        )
+        fused = self.fpn_output(lateral + upsampled)
+        return PixelDecoderOutput(self.mask_features(fused), multi_scale)

@@ -1,10 +1,11 @@
 """Datasets, the resumable infinite sampler, ``Batch``/``collate`` and the loader builders.
 
-Reproducibility: the training stream is a pure function of ``(seed, step, rank)``. The sampler
+Reproducibility: the training stream is a pure function of ``(seed, batch, rank)``. The sampler
 yields keys ``(video_index, sample_id)`` where ``sample_id`` is the sample's global position in
 the stream; the dataset derives every random choice of that sample (reversal, target frame,
 augmentation, redraws) from ``(seed, sample_id)``. Augmentations therefore do not depend on the
-number of workers or on which worker handles a sample, and resuming at ``start_step``
+number of workers or on which worker handles a sample, and resuming at ``start_batch``
+(batches already consumed by this process: optimizer step x gradient-accumulation count)
 continues the exact same stream.
 
 Bad files during training: a frame or mask that cannot be decoded (``CorruptFileError``) is
@@ -218,12 +219,12 @@ class InfiniteClipSampler(Sampler):
     The global stream is a sequence of epochs, each a permutation of all videos drawn from
     ``(seed, epoch)``. Rank ``r`` of ``world_size`` takes global positions
     ``r, r + W, r + 2W, ...`` (like ``DistributedSampler``), and its k-th sample belongs to
-    step ``k // batch_size``; ``start_step`` skips the samples of earlier steps. The key at a
-    position depends only on ``(seed, position)``.
+    loader batch ``k // batch_size``; ``start_batch`` skips the samples of earlier batches.
+    The key at a position depends only on ``(seed, position)``.
     """
 
     def __init__(self, num_videos: int, *, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0) -> None:
+                 world_size: int = 1, start_batch: int = 0) -> None:
         if num_videos < 1 or batch_size < 1:
             raise ValueError(f"need num_videos >= 1 and batch_size >= 1, got {num_videos}, {batch_size}")
         if not 0 <= rank < world_size:
@@ -233,7 +234,9 @@ class InfiniteClipSampler(Sampler):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.start_step = start_step
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.start_batch = start_batch
 
     def key_at(self, position: int) -> Tuple[int, int]:
         """Global stream position -> ``(video_index, position)``."""
@@ -242,7 +245,7 @@ class InfiniteClipSampler(Sampler):
         return int(order[offset]), position
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        k = self.start_step * self.batch_size
+        k = self.start_batch * self.batch_size
         cached_epoch, order = -1, np.empty(0, dtype=np.int64)
         while True:
             position = k * self.world_size + self.rank
@@ -365,17 +368,18 @@ def build_train_loader(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    start_step: int = 0,
+    start_batch: int = 0,
 ) -> DataLoader:
-    """Endless loader of training ``Batch``es for one rank; batch ``i`` is step ``start_step + i``.
+    """Endless loader of training ``Batch``es for one rank, starting after ``start_batch``
+    batches (to resume: optimizer step x gradient-accumulation count).
 
     ``num_workers=None`` uses ``data_cfg.num_workers``. The stream is a pure function of
-    ``(seed, step, rank)`` (see the module docstring).
+    ``(seed, batch index, rank)`` (see the module docstring).
     """
     dataset = build_train_dataset(data_cfg, seed=seed)
     sampler = InfiniteClipSampler(
         len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
-        start_step=start_step,
+        start_batch=start_batch,
     )
     workers = data_cfg.num_workers if num_workers is None else num_workers
     generator = torch.Generator()

@@ -155,7 +155,7 @@ class _Scene:
 
     def _new_object(self, class_id: int) -> _Object:
         h, w = self.size
-        radius = self.rng.uniform(0.13, 0.22) * h
+        radius = self.rng.uniform(0.18, 0.28) * h
         centre = np.array(self.world) / 2
         position = centre + self.rng.uniform(-0.35, 0.35, size=2) * np.array([h, w])
         speed = self.rng.uniform(1.0, 2.5)

@@ -1,0 +1,73 @@
+"""Frame sources for prediction: a video file or a folder of frames, read lazily as RGB uint8.
+
+Video files are decoded with PyAV (FFmpeg bindings): its wheels bundle FFmpeg, so every
+common container/codec works after ``pip install av`` without a system FFmpeg or OpenCV
+build, it is actively maintained, and it decodes frame by frame straight to RGB arrays, so a
+long video never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import numpy as np
+
+from themask.data.vspw import FRAME_SUFFIXES, DataError, PathLike, list_frames, read_frame
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+def read_video_frames(path: PathLike) -> Iterator[np.ndarray]:
+    """Yield the frames of a video file one by one as (H, W, 3) uint8 RGB."""
+    import av  # imported lazily: only prediction on video files needs it
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: video file does not exist")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as err:
+        raise DataError(f"{path}: cannot open video ({err})") from err
+    with container:
+        if not container.streams.video:
+            raise DataError(f"{path}: the file holds no video stream")
+        stream = container.streams.video[0]
+        try:
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as err:
+            raise DataError(f"{path}: video decoding failed ({err})") from err
+
+
+def read_frame_folder(folder: PathLike) -> Iterator[np.ndarray]:
+    """Yield the images of ``folder`` (sorted by name) one by one as (H, W, 3) uint8 RGB."""
+    for _, frame in iter_input_frames(folder):
+        yield frame
+
+
+def list_input_frames(folder: PathLike) -> List[Path]:
+    """Image files of a frame folder sorted by name; ``DataError`` if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: frame folder does not exist")
+    frames = list_frames(folder)
+    if not frames:
+        raise DataError(f"{folder}: no images ({', '.join(FRAME_SUFFIXES)}) in the frame folder")
+    return frames
+
+
+def iter_input_frames(path: PathLike) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yield ``(frame_name, frame)`` of a frame folder or a video file.
+
+    Folder frames are named by their file stem; video frames by their 8-digit position.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for frame_path in list_input_frames(path):
+            yield frame_path.stem, read_frame(frame_path)
+    elif path.suffix.lower() in VIDEO_SUFFIXES or path.is_file():
+        for i, frame in enumerate(read_video_frames(path)):
+            yield f"{i:08d}", frame
+    else:
+        raise DataError(f"{path}: expected a folder of frames or a video file, found neither")

@@ -1,0 +1,331 @@
+"""Weight loading: MiT layouts, strict errors, file formats (official/own formats further down)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from themask.checkpoint import (
+    convert_mit_state_dict,
+    detect_mit_layout,
+    load_backbone_weights,
+    mit_ours_to_original,
+    read_state_dict,
+)
+from themask.modeling.mit import MixTransformer
+
+DIMS, DEPTHS, HEADS = (8, 16, 24, 32), (1, 2, 1, 1), (1, 2, 3, 4)
+SR = (8, 4, 2, 1)
+
+
+def tiny_mit() -> MixTransformer:
+    return MixTransformer(embed_dims=DIMS, depths=DEPTHS, num_heads=HEADS)
+
+
+def random_original_mit(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state dict in the original SegFormer layout (reference/weights.md §2)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes: dict[str, tuple] = {}
+    previous = 3
+    for s, (c, depth, sr) in enumerate(zip(DIMS, DEPTHS, SR), start=1):
+        k = 7 if s == 1 else 3
+        shapes[f"patch_embed{s}.proj.weight"] = (c, previous, k, k)
+        shapes[f"patch_embed{s}.proj.bias"] = (c,)
+        shapes[f"patch_embed{s}.norm.weight"] = shapes[f"patch_embed{s}.norm.bias"] = (c,)
+        for j in range(depth):
+            b = f"block{s}.{j}"
+            linears = {
+                "attn.q": (c, c),
+                "attn.kv": (2 * c, c),
+                "attn.proj": (c, c),
+                "mlp.fc1": (4 * c, c),
+                "mlp.fc2": (c, 4 * c),
+            }
+            for name, shape in linears.items():
+                shapes[f"{b}.{name}.weight"], shapes[f"{b}.{name}.bias"] = shape, shape[:1]
+            for norm in ("norm1", "norm2") + (("attn.norm",) if sr > 1 else ()):
+                shapes[f"{b}.{norm}.weight"] = shapes[f"{b}.{norm}.bias"] = (c,)
+            if sr > 1:
+                shapes[f"{b}.attn.sr.weight"], shapes[f"{b}.attn.sr.bias"] = (c, c, sr, sr), (c,)
+            shapes[f"{b}.mlp.dwconv.dwconv.weight"] = (4 * c, 1, 3, 3)
+            shapes[f"{b}.mlp.dwconv.dwconv.bias"] = (4 * c,)
+        shapes[f"norm{s}.weight"] = shapes[f"norm{s}.bias"] = (c,)
+        previous = c
+    shapes["head.weight"], shapes["head.bias"] = (10, DIMS[-1]), (10,)
+    return {key: torch.randn(shape, generator=gen) for key, shape in shapes.items()}
+
+
+def to_hf(original: dict) -> dict:
+    """Original → Hugging Face names (reference/weights.md §4), written independently here."""
+    out = {}
+    for key, value in original.items():
+        parts = key.split(".")
+        if key.startswith("head."):
+            out["classifier." + parts[1]] = value
+        elif key.startswith("patch_embed"):
+            i = int(parts[0][len("patch_embed") :]) - 1
+            sub = {"proj": "proj", "norm": "layer_norm"}[parts[1]]
+            out[f"segformer.encoder.patch_embeddings.{i}.{sub}.{parts[2]}"] = value
+        elif key.startswith("norm"):
+            out[f"segformer.encoder.layer_norm.{int(parts[0][4:]) - 1}.{parts[1]}"] = value
+        else:
+            i, j, param = int(parts[0][5:]) - 1, parts[1], parts[-1]
+            inner = ".".join(parts[2:-1])
+            prefix = f"segformer.encoder.block.{i}.{j}"
+            if inner == "attn.kv":
+                c = value.shape[0] // 2
+                out[f"{prefix}.attention.self.key.{param}"] = value[:c]
+                out[f"{prefix}.attention.self.value.{param}"] = value[c:]
+                continue
+            names = {
+                "norm1": "layer_norm_1",
+                "norm2": "layer_norm_2",
+                "attn.q": "attention.self.query",
+                "attn.sr": "attention.self.sr",
+                "attn.norm": "attention.self.layer_norm",
+                "attn.proj": "attention.output.dense",
+                "mlp.fc1": "mlp.dense1",
+                "mlp.fc2": "mlp.dense2",
+                "mlp.dwconv.dwconv": "mlp.dwconv.dwconv",
+            }
+            out[f"{prefix}.{names[inner]}.{param}"] = value
+    return out
+
+
+def to_mmseg(original: dict) -> dict:
+    """Original → mmseg 1.x names (reference/weights.md §5), written independently here."""
+    out = {}
+    for key, value in original.items():
+        parts = key.split(".")
+        if key.startswith("head."):
+            continue
+        if key.startswith("patch_embed"):
+            i = int(parts[0][len("patch_embed") :]) - 1
+            sub = {"proj": "projection", "norm": "norm"}[parts[1]]
+            out[f"layers.{i}.0.{sub}.{parts[2]}"] = value
+        elif key.startswith("norm"):
+            out[f"layers.{int(parts[0][4:]) - 1}.2.{parts[1]}"] = value
+        else:
+            i, j, param = int(parts[0][5:]) - 1, parts[1], parts[-1]
+            inner = ".".join(parts[2:-1])
+            prefix = f"layers.{i}.1.{j}"
+            if inner == "attn.kv":
+                continue
+            if inner == "attn.q":
+                kv = original[f"block{i + 1}.{j}.attn.kv.{param}"]
+                out[f"{prefix}.attn.attn.in_proj_{param}"] = torch.cat([value, kv])
+                continue
+            names = {
+                "norm1": "norm1",
+                "norm2": "norm2",
+                "attn.sr": "attn.sr",
+                "attn.norm": "attn.norm",
+                "attn.proj": "attn.attn.out_proj",
+                "mlp.fc1": "ffn.layers.0",
+                "mlp.dwconv.dwconv": "ffn.layers.1",
+                "mlp.fc2": "ffn.layers.4",
+            }
+            if inner in ("mlp.fc1", "mlp.fc2") and param == "weight":
+                value = value[:, :, None, None]
+            out[f"{prefix}.{names[inner]}.{param}"] = value
+    return out
+
+
+def _save(path, state_dict):
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    else:
+        torch.save(state_dict, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def original():
+    return random_original_mit()
+
+
+@pytest.fixture
+def layout_files(tmp_path, original):
+    hf_dir = tmp_path / "nvidia-mit-tiny"
+    hf_dir.mkdir()
+    return {
+        "original": _save(tmp_path / "mit_tiny.pth", original),
+        "original_wrapped": _save(
+            tmp_path / "seg.pth",
+            {"meta": {"epoch": 3}, "state_dict": {f"backbone.{k}": v for k, v in original.items()}},
+        ),
+        "huggingface": _save(hf_dir / "pytorch_model.bin", to_hf(original)).parent,
+        "mmseg": _save(tmp_path / "mit_mmseg.pth", {"state_dict": to_mmseg(original)}),
+        "safetensors": _save(tmp_path / "mit.safetensors", to_mmseg(original)),
+    }
+
+
+def test_all_layouts_load_identical_weights(layout_files, original):
+    loaded = {}
+    for name, path in layout_files.items():
+        model = tiny_mit()
+        load_backbone_weights(model, path)
+        loaded[name] = model.state_dict()
+    reference = loaded["original"]
+    for name, state in loaded.items():
+        for key in reference:
+            torch.testing.assert_close(state[key], reference[key], rtol=0, atol=0, msg=name)
+    # Every original tensor (except the ImageNet head) sits somewhere in the model, exactly once.
+    flat = {key: value for key, value in reference.items()}
+    for key, value in original.items():
+        if key.startswith("head."):
+            continue
+        if key.endswith("attn.kv.weight"):
+            prefix = key[: -len(".attn.kv.weight")]
+            s, j = int(prefix.split(".")[0][5:]) - 1, prefix.split(".")[1]
+            torch.testing.assert_close(flat[f"stages.{s}.blocks.{j}.attn.kv.weight"], value)
+        hits = [k for k, v in flat.items() if v.shape == value.shape and torch.equal(v, value)]
+        assert len(hits) == 1, (key, hits)
+    assert len(flat) == len(original) - 2
+
+
+def test_spot_checks_of_the_mapping(original):
+    ours = convert_mit_state_dict(original)
+    assert torch.equal(
+        ours["stages.0.blocks.0.attn.sr_norm.weight"], original["block1.0.attn.norm.weight"]
+    )
+    assert torch.equal(
+        ours["stages.1.blocks.1.mlp.dwconv.weight"], original["block2.1.mlp.dwconv.dwconv.weight"]
+    )
+    assert torch.equal(ours["stages.3.norm.bias"], original["norm4.bias"])
+    assert torch.equal(
+        ours["stages.2.patch_embed.norm.weight"], original["patch_embed3.norm.weight"]
+    )
+    hf = convert_mit_state_dict(to_hf(original))
+    assert torch.equal(hf["stages.1.blocks.0.attn.kv.bias"], original["block2.0.attn.kv.bias"])
+    assert torch.equal(hf["stages.1.blocks.0.attn.kv.weight"], original["block2.0.attn.kv.weight"])
+
+
+def test_original_round_trip_is_exact(original):
+    back = mit_ours_to_original(convert_mit_state_dict(original))
+    expected = {k: v for k, v in original.items() if not k.startswith("head.")}
+    assert back.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(back[key], expected[key])
+
+
+def test_detect_layout(original):
+    assert detect_mit_layout(original) == "original"
+    assert (
+        detect_mit_layout(
+            {
+                k[len("segformer.") :]: v
+                for k, v in to_hf(original).items()
+                if k.startswith("segformer.")
+            }
+        )
+        == "huggingface"
+    )
+    assert detect_mit_layout(to_mmseg(original)) == "mmseg"
+    assert detect_mit_layout(tiny_mit().state_dict()) == "themask"
+    with pytest.raises(ValueError, match="sentinel"):
+        detect_mit_layout({"foo.weight": torch.zeros(1)})
+
+
+def test_missing_key_is_named(tmp_path, original):
+    broken = dict(original)
+    del broken["block2.1.mlp.fc2.bias"]
+    with pytest.raises(ValueError, match=r"missing keys:\n  stages\.1\.blocks\.1\.mlp\.fc2\.bias"):
+        load_backbone_weights(tiny_mit(), _save(tmp_path / "a.pth", broken))
+
+
+def test_mis_shaped_key_is_named(tmp_path, original):
+    broken = dict(original)
+    broken["patch_embed2.proj.weight"] = torch.zeros(16, 8, 5, 5)
+    with pytest.raises(
+        ValueError,
+        match=r"stages\.1\.patch_embed\.proj\.weight: expected \(16, 8, 3, 3\), "
+        r"got \(16, 8, 5, 5\)",
+    ):
+        load_backbone_weights(tiny_mit(), _save(tmp_path / "a.pth", broken))
+
+
+def test_extra_keys_are_named(tmp_path, original):
+    extra_block = dict(original)
+    extra_block["block4.1.norm1.weight"] = torch.zeros(32)
+    with pytest.raises(
+        ValueError, match=r"unexpected keys:\n  stages\.3\.blocks\.1\.norm1\.weight"
+    ):
+        load_backbone_weights(tiny_mit(), _save(tmp_path / "a.pth", extra_block))
+    unknown = dict(original)
+    unknown["block1.0.attn.rope.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"block1\.0\.attn\.rope\.weight"):
+        load_backbone_weights(tiny_mit(), _save(tmp_path / "b.pth", unknown))
+    hf = to_hf(original)
+    del hf["segformer.encoder.block.0.0.attention.self.value.bias"]
+    with pytest.raises(ValueError, match=r"block1\.0\.attn\.kv\.bias lacks its value half"):
+        convert_mit_state_dict(hf)
+
+
+def test_head_is_dropped_and_model_mismatch_is_reported(tmp_path, original):
+    path = _save(tmp_path / "a.pth", original)
+    assert "head.weight" in read_state_dict(path)
+    wider = MixTransformer(embed_dims=(8, 16, 24, 40), depths=DEPTHS, num_heads=HEADS)
+    with pytest.raises(ValueError, match="mis-shaped keys"):
+        load_backbone_weights(wider, path)
+
+
+def test_read_state_dict_rejects_unknown_files(tmp_path):
+    (tmp_path / "w.ckpt").write_bytes(b"xx")
+    with pytest.raises(ValueError, match="unknown weights format"):
+        read_state_dict(tmp_path / "w.ckpt")
+    with pytest.raises(FileNotFoundError, match="directory holds none"):
+        read_state_dict(tmp_path)
+
+
+def _hf_model_dir(transformers, original, directory):
+    """A local ``nvidia/mit-*``-style directory: config.json + pytorch_model.bin."""
+    config = transformers.SegformerConfig(
+        num_channels=3,
+        num_encoder_blocks=4,
+        depths=list(DEPTHS),
+        sr_ratios=list(SR),
+        hidden_sizes=list(DIMS),
+        patch_sizes=[7, 3, 3, 3],
+        strides=[4, 2, 2, 2],
+        num_attention_heads=list(HEADS),
+        mlp_ratios=[4, 4, 4, 4],
+        hidden_act="gelu",
+        drop_path_rate=0.0,
+        num_labels=10,
+    )
+    config.save_pretrained(directory)
+    torch.save(to_hf(original), directory / "pytorch_model.bin")
+    return directory
+
+
+def test_features_match_transformers_segformer(tmp_path, original):
+    transformers = pytest.importorskip("transformers")
+    directory = _hf_model_dir(transformers, original, tmp_path / "hf")
+    hf_model = transformers.SegformerModel.from_pretrained(directory).double().eval()
+    # HF builds the block and stage-final norms with eps 1e-5; the original (and ours) use 1e-6.
+    for name, module in hf_model.named_modules():
+        keeps_default = "patch_embed" in name or ("attention" in name and "layer_norm" in name)
+        if isinstance(module, torch.nn.LayerNorm) and not keeps_default:
+            module.eps = 1e-6
+    ours = tiny_mit()
+    load_backbone_weights(ours, directory)
+    ours = ours.double().eval()
+    x = torch.randn(2, 3, 45, 61, dtype=torch.float64)
+    with torch.no_grad():
+        expected = hf_model(pixel_values=x, output_hidden_states=True).hidden_states
+        features = ours(x)
+    assert len(expected) == 4
+    for a, b in zip(features, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert sum(p.numel() for p in ours.parameters()) == sum(
+        p.numel() for p in hf_model.parameters()
+    )
+    # What transformers itself writes (save_pretrained) loads too, with identical weights.
+    hf_model.float().save_pretrained(tmp_path / "resaved")
+    again = tiny_mit()
+    load_backbone_weights(again, tmp_path / "resaved")
+    for key, value in again.state_dict().items():
+        torch.testing.assert_close(value, ours.state_dict()[key].float(), rtol=0, atol=0)

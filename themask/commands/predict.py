@@ -89,6 +89,7 @@ def _class_info(dataset, num_classes: int):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
+    from PIL import Image
     from tqdm import tqdm
 
     from themask.checkpoint import load_model
@@ -102,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
         overlay,
         save_label_png,
     )
-    from PIL import Image
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.weights).to(device)

@@ -52,28 +52,28 @@ def ms_deform_attn_pytorch(
             f"ms_deform_attn: value has {num_tokens} tokens but spatial_shapes "
             f"{list(spatial_shapes)} hold {sum(level_sizes)}"
         )
-    # One copy into the grid_sample layout; the per-level slices below are views.
-    value = value.permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, num_tokens)
-    grids = 2 * sampling_locations - 1  # grid_sample coordinates in [-1, 1]
+    bm = batch * num_heads
+    # Copies into the grid_sample layouts; the per-level slices below are views. Points come
+    # before queries so that Q, the long axis, is the innermost axis of the sampled output:
+    # the CPU kernel vectorises along it, and the weighted sum over P becomes a plain add.
+    value = value.permute(0, 2, 3, 1).reshape(bm, head_dim, num_tokens)
+    grids = (
+        (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).contiguous()
+    )  # (B, M, L, P, Q, 2)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).contiguous()  # (B, M, L, P, Q)
     output = None
     for level, ((height, width), value_l) in enumerate(
         zip(spatial_shapes, value.split(level_sizes, dim=2))
     ):
-        value_l = value_l.view(batch * num_heads, head_dim, height, width)
-        grid_l = (
-            grids[:, :, :, level]
-            .transpose(1, 2)
-            .reshape(batch * num_heads, num_queries, num_points, 2)
-        )
         sampled = F.grid_sample(
-            value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # (B·M, D, Q, P)
-        weights_l = (
-            attention_weights[:, :, :, level]
-            .transpose(1, 2)
-            .reshape(batch * num_heads, 1, num_queries, num_points)
-        )
-        contribution = (sampled * weights_l).sum(dim=-1)  # (B·M, D, Q)
+            value_l.view(bm, head_dim, height, width),
+            grids[:, :, level].reshape(bm, num_points, num_queries, 2),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )  # (B·M, D, P, Q)
+        weights_l = weights[:, :, level].reshape(bm, 1, num_points, num_queries)
+        contribution = (sampled * weights_l).sum(dim=2)  # (B·M, D, Q)
         output = contribution if output is None else output + contribution
     assert output is not None
     # (B·M, D, Q) -> (B, Q, M·D)

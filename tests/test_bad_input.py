@@ -49,8 +49,12 @@ def _frame(root, video, t):
 
 
 def _train_set(root, **kwargs):
-    transform = TrainTransform(scale=(W, H), ratio_range=(1.0, 1.0), crop_size=(H, W), photometric=False)
-    return VSPWTrainDataset(VSPWIndex(root, "train").videos, dilation=[-3], transform=transform, **kwargs)
+    transform = TrainTransform(
+        scale=(W, H), ratio_range=(1.0, 1.0), crop_size=(H, W), photometric=False
+    )
+    return VSPWTrainDataset(
+        VSPWIndex(root, "train").videos, dilation=[-3], transform=transform, **kwargs
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
@@ -58,7 +62,9 @@ def test_unreadable_or_truncated_image(tmp_path, damage):
     root = _dataset(tmp_path)
     path = _frame(root, "a", 2)
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": b"not a jpeg"}[damage])
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "empty": b"", "garbage": b"not a jpeg"}[damage]
+    )
     with pytest.raises(CorruptFileError, match=str(path)):
         read_frame(path)
     report = check_dataset(root)
@@ -97,7 +103,11 @@ def test_mask_size_differs_from_image_size(tmp_path):
     Image.fromarray(np.ones((H, W + 2), np.uint8)).save(wrong)
     report = check_dataset(root)
     assert len(report.problems) == 1
-    assert str(wrong) in report.problems[0] and "34x24" in report.problems[0] and "32x24" in report.problems[0]
+    assert (
+        str(wrong) in report.problems[0]
+        and "34x24" in report.problems[0]
+        and "32x24" in report.problems[0]
+    )
     clips = VSPWClipDataset(VSPWIndex(root, "train"), clip_len=1)
     with pytest.raises(DataError, match="differs from frame"):
         for i in range(len(clips)):
@@ -116,7 +126,9 @@ def test_mask_values_outside_the_encoding(tmp_path, bad_value):
     mask = np.ones((H, W), np.uint8)
     mask[0, 0] = bad_value
     Image.fromarray(mask).save(wrong)
-    with pytest.raises(DataError, match=rf"{wrong}: label values must be in \{{0..124, 255\}}, found {bad_value}"):
+    with pytest.raises(
+        DataError, match=rf"{wrong}: label values must be in \{{0..124, 255\}}, found {bad_value}"
+    ):
         read_label(wrong)
     report = check_dataset(root)
     assert len(report.problems) == 1 and str(wrong) in report.problems[0]
@@ -130,7 +142,9 @@ def test_rgb_mask(tmp_path):
     root = _dataset(tmp_path)
     wrong = _mask(root, "a", 4)
     Image.fromarray(np.ones((H, W, 3), np.uint8)).save(wrong)
-    with pytest.raises(DataError, match=rf"{wrong}: expected a single-channel label PNG .* got mode RGB"):
+    with pytest.raises(
+        DataError, match=rf"{wrong}: expected a single-channel label PNG .* got mode RGB"
+    ):
         read_label(wrong)
     report = check_dataset(root)
     assert len(report.problems) == 1 and "mode RGB" in report.problems[0]
@@ -158,9 +172,13 @@ def test_split_video_without_folder(tmp_path):
     root = _dataset(tmp_path)
     (root / "train.txt").write_text("a\nghost\nb\n")
     expected = root / "data" / "ghost" / "origin"
-    with pytest.raises(DataError, match=rf"{expected}: video folder listed in the split does not exist"):
+    with pytest.raises(
+        DataError, match=rf"{expected}: video folder listed in the split does not exist"
+    ):
         VSPWIndex(root, "train")
-    assert check_dataset(root).problems == [f"{expected}: video folder listed in the split does not exist"]
+    assert check_dataset(root).problems == [
+        f"{expected}: video folder listed in the split does not exist"
+    ]
 
 
 def test_video_shorter_than_the_clip_span(tmp_path):
@@ -169,7 +187,9 @@ def test_video_shorter_than_the_clip_span(tmp_path):
     (root / "train.txt").write_text("long\nshort\n")
     transform = TrainTransform(scale=(W, H), crop_size=(H, W))
     videos = VSPWIndex(root, "train").videos
-    with pytest.raises(DataError, match=r"needs at least 10 frames per video: .*short/origin \(6 frames\)"):
+    with pytest.raises(
+        DataError, match=r"needs at least 10 frames per video: .*short/origin \(6 frames\)"
+    ):
         VSPWTrainDataset(videos, dilation=[-9, -6, -3], transform=transform)
     assert len(VSPWTrainDataset(videos, dilation=[-3], transform=transform)) == 2
 

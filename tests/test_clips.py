@@ -8,7 +8,12 @@ from themask.data import clips
 
 @pytest.mark.parametrize(
     "dilation, offsets, span",
-    [([-9, -6, -3], (-9, -6, -3, 0), 10), ([-3], (-3, 0), 4), ([0], (0,), 1), ([-4, 0], (-4, 0), 5)],
+    [
+        ([-9, -6, -3], (-9, -6, -3, 0), 10),
+        ([-3], (-3, 0), 4),
+        ([0], (0,), 1),
+        ([-4, 0], (-4, 0), 5),
+    ],
 )
 def test_clip_offsets_append_the_target_once(dilation, offsets, span):
     assert clips.clip_offsets(dilation) == offsets
@@ -58,7 +63,10 @@ def test_sampled_clips_are_exactly_the_valid_ones(dilation):
 def test_sampling_a_too_short_video_raises():
     with pytest.raises(clips.ClipTooShortError, match="at least 10"):
         clips.sample_train_clip(9, [-9, -6, -3], np.random.default_rng(0))
-    assert clips.sample_train_clip(10, [-9, -6, -3], np.random.default_rng(0)) in ([0, 3, 6, 9], [9, 6, 3, 0])
+    assert clips.sample_train_clip(10, [-9, -6, -3], np.random.default_rng(0)) in (
+        [0, 3, 6, 9],
+        [9, 6, 3, 0],
+    )
 
 
 def _official_grouping(n, t):

@@ -26,12 +26,15 @@ from themask.data.vspw import VSPWIndex
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory) -> Path:
-    return make_toy_dataset(tmp_path_factory.mktemp("toy"), seed=3, num_train=4, num_val=2,
-                            num_frames=12, size=(32, 48))
+    return make_toy_dataset(
+        tmp_path_factory.mktemp("toy"), seed=3, num_train=4, num_val=2, num_frames=12, size=(32, 48)
+    )
 
 
 def _cfg(root, **kw):
-    return DataConfig(kind="toy", root=str(root), scale=(48, 32), crop_size=(32, 32), num_workers=0, **kw)
+    return DataConfig(
+        kind="toy", root=str(root), scale=(48, 32), crop_size=(32, 32), num_workers=0, **kw
+    )
 
 
 def _take(iterator, n):
@@ -40,7 +43,9 @@ def _take(iterator, n):
 
 def test_sampler_resumes_the_same_stream():
     full = _take(iter(InfiniteClipSampler(7, batch_size=3, seed=5, rank=1, world_size=2)), 30)
-    resumed = _take(iter(InfiniteClipSampler(7, batch_size=3, seed=5, rank=1, world_size=2, start_batch=4)), 18)
+    resumed = _take(
+        iter(InfiniteClipSampler(7, batch_size=3, seed=5, rank=1, world_size=2, start_batch=4)), 18
+    )
     assert resumed == full[12:]
     other_seed = _take(iter(InfiniteClipSampler(7, batch_size=3, seed=6, rank=1, world_size=2)), 30)
     assert [k[0] for k in other_seed] != [k[0] for k in full]
@@ -50,7 +55,12 @@ def test_sampler_shards_ranks_disjointly_and_each_epoch_visits_every_video_once(
     num_videos, world = 5, 3
     keys = {}
     for rank in range(world):
-        for video, position in _take(iter(InfiniteClipSampler(num_videos, batch_size=2, seed=0, rank=rank, world_size=world)), 20):
+        for video, position in _take(
+            iter(
+                InfiniteClipSampler(num_videos, batch_size=2, seed=0, rank=rank, world_size=world)
+            ),
+            20,
+        ):
             assert position % world == rank and position not in keys
             keys[position] = video
     assert sorted(keys) == list(range(60))
@@ -77,7 +87,9 @@ def test_training_sample_is_a_pure_function_of_the_key(toy_root):
 def test_loader_is_independent_of_workers_and_resumes(toy_root):
     cfg = _cfg(toy_root)
     serial = _take(iter(build_train_loader(cfg, batch_size=2, num_workers=0, seed=4)), 4)
-    resumed = _take(iter(build_train_loader(cfg, batch_size=2, num_workers=0, seed=4, start_batch=2)), 2)
+    resumed = _take(
+        iter(build_train_loader(cfg, batch_size=2, num_workers=0, seed=4, start_batch=2)), 2
+    )
     for x, y in zip(serial[2:], resumed):
         assert torch.equal(x.frames, y.frames) and torch.equal(x.labels, y.labels)
     parallel = _take(iter(build_train_loader(cfg, batch_size=2, num_workers=2, seed=4)), 4)
@@ -93,22 +105,31 @@ def test_loader_is_independent_of_workers_and_resumes(toy_root):
 def test_clips_with_only_ignored_labels_are_redrawn(tmp_path):
     for name, value in (("void", 0), ("ok", 3)):
         for t in range(5):
-            for sub, suffix, array in (("origin", ".jpg", np.zeros((8, 8, 3), np.uint8)),
-                                       ("mask", ".png", np.full((8, 8), value, np.uint8))):
+            for sub, suffix, array in (
+                ("origin", ".jpg", np.zeros((8, 8, 3), np.uint8)),
+                ("mask", ".png", np.full((8, 8), value, np.uint8)),
+            ):
                 path = tmp_path / "data" / name / sub / f"{t:08d}{suffix}"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(array).save(path)
     (tmp_path / "train.txt").write_text("void\nok\n")
-    transform = TrainTransform(scale=(8, 8), ratio_range=(1, 1), crop_size=(8, 8), photometric=False)
-    dataset = VSPWTrainDataset(VSPWIndex(tmp_path, "train").videos, dilation=[-3], transform=transform)
+    transform = TrainTransform(
+        scale=(8, 8), ratio_range=(1, 1), crop_size=(8, 8), photometric=False
+    )
+    dataset = VSPWTrainDataset(
+        VSPWIndex(tmp_path, "train").videos, dilation=[-3], transform=transform
+    )
     for i in range(10):
         sample = dataset[(0, i)]
         assert sample.meta.video == "ok" and bool((sample.labels == 2).all())
 
 
 def _sample(h, w, video="v"):
-    return ClipSample(torch.zeros(2, 3, h, w), torch.zeros(2, h, w, dtype=torch.long),
-                      ClipMeta(video, ["a", "b"], (h, w)))
+    return ClipSample(
+        torch.zeros(2, 3, h, w),
+        torch.zeros(2, h, w, dtype=torch.long),
+        ClipMeta(video, ["a", "b"], (h, w)),
+    )
 
 
 def test_collate_stacks_and_rejects_mixed_sizes():
@@ -126,7 +147,9 @@ def test_eval_clips_score_every_frame_once_across_ranks(toy_root, mode, clip_len
     expected = sorted((v.name, i) for v in index.videos for i in range(len(v)))
     scored = []
     for rank in range(2):
-        loader = build_eval_loader(cfg, clip_len=clip_len, mode=mode, num_workers=0, rank=rank, world_size=2)
+        loader = build_eval_loader(
+            cfg, clip_len=clip_len, mode=mode, num_workers=0, rank=rank, world_size=2
+        )
         for batch in loader:
             meta = batch.meta[0]
             assert batch.frames.shape[1] == len(meta.frame_indices) <= clip_len
@@ -140,11 +163,16 @@ def test_eval_labels_match_the_files(toy_root):
     from themask.data.vspw import read_label
 
     index = VSPWIndex(toy_root, "val")
-    dataset = VSPWClipDataset(index, clip_len=2, transform=TestTransform(scale=(48, 32)), num_classes=8)
+    dataset = VSPWClipDataset(
+        index, clip_len=2, transform=TestTransform(scale=(48, 32)), num_classes=8
+    )
     sample = dataset[1]
     video = index.videos[0]
     for t, i in enumerate(sample.meta.frame_indices):
-        assert torch.equal(sample.labels[t], torch.from_numpy(read_label(video.mask_paths[i], num_classes=8)).long())
+        assert torch.equal(
+            sample.labels[t],
+            torch.from_numpy(read_label(video.mask_paths[i], num_classes=8)).long(),
+        )
     assert sample.meta.frame_indices == [1, 4]
 
 
@@ -161,7 +189,12 @@ def test_config_derives_clip_length_and_classes_and_validates():
     assert DataConfig(kind="toy", test_clip_len=4).eval_clip_len == 4
     assert DataConfig(kind="toy").num_classes == 8
     assert DataConfig(crop_size=[64, 96]).crop_size == (64, 96)
-    for bad in (dict(kind="ade"), dict(dilation=[3]), dict(ratio_range=(2.0, 1.0)), dict(flip_prob=1.5)):
+    for bad in (
+        dict(kind="ade"),
+        dict(dilation=[3]),
+        dict(ratio_range=(2.0, 1.0)),
+        dict(flip_prob=1.5),
+    ):
         with pytest.raises(ValueError):
             DataConfig(**bad)
 
@@ -181,7 +214,9 @@ def test_video_file_and_frame_folder_readers(toy_root, tmp_path):
         stream = container.add_stream("mpeg4", rate=5)
         stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
         for colour in colours:
-            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), colour, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(
+                np.full((32, 48, 3), colour, np.uint8), format="rgb24"
+            )
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

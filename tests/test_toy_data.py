@@ -59,6 +59,7 @@ def test_classes_are_absent_from_some_videos_and_the_scene_moves(toy_root):
 
 def test_colour_alone_does_not_identify_the_class(toy_root):
     """Nearest class-mean colour (fit on train, scored on val) must be a poor classifier."""
+
     def pixels(split):
         xs, ys = [], []
         for video in VSPWIndex(toy_root, split).videos:
@@ -83,8 +84,22 @@ def test_toy_class_table():
 
 def test_make_toy_data_command_writes_a_dataset(tmp_path):
     out = tmp_path / "cli"
-    code = main(["make-toy-data", str(out), "--train-videos", "2", "--val-videos", "1",
-                 "--frames", "6", "--height", "32", "--width", "40"])
+    code = main(
+        [
+            "make-toy-data",
+            str(out),
+            "--train-videos",
+            "2",
+            "--val-videos",
+            "1",
+            "--frames",
+            "6",
+            "--height",
+            "32",
+            "--width",
+            "40",
+        ]
+    )
     assert code == 0
     assert (out / "train.txt").read_text().split() == ["0000_toy0", "0001_toy0"]
     assert VSPWIndex(out, "val").videos[0].name == "0002_toy0"

@@ -20,7 +20,9 @@ def _clip(h=40, w=60, seed=0):
 
 def test_same_geometry_on_every_frame_of_a_clip():
     frame, label = _clip()
-    transform = TrainTransform(scale=(60, 40), ratio_range=(0.7, 1.6), crop_size=(32, 32), photometric=False)
+    transform = TrainTransform(
+        scale=(60, 40), ratio_range=(0.7, 1.6), crop_size=(32, 32), photometric=False
+    )
     for seed in range(20):
         frames, labels = transform([frame] * 3, [label] * 3, np.random.default_rng(seed))
         assert frames.shape == (3, 3, 32, 32) and labels.shape == (3, 32, 32)
@@ -42,18 +44,26 @@ def test_photometric_distortion_is_drawn_per_frame_but_labels_stay_shared():
 def test_flip_and_identity_geometry_match_a_direct_computation():
     frame, label = _clip(h=40, w=60)
     kwargs = dict(scale=(60, 40), ratio_range=(1.0, 1.0), crop_size=(40, 60), photometric=False)
-    frames, labels = TrainTransform(flip_prob=0.0, **kwargs)([frame], [label], np.random.default_rng(0))
+    frames, labels = TrainTransform(flip_prob=0.0, **kwargs)(
+        [frame], [label], np.random.default_rng(0)
+    )
     assert torch.equal(labels[0], torch.from_numpy(label).long())
-    expected = (torch.from_numpy(frame).float().permute(2, 0, 1) - torch.tensor(tf.MEAN).view(3, 1, 1)) / torch.tensor(tf.STD).view(3, 1, 1)
+    expected = (
+        torch.from_numpy(frame).float().permute(2, 0, 1) - torch.tensor(tf.MEAN).view(3, 1, 1)
+    ) / torch.tensor(tf.STD).view(3, 1, 1)
     assert torch.allclose(frames[0], expected)
-    frames, labels = TrainTransform(flip_prob=1.0, **kwargs)([frame], [label], np.random.default_rng(0))
+    frames, labels = TrainTransform(flip_prob=1.0, **kwargs)(
+        [frame], [label], np.random.default_rng(0)
+    )
     assert torch.equal(labels[0], torch.from_numpy(label[:, ::-1].copy()).long())
     assert torch.allclose(frames[0], expected.flip(-1))
 
 
 def test_resize_never_invents_label_values_and_pads_small_images():
     frame, label = _clip(h=20, w=30)
-    transform = TrainTransform(scale=(30, 20), ratio_range=(1.0, 1.0), crop_size=(32, 48), photometric=False)
+    transform = TrainTransform(
+        scale=(30, 20), ratio_range=(1.0, 1.0), crop_size=(32, 48), photometric=False
+    )
     frames, labels = transform([frame], [label], np.random.default_rng(0))
     assert frames.shape == (1, 3, 32, 48)
     assert set(labels.unique().tolist()) <= {0, 1, 2, 255}
@@ -162,7 +172,9 @@ def test_normalize_round_trip():
     rgb = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)
     x = tf.normalize(rgb)
     assert x.shape == (2, 3, 5, 6)
-    assert torch.allclose(tf.denormalize(x), torch.from_numpy(rgb).float().permute(0, 3, 1, 2), atol=1e-4)
+    assert torch.allclose(
+        tf.denormalize(x), torch.from_numpy(rgb).float().permute(0, 3, 1, 2), atol=1e-4
+    )
 
 
 def test_hsv_adjustment_without_change_is_near_identity_and_hue_shift_rotates():

@@ -14,17 +14,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "single-channel, has its frame's size and holds only values 0..K and 255. Prints videos, "
         "frames, frame sizes and the class histogram; exits with status 1 naming every bad file.",
     )
-    parser.add_argument("root", metavar="ROOT", help="dataset folder (holds train.txt, val.txt, data/)")
     parser.add_argument(
-        "--split", action="append", metavar="NAME",
+        "root", metavar="ROOT", help="dataset folder (holds train.txt, val.txt, data/)"
+    )
+    parser.add_argument(
+        "--split",
+        action="append",
+        metavar="NAME",
         help="split to check (repeatable; default: every one of train/val/test present)",
     )
     parser.add_argument(
-        "--kind", choices=("vspw", "toy"), default="vspw",
+        "--kind",
+        choices=("vspw", "toy"),
+        default="vspw",
         help="class table: vspw (124 classes) or toy (8 classes); default vspw",
     )
     parser.add_argument(
-        "--unlabelled", action="append", default=[], metavar="NAME",
+        "--unlabelled",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="split whose videos may lack masks (e.g. --unlabelled test)",
     )
     parser.add_argument("--jobs", type=int, default=1, metavar="N", help="processes (default 1)")
@@ -37,8 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
     names, _ = dataset_classes(args.kind)
     report = check_dataset(
-        args.root, splits=args.split, num_classes=len(names),
-        unlabelled_splits=args.unlabelled, jobs=args.jobs,
+        args.root,
+        splits=args.split,
+        num_classes=len(names),
+        unlabelled_splits=args.unlabelled,
+        jobs=args.jobs,
     )
     print(format_report(report, names))
     return 0 if report.ok else 1

@@ -27,9 +27,15 @@ def run(args: argparse.Namespace) -> int:
     from themask.data.toy import make_toy_dataset
 
     root = make_toy_dataset(
-        args.out, seed=args.seed, num_train=args.train_videos, num_val=args.val_videos,
-        num_frames=args.frames, size=(args.height, args.width),
+        args.out,
+        seed=args.seed,
+        num_train=args.train_videos,
+        num_val=args.val_videos,
+        num_frames=args.frames,
+        size=(args.height, args.width),
     )
-    print(f"toy dataset written to {root} (train.txt: {args.train_videos} videos, "
-          f"val.txt: {args.val_videos} videos)")
+    print(
+        f"toy dataset written to {root} (train.txt: {args.train_videos} videos, "
+        f"val.txt: {args.val_videos} videos)"
+    )
     return 0

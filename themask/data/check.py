@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -62,7 +63,9 @@ class CheckReport:
         return not self.problems
 
 
-def check_video(video_dir: PathLike, *, num_classes: int = NUM_CLASSES, require_masks: bool = True) -> VideoReport:
+def check_video(
+    video_dir: PathLike, *, num_classes: int = NUM_CLASSES, require_masks: bool = True
+) -> VideoReport:
     """Decode every frame and mask of one video folder and record every problem found."""
     video_dir = Path(video_dir)
     report = VideoReport()
@@ -175,7 +178,9 @@ def format_report(report: CheckReport, class_names: Sequence[str]) -> str:
     """Human-readable summary: videos and frames per split, frame sizes, class histogram."""
     lines = []
     for split, videos in report.splits.items():
-        lines.append(f"{split}: {videos} videos, {report.frames[split]} frames, {report.masks[split]} masks")
+        lines.append(
+            f"{split}: {videos} videos, {report.frames[split]} frames, {report.masks[split]} masks"
+        )
     sizes = ", ".join(f"{w}x{h} ({n})" for (h, w), n in report.sizes.most_common(8))
     lines.append(f"frame sizes (WxH): {sizes or 'none'}")
     total = int(report.histogram.sum())
@@ -189,7 +194,8 @@ def format_report(report: CheckReport, class_names: Sequence[str]) -> str:
             lines.append(f"  {value:>3} {name:<36} {count:>12} {100.0 * count / total:6.2f}%")
         absent = [n for i, n in enumerate(class_names) if report.histogram[i + 1] == 0]
         if absent:
-            lines.append(f"classes never present: {len(absent)} ({', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''})")
+            more = " ..." if len(absent) > 10 else ""
+            lines.append(f"classes never present: {len(absent)} ({', '.join(absent[:10])}{more})")
     if report.problems:
         lines.append(f"{len(report.problems)} problem(s):")
         lines.extend(f"  {p}" for p in report.problems)

@@ -6,7 +6,8 @@ lists, so they are easy to test and to reuse for any frame source.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import List, Tuple
 
 import numpy as np
 
@@ -39,7 +40,9 @@ def clip_span(dilation: Sequence[int]) -> int:
     return 1 - clip_offsets(dilation)[0]
 
 
-def train_clip_indices(num_frames: int, dilation: Sequence[int], target: int, *, reverse: bool = False) -> List[int]:
+def train_clip_indices(
+    num_frames: int, dilation: Sequence[int], target: int, *, reverse: bool = False
+) -> List[int]:
     """Frame indices of the training clip whose target is ``target`` (target last).
 
     ``target`` counts in the (possibly reversed) frame order and must be a valid target,
@@ -80,7 +83,9 @@ def _chunks(indices: Sequence[int], size: int) -> List[List[int]]:
     return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
 
 
-def test_clips(num_frames: int, clip_len: int, *, stride: int = TEST_CLIP_STRIDE) -> List[List[int]]:
+def test_clips(
+    num_frames: int, clip_len: int, *, stride: int = TEST_CLIP_STRIDE
+) -> List[List[int]]:
     """Clips that predict every frame of a video exactly once (``reference/vspw.md`` §2.2).
 
     Frames are cut into blocks of ``stride * clip_len``; block ``b`` gives the ``stride`` clips
@@ -104,7 +109,9 @@ def test_clips(num_frames: int, clip_len: int, *, stride: int = TEST_CLIP_STRIDE
     return clips
 
 
-def sliding_windows(num_frames: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> List[List[int]]:
+def sliding_windows(
+    num_frames: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE
+) -> List[List[int]]:
     """One causal window per frame for streaming prediction; window ``t`` predicts frame ``t``.
 
     Window ``t`` = ``[t - (T-1)·step, ..., t - step, t]`` with indices before the first frame

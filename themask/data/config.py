@@ -55,7 +55,10 @@ class DataConfig:
         if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
             raise ValueError(f"data.ratio_range must be 0 < low <= high, got {self.ratio_range}")
         if min(self.crop_size) < 1 or min(self.scale) < 1:
-            raise ValueError(f"data.crop_size and data.scale must be positive, got {self.crop_size}, {self.scale}")
+            raise ValueError(
+                f"data.crop_size and data.scale must be positive, "
+                f"got {self.crop_size} and {self.scale}"
+            )
         for name in ("flip_prob", "reverse_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")

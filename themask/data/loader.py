@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -81,14 +82,14 @@ class Batch:
     labels: torch.Tensor
     meta: List[ClipMeta]
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
             self.frames.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.meta,
         )
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(self.frames.pin_memory(), self.labels.pin_memory(), self.meta)
 
 
@@ -110,8 +111,13 @@ def collate(samples: Sequence[ClipSample]) -> Batch:
     )
 
 
-def _read_clip_labels(video: Video, indices: Sequence[int], frames: Sequence[np.ndarray],
-                      num_classes: int, ignore_index: int) -> List[np.ndarray]:
+def _read_clip_labels(
+    video: Video,
+    indices: Sequence[int],
+    frames: Sequence[np.ndarray],
+    num_classes: int,
+    ignore_index: int,
+) -> List[np.ndarray]:
     assert video.mask_paths is not None
     labels = []
     for i, frame in zip(indices, frames):
@@ -175,7 +181,9 @@ class VSPWTrainDataset(Dataset):
         frames = [read_frame(video.frame_paths[i]) for i in indices]
         for i, f in zip(indices, frames):
             if f.shape != frames[0].shape:
-                raise DataError(f"{video.frame_paths[i]}: frame size {f.shape} differs from {frames[0].shape}")
+                raise DataError(
+                    f"{video.frame_paths[i]}: frame size {f.shape} differs from {frames[0].shape}"
+                )
         labels = _read_clip_labels(video, indices, frames, self.num_classes, self.ignore_index)
         frame_t, label_t = self.transform(frames, labels, rng)
         meta = ClipMeta(
@@ -199,17 +207,26 @@ class VSPWTrainDataset(Dataset):
                 sample = self._load(video_index, rng)
             except CorruptFileError as err:
                 self.skipped += 1
-                logger.warning("skipping a clip of %s: %s (%d clip(s) skipped so far in this process)",
-                               self.videos[video_index].name, err, self.skipped)
+                logger.warning(
+                    "skipping a clip of %s: %s (%d clip(s) skipped so far in this process)",
+                    self.videos[video_index].name,
+                    err,
+                    self.skipped,
+                )
                 video_index = int(rng.integers(len(self.videos)))
                 continue
             if bool((sample.labels != self.ignore_index).any()):
                 return sample
             video_index = int(rng.integers(len(self.videos)))
         if sample is None:
-            raise DataError(f"{MAX_REDRAWS + 1} clips in a row could not be decoded; see the warnings above")
-        logger.warning("sample %d: every label is ignored after %d redraws; using it anyway",
-                       sample_id, MAX_REDRAWS)
+            raise DataError(
+                f"{MAX_REDRAWS + 1} clips in a row could not be decoded; see the warnings above"
+            )
+        logger.warning(
+            "sample %d: every label is ignored after %d redraws; using it anyway",
+            sample_id,
+            MAX_REDRAWS,
+        )
         return sample
 
 
@@ -223,10 +240,20 @@ class InfiniteClipSampler(Sampler):
     The key at a position depends only on ``(seed, position)``.
     """
 
-    def __init__(self, num_videos: int, *, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start_batch: int = 0) -> None:
+    def __init__(
+        self,
+        num_videos: int,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+    ) -> None:
         if num_videos < 1 or batch_size < 1:
-            raise ValueError(f"need num_videos >= 1 and batch_size >= 1, got {num_videos}, {batch_size}")
+            raise ValueError(
+                f"need num_videos >= 1 and batch_size >= 1, got {num_videos}, {batch_size}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.num_videos = num_videos
@@ -304,7 +331,9 @@ class VSPWClipDataset(Dataset):
             label_t = torch.from_numpy(np.stack(labels)).long()
         else:
             label_t = torch.full((len(indices), *size), self.ignore_index, dtype=torch.long)
-        scored = [True] * len(indices) if self.mode == "test" else [False] * (len(indices) - 1) + [True]
+        scored = (
+            [True] * len(indices) if self.mode == "test" else [False] * (len(indices) - 1) + [True]
+        )
         meta = ClipMeta(
             video=video.name,
             frame_names=[video.frame_paths[j].stem for j in indices],
@@ -378,7 +407,11 @@ def build_train_loader(
     """
     dataset = build_train_dataset(data_cfg, seed=seed)
     sampler = InfiniteClipSampler(
-        len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+        len(dataset),
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
         start_batch=start_batch,
     )
     workers = data_cfg.num_workers if num_workers is None else num_workers

@@ -33,13 +33,25 @@ from themask.data.vspw import FRAME_DIR, MASK_DIR, PathLike
 logger = logging.getLogger(__name__)
 
 TOY_CLASS_NAMES: Tuple[str, ...] = (
-    "stripes", "checker", "dots", "grain",  # stuff: textures over the background
-    "disc", "box", "triangle", "cross",  # objects: shapes with their own textures
+    "stripes",
+    "checker",
+    "dots",
+    "grain",  # stuff: textures over the background
+    "disc",
+    "box",
+    "triangle",
+    "cross",  # objects: shapes with their own textures
 )
 TOY_PALETTE: np.ndarray = np.array(
     [
-        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
-        (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
     ],
     dtype=np.uint8,
 )
@@ -51,8 +63,16 @@ OTHERS_ID = 0
 VOID_ID = 255
 # Colours of rendered regions, shared by every class.
 _COLOURS = np.array(
-    [(200, 60, 50), (40, 150, 70), (50, 80, 190), (220, 200, 60), (150, 150, 150), (30, 30, 30),
-     (240, 240, 235), (150, 60, 160)],
+    [
+        (200, 60, 50),
+        (40, 150, 70),
+        (50, 80, 190),
+        (220, 200, 60),
+        (150, 150, 150),
+        (30, 30, 30),
+        (240, 240, 235),
+        (150, 60, 160),
+    ],
     dtype=np.float32,
 )
 
@@ -110,9 +130,7 @@ def _object_shape(class_id: int, x: np.ndarray, y: np.ndarray, radius: float) ->
 def _erode(mask: np.ndarray) -> np.ndarray:
     """4-neighbour binary erosion by one pixel (pixels outside the frame count as inside)."""
     padded = np.pad(mask, 1, mode="edge")
-    return (
-        mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    )
+    return mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
 
 
 @dataclass
@@ -127,8 +145,14 @@ class _Object:
 class _Scene:
     """One video's world: two stuff classes split by a wavy horizon, an others patch, objects."""
 
-    def __init__(self, rng: np.random.Generator, stuff: Tuple[int, int], objects: List[int],
-                 size: Tuple[int, int], num_frames: int) -> None:
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        stuff: Tuple[int, int],
+        objects: List[int],
+        size: Tuple[int, int],
+        num_frames: int,
+    ) -> None:
         self.rng = rng
         self.size = size
         self.num_frames = num_frames
@@ -136,17 +160,29 @@ class _Scene:
         self.world = (h + h // 3, w + w // 2)
         self.stuff = stuff
         self.stuff_colours = [self._colour_pair() for _ in stuff]
-        self.horizon = (self.world[0] * rng.uniform(0.4, 0.6), rng.uniform(4, 10),
-                        rng.uniform(0.03, 0.08), rng.uniform(0, 2 * np.pi))
+        self.horizon = (
+            self.world[0] * rng.uniform(0.4, 0.6),
+            rng.uniform(4, 10),
+            rng.uniform(0.03, 0.08),
+            rng.uniform(0, 2 * np.pi),
+        )
         # Coarse random field for "grain" (2x2 cells), defined over the whole world.
         self.grain = rng.random((self.world[0] // 2 + 2, self.world[1] // 2 + 2)) < 0.5
         self.others = None
         if rng.random() < 0.75:
-            self.others = (rng.uniform(0, self.world[0]), rng.uniform(0, self.world[1]),
-                           rng.uniform(h * 0.12, h * 0.22), rng.uniform(w * 0.15, w * 0.3),
-                           self._colour_pair())
-        self.camera_start = np.array([rng.uniform(0, self.world[0] - h), rng.uniform(0, self.world[1] - w)])
-        self.camera_end = np.array([rng.uniform(0, self.world[0] - h), rng.uniform(0, self.world[1] - w)])
+            self.others = (
+                rng.uniform(0, self.world[0]),
+                rng.uniform(0, self.world[1]),
+                rng.uniform(h * 0.12, h * 0.22),
+                rng.uniform(w * 0.15, w * 0.3),
+                self._colour_pair(),
+            )
+        self.camera_start = np.array(
+            [rng.uniform(0, self.world[0] - h), rng.uniform(0, self.world[1] - w)]
+        )
+        self.camera_end = np.array(
+            [rng.uniform(0, self.world[0] - h), rng.uniform(0, self.world[1] - w)]
+        )
         self.objects = [self._new_object(c) for c in objects]
 
     def _colour_pair(self) -> Tuple[int, int]:
@@ -183,7 +219,9 @@ class _Scene:
         base, amp, freq, phase = self.horizon
         lower = wy > base + amp * np.sin(wx * freq + phase)
         for region, class_id, colours in zip((~lower, lower), self.stuff, self.stuff_colours):
-            self._paint(image, label, region, class_id, colours, self._stuff_pattern(class_id, wx, wy))
+            self._paint(
+                image, label, region, class_id, colours, self._stuff_pattern(class_id, wx, wy)
+            )
 
         if self.others is not None:
             oy, ox, ry, rx, colours = self.others
@@ -210,15 +248,23 @@ class _Scene:
         return _STUFF_PATTERNS[class_id](wx, wy)
 
     @staticmethod
-    def _paint(image: np.ndarray, label: np.ndarray, region: np.ndarray, class_id: int,
-               colours: Tuple[int, int], pattern: np.ndarray) -> None:
+    def _paint(
+        image: np.ndarray,
+        label: np.ndarray,
+        region: np.ndarray,
+        class_id: int,
+        colours: Tuple[int, int],
+        pattern: np.ndarray,
+    ) -> None:
         c0, c1 = _COLOURS[colours[0]], _COLOURS[colours[1]]
         p = pattern[region][:, None]
         image[region] = c0 * (1 - p) + c1 * p
         label[region] = class_id
 
 
-def _class_plans(rng: np.random.Generator, num_videos: int) -> List[Tuple[Tuple[int, int], List[int]]]:
+def _class_plans(
+    rng: np.random.Generator, num_videos: int
+) -> List[Tuple[Tuple[int, int], List[int]]]:
     """Per video: 2 stuff classes and 1-3 object classes, cycling so every class is used."""
     pairs = list(itertools.combinations(STUFF_IDS, 2))
     pair_order = rng.permutation(len(pairs))
@@ -279,6 +325,8 @@ def make_toy_dataset(
     _write_split(root, "train", names[:num_train])
     _write_split(root, "val", names[num_train:])
     label_names = {"others": "0", **{n: str(i + 1) for i, n in enumerate(TOY_CLASS_NAMES)}}
-    (root / "label_num_dic_final.json").write_text(json.dumps(label_names, indent=1), encoding="utf-8")
+    (root / "label_num_dic_final.json").write_text(
+        json.dumps(label_names, indent=1), encoding="utf-8"
+    )
     logger.info("wrote toy dataset to %s: %d train and %d val videos", root, num_train, num_val)
     return root

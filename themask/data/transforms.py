@@ -8,7 +8,8 @@ parameters so tiny CPU configurations work. ``TestTransform`` follows §2.3.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -99,16 +100,24 @@ def choose_crop(
     y, x = draw()
     if cat_max_ratio < 1.0:
         for _ in range(retries):
-            if crop_is_acceptable(label[y : y + ch, x : x + cw], cat_max_ratio=cat_max_ratio, ignore_index=ignore_index):
+            if crop_is_acceptable(
+                label[y : y + ch, x : x + cw],
+                cat_max_ratio=cat_max_ratio,
+                ignore_index=ignore_index,
+            ):
                 break
             y, x = draw()
     return y, x
 
 
 def pad_clip(
-    frames: torch.Tensor, labels: torch.Tensor, size_hw: Tuple[int, int], *, ignore_index: int = IGNORE_INDEX
+    frames: torch.Tensor,
+    labels: torch.Tensor,
+    size_hw: Tuple[int, int],
+    *,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pad frames (T, 3, h, w) with 0 and labels (T, h, w) with ``ignore_index`` at the bottom/right.
+    """Pad frames (T, 3, h, w) with 0 and labels (T, h, w) with ``ignore_index`` bottom/right.
 
     Returns (T, 3, H, W) and (T, H, W) with (H, W) = ``size_hw`` (must be >= the input size);
     ``crop_back`` undoes it.
@@ -198,7 +207,10 @@ class TrainTransform:
         self, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], rng: np.random.Generator
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         if len(frames) != len(labels) or not frames:
-            raise ValueError(f"need the same positive number of frames and labels, got {len(frames)} and {len(labels)}")
+            raise ValueError(
+                "need the same positive number of frames and labels, "
+                f"got {len(frames)} and {len(labels)}"
+            )
         h, w = frames[0].shape[:2]
         ratio = rng.uniform(*self.ratio_range)
         target_scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
@@ -206,8 +218,12 @@ class TrainTransform:
         imgs = [resize_frame(f, size) for f in frames]
         segs = [resize_label(s, size) for s in labels]
         y, x = choose_crop(
-            segs[-1], self.crop_size, rng, cat_max_ratio=self.cat_max_ratio,
-            retries=self.crop_retries, ignore_index=self.ignore_index,
+            segs[-1],
+            self.crop_size,
+            rng,
+            cat_max_ratio=self.cat_max_ratio,
+            retries=self.crop_retries,
+            ignore_index=self.ignore_index,
         )
         ch, cw = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
         imgs = [f[y : y + ch, x : x + cw] for f in imgs]
@@ -222,7 +238,9 @@ class TrainTransform:
         return pad_clip(frame_t, label_t, self.crop_size, ignore_index=self.ignore_index)
 
 
-def aligned_size(size_hw: Tuple[int, int], scale: Tuple[int, int], size_divisor: int) -> Tuple[int, int]:
+def aligned_size(
+    size_hw: Tuple[int, int], scale: Tuple[int, int], size_divisor: int
+) -> Tuple[int, int]:
     """Network input size of the test transform: keep-ratio fit, each side up to a multiple."""
     h, w = keep_ratio_size(size_hw, scale)
     return (
@@ -254,7 +272,9 @@ class TestTransform:
         original = frames[0].shape[:2]
         for f in frames:
             if f.shape[:2] != original:
-                raise ValueError(f"all frames of a clip must share one size, got {f.shape[:2]} and {original}")
+                raise ValueError(
+                    f"all frames of a clip must share one size, got {f.shape[:2]} and {original}"
+                )
         size = self.input_size(original)
         return normalize(np.stack([resize_frame(f, size) for f in frames]))
 

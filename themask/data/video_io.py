@@ -8,8 +8,9 @@ long video never has to fit in memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 

@@ -168,3 +168,17 @@ def test_module_gradients_reach_every_parameter():
     for name, p in attn.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert value.grad.abs().sum() > 0
+
+
+def test_reference_points_shared_by_the_batch_broadcast():
+    attn = MSDeformAttn(dim=8, num_heads=2, num_levels=len(SHAPES), num_points=2)
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.3)
+    tokens = sum(h * w for h, w in SHAPES)
+    query, value = torch.randn(3, tokens, 8), torch.randn(3, tokens, 8)
+    ref = torch.rand(1, tokens, 2)
+    shared = attn(query, ref, value, SHAPES)
+    torch.testing.assert_close(shared, attn(query, ref.expand(3, -1, -1), value, SHAPES))
+    for b in range(3):  # and each clip only sees its own values
+        torch.testing.assert_close(
+            shared[b : b + 1], attn(query[b : b + 1], ref, value[b : b + 1], SHAPES)
+        )

@@ -185,3 +185,15 @@ def test_clear_errors_for_bad_configuration_and_inputs():
         decoder(backbone_maps(1, ODD_SIZES, channels=(8, 16, 24, 33)))
     with pytest.raises(ValueError, match="4 feature maps"):
         decoder(backbone_maps(1, ODD_SIZES)[1:])
+
+
+def test_frames_of_a_batch_are_decoded_independently():
+    decoder = MSDeformAttnPixelDecoder(**{**TINY, "num_layers": 2})
+    torch.nn.init.normal_(decoder.encoder_layers[0].self_attn.sampling_offsets.weight, std=0.3)
+    maps = backbone_maps(3, ODD_SIZES, seed=5)
+    together = decoder(maps)
+    for b in range(3):
+        alone = decoder([m[b : b + 1] for m in maps])
+        torch.testing.assert_close(alone.mask_features, together.mask_features[b : b + 1])
+        for x, y in zip(alone.multi_scale_features, together.multi_scale_features):
+            torch.testing.assert_close(x, y[b : b + 1])

@@ -57,9 +57,8 @@ def ms_deform_attn_pytorch(
     # before queries so that Q, the long axis, is the innermost axis of the sampled output:
     # the CPU kernel vectorises along it, and the weighted sum over P becomes a plain add.
     value = value.permute(0, 2, 3, 1).reshape(bm, head_dim, num_tokens)
-    grids = (
-        (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).contiguous()
-    )  # (B, M, L, P, Q, 2)
+    grids = 2 * sampling_locations - 1  # grid_sample coordinates in [-1, 1]
+    grids = grids.permute(0, 2, 3, 4, 1, 5).contiguous()  # (B, M, L, P, Q, 2)
     weights = attention_weights.permute(0, 2, 3, 4, 1).contiguous()  # (B, M, L, P, Q)
     output = None
     for level, ((height, width), value_l) in enumerate(

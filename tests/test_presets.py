@@ -1,0 +1,136 @@
+"""Presets: names, configuration switches, and parameter counts against DESIGN.md §7."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from themask.loss.config import LossConfig
+from themask.modeling import build
+from themask.modeling.mit import MIT_VARIANTS, build_mit
+
+VARIANTS = [f"mit_b{i}" for i in range(6)]
+EXPECTED_NAMES = (
+    [f"themask_{v}_t1" for v in VARIANTS]
+    + [f"themask_{v}_t2" for v in VARIANTS]
+    + [f"mask2former_{v}" for v in VARIANTS]
+    + ["themask_tiny_t1", "themask_tiny_t2", "mask2former_tiny"]
+)
+# DESIGN §7: official counts (M) of the single-frame (t1) and TAD (t2) models.
+EXPECTED_MILLIONS = {
+    "themask_mit_b0_t1": 23.03, "themask_mit_b1_t1": 32.99, "themask_mit_b2_t1": 44.03,
+    "mask2former_mit_b0": 23.03, "mask2former_mit_b1": 32.99, "mask2former_mit_b2": 44.03,
+    "themask_mit_b0_t2": 26.22, "themask_mit_b1_t2": 36.18, "themask_mit_b2_t2": 47.23,
+}
+
+
+def test_list_presets_names():
+    assert build.list_presets() == sorted(EXPECTED_NAMES)
+
+
+@pytest.mark.parametrize("name", EXPECTED_NAMES)
+def test_preset_switches(name):
+    config = build.preset_config(name)
+    assert config.num_classes == 124
+    if name.endswith("_t2"):
+        assert (config.decoder, config.num_frames) == ("temporal", 2)
+        assert (config.loss.num_rounds, config.loss.second_round_loss) == (2, "soft")
+        assert config.loss.second_round_cost == "full"
+    elif name.endswith("_t1"):
+        assert (config.decoder, config.num_frames) == ("single", 1)
+        assert (config.loss.num_rounds, config.loss.second_round_loss) == (2, "soft")
+        assert config.loss.second_round_cost == "bce"
+    else:
+        assert (config.decoder, config.num_frames) == ("single", 1)
+        assert (config.loss.num_rounds, config.loss.second_round_loss) == (1, "hard")
+    if "tiny" in name:
+        assert config.loss.num_points < LossConfig().num_points
+    else:
+        assert config.backbone == name.split("_")[1] + "_" + name.split("_")[2]
+        assert config.hidden_dim == 256 and config.num_queries == 100
+        assert config.loss.num_points == 12544
+
+
+def test_overrides_and_errors():
+    config = build.preset_config("themask_mit_b1_t2", num_classes=7, num_frames=4,
+                                 loss=dict(num_rounds=1))
+    assert (config.num_classes, config.num_frames, config.loss.num_rounds) == (7, 4, 1)
+    assert config.loss.second_round_cost == "full"  # untouched preset loss field stays
+    assert build.preset_config("themask_mit_b1_t2").num_frames == 2  # presets are not mutated
+    custom = LossConfig(num_points=10)
+    assert build.preset_config("mask2former_tiny", loss=custom).loss is custom
+    with pytest.raises(ValueError, match="unknown preset"):
+        build.preset_config("themask_mit_b9")
+    with pytest.raises(ValueError, match="hidden_dims"):
+        build.preset_config("themask_tiny_t1", hidden_dims=3)
+
+
+@pytest.mark.parametrize("name", ["themask_tiny_t1", "themask_tiny_t2", "mask2former_tiny"])
+def test_tiny_presets_build(name):
+    model = build.build_model(name, num_classes=5)
+    assert model.is_temporal == name.endswith("_t2")
+    assert model.config.num_classes == 5
+    assert model.decoder.clip_head.class_embed.out_features == 6
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+
+
+class _BackboneStub(torch.nn.Module):
+    """Stands in for the deep MiT variants (B3-B5), whose CPU build is slow; it only announces
+    the stage widths the heads are built from. MiT's own tests cover the backbone itself."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.out_channels = tuple(MIT_VARIANTS[name]["embed_dims"])
+
+
+COUNTED_BACKBONES = ("mit_b0", "mit_b1", "mit_b2")
+
+
+@pytest.fixture(scope="module")
+def parameter_counts():
+    """(backbone, rest) parameter counts of every full-size preset, built on the meta device
+    (no memory, no init cost) except the MiT backbone: B0-B2 are built once each on the CPU,
+    B3-B5 replaced by a stub (backbone count None)."""
+    backbones = {}
+
+    def cpu_backbone(name, **overrides):
+        if name not in COUNTED_BACKBONES:
+            return _BackboneStub(name)
+        if name not in backbones:
+            with torch.device("cpu"):
+                backbones[name] = build_mit(name, **overrides)
+        return backbones[name]
+
+    counts = {}
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(build, "build_mit", cpu_backbone)
+    try:
+        for name in EXPECTED_NAMES:
+            if "tiny" in name:
+                continue
+            with torch.device("meta"):
+                model = build.build_model(name)
+            backbone = sum(p.numel() for p in model.backbone.parameters())
+            rest = sum(p.numel() for p in model.parameters()) - backbone
+            counts[name] = (backbone if backbone else None, rest)
+    finally:
+        monkey.undo()
+    return counts
+
+
+def test_parameter_counts_match_design(parameter_counts):
+    for name, millions in EXPECTED_MILLIONS.items():
+        backbone, heads = parameter_counts[name]
+        assert abs((backbone + heads) / 1e6 - millions) <= 0.5, (name, backbone + heads)
+
+
+def test_parameter_counts_are_consistent_across_presets(parameter_counts):
+    # the TAD adds the same 3.19 M to every backbone; t1 and mask2former share one network
+    for variant in VARIANTS:
+        t1 = parameter_counts[f"themask_{variant}_t1"][1]
+        t2 = parameter_counts[f"themask_{variant}_t2"][1]
+        assert parameter_counts[f"mask2former_{variant}"][1] == t1
+        assert abs((t2 - t1) / 1e6 - 3.19) < 0.01
+    # B1..B5 share the stage widths, so their heads are identical
+    for suffix in ("t1", "t2"):
+        assert len({parameter_counts[f"themask_{v}_{suffix}"][1] for v in VARIANTS[1:]}) == 1

@@ -1,17 +1,28 @@
-"""Weight loading: MiT layouts, strict errors, file formats (official/own formats further down)."""
+"""Weight loading: MiT layouts, official THE-Mask names, stage 1 → 2, our own file format."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from themask.checkpoint import (
     convert_mit_state_dict,
+    convert_official_state_dict,
     detect_mit_layout,
+    infer_num_classes,
+    infer_preset,
     load_backbone_weights,
+    load_model,
+    load_stage1_into_temporal,
     mit_ours_to_original,
     read_state_dict,
+    save_model,
+    to_official_state_dict,
 )
+from themask.loss.config import LossConfig
+from themask.modeling.build import build_model
 from themask.modeling.mit import MixTransformer
 
 DIMS, DEPTHS, HEADS = (8, 16, 24, 32), (1, 2, 1, 1), (1, 2, 3, 4)
@@ -329,3 +340,159 @@ def test_features_match_transformers_segformer(tmp_path, original):
     load_backbone_weights(again, tmp_path / "resaved")
     for key, value in again.state_dict().items():
         torch.testing.assert_close(value, ours.state_dict()[key].float(), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- full models
+
+REFERENCE_DIR = Path("/work/shared/reference")
+UNUSED_OFFICIAL = (
+    "decode_head.conv_seg.weight",
+    "decode_head.conv_seg.bias",
+    "decode_head.criterion.empty_weight",
+    "decode_head.predictor.deformabel_transformer_cross_attention_layers.reference_points.weight",
+    "decode_head.predictor.deformabel_transformer_cross_attention_layers.reference_points.bias",
+)
+
+
+def _randomised(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def _reference_keys(name):
+    """{key: shape} parsed from reference/official_keys_<name>.txt."""
+    keys = {}
+    for line in (REFERENCE_DIR / f"official_keys_{name}.txt").read_text().splitlines():
+        key, shape, _dtype = line.split("\t")
+        keys[key] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+    return keys
+
+
+@pytest.mark.parametrize("preset", ["themask_tiny_t1", "themask_tiny_t2"])
+def test_official_round_trip_is_lossless_and_strict(preset):
+    model = _randomised(build_model(preset, num_classes=5), seed=1)
+    official = to_official_state_dict(model.state_dict())
+    assert all(key.startswith(("backbone.", "decode_head.")) for key in official)
+    # the keys the official forward never reads are accepted and dropped
+    official_with_unused = dict(official)
+    for key in UNUSED_OFFICIAL:
+        official_with_unused[key] = torch.zeros(3)
+    converted = convert_official_state_dict(official_with_unused)
+    fresh = build_model(preset, num_classes=5)
+    fresh.load_state_dict(converted, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    assert infer_num_classes(official) == 5
+
+
+def test_unknown_official_keys_are_named():
+    official = to_official_state_dict(build_model("themask_tiny_t1").state_dict())
+    official["decode_head.predictor.extra_head.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"decode_head\.predictor\.extra_head\.weight"):
+        convert_official_state_dict(official)
+
+
+@pytest.mark.skipif(not REFERENCE_DIR.exists(), reason="reference key lists not available")
+@pytest.mark.parametrize("stage", ["t1", "t2"])
+def test_official_names_and_shapes_equal_the_reference_lists(stage):
+    with torch.device("meta"):  # shapes only, no memory
+        model = build_model(f"themask_mit_b1_{stage}")
+    ours = {k: tuple(v.shape) for k, v in to_official_state_dict(model.state_dict()).items()}
+    reference = _reference_keys(f"mit_b1_{stage}")
+    expected = {k: v for k, v in reference.items() if k not in UNUSED_OFFICIAL}
+    assert set(reference) - set(expected) <= set(UNUSED_OFFICIAL)
+    assert ours == expected
+    # an official checkpoint's layout (as listed) is recognised
+    meta = {k: torch.empty(shape, device="meta") for k, shape in reference.items()}
+    assert infer_preset(meta) == f"themask_mit_b1_{stage}"
+    assert infer_num_classes(meta) == 124
+
+
+def test_infer_preset_distinguishes_variants():
+    for name in ("themask_mit_b0_t2", "themask_mit_b2_t1", "themask_mit_b5_t1"):
+        with torch.device("meta"):
+            model = build_model(name)
+        assert infer_preset(model.state_dict()) == name
+    with pytest.raises(ValueError, match="match no MiT variant"):
+        infer_preset(build_model("themask_tiny_t1").state_dict())
+
+
+@pytest.fixture(scope="module")
+def stage1():
+    return _randomised(build_model("themask_tiny_t1", num_classes=5), seed=2).state_dict()
+
+
+@pytest.mark.parametrize("layout", ["ours", "official"])
+def test_stage1_into_temporal_official_init(stage1, layout):
+    model = _randomised(build_model("themask_tiny_t2", num_classes=5), seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    source = stage1 if layout == "ours" else to_official_state_dict(stage1)
+    load_stage1_into_temporal(model, source, head_init="official")
+    after = model.state_dict()
+    fresh_prefixes = ("decoder.temporal.", "decoder.frame_head.", "decoder.clip_head.norm.")
+    for key, value in after.items():
+        expected = before[key] if key.startswith(fresh_prefixes) else stage1[key]
+        assert torch.equal(value, expected), key
+    assert torch.equal(
+        after["decoder.clip_head.class_embed.weight"],
+        stage1["decoder.clip_head.class_embed.weight"],
+    )
+
+
+def test_stage1_into_temporal_copy_init(stage1):
+    model = _randomised(build_model("themask_tiny_t2", num_classes=5), seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load_stage1_into_temporal(model, stage1, head_init="copy")
+    after = model.state_dict()
+    for key, value in after.items():
+        if key.startswith("decoder.temporal."):
+            expected = before[key]
+        elif key.startswith("decoder.frame_head."):
+            expected = stage1["decoder.clip_head." + key[len("decoder.frame_head.") :]]
+        else:
+            expected = stage1[key]
+        assert torch.equal(value, expected), key
+
+
+def test_stage1_into_temporal_rejects_bad_inputs(stage1):
+    model = build_model("themask_tiny_t2", num_classes=5)
+    with pytest.raises(ValueError, match="head_init"):
+        load_stage1_into_temporal(model, stage1, head_init="random")
+    with pytest.raises(ValueError, match="no Temporal Aggregation Decoder"):
+        load_stage1_into_temporal(build_model("themask_tiny_t1", num_classes=5), stage1)
+    with pytest.raises(ValueError, match="already has a temporal decoder"):
+        load_stage1_into_temporal(model, model.state_dict())
+    other_classes = build_model("themask_tiny_t2", num_classes=9)
+    with pytest.raises(
+        ValueError, match=r"decoder\.clip_head\.class_embed\.weight: expected \(10, 64\)"
+    ):
+        load_stage1_into_temporal(other_classes, stage1)
+
+
+def test_save_and_load_model_round_trip(tmp_path):
+    loss = LossConfig(num_rounds=1, second_round_loss="hard", round_weights=(1.0, 0.25))
+    model = build_model("themask_tiny_t2", num_classes=7, num_frames=3, loss=loss).eval()
+    _randomised(model, seed=5)
+    path = tmp_path / "run" / "model.safetensors"
+    save_model(model, path)
+    loaded = load_model(path).eval()
+    assert loaded.config == model.config
+    assert isinstance(loaded.config.loss, LossConfig)
+    assert loaded.config.loss.round_weights == (1.0, 0.25)
+    assert loaded.config.backbone_depths == (1, 1, 1, 1)
+    frames = torch.randn(1, 2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(frames), model(frames), rtol=0, atol=0)
+    assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temp files left
+
+
+def test_load_model_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="themask_config"):
+        load_model(path)

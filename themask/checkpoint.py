@@ -16,15 +16,24 @@ Nothing here unpickles arbitrary objects (``torch.load(..., weights_only=True)``
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from themask.io import PathLike
+from themask.io import PathLike, atomic_write
+from themask.modeling.build import build_model_from_config
+from themask.modeling.config import ModelConfig
+from themask.modeling.mit import MIT_VARIANTS
+from themask.modeling.themask import THEMask
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +66,6 @@ def read_state_dict(path: PathLike) -> StateDict:
     if not source.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     if source.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         loaded: object = load_file(str(source), device="cpu")
     elif source.suffix in _TORCH_SUFFIXES:
         loaded = torch.load(source, map_location="cpu", weights_only=True)
@@ -355,3 +362,317 @@ def load_backbone_weights(backbone: nn.Module, path: PathLike) -> None:
     converted = convert_mit_state_dict(state_dict)
     load_strict(backbone, converted, what=f"MiT weights {path} ({layout} layout)")
     logger.info("loaded MiT weights from %s (%s layout, %d tensors)", path, layout, len(converted))
+
+
+# --------------------------------------------------------------------------- official THE-Mask
+
+# (official name after ``decode_head.``, our name); ``{i}`` stands for a layer index. Prefixes
+# end with a dot or are full parameter names, so no entry is a prefix of another's match.
+_OFFICIAL_COMMON = (
+    ("pixel_decoder.input_proj.", "pixel_decoder.input_proj."),
+    ("pixel_decoder.transformer.level_embed", "pixel_decoder.level_embed"),
+    ("pixel_decoder.transformer.encoder.layers.", "pixel_decoder.encoder_layers."),
+    ("pixel_decoder.adapter_1.weight", "pixel_decoder.lateral.0.weight"),
+    ("pixel_decoder.adapter_1.norm.", "pixel_decoder.lateral.1."),
+    ("pixel_decoder.layer_1.weight", "pixel_decoder.fpn_output.0.weight"),
+    ("pixel_decoder.layer_1.norm.", "pixel_decoder.fpn_output.1."),
+    ("pixel_decoder.mask_features.", "pixel_decoder.mask_features."),
+    ("predictor.query_feat.", "decoder.query_feat."),
+    ("predictor.query_embed.", "decoder.query_pos."),
+    ("predictor.level_embed.", "decoder.level_embed."),
+    (
+        "predictor.transformer_cross_attention_layers.{i}.multihead_attn.",
+        "decoder.layers.{i}.cross_attn.attn.",
+    ),
+    (
+        "predictor.transformer_cross_attention_layers.{i}.norm.",
+        "decoder.layers.{i}.cross_attn.norm.",
+    ),
+    (
+        "predictor.transformer_self_attention_layers.{i}.self_attn.",
+        "decoder.layers.{i}.self_attn.attn.",
+    ),
+    ("predictor.transformer_self_attention_layers.{i}.norm.", "decoder.layers.{i}.self_attn.norm."),
+    ("predictor.transformer_ffn_layers.{i}.", "decoder.layers.{i}.ffn."),
+    ("predictor.class_embed.", "decoder.clip_head.class_embed."),
+    ("predictor.mask_embed.", "decoder.clip_head.mask_embed."),
+)
+_OFFICIAL_SINGLE = (("predictor.decoder_norm.", "decoder.clip_head.norm."),)
+_TAD = "predictor.deformabel_transformer_cross_attention_layers."  # (sic)
+_OFFICIAL_TEMPORAL = (
+    ("predictor.decoder_norm1.", "decoder.clip_head.norm."),
+    ("predictor.decoder_norm2.", "decoder.frame_head.norm."),
+    ("predictor.class_embed_aux.", "decoder.frame_head.class_embed."),
+    ("predictor.mask_embed_aux.", "decoder.frame_head.mask_embed."),
+    (f"{_TAD}self_attn.", "decoder.temporal.clip_self_attn.attn."),
+    (f"{_TAD}norm2.", "decoder.temporal.clip_self_attn.norm."),
+    (f"{_TAD}self_attn_box.", "decoder.temporal.frame_self_attn.attn."),
+    (f"{_TAD}norm2_box.", "decoder.temporal.frame_self_attn.norm."),
+    (f"{_TAD}cross_attn.", "decoder.temporal.frame_cross_attn.attn."),
+    (f"{_TAD}norm1_box.", "decoder.temporal.frame_cross_attn.norm."),
+    (f"{_TAD}linear1_box.", "decoder.temporal.frame_ffn.linear1."),
+    (f"{_TAD}linear2_box.", "decoder.temporal.frame_ffn.linear2."),
+    (f"{_TAD}norm3_box.", "decoder.temporal.frame_ffn.norm."),
+    (f"{_TAD}time_attention_weights.", "decoder.temporal.time_score."),
+    (f"{_TAD}time_attention.", "decoder.temporal.time_value."),
+    (f"{_TAD}norm1.", "decoder.temporal.norm."),
+    (f"{_TAD}linear1.", "decoder.temporal.ffn.linear1."),
+    (f"{_TAD}linear2.", "decoder.temporal.ffn.linear2."),
+    (f"{_TAD}norm3.", "decoder.temporal.ffn.norm."),
+)
+# Keys the official forward pass never reads: an unused seg conv, an unused linear of the TAD
+# module and the criterion's no-object class weight (a loss buffer).
+_OFFICIAL_UNUSED = re.compile(
+    r"decode_head\.(?:conv_seg\..*|criterion\.empty_weight"
+    r"|predictor\.deformabel_transformer_cross_attention_layers\.reference_points\..*)"
+)
+
+
+def _prefix_pattern(prefix: str) -> re.Pattern:
+    return re.compile(re.escape(prefix).replace(re.escape("{i}"), r"(\d+)"))
+
+
+def _rename(key: str, table: tuple, *, reverse: bool) -> str | None:
+    """Rename ``key`` by the first matching (official, ours) prefix pair; None if none match."""
+    for official, ours in table:
+        source, target = (ours, official) if reverse else (official, ours)
+        match = _prefix_pattern(source).match(key)
+        if match is not None:
+            new = target.replace("{i}", match.group(1)) if match.groups() else target
+            return new + key[match.end() :]
+    return None
+
+
+def _is_official(state_dict: Mapping[str, Tensor]) -> bool:
+    return any(key.startswith("decode_head.") for key in state_dict)
+
+
+def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Official THE-Mask (mmseg) state dict → our ``THEMask`` names.
+
+    ``backbone.*`` (original MiT names) → ``backbone.stages.…``; ``decode_head.pixel_decoder``
+    → ``pixel_decoder``; ``decode_head.predictor`` → ``decoder``. Keys the official forward
+    never reads (``decode_head.conv_seg.*``, the TAD module's ``reference_points.*``,
+    ``decode_head.criterion.empty_weight``) are dropped. Unknown keys raise ``ValueError``.
+    """
+    temporal = f"decode_head.{_TAD}time_attention.weight" in state_dict
+    table = _OFFICIAL_COMMON + (_OFFICIAL_TEMPORAL if temporal else _OFFICIAL_SINGLE)
+    backbone: StateDict = {}
+    out: StateDict = {}
+    unknown = []
+    dropped = 0
+    for key, value in state_dict.items():
+        if key.startswith("backbone."):
+            backbone[key[len("backbone.") :]] = value
+        elif _OFFICIAL_UNUSED.fullmatch(key):
+            dropped += 1
+        elif key.startswith("decode_head.") and (
+            new := _rename(key[len("decode_head.") :], table, reverse=False)
+        ):
+            out[new] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"official THE-Mask checkpoint: {len(unknown)} unknown keys:\n  " + "\n  ".join(unknown)
+        )
+    if not backbone:
+        raise ValueError("official THE-Mask checkpoint: no backbone.* keys")
+    out.update({f"backbone.{k}": v for k, v in mit_original_to_ours(backbone).items()})
+    logger.debug("official checkpoint: %d tensors converted, %d unused dropped", len(out), dropped)
+    return out
+
+
+def to_official_state_dict(model_state: Mapping[str, Tensor]) -> StateDict:
+    """Our ``THEMask`` state dict → official THE-Mask names (inverse of
+    :func:`convert_official_state_dict`; the keys it drops are not produced)."""
+    temporal = any(key.startswith("decoder.temporal.") for key in model_state)
+    table = _OFFICIAL_COMMON + (_OFFICIAL_TEMPORAL if temporal else _OFFICIAL_SINGLE)
+    backbone: StateDict = {}
+    out: StateDict = {}
+    unknown = []
+    for key, value in model_state.items():
+        if key.startswith("backbone."):
+            backbone[key[len("backbone.") :]] = value
+        elif new := _rename(key, table, reverse=True):
+            out[f"decode_head.{new}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"to_official_state_dict: {len(unknown)} keys without an official name:\n  "
+            + "\n  ".join(unknown)
+        )
+    out.update({f"backbone.{k}": v for k, v in mit_ours_to_original(backbone).items()})
+    return out
+
+
+def _as_ours(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Our names for a state dict that is either ours or official."""
+    return convert_official_state_dict(state_dict) if _is_official(state_dict) else dict(state_dict)
+
+
+def infer_preset(state_dict: Mapping[str, Tensor]) -> str:
+    """The preset (``themask_mit_bX_t1`` / ``_t2``) a full-model state dict (ours or official)
+    belongs to, from the backbone's widths and block counts and the presence of the TAD.
+
+    A ``mask2former_mit_bX`` checkpoint has the same network as ``themask_mit_bX_t1`` and is
+    reported as such (the presets differ only in the training objective).
+    """
+    ours = _as_ours(state_dict)
+    widths, depths = [], []
+    for stage in range(4):
+        weight = ours.get(f"backbone.stages.{stage}.patch_embed.proj.weight")
+        if weight is None:
+            raise ValueError(f"infer_preset: no backbone stage {stage} in the state dict")
+        widths.append(int(weight.shape[0]))
+        pattern = re.compile(rf"backbone\.stages\.{stage}\.blocks\.(\d+)\.")
+        blocks = {m.group(1) for key in ours if (m := pattern.match(key))}
+        depths.append(len(blocks))
+    variant = next(
+        (
+            name
+            for name, spec in MIT_VARIANTS.items()
+            if tuple(spec["embed_dims"]) == tuple(widths) and tuple(spec["depths"]) == tuple(depths)
+        ),
+        None,
+    )
+    if variant is None:
+        raise ValueError(
+            f"infer_preset: backbone widths {widths} and depths {depths} match no MiT variant "
+            f"({sorted(MIT_VARIANTS)}); pass the preset explicitly"
+        )
+    temporal = any(key.startswith("decoder.temporal.") for key in ours)
+    return f"themask_{variant}_{'t2' if temporal else 't1'}"
+
+
+def infer_num_classes(state_dict: Mapping[str, Tensor]) -> int:
+    """K from the clip head's class layer (K + 1 outputs, the last one is "no object")."""
+    ours = _as_ours(state_dict)
+    weight = ours.get("decoder.clip_head.class_embed.weight")
+    if weight is None:
+        raise ValueError("infer_num_classes: no decoder.clip_head.class_embed.weight")
+    return int(weight.shape[0]) - 1
+
+
+# --------------------------------------------------------------------------- stage 1 → stage 2
+
+HEAD_INITS = ("official", "copy")
+
+
+def load_stage1_into_temporal(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, head_init: str = "official"
+) -> None:
+    """Initialise a TAD model (``model.is_temporal``) from a single-frame (stage-1) checkpoint,
+    ours or official.
+
+    Every stage-1 weight must fit the model by name and shape (backbone, pixel decoder, queries,
+    decoder layers, clip head); otherwise ``ValueError`` lists the offending keys.
+
+    ``head_init="official"`` reproduces the official stage-2 start (DESIGN §6): the TAD-only
+    parts keep their fresh initialisation — the shared ``decoder.temporal`` module, both head
+    norms (``clip_head.norm`` and ``frame_head.norm``; the official names differ between the
+    stages) and the frame head's class and mask layers. Everything else, including the clip
+    head's class and mask layers, comes from stage 1.
+
+    ``head_init="copy"``: as "official", and in addition the stage-1 head (norm, class layer,
+    mask MLP) is copied into the frame head, and the stage-1 norm into the clip head's norm,
+    so both heads start as the stage-1 head. Only ``decoder.temporal`` stays fresh.
+    """
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init: expected one of {HEAD_INITS}, got {head_init!r}")
+    if not getattr(model, "is_temporal", False):
+        raise ValueError("load_stage1_into_temporal: the model has no Temporal Aggregation Decoder")
+    stage1 = _as_ours(state_dict)
+    tad_only = ("decoder.temporal.", "decoder.frame_head.")
+    temporal_keys = sorted(key for key in stage1 if key.startswith(tad_only))
+    if temporal_keys:
+        raise ValueError(
+            "load_stage1_into_temporal: the checkpoint already has a temporal decoder "
+            f"({temporal_keys[:3]} …); load it with load_model or a strict load instead"
+        )
+    target = model.state_dict()
+    shared = {key: value for key, value in target.items() if not key.startswith(tad_only)}
+    check_state_dict(shared, stage1, what="stage-1 checkpoint → temporal model")
+    new_state = dict(target)
+    if head_init == "official":
+        new_state.update(
+            {k: v for k, v in stage1.items() if not k.startswith("decoder.clip_head.norm.")}
+        )
+        fresh = "decoder.temporal, clip_head.norm, frame_head (norm, class_embed, mask_embed)"
+    else:
+        new_state.update(stage1)
+        head = "decoder.clip_head."
+        new_state.update(
+            {
+                f"decoder.frame_head.{k[len(head) :]}": v
+                for k, v in stage1.items()
+                if k.startswith(head)
+            }
+        )
+        fresh = "decoder.temporal"
+    model.load_state_dict(new_state, strict=True)
+    logger.info("stage-1 weights loaded (head_init=%s); freshly initialised: %s", head_init, fresh)
+
+
+# --------------------------------------------------------------------------- our format
+
+CONFIG_METADATA_KEY = "themask_config"
+
+
+def save_model(model: THEMask, path: PathLike) -> None:
+    """Write ``model``'s weights as safetensors, with ``model.config`` (a ``ModelConfig``) as
+    JSON under the metadata key ``themask_config``; atomic (no partial file on failure)."""
+    config = getattr(model, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        raise ValueError(
+            "save_model: the model has no dataclass `config` (build it with build_model)"
+        )
+    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(config))}
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    logger.info("saved %d tensors to %s", len(tensors), path)
+
+
+def _dataclass_from_dict(cls: type, values: Mapping[str, object], *, where: str) -> typing.Any:
+    """Rebuild dataclass ``cls`` from its ``asdict`` JSON: nested dataclasses and tuples
+    (JSON lists) are restored; missing fields take their defaults; unknown fields raise."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} fields {unknown}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            value = _dataclass_from_dict(hint, value, where=f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def read_model_config(path: PathLike) -> ModelConfig:
+    """The ``ModelConfig`` stored in a file written by :func:`save_model`."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if CONFIG_METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{path}: no '{CONFIG_METADATA_KEY}' metadata; not a themask model file "
+            "(convert other checkpoints with `themask convert`)"
+        )
+    return _dataclass_from_dict(
+        ModelConfig,
+        json.loads(metadata[CONFIG_METADATA_KEY]),
+        where=f"{path}:{CONFIG_METADATA_KEY}",
+    )
+
+
+def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> THEMask:
+    """Rebuild a ``THEMask`` from a file written by :func:`save_model` (no preset needed),
+    load its weights strictly and move it to ``map_location``."""
+    model = build_model_from_config(read_model_config(path))
+    load_strict(model, load_file(str(path), device="cpu"), what=str(path))
+    return model.to(map_location)

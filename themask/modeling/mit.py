@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -219,7 +218,8 @@ class MixTransformer(nn.Module):
             raise ValueError(f"MixTransformer: expected 4 stages, got embed_dims={embed_dims}")
         self.out_channels: tuple[int, ...] = tuple(int(c) for c in embed_dims)
         self.depths: tuple[int, ...] = tuple(int(d) for d in depths)
-        rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        total = sum(self.depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear 0 → rate
         stages = []
         start = 0
         previous = in_channels

@@ -208,3 +208,44 @@ def test_streaming_predictor_windows_and_single_encoding(clip_len, step):
         expected = reference(frames[windows[t]][None])[0, -1]
         torch.testing.assert_close(scores, expected)
     assert spy.encoded_frames == len(frames)  # each frame encoded once
+
+
+def test_eval_cli_reports_the_metrics_of_the_saved_model(tmp_path, capsys):
+    import json
+
+    from themask.checkpoint import load_model, save_model
+    from themask.cli import main
+    from themask.config import load_config
+    from themask.data.toy import make_toy_dataset
+    from themask.evaluation.inference import evaluate_data
+    from themask.modeling.build import build_model
+
+    root = make_toy_dataset(tmp_path / "toy", num_train=1, num_val=2, num_frames=5, size=(32, 48))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "preset: themask_tiny_t2\n"
+        f"data: {{kind: toy, root: {root}, scale: [48, 32], dilation: [-3], num_workers: 0}}\n"
+    )
+    torch.manual_seed(4)
+    weights = tmp_path / "model.safetensors"
+    save_model(build_model("themask_tiny_t2", num_classes=8), weights)
+    out_json = tmp_path / "metrics.json"
+    code = main(
+        ["eval", str(config), "--weights", str(weights), "--json", str(out_json), "--device",
+         "cpu", "--save-predictions", str(tmp_path / "preds")]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Weighted IoU" in printed and "mVC8" in printed
+
+    expected = evaluate_data(
+        load_model(weights), load_config(config).data, split="val", clip_len=2, device="cpu",
+        progress=False,
+    )
+    payload = json.loads(out_json.read_text())
+    assert payload["clip_len"] == 2 and payload["split"] == "val"
+    for key in ("mIoU", "mIoU_present", "WIoU", "aAcc", "mAcc"):
+        assert payload["metrics"][key] == pytest.approx(expected[key])
+    assert payload["metrics"]["num_frames"] == expected["num_frames"]
+    written = list((tmp_path / "preds").glob("*/*.png"))
+    assert len(written) == expected["num_frames"]

@@ -123,3 +123,47 @@ def test_overlay_video_writer_odd_size_roundtrip(tmp_path):
         with OverlayVideoWriter(tmp_path / "bad.mp4") as writer:
             writer.write(np.zeros((8, 8, 3), np.uint8))
             writer.write(np.zeros((10, 8, 3), np.uint8))
+
+
+def _tiny_weights(tmp_path, num_classes=8):
+    from themask.checkpoint import save_model
+
+    torch.manual_seed(3)
+    path = tmp_path / "model.safetensors"
+    save_model(build_model("themask_tiny_t2", num_classes=num_classes), path)
+    return path
+
+
+def _check_predict_outputs(out, stems, size_hw):
+    labels = sorted((out / "labels").glob("*.png"))
+    assert [p.stem for p in labels] == stems
+    for p in labels:
+        image = Image.open(p)
+        assert image.mode == "P" and image.size == (size_hw[1], size_hw[0])
+        assert np.asarray(image).max() < 8
+    assert sorted(p.stem for p in (out / "overlays").glob("*.jpg")) == stems
+    with av.open(str(out / "overlay.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == len(stems) and frames[0].shape == size_hw + (3,)
+
+
+def test_predict_cli_on_a_generated_video_and_frame_folder(tmp_path):
+    from themask.cli import main
+
+    weights = _tiny_weights(tmp_path)
+    rng = np.random.default_rng(0)
+    clip = [rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8) for _ in range(4)]
+    with OverlayVideoWriter(tmp_path / "clip.mp4", fps=5) as writer:
+        for frame in clip:
+            writer.write(frame)
+    args = ["--weights", str(weights), "--scale", "64", "48", "--device", "cpu"]
+    assert main(["predict", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "a"), *args]) == 0
+    _check_predict_outputs(tmp_path / "a", [f"{i:08d}" for i in range(4)], (48, 64))
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    stems = ["00000007", "00000008", "00000009"]
+    for stem, frame in zip(stems, clip):
+        Image.fromarray(frame).save(folder / f"{stem}.png")
+    assert main(["predict", str(folder), "--out", str(tmp_path / "b"), "--clip-len", "2", *args]) == 0
+    _check_predict_outputs(tmp_path / "b", stems, (48, 64))

@@ -36,9 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--weights", required=True, help="model weights (.safetensors)")
     parser.add_argument(
-        "--clip-len", type=int, default=None, help="frames per test clip (default: eval.clip_len)"
+        "--clip-len",
+        type=int,
+        default=None,
+        help="frames per test clip (default: data.test_clip_len, else the training clip length)",
     )
-    parser.add_argument("--split", default=None, help="split name (default: eval.split)")
+    parser.add_argument("--split", default=None, help="split name (default: data.val_split)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the metrics here")
     parser.add_argument(
         "--save-predictions",
@@ -54,7 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "CFFM/THE-Mask script) or raw PNG values (as the VSPW authors' script)",
     )
     parser.add_argument(
-        "--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast for inference"
+        "--amp",
+        choices=("off", "bf16", "fp16"),
+        default=None,
+        help="autocast for inference (default: eval.amp)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     parser.set_defaults(func=run)
@@ -65,24 +71,24 @@ def run(args: argparse.Namespace) -> int:
     from themask.checkpoint import load_model
     from themask.config import load_config
     from themask.data.config import dataset_classes
-    from themask.evaluation.inference import evaluate_config
+    from themask.evaluation.inference import evaluate_data
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
     from themask.io import atomic_write
 
     cfg = load_config(args.config, args.overrides)
     info = distributed.init_distributed(args.device)
     try:
-        model = load_model(args.weights).to(info.device)
+        model = load_model(args.weights, map_location=info.device)
         if model.config.num_classes != cfg.data.num_classes:
             raise SystemExit(
                 f"{args.weights}: the model predicts {model.config.num_classes} classes but "
                 f"data.kind={cfg.data.kind!r} has {cfg.data.num_classes}"
             )
-        split = args.split or cfg.eval.split
-        clip_len = args.clip_len or cfg.eval.clip_len
+        split = args.split or cfg.data.val_split
+        clip_len = args.clip_len or cfg.data.eval_clip_len
         logger.info("evaluating %s on %s/%s, clip length %d", args.weights, cfg.data.root,
                     split, clip_len)
-        report = evaluate_config(
+        report = evaluate_data(
             model,
             cfg.data,
             split=split,
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             device=info.device,
             max_videos=cfg.eval.max_videos,
             write_dir=args.save_predictions,
-            amp=args.amp,
+            amp=args.amp or cfg.eval.amp,
             vc_gt=args.vc_gt,
             distributed=distributed.is_initialized(),
         )

@@ -44,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--step", type=int, default=3, help="frame gap inside a window")
     parser.add_argument(
+        "--config",
+        default=None,
+        help="run config YAML: its data section gives the defaults of --scale, --dataset and "
+        "--clip-len",
+    )
+    parser.add_argument(
         "--dataset",
         choices=("vspw", "toy"),
         default=None,
@@ -54,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         nargs=2,
         metavar=("LONG", "SHORT"),
-        default=(853, 480),
-        help="test resize: fit LONG x SHORT keeping the aspect ratio (default 853 480)",
+        default=None,
+        help="test resize: fit LONG x SHORT keeping the aspect ratio (default: data.scale of "
+        "--config, else 853 480)",
     )
     parser.add_argument("--fps", type=float, default=15.0, help="frame rate of overlay.mp4")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
@@ -104,10 +111,17 @@ def run(args: argparse.Namespace) -> int:
         save_label_png,
     )
 
+    scale, dataset, clip_len = args.scale, args.dataset, args.clip_len
+    if args.config:
+        from themask.config import load_config
+
+        data = load_config(args.config).data
+        scale, dataset = scale or data.scale, dataset or data.kind
+        clip_len = clip_len or data.eval_clip_len
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(args.weights).to(device)
-    names, palette = _class_info(args.dataset, model.config.num_classes)
-    clip_len = args.clip_len or (model.config.num_frames if model.is_temporal else 1)
+    model = load_model(args.weights, map_location=device)
+    names, palette = _class_info(dataset, model.config.num_classes)
+    clip_len = clip_len or (model.config.num_frames if model.is_temporal else 1)
     out = Path(args.out)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -123,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         model,
         frames(),
         clip_len=clip_len,
-        transform=TestTransform(scale=tuple(args.scale), size_divisor=model.config.size_divisor),
+        transform=TestTransform(
+            scale=tuple(scale or (853, 480)), size_divisor=model.config.size_divisor
+        ),
         device=device,
         step=args.step,
         amp=args.amp,

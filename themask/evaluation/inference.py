@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EvalReport",
-    "evaluate_config",
+    "evaluate_data",
     "evaluate_split",
     "predict_video",
     "scores_to_labels",
@@ -226,7 +226,7 @@ class EvalReport(dict):
         return {k: float(self[k]) for k in keys}
 
 
-def evaluate_config(
+def evaluate_data(
     model: nn.Module,
     data: DataConfig,
     *,
@@ -234,27 +234,31 @@ def evaluate_config(
     clip_len: int,
     device: Union[str, torch.device],
     max_videos: Optional[int] = None,
-    **kwargs: object,
+    write_dir: Optional[PathLike] = None,
+    amp: AmpSpec = None,
+    vc_gt: str = "train_id",
+    distributed: bool = False,
+    progress: bool = True,
 ) -> EvalReport:
-    """:func:`evaluate_split` on ``<data.root>/<split>`` with the settings of a ``DataConfig``.
-
-    Builds the index, the test transform (``data.scale``, ``data.size_divisor``), the class
-    count and palette of ``data.kind``; ``kwargs`` go to ``evaluate_split`` (``write_dir``,
-    ``amp``, ``distributed``, ``vc_gt``, ``progress`` …).
+    """:func:`evaluate_split` on ``<data.root>/<split>`` with the settings of a ``DataConfig``:
+    test transform from ``data.scale`` / ``data.size_divisor``, class count and palette from
+    ``data.kind``. The other arguments are those of ``evaluate_split``.
     """
     _, palette = dataset_classes(data.kind)
-    index = VSPWIndex(data.root, split)
-    transform = TestTransform(scale=data.scale, size_divisor=data.size_divisor)
     return evaluate_split(
         model,
-        index,
+        VSPWIndex(data.root, split),
         clip_len=clip_len,
-        transform=transform,
+        transform=TestTransform(scale=data.scale, size_divisor=data.size_divisor),
         device=device,
         num_classes=data.num_classes,
+        write_dir=write_dir,
         palette=palette,
+        amp=amp,
+        vc_gt=vc_gt,
         max_videos=max_videos,
-        **kwargs,  # type: ignore[arg-type]
+        distributed=distributed,
+        progress=progress,
     )
 
 

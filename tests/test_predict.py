@@ -165,5 +165,6 @@ def test_predict_cli_on_a_generated_video_and_frame_folder(tmp_path):
     stems = ["00000007", "00000008", "00000009"]
     for stem, frame in zip(stems, clip):
         Image.fromarray(frame).save(folder / f"{stem}.png")
-    assert main(["predict", str(folder), "--out", str(tmp_path / "b"), "--clip-len", "2", *args]) == 0
-    _check_predict_outputs(tmp_path / "b", stems, (48, 64))
+    out = tmp_path / "b"
+    assert main(["predict", str(folder), "--out", str(out), "--clip-len", "2", *args]) == 0
+    _check_predict_outputs(out, stems, (48, 64))

@@ -13,7 +13,7 @@ import logging
 from typing import Optional, Sequence
 
 # Order = order in ``themask --help``.
-COMMAND_MODULES: tuple = ("check_data", "make_toy_data", "eval", "predict")
+COMMAND_MODULES: tuple = ("check_data", "make_toy_data", "eval", "predict", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

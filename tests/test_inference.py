@@ -249,3 +249,46 @@ def test_eval_cli_reports_the_metrics_of_the_saved_model(tmp_path, capsys):
     assert payload["metrics"]["num_frames"] == expected["num_frames"]
     written = list((tmp_path / "preds").glob("*/*.png"))
     assert len(written) == expected["num_frames"]
+
+
+def _ddp_eval_worker(rank, world, init_file, root, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = evaluate_split(
+            ColourCodedModel(),
+            VSPWIndex(root, "val"),
+            clip_len=2,
+            transform=identity_transform,
+            device="cpu",
+            num_classes=K,
+            vc_lengths=(3,),
+            distributed=True,
+            progress=False,
+        )
+        torch.save(results.summary() | {"n": results["num_frames"]}, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_evaluation_splits_videos_and_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    _make_tree(tmp_path / "vspw", np.random.default_rng(3))
+    single = evaluate_split(
+        ColourCodedModel(),
+        VSPWIndex(tmp_path / "vspw", "val"),
+        clip_len=2,
+        transform=identity_transform,
+        device="cpu",
+        num_classes=K,
+        vc_lengths=(3,),
+        progress=False,
+    )
+    args = (2, str(tmp_path / "init"), str(tmp_path / "vspw"), str(tmp_path))
+    mp.spawn(_ddp_eval_worker, args=args, nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert got.pop("n") == single["num_frames"] == 20
+        assert got == pytest.approx(single.summary())

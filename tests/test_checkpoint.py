@@ -416,8 +416,10 @@ def test_infer_preset_distinguishes_variants():
         with torch.device("meta"):
             model = build_model(name)
         assert infer_preset(model.state_dict()) == name
-    with pytest.raises(ValueError, match="match no MiT variant"):
-        infer_preset(build_model("themask_tiny_t1").state_dict())
+    assert infer_preset(build_model("mask2former_tiny").state_dict()) == "themask_tiny_t1"
+    assert infer_preset(build_model("themask_tiny_t2").state_dict()) == "themask_tiny_t2"
+    with pytest.raises(ValueError, match="no preset has this architecture"):
+        infer_preset(build_model("themask_tiny_t1", decoder_layers=2).state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -496,3 +498,43 @@ def test_load_model_rejects_foreign_files(tmp_path):
     save_file({"x": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="themask_config"):
         load_model(path)
+
+
+# --------------------------------------------------------------------------- themask convert
+
+
+def test_convert_command_official_checkpoint_infers_preset(tmp_path, capsys):
+    from themask.cli import main
+
+    model = _randomised(build_model("themask_tiny_t2", num_classes=6), seed=6)
+    src = tmp_path / "iter_12000.pth"
+    torch.save(
+        {"meta": {"iter": 12000}, "state_dict": to_official_state_dict(model.state_dict())}, src
+    )
+    dst = tmp_path / "converted.safetensors"
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert "6 classes" in capsys.readouterr().out
+    loaded = load_model(dst)
+    assert loaded.config.decoder == "temporal" and loaded.num_classes == 6
+    assert loaded.config.backbone_embed_dims == model.config.backbone_embed_dims
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_convert_command_mit_weights_need_a_preset(tmp_path):
+    from themask.cli import main
+
+    backbone = _randomised(build_model("themask_tiny_t1").backbone, seed=7)
+    src = tmp_path / "mit_tiny.pth"
+    torch.save(mit_ours_to_original(backbone.state_dict()), src)
+    dst = tmp_path / "fresh.safetensors"
+    with pytest.raises(ValueError, match="preset"):
+        main(["convert", str(src), str(dst)])
+    assert (
+        main(["convert", str(src), str(dst), "--preset", "themask_tiny_t1", "--num-classes", "3"])
+        == 0
+    )
+    loaded = load_model(dst)
+    assert loaded.num_classes == 3 and loaded.config.decoder == "single"
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(loaded.backbone.state_dict()[key], value), key

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from themask.io import PathLike, atomic_write
-from themask.modeling.build import build_model_from_config
+from themask.modeling.build import build_model, build_model_from_config, list_presets, preset_config
 from themask.modeling.config import ModelConfig
 from themask.modeling.mit import MIT_VARIANTS
 from themask.modeling.themask import THEMask
@@ -355,13 +355,23 @@ def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
     return mit_original_to_ours(state_dict)
 
 
-def load_backbone_weights(backbone: nn.Module, path: PathLike) -> None:
-    """Load MiT weights from ``path`` (any supported layout) into ``backbone``, strictly."""
-    state_dict = read_state_dict(path)
+def load_backbone_state_dict(
+    backbone: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "state dict"
+) -> str:
+    """Load MiT weights (any supported layout) into ``backbone`` strictly; returns the layout."""
     layout = detect_mit_layout(_select_backbone_keys(state_dict))
     converted = convert_mit_state_dict(state_dict)
-    load_strict(backbone, converted, what=f"MiT weights {path} ({layout} layout)")
-    logger.info("loaded MiT weights from %s (%s layout, %d tensors)", path, layout, len(converted))
+    load_strict(backbone, converted, what=f"MiT weights {source} ({layout} layout)")
+    logger.info(
+        "loaded MiT weights from %s (%s layout, %d tensors)", source, layout, len(converted)
+    )
+    return layout
+
+
+def load_backbone_weights(backbone: nn.Module, path: PathLike) -> None:
+    """Load MiT weights from ``path`` (file or Hugging Face directory, any supported layout)
+    into ``backbone``, strictly."""
+    load_backbone_state_dict(backbone, read_state_dict(path), source=str(path))
 
 
 # --------------------------------------------------------------------------- official THE-Mask
@@ -512,38 +522,63 @@ def _as_ours(state_dict: Mapping[str, Tensor]) -> StateDict:
     return convert_official_state_dict(state_dict) if _is_official(state_dict) else dict(state_dict)
 
 
-def infer_preset(state_dict: Mapping[str, Tensor]) -> str:
-    """The preset (``themask_mit_bX_t1`` / ``_t2``) a full-model state dict (ours or official)
-    belongs to, from the backbone's widths and block counts and the presence of the TAD.
+def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
+    """The shape facts of a full-model state dict (our names) that presets differ in."""
 
-    A ``mask2former_mit_bX`` checkpoint has the same network as ``themask_mit_bX_t1`` and is
-    reported as such (the presets differ only in the training objective).
-    """
-    ours = _as_ours(state_dict)
-    widths, depths = [], []
+    def count(pattern: str) -> int:
+        regex = re.compile(pattern)
+        return len({m.group(1) for key in ours if (m := regex.match(key))})
+
+    widths = []
     for stage in range(4):
         weight = ours.get(f"backbone.stages.{stage}.patch_embed.proj.weight")
         if weight is None:
             raise ValueError(f"infer_preset: no backbone stage {stage} in the state dict")
         widths.append(int(weight.shape[0]))
-        pattern = re.compile(rf"backbone\.stages\.{stage}\.blocks\.(\d+)\.")
-        blocks = {m.group(1) for key in ours if (m := pattern.match(key))}
-        depths.append(len(blocks))
-    variant = next(
-        (
-            name
-            for name, spec in MIT_VARIANTS.items()
-            if tuple(spec["embed_dims"]) == tuple(widths) and tuple(spec["depths"]) == tuple(depths)
-        ),
-        None,
+    queries = ours.get("decoder.query_feat.weight")
+    if queries is None:
+        raise ValueError("infer_preset: no decoder.query_feat.weight (not a full model?)")
+    return dict(
+        widths=tuple(widths),
+        depths=tuple(count(rf"backbone\.stages\.{s}\.blocks\.(\d+)\.") for s in range(4)),
+        temporal=any(key.startswith("decoder.temporal.") for key in ours),
+        num_queries=int(queries.shape[0]),
+        hidden_dim=int(queries.shape[1]),
+        decoder_layers=count(r"decoder\.layers\.(\d+)\."),
+        pixel_decoder_layers=count(r"pixel_decoder\.encoder_layers\.(\d+)\."),
     )
-    if variant is None:
+
+
+def _architecture_of_config(config: ModelConfig) -> dict:
+    variant = MIT_VARIANTS[config.backbone]
+    return dict(
+        widths=tuple(config.backbone_embed_dims or variant["embed_dims"]),
+        depths=tuple(config.backbone_depths or variant["depths"]),
+        temporal=config.decoder == "temporal",
+        num_queries=config.num_queries,
+        hidden_dim=config.hidden_dim,
+        decoder_layers=config.decoder_layers,
+        pixel_decoder_layers=config.pixel_decoder_layers,
+    )
+
+
+def infer_preset(state_dict: Mapping[str, Tensor]) -> str:
+    """The preset a full-model state dict (ours or official) was built from, found by
+    comparing backbone widths and block counts, decoder kind, queries, hidden width and layer
+    counts with every preset (e.g. ``themask_mit_b1_t1`` / ``themask_mit_b1_t2``).
+
+    A ``mask2former_*`` checkpoint has the same network as the ``themask_*_t1`` preset and is
+    reported as the latter (the presets differ only in the training objective).
+    """
+    found = _architecture_of_state(_as_ours(state_dict))
+    matches = [
+        name for name in list_presets() if _architecture_of_config(preset_config(name)) == found
+    ]
+    if not matches:
         raise ValueError(
-            f"infer_preset: backbone widths {widths} and depths {depths} match no MiT variant "
-            f"({sorted(MIT_VARIANTS)}); pass the preset explicitly"
+            f"infer_preset: no preset has this architecture {found}; pass one explicitly"
         )
-    temporal = any(key.startswith("decoder.temporal.") for key in ours)
-    return f"themask_{variant}_{'t2' if temporal else 't1'}"
+    return min(matches, key=lambda name: (not name.startswith("themask_"), name))
 
 
 def infer_num_classes(state_dict: Mapping[str, Tensor]) -> int:
@@ -676,3 +711,51 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> T
     model = build_model_from_config(read_model_config(path))
     load_strict(model, load_file(str(path), device="cpu"), what=str(path))
     return model.to(map_location)
+
+
+def _is_themask_file(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        return CONFIG_METADATA_KEY in (handle.metadata() or {})
+
+
+def model_from_weights(
+    path: PathLike, *, preset: str | None = None, num_classes: int | None = None
+) -> THEMask:
+    """A ``THEMask`` holding the weights at ``path``, whatever their layout:
+
+    - our own file (``save_model``): rebuilt from its config (``preset``/``num_classes`` must
+      then be left out);
+    - a full-model state dict, official THE-Mask names or ours (e.g. a training checkpoint):
+      ``preset`` and ``num_classes`` are inferred from the shapes unless given;
+    - MiT ImageNet weights (original / Hugging Face / mmseg 1.x): a fresh model of ``preset``
+      (required) with ``num_classes`` (default 124) and these backbone weights.
+    """
+    source = Path(path)
+    if _is_themask_file(source):
+        if preset is not None or num_classes is not None:
+            raise ValueError(f"{path} is a themask model file; it fixes its own preset")
+        return load_model(source)
+    state_dict = read_state_dict(source)
+    if _is_official(state_dict) or any(key.startswith("decoder.") for key in state_dict):
+        layout = "official THE-Mask" if _is_official(state_dict) else "themask"
+        ours = _as_ours(state_dict)
+        preset = preset or infer_preset(ours)
+        num_classes = num_classes if num_classes is not None else infer_num_classes(ours)
+        model = build_model(preset, num_classes=num_classes)
+        load_strict(model, ours, what=f"{path} ({layout} layout) → preset {preset}")
+    else:
+        if preset is None:
+            raise ValueError(f"{path}: MiT backbone weights only; name the model with a preset")
+        model = build_model(preset, num_classes=124 if num_classes is None else num_classes)
+        layout = "MiT " + load_backbone_state_dict(model.backbone, state_dict, source=str(path))
+    logger.info(
+        "%s: %s weights → preset %s, %d classes, %.2f M parameters",
+        path,
+        layout,
+        preset,
+        model.num_classes,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return model

@@ -97,6 +97,7 @@ def test_evaluate_split_matches_independent_metrics(tmp_path, clip_len):
     truth = _make_tree(tmp_path / "vspw", np.random.default_rng(clip_len))
     index = VSPWIndex(tmp_path / "vspw", "val")
     model = ColourCodedModel().train()
+    model.frozen = nn.Linear(1, 1).eval()  # as a trainer keeps frozen parts
     out_dir = tmp_path / "preds"
     results = evaluate_split(
         model,
@@ -110,7 +111,7 @@ def test_evaluate_split_matches_independent_metrics(tmp_path, clip_len):
         vc_lengths=(3, 8),
         progress=False,
     )
-    assert model.training  # mode restored
+    assert model.training and not model.frozen.training  # modes restored module by module
     conf = np.zeros((K, K), dtype=np.int64)
     for preds, raws in truth.values():
         for p, r in zip(preds, raws):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (
@@ -111,6 +111,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; afterwards every submodule gets its own previous mode back
+    (a trainer may keep frozen parts in eval mode while the rest trains)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def evaluate_split(
     model: nn.Module,
     index: VSPWIndex,
@@ -154,8 +167,6 @@ def evaluate_split(
         raise ValueError(f"evaluate_split: split '{index.split}' of {index.root} has no masks")
     device = torch.device(device)
     net = _unwrap(model)
-    was_training = net.training
-    net.eval()
     seg = SegmentationAccumulator(num_classes=num_classes, ignore_index=IGNORE_INDEX, device=device)
     vcs = {n: VideoConsistencyAccumulator(n, device=device) for n in vc_lengths}
     videos = index.videos[:max_videos] if max_videos is not None else index.videos
@@ -167,39 +178,26 @@ def evaluate_split(
         unit="frame",
         disable=not (progress and (is_main() or not distributed)),
     )
-    try:
+    with _eval_mode(net), bar:
         for video in mine:
             for vc in vcs.values():
                 vc.start_video()
-            pending: Dict[int, Tensor] = {}
-            next_frame = 0
-            for clip in test_clips(len(video), clip_len, stride=clip_stride):
-                frames = [read_frame(video.frame_paths[i]) for i in clip]
-                inputs = transform(frames).unsqueeze(0).to(device)  # (1, T, 3, h, w)
-                with torch.no_grad(), _autocast(device, amp):
-                    scores = net(inputs)  # (1, T, K, h, w)
-                labels = scores_to_labels(scores[0], frames[0].shape[:2])  # (T, H, W)
-                pending.update(zip(clip, labels))
-                while next_frame in pending:  # clips may come out of frame order (T = 2, 4)
-                    pred = pending.pop(next_frame)
-                    _score_frame(video, next_frame, pred, seg, vcs, num_classes, vc_gt)
-                    if write_dir is not None:
-                        stem = video.frame_paths[next_frame].stem
-                        save_label_png(
-                            pred.to("cpu", torch.uint8).numpy(),
-                            Path(write_dir) / video.name / f"{stem}.png",
-                            palette,
-                        )
-                    next_frame += 1
-                    bar.update(1)
-            if pending or next_frame != len(video):
-                raise RuntimeError(f"test clips of {video.name} did not cover every frame once")
+            predictions = _predict_in_frame_order(
+                net, video, clip_len=clip_len, clip_stride=clip_stride, transform=transform,
+                device=device, amp=amp,
+            )
+            for frame, pred in predictions:  # pred: (H, W) int64
+                _score_frame(video, frame, pred, seg, vcs, num_classes, vc_gt)
+                if write_dir is not None:
+                    save_label_png(
+                        pred.to("cpu", torch.uint8).numpy(),
+                        Path(write_dir) / video.name / f"{video.frame_paths[frame].stem}.png",
+                        palette,
+                    )
+                bar.update(1)
             for vc in vcs.values():
                 vc.end_video()
             counts += torch.tensor([1.0, len(video)], dtype=torch.float64, device=device)
-    finally:
-        bar.close()
-        net.train(was_training)
     if distributed:
         seg.all_reduce()
         for vc in vcs.values():
@@ -260,6 +258,36 @@ def evaluate_data(
         distributed=distributed,
         progress=progress,
     )
+
+
+def _predict_in_frame_order(
+    net: nn.Module,
+    video: Video,
+    *,
+    clip_len: int,
+    clip_stride: int,
+    transform: Transform,
+    device: torch.device,
+    amp: AmpSpec,
+) -> Iterator[Tuple[int, Tensor]]:
+    """Yield ``(frame index, labels (H, W))`` of every frame of ``video`` in frame order.
+
+    Test clips may come out of frame order (T = 2: {0, 3}, {1, 4}, {2, 5}); a frame waits
+    only until all earlier frames are predicted.
+    """
+    pending: Dict[int, Tensor] = {}
+    next_frame = 0
+    for clip in test_clips(len(video), clip_len, stride=clip_stride):
+        frames = [read_frame(video.frame_paths[i]) for i in clip]
+        inputs = transform(frames).unsqueeze(0).to(device)  # (1, T, 3, h, w)
+        with torch.no_grad(), _autocast(device, amp):
+            scores = net(inputs)  # (1, T, K, h, w)
+        pending.update(zip(clip, scores_to_labels(scores[0], frames[0].shape[:2])))
+        while next_frame in pending:
+            yield next_frame, pending.pop(next_frame)
+            next_frame += 1
+    if pending or next_frame != len(video):
+        raise RuntimeError(f"test clips of {video.name} did not cover every frame once")
 
 
 def _score_frame(
@@ -358,15 +386,11 @@ def predict_video(
     """
     device = torch.device(device)
     net = _unwrap(model)
-    was_training = net.training
-    net.eval()
     predictor = StreamingPredictor(net, clip_len=clip_len, step=step)
-    try:
+    with _eval_mode(net):
         for t, frame in enumerate(frames_iter):
             inputs = transform([frame])[0].to(device)  # (3, h, w)
             with _autocast(device, amp):
                 scores = predictor.push(inputs)
             labels = scores_to_labels(scores[None], frame.shape[:2])[0]
             yield FramePrediction(index=t, frame=frame, labels=labels.cpu().numpy())
-    finally:
-        net.train(was_training)

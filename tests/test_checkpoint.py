@@ -283,6 +283,17 @@ def test_head_is_dropped_and_model_mismatch_is_reported(tmp_path, original):
         load_backbone_weights(wider, path)
 
 
+class _Pickled:
+    """A non-tensor object a weights-only load must refuse."""
+
+
+def test_read_state_dict_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "unsafe.pth"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "meta": {"obj": _Pickled()}}, path)
+    with pytest.raises(ValueError, match=r"_Pickled, which a safe \(weights-only\) load refuses"):
+        read_state_dict(path)
+
+
 def test_read_state_dict_rejects_unknown_files(tmp_path):
     (tmp_path / "w.ckpt").write_bytes(b"xx")
     with pytest.raises(ValueError, match="unknown weights format"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 import re
 import typing
 from collections.abc import Mapping
@@ -68,7 +69,16 @@ def read_state_dict(path: PathLike) -> StateDict:
     if source.suffix == ".safetensors":
         loaded: object = load_file(str(source), device="cpu")
     elif source.suffix in _TORCH_SUFFIXES:
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            what = found.group(1) if found else "non-tensor objects"
+            raise ValueError(
+                f"{path}: holds {what}, which a safe (weights-only) load refuses. If you trust "
+                "the file, re-save just its state dict: "
+                "torch.save(torch.load(SRC, weights_only=False)['state_dict'], DST)"
+            ) from None
     else:
         raise ValueError(
             f"{path}: unknown weights format {source.suffix!r}; expected .safetensors, "

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 from typing import Optional, Sequence
 
 # Order = order in ``themask --help``.
-COMMAND_MODULES: tuple = ("check_data", "make_toy_data", "eval", "predict", "convert")
+COMMAND_MODULES: tuple = (
+    "train",
+    "check_data",
+    "make_toy_data",
+    "eval",
+    "predict",
+    "convert",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from themask.logger import setup_logging
+
+    # torchrun sets RANK: only rank 0 logs below WARNING
+    setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
     return int(args.func(args) or 0)

@@ -42,6 +42,11 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def get_rank_from_env() -> int:
+    """This process's rank as set by torchrun (0 without torchrun), before any set-up."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main() -> bool:
     """True on rank 0 (and in a single-process run): only this process writes files."""
     return get_rank() == 0

@@ -1,0 +1,486 @@
+"""Iteration-based training loop (DESIGN.md §6): one ``Trainer`` for 1 process or DDP.
+
+A run directory holds:
+
+* ``config.yaml`` (resolved config) and ``run_info.json`` (git revision, world size);
+* ``checkpoint.pt``: the latest full training state, written atomically every
+  ``train.checkpoint_interval`` steps (model, optimizer, grad scaler, per-rank RNG states,
+  step, data position); it loads with ``torch.load(weights_only=True)``;
+* ``metrics.jsonl`` and ``tensorboard/`` (train terms every ``log_interval`` steps, eval
+  metrics after each evaluation); ``train.log``;
+* ``model.safetensors``: the final weights (``themask.checkpoint.save_model``).
+
+``--resume`` reloads ``checkpoint.pt`` and continues so that the remaining losses and the
+final weights equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from themask import distributed
+from themask.config import FREEZABLE_MODULES, RunConfig, save_config, to_dict
+from themask.io import PathLike, atomic_write
+from themask.logger import MetricWriter, git_revision
+from themask.optim import build_optimizer, poly_lr, set_learning_rate
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FINAL_WEIGHTS_NAME = "model.safetensors"
+
+# (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, terms)
+LossFn = Callable[..., Tuple[Tensor, Dict[str, float]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state as plain Python values (loadable with weights_only=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states; NumPy's as lists and ints."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state(
+        (np_name, np.asarray(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss)
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
+    """Write a training state atomically: a crash mid-write keeps the previous file."""
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Read a training state written by ``save_checkpoint`` (tensors and plain values only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# model set-up helpers
+
+
+def freeze_modules(model: nn.Module, names: List[str]) -> List[nn.Module]:
+    """Stop gradients of ``model.<name>`` for each name; returns the frozen modules."""
+    frozen = []
+    for name in names:
+        if name not in FREEZABLE_MODULES or not hasattr(model, name):
+            raise ValueError(f"train.freeze: cannot freeze '{name}'; valid: {FREEZABLE_MODULES}")
+        module = getattr(model, name)
+        module.requires_grad_(False)
+        frozen.append(module)
+    return frozen
+
+
+class _WrappedModelView:
+    """What ``training_loss`` reads of a model, for a DDP-wrapped one: calls go through the
+    wrapper (gradient synchronisation), attributes (``config``, ``is_temporal``) come from
+    the network inside."""
+
+    def __init__(self, wrapper: nn.Module, model: nn.Module) -> None:
+        self._wrapper = wrapper
+        self._model = model
+
+    def __call__(self, frames: Tensor) -> Any:
+        return self._wrapper(frames)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def autocast_context(mode: str, device: torch.device) -> ContextManager:
+    """``amp``: "off", "bf16" (CPU or CUDA) or "fp16" (CUDA only, with a grad scaler)."""
+    if mode == "off":
+        return nullcontext()
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or off on CPU")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: List[float] = field(default_factory=list)  # mean total loss of each step run here
+    eval_metrics: Optional[Dict[str, float]] = None
+    weights_path: Optional[Path] = None
+
+
+class Trainer:
+    """Trains ``cfg`` into ``run_dir``.
+
+    ``model``/``loss_fn``/``batches`` default to those built from ``cfg`` (preset model,
+    ``themask.loss.api.training_loss``, the data module's infinite train loader);
+    passing them in is for tests and custom runs. ``batches(start_batch)`` must return an
+    iterator of ``Batch`` for this process that starts after ``start_batch`` consumed batches.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: PathLike,
+        *,
+        resume: bool = False,
+        device: Optional[str] = None,
+        model: Optional[nn.Module] = None,
+        loss_fn: Optional[LossFn] = None,
+        batches: Optional[Callable[[int], Iterator[Any]]] = None,
+        evaluate: bool = True,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.dist = distributed.init_distributed(device)
+        self.device = self.dist.device
+        self.is_main = self.dist.is_main
+        self.per_process_batch = cfg.train.per_process_batch(self.dist.world_size)
+        self.evaluate_enabled = evaluate
+        self.progress = progress
+        if cfg.train.max_steps <= 0:
+            raise ValueError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
+
+        seed_everything(distributed.rank_seed(cfg.train.seed, 0))  # same init on every rank
+        self.model = model if model is not None else self._build_model()
+        if cfg.train.init_from and not resume:
+            self._init_from(cfg.train.init_from)
+        self.frozen = freeze_modules(self.model, list(cfg.train.freeze))
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(
+            self.model,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            backbone_lr_mult=cfg.train.backbone_lr_mult,
+        )
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        use_scaler = cfg.train.amp == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.ddp_model: nn.Module = self.model
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.loss_model: Any = self.model
+        if self.ddp_model is not self.model:
+            self.loss_model = _WrappedModelView(self.ddp_model, self.model)
+        if loss_fn is None:
+            from themask.loss.api import training_loss
+
+            loss_fn = training_loss
+        self.loss_fn = loss_fn
+        self._batches_fn = batches if batches is not None else self._default_batches
+        seed_everything(distributed.rank_seed(cfg.train.seed, self.dist.rank))
+
+        self.step = 0
+        self._resume_state: Optional[Dict[str, Any]] = None
+        if resume:
+            self._resume_state = self._load_resume_state()
+
+        self.writer: Optional[MetricWriter] = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            info = {"git_revision": git_revision(), "world_size": self.dist.world_size}
+            with atomic_write(self.run_dir / "run_info.json") as tmp:
+                tmp.write_text(json.dumps(info, indent=2))
+            self.writer = MetricWriter(self.run_dir)
+            if resume:
+                self.writer.truncate_after(self.step)
+            logger.info("git revision %s; run dir %s", info["git_revision"], self.run_dir)
+            logger.info("config:\n%s", json.dumps(to_dict(cfg), indent=1))
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _build_model(self) -> nn.Module:
+        from themask.modeling.build import build_model_from_config
+
+        model = build_model_from_config(self.cfg.model)
+        if self.cfg.pretrained_backbone:
+            from themask.checkpoint import load_backbone_weights
+
+            load_backbone_weights(model.backbone, self.cfg.pretrained_backbone)
+            logger.info("backbone weights from %s", self.cfg.pretrained_backbone)
+        return model
+
+    def _init_from(self, path: str) -> None:
+        from themask.checkpoint import load_stage1_into_temporal, read_state_dict
+
+        state_dict = read_state_dict(path)
+        load_stage1_into_temporal(self.model, state_dict, head_init=self.cfg.train.head_init)
+        logger.info("initialised from %s (head_init=%s)", path, self.cfg.train.head_init)
+
+    def _default_batches(self, start_batch: int) -> Iterator[Any]:
+        from themask.data.loader import build_train_loader
+
+        # one optimizer step consumes grad_accum batches
+        loader = build_train_loader(
+            self.cfg.data,
+            batch_size=self.per_process_batch,
+            seed=self.cfg.train.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            start_batch=start_batch,
+        )
+        return iter(loader)
+
+    def _load_resume_state(self) -> Optional[Dict[str, Any]]:
+        path = self.run_dir / CHECKPOINT_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} in {self.run_dir}")
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", path, self.step)
+        return state
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _gather_rng_states(self) -> List[Dict[str, Any]]:
+        local = get_rng_state()
+        if self.dist.world_size == 1:
+            return [local]
+        gathered: List[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, local)
+        return gathered
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """The full training state after ``self.step`` optimizer steps (call on every rank)."""
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "rng": self._gather_rng_states(),
+            "data": {"batches_consumed": self.step * self.cfg.train.grad_accum},
+            "world_size": self.dist.world_size,
+            "config": to_dict(self.cfg),
+        }
+
+    def save(self) -> None:
+        state = self.checkpoint_state()  # collective: every rank takes part
+        if self.is_main:
+            save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
+            logger.info("checkpoint at step %d", self.step)
+        distributed.barrier()
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _set_train_mode(self) -> None:
+        """Train mode; frozen modules stay in eval mode (no stochastic depth in them)."""
+        self.model.train()
+        for module in self.frozen:
+            module.eval()
+
+    def _forward_backward(self, batch: Any, step: int, last_micro: bool) -> Dict[str, float]:
+        frames = batch.frames.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        sync = nullcontext()
+        if self.ddp_model is not self.model and not last_micro:
+            sync = self.ddp_model.no_sync()  # type: ignore[assignment]
+        with sync:
+            with autocast_context(self.cfg.train.amp, self.device):
+                total, terms = self.loss_fn(self.loss_model, frames, labels, step=step)
+            loss = total / self.cfg.train.grad_accum
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        terms = {k: float(v) for k, v in terms.items()}
+        terms["loss"] = float(total.detach())
+        return terms
+
+    def _optimizer_step(self) -> float:
+        clip = self.cfg.train.clip_grad_norm
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip > 0 else float("inf"))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return float(norm)
+
+    def _reduce_terms(self, terms: Dict[str, float]) -> Dict[str, float]:
+        if self.dist.world_size == 1:
+            return terms
+        names = sorted(terms)
+        values = torch.tensor([terms[n] for n in names], dtype=torch.float64, device=self.device)
+        values = distributed.all_reduce_mean(values)
+        return dict(zip(names, values.tolist()))
+
+    def train(self) -> TrainResult:
+        """Run until ``train.max_steps``; returns the losses of the steps run here."""
+        tcfg = self.cfg.train
+        result = TrainResult(step=self.step)
+        batches = self._batches_fn(self.step * tcfg.grad_accum)
+        if self._resume_state is not None:
+            # after the loader exists (creating it may draw from the RNGs)
+            rng = self._resume_state["rng"]
+            if len(rng) == self.dist.world_size:
+                set_rng_state(rng[self.dist.rank])
+            else:
+                logger.warning(
+                    "checkpoint has RNG states of %d processes, this run has %d: reseeding",
+                    len(rng),
+                    self.dist.world_size,
+                )
+                seed_everything(distributed.rank_seed(tcfg.seed + self.step, self.dist.rank))
+            self._resume_state = None
+        bar = None
+        if self.is_main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self._set_train_mode()
+        try:
+            while self.step < tcfg.max_steps:
+                lr = poly_lr(self.step, tcfg.lr, tcfg.max_steps, tcfg.poly_power)
+                set_learning_rate(self.optimizer, lr)
+                self.optimizer.zero_grad(set_to_none=True)
+                sums: Dict[str, float] = {}
+                for micro in range(tcfg.grad_accum):
+                    terms = self._forward_backward(
+                        next(batches), self.step, micro == tcfg.grad_accum - 1
+                    )
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v / tcfg.grad_accum
+                grad_norm = self._optimizer_step()
+                self.step += 1
+                terms = self._reduce_terms(sums)
+                result.losses.append(terms["loss"])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{terms['loss']:.3f}",
+                        m1=f"{terms.get('matched_fraction_round1', float('nan')):.3f}",
+                        m2=f"{terms.get('matched_fraction_round2', float('nan')):.3f}",
+                    )
+                if self.writer is not None and (
+                    self.step % tcfg.log_interval == 0 or self.step == tcfg.max_steps
+                ):
+                    self.writer.write(self.step, {**terms, "lr": lr, "grad_norm": grad_norm})
+                    logger.debug("step %d loss %.4f lr %.3g", self.step, terms["loss"], lr)
+                if self.step % tcfg.checkpoint_interval == 0 or self.step == tcfg.max_steps:
+                    self.save()
+                periodic = tcfg.eval_interval > 0 and self.step % tcfg.eval_interval == 0
+                final = self.step == tcfg.max_steps and tcfg.eval_at_end
+                if self.evaluate_enabled and (periodic or final):
+                    result.eval_metrics = self.run_evaluation()
+                    self._set_train_mode()
+        finally:
+            if bar is not None:
+                bar.close()
+        result.step = self.step
+        if self.is_main:
+            result.weights_path = self.save_final_weights()
+        if self.writer is not None:
+            self.writer.close()
+        distributed.barrier()
+        return result
+
+    def save_final_weights(self) -> Path:
+        from themask.checkpoint import save_model
+
+        path = self.run_dir / FINAL_WEIGHTS_NAME
+        save_model(self.model, path)
+        logger.info("final weights: %s", path)
+        return path
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def run_evaluation(self) -> Optional[Dict[str, float]]:
+        """Evaluate on ``data.val_split`` (all ranks take part) and log the scalar metrics."""
+        rng = get_rng_state()  # evaluation must not change the training random stream
+        results = evaluate_config(
+            self.model, self.cfg, device=self.device, progress=self.progress and self.is_main
+        )
+        set_rng_state(rng)
+        metrics = scalar_metrics(results)
+        if self.writer is not None:
+            self.writer.write(self.step, metrics, tag="eval")
+        logger.info(
+            "eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        )
+        return metrics
+
+
+def evaluate_config(
+    model: nn.Module, cfg: RunConfig, *, device: torch.device, progress: bool = True
+) -> Dict[str, object]:
+    """``evaluate_split`` on ``cfg.data.val_split`` with the test protocol of ``cfg``.
+
+    Under torch.distributed every rank must call it (videos are split over the ranks).
+    """
+    from themask.data.config import dataset_classes
+    from themask.data.transforms import TestTransform
+    from themask.data.vspw import VSPWIndex
+    from themask.evaluation.inference import evaluate_split
+
+    data = cfg.data
+    index = VSPWIndex(data.root, data.val_split)
+    transform = TestTransform(scale=data.scale, size_divisor=data.size_divisor)
+    return evaluate_split(
+        model,
+        index,
+        clip_len=data.eval_clip_len,
+        transform=transform,
+        device=device,
+        num_classes=data.num_classes,
+        palette=dataset_classes(data.kind)[1],
+        amp=cfg.eval.amp,
+        max_videos=cfg.eval.max_videos,
+        progress=progress,
+    )
+
+
+def scalar_metrics(results: Dict[str, object]) -> Dict[str, float]:
+    """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
+    return {
+        k: float(v)  # type: ignore[arg-type]
+        for k, v in results.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }

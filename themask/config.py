@@ -16,10 +16,12 @@ is written to the run directory (``save_config``) and can be loaded again unchan
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -28,6 +30,9 @@ from themask.io import PathLike, atomic_write
 from themask.modeling.config import ModelConfig
 
 FREEZABLE_MODULES = ("backbone", "pixel_decoder")
+
+
+_UnionType = getattr(types, "UnionType", None)  # ``X | Y`` annotations (Python 3.10+)
 
 
 class ConfigError(ValueError):
@@ -56,8 +61,8 @@ class TrainConfig:
     checkpoint_interval: int = 4000
     eval_interval: int = 16_000  # 0: evaluate only at the end
     eval_at_end: bool = True
-    freeze: List[str] = field(default_factory=list)  # subset of FREEZABLE_MODULES
-    init_from: Optional[str] = None  # stage-1 weights for stage 2
+    freeze: list[str] = field(default_factory=list)  # subset of FREEZABLE_MODULES
+    init_from: Optional[str] = None  # noqa: UP045 (get_type_hints on Python 3.9)
     head_init: Literal["official", "copy"] = "official"
 
     def per_process_batch(self, world_size: int) -> int:
@@ -79,7 +84,7 @@ class EvalConfig:
     ``data.test_clip_len``), shared with the data pipeline.
     """
 
-    max_videos: Optional[int] = None  # evaluate only the first videos (quick checks)
+    max_videos: Optional[int] = None  # noqa: UP045 (first videos only: quick checks)
     amp: Literal["off", "bf16", "fp16"] = "off"
 
 
@@ -88,7 +93,7 @@ class RunConfig:
     """Everything a training run needs. ``model`` is the resolved preset + overrides."""
 
     preset: str = "themask_mit_b1_t1"
-    pretrained_backbone: Optional[str] = None  # MiT ImageNet weights (any supported layout)
+    pretrained_backbone: Optional[str] = None  # noqa: UP045 (MiT ImageNet weights)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -109,7 +114,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
-    if origin is Union:
+    if origin is Union or (_UnionType is not None and origin is _UnionType):
         if value is None and type(None) in args:
             return None
         options = [arg for arg in args if arg is not type(None)]
@@ -167,7 +172,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
-def _field_types(cls: type) -> Dict[str, Any]:
+def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -193,7 +198,7 @@ def _update_dataclass(obj: Any, values: Mapping[str, Any], prefix: str = "") -> 
         raise ConfigError(f"{prefix or 'config'}: {err}") from None
 
 
-def to_dict(cfg: Any) -> Dict[str, Any]:
+def to_dict(cfg: Any) -> dict[str, Any]:
     """Nested plain dict (lists instead of tuples) of a dataclass config, YAML/JSON ready."""
 
     def plain(value: Any) -> Any:
@@ -253,9 +258,9 @@ def preset_model_config(name: str, *, num_classes: int = 124) -> ModelConfig:
 # overrides and files
 
 
-def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """``["train.lr=2e-4", "data.dilation=[-3]"]`` → nested dict, values parsed as YAML."""
-    nested: Dict[str, Any] = {}
+    nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -278,7 +283,7 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
     return nested
 
 
-def _deep_merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
@@ -288,9 +293,9 @@ def _deep_merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any
     return merged
 
 
-def load_config(path: Optional[PathLike], overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(path: PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML run file (``None``: defaults only) and apply dotted overrides."""
-    values: Dict[str, Any] = {}
+    values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():

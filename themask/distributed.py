@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -52,7 +51,7 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
-def init_distributed(device: Union[str, torch.device, None] = None) -> DistInfo:
+def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Initialise the process group from the torchrun environment (if present).
 
     ``device``: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). The backend is NCCL

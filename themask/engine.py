@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import random
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_WEIGHTS_NAME = "model.safetensors"
 
 # (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, terms)
-LossFn = Callable[..., Tuple[Tensor, Dict[str, float]]]
+LossFn = Callable[..., tuple[Tensor, dict[str, float]]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,11 +55,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def get_rng_state() -> Dict[str, Any]:
+def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states; NumPy's as lists and ints."""
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: Dict[str, Any] = {
+    state: dict[str, Any] = {
         "python": [py_version, list(py_state), py_gauss],
         "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
         "torch": torch.get_rng_state(),
@@ -67,7 +68,7 @@ def get_rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     py_version, py_state, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
@@ -83,13 +84,13 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 # checkpoints
 
 
-def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
+def save_checkpoint(state: dict[str, Any], path: PathLike) -> None:
     """Write a training state atomically: a crash mid-write keeps the previous file."""
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+def load_checkpoint(path: PathLike) -> dict[str, Any]:
     """Read a training state written by ``save_checkpoint`` (tensors and plain values only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -98,7 +99,7 @@ def load_checkpoint(path: PathLike) -> Dict[str, Any]:
 # model set-up helpers
 
 
-def freeze_modules(model: nn.Module, names: List[str]) -> List[nn.Module]:
+def freeze_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
     """Stop gradients of ``model.<name>`` for each name; returns the frozen modules."""
     frozen = []
     for name in names:
@@ -126,7 +127,7 @@ class _WrappedModelView:
         return getattr(self._model, name)
 
 
-def autocast_context(mode: str, device: torch.device) -> ContextManager:
+def autocast_context(mode: str, device: torch.device) -> AbstractContextManager:
     """``amp``: "off", "bf16" (CPU or CUDA) or "fp16" (CUDA only, with a grad scaler)."""
     if mode == "off":
         return nullcontext()
@@ -143,9 +144,9 @@ def autocast_context(mode: str, device: torch.device) -> ContextManager:
 @dataclass
 class TrainResult:
     step: int
-    losses: List[float] = field(default_factory=list)  # mean total loss of each step run here
-    eval_metrics: Optional[Dict[str, float]] = None
-    weights_path: Optional[Path] = None
+    losses: list[float] = field(default_factory=list)  # mean total loss of each step run here
+    eval_metrics: dict[str, float] | None = None
+    weights_path: Path | None = None
 
 
 class Trainer:
@@ -163,10 +164,10 @@ class Trainer:
         run_dir: PathLike,
         *,
         resume: bool = False,
-        device: Optional[str] = None,
-        model: Optional[nn.Module] = None,
-        loss_fn: Optional[LossFn] = None,
-        batches: Optional[Callable[[int], Iterator[Any]]] = None,
+        device: str | None = None,
+        model: nn.Module | None = None,
+        loss_fn: LossFn | None = None,
+        batches: Callable[[int], Iterator[Any]] | None = None,
         evaluate: bool = True,
         progress: bool = True,
     ) -> None:
@@ -212,11 +213,11 @@ class Trainer:
         seed_everything(distributed.rank_seed(cfg.train.seed, self.dist.rank))
 
         self.step = 0
-        self._resume_state: Optional[Dict[str, Any]] = None
+        self._resume_state: dict[str, Any] | None = None
         if resume:
             self._resume_state = self._load_resume_state()
 
-        self.writer: Optional[MetricWriter] = None
+        self.writer: MetricWriter | None = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -263,7 +264,7 @@ class Trainer:
         )
         return iter(loader)
 
-    def _load_resume_state(self) -> Optional[Dict[str, Any]]:
+    def _load_resume_state(self) -> dict[str, Any] | None:
         path = self.run_dir / CHECKPOINT_NAME
         if not path.exists():
             raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} in {self.run_dir}")
@@ -278,15 +279,15 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
 
-    def _gather_rng_states(self) -> List[Dict[str, Any]]:
+    def _gather_rng_states(self) -> list[dict[str, Any]]:
         local = get_rng_state()
         if self.dist.world_size == 1:
             return [local]
-        gathered: List[Any] = [None] * self.dist.world_size
+        gathered: list[Any] = [None] * self.dist.world_size
         dist.all_gather_object(gathered, local)
         return gathered
 
-    def checkpoint_state(self) -> Dict[str, Any]:
+    def checkpoint_state(self) -> dict[str, Any]:
         """The full training state after ``self.step`` optimizer steps (call on every rank)."""
         return {
             "step": self.step,
@@ -314,7 +315,7 @@ class Trainer:
         for module in self.frozen:
             module.eval()
 
-    def _forward_backward(self, batch: Any, step: int, last_micro: bool) -> Dict[str, float]:
+    def _forward_backward(self, batch: Any, step: int, last_micro: bool) -> dict[str, float]:
         frames = batch.frames.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
         sync = nullcontext()
@@ -344,7 +345,7 @@ class Trainer:
             self.optimizer.step()
         return float(norm)
 
-    def _reduce_terms(self, terms: Dict[str, float]) -> Dict[str, float]:
+    def _reduce_terms(self, terms: dict[str, float]) -> dict[str, float]:
         if self.dist.world_size == 1:
             return terms
         names = sorted(terms)
@@ -381,7 +382,7 @@ class Trainer:
                 lr = poly_lr(self.step, tcfg.lr, tcfg.max_steps, tcfg.poly_power)
                 set_learning_rate(self.optimizer, lr)
                 self.optimizer.zero_grad(set_to_none=True)
-                sums: Dict[str, float] = {}
+                sums: dict[str, float] = {}
                 for micro in range(tcfg.grad_accum):
                     terms = self._forward_backward(
                         next(batches), self.step, micro == tcfg.grad_accum - 1
@@ -432,7 +433,7 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def run_evaluation(self) -> Optional[Dict[str, float]]:
+    def run_evaluation(self) -> dict[str, float] | None:
         """Evaluate on ``data.val_split`` (all ranks take part) and log the scalar metrics."""
         rng = get_rng_state()  # evaluation must not change the training random stream
         results = evaluate_config(
@@ -450,7 +451,7 @@ class Trainer:
 
 def evaluate_config(
     model: nn.Module, cfg: RunConfig, *, device: torch.device, progress: bool = True
-) -> Dict[str, object]:
+) -> dict[str, object]:
     """``evaluate_split`` on ``cfg.data.val_split`` with the test protocol of ``cfg``.
 
     Under torch.distributed every rank must call it (videos are split over the ranks).
@@ -477,7 +478,7 @@ def evaluate_config(
     )
 
 
-def scalar_metrics(results: Dict[str, object]) -> Dict[str, float]:
+def scalar_metrics(results: dict[str, object]) -> dict[str, float]:
     """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
     return {
         k: float(v)  # type: ignore[arg-type]

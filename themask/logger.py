@@ -6,8 +6,9 @@ import json
 import logging
 import math
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 from themask.io import PathLike
 
@@ -15,7 +16,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(
-    *, verbose: bool = False, rank: int = 0, log_file: Optional[PathLike] = None
+    *, verbose: bool = False, rank: int = 0, log_file: PathLike | None = None
 ) -> None:
     """Configure the root logger once: INFO (DEBUG if ``verbose``) on rank 0, WARNING elsewhere.
 
@@ -37,7 +38,7 @@ def setup_logging(
         root.addHandler(file_handler)
 
 
-def git_revision(cwd: Optional[PathLike] = None) -> str:
+def git_revision(cwd: PathLike | None = None) -> str:
     """``git describe --always --dirty`` of the source tree, or ``"unknown"``."""
     where = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
     try:
@@ -72,7 +73,7 @@ class MetricWriter:
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def write(self, step: int, values: Mapping[str, float], *, tag: str = "train") -> None:
-        record: Dict[str, Any] = {"step": int(step), "tag": tag}
+        record: dict[str, Any] = {"step": int(step), "tag": tag}
         for name, value in values.items():
             value = float(value)
             record[name] = value if math.isfinite(value) else None
@@ -95,7 +96,7 @@ class MetricWriter:
             self._tb = None
 
 
-def read_metrics(path: PathLike, tag: Optional[str] = None) -> List[Dict[str, Any]]:
+def read_metrics(path: PathLike, tag: str | None = None) -> list[dict[str, Any]]:
     """Records of a ``metrics.jsonl`` file (optionally only those with ``tag``)."""
     records = []
     with open(path, encoding="utf-8") as handle:

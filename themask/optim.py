@@ -10,8 +10,6 @@ The rules are code, not name patterns:
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
 import torch
 from torch import nn
 
@@ -29,8 +27,8 @@ def build_param_groups(
     lr: float,
     weight_decay: float,
     backbone_lr_mult: float,
-    backbone: Optional[nn.Module] = None,
-) -> List[Dict]:
+    backbone: nn.Module | None = None,
+) -> list[dict]:
     """AdamW parameter groups; frozen parameters (``requires_grad=False``) are left out.
 
     Each group carries ``lr_scale`` (1 or ``backbone_lr_mult``) so the schedule can set
@@ -39,7 +37,7 @@ def build_param_groups(
     if backbone is None:
         backbone = getattr(model, "backbone", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
-    groups: Dict[tuple, Dict] = {}
+    groups: dict[tuple, dict] = {}
     seen = set()
     for module in model.modules():
         for param in module.parameters(recurse=False):

@@ -59,9 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
     )
-    parser.add_argument(
-        "--no-eval", action="store_true", help="skip periodic and final evaluation"
-    )
+    parser.add_argument("--no-eval", action="store_true", help="skip periodic and final evaluation")
     parser.set_defaults(func=run)
 
 
@@ -73,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.init_from:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=args.init_from))
+        train = dataclasses.replace(cfg.train, init_from=args.init_from)
+        cfg = dataclasses.replace(cfg, train=train)
     out = Path(args.out) if args.out else default_run_dir(args.config)
     rank = distributed.get_rank_from_env()
     setup_logging(verbose=args.verbose, rank=rank, log_file=out / "train.log")

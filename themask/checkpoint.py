@@ -308,9 +308,6 @@ def mit_mmseg_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
     return out
 
 
-MIT_LAYOUTS = ("themask", "original", "huggingface", "mmseg")
-
-
 def detect_mit_layout(state_dict: Mapping[str, Tensor]) -> str:
     """Identify the MiT layout by a sentinel key (after ``backbone.``/``segformer.`` removal)."""
     sentinels = {

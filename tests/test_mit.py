@@ -59,8 +59,11 @@ def naive_mit(sd, x, *, depths, num_heads, sr_ratios=(8, 4, 2, 1)):
         p = f"stages.{s}"
         k, stride = (7, 4) if s == 0 else (3, 2)
         x = F.conv2d(
-            x, sd[f"{p}.patch_embed.proj.weight"], sd[f"{p}.patch_embed.proj.bias"],
-            stride=stride, padding=k // 2,
+            x,
+            sd[f"{p}.patch_embed.proj.weight"],
+            sd[f"{p}.patch_embed.proj.bias"],
+            stride=stride,
+            padding=k // 2,
         )
         n, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)
@@ -79,7 +82,9 @@ def naive_mit(sd, x, *, depths, num_heads, sr_ratios=(8, 4, 2, 1)):
                 )
                 mem = _layer_norm(
                     red.flatten(2).transpose(1, 2),
-                    sd[f"{b}.attn.sr_norm.weight"], sd[f"{b}.attn.sr_norm.bias"], 1e-5,
+                    sd[f"{b}.attn.sr_norm.weight"],
+                    sd[f"{b}.attn.sr_norm.bias"],
+                    1e-5,
                 )
             else:
                 mem = y

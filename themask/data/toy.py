@@ -6,8 +6,9 @@ classes of ``TOY_CLASS_NAMES``) and ``255`` (void), so the VSPW reader applies u
 ``num_classes=8``.
 
 What makes it a video segmentation task rather than a colour lookup:
-- classes differ by texture (stuff) and by shape plus texture (objects); every region takes two
-  colours drawn from one shared set, so colour says nothing about the class;
+- classes differ by texture (stuff) and by shape plus texture (objects); colours are random
+  and vary smoothly across every region (a dark and a light colour field per region), so
+  neither a colour nor a colour pair identifies a class;
 - the camera pans over a larger world, objects move independently, bounce and occlude each
   other (drawn in depth order);
 - each video holds 2 of the 4 stuff classes and 1-3 of the 4 object classes, so classes are
@@ -61,20 +62,36 @@ STUFF_IDS = (1, 2, 3, 4)  # raw ids
 OBJECT_IDS = (5, 6, 7, 8)
 OTHERS_ID = 0
 VOID_ID = 255
-# Colours of rendered regions, shared by every class.
-_COLOURS = np.array(
-    [
-        (200, 60, 50),
-        (40, 150, 70),
-        (50, 80, 190),
-        (220, 200, 60),
-        (150, 150, 150),
-        (30, 30, 30),
-        (240, 240, 235),
-        (150, 60, 160),
-    ],
-    dtype=np.float32,
-)
+# Texture contrast: the light colour exceeds the dark one by this much in every channel.
+_CONTRAST = (60.0, 120.0)
+
+
+class _ColourField:
+    """A dark and a light colour, each interpolated bilinearly between random corner colours.
+
+    ``__call__(u, v, pattern)`` with u, v in [0, 1] (region coordinates) and pattern in [0, 1]
+    gives (n, 3) RGB floats; which of the two colours pattern 1 selects is random.
+    """
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        dark = rng.uniform(0.0, 150.0, size=(2, 2, 3))
+        light = np.clip(dark + rng.uniform(*_CONTRAST, size=(2, 2, 3)), 0.0, 255.0)
+        self.colours = (light, dark) if rng.random() < 0.5 else (dark, light)
+
+    @staticmethod
+    def _at(corners: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        u = np.clip(u, 0.0, 1.0)[:, None]
+        v = np.clip(v, 0.0, 1.0)[:, None]
+        top = corners[0, 0] * (1 - u) + corners[0, 1] * u
+        bottom = corners[1, 0] * (1 - u) + corners[1, 1] * u
+        return top * (1 - v) + bottom * v
+
+    def __call__(self, u: np.ndarray, v: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+        c0 = self._at(self.colours[0], u, v)
+        c1 = self._at(self.colours[1], u, v)
+        p = pattern[:, None]
+        return (c0 * (1 - p) + c1 * p).astype(np.float32)
+
 
 Pattern = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -139,7 +156,7 @@ class _Object:
     radius: float
     position: np.ndarray  # (y, x) in world coordinates at frame 0
     velocity: np.ndarray  # pixels per frame
-    colours: Tuple[int, int]
+    colours: _ColourField
 
 
 class _Scene:
@@ -159,7 +176,7 @@ class _Scene:
         h, w = size
         self.world = (h + h // 3, w + w // 2)
         self.stuff = stuff
-        self.stuff_colours = [self._colour_pair() for _ in stuff]
+        self.stuff_colours = [_ColourField(rng) for _ in stuff]
         self.horizon = (
             self.world[0] * rng.uniform(0.4, 0.6),
             rng.uniform(4, 10),
@@ -175,7 +192,7 @@ class _Scene:
                 rng.uniform(0, self.world[1]),
                 rng.uniform(h * 0.12, h * 0.22),
                 rng.uniform(w * 0.15, w * 0.3),
-                self._colour_pair(),
+                _ColourField(rng),
             )
         self.camera_start = np.array(
             [rng.uniform(0, self.world[0] - h), rng.uniform(0, self.world[1] - w)]
@@ -185,10 +202,6 @@ class _Scene:
         )
         self.objects = [self._new_object(c) for c in objects]
 
-    def _colour_pair(self) -> Tuple[int, int]:
-        a, b = self.rng.choice(len(_COLOURS), size=2, replace=False)
-        return int(a), int(b)
-
     def _new_object(self, class_id: int) -> _Object:
         h, w = self.size
         radius = self.rng.uniform(0.18, 0.28) * h
@@ -197,7 +210,7 @@ class _Scene:
         speed = self.rng.uniform(1.0, 2.5)
         angle = self.rng.uniform(0, 2 * np.pi)
         velocity = speed * np.array([np.sin(angle), np.cos(angle)])
-        return _Object(class_id, radius, position, velocity, self._colour_pair())
+        return _Object(class_id, radius, position, velocity, _ColourField(self.rng))
 
     def _object_position(self, obj: _Object, t: int) -> np.ndarray:
         """Position at frame t, bouncing inside the world (reflection off its walls)."""
@@ -218,24 +231,29 @@ class _Scene:
 
         base, amp, freq, phase = self.horizon
         lower = wy > base + amp * np.sin(wx * freq + phase)
+        wu, wv = wx / self.world[1], wy / self.world[0]
         for region, class_id, colours in zip((~lower, lower), self.stuff, self.stuff_colours):
+            pattern = self._stuff_pattern(class_id, wx, wy)
             self._paint(
-                image, label, region, class_id, colours, self._stuff_pattern(class_id, wx, wy)
+                image, label, region, class_id, colours(wu[region], wv[region], pattern[region])
             )
 
         if self.others is not None:
             oy, ox, ry, rx, colours = self.others
             region = ((wy - oy) / ry) ** 2 + ((wx - ox) / rx) ** 2 <= 1.0
-            gradient = np.clip((wx - ox + rx) / (2 * rx), 0, 1)
-            self._paint(image, label, region, OTHERS_ID, colours, gradient)
+            u, v = (wx[region] - ox + rx) / (2 * rx), (wy[region] - oy + ry) / (2 * ry)
+            # No texture: a smooth blend between the two colour fields.
+            self._paint(image, label, region, OTHERS_ID, colours(u, v, np.clip(u, 0, 1)))
 
         void = np.zeros((h, w), dtype=bool)
         for obj in self.objects:  # later objects are in front
             py, px = self._object_position(obj, t)
             lx, ly = wx - np.float32(px), wy - np.float32(py)
             region = _object_shape(obj.class_id, lx, ly, obj.radius)
+            lx, ly = lx[region], ly[region]
             pattern = _OBJECT_PATTERNS[obj.class_id](lx, ly)
-            self._paint(image, label, region, obj.class_id, obj.colours, pattern)
+            u, v = (lx + obj.radius) / (2 * obj.radius), (ly + obj.radius) / (2 * obj.radius)
+            self._paint(image, label, region, obj.class_id, obj.colours(u, v, pattern))
             void &= ~region
             void |= region & ~_erode(region)
         label[void] = VOID_ID
@@ -249,16 +267,9 @@ class _Scene:
 
     @staticmethod
     def _paint(
-        image: np.ndarray,
-        label: np.ndarray,
-        region: np.ndarray,
-        class_id: int,
-        colours: Tuple[int, int],
-        pattern: np.ndarray,
+        image: np.ndarray, label: np.ndarray, region: np.ndarray, class_id: int, rgb: np.ndarray
     ) -> None:
-        c0, c1 = _COLOURS[colours[0]], _COLOURS[colours[1]]
-        p = pattern[region][:, None]
-        image[region] = c0 * (1 - p) + c1 * p
+        image[region] = rgb
         label[region] = class_id
 
 
@@ -290,8 +301,8 @@ def make_toy_dataset(
     root: PathLike,
     *,
     seed: int = 0,
-    num_train: int = 12,
-    num_val: int = 4,
+    num_train: int = 24,
+    num_val: int = 6,
     num_frames: int = 16,
     size: Tuple[int, int] = (96, 128),
     jpeg_quality: int = 92,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import List, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -287,8 +287,3 @@ class TestTransform:
         x = scores.unsqueeze(0) if squeeze else scores
         x = F.interpolate(x, size=tuple(original_hw), mode="bilinear", align_corners=False)
         return x.squeeze(0) if squeeze else x
-
-
-def stack_labels(labels: List[np.ndarray]) -> torch.Tensor:
-    """T label maps (H, W) uint8 -> (T, H, W) int64."""
-    return torch.from_numpy(np.stack(labels)).long()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -492,11 +491,3 @@ class VSPWIndex:
 
     def __getitem__(self, index: int) -> Video:
         return self.videos[index]
-
-
-def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]] = PALETTE) -> np.ndarray:
-    """Train ids (H, W) -> (H, W, 3) uint8 RGB; ids outside the palette (ignore) are black."""
-    table = np.zeros((256, 3), dtype=np.uint8)
-    colours = np.asarray(palette, dtype=np.uint8)
-    table[: len(colours)] = colours
-    return table[labels.astype(np.uint8)]

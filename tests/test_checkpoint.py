@@ -143,6 +143,7 @@ def to_mmseg(original: dict) -> dict:
 
 
 def _save(path, state_dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
 
@@ -170,6 +171,12 @@ def layout_files(tmp_path, original):
         "huggingface": _save(hf_dir / "pytorch_model.bin", to_hf(original)).parent,
         "mmseg": _save(tmp_path / "mit_mmseg.pth", {"state_dict": to_mmseg(original)}),
         "safetensors": _save(tmp_path / "mit.safetensors", to_mmseg(original)),
+        "huggingface_safetensors": _save(
+            hf_dir.with_name("hf-st") / "model.safetensors", to_hf(original)
+        ).parent,
+        "ddp_module_prefix": _save(
+            tmp_path / "ddp.pt", {"model": {f"module.{k}": v for k, v in original.items()}}
+        ),
     }
 
 
@@ -500,6 +507,11 @@ def test_save_and_load_model_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(frames), model(frames), rtol=0, atol=0)
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temp files left
+    # a full themask file also serves as a backbone source (its backbone.* part)
+    backbone = build_model("themask_tiny_t1").backbone
+    load_backbone_weights(backbone, path)
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, model.backbone.state_dict()[key]), key
 
 
 def test_load_model_rejects_foreign_files(tmp_path):

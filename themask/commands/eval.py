@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from themask.config import ConfigError
+    from themask.data.vspw import DataError
+
+    if not Path(args.weights).is_file():
+        print(f"themask eval: weights file not found: {args.weights}", file=sys.stderr)
+        return 2
+    try:
+        return _evaluate(args)
+    except (ConfigError, DataError) as err:
+        print(f"themask eval: {err}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from themask import distributed
     from themask.checkpoint import load_model
     from themask.config import load_config

@@ -94,6 +94,20 @@ def _class_info(dataset, num_classes: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    from themask.config import ConfigError
+    from themask.data.vspw import DataError
+
+    if not Path(args.weights).is_file():
+        print(f"themask predict: weights file not found: {args.weights}", file=sys.stderr)
+        return 2
+    try:
+        return _predict(args)
+    except (ConfigError, DataError) as err:
+        print(f"themask predict: {err}", file=sys.stderr)
+        return 2
+
+
+def _predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from PIL import Image
@@ -102,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
     from themask.checkpoint import load_model
     from themask.data.transforms import TestTransform
     from themask.data.video_io import iter_input_frames
-    from themask.data.vspw import DataError
     from themask.evaluation.inference import predict_video
     from themask.evaluation.visualize import (
         OverlayVideoWriter,
@@ -146,17 +159,13 @@ def run(args: argparse.Namespace) -> int:
     )
     logger.info("predicting %s with windows of %d frames, step %d", args.input, clip_len,
                 args.step)
-    try:
-        with OverlayVideoWriter(out / "overlay.mp4", fps=args.fps) as writer:
-            for pred in tqdm(predictions, desc="predict", unit="frame"):
-                name = frame_names[pred.index]
-                save_label_png(pred.labels, out / "labels" / f"{name}.png", palette)
-                picture = overlay(pred.frame, pred.labels, palette, alpha=args.alpha)
-                picture = draw_legend(picture, np.unique(pred.labels), names, palette)
-                Image.fromarray(picture).save(out / "overlays" / f"{name}.jpg", quality=90)
-                writer.write(picture)
-    except DataError as err:
-        print(f"themask predict: {err}", file=sys.stderr)
-        return 2
+    with OverlayVideoWriter(out / "overlay.mp4", fps=args.fps) as writer:
+        for pred in tqdm(predictions, desc="predict", unit="frame"):
+            name = frame_names[pred.index]
+            save_label_png(pred.labels, out / "labels" / f"{name}.png", palette)
+            picture = overlay(pred.frame, pred.labels, palette, alpha=args.alpha)
+            picture = draw_legend(picture, np.unique(pred.labels), names, palette)
+            Image.fromarray(picture).save(out / "overlays" / f"{name}.jpg", quality=90)
+            writer.write(picture)
     print(f"{len(frame_names)} frames: {out / 'labels'}, {out / 'overlays'}, {out / 'overlay.mp4'}")
     return 0

@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple = (
     "eval",
     "predict",
     "convert",
+    "bench",
 )
 
 

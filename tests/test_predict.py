@@ -91,6 +91,7 @@ def test_predict_video_resizes_scores_to_each_frame():
 def test_colorize_overlay_and_label_png(tmp_path):
     labels = np.array([[0, 1, 255], [4, 2, 3]])
     colours = colorize(labels, PALETTE)
+    assert tuple(colorize(np.array([[-1, 5]]), PALETTE, ignore_color=(1, 2, 3))[0, 0]) == (1, 2, 3)
     for y in range(2):
         for x in range(3):
             expected = PALETTE[labels[y, x]] if labels[y, x] < 5 else (0, 0, 0)

@@ -33,11 +33,11 @@ def colorize(
 ) -> np.ndarray:
     """(H, W) integer labels → (H, W, 3) uint8 RGB; labels outside [0, K) get ``ignore_color``."""
     pal = _palette_array(palette)
-    lookup = np.zeros((max(256, len(pal)), 3), dtype=np.uint8)
-    lookup[:] = np.asarray(ignore_color, dtype=np.uint8)
+    lookup = np.empty((len(pal) + 1, 3), dtype=np.uint8)
     lookup[: len(pal)] = pal
-    labels = np.asarray(labels)
-    return lookup[np.clip(labels, 0, len(lookup) - 1).astype(np.int64)]
+    lookup[len(pal)] = np.asarray(ignore_color, dtype=np.uint8)
+    labels = np.asarray(labels).astype(np.int64)
+    return lookup[np.where((labels >= 0) & (labels < len(pal)), labels, len(pal))]
 
 
 def overlay(

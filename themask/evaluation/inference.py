@@ -332,6 +332,7 @@ class StreamingPredictor:
     are kept. Each pushed frame is encoded once (``model.encode``); the decoder runs on the
     concatenated features of the window (``FrameFeatures.cat``), so only the last
     (T−1)·step + 1 frames' features are held. A single-frame model uses T = 1.
+    Put the model in eval mode first (``predict_video`` does).
     """
 
     def __init__(self, model: nn.Module, *, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:

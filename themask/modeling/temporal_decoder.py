@@ -137,6 +137,8 @@ class TemporalDecoder(MaskDecoder):
         batch = total // frames
         memory = decoder_memory(multi_scale, self.level_embed.weight, frames=frames)
         clip_features = mask_features.view(batch, frames, mask_dim, height, width)
+        # (B, D, T·H·W) once, so each clip-head mask prediction is one bmm without a copy
+        clip_features_flat = clip_features.transpose(1, 2).reshape(batch, mask_dim, -1)
         resized = [
             resize_features(mask_features, size).view(batch, frames, mask_dim, *size)
             for size in memory.sizes
@@ -162,7 +164,9 @@ class TemporalDecoder(MaskDecoder):
             is_final = index == len(self.layers)
             class_logits, embeddings = self.clip_head(clip)  # (B, N, K+1), (B, N, D)
             if return_all or is_final:
-                masks = torch.einsum("bnd,btdhw->bnthw", embeddings, clip_features)
+                masks = torch.bmm(embeddings, clip_features_flat).view(
+                    batch, -1, frames, height, width
+                )  # (B, N, T, H/4, W/4)
                 clip_sets.append(PredictionSet(class_logits, masks))
                 frame_class, frame_embeddings = self.frame_head(
                     frame.view(batch, frames, *frame.shape[1:])

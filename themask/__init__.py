@@ -17,6 +17,9 @@ _EXPORTS = {
     "THEMask": "themask.modeling.themask",
     "ModelConfig": "themask.modeling.config",
     "LossConfig": "themask.loss.config",
+    "load_model": "themask.checkpoint",
+    "save_model": "themask.checkpoint",
+    "training_loss": "themask.loss.api",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -216,3 +216,21 @@ def test_check_data_command_passes_a_clean_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train: 2 videos, 10 frames, 10 masks" in out and "no problems found" in out
     assert "wall" in out and "ceiling" in out  # raw 1 and 2 by VSPW name
+
+
+def test_check_data_parallel_and_unlabelled_splits(tmp_path, capsys):
+    root = _dataset(tmp_path, names=("a", "b", "c"))
+    _frame(root, "a", 1).write_bytes(b"")
+    _write_video(root, "t", num_frames=2)
+    for mask in (root / "data" / "t" / "mask").iterdir():
+        mask.unlink()
+    (root / "test.txt").write_text("t\n")
+    serial = check_dataset(root, splits=["train", "test"])
+    assert len(serial.problems) == 3  # the corrupt frame and the two masks of the test video
+    parallel = check_dataset(root, splits=["train", "test"], jobs=2)
+    assert parallel.problems == serial.problems
+    assert np.array_equal(parallel.histogram, serial.histogram)
+    relaxed = check_dataset(root, splits=["train", "test"], unlabelled_splits=["test"])
+    assert relaxed.problems == serial.problems[:1]
+    assert main(["check-data", str(root), "--split", "test", "--unlabelled", "test"]) == 0
+    assert "test: 1 videos, 2 frames, 0 masks" in capsys.readouterr().out

@@ -166,6 +166,8 @@ def test_pad_then_crop_back_round_trip():
     assert torch.all(padded_l[:, 7:] == 255) and torch.all(padded_l[:, :, 9:] == 255)
     with pytest.raises(ValueError):
         tf.pad_clip(frames, labels, (6, 9))
+    _, custom = tf.pad_clip(frames, labels, (8, 9), ignore_index=77)
+    assert torch.all(custom[:, 7] == 77) and torch.equal(custom[:, :7], labels)
 
 
 def test_normalize_round_trip():

@@ -120,3 +120,8 @@ def test_class_table_matches_the_reference():
     colours = [tuple(c) for c in PALETTE.tolist()]
     duplicates = [i for i, c in enumerate(colours) if colours.count(c) > 1]
     assert duplicates == [6, 48]
+
+
+def test_custom_ignore_index_is_used_for_others_and_void():
+    raw = np.array([[0, 3, 255]], dtype=np.uint8)
+    assert map_raw_labels(raw, num_classes=8, ignore_index=100).tolist() == [[100, 2, 100]]

@@ -90,7 +90,9 @@ def blocked_from_masks(masks, size):
 
 def naive_layer(layer, queries, query_pos, memory, memory_pos, blocked):
     x = queries
-    attn = naive_attention(layer.cross_attn.attn, x + query_pos, memory + memory_pos, memory, blocked)
+    attn = naive_attention(
+        layer.cross_attn.attn, x + query_pos, memory + memory_pos, memory, blocked
+    )
     x = layer_norm(x + attn, layer.cross_attn.norm)
     attn = naive_attention(layer.self_attn.attn, x + query_pos, x + query_pos, x)
     x = layer_norm(x + attn, layer.self_attn.norm)
@@ -138,20 +140,33 @@ def test_masked_attention_blocks_exactly_the_blocked_positions():
     query_pos = torch.randn(1, 4, DIM)
     values = torch.randn(1, 6, DIM)
     keys = values + torch.randn(1, 6, DIM)
-    logits = torch.tensor([[[2.0, -1.0, 0.5, -3.0, -0.1, 1.0],  # blocks 1, 3, 4
-                            [-1.0, -2.0, -0.5, -3.0, -0.2, -4.0],  # fully blocked → unblocked
-                            [-1.0, -1.0, -1.0, -1.0, -1.0, 3.0],  # only 5 allowed
-                            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]])  # sigmoid(0) = 0.5: allowed
+    logits = torch.tensor(
+        [
+            [
+                [2.0, -1.0, 0.5, -3.0, -0.1, 1.0],  # blocks 1, 3, 4
+                [-1.0, -2.0, -0.5, -3.0, -0.2, -4.0],  # fully blocked → unblocked
+                [-1.0, -1.0, -1.0, -1.0, -1.0, 3.0],  # only 5 allowed
+                [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            ]
+        ]
+    )  # sigmoid(0) = 0.5: allowed
     allowed = allowed_positions(logits)
-    expected_allowed = torch.tensor([[[1, 0, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1],
-                                      [0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1]]], dtype=torch.bool)
+    expected_allowed = torch.tensor(
+        [[[1, 0, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1]]],
+        dtype=torch.bool,
+    )
     assert torch.equal(allowed, expected_allowed)
 
     out = layer(queries, keys, values, query_pos=query_pos, allowed=allowed)
     for row in range(4):
         blocked = ~expected_allowed[0, row]
-        attn = naive_attention(layer.attn, queries[0, row : row + 1] + query_pos[0, row : row + 1],
-                               keys[0], values[0], blocked[None])
+        attn = naive_attention(
+            layer.attn,
+            queries[0, row : row + 1] + query_pos[0, row : row + 1],
+            keys[0],
+            values[0],
+            blocked[None],
+        )
         expected = layer_norm(queries[0, row] + attn[0], layer.norm)
         assert torch.allclose(out[0, row], expected, atol=1e-5)
 
@@ -177,9 +192,7 @@ def test_attention_mask_from_resized_features_equals_resized_masks():
         ).flatten(2)
         assert torch.allclose(direct, via_features, atol=1e-4)
         clear = direct.abs() > 1e-3  # away from the threshold both must agree exactly
-        assert torch.equal(
-            allowed_positions(direct)[clear], allowed_positions(via_features)[clear]
-        )
+        assert torch.equal(allowed_positions(direct)[clear], allowed_positions(via_features)[clear])
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -191,7 +204,9 @@ def test_temporal_aggregation_equals_hand_formula():
         module.time_value.weight.copy_(torch.eye(4) * 2)
         module.time_value.bias.copy_(torch.tensor([1.0, 0.0, 0.0, -1.0]))
     clip = torch.tensor([[[0.5, -1.0, 2.0, 0.0]]])  # (B=1, N=1, C=4)
-    frames = torch.tensor([[[[0.0, 1.0, 0.0, 1.0]], [[math.log(3.0), 0.0, 2.0, 0.0]]]])  # (1, 2, 1, 4)
+    frames = torch.tensor(
+        [[[[0.0, 1.0, 0.0, 1.0]], [[math.log(3.0), 0.0, 2.0, 0.0]]]]
+    )  # (1, 2, 1, 4)
     # scores 0.5 and log 3 + 0.5 → weights 1/4 and 3/4
     value0 = torch.tensor([1.0, 2.0, 0.0, 1.0])
     value1 = torch.tensor([2 * math.log(3.0) + 1.0, 0.0, 4.0, -1.0])
@@ -203,8 +218,15 @@ def test_temporal_aggregation_equals_hand_formula():
 # ----------------------------------------------------------------------------- decoders
 def test_mask_decoder_equals_naive_forward():
     torch.manual_seed(3)
-    decoder = MaskDecoder(num_classes=CLASSES, num_queries=QUERIES, dim=DIM, mask_dim=DIM,
-                          num_heads=HEADS, ffn_dim=32, num_layers=4)
+    decoder = MaskDecoder(
+        num_classes=CLASSES,
+        num_queries=QUERIES,
+        dim=DIM,
+        mask_dim=DIM,
+        num_heads=HEADS,
+        ffn_dim=32,
+        num_layers=4,
+    )
     mask_features, multi_scale = random_inputs(2)
     predictions = decoder(mask_features, multi_scale)
     assert len(predictions.clip) == 5 and predictions.frame is None
@@ -213,11 +235,13 @@ def test_mask_decoder_equals_naive_forward():
             memory = memory_of(decoder, multi_scale, frame, frames=1)
             queries = decoder.query_feat.weight
             qpos = decoder.query_pos.weight
+            blocked = None  # set by the head before layer 1
             for index in range(5):
                 if index > 0:
                     values, pos, size = memory[(index - 1) % 3]
-                    queries = naive_layer(decoder.layers[index - 1], queries, qpos, values, pos,
-                                          blocked)
+                    queries = naive_layer(
+                        decoder.layers[index - 1], queries, qpos, values, pos, blocked
+                    )
                 logits, embeddings = naive_head(queries, decoder.clip_head)
                 masks = torch.einsum("nc,chw->nhw", embeddings, mask_features[frame])
                 blocked = blocked_from_masks(masks, memory[index % 3][2])
@@ -234,8 +258,16 @@ def test_mask_decoder_equals_naive_forward():
 @pytest.mark.parametrize("frames", [1, 3])
 def test_temporal_decoder_equals_naive_forward(frames):
     torch.manual_seed(4)
-    decoder = TemporalDecoder(num_classes=CLASSES, num_queries=QUERIES, dim=DIM, mask_dim=DIM,
-                              num_heads=HEADS, ffn_dim=32, num_layers=3, tad_ffn_dim=24).eval()
+    decoder = TemporalDecoder(
+        num_classes=CLASSES,
+        num_queries=QUERIES,
+        dim=DIM,
+        mask_dim=DIM,
+        num_heads=HEADS,
+        ffn_dim=32,
+        num_layers=3,
+        tad_ffn_dim=24,
+    ).eval()
     batch = 2
     mask_features, multi_scale = random_inputs(batch * frames, seed=5)
     predictions = decoder(mask_features, multi_scale, frames=frames, return_all=True)
@@ -258,12 +290,19 @@ def test_temporal_decoder_equals_naive_forward(frames):
                 attn = naive_attention(temporal.frame_cross_attn.attn, shared + qpos, keys, values)
                 x = layer_norm(shared + attn, temporal.frame_cross_attn.norm)
                 frame_queries.append(naive_ffn(x, temporal.frame_ffn))
+            blocked = None  # set by the clip head before layer 1
             for index in range(4):
                 if index > 0:
                     level = (index - 1) % 3
                     frame_queries = [
-                        naive_layer(decoder.layers[index - 1], frame_queries[t], qpos,
-                                    memory[t][level][0], memory[t][level][1], blocked[t])
+                        naive_layer(
+                            decoder.layers[index - 1],
+                            frame_queries[t],
+                            qpos,
+                            memory[t][level][0],
+                            memory[t][level][1],
+                            blocked[t],
+                        )
                         for t in range(frames)
                     ]
                     stacked = torch.stack(frame_queries)  # (T, N, C)
@@ -283,17 +322,28 @@ def test_temporal_decoder_equals_naive_forward(frames):
                 assert got_frame.class_logits.shape == (batch, frames, QUERIES, CLASSES + 1)
                 assert got_frame.mask_logits.shape == (batch, QUERIES, frames, 16, 24)
                 for t in range(frames):
-                    frame_logits, frame_embeddings = naive_head(frame_queries[t], decoder.frame_head)
+                    frame_logits, frame_embeddings = naive_head(
+                        frame_queries[t], decoder.frame_head
+                    )
                     frame_masks = torch.einsum("nc,chw->nhw", frame_embeddings, feats[t])
-                    assert torch.allclose(got_frame.class_logits[clip_index, t], frame_logits,
-                                          atol=1e-4)
-                    assert torch.allclose(got_frame.mask_logits[clip_index, :, t], frame_masks,
-                                          atol=1e-4)
+                    assert torch.allclose(
+                        got_frame.class_logits[clip_index, t], frame_logits, atol=1e-4
+                    )
+                    assert torch.allclose(
+                        got_frame.mask_logits[clip_index, :, t], frame_masks, atol=1e-4
+                    )
 
 
 def test_stage1_state_dict_loads_into_temporal_decoder_by_name():
-    args = dict(num_classes=CLASSES, num_queries=QUERIES, dim=DIM, mask_dim=DIM,
-                num_heads=HEADS, ffn_dim=32, num_layers=3)
+    args = dict(
+        num_classes=CLASSES,
+        num_queries=QUERIES,
+        dim=DIM,
+        mask_dim=DIM,
+        num_heads=HEADS,
+        ffn_dim=32,
+        num_layers=3,
+    )
     single = MaskDecoder(**args)
     temporal = TemporalDecoder(**args, tad_ffn_dim=24)
     result = temporal.load_state_dict(single.state_dict(), strict=False)

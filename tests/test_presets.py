@@ -18,9 +18,15 @@ EXPECTED_NAMES = (
 )
 # DESIGN §7: official counts (M) of the single-frame (t1) and TAD (t2) models.
 EXPECTED_MILLIONS = {
-    "themask_mit_b0_t1": 23.03, "themask_mit_b1_t1": 32.99, "themask_mit_b2_t1": 44.03,
-    "mask2former_mit_b0": 23.03, "mask2former_mit_b1": 32.99, "mask2former_mit_b2": 44.03,
-    "themask_mit_b0_t2": 26.22, "themask_mit_b1_t2": 36.18, "themask_mit_b2_t2": 47.23,
+    "themask_mit_b0_t1": 23.03,
+    "themask_mit_b1_t1": 32.99,
+    "themask_mit_b2_t1": 44.03,
+    "mask2former_mit_b0": 23.03,
+    "mask2former_mit_b1": 32.99,
+    "mask2former_mit_b2": 44.03,
+    "themask_mit_b0_t2": 26.22,
+    "themask_mit_b1_t2": 36.18,
+    "themask_mit_b2_t2": 47.23,
 }
 
 
@@ -52,8 +58,9 @@ def test_preset_switches(name):
 
 
 def test_overrides_and_errors():
-    config = build.preset_config("themask_mit_b1_t2", num_classes=7, num_frames=4,
-                                 loss=dict(num_rounds=1))
+    config = build.preset_config(
+        "themask_mit_b1_t2", num_classes=7, num_frames=4, loss=dict(num_rounds=1)
+    )
     assert (config.num_classes, config.num_frames, config.loss.num_rounds) == (7, 4, 1)
     assert config.loss.second_round_cost == "full"  # untouched preset loss field stays
     assert build.preset_config("themask_mit_b1_t2").num_frames == 2  # presets are not mutated

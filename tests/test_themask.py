@@ -76,10 +76,17 @@ def test_semantic_inference_by_hand():
 def test_semantic_scores_fuse_heads_upsample_and_crop(models):
     model = models["themask_tiny_t2"]
     generator = torch.Generator().manual_seed(1)
-    sets = [PredictionSet(torch.randn(1, 3, CLASSES + 1, generator=generator),
-                          torch.randn(1, 3, 2, 8, 16, generator=generator)) for _ in range(2)]
-    frame = PredictionSet(torch.randn(1, 2, 3, CLASSES + 1, generator=generator),
-                          torch.randn(1, 3, 2, 8, 16, generator=generator))
+    sets = [
+        PredictionSet(
+            torch.randn(1, 3, CLASSES + 1, generator=generator),
+            torch.randn(1, 3, 2, 8, 16, generator=generator),
+        )
+        for _ in range(2)
+    ]
+    frame = PredictionSet(
+        torch.randn(1, 2, 3, CLASSES + 1, generator=generator),
+        torch.randn(1, 3, 2, 8, 16, generator=generator),
+    )
     predictions = Predictions(clip=sets, frame=[sets[0], frame], frames_per_clip=2)
     scores = model.semantic_scores(predictions, (30, 45))  # padded to 32 × 64 = 4 · (8, 16)
     low = 0.5 * semantic_map(sets[1].class_logits, sets[1].mask_logits) + 0.5 * semantic_map(
@@ -130,8 +137,10 @@ def test_frame_features_select_and_cat(models):
         picked = features.select([2, 0])
         assert torch.equal(picked.mask_features, features.mask_features[[2, 0]])
         joined = FrameFeatures.cat([features.select([0]), features.select([1, 2])])
-        for a, b in zip(joined.multi_scale + [joined.mask_features],
-                        features.multi_scale + [features.mask_features]):
+        for a, b in zip(
+            joined.multi_scale + [joined.mask_features],
+            features.multi_scale + [features.mask_features],
+        ):
             assert torch.equal(a, b)
         # decoding reused features equals decoding a fresh encode of the same window
         window = model.semantic_scores(model.decode(features.select([1, 2]), 1, 2), SIZE)
@@ -154,8 +163,11 @@ def test_gradients_reach_every_parameter(models, name):
     model.zero_grad(set_to_none=True)
     predictions = model(clip_batch(1, 2, size=(64, 64), seed=9))
     heads = [predictions.clip] + ([predictions.frame] if predictions.frame else [])
-    loss = sum(s.class_logits.square().mean() + s.mask_logits.square().mean()
-               for sets in heads for s in sets)
+    loss = sum(
+        s.class_logits.square().mean() + s.mask_logits.square().mean()
+        for sets in heads
+        for s in sets
+    )
     loss.backward()
     # DDP without find_unused_parameters: every parameter takes part in the graph
     assert [n for n, p in model.named_parameters() if p.grad is None] == []

@@ -17,10 +17,14 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
-DEFAULT_PRESETS = ("themask_mit_b0_t1", "themask_mit_b0_t2", "themask_mit_b1_t1",
-                   "themask_mit_b1_t2")
+DEFAULT_PRESETS = (
+    "themask_mit_b0_t1",
+    "themask_mit_b0_t2",
+    "themask_mit_b1_t1",
+    "themask_mit_b1_t2",
+)
 DEFAULT_SIZES = ("480x480", "480x853")
 
 
@@ -32,24 +36,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="NAME")
-    parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), metavar="HxW",
-                        help="input sizes (height x width)")
-    parser.add_argument("--frames", type=int, default=None,
-                        help="frames per clip (default: each preset's num_frames)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=list(DEFAULT_SIZES),
+        metavar="HxW",
+        help="input sizes (height x width)",
+    )
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frames per clip (default: each preset's num_frames)",
+    )
     parser.add_argument("--runs", type=int, default=5, help="timed runs (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's default)",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="also write results here")
     parser.set_defaults(func=run)
 
 
-def parse_size(text: str) -> Tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
     """'480x853' → (480, 853)."""
     try:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"themask bench: --sizes expects HxW such as 480x853, got {text!r}")
+        raise SystemExit(
+            f"themask bench: --sizes expects HxW such as 480x853, got {text!r}"
+        ) from None
     return height, width
 
 
@@ -75,7 +94,7 @@ def _rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _measure(job: Dict[str, Any], queue: "multiprocessing.Queue[Dict[str, Any]]") -> None:
+def _measure(job: dict[str, Any], queue: multiprocessing.Queue[dict[str, Any]]) -> None:
     """Child process: build, warm up, time, report through ``queue``."""
     import resource
     import statistics
@@ -93,7 +112,7 @@ def _measure(job: Dict[str, Any], queue: "multiprocessing.Queue[Dict[str, Any]]"
     height, width = job["size"]
     clip = torch.randn(1, frames, 3, height, width)
     rss_after_build = _rss_mib()
-    times: List[float] = []
+    times: list[float] = []
     with torch.inference_mode():
         for index in range(job["warmup"] + job["runs"]):
             start = time.perf_counter()
@@ -102,48 +121,73 @@ def _measure(job: Dict[str, Any], queue: "multiprocessing.Queue[Dict[str, Any]]"
                 times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux → MiB
     seconds = statistics.median(times)
-    queue.put(dict(
-        preset=job["preset"], size=f"{height}x{width}", frames=frames,
-        parameters_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        ms_per_clip=round(seconds * 1000, 1), ms_per_frame=round(seconds * 1000 / frames, 1),
-        runs_ms=[round(t * 1000, 1) for t in times],
-        peak_rss_mib=round(peak, 1), peak_increase_mib=round(peak - rss_after_build, 1),
-        threads=torch.get_num_threads(),
-    ))
+    queue.put(
+        dict(
+            preset=job["preset"],
+            size=f"{height}x{width}",
+            frames=frames,
+            parameters_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            ms_per_clip=round(seconds * 1000, 1),
+            ms_per_frame=round(seconds * 1000 / frames, 1),
+            runs_ms=[round(t * 1000, 1) for t in times],
+            peak_rss_mib=round(peak, 1),
+            peak_increase_mib=round(peak - rss_after_build, 1),
+            threads=torch.get_num_threads(),
+        )
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     sizes = [parse_size(text) for text in args.sizes]
-    header = dict(torch=torch.__version__, python=platform.python_version(),
-                  machine=platform.machine(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
-                  threads=args.threads or torch.get_num_threads(), runs=args.runs,
-                  warmup=args.warmup,
-                  memory="peak RSS of a fresh process per row; increase = over RSS after build")
+    header = dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        machine=platform.machine(),
+        cpu=_cpu_name(),
+        cpu_count=os.cpu_count(),
+        threads=args.threads or torch.get_num_threads(),
+        runs=args.runs,
+        warmup=args.warmup,
+        memory="peak RSS of a fresh process per row; increase = over RSS after build",
+    )
     print(" ".join(f"{key}={value}" for key, value in header.items()))
-    print(f"{'preset':<22} {'size':>8} {'T':>2} {'params(M)':>9} {'ms/clip':>9} "
-          f"{'ms/frame':>9} {'peak RSS(MiB)':>13} {'+forward(MiB)':>13}")
+    print(
+        f"{'preset':<22} {'size':>8} {'T':>2} {'params(M)':>9} {'ms/clip':>9} "
+        f"{'ms/frame':>9} {'peak RSS(MiB)':>13} {'+forward(MiB)':>13}"
+    )
     context = multiprocessing.get_context("spawn")
     results = []
     for preset in args.presets:
         for size in sizes:
             queue = context.Queue()
-            job = dict(preset=preset, size=size, frames=args.frames, runs=args.runs,
-                       warmup=args.warmup, threads=args.threads)
+            job = dict(
+                preset=preset,
+                size=size,
+                frames=args.frames,
+                runs=args.runs,
+                warmup=args.warmup,
+                threads=args.threads,
+            )
             child = context.Process(target=_measure, args=(job, queue))
             child.start()
             child.join()
             if child.exitcode != 0 or queue.empty():
-                print(f"themask bench: {preset} at {size} failed (exit code {child.exitcode})",
-                      file=sys.stderr)
+                print(
+                    f"themask bench: {preset} at {size} failed (exit code {child.exitcode})",
+                    file=sys.stderr,
+                )
                 return 1
             row = queue.get()
             results.append(row)
-            print(f"{row['preset']:<22} {row['size']:>8} {row['frames']:>2} "
-                  f"{row['parameters_m']:>9.2f} {row['ms_per_clip']:>9.1f} "
-                  f"{row['ms_per_frame']:>9.1f} {row['peak_rss_mib']:>13.1f} "
-                  f"{row['peak_increase_mib']:>13.1f}", flush=True)
+            print(
+                f"{row['preset']:<22} {row['size']:>8} {row['frames']:>2} "
+                f"{row['parameters_m']:>9.2f} {row['ms_per_clip']:>9.1f} "
+                f"{row['ms_per_frame']:>9.1f} {row['peak_rss_mib']:>13.1f} "
+                f"{row['peak_increase_mib']:>13.1f}",
+                flush=True,
+            )
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(dict(header, results=results), indent=2) + "\n")
     return 0

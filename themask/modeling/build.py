@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+from typing import Any
 
 from themask.loss.config import LossConfig
 from themask.modeling.config import ModelConfig
@@ -25,12 +25,12 @@ from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from themask.modeling.temporal_decoder import TemporalDecoder
 from themask.modeling.themask import THEMask
 
-_T1: Dict[str, Any] = dict(decoder="single", num_frames=1, loss=dict(second_round_cost="bce"))
-_T2: Dict[str, Any] = dict(decoder="temporal", num_frames=2, loss=dict(second_round_cost="full"))
-_M2F: Dict[str, Any] = dict(
+_T1: dict[str, Any] = dict(decoder="single", num_frames=1, loss=dict(second_round_cost="bce"))
+_T2: dict[str, Any] = dict(decoder="temporal", num_frames=2, loss=dict(second_round_cost="full"))
+_M2F: dict[str, Any] = dict(
     decoder="single", num_frames=1, loss=dict(num_rounds=1, second_round_loss="hard")
 )
-_TINY: Dict[str, Any] = dict(
+_TINY: dict[str, Any] = dict(
     backbone="mit_b0",
     backbone_embed_dims=(16, 32, 64, 128),
     backbone_depths=(1, 1, 1, 1),
@@ -47,11 +47,11 @@ _TINY: Dict[str, Any] = dict(
     decoder_ffn_dim=128,
     tad_ffn_dim=128,
 )
-_TINY_LOSS: Dict[str, Any] = dict(num_points=1024)
+_TINY_LOSS: dict[str, Any] = dict(num_points=1024)
 
 
-def _merge(*diffs: Dict[str, Any]) -> Dict[str, Any]:
-    merged: Dict[str, Any] = {}
+def _merge(*diffs: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
     for diff in diffs:
         for key, value in diff.items():
             if key == "loss":
@@ -61,7 +61,7 @@ def _merge(*diffs: Dict[str, Any]) -> Dict[str, Any]:
     return merged
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {}
+PRESETS: dict[str, dict[str, Any]] = {}
 for _index in range(6):
     _backbone = dict(backbone=f"mit_b{_index}")
     PRESETS[f"themask_mit_b{_index}_t1"] = _merge(_backbone, _T1)
@@ -72,7 +72,7 @@ PRESETS["themask_tiny_t2"] = _merge(_TINY, _T2, dict(loss=_TINY_LOSS))
 PRESETS["mask2former_tiny"] = _merge(_TINY, _M2F, dict(loss=_TINY_LOSS))
 
 
-def list_presets() -> List[str]:
+def list_presets() -> list[str]:
     """Names accepted by ``build_model``, sorted."""
     return sorted(PRESETS)
 

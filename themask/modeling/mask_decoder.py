@@ -7,7 +7,7 @@ shares with the temporal decoder (``query_feat``, ``query_pos``, ``level_embed``
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -77,14 +77,17 @@ class MaskDecoder(nn.Module):
         queries = self.query_feat.weight.unsqueeze(0).expand(mask_features.shape[0], -1, -1)
         query_pos = self.query_pos.weight.unsqueeze(0)  # (1, N, C)
 
-        sets: List[PredictionSet] = []
-        allowed: Optional[Tensor] = None
+        sets: list[PredictionSet] = []
+        allowed: Tensor | None = None
         for index in range(len(self.layers) + 1):
             if index > 0:
                 level = self._level(index - 1)
                 queries = self.layers[index - 1](
-                    queries, memory.keys[level], memory.values[level],
-                    query_pos=query_pos, allowed=allowed,
+                    queries,
+                    memory.keys[level],
+                    memory.values[level],
+                    query_pos=query_pos,
+                    allowed=allowed,
                 )  # (F, N, C)
             is_final = index == len(self.layers)
             class_logits, embeddings = self.clip_head(queries)

@@ -23,7 +23,7 @@ decoder_norm2 / class_embed_aux / mask_embed_aux → frame_head.norm / .class_em
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ class TemporalAggregation(nn.Module):
 
     def start(
         self, queries: Tensor, query_pos: Tensor, keys: Tensor, values: Tensor, frames: int
-    ) -> Tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         """Initial clip and frame queries.
 
         queries (B, N, C) learned query features, query_pos (1, N, C), keys/values
@@ -107,8 +107,14 @@ class TemporalDecoder(MaskDecoder):
         tad_dropout: float = 0.1,
     ):
         super().__init__(
-            num_classes=num_classes, num_queries=num_queries, dim=dim, mask_dim=mask_dim,
-            num_heads=num_heads, ffn_dim=ffn_dim, num_layers=num_layers, num_levels=num_levels,
+            num_classes=num_classes,
+            num_queries=num_queries,
+            dim=dim,
+            mask_dim=mask_dim,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
+            num_levels=num_levels,
         )
         self.frame_head = PredictionHead(dim=dim, num_classes=num_classes, mask_dim=mask_dim)
         self.temporal = TemporalAggregation(
@@ -146,19 +152,25 @@ class TemporalDecoder(MaskDecoder):
         query_pos = self.query_pos.weight.unsqueeze(0)  # (1, N, C)
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
         clip, frame = self.temporal.start(
-            queries, query_pos, torch.cat(memory.keys, dim=1), torch.cat(memory.values, dim=1),
+            queries,
+            query_pos,
+            torch.cat(memory.keys, dim=1),
+            torch.cat(memory.values, dim=1),
             frames,
         )  # (B, N, C), (B·T, N, C)
 
-        clip_sets: List[PredictionSet] = []
-        frame_sets: List[PredictionSet] = []
-        allowed: Optional[Tensor] = None
+        clip_sets: list[PredictionSet] = []
+        frame_sets: list[PredictionSet] = []
+        allowed: Tensor | None = None
         for index in range(len(self.layers) + 1):
             if index > 0:
                 level = self._level(index - 1)
                 frame = self.layers[index - 1](
-                    frame, memory.keys[level], memory.values[level],
-                    query_pos=query_pos, allowed=allowed,
+                    frame,
+                    memory.keys[level],
+                    memory.values[level],
+                    query_pos=query_pos,
+                    allowed=allowed,
                 )  # (B·T, N, C)
                 clip = self.temporal(clip, frame.view(batch, frames, *frame.shape[1:]))
             is_final = index == len(self.layers)
@@ -175,8 +187,6 @@ class TemporalDecoder(MaskDecoder):
                 frame_sets.append(PredictionSet(frame_class, frame_masks))
             if not is_final:
                 with torch.no_grad():
-                    low = torch.einsum(
-                        "bnd,btdhw->btnhw", embeddings, resized[self._level(index)]
-                    )
+                    low = torch.einsum("bnd,btdhw->btnhw", embeddings, resized[self._level(index)])
                 allowed = allowed_positions(low.flatten(3).flatten(0, 1))  # (B·T, N, h·w)
         return Predictions(clip=clip_sets, frame=frame_sets)

@@ -7,8 +7,8 @@ are already multiples of 32) and crops the scores back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +29,12 @@ class FrameFeatures:
     """
 
     mask_features: Tensor
-    multi_scale: List[Tensor]
+    multi_scale: list[Tensor]
 
     def __len__(self) -> int:
         return self.mask_features.shape[0]
 
-    def select(self, indices: Union[Sequence[int], Tensor]) -> "FrameFeatures":
+    def select(self, indices: Sequence[int] | Tensor) -> FrameFeatures:
         """The features of the frames at ``indices`` (positions on the B·T axis), in that order."""
         index = torch.as_tensor(indices, dtype=torch.long, device=self.mask_features.device)
         return FrameFeatures(
@@ -43,7 +43,7 @@ class FrameFeatures:
         )
 
     @classmethod
-    def cat(cls, items: Sequence["FrameFeatures"]) -> "FrameFeatures":
+    def cat(cls, items: Sequence[FrameFeatures]) -> FrameFeatures:
         """Concatenate along the B·T axis (all items must share the padded size)."""
         if not items:
             raise ValueError("FrameFeatures.cat: nothing to concatenate")
@@ -82,7 +82,7 @@ class THEMask(nn.Module):
         config: ModelConfig,
         backbone: nn.Module,
         pixel_decoder: nn.Module,
-        decoder: Union[MaskDecoder, TemporalDecoder],
+        decoder: MaskDecoder | TemporalDecoder,
     ):
         super().__init__()
         self.config = config
@@ -99,7 +99,7 @@ class THEMask(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def _padded_size(self, height: int, width: int) -> Tuple[int, int]:
+    def _padded_size(self, height: int, width: int) -> tuple[int, int]:
         divisor = self.config.size_divisor
         return -(-height // divisor) * divisor, -(-width // divisor) * divisor
 
@@ -107,7 +107,9 @@ class THEMask(nn.Module):
         """frames (B, T, 3, H, W), normalised → ``FrameFeatures`` of the B·T frames
         (zero-padded on the bottom/right to a multiple of ``size_divisor``)."""
         if frames.dim() != 5 or frames.shape[2] != 3:
-            raise ValueError(f"THEMask.encode: expected frames (B, T, 3, H, W), got {tuple(frames.shape)}")
+            raise ValueError(
+                f"THEMask.encode: expected frames (B, T, 3, H, W), got {tuple(frames.shape)}"
+            )
         height, width = frames.shape[-2:]
         padded_h, padded_w = self._padded_size(height, width)
         images = frames.flatten(0, 1)  # (B·T, 3, H, W)
@@ -126,7 +128,9 @@ class THEMask(nn.Module):
             )
         if isinstance(self.decoder, TemporalDecoder):
             predictions = self.decoder(
-                features.mask_features, features.multi_scale, frames=frames,
+                features.mask_features,
+                features.multi_scale,
+                frames=frames,
                 return_all=self.training,
             )
         else:
@@ -136,7 +140,7 @@ class THEMask(nn.Module):
         predictions.frames_per_clip = frames
         return predictions
 
-    def semantic_scores(self, predictions: Predictions, image_size: Tuple[int, int]) -> Tensor:
+    def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
         """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W) (DESIGN §4.3).
 
         Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
@@ -156,12 +160,14 @@ class THEMask(nn.Module):
         height, width = image_size
         padded = self._padded_size(height, width)
         scores = F.interpolate(
-            scores.reshape(-1, classes, low_h, low_w), size=padded, mode="bilinear",
+            scores.reshape(-1, classes, low_h, low_w),
+            size=padded,
+            mode="bilinear",
             align_corners=False,
         )[..., :height, :width]
         return scores.reshape(clips, clip_len, classes, height, width)
 
-    def forward(self, frames: Tensor) -> Union[Predictions, Tensor]:
+    def forward(self, frames: Tensor) -> Predictions | Tensor:
         """frames (B, T, 3, H, W), normalised → ``Predictions`` (train) or scores
         (B, T, K, H, W) (eval)."""
         batch, clip_len = frames.shape[:2]

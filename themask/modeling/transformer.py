@@ -9,8 +9,8 @@ boolean mask shared by all heads without repeating it per head.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
         return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
     def forward(  # type: ignore[override]
-        self, query: Tensor, key: Tensor, value: Tensor, allowed: Optional[Tensor] = None
+        self, query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None = None
     ) -> Tensor:
         """query (B, N, C), key/value (B, S, C), allowed (B, N, S) bool (True = may attend)
         → (B, N, C)."""
@@ -97,7 +97,7 @@ class CrossAttentionLayer(nn.Module):
         values: Tensor,
         *,
         query_pos: Tensor,
-        allowed: Optional[Tensor] = None,
+        allowed: Tensor | None = None,
     ) -> Tensor:
         """x (B, N, C), keys/values (B, S, C), query_pos broadcastable to x,
         allowed (B, N, S) bool or None → (B, N, C)."""
@@ -167,7 +167,7 @@ class PredictionHead(nn.Module):
         self.class_embed = nn.Linear(dim, num_classes + 1)
         self.mask_embed = MLP(in_dim=dim, hidden_dim=dim, out_dim=mask_dim, num_layers=3)
 
-    def forward(self, queries: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         """queries (..., N, C) → class logits (..., N, K+1), mask embeddings (..., N, mask_dim)."""
         x = self.norm(queries)
         return self.class_embed(x), self.mask_embed(x)
@@ -184,7 +184,7 @@ def allowed_positions(mask_logits: Tensor) -> Tensor:
     return allowed | empty
 
 
-def resize_features(features: Tensor, size: Tuple[int, int]) -> Tensor:
+def resize_features(features: Tensor, size: tuple[int, int]) -> Tensor:
     """features (B, C, H, W) → (B, C, h, w), bilinear, align_corners False.
 
     Bilinear resizing is linear per channel, so resizing the mask features and then taking the
@@ -205,12 +205,14 @@ class DecoderMemory:
     sizes:  per level (h, w).
     """
 
-    values: List[Tensor]
-    keys: List[Tensor]
-    sizes: List[Tuple[int, int]]
+    values: list[Tensor]
+    keys: list[Tensor]
+    sizes: list[tuple[int, int]]
 
 
-def decoder_memory(multi_scale: Sequence[Tensor], level_embed: Tensor, frames: int) -> DecoderMemory:
+def decoder_memory(
+    multi_scale: Sequence[Tensor], level_embed: Tensor, frames: int
+) -> DecoderMemory:
     """multi_scale: L maps (B·T, C, h, w) (frames of a clip consecutive), level_embed (L, C).
 
     The position encoding is the 3-D sine encoding over (t, y, x) of a T-frame clip
@@ -220,10 +222,17 @@ def decoder_memory(multi_scale: Sequence[Tensor], level_embed: Tensor, frames: i
     for level, features in enumerate(multi_scale):
         frames_total, channels, height, width = features.shape
         if frames_total % frames != 0:
-            raise ValueError(f"decoder_memory: {frames_total} frames is not a multiple of T={frames}")
+            raise ValueError(
+                f"decoder_memory: {frames_total} frames is not a multiple of T={frames}"
+            )
         pos = sine_position_encoding_3d(
-            1, frames, height, width, num_feats=channels // 2,
-            device=features.device, dtype=features.dtype,
+            1,
+            frames,
+            height,
+            width,
+            num_feats=channels // 2,
+            device=features.device,
+            dtype=features.dtype,
         )  # (1, T, C, h, w)
         pos = pos.flatten(3).transpose(2, 3)  # (1, T, h·w, C)
         value = features.flatten(2).transpose(1, 2) + level_embed[level]  # (B·T, h·w, C)

@@ -1,0 +1,113 @@
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from themask.loss import LossConfig, SetCriterion, criterion_for, training_loss
+from themask.modeling.build import build_model
+from themask.modeling.config import ModelConfig
+from themask.modeling.outputs import PredictionSet, Predictions
+
+
+class FakeModel(nn.Module):
+    """Returns fixed predictions; records the frames it saw."""
+
+    def __init__(self, temporal, predictions, size_divisor=32):
+        super().__init__()
+        self.config = ModelConfig(
+            num_classes=3, size_divisor=size_divisor, loss=LossConfig(num_points=16)
+        )
+        self.is_temporal = temporal
+        self.predictions = predictions
+
+    def forward(self, frames):
+        return self.predictions if self.training else torch.zeros(1)
+
+
+def test_single_frame_model_folds_frames_into_clips_and_pads_labels():
+    torch.manual_seed(0)
+    # B = 2 clips of T = 3 frames of 30×30 → model pads to 32×32 and sees B·T = 6 clips of 1
+    predictions = Predictions(
+        clip=[PredictionSet(torch.randn(6, 5, 4), torch.randn(6, 5, 1, 8, 8)) for _ in range(2)]
+    )
+    model = FakeModel(temporal=False, predictions=predictions)
+    labels = torch.randint(0, 3, (2, 3, 30, 30))
+    torch.manual_seed(1)
+    total, terms = training_loss(model, torch.zeros(2, 3, 3, 30, 30), labels, step=0)
+    expected_labels = F.pad(labels, (0, 2, 0, 2), value=255).reshape(6, 1, 32, 32)
+    torch.manual_seed(1)
+    expected = SetCriterion(model.config.loss, 3)(predictions, expected_labels)
+    assert total.item() == pytest.approx(expected.total.item(), rel=1e-6)
+    assert terms == pytest.approx(expected.terms)
+
+
+def test_temporal_model_keeps_clips():
+    torch.manual_seed(0)
+    predictions = Predictions(
+        clip=[PredictionSet(torch.randn(2, 5, 4), torch.randn(2, 5, 3, 8, 8))],
+        frame=[PredictionSet(torch.randn(2, 3, 5, 4), torch.randn(2, 5, 3, 8, 8))],
+    )
+    model = FakeModel(temporal=True, predictions=predictions)
+    labels = torch.randint(0, 3, (2, 3, 32, 32))
+    torch.manual_seed(1)
+    total, terms = training_loss(model, torch.zeros(2, 3, 3, 32, 32), labels, step=7)
+    torch.manual_seed(1)
+    expected = SetCriterion(model.config.loss, 3)(predictions, labels, step=7)
+    assert total.item() == pytest.approx(expected.total.item(), rel=1e-6)
+    assert "frame_loss_class" in terms
+
+
+def test_eval_mode_model_and_bad_shapes_are_rejected():
+    model = FakeModel(temporal=True, predictions=None).eval()
+    with pytest.raises(TypeError, match="model.train"):
+        training_loss(model, torch.zeros(1, 1, 3, 32, 32), torch.zeros(1, 1, 32, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="B, T, H, W"):
+        training_loss(model, torch.zeros(1, 2, 3, 32, 32), torch.zeros(1, 1, 32, 32, dtype=torch.long))
+
+
+def test_criterion_is_cached_per_config():
+    config = LossConfig()
+    first = criterion_for(config, 3)
+    assert criterion_for(LossConfig(), 3) is first
+    assert criterion_for(dataclasses.replace(config, num_rounds=1), 3) is not first
+    assert criterion_for(config, 4) is not first
+
+
+def synthetic_clips(num_clips=4, frames=2, size=32, seed=0):
+    """Clips of a dark background (class 0) with a red (1) and a blue (2) moving rectangle."""
+    generator = torch.Generator().manual_seed(seed)
+    colours = torch.tensor([[-1.0, -1.0, -1.0], [1.5, -0.5, -0.5], [-0.5, -0.5, 1.5]])
+    labels = torch.zeros(num_clips, frames, size, size, dtype=torch.long)
+    third, quarter, half = size // 3, size // 4, size // 2
+    for c in range(num_clips):
+        y1, x1, y2, x2 = torch.randint(0, half, (4,), generator=generator).tolist()
+        for t in range(frames):
+            labels[c, t, y1 + 2 * t : y1 + 2 * t + third, x1 : x1 + third] = 1
+            top = y2 + half - 2 * t
+            labels[c, t, top : top + quarter, x2 + third : x2 + 2 * third] = 2
+    images = colours[labels].permute(0, 1, 4, 2, 3).contiguous()  # (B, T, 3, H, W)
+    images = images + 0.1 * torch.randn(images.shape, generator=generator)
+    labels[:, :, :2] = 255  # an ignored strip
+    return images, labels
+
+
+@pytest.mark.parametrize("preset", ["themask_tiny_t1", "themask_tiny_t2"])
+def test_a_few_adamw_steps_halve_the_loss(preset):
+    torch.manual_seed(0)
+    model = build_model(preset, num_classes=3).train()
+    frames, labels = synthetic_clips()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for step in range(16):
+        batch = [2 * (step % 2), 2 * (step % 2) + 1]
+        total, terms = training_loss(model, frames[batch], labels[batch], step=step)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(total.item())
+        assert "loss_mask_secondary" in terms  # both presets train with two rounds
+    first = (losses[0] + losses[1]) / 2  # the two batches alternate
+    last = sum(losses[-4:]) / 4
+    assert last <= 0.5 * first, losses

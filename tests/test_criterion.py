@@ -9,7 +9,7 @@ from themask.loss.criterion import SetCriterion
 from themask.loss.matcher import MatchIndices
 from themask.loss.point_sample import most_uncertain, point_sample, uncertain_point_coords
 from themask.loss.targets import build_targets
-from themask.modeling.outputs import PredictionSet, Predictions
+from themask.modeling.outputs import Predictions, PredictionSet
 
 # ---------------------------------------------------------------- naive references
 
@@ -34,7 +34,9 @@ def sigmoid(v):
 def naive_bce_dice(logits, targets):
     probs = [sigmoid(v) for v in logits]
     bce = sum(-(y * math.log(p) + (1 - y) * math.log(1 - p)) for p, y in zip(probs, targets))
-    dice = 1 - (2 * sum(p * y for p, y in zip(probs, targets)) + 1) / (sum(probs) + sum(targets) + 1)
+    dice = 1 - (2 * sum(p * y for p, y in zip(probs, targets)) + 1) / (
+        sum(probs) + sum(targets) + 1
+    )
     return bce / len(targets), dice
 
 
@@ -131,7 +133,11 @@ def test_uncertain_point_coords_keeps_most_uncertain_candidates_then_fills():
     logits = torch.randn(2, 6, 6)
     generator = torch.Generator().manual_seed(11)
     coords = uncertain_point_coords(
-        logits, num_points=8, oversample_ratio=3.0, importance_sample_ratio=0.75, generator=generator
+        logits,
+        num_points=8,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        generator=generator,
     )
     assert coords.shape == (2, 8, 2)
     replay = torch.Generator().manual_seed(11)
@@ -168,7 +174,9 @@ def test_class_loss_equals_naive_weighted_cross_entropy():
     criterion = SetCriterion(LossConfig(), num_classes=3)
     for shape in [(2, 5, 4), (2, 3, 5, 4)]:  # clip head, frame head (T = 3)
         logits = torch.randn(*shape)
-        got = criterion.class_loss(PredictionSet(logits, torch.zeros(2, 5, 1, 4, 4)), targets, matches)
+        got = criterion.class_loss(
+            PredictionSet(logits, torch.zeros(2, 5, 1, 4, 4)), targets, matches
+        )
         classes = [t.classes.tolist() for t in targets]
         expected = naive_class_loss(logits, classes, matches, 3, 0.1)
         assert got.item() == pytest.approx(expected, rel=1e-5)
@@ -257,13 +265,18 @@ def expected_head_loss(class_logits, mask_logits, targets, matches, points, conf
     return (
         config.class_weight * ce
         + w1 * (config.mask_weight * sums["hard"][0] + config.dice_weight * sums["hard"][1]) / norm
-        + w2 * (second_weights[0] * sums["second"][0] + second_weights[1] * sums["second"][1]) / norm
+        + w2
+        * (second_weights[0] * sums["second"][0] + second_weights[1] * sums["second"][1])
+        / norm
     )
 
 
 def random_sets(count, frames, temporal):
     torch.manual_seed(4)
-    clip = [PredictionSet(torch.randn(2, 5, 4), torch.randn(2, 5, frames, 4, 4) * 2) for _ in range(count)]
+    clip = [
+        PredictionSet(torch.randn(2, 5, 4), torch.randn(2, 5, frames, 4, 4) * 2)
+        for _ in range(count)
+    ]
     if not temporal:
         return Predictions(clip=clip)
     frame = [
@@ -291,7 +304,9 @@ def test_tad_criterion_total_equals_naive_sum(fixed_points, second_round_loss):
     # one matching per set, from clip-head classes and frame-head masks
     ((sets, rounds),) = criterion.matcher.calls
     assert rounds == 2 and len(sets) == 2
-    for (class_logits, mask_logits), clip_set, frame_set in zip(sets, predictions.clip, predictions.frame):
+    for (class_logits, mask_logits), clip_set, frame_set in zip(
+        sets, predictions.clip, predictions.frame
+    ):
         assert class_logits is clip_set.class_logits and mask_logits is frame_set.mask_logits
     loss_terms = {k: v for k, v in output.terms.items() if k.startswith(("loss_", "frame_loss_"))}
     assert len(loss_terms) == 10
@@ -357,7 +372,9 @@ def test_round_switches_and_warmup(config, step, two_rounds):
     config.num_points = 64
     criterion = SetCriterion(config, num_classes=2)
     torch.manual_seed(0)
-    output = criterion(Predictions(clip=[PredictionSet(class_logits, mask_logits)]), labels, step=step)
+    output = criterion(
+        Predictions(clip=[PredictionSet(class_logits, mask_logits)]), labels, step=step
+    )
     assert ("loss_mask_secondary" in output.terms) == two_rounds
     assert ("loss_dice_secondary" in output.terms) == two_rounds
     assert output.terms["matched_fraction_round1"] == pytest.approx(2 / 6)
@@ -394,7 +411,10 @@ def test_all_ignore_batch_gives_no_object_only():
     assert output.terms["num_masks"] == 1.0
     assert output.terms["loss_mask"] == 0.0 and output.terms["loss_mask_secondary"] == 0.0
     expected = sum(
-        2.0 * torch.nn.functional.cross_entropy(s.class_logits.reshape(-1, 4), torch.full((10,), 3)).item()
+        2.0
+        * torch.nn.functional.cross_entropy(
+            s.class_logits.reshape(-1, 4), torch.full((10,), 3)
+        ).item()
         for s in predictions.clip
     )
     assert output.total.item() == pytest.approx(expected, rel=1e-5)
@@ -425,9 +445,13 @@ def test_losses_finite_under_bfloat16_autocast():
 def test_shape_errors_name_the_problem():
     labels = torch.zeros(2, 1, 8, 8, dtype=torch.long)
     criterion = SetCriterion(LossConfig(), num_classes=3)
-    wrong_classes = Predictions(clip=[PredictionSet(torch.randn(2, 5, 7), torch.randn(2, 5, 1, 4, 4))])
+    wrong_classes = Predictions(
+        clip=[PredictionSet(torch.randn(2, 5, 7), torch.randn(2, 5, 1, 4, 4))]
+    )
     with pytest.raises(ValueError, match="num_classes"):
         criterion(wrong_classes, labels)
-    wrong_frames = Predictions(clip=[PredictionSet(torch.randn(2, 5, 4), torch.randn(2, 5, 3, 4, 4))])
+    wrong_frames = Predictions(
+        clip=[PredictionSet(torch.randn(2, 5, 4), torch.randn(2, 5, 3, 4, 4))]
+    )
     with pytest.raises(ValueError, match="B, N, T, h, w"):
         criterion(wrong_frames, labels)

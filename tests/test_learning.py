@@ -8,7 +8,7 @@ from torch import nn
 from themask.loss import LossConfig, SetCriterion, criterion_for, training_loss
 from themask.modeling.build import build_model
 from themask.modeling.config import ModelConfig
-from themask.modeling.outputs import PredictionSet, Predictions
+from themask.modeling.outputs import Predictions, PredictionSet
 
 
 class FakeModel(nn.Module):
@@ -62,9 +62,13 @@ def test_temporal_model_keeps_clips():
 def test_eval_mode_model_and_bad_shapes_are_rejected():
     model = FakeModel(temporal=True, predictions=None).eval()
     with pytest.raises(TypeError, match="model.train"):
-        training_loss(model, torch.zeros(1, 1, 3, 32, 32), torch.zeros(1, 1, 32, 32, dtype=torch.long))
+        training_loss(
+            model, torch.zeros(1, 1, 3, 32, 32), torch.zeros(1, 1, 32, 32, dtype=torch.long)
+        )
     with pytest.raises(ValueError, match="B, T, H, W"):
-        training_loss(model, torch.zeros(1, 2, 3, 32, 32), torch.zeros(1, 1, 32, 32, dtype=torch.long))
+        training_loss(
+            model, torch.zeros(1, 2, 3, 32, 32), torch.zeros(1, 1, 32, 32, dtype=torch.long)
+        )
 
 
 def test_criterion_is_cached_per_config():

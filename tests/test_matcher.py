@@ -25,7 +25,8 @@ def brute_force(cost, rows):
         )
     else:
         candidates = (
-            list(zip(rows, chosen)) for chosen in itertools.permutations(range(num_targets), len(rows))
+            list(zip(rows, chosen))
+            for chosen in itertools.permutations(range(num_targets), len(rows))
         )
     for pairs in candidates:
         total = sum(cost[q, t] for q, t in pairs)
@@ -112,7 +113,9 @@ def test_pairwise_costs_equal_naive_loops():
         for m in range(2):
             p = [1 / (1 + math.exp(-v)) for v in logits[q].tolist()]
             y = targets[m].tolist()
-            naive_bce = -sum(yi * math.log(pi) + (1 - yi) * math.log(1 - pi) for pi, yi in zip(p, y)) / 7
+            naive_bce = (
+                -sum(yi * math.log(pi) + (1 - yi) * math.log(1 - pi) for pi, yi in zip(p, y)) / 7
+            )
             naive_dice = 1 - (2 * sum(pi * yi for pi, yi in zip(p, y)) + 1) / (sum(p) + sum(y) + 1)
             assert bce[q, m].item() == pytest.approx(naive_bce, rel=1e-5)
             assert dice[q, m].item() == pytest.approx(naive_dice, rel=1e-5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,7 +12,7 @@ from themask.loss.criterion import SetCriterion
 from themask.loss.targets import IGNORE_INDEX
 from themask.modeling.outputs import Predictions
 
-_CRITERIA: Dict[tuple, SetCriterion] = {}
+_CRITERIA: dict[tuple, SetCriterion] = {}
 
 
 def criterion_for(loss_config: LossConfig, num_classes: int) -> SetCriterion:
@@ -26,7 +25,7 @@ def criterion_for(loss_config: LossConfig, num_classes: int) -> SetCriterion:
 
 def training_loss(
     model: nn.Module, frames: Tensor, labels: Tensor, *, step: int = 0
-) -> Tuple[Tensor, Dict[str, float]]:
+) -> tuple[Tensor, dict[str, float]]:
     """Forward ``model`` in train mode and compute its training objective.
 
     frames: (B, T, 3, H, W) normalised; labels: (B, T, H, W) long, 255 = ignore.

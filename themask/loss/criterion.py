@@ -15,8 +15,8 @@ targets and the same assignments, scaled by ``frame_head_weight``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ from themask.loss.config import LossConfig
 from themask.loss.matcher import HungarianMatcher, IndexPair, MatchIndices
 from themask.loss.point_sample import point_sample, uncertain_point_coords
 from themask.loss.targets import ClipTargets, build_targets
-from themask.modeling.outputs import PredictionSet, Predictions
+from themask.modeling.outputs import Predictions, PredictionSet
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class LossOutput:
     """
 
     total: Tensor
-    terms: Dict[str, float]
+    terms: dict[str, float]
 
 
 def sigmoid_bce_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
@@ -60,7 +60,7 @@ def dice_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
     return 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
 
-def soft_targets(logits: Tensor, gt_masks: Tensor) -> Tuple[Tensor, Tensor]:
+def soft_targets(logits: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
     """Soft (round-2) target: the GT mask where the prediction already fires.
 
     logits: (R, h, w) mask logits; gt_masks: (R, H, W) in {0, 1}.
@@ -75,16 +75,16 @@ def soft_targets(logits: Tensor, gt_masks: Tensor) -> Tuple[Tensor, Tensor]:
 
 def _gather(
     mask_logits: Tensor, targets: Sequence[ClipTargets], pairs: Sequence[IndexPair]
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Matched predictions and GT masks of all clips, flattened over (mask, frame).
 
     mask_logits: (B, N, T, h, w). Returns (R·T, h, w) logits and (R·T, H, W) GT masks, where R
     is the number of matched pairs over the batch.
     """
     device = mask_logits.device
-    clip_index = torch.cat(
-        [torch.full_like(query, b) for b, (query, _) in enumerate(pairs)]
-    ).to(device)
+    clip_index = torch.cat([torch.full_like(query, b) for b, (query, _) in enumerate(pairs)]).to(
+        device
+    )
     query_index = torch.cat([query for query, _ in pairs]).to(device)
     predicted = mask_logits[clip_index, query_index]  # (R, T, h, w)
     gt = torch.cat(
@@ -154,8 +154,8 @@ class SetCriterion:
         device = clip_sets[-1].mask_logits.device
         num_masks = _average_num_masks(sum(t.num_masks for t in targets), device)
 
-        sums: Dict[str, Tensor] = {}
-        heads: List[Tuple[str, List[PredictionSet], float]] = [("", clip_sets, 1.0)]
+        sums: dict[str, Tensor] = {}
+        heads: list[tuple[str, list[PredictionSet], float]] = [("", clip_sets, 1.0)]
         if frame_sets is not None:
             heads.append(("frame_", frame_sets, cfg.frame_head_weight))
         for prefix, sets, head_weight in heads:
@@ -181,7 +181,11 @@ class SetCriterion:
         masks, classes = prediction_set.mask_logits, prediction_set.class_logits
         if labels.dim() != 4:
             raise ValueError(f"labels must have shape (B, T, H, W), got {tuple(labels.shape)}")
-        if masks.dim() != 5 or masks.shape[0] != labels.shape[0] or masks.shape[2] != labels.shape[1]:
+        if (
+            masks.dim() != 5
+            or masks.shape[0] != labels.shape[0]
+            or masks.shape[2] != labels.shape[1]
+        ):
             raise ValueError(
                 f"mask_logits {tuple(masks.shape)} must be (B, N, T, h, w) with B, T of the "
                 f"labels {tuple(labels.shape)}"
@@ -199,7 +203,7 @@ class SetCriterion:
         matches: Sequence[MatchIndices],
         num_masks: float,
         rounds: int,
-    ) -> Dict[str, Tensor]:
+    ) -> dict[str, Tensor]:
         """Weighted loss terms of one prediction set of one head."""
         cfg = self.config
         mask_logits = prediction_set.mask_logits.float()  # (B, N, T, h, w)
@@ -249,7 +253,7 @@ class SetCriterion:
 
     def hard_mask_loss(
         self, mask_logits: Tensor, targets: Sequence[ClipTargets], pairs: Sequence[IndexPair]
-    ) -> Tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         """Sums over matched (mask, frame) pairs of point-sampled BCE and dice.
 
         mask_logits: (B, N, T, h, w). Points per pair: uncertainty sampling on the prediction.
@@ -275,7 +279,7 @@ class SetCriterion:
 
     def soft_mask_loss(
         self, mask_logits: Tensor, targets: Sequence[ClipTargets], pairs: Sequence[IndexPair]
-    ) -> Tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         """Sums over matched (mask, frame) pairs of dense BCE and dice against the soft target.
 
         mask_logits: (B, N, T, h, w). Returns (bce_sum, dice_sum), not yet normalised.

@@ -10,8 +10,9 @@ on CPU with ``scipy.optimize.linear_sum_assignment``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Sequence, Tuple, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor
 from themask.loss.point_sample import point_sample
 from themask.loss.targets import ClipTargets
 
-IndexPair = Tuple[Tensor, Tensor]
+IndexPair = tuple[Tensor, Tensor]
 
 
 def _empty_pair() -> IndexPair:
@@ -43,13 +44,15 @@ def _assign(cost: np.ndarray, rows: np.ndarray) -> IndexPair:
     if rows.size == 0 or cost.shape[1] == 0:
         return _empty_pair()
     sub_rows, cols = linear_sum_assignment(cost[rows])
-    return torch.as_tensor(rows[sub_rows], dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    return torch.as_tensor(rows[sub_rows], dtype=torch.long), torch.as_tensor(
+        cols, dtype=torch.long
+    )
 
 
 def match_two_rounds(
-    cost: Union[Tensor, np.ndarray],
+    cost: Tensor | np.ndarray,
     *,
-    second_round_cost: Union[Tensor, np.ndarray, None] = None,
+    second_round_cost: Tensor | np.ndarray | None = None,
     num_rounds: int = 2,
 ) -> MatchIndices:
     """Round 1 on ``cost`` (N, M); round 2 on the rows round 1 left free.
@@ -68,14 +71,12 @@ def match_two_rounds(
         return MatchIndices(primary=primary)
     second_np = cost_np if second_round_cost is None else _as_numpy(second_round_cost)
     if second_np.shape != cost_np.shape:
-        raise ValueError(
-            f"second_round_cost has shape {second_np.shape}, expected {cost_np.shape}"
-        )
+        raise ValueError(f"second_round_cost has shape {second_np.shape}, expected {cost_np.shape}")
     free_rows = np.setdiff1d(all_rows, primary[0].numpy())
     return MatchIndices(primary=primary, secondary=_assign(second_np, free_rows))
 
 
-def _as_numpy(cost: Union[Tensor, np.ndarray]) -> np.ndarray:
+def _as_numpy(cost: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(cost, Tensor):
         return cost.detach().float().cpu().numpy()
     return np.asarray(cost, dtype=np.float64)
@@ -127,7 +128,9 @@ class HungarianMatcher:
         second_round_cost: Literal["full", "bce"] = "full",
     ) -> None:
         if second_round_cost not in ("full", "bce"):
-            raise ValueError(f"second_round_cost must be 'full' or 'bce', got {second_round_cost!r}")
+            raise ValueError(
+                f"second_round_cost must be 'full' or 'bce', got {second_round_cost!r}"
+            )
         self.cost_class = cost_class
         self.cost_mask = cost_mask
         self.cost_dice = cost_dice
@@ -137,7 +140,7 @@ class HungarianMatcher:
     @torch.no_grad()
     def costs(
         self, class_logits: Tensor, mask_logits: Tensor, targets: Sequence[ClipTargets]
-    ) -> List[ClipCost]:
+    ) -> list[ClipCost]:
         """Cost matrices of one prediction set, float32, on the predictions' device.
 
         class_logits: (B, N, K+1); mask_logits: (B, N, T, h, w); targets: B clips with masks
@@ -171,11 +174,11 @@ class HungarianMatcher:
 
     def match_sets(
         self,
-        sets: Sequence[Tuple[Tensor, Tensor]],
+        sets: Sequence[tuple[Tensor, Tensor]],
         targets: Sequence[ClipTargets],
         *,
         num_rounds: int = 2,
-    ) -> List[List[MatchIndices]]:
+    ) -> list[list[MatchIndices]]:
         """Match several prediction sets, each separately.
 
         sets: (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)) per prediction set.
@@ -183,7 +186,7 @@ class HungarianMatcher:
         """
         per_set = [self.costs(class_logits, masks, targets) for class_logits, masks in sets]
         second_is_bce = self.second_round_cost == "bce" and num_rounds == 2
-        flat: List[Tensor] = []
+        flat: list[Tensor] = []
         for clip_costs in per_set:
             for cost in clip_costs:
                 flat.append(cost.full.reshape(-1))
@@ -193,7 +196,7 @@ class HungarianMatcher:
             return [[] for _ in per_set]
         values = torch.cat(flat).cpu().numpy()
         offset = 0
-        matches: List[List[MatchIndices]] = []
+        matches: list[list[MatchIndices]] = []
         for clip_costs in per_set:
             set_matches = []
             for cost in clip_costs:
@@ -201,7 +204,7 @@ class HungarianMatcher:
                 size = cost.full.numel()
                 full = values[offset : offset + size].reshape(shape)
                 offset += size
-                second: Optional[np.ndarray] = None
+                second: np.ndarray | None = None
                 if second_is_bce:
                     second = values[offset : offset + size].reshape(shape)
                     offset += size
@@ -218,6 +221,6 @@ class HungarianMatcher:
         targets: Sequence[ClipTargets],
         *,
         num_rounds: int = 2,
-    ) -> List[MatchIndices]:
+    ) -> list[MatchIndices]:
         """Match one prediction set; returns one ``MatchIndices`` per clip."""
         return self.match_sets([(class_logits, mask_logits)], targets, num_rounds=num_rounds)[0]

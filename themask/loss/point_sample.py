@@ -7,8 +7,6 @@ centres sit at (i + 0.5) / W). Maps are read with bilinear interpolation and zer
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -44,7 +42,7 @@ def uncertain_point_coords(
     num_points: int = 12544,
     oversample_ratio: float = 3.0,
     importance_sample_ratio: float = 0.75,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Choose points per mask for the hard mask loss (uncertainty sampling).
 
@@ -56,7 +54,9 @@ def uncertain_point_coords(
     if oversample_ratio < 1.0:
         raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
     if not 0.0 <= importance_sample_ratio <= 1.0:
-        raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
+        raise ValueError(
+            f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}"
+        )
     rows = logits.shape[0]
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)

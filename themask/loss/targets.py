@@ -9,7 +9,6 @@ class absent from a frame simply has an empty mask there (``ClipTargets.frame``)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
 
 import torch
 from torch import Tensor
@@ -38,7 +37,7 @@ class ClipTargets:
         return ClipTargets(classes=self.classes, masks=self.masks[:, t : t + 1])
 
 
-def build_targets(labels: Tensor, num_classes: int) -> List[ClipTargets]:
+def build_targets(labels: Tensor, num_classes: int) -> list[ClipTargets]:
     """Turn label maps into per-clip targets.
 
     labels: (B, T, H, W) integer tensor of class ids in [0, K) or 255 (ignore).

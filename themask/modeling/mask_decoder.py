@@ -65,8 +65,8 @@ class MaskDecoder(nn.Module):
         *,
         return_all: bool = True,
     ) -> Predictions:
-        """mask_features (F, mask_dim, H/4, W/4) and multi_scale L × (F, C, h, w) for F frames
-        → ``Predictions`` of F one-frame clips: class (F, N, K+1), masks (F, N, 1, H/4, W/4).
+        """mask_features (B·T, mask_dim, H/4, W/4) and multi_scale L × (B·T, C, h, w) →
+        ``Predictions`` of B·T one-frame clips: class (B·T, N, K+1), masks (B·T, N, 1, H/4, W/4).
 
         ``return_all``: all ``num_layers + 1`` prediction sets (training); otherwise only the
         final one (inference skips the full-resolution masks of the intermediate sets).
@@ -88,7 +88,7 @@ class MaskDecoder(nn.Module):
                     memory.values[level],
                     query_pos=query_pos,
                     allowed=allowed,
-                )  # (F, N, C)
+                )  # (B·T, N, C)
             is_final = index == len(self.layers)
             class_logits, embeddings = self.clip_head(queries)
             if return_all or is_final:
@@ -97,5 +97,5 @@ class MaskDecoder(nn.Module):
             if not is_final:
                 with torch.no_grad():
                     low = torch.einsum("fnc,fchw->fnhw", embeddings, resized[self._level(index)])
-                allowed = allowed_positions(low.flatten(2))  # (F, N, h·w)
+                allowed = allowed_positions(low.flatten(2))  # (B·T, N, h·w)
         return Predictions(clip=sets)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 # Order = order in ``themask --help``.
 COMMAND_MODULES: tuple = (
+    "demo",
     "train",
     "check_data",
     "make_toy_data",

@@ -227,8 +227,12 @@ class Trainer:
             self.writer = MetricWriter(self.run_dir)
             if resume:
                 self.writer.truncate_after(self.step)
-            logger.info("git revision %s; run dir %s", info["git_revision"], self.run_dir)
-            logger.info("config:\n%s", json.dumps(to_dict(cfg), indent=1))
+            logger.info(
+                "git revision %s; run dir %s (resolved config in config.yaml)",
+                info["git_revision"],
+                self.run_dir,
+            )
+            logger.debug("config:\n%s", json.dumps(to_dict(cfg), indent=1))
 
     # -- construction ------------------------------------------------------------------------
 
@@ -452,28 +456,20 @@ class Trainer:
 def evaluate_config(
     model: nn.Module, cfg: RunConfig, *, device: torch.device, progress: bool = True
 ) -> dict[str, object]:
-    """``evaluate_split`` on ``cfg.data.val_split`` with the test protocol of ``cfg``.
+    """Evaluate on ``cfg.data.val_split`` with the test protocol of ``cfg`` (test clips of
+    ``data.eval_clip_len`` frames). Under torch.distributed every rank must call it (videos
+    are split over the ranks) and every rank gets the same result."""
+    from themask.evaluation.inference import evaluate_data
 
-    Under torch.distributed every rank must call it (videos are split over the ranks).
-    """
-    from themask.data.config import dataset_classes
-    from themask.data.transforms import TestTransform
-    from themask.data.vspw import VSPWIndex
-    from themask.evaluation.inference import evaluate_split
-
-    data = cfg.data
-    index = VSPWIndex(data.root, data.val_split)
-    transform = TestTransform(scale=data.scale, size_divisor=data.size_divisor)
-    return evaluate_split(
+    return evaluate_data(
         model,
-        index,
-        clip_len=data.eval_clip_len,
-        transform=transform,
+        cfg.data,
+        split=cfg.data.val_split,
+        clip_len=cfg.data.eval_clip_len,
         device=device,
-        num_classes=data.num_classes,
-        palette=dataset_classes(data.kind)[1],
-        amp=cfg.eval.amp,
         max_videos=cfg.eval.max_videos,
+        amp=cfg.eval.amp,
+        distributed=distributed.is_initialized(),
         progress=progress,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -65,11 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from themask import distributed
-    from themask.config import load_config
+    from themask.config import ConfigError, load_config
     from themask.engine import Trainer
     from themask.logger import setup_logging
 
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"themask train: {err}", file=sys.stderr)
+        return 2
     if args.init_from:
         train = dataclasses.replace(cfg.train, init_from=args.init_from)
         cfg = dataclasses.replace(cfg, train=train)

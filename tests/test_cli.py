@@ -1,0 +1,107 @@
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from themask.cli import COMMAND_MODULES, build_parser, main
+from themask.commands.demo import plot_loss_curve
+from themask.data.toy import make_toy_dataset
+from themask.logger import MetricWriter, read_metrics
+
+# arguments each of our commands must explain in its --help
+EXPECTED = {
+    "train": ["CONFIG", "key=value", "--out", "--resume", "--init-from", "--device", "--no-eval"],
+    "demo": ["--out", "--config", "--baseline", "key=value"],
+}
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    raise AssertionError("no sub-commands")
+
+
+COMMANDS = sorted(_subparsers(build_parser()))
+
+
+def test_every_command_is_registered():
+    assert {"train", "demo"} <= set(COMMAND_MODULES)
+    assert len(COMMANDS) == len(COMMAND_MODULES)
+    assert {name.replace("-", "_") for name in COMMANDS} == set(COMMAND_MODULES)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_exits_zero_and_lists_arguments(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"themask {command}" in text
+    sub = _subparsers(build_parser())[command]
+    for action in sub._actions:
+        for option in action.option_strings:
+            assert option in text, f"{command} --help does not mention {option}"
+        if not action.option_strings and action.metavar:
+            assert str(action.metavar) in text
+    for word in EXPECTED.get(command, []):
+        assert word in text
+
+
+def test_module_entry_point_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "themask", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "--resume" in out.stdout
+
+
+def test_train_command_writes_the_run_directory(tmp_path):
+    root = make_toy_dataset(tmp_path / "toy", num_train=2, num_val=1, num_frames=5, size=(32, 32))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "preset: mask2former_tiny\n"
+        "model: {loss: {num_points: 32}}\n"
+        "data: {kind: toy, dilation: [0], scale: [32, 32], crop_size: [32, 32], num_workers: 0}\n"
+        "train: {max_steps: 2, batch_size: 2, log_interval: 1}\n"
+    )
+    out = tmp_path / "run"
+    code = main(["train", str(config), f"data.root={root}", "--out", str(out), "--no-eval"])
+    assert code == 0
+    for name in ("config.yaml", "run_info.json", "checkpoint.pt", "model.safetensors"):
+        assert (out / name).is_file(), name
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(root) and saved["preset"] == "mask2former_tiny"
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl", "train")] == [1, 2]
+    assert list((out / "tensorboard").iterdir())  # event files
+    assert json.loads((out / "run_info.json").read_text())["world_size"] == 1
+
+
+def test_train_command_rejects_unknown_override(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {max_steps: 1}\n")
+    code = main(["train", str(config), "train.max_stepz=3", "--out", str(tmp_path / "r")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "train.max_stepz" in error and "max_steps" in error
+    assert not (tmp_path / "r").exists()
+
+
+def test_loss_curve_png(tmp_path):
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        writer.write(step, {"loss": 10.0 / step, "matched_fraction_round1": 0.1})
+    writer.write(5, {"mIoU": 0.5}, tag="eval")
+    writer.close()
+    plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png", title="toy")
+    image = Image.open(tmp_path / "loss.png")
+    assert image.size == (700, 400)
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 10  # something was drawn

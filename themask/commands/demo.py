@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> st
     return video.name
 
 
-def plot_loss_curve(metrics_path: Path, png_path: Path, *, title: Optional[str] = None) -> None:
+def plot_loss_curve(metrics_path: Path, png_path: Path, *, title: str | None = None) -> None:
     """PNG of the training loss (and the matched-query fractions) from ``metrics.jsonl``."""
     import matplotlib
 

@@ -5,7 +5,14 @@ import torch
 
 import themask.loss.criterion as criterion_module
 from themask.loss.config import LossConfig
-from themask.loss.criterion import SetCriterion
+from themask.loss.criterion import (
+    SetCriterion,
+    assign,
+    class_loss,
+    gather,
+    hard_mask_loss,
+    soft_mask_loss,
+)
 from themask.loss.matcher import MatchIndices
 from themask.loss.point_sample import most_uncertain, point_sample, uncertain_point_coords
 from themask.loss.targets import build_targets
@@ -169,14 +176,22 @@ def make_clip_example(frames=1):
     return labels, targets, matches
 
 
+def assigned(matches, targets, queries=5, num_classes=3):
+    (assignment,) = assign(
+        [matches], targets, queries=queries, num_classes=num_classes, device=torch.device("cpu")
+    )
+    return assignment, torch.cat([t.masks for t in targets])
+
+
+HARD_ARGS = dict(num_points=6, oversample_ratio=3.0, importance_sample_ratio=0.75)
+
+
 def test_class_loss_equals_naive_weighted_cross_entropy():
     _, targets, matches = make_clip_example()
-    criterion = SetCriterion(LossConfig(), num_classes=3)
+    assignment, _ = assigned(matches, targets)
     for shape in [(2, 5, 4), (2, 3, 5, 4)]:  # clip head, frame head (T = 3)
         logits = torch.randn(*shape)
-        got = criterion.class_loss(
-            PredictionSet(logits, torch.zeros(2, 5, 1, 4, 4)), targets, matches
-        )
+        got = class_loss(logits, assignment.class_target, no_object_weight=0.1)
         classes = [t.classes.tolist() for t in targets]
         expected = naive_class_loss(logits, classes, matches, 3, 0.1)
         assert got.item() == pytest.approx(expected, rel=1e-5)
@@ -185,8 +200,8 @@ def test_class_loss_equals_naive_weighted_cross_entropy():
 def test_hard_mask_loss_equals_naive_point_loss(fixed_points):
     _, targets, matches = make_clip_example(frames=2)
     mask_logits = torch.randn(2, 5, 2, 4, 4) * 2
-    criterion = SetCriterion(LossConfig(), num_classes=3)
-    bce, dice = criterion.hard_mask_loss(mask_logits, targets, [m.primary for m in matches])
+    assignment, gt_masks = assigned(matches, targets)
+    bce, dice = hard_mask_loss(*gather(mask_logits, gt_masks, assignment.primary), **HARD_ARGS)
     expected_bce = expected_dice = 0.0
     for b, match in enumerate(matches):
         for q, m in zip(*[x.tolist() for x in match.primary]):
@@ -200,8 +215,8 @@ def test_hard_mask_loss_equals_naive_point_loss(fixed_points):
 def test_soft_mask_loss_equals_naive_dense_loss_with_soft_target():
     _, targets, matches = make_clip_example(frames=2)
     mask_logits = torch.randn(2, 5, 2, 4, 4) * 2
-    criterion = SetCriterion(LossConfig(), num_classes=3)
-    bce, dice = criterion.soft_mask_loss(mask_logits, targets, [m.secondary for m in matches])
+    assignment, gt_masks = assigned(matches, targets)
+    bce, dice = soft_mask_loss(*gather(mask_logits, gt_masks, assignment.secondary))
     expected_bce = expected_dice = 0.0
     for b, match in enumerate(matches):
         for q, m in zip(*[x.tolist() for x in match.secondary]):
@@ -392,12 +407,13 @@ def test_gradients_reach_secondary_queries_through_soft_and_class_loss():
     secondary, secondary_targets = match.secondary
     unmatched = sorted(set(range(6)) - set(secondary.tolist()) - set(match.primary[0].tolist()))
     targets = build_targets(labels, 2)
-    bce, dice = criterion.soft_mask_loss(mask_logits, targets, [match.secondary])
+    assignment, gt_masks = assigned([match], targets, queries=6, num_classes=2)
+    bce, dice = soft_mask_loss(*gather(mask_logits, gt_masks, assignment.secondary))
     (bce + dice).backward()
     grad = mask_logits.grad[0]
     assert all(grad[q].abs().sum() > 0 for q in secondary.tolist())
     assert all(grad[q].abs().sum() == 0 for q in unmatched + match.primary[0].tolist())
-    loss = criterion.class_loss(PredictionSet(class_logits, mask_logits), targets, [match])
+    loss = class_loss(class_logits, assignment.class_target, no_object_weight=0.1)
     loss.backward()
     for q, m in zip(secondary.tolist(), secondary_targets.tolist()):
         assert class_logits.grad[0, q, int(targets[0].classes[m])] < 0  # raises its GT class

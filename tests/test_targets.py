@@ -68,3 +68,13 @@ def test_out_of_range_labels_raise(bad):
 def test_wrong_rank_raises():
     with pytest.raises(ValueError, match="B, T, H, W"):
         build_targets(torch.zeros(2, 3, 3, dtype=torch.long), num_classes=4)
+
+
+def test_empty_clip_between_others_keeps_clip_alignment():
+    labels = torch.full((3, 1, 2, 2), 255)
+    labels[0, 0, 0, 0] = 2
+    labels[2, 0, 1] = 1
+    first, middle, last = build_targets(labels, num_classes=3)
+    assert first.classes.tolist() == [2] and first.masks.sum() == 1
+    assert middle.classes.numel() == 0 and middle.masks.shape == (0, 1, 2, 2)
+    assert last.classes.tolist() == [1] and torch.equal(last.masks[0, 0, 1], torch.ones(2))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from themask.loss.config import LossConfig
-from themask.loss.matcher import HungarianMatcher, IndexPair, MatchIndices
+from themask.loss.matcher import HungarianMatcher, MatchIndices
 from themask.loss.point_sample import point_sample, uncertain_point_coords
 from themask.loss.targets import ClipTargets, build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
@@ -73,24 +73,137 @@ def soft_targets(logits: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
     return upsampled, target
 
 
-def _gather(
-    mask_logits: Tensor, targets: Sequence[ClipTargets], pairs: Sequence[IndexPair]
-) -> tuple[Tensor, Tensor]:
-    """Matched predictions and GT masks of all clips, flattened over (mask, frame).
+@dataclass
+class MatchedRows:
+    """Matched pairs of one round over the batch, as index tensors (R,) on the loss device.
 
-    mask_logits: (B, N, T, h, w). Returns (R·T, h, w) logits and (R·T, H, W) GT masks, where R
-    is the number of matched pairs over the batch.
+    clip, query: where the prediction is, ``mask_logits[clip, query]``;
+    gt: the row of the GT mask in the batch's concatenated masks (ΣM, T, H, W).
     """
-    device = mask_logits.device
-    clip_index = torch.cat([torch.full_like(query, b) for b, (query, _) in enumerate(pairs)]).to(
-        device
-    )
-    query_index = torch.cat([query for query, _ in pairs]).to(device)
-    predicted = mask_logits[clip_index, query_index]  # (R, T, h, w)
-    gt = torch.cat(
-        [clip.masks.to(device)[target.to(device)] for clip, (_, target) in zip(targets, pairs)]
-    )  # (R, T, H, W)
-    return predicted.flatten(0, 1), gt.flatten(0, 1).float()
+
+    clip: Tensor
+    query: Tensor
+    gt: Tensor
+
+
+@dataclass
+class SetAssignment:
+    """Everything the losses need from the matching of one prediction set.
+
+    class_target: (B, N) int64; the GT class of primary and secondary queries, K elsewhere.
+    """
+
+    class_target: Tensor
+    primary: MatchedRows
+    secondary: MatchedRows
+
+
+def assign(
+    matches: Sequence[Sequence[MatchIndices]],
+    targets: Sequence[ClipTargets],
+    *,
+    queries: int,
+    num_classes: int,
+    device: torch.device,
+) -> list[SetAssignment]:
+    """Turn the matches of S prediction sets (``matches[set][clip]``) into index tensors.
+
+    Built on CPU and moved to ``device`` in one transfer.
+    """
+    classes = [clip.classes.cpu() for clip in targets]
+    offsets = [0]
+    for clip in targets:
+        offsets.append(offsets[-1] + clip.num_masks)
+    pieces: list[Tensor] = []
+    for set_matches in matches:
+        class_target = torch.full((len(targets), queries), num_classes, dtype=torch.long)
+        for b, match in enumerate(set_matches):
+            for query, index in (match.primary, match.secondary):
+                class_target[b, query] = classes[b][index]
+        pieces.append(class_target.flatten())
+        for round_name in ("primary", "secondary"):
+            pairs = [getattr(match, round_name) for match in set_matches]
+            pieces.append(torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(pairs)]))
+            pieces.append(torch.cat([q for q, _ in pairs]))
+            pieces.append(torch.cat([t + offsets[b] for b, (_, t) in enumerate(pairs)]))
+    sizes = [piece.numel() for piece in pieces]
+    moved = iter(torch.cat(pieces).to(device).split(sizes))
+    result = []
+    for _ in matches:
+        class_target = next(moved).view(len(targets), queries)
+        primary = MatchedRows(next(moved), next(moved), next(moved))
+        secondary = MatchedRows(next(moved), next(moved), next(moved))
+        result.append(SetAssignment(class_target, primary, secondary))
+    return result
+
+
+def gather(mask_logits: Tensor, gt_masks: Tensor, rows: MatchedRows) -> tuple[Tensor, Tensor]:
+    """Matched predictions and GT masks, flattened over (mask, frame).
+
+    mask_logits: (B, N, T, h, w); gt_masks: (ΣM, T, H, W).
+    Returns (R·T, h, w) logits and (R·T, H, W) GT masks.
+    """
+    predicted = mask_logits[rows.clip, rows.query]  # (R, T, h, w)
+    return predicted.flatten(0, 1), gt_masks[rows.gt].flatten(0, 1)
+
+
+def class_loss(class_logits: Tensor, class_target: Tensor, *, no_object_weight: float) -> Tensor:
+    """Weighted-mean cross-entropy over K+1 for all queries.
+
+    class_logits: (B, N, K+1), or (B, T, N, K+1) for the frame head (every frame gets the
+    clip's targets); class_target: (B, N) with K = no object (class weight
+    ``no_object_weight``).
+    """
+    logits = class_logits.float()
+    if logits.dim() == 3:
+        logits = logits.unsqueeze(1)  # (B, 1, N, K+1)
+    columns = logits.shape[-1]
+    target = class_target.unsqueeze(1).expand(-1, logits.shape[1], -1)  # (B, T, N)
+    weight = torch.ones(columns, device=logits.device)
+    weight[-1] = no_object_weight
+    return F.cross_entropy(logits.reshape(-1, columns), target.reshape(-1), weight=weight)
+
+
+def hard_mask_loss(
+    predicted: Tensor,
+    gt: Tensor,
+    *,
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+) -> tuple[Tensor, Tensor]:
+    """Point-sampled sigmoid BCE and dice, summed over rows (not normalised).
+
+    predicted: (R, h, w) logits; gt: (R, H, W) in {0, 1}. Points per row come from
+    uncertainty sampling on the prediction. Returns (bce_sum, dice_sum).
+    """
+    if predicted.shape[0] == 0:
+        zero = predicted.sum() * 0.0  # keeps the graph connected
+        return zero, zero
+    with torch.no_grad():
+        coords = uncertain_point_coords(
+            predicted.detach(),
+            num_points=num_points,
+            oversample_ratio=oversample_ratio,
+            importance_sample_ratio=importance_sample_ratio,
+        )  # (R, P, 2)
+        gt_points = point_sample(gt.unsqueeze(1), coords)[:, 0]  # (R, P)
+    logit_points = point_sample(predicted.unsqueeze(1), coords)[:, 0]  # (R, P)
+    bce = sigmoid_bce_per_mask(logit_points, gt_points).sum()
+    return bce, dice_per_mask(logit_points, gt_points).sum()
+
+
+def soft_mask_loss(predicted: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense sigmoid BCE and dice against the soft target, summed over rows (not normalised).
+
+    predicted: (R, h, w) logits; gt: (R, H, W). Returns (bce_sum, dice_sum).
+    """
+    if predicted.shape[0] == 0:
+        zero = predicted.sum() * 0.0
+        return zero, zero
+    upsampled, target = soft_targets(predicted, gt)  # (R, H, W) each
+    upsampled, target = upsampled.flatten(1), target.flatten(1)
+    return sigmoid_bce_per_mask(upsampled, target).sum(), dice_per_mask(upsampled, target).sum()
 
 
 class SetCriterion:
@@ -152,15 +265,20 @@ class SetCriterion:
             num_rounds=rounds,
         )
         device = clip_sets[-1].mask_logits.device
+        queries = clip_sets[-1].mask_logits.shape[1]
         num_masks = _average_num_masks(sum(t.num_masks for t in targets), device)
+        assignments = assign(
+            matches, targets, queries=queries, num_classes=self.num_classes, device=device
+        )
+        gt_masks = torch.cat([t.masks for t in targets]).to(device)  # (ΣM, T, H, W)
 
         sums: dict[str, Tensor] = {}
         heads: list[tuple[str, list[PredictionSet], float]] = [("", clip_sets, 1.0)]
         if frame_sets is not None:
             heads.append(("frame_", frame_sets, cfg.frame_head_weight))
         for prefix, sets, head_weight in heads:
-            for prediction_set, set_matches in zip(sets, matches):
-                terms = self._set_terms(prediction_set, targets, set_matches, num_masks, rounds)
+            for prediction_set, assignment in zip(sets, assignments):
+                terms = self._set_terms(prediction_set, gt_masks, assignment, num_masks, rounds)
                 for name, value in terms.items():
                     key = prefix + name
                     weighted = head_weight * value
@@ -170,7 +288,6 @@ class SetCriterion:
         names = list(sums)
         values = torch.stack([sums[n].detach() for n in names]).tolist()
         log = dict(zip(names, values))
-        queries = clip_sets[-1].mask_logits.shape[1]
         final_matches = matches[-1]
         log["matched_fraction_round1"] = _matched_fraction(final_matches, queries, "primary")
         log["matched_fraction_round2"] = _matched_fraction(final_matches, queries, "secondary")
@@ -199,98 +316,48 @@ class SetCriterion:
     def _set_terms(
         self,
         prediction_set: PredictionSet,
-        targets: Sequence[ClipTargets],
-        matches: Sequence[MatchIndices],
+        gt_masks: Tensor,
+        assignment: SetAssignment,
         num_masks: float,
         rounds: int,
     ) -> dict[str, Tensor]:
-        """Weighted loss terms of one prediction set of one head."""
+        """Weighted loss terms of one prediction set of one head.
+
+        gt_masks: (ΣM, T, H, W), the batch's GT masks concatenated over clips.
+        """
         cfg = self.config
         mask_logits = prediction_set.mask_logits.float()  # (B, N, T, h, w)
-        frames = mask_logits.shape[2]
-        normaliser = num_masks * frames
-        terms = {"loss_class": cfg.class_weight * self.class_loss(prediction_set, targets, matches)}
-        primary = [m.primary for m in matches]
-        bce, dice = self.hard_mask_loss(mask_logits, targets, primary)
+        normaliser = num_masks * mask_logits.shape[2]  # GT masks × T
+        class_term = class_loss(
+            prediction_set.class_logits,
+            assignment.class_target,
+            no_object_weight=cfg.no_object_weight,
+        )
+        terms = {"loss_class": cfg.class_weight * class_term}
+        bce, dice = self._hard(*gather(mask_logits, gt_masks, assignment.primary))
         terms["loss_mask"] = cfg.round_weights[0] * cfg.mask_weight * bce / normaliser
         terms["loss_dice"] = cfg.round_weights[0] * cfg.dice_weight * dice / normaliser
         if rounds == 2:
-            secondary = [m.secondary for m in matches]
+            predicted, gt = gather(mask_logits, gt_masks, assignment.secondary)
             if cfg.second_round_loss == "soft":
-                bce, dice = self.soft_mask_loss(mask_logits, targets, secondary)
+                bce, dice = soft_mask_loss(predicted, gt)
                 mask_weight, dice_weight = cfg.soft_mask_weight, cfg.soft_dice_weight
             else:
-                bce, dice = self.hard_mask_loss(mask_logits, targets, secondary)
+                bce, dice = self._hard(predicted, gt)
                 mask_weight, dice_weight = cfg.mask_weight, cfg.dice_weight
             terms["loss_mask_secondary"] = cfg.round_weights[1] * mask_weight * bce / normaliser
             terms["loss_dice_secondary"] = cfg.round_weights[1] * dice_weight * dice / normaliser
         return terms
 
-    def class_loss(
-        self,
-        prediction_set: PredictionSet,
-        targets: Sequence[ClipTargets],
-        matches: Sequence[MatchIndices],
-    ) -> Tensor:
-        """Weighted-mean cross-entropy over K+1 for all queries (unweighted by ``class_weight``).
-
-        class_logits (B, N, K+1) or, for the frame head, (B, T, N, K+1): every frame gets the
-        clip's class targets.
-        """
-        logits = prediction_set.class_logits.float()
-        if logits.dim() == 3:
-            logits = logits.unsqueeze(1)  # (B, 1, N, K+1)
-        batch, _, queries, columns = logits.shape
-        no_object = self.num_classes
-        target = torch.full((batch, queries), no_object, dtype=torch.long)
-        for b, (clip, match) in enumerate(zip(targets, matches)):
-            for query, index in (match.primary, match.secondary):
-                target[b, query] = clip.classes.cpu()[index]
-        target = target.to(logits.device).unsqueeze(1).expand(-1, logits.shape[1], -1)
-        weight = torch.ones(columns, device=logits.device)
-        weight[no_object] = self.config.no_object_weight
-        return F.cross_entropy(logits.reshape(-1, columns), target.reshape(-1), weight=weight)
-
-    def hard_mask_loss(
-        self, mask_logits: Tensor, targets: Sequence[ClipTargets], pairs: Sequence[IndexPair]
-    ) -> tuple[Tensor, Tensor]:
-        """Sums over matched (mask, frame) pairs of point-sampled BCE and dice.
-
-        mask_logits: (B, N, T, h, w). Points per pair: uncertainty sampling on the prediction.
-        Returns (bce_sum, dice_sum), scalars, not yet normalised.
-        """
-        predicted, gt = _gather(mask_logits, targets, pairs)  # (R·T, h, w), (R·T, H, W)
-        if predicted.shape[0] == 0:
-            zero = mask_logits.sum() * 0.0  # keeps the graph connected
-            return zero, zero
+    def _hard(self, predicted: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.config
-        with torch.no_grad():
-            coords = uncertain_point_coords(
-                predicted.detach(),
-                num_points=cfg.num_points,
-                oversample_ratio=cfg.oversample_ratio,
-                importance_sample_ratio=cfg.importance_sample_ratio,
-            )  # (R·T, P, 2)
-            gt_points = point_sample(gt.unsqueeze(1), coords)[:, 0]  # (R·T, P)
-        logit_points = point_sample(predicted.unsqueeze(1), coords)[:, 0]  # (R·T, P)
-        bce = sigmoid_bce_per_mask(logit_points, gt_points).sum()
-        dice = dice_per_mask(logit_points, gt_points).sum()
-        return bce, dice
-
-    def soft_mask_loss(
-        self, mask_logits: Tensor, targets: Sequence[ClipTargets], pairs: Sequence[IndexPair]
-    ) -> tuple[Tensor, Tensor]:
-        """Sums over matched (mask, frame) pairs of dense BCE and dice against the soft target.
-
-        mask_logits: (B, N, T, h, w). Returns (bce_sum, dice_sum), not yet normalised.
-        """
-        predicted, gt = _gather(mask_logits, targets, pairs)
-        if predicted.shape[0] == 0:
-            zero = mask_logits.sum() * 0.0
-            return zero, zero
-        upsampled, target = soft_targets(predicted, gt)  # (R·T, H, W) each
-        upsampled, target = upsampled.flatten(1), target.flatten(1)
-        return sigmoid_bce_per_mask(upsampled, target).sum(), dice_per_mask(upsampled, target).sum()
+        return hard_mask_loss(
+            predicted,
+            gt,
+            num_points=cfg.num_points,
+            oversample_ratio=cfg.oversample_ratio,
+            importance_sample_ratio=cfg.importance_sample_ratio,
+        )
 
 
 def _average_num_masks(count: int, device: torch.device) -> float:

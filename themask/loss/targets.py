@@ -56,9 +56,14 @@ def build_targets(labels: Tensor, num_classes: int) -> list[ClipTargets]:
             f"labels hold value {value}; expected class ids in [0, {num_classes}) "
             f"or {IGNORE_INDEX} (ignore)"
         )
-    targets = []
-    for clip in labels:  # (T, H, W)
-        classes = torch.unique(clip[clip != IGNORE_INDEX])  # sorted, (M,)
-        masks = clip.unsqueeze(0) == classes.view(-1, 1, 1, 1)  # (M, T, H, W)
-        targets.append(ClipTargets(classes=classes, masks=masks.float()))
-    return targets
+    # one unique over (clip, class) keys for the whole batch: no loop over pixels
+    batch = labels.shape[0]
+    clip_ids = torch.arange(batch, device=labels.device).view(-1, 1, 1, 1).expand_as(labels)
+    keys = torch.unique(clip_ids[valid] * num_classes + labels[valid])  # sorted
+    key_clips, key_classes = keys // num_classes, keys % num_classes  # (ΣM,) each
+    masks = labels[key_clips] == key_classes.view(-1, 1, 1, 1)  # (ΣM, T, H, W)
+    counts = torch.bincount(key_clips, minlength=batch).tolist()
+    return [
+        ClipTargets(classes=classes, masks=clip_masks)
+        for classes, clip_masks in zip(key_classes.split(counts), masks.float().split(counts))
+    ]

@@ -471,3 +471,23 @@ def test_shape_errors_name_the_problem():
     )
     with pytest.raises(ValueError, match="B, N, T, h, w"):
         criterion(wrong_frames, labels)
+
+
+def _num_masks_worker(rank, world_size, init_file, counts, out_dir):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        value = criterion_module.average_num_masks(counts[rank], torch.device("cpu"))
+        (out_dir / f"{rank}.txt").write_text(repr(value))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_num_masks_is_averaged_over_processes(tmp_path):
+    counts = [3, 0]  # rank 0 holds 3 GT masks, rank 1 none → both normalise by 1.5
+    torch.multiprocessing.spawn(
+        _num_masks_worker, args=(2, tmp_path / "init", counts, tmp_path), nprocs=2, join=True
+    )
+    assert [float((tmp_path / f"{r}.txt").read_text()) for r in range(2)] == [1.5, 1.5]
+    assert criterion_module.average_num_masks(0, torch.device("cpu")) == 1.0  # clamp, no DDP

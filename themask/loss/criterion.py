@@ -266,7 +266,7 @@ class SetCriterion:
         )
         device = clip_sets[-1].mask_logits.device
         queries = clip_sets[-1].mask_logits.shape[1]
-        num_masks = _average_num_masks(sum(t.num_masks for t in targets), device)
+        num_masks = average_num_masks(sum(t.num_masks for t in targets), device)
         assignments = assign(
             matches, targets, queries=queries, num_classes=self.num_classes, device=device
         )
@@ -360,7 +360,7 @@ class SetCriterion:
         )
 
 
-def _average_num_masks(count: int, device: torch.device) -> float:
+def average_num_masks(count: int, device: torch.device) -> float:
     """Number of GT masks, averaged over processes under DDP, clamped to >= 1."""
     if dist.is_available() and dist.is_initialized():
         total = torch.tensor(float(count), device=device)

@@ -77,6 +77,8 @@ def test_criterion_is_cached_per_config():
     assert criterion_for(LossConfig(), 3) is first
     assert criterion_for(dataclasses.replace(config, num_rounds=1), 3) is not first
     assert criterion_for(config, 4) is not first
+    from_yaml = criterion_for(LossConfig(round_weights=[1.0, 0.25]), 3)  # lists are fine
+    assert from_yaml.config.round_weights == [1.0, 0.25]
 
 
 def synthetic_clips(num_clips=4, frames=2, size=32, seed=0):

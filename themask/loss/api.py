@@ -17,7 +17,7 @@ _CRITERIA: dict[tuple, SetCriterion] = {}
 
 def criterion_for(loss_config: LossConfig, num_classes: int) -> SetCriterion:
     """The ``SetCriterion`` of a config, built once per distinct config (it holds no state)."""
-    key = (dataclasses.astuple(loss_config), num_classes)
+    key = (repr(loss_config), num_classes)  # repr: fields may be lists after YAML loading
     if key not in _CRITERIA:
         _CRITERIA[key] = SetCriterion(dataclasses.replace(loss_config), num_classes)
     return _CRITERIA[key]

@@ -14,7 +14,6 @@ targets and the same assignments, scaled by ``frame_head_weight``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,8 +27,6 @@ from themask.loss.matcher import HungarianMatcher, MatchIndices
 from themask.loss.point_sample import point_sample, uncertain_point_coords
 from themask.loss.targets import ClipTargets, build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -220,6 +217,10 @@ class SetCriterion:
             raise ValueError(
                 "LossConfig.second_round_loss must be 'soft' or 'hard', "
                 f"got {loss_config.second_round_loss!r}"
+            )
+        if len(loss_config.round_weights) != 2:
+            raise ValueError(
+                f"LossConfig.round_weights must hold 2 weights, got {loss_config.round_weights}"
             )
         self.config = loss_config
         self.num_classes = num_classes

@@ -10,6 +10,7 @@ on CPU with ``scipy.optimize.linear_sum_assignment``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +23,8 @@ from torch import Tensor
 
 from themask.loss.point_sample import point_sample
 from themask.loss.targets import ClipTargets
+
+logger = logging.getLogger(__name__)
 
 IndexPair = tuple[Tensor, Tensor]
 
@@ -73,6 +76,13 @@ def match_two_rounds(
     if second_np.shape != cost_np.shape:
         raise ValueError(f"second_round_cost has shape {second_np.shape}, expected {cost_np.shape}")
     free_rows = np.setdiff1d(all_rows, primary[0].numpy())
+    if free_rows.size < cost_np.shape[1]:
+        logger.debug(
+            "round 2: %d classes but only %d free queries; %d classes get no secondary query",
+            cost_np.shape[1],
+            free_rows.size,
+            cost_np.shape[1] - free_rows.size,
+        )
     return MatchIndices(primary=primary, secondary=_assign(second_np, free_rows))
 
 

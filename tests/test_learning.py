@@ -117,3 +117,25 @@ def test_a_few_adamw_steps_halve_the_loss(preset):
     first = (losses[0] + losses[1]) / 2  # the two batches alternate
     last = sum(losses[-4:]) / 4
     assert last <= 0.5 * first, losses
+
+
+@pytest.mark.parametrize(
+    "preset,secondary,frame_head",
+    [
+        ("mask2former_tiny", False, False),
+        ("themask_tiny_t1", True, False),
+        ("themask_tiny_t2", True, True),
+    ],
+)
+def test_presets_get_their_objective(preset, secondary, frame_head):
+    torch.manual_seed(0)
+    model = build_model(preset, num_classes=3).train()
+    frames, labels = synthetic_clips(num_clips=1)
+    total, terms = training_loss(model, frames, labels)
+    assert torch.isfinite(total) and total.requires_grad
+    assert ("loss_mask_secondary" in terms) == secondary
+    assert ("frame_loss_class" in terms) == frame_head
+    # single-frame models see B·T = 2 clips of one frame, the TAD model one clip of two
+    queries = model.config.num_queries
+    per_clip = terms["matched_fraction_round1"] * queries
+    assert per_clip == pytest.approx(terms["num_masks"] / (1 if frame_head else 2))

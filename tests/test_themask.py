@@ -94,6 +94,8 @@ def test_semantic_scores_fuse_heads_upsample_and_crop(models):
     )
     padded = F.interpolate(low[0], size=(32, 64), mode="bilinear", align_corners=False)
     assert torch.allclose(scores[0], padded[..., :30, :45], atol=1e-6)
+    with pytest.raises(ValueError, match="do not come from"):
+        model.semantic_scores(predictions, (30, 70))  # would pad to 32 × 96
 
 
 def test_eval_forward_equals_encode_decode_scores(models):

@@ -159,6 +159,11 @@ class THEMask(nn.Module):
             clips //= clip_len
         height, width = image_size
         padded = self._padded_size(height, width)
+        if (padded[0] // 4, padded[1] // 4) != (low_h, low_w):
+            raise ValueError(
+                f"THEMask.semantic_scores: masks of {low_h}×{low_w} (stride 4) do not come from "
+                f"an input of {height}×{width} (padded {padded[0]}×{padded[1]})"
+            )
         scores = F.interpolate(
             scores.reshape(-1, classes, low_h, low_w),
             size=padded,

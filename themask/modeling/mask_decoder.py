@@ -73,7 +73,7 @@ class MaskDecoder(nn.Module):
         """
         self._check_levels(multi_scale)
         memory = decoder_memory(multi_scale, self.level_embed.weight, frames=1)
-        resized = [resize_features(mask_features, size) for size in memory.sizes]
+        resized = resize_features(mask_features, memory.sizes)
         queries = self.query_feat.weight.unsqueeze(0).expand(mask_features.shape[0], -1, -1)
         query_pos = self.query_pos.weight.unsqueeze(0)  # (1, N, C)
 

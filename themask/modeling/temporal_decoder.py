@@ -146,8 +146,8 @@ class TemporalDecoder(MaskDecoder):
         # (B, D, T·H·W) once, so each clip-head mask prediction is one bmm without a copy
         clip_features_flat = clip_features.transpose(1, 2).reshape(batch, mask_dim, -1)
         resized = [
-            resize_features(mask_features, size).view(batch, frames, mask_dim, *size)
-            for size in memory.sizes
+            level.view(batch, frames, mask_dim, *level.shape[-2:])
+            for level in resize_features(mask_features, memory.sizes)
         ]
         query_pos = self.query_pos.weight.unsqueeze(0)  # (1, N, C)
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -184,16 +185,22 @@ def allowed_positions(mask_logits: Tensor) -> Tensor:
     return allowed | empty
 
 
-def resize_features(features: Tensor, size: tuple[int, int]) -> Tensor:
-    """features (B, C, H, W) → (B, C, h, w), bilinear, align_corners False.
+def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """features (B, C, H, W) → [(B, C, h, w) for (h, w) in sizes], bilinear, align_corners False.
 
     Bilinear resizing is linear per channel, so resizing the mask features and then taking the
     einsum with the mask embeddings equals resizing the mask logits themselves (DESIGN §4.1
     resizes the predicted masks); it just avoids computing full-resolution masks for every layer.
+    The source is converted to channels-last once (the CPU kernel is about twice as fast there);
+    the results are contiguous.
     """
-    if tuple(features.shape[-2:]) == tuple(size):
-        return features
-    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+    source = features.contiguous(memory_format=torch.channels_last)
+    return [
+        features
+        if tuple(features.shape[-2:]) == tuple(size)
+        else F.interpolate(source, size=size, mode="bilinear", align_corners=False).contiguous()
+        for size in sizes
+    ]
 
 
 @dataclass

@@ -4,12 +4,13 @@ A run file (YAML) holds only the values that differ from the defaults. Loading o
 
 1. ``RunConfig()`` defaults;
 2. the model preset named by ``preset`` (top level; see ``themask.modeling.build``) fills
-   ``model``;
+   ``model``, with the class count of the dataset (``data.kind``);
 3. the YAML file's sections override fields;
 4. dotted ``key=value`` overrides from the command line (values parsed as YAML scalars,
    e.g. ``train.lr=2e-4``, ``data.dilation=[-3]``, ``model.loss.num_rounds=1``).
 
-Unknown keys raise a ``ConfigError`` naming the key and the valid ones. The resolved config
+Unknown keys, wrong types and inconsistent sections (a model whose class count or clip
+length does not fit the data) raise a ``ConfigError`` naming the key and the valid values. The resolved config
 is written to the run directory (``save_config``) and can be loaded again unchanged.
 """
 

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -18,6 +19,15 @@ EXPECTED = {
     "train": ["CONFIG", "key=value", "--out", "--resume", "--init-from", "--device", "--no-eval"],
     "demo": ["--out", "--config", "--baseline", "key=value"],
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP spin-waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _subparsers(parser):

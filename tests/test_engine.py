@@ -7,6 +7,15 @@ from torch import nn
 from themask.optim import build_optimizer, build_param_groups, poly_lr, set_learning_rate
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP spin-waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class _Backbone(nn.Module):
     def __init__(self):
         super().__init__()
@@ -83,3 +92,135 @@ def test_poly_lr_values():
     assert all(a > b for a, b in zip(values[:-1], values[1:]))
     with pytest.raises(ValueError):
         poly_lr(0, base, 0, power)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Trainer on synthetic batches (no files)
+
+
+def _tiny_cfg(*overrides):
+    from themask.config import load_config
+
+    return load_config(
+        None,
+        [
+            "preset=themask_tiny_t2",
+            "model.drop_path_rate=0.0",
+            "model.tad_dropout=0.0",
+            "model.loss.num_points=32",
+            "data.kind=toy",
+            "data.dilation=[-3]",
+            "train.batch_size=4",
+            "train.max_steps=2",
+            "train.lr=1e-3",
+            "train.log_interval=1",
+            *overrides,
+        ],
+    )
+
+
+def _synthetic_batches(batch_size=4, frames=2, size=32):
+    from themask.data.loader import Batch
+
+    def make(start_batch):
+        index = start_batch
+        while True:
+            g = torch.Generator().manual_seed(index)
+            yield Batch(
+                torch.randn(batch_size, frames, 3, size, size, generator=g),
+                torch.randint(0, 8, (batch_size, frames, size, size), generator=g),
+                [],
+            )
+            index += 1
+
+    return make
+
+
+def _mean_loss(model, frames, labels, *, step):
+    """Deterministic stand-in objective (no point sampling) over every network output."""
+    import torch.nn.functional as F
+
+    predictions = model(frames)
+    total = frames.new_zeros(())
+    for prediction_set in list(predictions.clip) + list(predictions.frame or []):
+        masks = prediction_set.mask_logits  # (B, N, T, h, w)
+        small = F.interpolate(labels.float(), size=masks.shape[-2:], mode="nearest")
+        query_class = (torch.arange(masks.shape[1]) % 8).view(1, -1, 1, 1, 1)
+        target = (small[:, None] == query_class).float()
+        total = total + F.binary_cross_entropy_with_logits(masks, target)
+        total = total + prediction_set.class_logits.float().pow(2).mean()
+    return total, {}
+
+
+def test_trainer_freezes_backbone_and_pixel_decoder(tmp_path):
+    from themask.engine import Trainer
+
+    cfg = _tiny_cfg("train.freeze=[backbone, pixel_decoder]")
+    trainer = Trainer(cfg, tmp_path, batches=_synthetic_batches(), evaluate=False, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    modes = []
+    trainer.model.backbone.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    trainer.train()
+    after = trainer.model.state_dict()
+    frozen = [k for k in before if k.startswith(("backbone.", "pixel_decoder."))]
+    trained = [k for k in before if k.startswith("decoder.") and before[k].is_floating_point()]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in trained) > len(trained) // 2
+    assert modes and not any(modes)  # frozen modules run in eval mode (no drop-path)
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in trainer.model.backbone.parameters())
+    # poly schedule: the last step (index 1 of 2) ran at lr * (1 - 1/2) ** 0.9
+    head = [g for g in trainer.optimizer.param_groups if g["name"].startswith("head")][0]
+    assert head["lr"] == pytest.approx(1e-3 * 0.5**0.9)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    from themask.engine import Trainer
+
+    results = {}
+    for accum in (1, 2):
+        cfg = _tiny_cfg(f"train.grad_accum={accum}", "train.max_steps=3")
+        per_forward = 4 // accum
+
+        def batches(start_batch, per_forward=per_forward, accum=accum):
+            # the same 4 clips per optimizer step, split into `accum` forward passes
+            source = _synthetic_batches()(start_batch // accum)
+            for batch in source:
+                for i in range(accum):
+                    part = slice(i * per_forward, (i + 1) * per_forward)
+                    yield type(batch)(batch.frames[part], batch.labels[part], [])
+
+        trainer = Trainer(
+            cfg,
+            tmp_path / str(accum),
+            batches=batches,
+            loss_fn=_mean_loss,
+            evaluate=False,
+            progress=False,
+        )
+        assert trainer.per_process_batch == per_forward
+        results[accum] = (trainer.train().losses, trainer.model.state_dict())
+    losses_1, state_1 = results[1]
+    losses_2, state_2 = results[2]
+    assert len(set(losses_1)) == 3
+    assert losses_2 == pytest.approx(losses_1, rel=1e-4)
+    for key in state_1:
+        torch.testing.assert_close(state_2[key], state_1[key], rtol=0, atol=5e-3)
+
+
+def test_init_from_stage1_weights(tmp_path):
+    from themask.checkpoint import save_model
+    from themask.engine import Trainer
+    from themask.modeling.build import build_model
+
+    stage1 = build_model("themask_tiny_t1", num_classes=8)
+    save_model(stage1, tmp_path / "stage1.safetensors")
+    cfg = _tiny_cfg(f"train.init_from={tmp_path / 'stage1.safetensors'}")
+    trainer = Trainer(
+        cfg, tmp_path / "run", batches=_synthetic_batches(), evaluate=False, progress=False
+    )
+    for key, value in stage1.backbone.state_dict().items():
+        assert torch.equal(trainer.model.backbone.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+        Trainer(cfg, tmp_path / "empty", resume=True, batches=_synthetic_batches())

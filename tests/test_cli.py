@@ -115,3 +115,35 @@ def test_loss_curve_png(tmp_path):
     assert image.size == (700, 400)
     pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 10  # something was drawn
+
+
+def test_demo_writes_everything_it_promises(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--train-videos",
+            "2",
+            "train.max_steps=2",
+            "data.crop_size=[32, 32]",
+            "model.loss.num_points=32",
+            "eval.max_videos=1",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "Weighted IoU" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0.0 <= metrics["metrics"]["mIoU"] <= 1.0
+    assert len((out / "toy_data" / "train.txt").read_text().split()) == 2
+    video = (out / "toy_data" / "val.txt").read_text().split()[0]
+    frames = sorted((out / "toy_data" / "data" / video / "origin").iterdir())
+    overlays = sorted((out / "overlays" / video).iterdir())
+    assert [p.stem for p in overlays] == [p.stem for p in frames]
+    panel = Image.open(overlays[0])
+    assert panel.size == (2 * 128 + 4, 96)  # ground truth | prediction
+    assert (out / "overlay.mp4").stat().st_size > 0
+    assert Image.open(out / "loss_curve.png").size == (700, 400)
+    assert (out / "run" / "model.safetensors").is_file()

@@ -93,6 +93,13 @@ def test_train_command_writes_the_run_directory(tmp_path):
     assert list((out / "tensorboard").iterdir())  # event files
     assert json.loads((out / "run_info.json").read_text())["world_size"] == 1
 
+    # a second run into the same directory must not overwrite it; --resume continues it
+    args = ["train", str(config), f"data.root={root}"]
+    assert main([*args, "--out", str(out), "--no-eval"]) == 2
+    assert main([*args, "train.max_steps=3", "--out", str(out), "--no-eval", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl", "train")] == [1, 2, 3]
+    assert main(["train", str(config), "--out", str(tmp_path / "none"), "--resume"]) == 2
+
 
 def test_train_command_rejects_unknown_override(tmp_path, capsys):
     config = tmp_path / "c.yaml"

@@ -156,6 +156,7 @@ class Trainer:
     ``themask.loss.api.training_loss``, the data module's infinite train loader);
     passing them in is for tests and custom runs. ``batches(start_batch)`` must return an
     iterator of ``Batch`` for this process that starts after ``start_batch`` consumed batches.
+    A new run refuses a directory that holds a checkpoint unless ``overwrite``.
     """
 
     def __init__(
@@ -170,9 +171,15 @@ class Trainer:
         batches: Callable[[int], Iterator[Any]] | None = None,
         evaluate: bool = True,
         progress: bool = True,
+        overwrite: bool = False,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        if not resume and not overwrite and (self.run_dir / CHECKPOINT_NAME).exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a training run ({CHECKPOINT_NAME}); resume it "
+                "(--resume) or choose another run directory (--out)"
+            )
         self.dist = distributed.init_distributed(device)
         self.device = self.dist.device
         self.is_main = self.dist.is_main
@@ -225,8 +232,7 @@ class Trainer:
             with atomic_write(self.run_dir / "run_info.json") as tmp:
                 tmp.write_text(json.dumps(info, indent=2))
             self.writer = MetricWriter(self.run_dir)
-            if resume:
-                self.writer.truncate_after(self.step)
+            self.writer.truncate_after(self.step)  # a new run (step 0) starts a new log
             logger.info(
                 "git revision %s; run dir %s (resolved config in config.yaml)",
                 info["git_revision"],

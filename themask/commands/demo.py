@@ -131,7 +131,7 @@ def _train_and_report(
         f"steps of {cfg.train.batch_size} clips on CPU, {torch.get_num_threads()} threads"
     )
     start = time.time()
-    trainer = Trainer(cfg, out / run_name, device="cpu", evaluate=False)
+    trainer = Trainer(cfg, out / run_name, device="cpu", evaluate=False, overwrite=True)
     trainer.train()
     minutes = (time.time() - start) / 60
     print(f"trained in {minutes:.1f} min; weights: {out / run_name / 'model.safetensors'}")

@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="dotted overrides parsed as YAML scalars, e.g. train.lr=2e-4 data.dilation=[-3]",
+        help="dotted overrides parsed as YAML scalars, e.g. train.lr=2e-4 data.dilation=[-3] "
+        "(right after CONFIG, before the options)",
     )
     parser.add_argument(
         "--out", metavar="DIR", help="run directory (default: runs/<config file name>)"
@@ -82,13 +83,13 @@ def run(args: argparse.Namespace) -> int:
     rank = distributed.get_rank_from_env()
     setup_logging(verbose=args.verbose, rank=rank, log_file=out / "train.log")
     try:
-        trainer = Trainer(
-            cfg,
-            out,
-            resume=args.resume,
-            device=args.device,
-            evaluate=not args.no_eval,
-        )
+        try:
+            trainer = Trainer(
+                cfg, out, resume=args.resume, device=args.device, evaluate=not args.no_eval
+            )
+        except (FileExistsError, FileNotFoundError) as err:  # run directory vs --resume
+            print(f"themask train: {err}", file=sys.stderr)
+            return 2
         result = trainer.train()
     finally:
         distributed.cleanup()

@@ -224,3 +224,24 @@ def test_init_from_stage1_weights(tmp_path):
         assert torch.equal(trainer.model.backbone.state_dict()[key], value), key
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
         Trainer(cfg, tmp_path / "empty", resume=True, batches=_synthetic_batches())
+
+
+def test_bf16_autocast_on_cpu_and_fp16_needs_cuda(tmp_path):
+    from themask.engine import Trainer, autocast_context
+
+    seen = []
+
+    def loss_fn(model, frames, labels, *, step):
+        total, terms = _mean_loss(model, frames, labels, step=step)
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return total, terms
+
+    cfg = _tiny_cfg("train.amp=bf16", "train.max_steps=1")
+    trainer = Trainer(
+        cfg, tmp_path, batches=_synthetic_batches(), loss_fn=loss_fn, evaluate=False, progress=False
+    )
+    losses = trainer.train().losses
+    assert seen == [torch.bfloat16] and math.isfinite(losses[0])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        autocast_context("fp16", torch.device("cpu"))

@@ -245,3 +245,24 @@ def test_bf16_autocast_on_cpu_and_fp16_needs_cuda(tmp_path):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):
         autocast_context("fp16", torch.device("cpu"))
+
+
+def test_metric_log_holds_means_over_the_interval(tmp_path):
+    from themask.engine import Trainer
+    from themask.logger import read_metrics
+
+    cfg = _tiny_cfg("train.max_steps=3", "train.log_interval=2")
+    trainer = Trainer(
+        cfg,
+        tmp_path,
+        batches=_synthetic_batches(),
+        loss_fn=_mean_loss,
+        evaluate=False,
+        progress=False,
+    )
+    losses = trainer.train().losses
+    records = read_metrics(tmp_path / "metrics.jsonl", "train")
+    assert [r["step"] for r in records] == [2, 3]  # every 2 steps and the last one
+    assert records[0]["loss"] == pytest.approx((losses[0] + losses[1]) / 2)
+    assert records[1]["loss"] == pytest.approx(losses[2])
+    assert records[1]["lr"] == pytest.approx(1e-3 * (1 - 2 / 3) ** 0.9)

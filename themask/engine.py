@@ -6,8 +6,8 @@ A run directory holds:
 * ``checkpoint.pt``: the latest full training state, written atomically every
   ``train.checkpoint_interval`` steps (model, optimizer, grad scaler, per-rank RNG states,
   step, data position); it loads with ``torch.load(weights_only=True)``;
-* ``metrics.jsonl`` and ``tensorboard/`` (train terms every ``log_interval`` steps, eval
-  metrics after each evaluation); ``train.log``;
+* ``metrics.jsonl`` and ``tensorboard/``: train terms every ``log_interval`` steps (means
+  over the steps since the previous record), eval metrics after each evaluation; ``train.log``;
 * ``model.safetensors``: the final weights (``themask.checkpoint.save_model``).
 
 ``--resume`` reloads ``checkpoint.pt`` and continues so that the remaining losses and the
@@ -387,6 +387,7 @@ class Trainer:
 
             bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         self._set_train_mode()
+        window: list[dict[str, float]] = []  # per-step records since the last log line
         try:
             while self.step < tcfg.max_steps:
                 lr = poly_lr(self.step, tcfg.lr, tcfg.max_steps, tcfg.poly_power)
@@ -403,6 +404,7 @@ class Trainer:
                 self.step += 1
                 terms = self._reduce_terms(sums)
                 result.losses.append(terms["loss"])
+                window.append({**terms, "lr": lr, "grad_norm": grad_norm})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -413,8 +415,12 @@ class Trainer:
                 if self.writer is not None and (
                     self.step % tcfg.log_interval == 0 or self.step == tcfg.max_steps
                 ):
-                    self.writer.write(self.step, {**terms, "lr": lr, "grad_norm": grad_norm})
-                    logger.debug("step %d loss %.4f lr %.3g", self.step, terms["loss"], lr)
+                    means = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
+                    self.writer.write(self.step, means)
+                    logger.debug("step %d loss %.4f lr %.3g", self.step, means["loss"], lr)
+                    window = []
+                elif self.writer is None:
+                    window = []
                 if self.step % tcfg.checkpoint_interval == 0 or self.step == tcfg.max_steps:
                     self.save()
                 periodic = tcfg.eval_interval > 0 and self.step % tcfg.eval_interval == 0

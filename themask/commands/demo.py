@@ -30,6 +30,8 @@ BASELINE_CONFIG = "mask2former_toy.yaml"
 # textures and shapes (train mIoU > 90 %, validation near chance).
 TRAIN_VIDEOS = 200
 VAL_VIDEOS = 6
+PANEL_SCALE = 2  # overlays are upscaled (nearest) for viewing
+LEGEND_WIDTH = 110
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -163,7 +165,7 @@ def _train_and_report(
 
 
 def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> str:
-    """Ground truth | prediction overlays of one validation video: PNGs and an MP4."""
+    """Ground truth | prediction overlays (+ legend) of one validation video: PNGs and an MP4."""
     import numpy as np
     from PIL import Image
 
@@ -186,10 +188,13 @@ def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> st
             gt = read_label(video.mask_paths[pred.index], num_classes=len(names))
             left = overlay(pred.frame, gt, palette)
             right = overlay(pred.frame, pred.labels, palette)
-            shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred.labels).tolist()))
-            right = draw_legend(right, shown, names, palette)
             gap = np.full((left.shape[0], 4, 3), 255, dtype=np.uint8)
-            panel = np.concatenate([left, gap, right], axis=1)
+            pair = Image.fromarray(np.concatenate([left, gap, right], axis=1))
+            pair = pair.resize((pair.width * PANEL_SCALE, pair.height * PANEL_SCALE), Image.NEAREST)
+            shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred.labels).tolist()))
+            canvas = np.zeros((pair.height, LEGEND_WIDTH, 3), dtype=np.uint8)
+            legend = draw_legend(canvas, shown, names, palette)
+            panel = np.concatenate([np.asarray(pair), legend], axis=1)
             Image.fromarray(panel).save(folder / f"{video.frame_paths[pred.index].stem}.png")
             writer.write(panel)
     return video.name

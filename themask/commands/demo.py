@@ -130,7 +130,7 @@ def _train_and_report(
     names = list(dataset_classes(cfg.data.kind)[0])
     print(
         f"training {cfg.preset} on the toy dataset ({cfg.data.root}): {cfg.train.max_steps} "
-        f"steps of {cfg.train.batch_size} clips on CPU, {torch.get_num_threads()} threads"
+        f"steps of {cfg.train.batch_size} clips on CPU ({torch.get_num_threads()} torch thread(s))"
     )
     start = time.time()
     trainer = Trainer(cfg, out / run_name, device="cpu", evaluate=False, overwrite=True)

@@ -10,8 +10,9 @@ A run file (YAML) holds only the values that differ from the defaults. Loading o
    e.g. ``train.lr=2e-4``, ``data.dilation=[-3]``, ``model.loss.num_rounds=1``).
 
 Unknown keys, wrong types and inconsistent sections (a model whose class count or clip
-length does not fit the data) raise a ``ConfigError`` naming the key and the valid values. The resolved config
-is written to the run directory (``save_config``) and can be loaded again unchanged.
+length does not fit the data) raise a ``ConfigError`` naming the key and the valid values.
+The resolved config is written to the run directory (``save_config``) and can be loaded
+again unchanged.
 """
 
 from __future__ import annotations

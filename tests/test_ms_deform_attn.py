@@ -71,6 +71,16 @@ def test_matches_loop_reference_including_points_outside():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_inference_path_equals_autograd_path():
+    # Without an autograd record the weighting runs in place; it must give the same numbers.
+    value, locations, weights = random_inputs(seed=3)
+    with_grad = ms_deform_attn_pytorch(value, SHAPES, locations, weights)
+    with torch.no_grad():
+        without_grad = ms_deform_attn_pytorch(value, SHAPES, locations, weights)
+    assert with_grad.requires_grad and not without_grad.requires_grad
+    torch.testing.assert_close(without_grad, with_grad.detach(), rtol=0, atol=0)
+
+
 def test_pixel_centre_reads_that_pixel_and_far_points_read_zero():
     value = torch.arange(12, dtype=torch.float64).view(1, 12, 1, 1)  # one 3×4 level, v = 4i + j
     shapes = [(3, 4)]

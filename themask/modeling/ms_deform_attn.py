@@ -72,7 +72,10 @@ def ms_deform_attn_pytorch(
             align_corners=False,
         )  # (B·M, D, P, Q)
         weights_l = weights[:, :, level].reshape(bm, 1, num_points, num_queries)
-        contribution = (sampled * weights_l).sum(dim=2)  # (B·M, D, Q)
+        if sampled.requires_grad or weights_l.requires_grad:
+            contribution = (sampled * weights_l).sum(dim=2)  # (B·M, D, Q)
+        else:  # no autograd record: weight in place, saving a (B·M, D, P, Q) buffer
+            contribution = sampled.mul_(weights_l).sum(dim=2)
         output = contribution if output is None else output + contribution
     assert output is not None
     # (B·M, D, Q) -> (B, Q, M·D)

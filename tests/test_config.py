@@ -14,7 +14,7 @@ from themask.config import (
     to_dict,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "themask" / "configs"
 SHIPPED = sorted(CONFIG_DIR.glob("*/*.yaml"))
 
 

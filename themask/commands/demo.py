@@ -23,7 +23,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-TOY_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "toy"
+TOY_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "toy"  # shipped in the package
 THEMASK_CONFIG = "themask_toy.yaml"
 BASELINE_CONFIG = "mask2former_toy.yaml"
 # Many short videos: with only a few dozen the tiny model memorises them instead of learning
@@ -85,8 +85,8 @@ def _toy_config(name: str) -> Path:
     path = TOY_CONFIG_DIR / name
     if not path.is_file():
         raise SystemExit(
-            f"themask demo: {path} not found (the demo reads the configs/ folder of a source "
-            "checkout); pass --config PATH"
+            f"themask demo: {path} not found (the toy configs ship inside the themask "
+            "package, in themask/configs/toy); pass --config PATH"
         )
     return path
 

@@ -35,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.root=DIR"
     )
-    parser.add_argument("--weights", required=True, help="model weights (.safetensors)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="weights: a themask .safetensors file or an official THE-Mask checkpoint (.pth)",
+    )
     parser.add_argument(
         "--clip-len",
         type=int,
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from themask import distributed
-    from themask.checkpoint import load_model
+    from themask.checkpoint import model_from_weights
     from themask.config import load_config
     from themask.data.config import dataset_classes
     from themask.evaluation.inference import evaluate_data
@@ -93,7 +97,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     info = distributed.init_distributed(args.device)
     try:
-        model = load_model(args.weights, map_location=info.device)
+        model = model_from_weights(args.weights).to(info.device)
         if model.config.num_classes != cfg.data.num_classes:
             raise SystemExit(
                 f"{args.weights}: the model predicts {model.config.num_classes} classes but "

@@ -33,7 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", help="video file or folder of frames")
-    parser.add_argument("--weights", required=True, help="model weights (.safetensors)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="weights: a themask .safetensors file or an official THE-Mask checkpoint (.pth)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--clip-len",
@@ -113,7 +117,7 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from themask.checkpoint import load_model
+    from themask.checkpoint import model_from_weights
     from themask.data.transforms import TestTransform
     from themask.data.video_io import iter_input_frames
     from themask.evaluation.inference import predict_video
@@ -132,7 +136,7 @@ def _predict(args: argparse.Namespace) -> int:
         scale, dataset = scale or data.scale, dataset or data.kind
         clip_len = clip_len or data.eval_clip_len
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(args.weights, map_location=device)
+    model = model_from_weights(args.weights).to(device)
     names, palette = _class_info(dataset, model.config.num_classes)
     clip_len = clip_len or (model.config.num_frames if model.is_temporal else 1)
     out = Path(args.out)

@@ -108,6 +108,24 @@ def test_eval_forward_equals_encode_decode_scores(models):
         assert torch.equal(direct, staged)
 
 
+def test_cpu_inference_encodes_frame_by_frame_with_the_same_features(models):
+    # Without autograd on CPU, encode runs one frame per pass; with autograd, one batched pass.
+    model = models["themask_tiny_t2"].eval()
+    x = clip_batch(2, 2, seed=5)
+    batched = model.encode(x)
+    calls = []
+    hook = model.pixel_decoder.register_forward_hook(lambda m, i, o: calls.append(len(i[0][0])))
+    try:
+        with torch.no_grad():
+            per_frame = model.encode(x)
+    finally:
+        hook.remove()
+    assert calls == [1, 1, 1, 1]
+    torch.testing.assert_close(per_frame.mask_features, batched.mask_features.detach())
+    for got, expected in zip(per_frame.multi_scale, batched.multi_scale):
+        torch.testing.assert_close(got, expected.detach())
+
+
 def test_encode_pads_with_zeros_and_scores_are_cropped(models):
     for model in models.values():
         model.eval()

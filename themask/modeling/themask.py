@@ -115,6 +115,15 @@ class THEMask(nn.Module):
         images = frames.flatten(0, 1)  # (B·T, 3, H, W)
         if (padded_h, padded_w) != (height, width):
             images = F.pad(images, (0, padded_w - width, 0, padded_h - height))
+        if images.device.type == "cpu" and not torch.is_grad_enabled():
+            # CPU inference: one frame per pass. Frames are independent here, and a batch of
+            # frames overflows the CPU caches in the memory-bound ops (grid_sample, copies):
+            # measured 2 × 664 ms instead of 1653 ms for two 480×480 frames.
+            return FrameFeatures.cat([self._encode_images(image[None]) for image in images])
+        return self._encode_images(images)
+
+    def _encode_images(self, images: Tensor) -> FrameFeatures:
+        """Backbone + pixel decoder on padded images (N, 3, H', W')."""
         mask_features, multi_scale = self.pixel_decoder(self.backbone(images))
         return FrameFeatures(mask_features=mask_features, multi_scale=list(multi_scale))
 

@@ -14,3 +14,11 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with atomic_write(tmp_path / "atomic.txt") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode

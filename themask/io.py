@@ -11,11 +11,19 @@ from typing import Iterator, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _new_file_mode() -> int:
+    """Permissions ``open(path, "w")`` would give a new file (0o666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_write(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` only on success.
 
-    A crash (or exception) while writing leaves any previous file at ``path`` untouched.
+    A crash (or exception) while writing leaves any previous file at ``path`` untouched. The
+    result gets the permissions a plain ``open`` would give it (not ``mkstemp``'s private 0o600).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +34,7 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -15,7 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out", metavar="DIR", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--train-videos", type=int, default=24, help="default 24")
+    parser.add_argument(
+        "--train-videos",
+        type=int,
+        default=200,
+        help="default 200 (with a few dozen the tiny demo model memorises the videos)",
+    )
     parser.add_argument("--val-videos", type=int, default=6, help="default 6")
     parser.add_argument("--frames", type=int, default=16, help="max frames per video (default 16)")
     parser.add_argument("--height", type=int, default=96, help="frame height (default 96)")

@@ -301,7 +301,7 @@ def make_toy_dataset(
     root: PathLike,
     *,
     seed: int = 0,
-    num_train: int = 24,
+    num_train: int = 200,
     num_val: int = 6,
     num_frames: int = 16,
     size: Tuple[int, int] = (96, 128),

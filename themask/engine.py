@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -385,7 +386,14 @@ class Trainer:
         if self.is_main and self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            # In a log file (no terminal) redraw at most every 30 s instead of every step.
+            bar = tqdm(
+                total=tcfg.max_steps,
+                initial=self.step,
+                desc="train",
+                dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0,
+            )
         self._set_train_mode()
         window: list[dict[str, float]] = []  # per-step records since the last log line
         try:
@@ -411,6 +419,7 @@ class Trainer:
                         loss=f"{terms['loss']:.3f}",
                         m1=f"{terms.get('matched_fraction_round1', float('nan')):.3f}",
                         m2=f"{terms.get('matched_fraction_round2', float('nan')):.3f}",
+                        refresh=False,
                     )
                 if self.writer is not None and (
                     self.step % tcfg.log_interval == 0 or self.step == tcfg.max_steps

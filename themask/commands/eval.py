@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
+
+from themask.commands import run_with_weights
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from themask.config import ConfigError
-    from themask.data.vspw import DataError
-
-    if not Path(args.weights).is_file():
-        print(f"themask eval: weights file not found: {args.weights}", file=sys.stderr)
-        return 2
-    try:
-        return _evaluate(args)
-    except (ConfigError, DataError) as err:
-        print(f"themask eval: {err}", file=sys.stderr)
-        return 2
+    return run_with_weights("themask eval", args, _evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -105,8 +96,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         split = args.split or cfg.data.val_split
         clip_len = args.clip_len or cfg.data.eval_clip_len
-        logger.info("evaluating %s on %s/%s, clip length %d", args.weights, cfg.data.root,
-                    split, clip_len)
+        logger.info(
+            "evaluating %s on %s/%s, clip length %d", args.weights, cfg.data.root, split, clip_len
+        )
         report = evaluate_data(
             model,
             cfg.data,

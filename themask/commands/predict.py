@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
+
+from themask.commands import run_with_weights
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +99,7 @@ def _class_info(dataset, num_classes: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from themask.config import ConfigError
-    from themask.data.vspw import DataError
-
-    if not Path(args.weights).is_file():
-        print(f"themask predict: weights file not found: {args.weights}", file=sys.stderr)
-        return 2
-    try:
-        return _predict(args)
-    except (ConfigError, DataError) as err:
-        print(f"themask predict: {err}", file=sys.stderr)
-        return 2
+    return run_with_weights("themask predict", args, _predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -161,8 +152,7 @@ def _predict(args: argparse.Namespace) -> int:
         step=args.step,
         amp=args.amp,
     )
-    logger.info("predicting %s with windows of %d frames, step %d", args.input, clip_len,
-                args.step)
+    logger.info("predicting %s with windows of %d frames, step %d", args.input, clip_len, args.step)
     with OverlayVideoWriter(out / "overlay.mp4", fps=args.fps) as writer:
         for pred in tqdm(predictions, desc="predict", unit="frame"):
             name = frame_names[pred.index]

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from naive import naive_bilinear
 
 from themask.loss.matcher import (
     HungarianMatcher,
@@ -89,19 +90,6 @@ def test_no_targets_gives_empty_matches():
 def test_one_round_has_no_secondary():
     match = match_two_rounds(np.random.default_rng(0).random((5, 2)), num_rounds=1)
     assert len(match.primary[0]) == 2 and len(match.secondary[0]) == 0
-
-
-def naive_bilinear(image, x, y):
-    """align_corners=False bilinear sample with zero padding; image (H, W), x, y in [0, 1]."""
-    height, width = image.shape
-    px, py = x * width - 0.5, y * height - 0.5
-    x0, y0 = math.floor(px), math.floor(py)
-    value = 0.0
-    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
-        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
-            if 0 <= yy < height and 0 <= xx < width:
-                value += wy * wx * float(image[yy, xx])
-    return value
 
 
 def test_pairwise_costs_equal_naive_loops():

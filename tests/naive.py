@@ -1,0 +1,16 @@
+"""Obviously-correct reference computations shared by several test files."""
+
+import math
+
+
+def naive_bilinear(image, x, y):
+    """align_corners=False bilinear sample with zero padding; image (H, W), x, y in [0, 1]."""
+    height, width = image.shape
+    px, py = x * width - 0.5, y * height - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    value = 0.0
+    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            if 0 <= yy < height and 0 <= xx < width:
+                value += wy * wx * float(image[yy, xx])
+    return value

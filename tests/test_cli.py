@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -21,13 +20,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subparsers(parser):

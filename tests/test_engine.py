@@ -6,14 +6,7 @@ from torch import nn
 
 from themask.optim import build_optimizer, build_param_groups, poly_lr, set_learning_rate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Backbone(nn.Module):

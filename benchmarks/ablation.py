@@ -4,7 +4,8 @@ Trains each variant with each seed on generated videos (``benchmarks/synthetic_v
 12 classes in the 124-class VSPW label space; the models keep the VSPW class count), evaluates
 it on the held-out split and writes, under ``--out``:
 
-* ``runs/<variant>_q<queries>/seed<k>/``: the training runs (config, metrics.jsonl, weights, result.json);
+* ``runs/<variant>_q<queries>/seed<k>/``: the training runs (config, metrics.jsonl, weights,
+  result.json);
 * ``ablation.json``: per run and per variant (mean ± std over seeds) mIoU, mIoU_present, WIoU,
   mVC8, mVC16, the matched-query fractions of round 1 and 2 (mean over the last quarter of
   training) and the round-2 supervision statistics of the final model;
@@ -97,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-videos", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="data loader processes")
+    parser.add_argument("--only-finished", action="store_true",
+                        help="train nothing: report the runs that have a result.json")  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="for every run")
     return parser.parse_args(argv)
 
@@ -178,9 +181,9 @@ def round2_statistics(model: Any, cfg: Any, batches: int = 8) -> dict[str, float
     if loss_cfg.num_rounds != 2:
         return {k: math.nan for k in ROUND2_STATS}
     criterion = criterion_for(loss_cfg, model.config.num_classes)
-    loader = iter(build_train_loader(
-        cfg.data, batch_size=cfg.train.batch_size, num_workers=0, seed=10_000
-    ))
+    loader = iter(
+        build_train_loader(cfg.data, batch_size=cfg.train.batch_size, num_workers=0, seed=10_000)
+    )
     model.train()
     empty, coverage = [], []
     for _ in range(batches):
@@ -299,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 run_dir = out / "runs" / key / f"seed{seed}"
                 result_path = run_dir / "result.json"
+                if not result_path.is_file() and args.only_finished:
+                    continue
                 if not result_path.is_file():
                     init = None
                     if variant.init:
@@ -313,9 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                 if name in args.variants:
                     results.setdefault(key, {})[seed] = result
     summary = summarise(results)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
     payload = {
-        "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": f"python benchmarks/ablation.py {command}",
         "wall_minutes": round((time.time() - started) / 60, 1),
+        "train_minutes_total": round(
+            sum(r["train_minutes"] for runs in results.values() for r in runs.values()), 1
+        ),
         "torch": torch.__version__,
         "summary": summary,
         "runs": results,

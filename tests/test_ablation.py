@@ -92,6 +92,14 @@ def test_runner_two_steps_one_seed_two_variants(tmp_path, one_thread):
     assert rows[1].startswith("| two rounds, hierarchical (THE-Mask T=1), 50 queries | 1 |")
     assert (out / "ablation.png").stat().st_size > 0
 
+    # --only-finished trains nothing: the unfinished variant is left out, the others reused
+    again = [*args[:5], "mask2former", "two_rounds_hard", "themask", *args[7:], "--only-finished"]
+    assert ablation.main(again) == 0
+    assert not (out / "runs" / "two_rounds_hard_q50").exists()
+    rerun = json.loads((out / "ablation.json").read_text())
+    assert list(rerun["summary"]) == ["mask2former_q50", "themask_q50"]
+    assert rerun["runs"] == payload["runs"]
+
 
 def test_runner_rejects_unknown_variant(tmp_path):
     result = subprocess.run(

@@ -74,6 +74,8 @@ VARIANTS: dict[str, Variant] = {
     ),
 }  # fmt: skip
 METRICS = ("mIoU", "mIoU_present", "WIoU", "mVC8", "mVC16")
+TABLE_METRICS = ("mIoU", "mIoU_late", "WIoU", "mVC8", "mVC16")
+LATE_FRACTION = 0.4  # mIoU_late: mean validation mIoU over the last 40 % of the steps
 TRAIN_STATS = ("matched_fraction_round1", "matched_fraction_round2")
 ROUND2_STATS = ("round2_empty_fraction", "round2_coverage")
 
@@ -216,13 +218,21 @@ def round2_statistics(model: Any, cfg: Any, batches: int = 8) -> dict[str, float
     }
 
 
+def late_miou(curve: list[tuple[int, float]]) -> float:
+    """Mean validation mIoU over the evaluations in the last ``LATE_FRACTION`` of the steps
+    (less noisy than the final evaluation alone)."""
+    last = curve[-1][0]
+    return statistics.fmean(v for s, v in curve if s >= (1 - LATE_FRACTION) * last)
+
+
 def summarise(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Mean and (sample) std over seeds of every scalar, per variant."""
     summary = {}
     for name, by_seed in results.items():
-        runs = list(by_seed.values())
+        runs = [{**r, "mIoU_late": late_miou(r["curve"])} if r.get("curve") else r
+                for r in by_seed.values()]  # fmt: skip
         row: dict[str, Any] = {"seeds": sorted(by_seed)}
-        for key in (*METRICS, *TRAIN_STATS, *ROUND2_STATS, "train_minutes"):
+        for key in (*METRICS, "mIoU_late", *TRAIN_STATS, *ROUND2_STATS, "train_minutes"):
             values = [float(r[key]) for r in runs if not math.isnan(float(r.get(key, math.nan)))]
             row[key] = {
                 "mean": statistics.fmean(values) if values else math.nan,
@@ -239,12 +249,12 @@ def _cell(stat: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
 
 
 def markdown_table(summary: dict[str, dict[str, Any]], labels: dict[str, str]) -> str:
-    header = ("run", "seeds", *METRICS, "matched r1 %", "matched r2 %", "r2 empty %",
+    header = ("run", "seeds", *TABLE_METRICS, "matched r1 %", "matched r2 %", "r2 empty %",
               "r2 coverage %", "min/run")  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in summary.items():
         cells = [labels.get(name, name), str(len(row["seeds"]))]
-        cells += [_cell(row[k]) for k in (*METRICS, *TRAIN_STATS, *ROUND2_STATS)]
+        cells += [_cell(row[k]) for k in (*TABLE_METRICS, *TRAIN_STATS, *ROUND2_STATS)]
         cells.append(f"{row['train_minutes']['mean']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -278,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else out / "data"
     if not (data / "train.txt").is_file():
         logger.info("writing %d + %d generated videos to %s", args.train_videos, args.val_videos,

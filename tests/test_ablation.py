@@ -55,6 +55,7 @@ def test_summarise_mean_and_sample_std():
     runs = {"a": {0: {"mIoU": 0.1}, 1: {"mIoU": 0.3}}, "b": {4: {"mIoU": 0.5}}}
     summary = ablation.summarise(runs)
     assert summary["a"]["seeds"] == [0, 1]
+    assert ablation.late_miou([(100, 0.1), (200, 0.2), (300, 0.4), (500, 0.6)]) == 0.5
     assert summary["a"]["mIoU"]["mean"] == pytest.approx(0.2)
     assert summary["a"]["mIoU"]["std"] == pytest.approx(math.sqrt(0.02))  # (0.1² + 0.1²) / 1
     assert summary["b"]["mIoU"] == {"mean": 0.5, "std": 0.0}

@@ -169,6 +169,11 @@ def train_run(cfg: Any, run_dir: Path, init: Path | None) -> dict[str, Any]:
     return result
 
 
+def frames_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader ``Batch`` as (normalised frames (B, T, 3, H, W), labels (B, T, H, W))."""
+    return batch.frames, batch.labels
+
+
 @torch.no_grad()
 def round2_statistics(model: Any, cfg: Any, batches: int = 8) -> dict[str, float]:
     """What round 2 supervises on ``batches`` training batches (final model, train mode):
@@ -186,12 +191,13 @@ def round2_statistics(model: Any, cfg: Any, batches: int = 8) -> dict[str, float
     loader = iter(
         build_train_loader(cfg.data, batch_size=cfg.train.batch_size, num_workers=0, seed=10_000)
     )
+    was_training = model.training
     model.train()
     empty, coverage = [], []
     for _ in range(batches):
-        batch = next(loader)
-        predictions = model(batch.frames)
-        labels = _pad_labels(batch.labels, model.config.size_divisor)
+        frames, labels = frames_and_labels(next(loader))
+        predictions = model(frames)
+        labels = _pad_labels(labels, model.config.size_divisor)
         if not model.is_temporal:
             labels = labels.flatten(0, 1).unsqueeze(1)
         targets = build_targets(labels, model.config.num_classes)
@@ -210,7 +216,7 @@ def round2_statistics(model: Any, cfg: Any, batches: int = 8) -> dict[str, float
             gt_px = gt.flatten(0, 1).flatten(1).sum(1).clamp(min=1)
             empty.extend((soft_px == 0).float().tolist())
             coverage.extend((soft_px / gt_px).tolist())
-    model.eval()
+    model.train(was_training)
     mean = statistics.fmean
     return {
         "round2_empty_fraction": mean(empty) if empty else math.nan,

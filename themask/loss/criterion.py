@@ -162,25 +162,34 @@ def gather(mask_logits: Sequence[Tensor], rows: MatchedRows) -> Tensor:
 
 
 def class_loss(
-    class_logits: Sequence[Tensor], class_target: Tensor, *, no_object_weight: float
+    class_logits: Sequence[Tensor],
+    class_target: Tensor,
+    *,
+    no_object_weight: float,
+    labelled: Tensor | None = None,
 ) -> Tensor:
     """Weighted-mean cross-entropy over K+1 for all queries of each set, summed over S sets.
 
     class_logits: S × (B, N, K+1), or S × (B, T, N, K+1) for the frame head (every frame gets
     the clip's targets); class_target: (S, B, N) with K = no object (class weight
-    ``no_object_weight``).
+    ``no_object_weight``); labelled: (B, T) bool, frames without labels are left out (of the
+    frame head; the clip head leaves out clips without any labelled frame).
     """
     logits = torch.stack([c.float() for c in class_logits])  # (S, B, [T,] N, K+1)
     if logits.dim() == 4:
         logits = logits.unsqueeze(2)  # (S, B, 1, N, K+1)
+        if labelled is not None:
+            labelled = labelled.any(1, keepdim=True)  # (B, 1)
     sets, columns = logits.shape[0], logits.shape[-1]
     target = class_target.unsqueeze(2).expand(-1, -1, logits.shape[2], -1)  # (S, B, T, N)
-    weight = torch.ones(columns, device=logits.device)
-    weight[-1] = no_object_weight
-    weighted = F.cross_entropy(
-        logits.reshape(-1, columns), target.reshape(-1), weight=weight, reduction="none"
-    )
-    per_set = weighted.view(sets, -1).sum(1) / weight[target].view(sets, -1).sum(1)
+    class_weight = torch.ones(columns, device=logits.device)
+    class_weight[-1] = no_object_weight
+    weight = class_weight[target]  # (S, B, T, N)
+    if labelled is not None:
+        weight = weight * labelled[None, :, :, None]
+    losses = F.cross_entropy(logits.reshape(-1, columns), target.reshape(-1), reduction="none")
+    weight = weight.view(sets, -1)
+    per_set = (losses.view(sets, -1) * weight).sum(1) / weight.sum(1).clamp(min=1e-12)
     return per_set.sum()
 
 
@@ -322,7 +331,9 @@ class SetCriterion:
         if frame_sets is not None:
             heads.append(("frame_", frame_sets, cfg.frame_head_weight))
         for prefix, sets, head_weight in heads:
-            terms = self._head_terms(sets, assignment, rows, readers, soft_gt, normaliser)
+            terms = self._head_terms(
+                sets, assignment, rows, readers, soft_gt, normaliser, targets.labelled
+            )
             for name, value in terms.items():
                 sums[prefix + name] = head_weight * value
 
@@ -362,17 +373,20 @@ class SetCriterion:
         readers: list[Callable[[Tensor], Tensor]],
         soft_gt: Tensor | None,
         normaliser: Tensor,
+        labelled: Tensor,
     ) -> dict[str, Tensor]:
         """Weighted loss terms of one head summed over its S sets.
 
         rows, readers: matched rows and their GT readers per round; soft_gt: (R, H, W) GT
-        masks of the round-2 rows for the soft loss; normaliser: () divides the mask terms.
+        masks of the round-2 rows for the soft loss; normaliser: () divides the mask terms;
+        labelled: (B, T) bool, frames with labels.
         """
         cfg = self.config
         class_term = class_loss(
             [s.class_logits for s in sets],
             assignment.class_target,
             no_object_weight=cfg.no_object_weight,
+            labelled=labelled,
         )
         terms = {"loss_class": cfg.class_weight * class_term}
         mask_logits = [s.mask_logits for s in sets]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from naive import naive_bilinear
+from transfers import TransferCounter
 
 import themask.loss.criterion as criterion_module
 from themask.loss.config import LossConfig
@@ -600,3 +601,41 @@ def test_counts_are_averaged_over_processes(tmp_path):
     assert [(tmp_path / f"{r}.txt").read_text() for r in range(2)] == ["[3.0, 1.5]"] * 2
     single = criterion_module.average_over_processes(torch.tensor([6.0, 3.0]))
     assert single.tolist() == [6.0, 3.0]  # no DDP: unchanged
+
+
+@pytest.mark.parametrize("all_class_columns,reads", [(True, {"d2h:cpu": 1}), (None, None)])
+def test_criterion_reads_from_the_device_once_and_uploads_once(all_class_columns, reads):
+    labels, _, _ = make_clip_example(frames=2, unlabelled_frame=1)
+    predictions = random_sets(3, frames=2, temporal=True)
+    criterion = SetCriterion(LossConfig(num_points=32), num_classes=3)
+    criterion.matcher.all_class_columns = all_class_columns  # True: what runs on accelerators
+    tensors = [labels] + [
+        t for s in predictions.clip + predictions.frame for t in (s.class_logits, s.mask_logits)
+    ]
+    with TransferCounter(tensors) as counter:
+        output = criterion(predictions, labels)
+    counts = dict(counter.counts)
+    assert counter.total("h2d") == 1 and counts["h2d:to"] == 1  # the assignments, once
+    if reads is not None:
+        assert {k: v for k, v in counts.items() if k.startswith("d2h")} == reads
+    else:  # CPU columns: also reads the largest class count (free on CPU)
+        assert counter.total("d2h") == 2 and counts["d2h:__int__"] == 1
+    assert all(v.dim() == 0 for k, v in output.terms.items() if k.startswith(("loss", "frame")))
+
+
+def test_transfer_counter_sees_reads_uploads_and_hidden_syncs():
+    device_tensor = torch.arange(6.0)
+    with TransferCounter([device_tensor]) as counter:
+        derived = device_tensor * 2
+        derived.sum().item()
+        derived[derived > 3]  # boolean indexing: data-dependent shape
+        torch.ones(2).to(torch.device("cpu"))  # an upload
+        derived[:2] + torch.ones(2)  # a host tensor in an op on device tensors
+        torch.zeros(3, device=device_tensor.device).tolist()
+    assert counter.counts == {
+        "d2h:item": 1,
+        "d2h:__getitem__": 1,
+        "h2d:to": 1,
+        "h2d:mixed add": 1,
+        "d2h:tolist": 1,
+    }

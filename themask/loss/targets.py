@@ -57,8 +57,8 @@ def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
     valid = labels != IGNORE_INDEX
     bad = valid & ((labels < 0) | (labels >= num_classes))
     flat_bad = bad.flatten()
-    example = labels.flatten()[flat_bad.int().argmax()]  # first invalid value, if any
-    invalid = torch.stack([flat_bad.sum(), example])
+    first = flat_bad.int().argmax().view(1)  # first invalid value, if any (gather: no sync)
+    invalid = torch.cat([flat_bad.sum().view(1), labels.flatten().gather(0, first)])
     # class ids, with ignore and invalid values sent to an extra column K
     columns = torch.where(valid & ~bad, labels, num_classes).flatten(1)  # (B, T·H·W)
     present = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=labels.device)

@@ -200,11 +200,12 @@ def assigned(matches, labels, queries=5, num_classes=3):
 
 
 def gt_reader(labels, rows):
-    return mask_reader(build_targets(labels, 3), rows.clip, rows.frame, rows.cls)
+    return mask_reader(build_targets(labels, 3), rows)
 
 
-def gt_masks(labels, rows):
-    return build_targets(labels, 3).masks(rows.clip, rows.frame, rows.cls)
+def gt_cells(labels, rows, size):
+    counts, cell_sizes = build_targets(labels, 3).cell_counts(*size)
+    return counts[rows.clip, rows.frame, rows.cls], cell_sizes
 
 
 HARD_ARGS = dict(num_points=6, oversample_ratio=3.0, importance_sample_ratio=0.75)
@@ -245,7 +246,7 @@ def test_soft_mask_loss_equals_naive_dense_loss_with_soft_target():
     labels, targets, matches = make_clip_example(frames=2)
     mask_logits = torch.randn(2, 5, 2, 4, 4) * 2
     rows = assigned(matches, labels).secondary
-    bce, dice = soft_mask_loss(gather([mask_logits], rows), gt_masks(labels, rows))
+    bce, dice = soft_mask_loss(gather([mask_logits], rows), *gt_cells(labels, rows, (4, 4)))
     expected_bce = expected_dice = 0.0
     for b, match in enumerate(matches):
         for q, m in zip(*[x.tolist() for x in match.secondary]):
@@ -262,6 +263,23 @@ def test_soft_mask_loss_equals_naive_dense_loss_with_soft_target():
         for t in range(2)
     )
     assert abs(full - expected_bce) > 1e-3
+
+
+def test_soft_mask_loss_per_cell_equals_naive_dense_loss_for_uneven_cells():
+    torch.manual_seed(6)
+    labels = torch.randint(0, 3, (1, 2, 11, 7))  # 11×7 labels from 3×5 masks: uneven cells
+    labels[0, 1, :4] = 255
+    mask_logits = torch.randn(1, 5, 2, 3, 5) * 2
+    match = MatchIndices(primary=pair([0], [0]), secondary=pair([1, 2, 4], [0, 1, 2]))
+    rows = assigned([match], labels).secondary
+    bce, dice = soft_mask_loss(gather([mask_logits], rows), *gt_cells(labels, rows, (3, 5)))
+    expected = [0.0, 0.0]
+    for q, m in zip(*[x.tolist() for x in match.secondary]):
+        for t in range(2):
+            pb, pd = naive_soft(mask_logits[0, q, t], (labels[0, t] == m).float())
+            expected[0], expected[1] = expected[0] + pb, expected[1] + pd
+    assert bce.item() == pytest.approx(expected[0], rel=1e-5)
+    assert dice.item() == pytest.approx(expected[1], rel=1e-5)
 
 
 # ---------------------------------------------------------------- whole criterion
@@ -468,6 +486,35 @@ def test_deep_supervision_sums_sets_and_switch_keeps_only_final(fixed_points):
     assert final_only(predictions, labels).total.item() == pytest.approx(per_set[-1], rel=1e-5)
 
 
+@pytest.mark.parametrize("second_round_loss", ["soft", "hard"])
+def test_sets_together_equal_sets_one_by_one_in_values_and_gradients(
+    fixed_points, second_round_loss
+):
+    labels, _, matches = make_clip_example(frames=3, unlabelled_frame=2)
+    predictions = random_sets(3, frames=3, temporal=True)
+    leaves = [t for s in predictions.clip + predictions.frame for t in vars(s).values()]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    criterion = SetCriterion(LossConfig(second_round_loss=second_round_loss), num_classes=3)
+    criterion.matcher = StubMatcher(matches)
+    together = criterion(predictions, labels)
+    grads_together = torch.autograd.grad(together.total, leaves)
+    one_by_one = [
+        criterion(Predictions(clip=[c], frame=[f]), labels)
+        for c, f in zip(predictions.clip, predictions.frame)
+    ]
+    total = sum(output.total for output in one_by_one)
+    grads_one_by_one = torch.autograd.grad(total, leaves)
+    assert together.total.item() == pytest.approx(total.item(), rel=1e-6)
+    for name, value in together.terms.items():
+        if name.startswith(("loss", "frame")):
+            expected = sum(float(output.terms[name]) for output in one_by_one)
+            assert float(value) == pytest.approx(expected, rel=1e-6, abs=1e-9), name
+    for got, expected in zip(grads_together, grads_one_by_one):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads_together)
+
+
 def obvious_example():
     """One clip, classes 0 (left) and 1 (right); strong primary candidates, weaker others."""
     labels = torch.zeros(1, 1, 16, 16, dtype=torch.long)
@@ -515,7 +562,7 @@ def test_gradients_reach_secondary_queries_through_soft_and_class_loss():
     unmatched = sorted(set(range(6)) - set(secondary.tolist()) - set(match.primary[0].tolist()))
     assignment = assigned([match], labels, queries=6, num_classes=2)
     rows = assignment.secondary
-    bce, dice = soft_mask_loss(gather([mask_logits], rows), gt_masks(labels, rows))
+    bce, dice = soft_mask_loss(gather([mask_logits], rows), *gt_cells(labels, rows, (4, 4)))
     (bce + dice).backward()
     grad = mask_logits.grad[0]
     assert all(grad[q].abs().sum() > 0 for q in secondary.tolist())

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from themask.loss.config import LossConfig
 from themask.loss.matcher import BatchMatch, HungarianMatcher, MatchIndices
-from themask.loss.point_sample import bilinear_taps, point_sample, uncertain_point_coords
+from themask.loss.point_sample import point_sample, uncertain_point_coords
 from themask.loss.targets import BatchTargets, build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
 
@@ -64,19 +64,6 @@ def dice_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
     numerator = 2.0 * (probs * targets).sum(1)
     denominator = probs.sum(1) + targets.sum(1)
     return 1.0 - (numerator + 1.0) / (denominator + 1.0)
-
-
-def soft_targets(logits: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Soft (round-2) target: the GT mask where the prediction already fires.
-
-    logits: (R, h, w) mask logits; gt_masks: (R, H, W) in {0, 1}.
-    Returns (upsampled logits (R, H, W), target (R, H, W)); the logits are upsampled with
-    nearest interpolation, the target carries no gradient.
-    """
-    upsampled = F.interpolate(logits.unsqueeze(1), size=gt_masks.shape[-2:], mode="nearest")
-    upsampled = upsampled.squeeze(1)
-    target = gt_masks * (upsampled.detach().sigmoid() > 0.5).to(gt_masks.dtype)
-    return upsampled, target
 
 
 @dataclass
@@ -223,34 +210,45 @@ def hard_mask_loss(
     return bce, dice_per_mask(logit_points, gt_points).sum()
 
 
-def mask_reader(
-    targets: BatchTargets, clip: Tensor, frame: Tensor, cls: Tensor
-) -> Callable[[Tensor], Tensor]:
-    """``gt_at`` for ``hard_mask_loss``: reads the GT masks of (clip, frame, class) rows (R,)
-    bilinearly at points (R, P, 2) straight from the label maps (no (R, H, W) masks built)."""
-    labels = targets.labels
-    height, width = labels.shape[-2:]
-    start = (clip * labels.shape[1] + frame) * (height * width)  # (R,) offset of each map
+def mask_reader(targets: BatchTargets, rows: MatchedRows) -> Callable[[Tensor], Tensor]:
+    """``gt_at`` for ``hard_mask_loss``: reads the GT masks of ``rows`` bilinearly at points
+    (R, P, 2), one set at a time so that only one set's (R_s, H, W) masks exist at once."""
 
     def gt_at(coords: Tensor) -> Tensor:
-        index, weight = bilinear_taps(coords, height, width)  # (R, P, 4)
-        hits = labels.view(-1)[index + start.view(-1, 1, 1)] == cls.view(-1, 1, 1)
-        return (hits * weight).sum(-1)
+        sampled = []
+        for (clip, _, frame), cls, set_coords in zip(
+            rows.split(), rows.cls.split(rows.sizes), coords.split(rows.sizes)
+        ):
+            masks = targets.masks(clip, frame, cls).unsqueeze(1)  # (R_s, 1, H, W)
+            sampled.append(point_sample(masks, set_coords)[:, 0])
+        return torch.cat(sampled)  # (R, P)
 
     return gt_at
 
 
-def soft_mask_loss(predicted: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense sigmoid BCE and dice against the soft target, summed over rows (not normalised).
+def soft_mask_loss(predicted: Tensor, gt_cells: Tensor, cell_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """Soft (round-2) loss: dense sigmoid BCE and dice at the GT resolution against the GT
+    mask where the prediction already fires (σ > 0.5), summed over rows (not normalised).
 
-    predicted: (R, h, w) logits; gt: (R, H, W). Returns (bce_sum, dice_sum).
+    The prediction is upsampled to the GT size by nearest interpolation, so every GT pixel
+    of a cell sees the same logit: the dense sums are computed per cell from the count of
+    GT pixels in it, exactly, without building (R, H, W) maps.
+    predicted: (R, h, w) logits; gt_cells: (R, h, w) GT pixels per cell (``cell_counts``);
+    cell_sizes: (h, w) pixels per cell. Returns (bce_sum, dice_sum).
     """
     if predicted.shape[0] == 0:
         zero = predicted.sum() * 0.0
         return zero, zero
-    upsampled, target = soft_targets(predicted, gt)  # (R, H, W) each
-    upsampled, target = upsampled.flatten(1), target.flatten(1)
-    return sigmoid_bce_per_mask(upsampled, target).sum(), dice_per_mask(upsampled, target).sum()
+    fires = (predicted.detach().sigmoid() > 0.5).to(gt_cells.dtype)
+    target = (gt_cells * fires).flatten(1)  # soft-target pixels per cell, no gradient
+    logits = predicted.flatten(1)  # (R, h·w)
+    sizes = cell_sizes.flatten()
+    # BCE(x, y) = softplus(x) − x·y, summed over the pixels of each cell
+    bce = (sizes * F.softplus(logits) - logits * target).sum(1) / sizes.sum()
+    probs = logits.sigmoid()
+    numerator = 2.0 * (probs * target).sum(1) + 1.0
+    dice = 1.0 - numerator / ((probs * sizes).sum(1) + target.sum(1) + 1.0)
+    return bce.sum(), dice.sum()
 
 
 class SetCriterion:
@@ -321,10 +319,11 @@ class SetCriterion:
         counts = average_over_processes(assignment.counts)  # (pairs, masks)
         normaliser = counts[0].clamp(min=labels.shape[1])  # (mask, labelled frame) pairs, >= T
         rows = [assignment.primary] + ([assignment.secondary] if rounds == 2 else [])
-        readers = [mask_reader(targets, r.clip, r.frame, r.cls) for r in rows]
+        readers = [mask_reader(targets, r) for r in rows]
         soft_gt = None
         if rounds == 2 and cfg.second_round_loss == "soft":
-            soft_gt = targets.masks(rows[1].clip, rows[1].frame, rows[1].cls)  # (R, H, W)
+            counts, cell_sizes = targets.cell_counts(*clip_sets[-1].mask_logits.shape[-2:])
+            soft_gt = counts[rows[1].clip, rows[1].frame, rows[1].cls], cell_sizes  # (R, h, w)
 
         sums: dict[str, Tensor] = {}
         heads: list[tuple[str, list[PredictionSet], float]] = [("", clip_sets, 1.0)]
@@ -371,14 +370,15 @@ class SetCriterion:
         assignment: Assignment,
         rows: list[MatchedRows],
         readers: list[Callable[[Tensor], Tensor]],
-        soft_gt: Tensor | None,
+        soft_gt: tuple[Tensor, Tensor] | None,
         normaliser: Tensor,
         labelled: Tensor,
     ) -> dict[str, Tensor]:
         """Weighted loss terms of one head summed over its S sets.
 
-        rows, readers: matched rows and their GT readers per round; soft_gt: (R, H, W) GT
-        masks of the round-2 rows for the soft loss; normaliser: () divides the mask terms;
+        rows, readers: matched rows and their GT readers per round; soft_gt: GT pixels per
+        cell of the round-2 rows and the cell sizes, for the soft loss; normaliser: () divides
+        the mask terms;
         labelled: (B, T) bool, frames with labels.
         """
         cfg = self.config
@@ -396,7 +396,7 @@ class SetCriterion:
         if len(rows) == 2:
             predicted = gather(mask_logits, rows[1])
             if soft_gt is not None:
-                bce, dice = soft_mask_loss(predicted, soft_gt)
+                bce, dice = soft_mask_loss(predicted, *soft_gt)
                 mask_weight, dice_weight = cfg.soft_mask_weight, cfg.soft_dice_weight
             else:
                 bce, dice = self._hard(predicted, readers[1])

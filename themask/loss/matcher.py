@@ -108,19 +108,15 @@ def pairwise_bce_dice(
     in {0, 1}, points with weight 0 are left out (their targets must be 0). Returns (B, N, M)
     each; the BCE is the mean over the points kept.
     """
-    queries = logits.shape[1]
     if weight is None:
         weight = torch.ones_like(logits[:, 0])
-    kept = weight[:, None, :]
-    positive = F.softplus(-logits) * kept  # −log σ(x)
-    negative = F.softplus(logits) * kept  # −log(1 − σ(x))
-    probs = logits.sigmoid() * kept
-    products = torch.cat([positive, negative, probs], 1) @ targets  # (B, 3N, M)
-    positive_y, negative_y, probs_y = products.split(queries, 1)
-    length = weight.sum(-1).clamp(min=1.0)[:, None, None]
-    bce = (positive_y + negative.sum(-1, keepdim=True) - negative_y) / length
-    denominator = probs.sum(-1, keepdim=True) + targets.sum(1)[:, None, :]
-    return bce, 1.0 - (2.0 * probs_y + 1.0) / (denominator + 1.0)
+    kept = weight.unsqueeze(-1)  # (B, L, 1)
+    # BCE(x, y) = softplus(x) − x·y: one softplus, and Σ over kept points of softplus(x)
+    bce = F.softplus(logits) @ kept - logits @ targets
+    bce = bce / weight.sum(-1).clamp(min=1.0)[:, None, None]
+    products = logits.sigmoid() @ torch.cat([targets, kept], -1)  # (B, N, M+1): Σσ·y, Σσ
+    numerator = 2.0 * products[..., :-1] + 1.0
+    return bce, 1.0 - numerator / (products[..., -1:] + targets.sum(1)[:, None, :] + 1.0)
 
 
 @dataclass
@@ -204,7 +200,7 @@ class HungarianMatcher:
         point set (P points) per set and clip, shared by all masks and frames of the clip,
         so each mask is compared on (labelled frames)·P points.
         """
-        labels = targets.labels
+        labels = targets.labels.long()
         batch, frames, height, width = labels.shape
         num_classes = targets.present.shape[1]
         device = labels.device

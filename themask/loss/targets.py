@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = 255
@@ -26,7 +27,8 @@ IGNORE_INDEX = 255
 class BatchTargets:
     """Targets of B clips of T frames, K classes.
 
-    labels:   (B, T, H, W) int64 class ids, 255 = ignore; the mask of class k is ``labels == k``.
+    labels:   (B, T, H, W) class ids (uint8 for K < 255), 255 = ignore; the mask of class k is
+              ``labels == k``.
     present:  (B, K) bool, class k occurs in clip b.
     labelled: (B, T) bool, frame t of clip b holds at least one non-ignore pixel.
     invalid:  (2,) int64: the number of values neither ignore nor in [0, K), and one such value.
@@ -39,7 +41,32 @@ class BatchTargets:
 
     def masks(self, clip: Tensor, frame: Tensor, classes: Tensor) -> Tensor:
         """GT masks of (clip, frame, class) triples, each (R,) int64: (R, H, W) float32."""
-        return (self.labels[clip, frame] == classes.view(-1, 1, 1)).float()
+        return (self.labels[clip, frame] == classes.view(-1, 1, 1).to(self.labels.dtype)).float()
+
+
+    def cell_counts(self, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """GT pixels per class in the cells of a (h, w) map upsampled to the labels' size by
+        nearest interpolation (the pixels that copy one low-resolution value).
+
+        Returns counts (B, T, K+1, h, w) float32 (last class: ignore and invalid values) and
+        the cells' sizes in pixels (h, w).
+        """
+        batch, frames, big_h, big_w = self.labels.shape
+        num_classes = self.present.shape[1]
+        device = self.labels.device
+        cells = torch.arange(height * width, device=device, dtype=torch.float32)
+        cell_of_pixel = F.interpolate(
+            cells.view(1, 1, height, width), size=(big_h, big_w), mode="nearest"
+        ).long().view(-1)  # (H·W,) the low-resolution cell each pixel copies
+        labels = self.labels.long().flatten(2)  # (B, T, H·W)
+        classes = torch.where(labels < num_classes, labels, num_classes)
+        index = classes * (height * width) + cell_of_pixel  # (B, T, H·W)
+        counts = torch.zeros(batch, frames, (num_classes + 1) * height * width, device=device)
+        counts.scatter_add_(2, index, torch.ones_like(index, dtype=torch.float32))
+        sizes = torch.zeros(height * width, device=device).index_add_(
+            0, cell_of_pixel, torch.ones_like(cell_of_pixel, dtype=torch.float32)
+        )
+        return counts.view(batch, frames, -1, height, width), sizes.view(height, width)
 
 
 def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
@@ -63,8 +90,11 @@ def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
     columns = torch.where(valid & ~bad, labels, num_classes).flatten(1)  # (B, T·H·W)
     present = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=labels.device)
     present.scatter_(1, columns, True)
+    # masks are compared against a compact copy (1 byte a pixel where K < 255; invalid values
+    # may wrap, but they stop the step at the matching)
+    compact = torch.uint8 if num_classes < IGNORE_INDEX else torch.int32
     return BatchTargets(
-        labels=labels,
+        labels=labels.to(compact),
         present=present[:, :num_classes],
         labelled=valid.flatten(2).any(-1),
         invalid=invalid,

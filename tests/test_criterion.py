@@ -441,8 +441,9 @@ def test_predictions_on_an_unlabelled_frame_change_neither_matching_nor_losses()
     first, second = criterion.matcher.results
     for set_a, set_b in zip(first.matches, second.matches):
         for a, b in zip(set_a, set_b):
-            assert all(torch.equal(x, y) for x, y in zip(a.primary + a.secondary,
-                                                         b.primary + b.secondary))
+            assert all(
+                torch.equal(x, y) for x, y in zip(a.primary + a.secondary, b.primary + b.secondary)
+            )
     assert torch.equal(outputs[0].total, outputs[1].total)
     for name, value in outputs[0].terms.items():
         assert float(value) == float(outputs[1].terms[name]), name

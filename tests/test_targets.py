@@ -5,7 +5,9 @@ from themask.loss.targets import build_targets, check_invalid
 
 
 def naive_present(labels, num_classes):
-    return [[any(int(v) == c for v in clip.flatten()) for c in range(num_classes)] for clip in labels]
+    return [
+        [any(int(v) == c for v in clip.flatten()) for c in range(num_classes)] for clip in labels
+    ]
 
 
 def test_present_classes_and_labelled_frames_match_naive_loops():

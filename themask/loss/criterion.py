@@ -91,7 +91,7 @@ class Assignment:
     """Everything the losses need from the matching of S prediction sets.
 
     class_target: (S, B, N) int64; the GT class of primary and secondary queries, K elsewhere.
-    pairs, masks: (2,) float32, the (mask, labelled frame) pairs and the GT masks of the batch.
+    counts: (2,) float32, the (mask, labelled frame) pairs and the GT masks of the batch.
     """
 
     class_target: Tensor
@@ -143,7 +143,8 @@ def assign(
 def gather(mask_logits: Sequence[Tensor], rows: MatchedRows) -> Tensor:
     """Matched predictions of S sets' mask_logits (B, N, T, h, w): (R, h, w) float32."""
     picked = [
-        logits[clip, query, frame] for logits, (clip, query, frame) in zip(mask_logits, rows.split())
+        logits[clip, query, frame]
+        for logits, (clip, query, frame) in zip(mask_logits, rows.split())
     ]
     return torch.cat(picked).float()
 
@@ -226,7 +227,9 @@ def mask_reader(targets: BatchTargets, rows: MatchedRows) -> Callable[[Tensor], 
     return gt_at
 
 
-def soft_mask_loss(predicted: Tensor, gt_cells: Tensor, cell_sizes: Tensor) -> tuple[Tensor, Tensor]:
+def soft_mask_loss(
+    predicted: Tensor, gt_cells: Tensor, cell_sizes: Tensor
+) -> tuple[Tensor, Tensor]:
     """Soft (round-2) loss: dense sigmoid BCE and dice at the GT resolution against the GT
     mask where the prediction already fires (σ > 0.5), summed over rows (not normalised).
 
@@ -322,8 +325,8 @@ class SetCriterion:
         readers = [mask_reader(targets, r) for r in rows]
         soft_gt = None
         if rounds == 2 and cfg.second_round_loss == "soft":
-            counts, cell_sizes = targets.cell_counts(*clip_sets[-1].mask_logits.shape[-2:])
-            soft_gt = counts[rows[1].clip, rows[1].frame, rows[1].cls], cell_sizes  # (R, h, w)
+            cells, cell_sizes = targets.cell_counts(*clip_sets[-1].mask_logits.shape[-2:])
+            soft_gt = cells[rows[1].clip, rows[1].frame, rows[1].cls], cell_sizes  # (R, h, w)
 
         sums: dict[str, Tensor] = {}
         heads: list[tuple[str, list[PredictionSet], float]] = [("", clip_sets, 1.0)]
@@ -378,8 +381,7 @@ class SetCriterion:
 
         rows, readers: matched rows and their GT readers per round; soft_gt: GT pixels per
         cell of the round-2 rows and the cell sizes, for the soft loss; normaliser: () divides
-        the mask terms;
-        labelled: (B, T) bool, frames with labels.
+        the mask terms; labelled: (B, T) bool, frames with labels.
         """
         cfg = self.config
         class_term = class_loss(

@@ -191,9 +191,7 @@ class HungarianMatcher:
         return order, present.gather(1, order)
 
     @torch.no_grad()
-    def costs(
-        self, sets: Sequence[tuple[Tensor, Tensor]], targets: BatchTargets
-    ) -> SetCosts:
+    def costs(self, sets: Sequence[tuple[Tensor, Tensor]], targets: BatchTargets) -> SetCosts:
         """Cost matrices of S prediction sets, float32.
 
         sets: (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)) per set. One uniform
@@ -210,9 +208,9 @@ class HungarianMatcher:
         lookup = torch.full((batch, num_classes + 1), num_columns, device=device)
         lookup.scatter_(1, columns, torch.arange(num_columns, device=device).expand(batch, -1))
         known = (labels >= 0) & (labels < num_classes)
-        label_columns = lookup.gather(
-            1, torch.where(known, labels, num_classes).flatten(1)
-        ).view(batch, frames, height * width)
+        label_columns = lookup.gather(1, torch.where(known, labels, num_classes).flatten(1)).view(
+            batch, frames, height * width
+        )
         point_weight = targets.labelled.float().repeat_interleave(self.num_points, 1)  # (B, T·P)
         coords = torch.rand(len(sets), batch, self.num_points, 2, device=device)  # (S, B, P, 2)
         full, bce_only = [], []
@@ -290,4 +288,6 @@ class HungarianMatcher:
         num_rounds: int = 2,
     ) -> list[MatchIndices]:
         """Match one prediction set; returns one ``MatchIndices`` per clip."""
-        return self.match_sets([(class_logits, mask_logits)], targets, num_rounds=num_rounds).matches[0]
+        return self.match_sets(
+            [(class_logits, mask_logits)], targets, num_rounds=num_rounds
+        ).matches[0]

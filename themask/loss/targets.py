@@ -43,7 +43,6 @@ class BatchTargets:
         """GT masks of (clip, frame, class) triples, each (R,) int64: (R, H, W) float32."""
         return (self.labels[clip, frame] == classes.view(-1, 1, 1).to(self.labels.dtype)).float()
 
-
     def cell_counts(self, height: int, width: int) -> tuple[Tensor, Tensor]:
         """GT pixels per class in the cells of a (h, w) map upsampled to the labels' size by
         nearest interpolation (the pixels that copy one low-resolution value).
@@ -55,9 +54,11 @@ class BatchTargets:
         num_classes = self.present.shape[1]
         device = self.labels.device
         cells = torch.arange(height * width, device=device, dtype=torch.float32)
-        cell_of_pixel = F.interpolate(
-            cells.view(1, 1, height, width), size=(big_h, big_w), mode="nearest"
-        ).long().view(-1)  # (H·W,) the low-resolution cell each pixel copies
+        cell_of_pixel = (
+            F.interpolate(cells.view(1, 1, height, width), size=(big_h, big_w), mode="nearest")
+            .long()
+            .view(-1)
+        )  # (H·W,) the low-resolution cell each pixel copies
         labels = self.labels.long().flatten(2)  # (B, T, H·W)
         classes = torch.where(labels < num_classes, labels, num_classes)
         index = classes * (height * width) + cell_of_pixel  # (B, T, H·W)

@@ -637,6 +637,13 @@ def _num_masks_worker(rank, world_size, init_file, counts, out_dir):
     try:
         values = criterion_module.average_over_processes(torch.tensor(counts[rank]))
         (out_dir / f"{rank}.txt").write_text(repr(values.tolist()))
+        labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)  # rank 1: one GT mask
+        if rank == 0:
+            labels[..., 3:], labels[..., 6:] = 1, 2  # rank 0: three
+        predictions = random_sets(1, frames=1, temporal=False)
+        labels = labels.expand(2, -1, -1, -1)  # B = 2: 6 GT masks on rank 0, 2 on rank 1
+        output = SetCriterion(LossConfig(num_points=16), num_classes=3)(predictions, labels)
+        (out_dir / f"masks{rank}.txt").write_text(repr(float(output.terms["num_masks"])))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -647,6 +654,7 @@ def test_counts_are_averaged_over_processes(tmp_path):
         _num_masks_worker, args=(2, tmp_path / "init", counts, tmp_path), nprocs=2, join=True
     )
     assert [(tmp_path / f"{r}.txt").read_text() for r in range(2)] == ["[3.0, 1.5]"] * 2
+    assert [(tmp_path / f"masks{r}.txt").read_text() for r in range(2)] == ["4.0"] * 2
     single = criterion_module.average_over_processes(torch.tensor([6.0, 3.0]))
     assert single.tolist() == [6.0, 3.0]  # no DDP: unchanged
 

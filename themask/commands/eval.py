@@ -18,8 +18,8 @@ mIoU in both published variants (mmseg: classes with a non-empty union; Evaluato
 present in the ground truth), Weighted IoU, pixel and mean class accuracy, per-class IoU, and
 the video consistency mVC8 / mVC16 (by default with the rule of the published tables:
 videos of at most 16 frames are left out of both; see --vc-rule). In a sparse dataset only
-the frames with a mask are scored (the others serve as clip context). Runs on every process under torchrun (videos are split
-over the ranks; rank 0 prints and writes).
+the frames with a mask are scored (the others serve as clip context). Runs on every process
+under torchrun (videos are split over the ranks; rank 0 prints and writes).
 
 Example:
   themask eval configs/vspw/themask_mit_b1_t2.yaml --weights run/model.safetensors \\

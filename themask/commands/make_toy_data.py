@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--height", type=int, default=96, help="frame height (default 96)")
     parser.add_argument("--width", type=int, default=128, help="frame width (default 128)")
     parser.add_argument(
-        "--force", action="store_true", help="write into a non-empty DIR (same-named files replaced)"
+        "--force",
+        action="store_true",
+        help="write into a non-empty DIR (same-named files replaced)",
     )
     parser.set_defaults(func=run)
 

@@ -1,4 +1,5 @@
-"""Video data: dataset descriptions, video reader, clips, transforms, loaders, the toy dataset and data checks."""
+"""Video data: dataset descriptions, video reader, clips, transforms, loaders, the toy dataset
+and data checks."""
 
 from themask.data.clips import clip_offsets, clip_span, sliding_windows, test_clips
 from themask.data.config import DataConfig

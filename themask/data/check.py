@@ -114,8 +114,7 @@ def check_video(
         if not mask_path.is_file():
             if require_masks and not description.sparse:
                 report.problems.append(
-                    f"{mask_path}: mask missing for frame {frame_path.name} (dataset is not "
-                    f"sparse)"
+                    f"{mask_path}: mask missing for frame {frame_path.name} (dataset is not sparse)"
                 )
             continue
         try:
@@ -217,22 +216,29 @@ def format_report(report: CheckReport) -> str:
     total = int(report.histogram.sum())
     if total:
         width = max(12, *(len(c) for c in description.classes))
-        lines.append(
-            f"{'id':>3}  {'class':<{width}}  {'value':>5}  {'masks':>7}  {'pixels':>12}  {'share':>7}"
-        )
-        rows = [(str(i), c, v) for i, (c, v) in enumerate(zip(description.classes,
-                                                                 description.class_values))]  # fmt: skip
+        header = f"{'id':>3}  {'class':<{width}}  {'value':>5}  {'masks':>7}  {'pixels':>12}"
+        lines.append(f"{header}  {'share':>7}")
+        rows = [
+            (str(i), c, v)
+            for i, (c, v) in enumerate(zip(description.classes, description.class_values))
+        ]
         rows += [("-", "(ignored)", v) for v in description.ignore_values]
-        rows += [("-", "(INVALID)", int(v)) for v in np.flatnonzero(report.histogram)
-                 if v not in description.ignore_values and v not in description.class_values]  # fmt: skip
+        rows += [
+            ("-", "(INVALID)", int(v))
+            for v in np.flatnonzero(report.histogram)
+            if v not in description.ignore_values and v not in description.class_values
+        ]
         for ident, name, value in rows:
             pixels = int(report.histogram[value])
             lines.append(
                 f"{ident:>3}  {name:<{width}}  {value:>5}  {int(report.mask_counts[value]):>7}  "
                 f"{pixels:>12}  {100.0 * pixels / total:6.2f}%"
             )
-        absent = [c for c, v in zip(description.classes, description.class_values)
-                  if report.histogram[v] == 0]  # fmt: skip
+        absent = [
+            c
+            for c, v in zip(description.classes, description.class_values)
+            if report.histogram[v] == 0
+        ]
         if absent:
             more = " ..." if len(absent) > 10 else ""
             lines.append(f"classes never present: {len(absent)} ({', '.join(absent[:10])}{more})")
@@ -248,8 +254,11 @@ def _video_names(root: Path, frames: str) -> list[str]:
     """Names of the videos whose frame folder matches ``frames`` (one ``{video}`` component)."""
     parts = Path(frames).parts
     at = parts.index("{video}")
-    return sorted(p.parts[len(root.parts) + at] for p in root.glob(frames.replace("{video}", "*"))
-                  if p.is_dir())  # fmt: skip
+    return sorted(
+        p.parts[len(root.parts) + at]
+        for p in root.glob(frames.replace("{video}", "*"))
+        if p.is_dir()
+    )
 
 
 def draft_description(
@@ -274,7 +283,9 @@ def draft_description(
     for name in videos:
         stems = [p.stem for p in list_frames(root / frames.format(video=name))]
         mask_dir = root / masks.format(video=name)
-        found = [mask_dir / (s + MASK_SUFFIX) for s in stems if (mask_dir / (s + MASK_SUFFIX)).is_file()]
+        found = [
+            mask_dir / (s + MASK_SUFFIX) for s in stems if (mask_dir / (s + MASK_SUFFIX)).is_file()
+        ]
         sparse = sparse or len(found) < len(stems)
         for path in found:
             histogram += np.bincount(read_raw_label(path).astype(np.int64).ravel(), minlength=256)

@@ -93,7 +93,9 @@ def sample_train_clip(
 
     choices = valid(reverse) or valid(not reverse)
     if not choices:
-        raise ClipTooShortError(f"no frame of {list(targets)} can end a clip of dilation {dilation}")
+        raise ClipTooShortError(
+            f"no frame of {list(targets)} can end a clip of dilation {dilation}"
+        )
     if not valid(reverse):
         reverse = not reverse
     target = choices[int(rng.integers(len(choices)))]

@@ -142,8 +142,16 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
     """Validate the mapping read from a ``dataset.yaml``; ``source`` names it in errors."""
     if not isinstance(values, Mapping):
         raise DescriptionError(f"{source}: expected a mapping of fields, got {values!r}")
-    known = {"classes", "palette", "ignore_values", "label_offset", "frames", "masks", "splits",
-             "sparse"}  # fmt: skip
+    known = {
+        "classes",
+        "palette",
+        "ignore_values",
+        "label_offset",
+        "frames",
+        "masks",
+        "splits",
+        "sparse",
+    }
     unknown = sorted(str(k) for k in values if k not in known)
     if unknown:
         raise DescriptionError(
@@ -180,8 +188,9 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
         offset,
     )
     clash = sorted(set(ignore) & set(range(offset, offset + k)))
-    _expect(not clash, source, "ignore_values", f"no class value ({offset}..{offset + k - 1})",
-            ignore)  # fmt: skip
+    _expect(
+        not clash, source, "ignore_values", f"no class value ({offset}..{offset + k - 1})", ignore
+    )
     kwargs.update(ignore_values=tuple(ignore), label_offset=offset)
     for key in ("frames", "masks"):
         if key in values:

@@ -7,10 +7,9 @@ The folder layout and label encoding of a dataset come from its ``dataset.yaml``
     <root>/data/<video>/origin/<frame>.jpg
     <root>/data/<video>/mask/<frame>.png  single-channel raw labels, same stem as the frame
 
-Label encoding (§1.4-1.5): raw PNG values ``0`` ("others") and ``255`` (void) are ignored,
-``1..K`` become train ids ``0..K-1``. Any other raw value is an error, never a silent label.
-The embedded toy dataset (``themask.data.toy``) uses the same layout and encoding with fewer
-classes, so every reader here takes ``num_classes``.
+VSPW label encoding (§1.4-1.5): raw PNG values ``0`` ("others") and ``255`` (void) are
+ignored, ``1..K`` become train ids ``0..K-1``; a description may set other ignored values and
+another offset. Any other stored value is an error, never a silent label.
 """
 
 from __future__ import annotations

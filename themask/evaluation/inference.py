@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from themask.data.clips import TEST_CLIP_STRIDE, test_clips
 from themask.data.config import DataConfig
-from themask.data.transforms import TestTransform
 from themask.data.description import DatasetDescription
+from themask.data.transforms import TestTransform
 from themask.data.vspw import IGNORE_INDEX, Video, VSPWIndex, read_frame, read_raw_label
 from themask.distributed import get_rank, get_world_size, is_main
 from themask.evaluation.metrics import (
@@ -151,8 +151,8 @@ def evaluate_split(
     ``"train_id"`` (0 and 255 both ignore; the CFFM script, default) or ``"raw"`` (raw PNG
     values; the VSPW authors' script). ``vc_rule``: ``"published"`` skips videos of at most
     16 (masked) frames for every mVC_n (VSS-CFFM ``VC_perclip.py``, the published tables);
-    ``"per_length"`` skips those of at most n frames for mVC_n. ``write_dir``: also write ``<dir>/<video>/<stem>.png``
-    ('P' mode, train ids, ``palette``).
+    ``"per_length"`` skips those of at most n frames for mVC_n. ``write_dir``: also write
+    ``<dir>/<video>/<stem>.png`` ('P' mode, train ids, ``palette``).
     ``distributed=True`` (all ranks must call): the videos are split over the processes and
     the metric sums reduced, so every rank returns the same result; with ``False`` the calling
     process evaluates everything alone (e.g. rank 0 during training).

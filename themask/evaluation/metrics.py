@@ -176,8 +176,9 @@ class VideoConsistencyAccumulator:
     ends on the last frame is not counted, as in the official script) and a video with
     N ≤ ``skip_up_to`` contributes none. ``skip_up_to=PUBLISHED_VC_SKIP`` (16, for every n) is
     the rule of VSS-CFFM ``VC_perclip.py``, whose numbers THE-Mask and its lineage publish;
-    ``skip_up_to=None`` (= n) is the per-length rule of the VSPW authors' script. VC of a window = |S ∩ T| / |S| (see :func:`window_consistency`);
-    windows with empty S are dropped; mVC_n = mean over all windows of all videos (window-
+    ``skip_up_to=None`` (= n) is the per-length rule of the VSPW authors' script.
+    VC of a window = |S ∩ T| / |S| (see :func:`window_consistency`); windows with empty S are
+    dropped; mVC_n = mean over all windows of all videos (window-
     weighted, not per video).
 
     Feed frames in temporal order: ``start_video()``, ``update(pred, gt)`` per frame,

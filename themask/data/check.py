@@ -216,7 +216,7 @@ def format_report(report: CheckReport) -> str:
     total = int(report.histogram.sum())
     if total:
         width = max(12, *(len(c) for c in description.classes))
-        header = f"{'id':>3}  {'class':<{width}}  {'value':>5}  {'masks':>7}  {'pixels':>12}"
+        header = f"{'id':>3}  {'class':<{width}}  {'value':>5}  {'frames':>7}  {'pixels':>12}"
         lines.append(f"{header}  {'share':>7}")
         rows = [
             (str(i), c, v)

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from themask.modeling.config import ModelConfig
-from themask.modeling.mask_decoder import MaskDecoder
 from themask.modeling.outputs import Predictions, PredictionSet
-from themask.modeling.temporal_decoder import TemporalDecoder
+from themask.modeling.transformer import QueryDecoder
 
 
 @dataclass
@@ -82,7 +81,7 @@ class THEMask(nn.Module):
         config: ModelConfig,
         backbone: nn.Module,
         pixel_decoder: nn.Module,
-        decoder: MaskDecoder | TemporalDecoder,
+        decoder: QueryDecoder,
     ):
         super().__init__()
         self.config = config
@@ -93,7 +92,7 @@ class THEMask(nn.Module):
     @property
     def is_temporal(self) -> bool:
         """True for the TAD (B clips of T frames), False for the single-frame decoder."""
-        return isinstance(self.decoder, TemporalDecoder)
+        return self.decoder.is_temporal
 
     @property
     def num_classes(self) -> int:
@@ -135,19 +134,12 @@ class THEMask(nn.Module):
                 f"THEMask.decode: features hold {len(features)} frames, expected "
                 f"batch × frames = {batch} × {frames}"
             )
-        if isinstance(self.decoder, TemporalDecoder):
-            predictions = self.decoder(
-                features.mask_features,
-                features.multi_scale,
-                frames=frames,
-                return_all=self.training,
-            )
-        else:
-            predictions = self.decoder(
-                features.mask_features, features.multi_scale, return_all=self.training
-            )
-        predictions.frames_per_clip = frames
-        return predictions
+        return self.decoder(
+            features.mask_features,
+            features.multi_scale,
+            frames=frames,
+            return_all=self.training,
+        )
 
     def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
         """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W) (DESIGN §4.3).

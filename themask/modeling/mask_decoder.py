@@ -1,4 +1,4 @@
-"""Single-frame masked-attention decoder (Mask2Former, DESIGN.md §4.1).
+"""Single-frame masked-attention decoder (Mask2Former, docs/DESIGN.md §4.1).
 
 Every frame is decoded as its own one-frame clip: B·T clips, T = 1. The layer loop and the
 parameters shared with the temporal decoder live in ``QueryDecoder``.

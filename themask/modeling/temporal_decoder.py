@@ -1,4 +1,4 @@
-"""Temporal Aggregation Decoder (TAD, DESIGN.md §4.2).
+"""Temporal Aggregation Decoder (TAD, docs/DESIGN.md §4.2).
 
 Clip queries Qc (B, N, C) and frame queries Qf (B, T, N, C). The frame queries run the
 Mask2Former layers of §4.1 per frame (frames folded into the batch: B·T rows, frame t of clip b

@@ -1,8 +1,9 @@
-"""The THE-Mask network: MiT backbone → pixel decoder → transformer decoder (DESIGN.md §1–4).
+"""The THE-Mask network: MiT backbone → pixel decoder → transformer decoder
+(docs/DESIGN.md §1–4).
 
-Inputs are already normalised (DESIGN §1); the model pads them with zeros to a multiple of
-``size_divisor`` (the training pipeline pads normalised images with 0 as well; test-time sizes
-are already multiples of 32) and crops the scores back.
+Inputs are already normalised (docs/DESIGN.md §1); the model pads them with zeros to a multiple
+of ``size_divisor`` (the training pipeline pads normalised images with 0 as well; test-time
+sizes are already multiples of 32) and crops the scores back.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class FrameFeatures:
 
 
 def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
-    """Semantic inference of one prediction set (DESIGN §4.3).
+    """Semantic inference of one prediction set (docs/DESIGN.md §4.3).
 
     class_logits (B, N, K+1) (one class per clip query) or (B, T, N, K+1) (per frame),
     mask_logits (B, N, T, h, w) → Σ_q softmax(class)[..., :K] · sigmoid(mask): (B, T, K, h, w).
@@ -142,7 +143,8 @@ class THEMask(nn.Module):
         )
 
     def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
-        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W) (DESIGN §4.3).
+        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W)
+        (docs/DESIGN.md §4.3).
 
         Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
         Scores are upsampled bilinearly to the padded input size, then cropped. The result is

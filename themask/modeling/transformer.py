@@ -1,5 +1,5 @@
-"""Building blocks shared by the two transformer decoders (DESIGN.md §4), and their common
-base ``QueryDecoder``, which owns the one masked-attention layer loop.
+"""Building blocks shared by the two transformer decoders (docs/DESIGN.md §4), and their
+common base ``QueryDecoder``, which owns the one masked-attention layer loop.
 
 All layers are post-norm (``x = LN(x + Dropout(f(x)))``) and batch-first: queries (B, N, C),
 memory (B, S, C). Attention parameters have the shapes of ``nn.MultiheadAttention``
@@ -191,8 +191,8 @@ def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[
     """features (B, C, H, W) → [(B, C, h, w) for (h, w) in sizes], bilinear, align_corners False.
 
     Bilinear resizing is linear per channel, so resizing the mask features and then taking the
-    einsum with the mask embeddings equals resizing the mask logits themselves (DESIGN §4.1
-    resizes the predicted masks); it just avoids computing full-resolution masks for every layer.
+    einsum with the mask embeddings equals resizing the mask logits themselves (as
+    docs/DESIGN.md §4.1 describes); it just avoids full-resolution masks for every layer.
     The source is converted to channels-last once (the CPU kernel is about twice as fast there);
     the results are contiguous.
     """
@@ -225,7 +225,8 @@ def decoder_memory(
     """multi_scale: L maps (B·T, C, h, w) (frames of a clip consecutive), level_embed (L, C).
 
     The position encoding is the 3-D sine encoding over (t, y, x) of a T-frame clip
-    (normalised over T, DESIGN §8); it is computed once per level and broadcast over clips.
+    (normalised over T, docs/DESIGN.md §8); it is computed once per level and broadcast over
+    clips.
     """
     values, keys, sizes = [], [], []
     for level, features in enumerate(multi_scale):

@@ -165,9 +165,8 @@ class TemporalDecoder(QueryDecoder):
             frame_embeddings,
             state.mask_features.view(batch, frames, mask_dim, height, width),
         )
-        return [PredictionSet(class_logits, masks), PredictionSet(frame_class, frame_masks)], (
-            embeddings
-        )
+        sets = [PredictionSet(class_logits, masks), PredictionSet(frame_class, frame_masks)]
+        return sets, embeddings
 
     def _attention_logits(
         self, embeddings: Tensor, features: Tensor, state: DecodingState

@@ -161,6 +161,15 @@ def test_sparse_training_clips_target_labelled_frames_and_ignore_the_others(my_d
     assert targets == {0, 2, 4, 6}  # frame 0 is a target of reversed clips
 
 
+def _shipped_config(name: str) -> Path:
+    """A README config argument: a checkout path or a shipped config's name."""
+    for path in (REPO / name, REPO / "themask" / "configs" / name):
+        for candidate in (path, path.with_name(path.name + ".yaml")):
+            if candidate.is_file():
+                return candidate
+    raise AssertionError(f"README config {name} not found")
+
+
 def _run_readme_commands(root: Path, tmp_path: Path, capsys) -> dict[str, str]:
     """Run the README's commands on ``root`` (my_data) at test sizes; returns stdout by command."""
     tiny = [
@@ -184,7 +193,7 @@ def _run_readme_commands(root: Path, tmp_path: Path, capsys) -> dict[str, str]:
         argv = [re.sub(r"^(data\.root=)?my_data", rf"\g<1>{root}", a) for a in argv[1:]]
         argv = [str(tmp_path / a) if a.startswith(("runs/", "pred/")) else a for a in argv]
         if argv[0] in ("train", "eval"):
-            argv[1] = str(REPO / argv[1])
+            argv[1] = str(_shipped_config(argv[1]))
             argv[2:2] = tiny
         if argv[0] == "eval":
             argv += ["--json", str(tmp_path / "metrics.json")]

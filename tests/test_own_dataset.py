@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -23,6 +24,7 @@ from themask.data.description import (
 from themask.data.loader import VSPWTrainDataset
 from themask.data.transforms import TrainTransform
 from themask.data.vspw import DataError, VSPWIndex
+from themask.evaluation.inference import evaluate_split
 from themask.evaluation.metrics import PUBLISHED_VC_SKIP, VideoConsistencyAccumulator
 from themask.modeling.build import build_model
 
@@ -358,3 +360,51 @@ def test_make_toy_data_writes_its_description_and_refuses_a_non_empty_folder(tmp
     assert "is not empty" in capsys.readouterr().err
     assert (out / "train.txt").read_text() == "mine\n"  # untouched
     assert main([*argv, "--force"]) == 0 and (out / "train.txt").read_text() != "mine\n"
+
+
+class _RedChannelModel(torch.nn.Module):
+    """Stand-in network: the red channel of the input is 10 x the predicted class."""
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # (B, T, 3, H, W) -> (B, T, K, H, W)
+        classes = (frames[:, :, 0] / 10).round().long().clamp(0, 5)
+        return torch.nn.functional.one_hot(classes, 6).permute(0, 1, 4, 2, 3).float()
+
+
+def test_evaluation_scores_only_the_masked_frames_and_mvc_sees_only_them(tmp_path):
+    """20 frames, masks on the even ones: the metrics equal a naive computation over the 10
+    masked frames, whatever is predicted on the others (random there)."""
+    root = tmp_path / "sparse"
+    rng = np.random.default_rng(5)
+    (root / "JPEGImages" / "v").mkdir(parents=True)
+    (root / "Annotations" / "v").mkdir(parents=True)
+    (root / "val.txt").write_text("v\n")
+    (root / "dataset.yaml").write_text(yaml.safe_dump(dict(DESCRIPTION, splits={"val": "val.txt"})))
+    gt, pred, gts, preds = rng.integers(0, 6, (6, 6)), rng.integers(0, 6, (6, 6)), [], []
+    for t in range(20):
+        gt, pred = gt.copy(), pred.copy()
+        gt.flat[rng.integers(0, 36)] = rng.choice([0, 3, 255])
+        pred.flat[rng.integers(0, 36, 2)] = rng.integers(0, 6, 2)
+        shown = pred if t % 2 == 0 else rng.integers(0, 6, (6, 6))  # junk on unmasked frames
+        frame = np.zeros((6, 6, 3), np.uint8)
+        frame[..., 0] = shown * 10
+        Image.fromarray(frame).save(root / "JPEGImages" / "v" / f"{t:05d}.png")
+        if t % 2 == 0:
+            Image.fromarray(gt.astype(np.uint8)).save(root / "Annotations" / "v" / f"{t:05d}.png")
+            gts.append(gt)
+            preds.append(pred)
+    results = evaluate_split(
+        _RedChannelModel(),
+        VSPWIndex(root, "val"),
+        clip_len=2,
+        transform=lambda frames: torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float(),
+        device="cpu",
+        vc_lengths=(3,),
+        vc_rule="per_length",
+        progress=False,
+    )
+    assert results["num_frames"] == 10 and results["num_videos"] == 1
+    g, p = np.stack(gts).ravel(), np.stack(preds).ravel()
+    valid = g != 255
+    assert results["aAcc"] == pytest.approx(float((g[valid] == p[valid]).mean()))
+    # train ids = stored values here (offset 0); mVC over the masked frames as one sequence
+    assert results["mVC3"] == pytest.approx(_naive_vc(3, [(gts, preds)], 3))

@@ -705,12 +705,12 @@ def save_model(
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(config))}
     if class_names is not None:
-        if len(class_names) != config.num_classes or (
+        if len(class_names) != model.num_classes or (
             palette is not None and len(palette) != len(class_names)
         ):
             raise ValueError(
                 f"save_model: {len(class_names)} class names (palette: "
-                f"{None if palette is None else len(palette)}) for {config.num_classes} classes"
+                f"{None if palette is None else len(palette)}) for {model.num_classes} classes"
             )
         classes = {"names": list(class_names)}
         if palette is not None:

@@ -104,7 +104,7 @@ def check_video(
             frame_hw = None
         if frame_hw is not None and first is None:
             first = (frame_hw, frame_path.name)
-        elif frame_hw is not None and frame_hw != first[0] and len(report.sizes) == 2:
+        elif first is not None and frame_hw not in (None, first[0]) and len(report.sizes) == 2:
             (h0, w0), name0 = first
             report.problems.append(
                 f"{frame_dir}: video {name} has frames of different sizes: {w0}x{h0} (WxH, "
@@ -305,10 +305,10 @@ def draft_description(
     if split_files:
         fields["splits"] = {p.stem: p.relative_to(root).as_posix() for p in split_files}
     fields["sparse"] = sparse
-    found = ", ".join(f"{v} ({histogram[v]} px)" for v in values)
+    listed = ", ".join(f"{v} ({histogram[v]} px)" for v in values)
     header = (
         f"# Draft written by `themask check-data --init-description` for {len(videos)} videos.\n"
-        f"# Stored mask values found: {found}.\n"
+        f"# Stored mask values found: {listed}.\n"
         "# Replace the placeholder class names (train id = stored value - label_offset); mark\n"
         "# values that are not classes in ignore_values (and raise label_offset if needed).\n"
     )

@@ -56,7 +56,7 @@ class DatasetDescription:
     """Classes, label encoding and folder layout of one dataset (see the module docstring)."""
 
     classes: tuple[str, ...]
-    palette: np.ndarray = field(default=None, compare=False)  # (K, 3) uint8; None: default
+    palette: np.ndarray = field(default=None, compare=False)  # type: ignore[arg-type]
     ignore_values: tuple[int, ...] = (0, 255)
     label_offset: int = 1
     frames: str = VSPW_FRAMES
@@ -65,7 +65,7 @@ class DatasetDescription:
     sparse: bool = False
     source: str = "built-in VSPW description"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # palette (K, 3) uint8; None: ``default_palette``
         if self.palette is None:
             object.__setattr__(self, "palette", default_palette(len(self.classes)))
 

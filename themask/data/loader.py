@@ -125,10 +125,11 @@ def _read_clip_labels(
     assert video.mask_paths is not None
     labels = []
     for i, frame in zip(indices, frames):
-        if video.mask_paths[i] is None:
+        mask_path = video.mask_path(i)
+        if mask_path is None:
             labels.append(np.full(frame.shape[:2], ignore_index, dtype=np.uint8))
             continue
-        label = description.read_label(video.mask_paths[i], ignore_index=ignore_index)
+        label = description.read_label(mask_path, ignore_index=ignore_index)
         if label.shape != frame.shape[:2]:
             raise DataError(
                 f"{video.mask_paths[i]}: mask size {label.shape[1]}x{label.shape[0]} (WxH) differs "
@@ -197,9 +198,13 @@ class VSPWTrainDataset(Dataset):
 
     def _load(self, video_index: int, rng: np.random.Generator) -> ClipSample:
         video = self.videos[video_index]
-        labelled = None if all(m is not None for m in video.mask_paths) else video.labelled_indices
+        labelled = video.labelled_indices
         indices = sample_train_clip(
-            len(video), self.dilation, rng, reverse_prob=self.reverse_prob, targets=labelled
+            len(video),
+            self.dilation,
+            rng,
+            reverse_prob=self.reverse_prob,
+            targets=None if len(labelled) == len(video) else labelled,
         )
         frames = [read_frame(video.frame_paths[i]) for i in indices]
         for i, f in zip(indices, frames):

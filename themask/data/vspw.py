@@ -255,12 +255,14 @@ class Video:
     def frame_names(self) -> List[str]:
         return [p.stem for p in self.frame_paths]
 
+    def mask_path(self, index: int) -> Optional[Path]:
+        """The mask of frame ``index``, ``None`` when it has none."""
+        return None if self.mask_paths is None else self.mask_paths[index]
+
     @property
     def labelled_indices(self) -> List[int]:
         """Indices of the frames that have a mask."""
-        if self.mask_paths is None:
-            return []
-        return [i for i, m in enumerate(self.mask_paths) if m is not None]
+        return [i for i in range(len(self)) if self.mask_path(i) is not None]
 
 
 def _read_video(

@@ -194,8 +194,9 @@ def evaluate_split(
             )
             scored = 0
             for frame, pred in predictions:  # pred: (H, W) int64
-                if video.mask_paths[frame] is not None:
-                    _score_frame(video, frame, pred, seg, vcs, description, vc_gt)
+                mask_path = video.mask_path(frame)
+                if mask_path is not None:
+                    _score_frame(mask_path, pred, seg, vcs, description, vc_gt)
                     scored += 1
                 if write_dir is not None:
                     save_label_png(
@@ -301,15 +302,13 @@ def _predict_in_frame_order(
 
 
 def _score_frame(
-    video: Video,
-    frame: int,
+    mask_path: Path,
     pred: Tensor,
     seg: SegmentationAccumulator,
     vcs: Dict[int, VideoConsistencyAccumulator],
     description: DatasetDescription,
     vc_gt: str,
 ) -> None:
-    mask_path = video.mask_paths[frame]
     target = torch.from_numpy(description.read_label(mask_path))
     if target.shape != pred.shape:
         raise ValueError(

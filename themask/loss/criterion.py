@@ -34,6 +34,9 @@ from themask.loss.point_sample import point_sample, uncertain_point_coords
 from themask.loss.targets import BatchTargets, build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
 
+CPU_CHUNK_VALUES = 1 << 21  # hard loss on CPU: candidate coordinates per chunk of rows (8 MiB)
+GT_CHUNK_PIXELS = 1 << 22  # GT mask pixels built at once for the point losses (16 MiB)
+
 
 @dataclass
 class LossOutput:
@@ -183,7 +186,7 @@ def class_loss(
 
 def hard_mask_loss(
     predicted: Tensor,
-    gt_at: Callable[[Tensor], Tensor],
+    gt_at: Callable[[Tensor, slice], Tensor],
     *,
     num_points: int,
     oversample_ratio: float,
@@ -191,38 +194,48 @@ def hard_mask_loss(
 ) -> tuple[Tensor, Tensor]:
     """Point-sampled sigmoid BCE and dice, summed over rows (not normalised).
 
-    predicted: (R, h, w) logits; ``gt_at(coords (R, P, 2))`` reads the GT masks at points:
-    (R, P) in [0, 1] (``mask_reader``). Points per row come from uncertainty sampling on the
-    prediction. Returns (bce_sum, dice_sum).
+    predicted: (R, h, w) logits; ``gt_at(coords (r, P, 2), rows)`` reads the GT masks of
+    ``rows`` (a slice of the R rows) at points: (r, P) in [0, 1] (``mask_reader``). Points per
+    row come from uncertainty sampling on the prediction. Returns (bce_sum, dice_sum).
     """
     if predicted.shape[0] == 0:
         zero = predicted.sum() * 0.0  # keeps the graph connected
         return zero, zero
-    with torch.no_grad():
-        coords = uncertain_point_coords(
-            predicted.detach(),
-            num_points=num_points,
-            oversample_ratio=oversample_ratio,
-            importance_sample_ratio=importance_sample_ratio,
-        )  # (R, P, 2)
-        gt_points = gt_at(coords)  # (R, P)
-    logit_points = point_sample(predicted.unsqueeze(1), coords)[:, 0]  # (R, P)
-    bce = sigmoid_bce_per_mask(logit_points, gt_points).sum()
-    return bce, dice_per_mask(logit_points, gt_points).sum()
+    chunk = predicted.shape[0]
+    if predicted.device.type == "cpu":  # bounded temporaries are over twice as fast there
+        chunk = max(1, CPU_CHUNK_VALUES // int(2 * oversample_ratio * num_points))
+    bce = dice = predicted.new_zeros(())
+    start = 0
+    for part in predicted.split(chunk):  # one backward for all parts (split, not slicing)
+        rows = slice(start, start + part.shape[0])
+        start = rows.stop
+        with torch.no_grad():
+            coords = uncertain_point_coords(
+                part.detach(),
+                num_points=num_points,
+                oversample_ratio=oversample_ratio,
+                importance_sample_ratio=importance_sample_ratio,
+            )  # (r, P, 2)
+            gt_points = gt_at(coords, rows)  # (r, P)
+        logit_points = point_sample(part.unsqueeze(1), coords)[:, 0]  # (r, P)
+        bce = bce + sigmoid_bce_per_mask(logit_points, gt_points).sum()
+        dice = dice + dice_per_mask(logit_points, gt_points).sum()
+    return bce, dice
 
 
-def mask_reader(targets: BatchTargets, rows: MatchedRows) -> Callable[[Tensor], Tensor]:
-    """``gt_at`` for ``hard_mask_loss``: reads the GT masks of ``rows`` bilinearly at points
-    (R, P, 2), one set at a time so that only one set's (R_s, H, W) masks exist at once."""
+def mask_reader(targets: BatchTargets, rows: MatchedRows) -> Callable[[Tensor, slice], Tensor]:
+    """``gt_at`` for ``hard_mask_loss``: reads the GT masks of a slice of ``rows`` bilinearly
+    at points (r, P, 2), building at most ``GT_CHUNK_PIXELS`` mask pixels at once."""
+    height, width = targets.labels.shape[-2:]
+    chunk = max(1, GT_CHUNK_PIXELS // (height * width))
 
-    def gt_at(coords: Tensor) -> Tensor:
-        sampled = []
-        for (clip, _, frame), cls, set_coords in zip(
-            rows.split(), rows.cls.split(rows.sizes), coords.split(rows.sizes)
-        ):
-            masks = targets.masks(clip, frame, cls).unsqueeze(1)  # (R_s, 1, H, W)
-            sampled.append(point_sample(masks, set_coords)[:, 0])
-        return torch.cat(sampled)  # (R, P)
+    def gt_at(coords: Tensor, part: slice) -> Tensor:
+        indices = [index[part].split(chunk) for index in (rows.clip, rows.frame, rows.cls)]
+        sampled = [
+            point_sample(targets.masks(clip, frame, cls).unsqueeze(1), chunk_coords)[:, 0]
+            for clip, frame, cls, chunk_coords in zip(*indices, coords.split(chunk))
+        ]
+        return torch.cat(sampled)  # (r, P)
 
     return gt_at
 
@@ -372,7 +385,7 @@ class SetCriterion:
         sets: list[PredictionSet],
         assignment: Assignment,
         rows: list[MatchedRows],
-        readers: list[Callable[[Tensor], Tensor]],
+        readers: list[Callable[[Tensor, slice], Tensor]],
         soft_gt: tuple[Tensor, Tensor] | None,
         normaliser: Tensor,
         labelled: Tensor,
@@ -408,7 +421,9 @@ class SetCriterion:
             terms["loss_dice_secondary"] = second_weight * dice_weight * dice
         return terms
 
-    def _hard(self, predicted: Tensor, gt_at: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    def _hard(
+        self, predicted: Tensor, gt_at: Callable[[Tensor, slice], Tensor]
+    ) -> tuple[Tensor, Tensor]:
         cfg = self.config
         return hard_mask_loss(
             predicted,

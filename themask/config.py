@@ -57,7 +57,7 @@ class TrainConfig:
     backbone_lr_mult: float = 0.1
     poly_power: float = 0.9
     clip_grad_norm: float = 0.01  # L2 norm; 0 disables clipping
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # themask.precision
     seed: int = 0
     log_interval: int = 50
     checkpoint_interval: int = 4000
@@ -87,7 +87,7 @@ class EvalConfig:
     """
 
     max_videos: Optional[int] = None  # noqa: UP045 (first videos only: quick checks)
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # themask.precision
 
 
 @dataclass

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from themask.commands import run_with_weights
+from themask.precision import AMP_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--amp",
-        choices=("off", "bf16", "fp16"),
+        choices=AMP_MODES,
         default=None,
         help="autocast for inference (default: eval.amp)",
     )

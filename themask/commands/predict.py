@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from themask.commands import run_with_weights
+from themask.precision import AMP_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fps", type=float, default=15.0, help="frame rate of overlay.mp4")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     parser.add_argument(
-        "--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast for inference"
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="autocast for inference (auto: bf16 on CUDA where supported, else off)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     parser.set_defaults(func=run)

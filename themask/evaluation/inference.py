@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (
     Callable,
-    ContextManager,
     Deque,
     Dict,
     Iterable,
@@ -56,6 +55,7 @@ from themask.evaluation.metrics import (
 )
 from themask.evaluation.visualize import save_label_png
 from themask.io import PathLike
+from themask.precision import AmpSpec, autocast_context
 
 logger = logging.getLogger(__name__)
 
@@ -70,27 +70,6 @@ __all__ = [
 ]
 
 Transform = Callable[[List[np.ndarray]], Tensor]  # list of (H, W, 3) uint8 → (T, 3, h, w)
-AmpSpec = Union[str, torch.dtype, None]
-
-
-def _amp_dtype(amp: AmpSpec) -> Optional[torch.dtype]:
-    if amp is None or amp == "off":
-        return None
-    if isinstance(amp, torch.dtype):
-        return amp
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp must be 'off', 'bf16', 'fp16' or a torch dtype, got {amp!r}")
-    return dtypes[amp]
-
-
-def _autocast(device: torch.device, amp: AmpSpec) -> ContextManager:
-    dtype = _amp_dtype(amp)
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def scores_to_labels(scores: Tensor, size: Tuple[int, int]) -> Tensor:
     """Class scores (T, K, h, w) → labels (T, H, W) int64 at ``size`` = (H, W).
 
@@ -280,7 +259,7 @@ def _predict_in_frame_order(
     for clip in test_clips(len(video), clip_len, stride=clip_stride):
         frames = [read_frame(video.frame_paths[i]) for i in clip]
         inputs = transform(frames).unsqueeze(0).to(device)  # (1, T, 3, h, w)
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), autocast_context(amp, device):
             scores = net(inputs)  # (1, T, K, h, w)
         pending.update(zip(clip, scores_to_labels(scores[0], frames[0].shape[:2])))
         while next_frame in pending:
@@ -391,7 +370,7 @@ def predict_video(
     with _eval_mode(net):
         for t, frame in enumerate(frames_iter):
             inputs = transform([frame])[0].to(device)  # (3, h, w)
-            with _autocast(device, amp):
+            with autocast_context(amp, device):
                 scores = predictor.push(inputs)
             labels = scores_to_labels(scores[None], frame.shape[:2])[0]
             yield FramePrediction(index=t, frame=frame, labels=labels.cpu().numpy())

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from themask.data.clips import TEST_CLIP_STRIDE, test_clips
 from themask.data.config import DataConfig, dataset_classes
-from themask.data.transforms import TestTransform
+from themask.data.transforms import TestTransform, normalize_frames
 from themask.data.vspw import (
     IGNORE_INDEX,
     Video,
@@ -70,6 +70,21 @@ __all__ = [
 ]
 
 Transform = Callable[[List[np.ndarray]], Tensor]  # list of (H, W, 3) uint8 → (T, 3, h, w)
+def upload(x: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def network_input(transform: Transform, frames: List[np.ndarray], device: torch.device) -> Tensor:
+    """``transform(frames)`` (T, 3, h, w) on ``device``; a ``TestTransform``'s frames travel as
+    uint8 and are normalised there (4x less traffic)."""
+    if isinstance(transform, TestTransform):
+        return normalize_frames(upload(transform.resize(frames), device))
+    return upload(transform(frames), device)
+
+
 def scores_to_labels(scores: Tensor, size: Tuple[int, int]) -> Tensor:
     """Class scores (T, K, h, w) → labels (T, H, W) int64 at ``size`` = (H, W).
 
@@ -150,7 +165,7 @@ def evaluate_split(
     vcs = {n: VideoConsistencyAccumulator(n, device=device) for n in vc_lengths}
     videos = index.videos[:max_videos] if max_videos is not None else index.videos
     mine = videos[get_rank() :: get_world_size()] if distributed else videos
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # videos, frames
+    num_frames = 0
     bar = tqdm(
         total=sum(len(v) for v in mine),
         desc=f"eval {index.split}",
@@ -176,7 +191,8 @@ def evaluate_split(
                 bar.update(1)
             for vc in vcs.values():
                 vc.end_video()
-            counts += torch.tensor([1.0, len(video)], dtype=torch.float64, device=device)
+            num_frames += len(video)
+    counts = torch.tensor([len(mine), num_frames], dtype=torch.float64, device=device)
     if distributed:
         seg.all_reduce()
         for vc in vcs.values():
@@ -258,7 +274,7 @@ def _predict_in_frame_order(
     next_frame = 0
     for clip in test_clips(len(video), clip_len, stride=clip_stride):
         frames = [read_frame(video.frame_paths[i]) for i in clip]
-        inputs = transform(frames).unsqueeze(0).to(device)  # (1, T, 3, h, w)
+        inputs = network_input(transform, frames, device).unsqueeze(0)  # (1, T, 3, h, w)
         with torch.no_grad(), autocast_context(amp, device):
             scores = net(inputs)  # (1, T, K, h, w)
         pending.update(zip(clip, scores_to_labels(scores[0], frames[0].shape[:2])))
@@ -279,7 +295,7 @@ def _score_frame(
     vc_gt: str,
 ) -> None:
     mask_path = video.mask_paths[frame]
-    target = torch.from_numpy(read_label(mask_path, num_classes=num_classes))
+    target = upload(torch.from_numpy(read_label(mask_path, num_classes=num_classes)), pred.device)
     if target.shape != pred.shape:
         raise ValueError(
             f"{mask_path}: mask size {tuple(target.shape)} differs from its frame's "
@@ -289,7 +305,7 @@ def _score_frame(
     if vcs:
         vc_target = target
         if vc_gt == "raw":
-            vc_target = torch.from_numpy(np.array(read_raw_label(mask_path)))
+            vc_target = upload(torch.from_numpy(np.array(read_raw_label(mask_path))), pred.device)
         for vc in vcs.values():
             vc.update(pred, vc_target)
 
@@ -369,7 +385,7 @@ def predict_video(
     predictor = StreamingPredictor(net, clip_len=clip_len, step=step)
     with _eval_mode(net):
         for t, frame in enumerate(frames_iter):
-            inputs = transform([frame])[0].to(device)  # (3, h, w)
+            inputs = network_input(transform, [frame], device)[0]  # (3, h, w)
             with autocast_context(amp, device):
                 scores = predictor.push(inputs)
             labels = scores_to_labels(scores[None], frame.shape[:2])[0]

@@ -14,8 +14,8 @@ from themask.data.loader import (
     InfiniteClipSampler,
     VSPWClipDataset,
     VSPWTrainDataset,
-    build_eval_loader,
     batch_to_device,
+    build_eval_loader,
     build_train_loader,
     collate,
 )

@@ -161,13 +161,13 @@ class StepWindow:
     def read(self, *, reduce: bool = False) -> list[dict[str, float]]:
         """The rows as floats (``reduce``: averaged over processes, a collective) and clear."""
         values = torch.stack(self.tensor_rows).double()  # (S, n) on the device
-        floats = torch.tensor(self.float_rows, dtype=torch.float64).reshape(len(values), -1)
         names = self.tensor_names + self.float_names
         if reduce:
+            floats = torch.tensor(self.float_rows, dtype=torch.float64).reshape(len(values), -1)
             both = torch.cat([values, floats.to(values.device)], dim=1)
             rows = distributed.all_reduce_mean(both).tolist()
         else:
-            rows = [a + b for a, b in zip(values.tolist(), floats.tolist())]
+            rows = [a + b for a, b in zip(values.tolist(), self.float_rows)]
         self.tensor_rows, self.float_rows = [], []
         return [dict(zip(names, row)) for row in rows]
 

@@ -88,7 +88,11 @@ def test_trainer_accepts_tensor_terms_and_rejects_fp16_on_cpu(tmp_path):
 
     cfg = _tiny_cfg("train.max_steps=2", "train.log_interval=2")
     trainer = Trainer(
-        cfg, tmp_path, batches=_synthetic_batches(), loss_fn=loss_fn, evaluate=False,
+        cfg,
+        tmp_path,
+        batches=_synthetic_batches(),
+        loss_fn=loss_fn,
+        evaluate=False,
         progress=False,
     )
     losses = trainer.train().losses
@@ -98,8 +102,11 @@ def test_trainer_accepts_tensor_terms_and_rejects_fp16_on_cpu(tmp_path):
     assert "skipped_steps" not in record  # no grad scaler without fp16
     with pytest.raises(ConfigError, match="train.amp: amp=fp16 needs a CUDA"):
         Trainer(
-            _tiny_cfg("train.amp=fp16"), tmp_path / "fp16", batches=_synthetic_batches(),
-            evaluate=False, progress=False,
+            _tiny_cfg("train.amp=fp16"),
+            tmp_path / "fp16",
+            batches=_synthetic_batches(),
+            evaluate=False,
+            progress=False,
         )
 
 

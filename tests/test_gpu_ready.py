@@ -35,6 +35,19 @@ def test_amp_auto_is_fp32_on_cpu_and_explicit_modes_resolve():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
+def test_amp_off_from_yaml_and_overrides(tmp_path):
+    """YAML 1.1 reads a bare ``off`` as False; the config must still mean the mode "off"."""
+    from themask.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  amp: off\neval:\n  amp: off\n")
+    cfg = load_config(path, [])
+    assert (cfg.train.amp, cfg.eval.amp) == ("off", "off")
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp: True is not one of"):
+        load_config(None, ["train.amp=on"])
+
+
 def test_vspw_configs_say_their_precision():
     from pathlib import Path
 

@@ -131,6 +131,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a bool
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value

@@ -30,11 +30,11 @@ CRITERION_STEP_BUDGET = 51
 LOG_FLUSH_BUDGET = 1  # per log_interval: one read of all scalars (one process)
 
 
-def _cfg(tmp_path, steps):
+def _cfg(steps, preset):
     return load_config(
         None,
         [
-            "preset=themask_tiny_t2",
+            f"preset={preset}",
             "model.loss.num_points=32",
             "data.kind=toy",
             "data.dilation=[-3]",
@@ -76,7 +76,9 @@ def _stand_in_loss(model, frames, labels, *, step):
     return total, {}
 
 
-def count_training_step(tmp_path, *, criterion: bool, steps: int = 3) -> dict[str, Counter]:
+def count_training_step(
+    tmp_path, *, criterion: bool, steps: int = 3, preset: str = "themask_tiny_t2"
+) -> dict[str, Counter]:
     """Counts per optimizer step of the hot path (batch to device, forward, loss, backward,
     gradient clipping), leaving out the first step (one-time set-up: optimizer state, the
     normalisation constants) and ``optimizer.step`` (AdamW's ``step`` counters live on the
@@ -85,7 +87,7 @@ def count_training_step(tmp_path, *, criterion: bool, steps: int = 3) -> dict[st
 
     kwargs = {} if criterion else {"loss_fn": _stand_in_loss}
     trainer = Trainer(
-        _cfg(tmp_path, steps),
+        _cfg(steps, preset),
         tmp_path / f"run_{criterion}",
         device="cpu",
         batches=_batches,
@@ -151,6 +153,39 @@ def test_metric_accumulation_reads_nothing_back_until_compute():
     assert vc.num_windows >= 1 and 0.0 <= seg.compute()["aAcc"] <= 1.0
 
 
+def _count_evaluation(tmp_path, num_frames):
+    from themask.data.toy import make_toy_dataset
+    from themask.data.transforms import TestTransform
+    from themask.data.vspw import VSPWIndex
+    from themask.evaluation.inference import evaluate_split
+    from themask.modeling.build import build_model
+
+    root = make_toy_dataset(
+        tmp_path / str(num_frames), num_train=1, num_val=2, num_frames=num_frames, size=(32, 48)
+    )
+    torch.manual_seed(0)
+    model = build_model("themask_tiny_t2", num_classes=8)
+    with HostTransferCounter() as counter:
+        evaluate_split(
+            model,
+            VSPWIndex(root, "val"),
+            clip_len=2,
+            transform=TestTransform(scale=(48, 32)),
+            device="cpu",
+            num_classes=8,
+            progress=False,
+        )
+    return counter
+
+
+def test_evaluation_reads_back_per_split_not_per_frame(tmp_path):
+    """Host reads happen once, in ``compute``: twice the frames, the same reads. Creations
+    (frames and masks decoded into tensors: the data itself) grow with the frames."""
+    short, long = _count_evaluation(tmp_path, 4), _count_evaluation(tmp_path, 8)
+    assert short.reads == long.reads, (short.reads, long.reads)
+    assert sum(long.creations.values()) > sum(short.creations.values())
+
+
 def test_out_of_range_values_are_reported_by_compute():
     from themask.evaluation.metrics import SegmentationAccumulator
 
@@ -169,9 +204,10 @@ if __name__ == "__main__":
     import tempfile
 
     torch.set_num_threads(1)
+    name = sys.argv[1] if len(sys.argv) > 1 else "themask_tiny_t2"
     with tempfile.TemporaryDirectory() as tmp:
         for criterion in (False, True):
-            counts = count_training_step(Path(tmp), criterion=criterion)
+            counts = count_training_step(Path(tmp), criterion=criterion, preset=name)
             step = counts["step"]
             print(
                 f"criterion={criterion}: {sum(step.values()):g} per step {dict(step)}; "

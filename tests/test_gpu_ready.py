@@ -138,6 +138,19 @@ def test_offset_normaliser_and_module_output_unchanged():
     assert torch.equal(built_here, passed_in)
 
 
+def test_train_cli_fp16_on_cpu_is_one_line_and_status_2(tmp_path, capsys):
+    from themask.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: themask_tiny_t2\ndata:\n  kind: toy\n")
+    status = main(
+        ["train", str(config), "train.amp=fp16", "--device", "cpu", "--out", str(tmp_path / "r")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err == ["themask train: train.amp: amp=fp16 needs a CUDA device; use bf16 or off on CPU"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a CPU-only machine")
 def test_demo_device_cuda_without_cuda_is_one_line_and_status_2(tmp_path):
     run = subprocess.run(

@@ -410,15 +410,14 @@ class Trainer:
             self.optimizer.step()
         return norm.detach()
 
-    def _log_window(self, window: StepWindow, lr: float, result: TrainResult, bar: Any) -> None:
+    def _log_window(self, window: StepWindow, result: TrainResult, bar: Any) -> None:
         """Read the window's scalars back (one transfer; a collective under DDP) and log them."""
         rows = window.read(reduce=self.dist.world_size > 1)
         result.losses.extend(row["loss"] for row in rows)
         means = window_means(rows, count_skipped=self.scaler is not None)
-        means["lr"] = lr
         if self.writer is not None:
             self.writer.write(self.step, means)
-            logger.debug("step %d loss %.4f lr %.3g", self.step, means["loss"], lr)
+            logger.debug("step %d loss %.4f lr %.3g", self.step, means["loss"], means["lr"])
         if bar is not None:
             bar.set_postfix(
                 loss=f"{means['loss']:.3f}",
@@ -474,11 +473,11 @@ class Trainer:
                         sums[k] = sums[k] + v if k in sums else v
                 sums["grad_norm"] = self._optimizer_step()
                 self.step += 1
-                window.add(sums)
+                window.add({**sums, "lr": lr})
                 if bar is not None:
                     bar.update(1)
                 if self.step % tcfg.log_interval == 0 or self.step == tcfg.max_steps:
-                    self._log_window(window, lr, result, bar)
+                    self._log_window(window, result, bar)
                 if self.step % tcfg.checkpoint_interval == 0 or self.step == tcfg.max_steps:
                     self.save()
                 periodic = tcfg.eval_interval > 0 and self.step % tcfg.eval_interval == 0

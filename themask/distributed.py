@@ -11,6 +11,7 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
         dev = torch.device("cpu")
     if world_size > 1 and not is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        extra = {}
+        extra: dict[str, Any] = {}
         if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
             extra["device_id"] = dev
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **extra)

@@ -209,8 +209,9 @@ class VSPWTrainDataset(Dataset):
         labels = _read_clip_labels(video, indices, frames, self.num_classes, self.ignore_index)
         frame_t, label_t = self.transform(frames, labels, rng)
         image_size = (int(frame_t.shape[-2]), int(frame_t.shape[-1]))
+        crop_h, crop_w = self.transform.crop_size
         frame_t, label_t = pad_clip(  # no-op for a transform that pads itself
-            frame_t, label_t, self.transform.crop_size, ignore_index=self.ignore_index
+            frame_t, label_t, (crop_h, crop_w), ignore_index=self.ignore_index
         )
         meta = ClipMeta(
             video=video.name,

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from themask.commands import run_with_weights
-from themask.precision import AMP_MODES
+from themask.precision import AMP_MODES, configure_cuda_math
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     info = distributed.init_distributed(args.device)
+    configure_cuda_math(info.device)
     try:
         model = model_from_weights(args.weights).to(info.device)
         if model.config.num_classes != cfg.data.num_classes:

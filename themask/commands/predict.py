@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from themask.commands import run_with_weights
-from themask.precision import AMP_MODES
+from themask.precision import AMP_MODES, configure_cuda_math
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def _predict(args: argparse.Namespace) -> int:
         scale, dataset = scale or data.scale, dataset or data.kind
         clip_len = clip_len or data.eval_clip_len
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configure_cuda_math(device)
     model = model_from_weights(args.weights).to(device)
     names, palette = _class_info(dataset, model.config.num_classes)
     clip_len = clip_len or (model.config.num_frames if model.is_temporal else 1)

@@ -45,13 +45,8 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     return (frames.float() - mean) / std
 
 
-def normalize(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) RGB 0..255 -> (T, 3, H, W) float32 normalised with ``MEAN``/``STD``."""
-    return normalize_frames(to_chw(frames))
-
-
 def denormalize(frames: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``normalize``: (..., 3, H, W) -> RGB floats in 0..255."""
+    """Inverse of ``normalize_frames``: (..., 3, H, W) -> RGB floats in 0..255."""
     mean = torch.tensor(MEAN, device=frames.device).view(3, 1, 1)
     std = torch.tensor(STD, device=frames.device).view(3, 1, 1)
     return frames * std + mean

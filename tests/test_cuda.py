@@ -74,7 +74,6 @@ def _cfg(*overrides):
         [
             "preset=themask_tiny_t2",
             "model.loss.num_points=64",
-            "data.kind=toy",
             "data.dilation=[-3]",
             "train.batch_size=2",
             "train.max_steps=3",

@@ -142,7 +142,7 @@ def test_train_cli_fp16_on_cpu_is_one_line_and_status_2(tmp_path, capsys):
     from themask.cli import main
 
     config = tmp_path / "run.yaml"
-    config.write_text("preset: themask_tiny_t2\ndata:\n  kind: toy\n")
+    config.write_text("preset: themask_tiny_t2\n")
     status = main(
         ["train", str(config), "train.amp=fp16", "--device", "cpu", "--out", str(tmp_path / "r")]
     )

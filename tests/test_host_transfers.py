@@ -36,7 +36,6 @@ def _cfg(steps, preset):
         [
             f"preset={preset}",
             "model.loss.num_points=32",
-            "data.kind=toy",
             "data.dilation=[-3]",
             "train.batch_size=2",
             f"train.max_steps={steps}",
@@ -76,6 +75,15 @@ def _stand_in_loss(model, frames, labels, *, step):
     return total, {}
 
 
+def _resident(model) -> list[torch.Tensor]:
+    """What lives on the GPU before a step: the model, and the normalisation constants that
+    ``normalize_frames`` uploads once per device (if an earlier call cached them)."""
+    from themask.data import transforms
+
+    cached = getattr(transforms, "_STATS", {})
+    return [*model.parameters(), *model.buffers(), *(t for pair in cached.values() for t in pair)]
+
+
 def _by_direction(counts: Counter) -> dict[str, float]:
     return {d: sum(v for k, v in counts.items() if k.startswith(d)) for d in ("h2d", "d2h")}
 
@@ -98,7 +106,7 @@ def count_training_step(
         progress=False,
         **kwargs,
     )
-    counter = TransferCounter([*trainer.model.parameters(), *trainer.model.buffers()])
+    counter = TransferCounter(_resident(trainer.model))
     buckets = {"step": Counter(), "flush": Counter()}
 
     def counted(method, bucket, sign=1, skip_first=True):
@@ -145,7 +153,6 @@ def test_metric_accumulation_reads_nothing_back_until_compute():
     g = torch.Generator().manual_seed(0)
     seg = SegmentationAccumulator(num_classes=5)
     vc = VideoConsistencyAccumulator(2)
-    vc.start_video()
     frames = []
     for _ in range(4):
         pred = torch.randint(0, 5, (6, 7), generator=g)
@@ -153,6 +160,7 @@ def test_metric_accumulation_reads_nothing_back_until_compute():
         gt[0, :3] = 255
         frames.append((pred, gt))
     with TransferCounter([seg.counts, vc.totals] + [x for pair in frames for x in pair]) as c:
+        vc.start_video()
         for pred, gt in frames:
             seg.update(pred, gt)
             vc.update(pred, gt)
@@ -162,7 +170,6 @@ def test_metric_accumulation_reads_nothing_back_until_compute():
 
 
 def _count_evaluation(tmp_path, num_frames):
-    from themask.data import transforms
     from themask.data.toy import make_toy_dataset
     from themask.data.transforms import TestTransform
     from themask.data.vspw import VSPWIndex
@@ -174,9 +181,7 @@ def _count_evaluation(tmp_path, num_frames):
     )
     torch.manual_seed(0)
     model = build_model("themask_tiny_t2", num_classes=8)
-    # the normalisation constants are uploaded once per device and cached (transforms._STATS)
-    constants = [t for pair in transforms._STATS.values() for t in pair]
-    with TransferCounter([*model.parameters(), *model.buffers(), *constants]) as counter:
+    with TransferCounter(_resident(model)) as counter:
         evaluate_split(
             model,
             VSPWIndex(root, "val"),

@@ -1,15 +1,8 @@
-"""Numeric precision per device: autocast modes, the fp16 grad scaler, CUDA math settings.
+"""Numeric precision per device: ``amp`` modes, the fp16 grad scaler, CUDA math settings.
 
-``amp`` modes (``train.amp``, ``eval.amp``, ``--amp``):
-
-* ``auto`` (default): bf16 autocast on a CUDA device that supports bf16, full fp32 elsewhere
-  (the CPU default is unchanged);
-* ``off``: fp32; ``bf16``: bf16 autocast on CPU or CUDA; ``fp16``: fp16 autocast (CUDA only)
-  with a grad scaler when training.
-
-The criterion and the matcher cast to fp32 themselves, whatever the mode. On CUDA,
-``configure_cuda_math`` also lets fp32 matmuls use TF32 and lets cuDNN pick its fastest
-convolution algorithms (``cudnn.benchmark``).
+``amp`` (``train.amp``, ``eval.amp``, ``--amp``): ``auto`` (default) = bf16 autocast on a CUDA
+device that supports it, fp32 elsewhere; ``off``; ``bf16``; ``fp16`` (CUDA only; training adds a
+grad scaler). The criterion and matcher cast to fp32 themselves. See docs/GPU.md.
 """
 
 from __future__ import annotations

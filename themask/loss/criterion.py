@@ -34,7 +34,7 @@ from themask.loss.point_sample import point_sample, uncertain_point_coords
 from themask.loss.targets import BatchTargets, build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
 
-CPU_CHUNK_VALUES = 1 << 21  # hard loss on CPU: candidate coordinates per chunk of rows (8 MiB)
+CHUNK_VALUES = 1 << 21  # hard loss: candidate coordinates per chunk of rows (8 MiB)
 GT_CHUNK_PIXELS = 1 << 22  # GT mask pixels built at once for the point losses (16 MiB)
 
 
@@ -201,9 +201,9 @@ def hard_mask_loss(
     if predicted.shape[0] == 0:
         zero = predicted.sum() * 0.0  # keeps the graph connected
         return zero, zero
-    chunk = predicted.shape[0]
-    if predicted.device.type == "cpu":  # bounded temporaries are over twice as fast there
-        chunk = max(1, CPU_CHUNK_VALUES // int(2 * oversample_ratio * num_points))
+    # rows in chunks of bounded temporaries (on CPU over twice as fast as one for all rows),
+    # the same on every device so that equal random draws give equal points
+    chunk = max(1, CHUNK_VALUES // int(2 * oversample_ratio * num_points))
     bce = dice = predicted.new_zeros(())
     start = 0
     for part in predicted.split(chunk):  # one backward for all parts (split, not slicing)

@@ -9,7 +9,9 @@ attention becomes plain ``GridSample`` nodes (opset ≥ 16), no custom operator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,7 +153,9 @@ def export_decoder(
 def _export(module: nn.Module, args: tuple, path: Path, opset: int, **options) -> None:
     module.eval()
     logger.info("exporting %s (opset %d)", path, opset)
-    with torch.no_grad():
+    progress = io.StringIO()  # the exporter prints its steps on stdout: keep them for -v
+    with torch.no_grad(), contextlib.redirect_stdout(progress):
         torch.onnx.export(
             module, args, str(path), dynamo=True, opset_version=opset, verbose=False, **options
         )
+    logger.debug("%s", progress.getvalue())

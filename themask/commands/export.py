@@ -39,18 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     parser.add_argument(
-        "--dataset",
-        choices=("vspw", "toy"),
+        "--config",
         default=None,
-        help="class names and colours (default: picked from the model's class count)",
+        help="run config YAML: its data section gives the defaults of --scale and --clip-len, "
+        "and its dataset the class names and colours when the weights carry none",
     )
     parser.add_argument(
         "--scale",
         type=int,
         nargs=2,
         metavar=("LONG", "SHORT"),
-        default=(853, 480),
-        help="default test resize recorded in the manifest",
+        default=None,
+        help="test resize recorded in the manifest: fit LONG x SHORT keeping the aspect ratio "
+        "(default: data.scale of --config, else 853 480)",
     )
     parser.set_defaults(func=run)
 
@@ -72,8 +73,14 @@ def _export(args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{args.weights}: the weights do not load ({reason})") from err
-    names, palette = _class_info(args.dataset, model.num_classes)
-    clip_len = args.clip_len
+    scale, clip_len, data = args.scale, args.clip_len, None
+    if args.config:
+        from themask.config import load_config
+
+        data = load_config(args.config).data
+        scale = scale or data.scale
+        clip_len = data.eval_clip_len if clip_len is None else clip_len
+    names, palette = _class_info(args.weights, data, model.num_classes)
     if clip_len is None:
         clip_len = model.config.num_frames if model.is_temporal else 1
     manifest = export_onnx(
@@ -83,7 +90,7 @@ def _export(args: argparse.Namespace) -> int:
         class_names=names,
         palette=palette,
         opset=args.opset,
-        scale=tuple(args.scale),
+        scale=tuple(scale or (853, 480)),
     )
     print(f"{args.out}: {manifest.encoder}, {manifest.decoder} (T = {clip_len}), manifest.json")
     return 0

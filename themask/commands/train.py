@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--init-from",
         metavar="W",
-        help="stage-1 weights to start a stage-2 (T = 2) model from (sets train.init_from)",
+        help="weights to start from (sets train.init_from): a stage-1 model for a stage-2 (T = 2) "
+        "run, or a model trained on other classes (its class layers are re-initialised)",
     )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
@@ -68,12 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from themask import distributed
     from themask.config import ConfigError, load_config
+    from themask.data.vspw import DataError
     from themask.engine import Trainer
     from themask.logger import setup_logging
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         print(f"themask train: {err}", file=sys.stderr)
         return 2
     if args.init_from:

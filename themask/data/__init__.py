@@ -1,4 +1,5 @@
-"""Video data: VSPW reader, clips, transforms, loaders, the toy dataset and data checks.
+"""Video data: dataset descriptions, video reader, clips, transforms, loaders, the toy dataset
+and data checks.
 
 Names are imported lazily (PEP 562), so the torch-free modules (``vspw``, ``clips``,
 ``video_io``, ``resize``) can be used without torch, e.g. by the ONNX Runtime predictor.
@@ -15,7 +16,8 @@ _EXPORTS = {
     "sliding_windows": "clips",
     "test_clips": "clips",
     "DataConfig": "config",
-    "dataset_classes": "config",
+    "DatasetDescription": "description",
+    "load_description": "description",
     "Batch": "loader",
     "ClipMeta": "loader",
     "ClipSample": "loader",
@@ -26,6 +28,7 @@ _EXPORTS = {
     "build_train_loader": "loader",
     "collate": "loader",
     "TOY_CLASS_NAMES": "toy",
+    "TOY_DESCRIPTION": "toy",
     "TOY_PALETTE": "toy",
     "make_toy_dataset": "toy",
     "TestTransform": "transforms",

@@ -23,6 +23,7 @@ from themask import __version__  # noqa: E402
 from themask.checkpoint import save_model  # noqa: E402
 from themask.cli import main  # noqa: E402
 from themask.data.resize import MEAN, STD  # noqa: E402
+from themask.data.vspw import DataError  # noqa: E402
 from themask.deploy.export import export_decoder  # noqa: E402
 from themask.deploy.manifest import FEATURES, FORMAT, IMAGE, read_manifest  # noqa: E402
 from themask.deploy.runtime import OnnxStreamingPredictor, resize_bilinear  # noqa: E402
@@ -110,6 +111,8 @@ def test_onnx_streaming_predictor_reuses_features_like_pytorch(exported, one_thr
         assert scores.shape == (NUM_CLASSES, 40, 56)
         np.testing.assert_allclose(scores, reference.push(frame).numpy(), atol=1e-4)
     assert runs["encoder"] == 4  # every frame encoded once
+    with pytest.raises(DataError, match="frame 4: network input 96×56"):
+        predictor.push(torch.randn(3, 96, 56).numpy())
 
 
 def test_manifest_round_trip(exported):

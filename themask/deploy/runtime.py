@@ -90,6 +90,15 @@ class OnnxStreamingPredictor:
         height, width = image.shape[-2:]
         divisor = self.manifest.size_divisor
         padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+        stride = self.manifest.mask_stride
+        if self._history and self._history[-1][0].shape[-2:] != (
+            padded[0] // stride,
+            padded[1] // stride,
+        ):
+            raise DataError(
+                f"frame {self._count}: network input {height}×{width} differs from the earlier "
+                "frames' in its window; all frames of a stream must share one size"
+            )
         batch = np.zeros((1, 3, *padded), dtype=np.float32)
         batch[0, :, :height, :width] = image
         self._history.append(self.encoder.run(list(FEATURES), {IMAGE: batch}))

@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--onnx",
         metavar="DIR",
         help="a `themask export` folder instead of --weights: run on ONNX Runtime without "
-        "torch (windows of the exported clip length; --scale defaults to the exported one)",
+        "torch (windows of the exported clip length; --scale defaults to the exported one; "
+        "--config, --amp and --device apply to --weights only)",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(

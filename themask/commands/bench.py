@@ -222,6 +222,8 @@ def _measure(job: dict[str, Any], queue: multiprocessing.Queue[dict[str, Any]]) 
     torch.manual_seed(0)
     model = build_model(job["preset"]).to(device)
     frames = job["frames"] or model.config.num_frames
+    if job["mode"] == "stream" and not model.is_temporal:
+        frames = 1  # a single-frame decoder streams windows of one frame
     clip = torch.randn(1, frames, 3, *job["size"], device=device)
     rss_after_build = _rss_mib()
     step = _torch_step(job, model, clip)

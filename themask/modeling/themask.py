@@ -142,13 +142,11 @@ class THEMask(nn.Module):
             return_all=self.training,
         )
 
-    def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
-        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W)
-        (docs/DESIGN.md §4.3).
+    @staticmethod
+    def stride4_scores(predictions: Predictions) -> Tensor:
+        """Class scores (B, T, K, H'/4, W'/4) at the mask resolution (docs/DESIGN.md §4.3).
 
         Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
-        Scores are upsampled bilinearly to the padded input size, then cropped. The result is
-        stored with the class axis innermost (a channels-last view).
         """
         final: PredictionSet = predictions.final
         scores = semantic_map(final.class_logits, final.mask_logits)  # (B', T', K, h, w)
@@ -157,10 +155,18 @@ class THEMask(nn.Module):
             scores = 0.5 * scores + 0.5 * semantic_map(
                 frame_final.class_logits, frame_final.mask_logits
             )
-        clips, clip_len, classes, low_h, low_w = scores.shape
+        clips, clip_len = scores.shape[:2]
         if clip_len == 1 and predictions.frames_per_clip > 1:  # single-frame layout → (B, T)
-            clip_len = predictions.frames_per_clip
-            clips //= clip_len
+            clips, clip_len = clips // predictions.frames_per_clip, predictions.frames_per_clip
+        return scores.reshape(clips, clip_len, *scores.shape[2:])
+
+    def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
+        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W):
+        ``stride4_scores`` upsampled bilinearly to the padded input size, then cropped. The
+        result is stored with the class axis innermost (a channels-last view).
+        """
+        scores = self.stride4_scores(predictions)
+        clips, clip_len, classes, low_h, low_w = scores.shape
         height, width = image_size
         padded = self._padded_size(height, width)
         if (padded[0] // 4, padded[1] // 4) != (low_h, low_w):

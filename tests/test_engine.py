@@ -100,7 +100,7 @@ def _tiny_cfg(*overrides):
             "preset=themask_tiny_t2",
             "model.drop_path_rate=0.0",
             "model.tad_dropout=0.0",
-            "model.loss.num_points=32",
+            "loss.num_points=32",
             "data.dilation=[-3]",
             "train.batch_size=4",
             "train.max_steps=2",
@@ -202,9 +202,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_init_from_stage1_weights(tmp_path):
-    from themask.checkpoint import save_model
     from themask.engine import Trainer
     from themask.modeling.build import build_model
+    from themask.weights import save_model
 
     stage1 = build_model("themask_tiny_t1", num_classes=8)
     save_model(stage1, tmp_path / "stage1.safetensors")

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from themask.checkpoint import model_from_weights, save_model
+    from themask.weights import model_from_weights, save_model
 
     if not str(args.dst).endswith(".safetensors"):
         raise SystemExit(f"convert: DST must end in .safetensors, got {args.dst}")

@@ -63,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
 
-    from themask.checkpoint import model_from_weights
     from themask.commands.predict import _class_info
     from themask.config import ConfigError
     from themask.deploy.export import export_onnx
+    from themask.weights import model_from_weights
 
     try:
         model = model_from_weights(args.weights)

@@ -88,9 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _class_info(weights: str, data, num_classes: int):
     """(names, palette) for the overlays: those stored in the weights, else those of the
     ``--config`` dataset (``data``), else VSPW's for 124 classes, else numbers."""
-    from themask.checkpoint import read_class_info
     from themask.config import ConfigError
     from themask.data.description import VSPW_DESCRIPTION, default_palette
+    from themask.weights import read_class_info
 
     stored = read_class_info(weights)
     if stored is not None:
@@ -123,7 +123,6 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from themask.checkpoint import model_from_weights
     from themask.data.transforms import TestTransform
     from themask.data.video_io import iter_input_frames
     from themask.evaluation.inference import predict_video
@@ -133,6 +132,7 @@ def _predict(args: argparse.Namespace) -> int:
         overlay,
         save_label_png,
     )
+    from themask.weights import model_from_weights
 
     scale, clip_len, data = args.scale, args.clip_len, None
     if args.config:

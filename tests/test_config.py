@@ -40,6 +40,9 @@ def test_parse_overrides_yaml_scalars_and_nesting():
     assert cfg.loss.num_rounds == 1
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["train.lr"])
+    # configs saved while the objective lived in the model section still load
+    old = load_config(None, ["model.loss.num_rounds=1", "model.hidden_dim=128"])
+    assert old.loss.num_rounds == 1 and old.model.hidden_dim == 128
 
 
 def test_file_then_overrides_then_round_trip(tmp_path):

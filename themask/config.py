@@ -225,8 +225,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(values: Mapping[str, Any]) -> RunConfig:
-    """``RunConfig`` from a (possibly partial) nested dict, preset applied first."""
+    """``RunConfig`` from a (possibly partial) nested dict, preset applied first. A ``model.loss``
+    section (configs saved before the objective left the network config) becomes ``loss``."""
     values = dict(values)
+    model = values.get("model")
+    if isinstance(model, Mapping) and isinstance(model.get("loss"), Mapping):
+        values["model"] = {k: v for k, v in model.items() if k != "loss"}
+        values["loss"] = _deep_merge(dict(model["loss"]), values.get("loss") or {})
     base = RunConfig()
     preset = values.get("preset", base.preset)
     if not isinstance(preset, str):

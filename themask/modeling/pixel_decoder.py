@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from themask.modeling.ms_deform_attn import MSDeformAttn, SpatialShapes
 from themask.modeling.position_encoding import sine_position_encoding_2d
+from themask.modeling.transformer import run_layer
 
 __all__ = ["DeformableEncoderLayer", "MSDeformAttnPixelDecoder", "PixelDecoderOutput"]
 
@@ -142,6 +143,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.ReLU(),
         )
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
+        self.checkpoint_layers = False  # recompute encoder layers in backward (see run_layer)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -195,7 +197,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         )  # (1, S, C), shared by the batch
         reference_points = _pixel_centres(spatial_shapes, device=src.device, dtype=src.dtype)
         for layer in self.encoder_layers:
-            src = layer(src, pos, reference_points, spatial_shapes)
+            src = run_layer(
+                layer, self.checkpoint_layers, src, pos, reference_points, spatial_shapes
+            )
 
         multi_scale = [
             tokens.transpose(1, 2).reshape(batch, self.conv_dim, h, w)

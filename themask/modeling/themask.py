@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from themask.modeling.config import ModelConfig
-from themask.modeling.outputs import Predictions, PredictionSet
+from themask.modeling.outputs import Predictions
 from themask.modeling.transformer import QueryDecoder
 
 
@@ -99,6 +99,13 @@ class THEMask(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Training memory for time (``train.checkpoint_activations``): the pixel decoder's
+        encoder layers and the transformer decoder's layers keep no activations for the
+        backward pass but recompute them there. Values and gradients are unchanged."""
+        self.pixel_decoder.checkpoint_layers = enabled
+        self.decoder.checkpoint_layers = enabled
+
     def _padded_size(self, height: int, width: int) -> tuple[int, int]:
         divisor = self.config.size_divisor
         return -(-height // divisor) * divisor, -(-width // divisor) * divisor
@@ -150,16 +157,21 @@ class THEMask(nn.Module):
         Scores are upsampled bilinearly to the padded input size, then cropped. The result is
         stored with the class axis innermost (a channels-last view).
         """
-        final: PredictionSet = predictions.final
-        scores = semantic_map(final.class_logits, final.mask_logits)  # (B', T', K, h, w)
-        if predictions.frame is not None:
-            frame_final = predictions.frame[-1]
-            scores = 0.5 * scores + 0.5 * semantic_map(
-                frame_final.class_logits, frame_final.mask_logits
-            )
+        heads = [predictions.final] + ([predictions.frame[-1]] if predictions.frame else [])
+        # fp32 from here on, also under a bf16 autocast: summing N queries' products in bf16
+        # flips the argmax of near-equal classes (docs/DESIGN.md §4.3; benchmarks/README.md)
+        with torch.autocast(heads[0].mask_logits.device.type, enabled=False):
+            maps = [semantic_map(s.class_logits.float(), s.mask_logits.float()) for s in heads]
+            scores = maps[0] if len(maps) == 1 else 0.5 * maps[0] + 0.5 * maps[1]
+            return self._upsample_scores(scores, predictions.frames_per_clip, image_size)
+
+    def _upsample_scores(
+        self, scores: Tensor, frames_per_clip: int, image_size: tuple[int, int]
+    ) -> Tensor:
+        """scores (B', T', K, H/4, W/4) → (B, T, K, H, W), bilinear, cropped to ``image_size``."""
         clips, clip_len, classes, low_h, low_w = scores.shape
-        if clip_len == 1 and predictions.frames_per_clip > 1:  # single-frame layout → (B, T)
-            clip_len = predictions.frames_per_clip
+        if clip_len == 1 and frames_per_clip > 1:  # single-frame layout → (B, T)
+            clip_len = frames_per_clip
             clips //= clip_len
         height, width = image_size
         padded = self._padded_size(height, width)

@@ -1,0 +1,119 @@
+"""Fast paths against the plain ones: bf16 CPU inference (scores accumulated in fp32) and
+activation checkpointing (same loss and gradients)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from themask import build_model, training_loss
+from themask.modeling.outputs import Predictions, PredictionSet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def _tiny(preset: str = "themask_tiny_t2", **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(preset, num_classes=8, drop_path_rate=0.0, **overrides)
+
+
+@pytest.mark.parametrize("preset", ["themask_tiny_t2", "mask2former_tiny"])
+def test_bf16_scores_are_fp32_and_close_to_fp32(preset):
+    model = _tiny(preset).eval()
+    clip = torch.randn(1, 2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = model(clip)
+        with torch.autocast(**BF16):
+            fast = model(clip)
+    assert fast.dtype == torch.float32 and fast.shape == reference.shape == (1, 2, 8, 64, 96)
+    assert not torch.equal(fast, reference)  # the network did run in bf16
+    error = (fast - reference).abs().max()
+    assert error <= 0.05 * reference.abs().max(), error  # loose: bf16 has 8 mantissa bits
+
+
+def _naive_scores(heads, frames, size):
+    """Σ_q softmax(class)[:K]·sigmoid(mask) in float64 query by query, heads averaged, then
+    upsampled. class (B, N, K+1) or (B, T, N, K+1), masks (B, N, T, h, w) → (B, T, K, H, W)."""
+    total = 0.0
+    for head in heads:
+        probs = head.class_logits.double().softmax(-1)[..., :-1]
+        if probs.dim() == 3:  # one class per clip query
+            probs = probs[:, None].expand(-1, frames, -1, -1)  # (B, T, N, K)
+        masks = head.mask_logits.double().sigmoid()  # (B, N, T, h, w)
+        for q in range(masks.shape[1]):
+            total = total + probs[:, :, q, :, None, None] * masks[:, q, :, None] / len(heads)
+    b, t, k, h, w = total.shape
+    up = F.interpolate(total.reshape(b * t, k, h, w), size=size, mode="bilinear")
+    return up.reshape(b, t, k, *size)
+
+
+def test_score_accumulation_runs_in_fp32_under_bf16_autocast():
+    """The decoder's bf16 logits are summed over the queries in fp32: the scores under a bf16
+    autocast equal a float64 query-by-query sum; the same einsum in bf16 would not."""
+    model = _tiny().eval()
+    g = torch.Generator().manual_seed(2)
+    queries, classes, frames, h, w = 100, 8, 2, 8, 16
+    masks = [(4 * torch.randn(1, queries, frames, h, w, generator=g)).bfloat16() for _ in "cf"]
+    clip_class = (3 * torch.randn(1, queries, classes + 1, generator=g)).bfloat16()
+    frame_class = (3 * torch.randn(1, frames, queries, classes + 1, generator=g)).bfloat16()
+    heads = [PredictionSet(clip_class, masks[0]), PredictionSet(frame_class, masks[1])]
+    predictions = Predictions(clip=heads[:1], frame=heads[1:], frames_per_clip=frames)
+    with torch.autocast(**BF16):
+        scores = model.semantic_scores(predictions, (4 * h, 4 * w))
+        probs, sig = clip_class.softmax(-1)[..., :-1], masks[0].sigmoid()
+        bf16_sum = torch.einsum("bnk,bnthw->btkhw", probs, sig)
+    assert scores.dtype == torch.float32
+    naive = _naive_scores(heads, frames, (4 * h, 4 * w))
+    torch.testing.assert_close(scores.double(), naive, rtol=1e-5, atol=1e-5)
+    # without the guard: the same einsum under the autocast runs in bf16 and is off by far more
+    fp32_sum = torch.einsum("bnk,bnthw->btkhw", probs.float(), sig.float())
+    assert bf16_sum.dtype == torch.bfloat16
+    assert (bf16_sum.float() - fp32_sum).abs().max() > 1e-3
+
+
+def _loss_and_grads(model, clip, labels):
+    torch.manual_seed(3)  # the criterion's point sampling and the TAD's dropout
+    loss, _ = training_loss(model, clip, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["themask_tiny_t2", "mask2former_tiny"])
+def test_activation_checkpointing_keeps_loss_and_gradients(preset):
+    plain = _tiny(preset, tad_dropout=0.1).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_activation_checkpointing(True)
+    calls = {"plain": 0, "checkpointed": 0}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        for layer in (model.decoder.layers[0], model.pixel_decoder.encoder_layers[0]):
+            layer.register_forward_pre_hook(
+                lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+            )
+    g = torch.Generator().manual_seed(4)
+    clip = torch.randn(2, 2, 3, 64, 64, generator=g)
+    labels = torch.randint(0, 8, (2, 2, 64, 64), generator=g)
+    labels[:, :, :, :20] = 255
+    loss, grads = _loss_and_grads(plain, clip, labels)
+    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, clip, labels)
+    assert calls == {"plain": 2, "checkpointed": 4}  # the two layers ran again in backward
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 50
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpoint_activations_option_reaches_the_model(tmp_path):
+    from themask.config import load_config
+    from themask.engine import Trainer
+
+    overrides = ["preset=themask_tiny_t2", "train.max_steps=1", "train.batch_size=1"]
+    for flag in (False, True):
+        cfg = load_config(None, [*overrides, f"train.checkpoint_activations={str(flag).lower()}"])
+        trainer = Trainer(cfg, tmp_path / str(flag), evaluate=False, progress=False)
+        assert trainer.model.pixel_decoder.checkpoint_layers is flag
+        assert trainer.model.decoder.checkpoint_layers is flag

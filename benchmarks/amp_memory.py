@@ -96,13 +96,13 @@ def train_memory(args: argparse.Namespace) -> dict:
         command = [sys.executable, __file__, "--threads", str(args.threads), "train-memory",
                    "--child", "--preset", args.preset, "--size", args.size,
                    "--steps", str(args.steps)] + (["--checkpoint"] if args.checkpoint else [])
-        return json.loads(subprocess.run(command, check=True, capture_output=True,
-                                         text=True).stdout.strip().splitlines()[-1])
+        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+        return json.loads(output.strip().splitlines()[-1])
     from themask import build_model, training_loss
 
     torch.manual_seed(0)
-    model = build_model(args.preset, num_classes=8,
-                        checkpoint_activations=args.checkpoint).train()
+    model = build_model(args.preset, num_classes=8).train()
+    model.set_activation_checkpointing(args.checkpoint)
     height, width = _size(args.size)
     frames = model.config.num_frames
     clip = torch.randn(1, frames, 3, height, width)

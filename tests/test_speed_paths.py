@@ -117,3 +117,21 @@ def test_checkpoint_activations_option_reaches_the_model(tmp_path):
         trainer = Trainer(cfg, tmp_path / str(flag), evaluate=False, progress=False)
         assert trainer.model.pixel_decoder.checkpoint_layers is flag
         assert trainer.model.decoder.checkpoint_layers is flag
+
+
+def test_bf16_keeps_the_pixel_decoder_projections_in_fp32():
+    """1×1 conv + GroupNorm of the backbone maps stay float32 under a bf16 autocast (in bf16
+    they flip near-tied pixels); the rest of the network does run in bf16."""
+    model = _tiny().eval()
+    dtypes = {}
+    decoder = model.pixel_decoder
+    watched = {"lateral": decoder.lateral, "mask_features": decoder.mask_features}
+    watched.update({f"input_proj{i}": proj for i, proj in enumerate(decoder.input_proj)})
+    for name, module in watched.items():
+        module.register_forward_hook(
+            lambda m, i, out, name=name: dtypes.__setitem__(name, out.dtype)
+        )
+    with torch.inference_mode(), torch.autocast(**BF16):
+        model(torch.randn(1, 2, 3, 64, 64))
+    assert dtypes.pop("mask_features") == torch.bfloat16
+    assert dtypes == dict.fromkeys(dtypes, torch.float32) and len(dtypes) == 4

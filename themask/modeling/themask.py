@@ -101,8 +101,9 @@ class THEMask(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Training memory for time (``train.checkpoint_activations``): the pixel decoder's
-        encoder layers and the transformer decoder's layers keep no activations for the
-        backward pass but recompute them there. Values and gradients are unchanged."""
+        encoder layers, the transformer decoder's layers and the TAD's temporal aggregation
+        keep no activations for the backward pass but recompute them there. Values and
+        gradients are unchanged."""
         self.pixel_decoder.checkpoint_layers = enabled
         self.decoder.checkpoint_layers = enabled
 

@@ -10,7 +10,7 @@ boolean mask shared by all heads without repeating it per head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +178,7 @@ class PredictionHead(nn.Module):
         return self.class_embed(x), self.mask_embed(x)
 
 
-def run_layer(layer: nn.Module, checkpointed: bool, *args: Any, **kwargs: Any) -> Tensor:
+def run_layer(layer: Callable[..., Any], checkpointed: bool, *args: Any, **kwargs: Any) -> Any:
     """``layer(*args, **kwargs)``; with ``checkpointed`` and autograd recording, its
     activations are not kept but recomputed in the backward pass (``torch.utils.checkpoint``,
     non-reentrant, dropout masks replayed): same values and gradients, less memory."""

@@ -1,4 +1,5 @@
-"""``themask demo``: the embedded end-to-end run on CPU (toy data → train → eval → videos).
+"""``themask demo``: the embedded end-to-end run (toy data → train → eval → videos), on CPU
+unless ``--device cuda``.
 
 1. writes the toy dataset (``themask.data.toy``; 200 training and 6 validation videos) into
    ``OUT/toy_data``;
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch CPU threads (default 1: the tiny model gains little from more, a busy "
         "machine loses a lot; the data loader uses another core)",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where to train and evaluate (default cpu: the documented, reproducible demo)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -96,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
     from themask.data.toy import make_toy_dataset
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("themask demo: --device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     data_root = out / "toy_data"
@@ -105,11 +116,13 @@ def run(args: argparse.Namespace) -> int:
         make_toy_dataset(data_root, seed=0, num_train=args.train_videos, num_val=VAL_VIDEOS)
     config = Path(args.config) if args.config else _toy_config(THEMASK_CONFIG)
 
-    results = {"THE-Mask": _train_and_report(config, args.overrides, data_root, out, "run")}
+    results = {
+        "THE-Mask": _train_and_report(config, args.overrides, data_root, out, "run", args.device)
+    }
     if args.baseline:
         baseline = _toy_config(BASELINE_CONFIG)
         results["Mask2Former"] = _train_and_report(
-            baseline, args.overrides, data_root, out / "baseline", "run"
+            baseline, args.overrides, data_root, out / "baseline", "run", args.device
         )
         print("\n" + _comparison(results))
     print(f"\nall outputs in {out}/")
@@ -117,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_and_report(
-    config: Path, overrides: list, data_root: Path, out: Path, run_name: str
+    config: Path, overrides: list, data_root: Path, out: Path, run_name: str, device: str
 ) -> dict[str, Any]:
     import torch
 
@@ -128,17 +141,18 @@ def _train_and_report(
 
     cfg = load_config(config, [f"data.root={data_root}", *overrides])
     names = list(cfg.data.description.classes)
+    where = f"CPU ({torch.get_num_threads()} torch thread(s))" if device == "cpu" else device
     print(
         f"training {cfg.preset} on the toy dataset ({cfg.data.root}): {cfg.train.max_steps} "
-        f"steps of {cfg.train.batch_size} clips on CPU ({torch.get_num_threads()} torch thread(s))"
+        f"steps of {cfg.train.batch_size} clips on {where}"
     )
     start = time.time()
-    trainer = Trainer(cfg, out / run_name, device="cpu", evaluate=False, overwrite=True)
+    trainer = Trainer(cfg, out / run_name, device=device, evaluate=False, overwrite=True)
     trainer.train()
     minutes = (time.time() - start) / 60
     print(f"trained in {minutes:.1f} min; weights: {out / run_name / 'model.safetensors'}")
 
-    report = evaluate_config(trainer.model, cfg, device=torch.device("cpu"))
+    report = evaluate_config(trainer.model, cfg, device=trainer.device)
     print(
         f"\n{cfg.preset} on the toy validation split ({report['num_videos']} videos, "
         f"{report['num_frames']} frames, test clips of {cfg.data.eval_clip_len}); "
@@ -155,7 +169,7 @@ def _train_and_report(
     with atomic_write(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(payload, indent=1, allow_nan=False))
 
-    video = _write_overlays(trainer.model, cfg, out)
+    video = _write_overlays(trainer.model, cfg, out, device=trainer.device)
     plot_loss_curve(out / run_name / "metrics.jsonl", out / "loss_curve.png", title=cfg.preset)
     print(
         f"wrote {out / 'metrics.json'}, overlays of {video} in {out / 'overlays'}, "
@@ -164,7 +178,9 @@ def _train_and_report(
     return report
 
 
-def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> str:
+def _write_overlays(
+    model: Any, cfg: Any, out: Path, *, device: Any = "cpu", video_index: int = 0
+) -> str:
     """Ground truth | prediction overlays (+ legend) of one validation video: PNGs and an MP4."""
     import numpy as np
     from PIL import Image
@@ -183,7 +199,7 @@ def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> st
     folder.mkdir(parents=True, exist_ok=True)
     with OverlayVideoWriter(out / "overlay.mp4", fps=5.0) as writer:
         for pred in predict_video(
-            model, frames, clip_len=cfg.data.eval_clip_len, transform=transform, device="cpu"
+            model, frames, clip_len=cfg.data.eval_clip_len, transform=transform, device=device
         ):
             gt = description.read_label(video.mask_paths[pred.index])
             left = overlay(pred.frame, gt, palette)

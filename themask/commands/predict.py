@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from themask.commands import run_with_weights
+from themask.precision import AMP_MODES, configure_cuda_math
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fps", type=float, default=15.0, help="frame rate of overlay.mp4")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     parser.add_argument(
-        "--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast for inference"
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="autocast for inference (auto: bf16 on CUDA where supported, else off)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     parser.set_defaults(func=run)
@@ -125,6 +129,7 @@ def _predict(args: argparse.Namespace) -> int:
         data = load_config(args.config).data
         scale, clip_len = scale or data.scale, clip_len or data.eval_clip_len
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configure_cuda_math(device)
     model = model_from_weights(args.weights).to(device)
     names, palette = _class_info(args.weights, data, model.config.num_classes)
     clip_len = clip_len or (model.config.num_frames if model.is_temporal else 1)

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             trainer = Trainer(
                 cfg, out, resume=args.resume, device=args.device, evaluate=not args.no_eval
             )
-        except (FileExistsError, FileNotFoundError) as err:  # run directory vs --resume
+        except (FileExistsError, FileNotFoundError, ConfigError) as err:  # run dir, amp vs device
             print(f"themask train: {err}", file=sys.stderr)
             return 2
         result = trainer.train()

@@ -27,16 +27,26 @@ SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18  # in OpenCV's 0..180 hue units
 
 
-def normalize(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) RGB 0..255 -> (T, 3, H, W) float32 normalised with ``MEAN``/``STD``."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().permute(0, 3, 1, 2)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def to_chw(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) uint8 (a copy in channel-first layout)."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) RGB 0..255 (uint8 or float) -> float32 normalised with ``MEAN``/``STD``,
+    on the device of ``frames`` (mean and std are uploaded once per device)."""
+    if frames.device not in _STATS:
+        stats = torch.tensor([MEAN, STD], dtype=torch.float32)
+        _STATS[frames.device] = tuple(stats.to(frames.device).view(2, 3, 1, 1).unbind(0))
+    mean, std = _STATS[frames.device]
+    return (frames.float() - mean) / std
 
 
 def denormalize(frames: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``normalize``: (..., 3, H, W) -> RGB floats in 0..255."""
+    """Inverse of ``normalize_frames``: (..., 3, H, W) -> RGB floats in 0..255."""
     mean = torch.tensor(MEAN, device=frames.device).view(3, 1, 1)
     std = torch.tensor(STD, device=frames.device).view(3, 1, 1)
     return frames * std + mean
@@ -180,6 +190,9 @@ class TrainTransform:
     drawn once per clip; the photometric distortion is drawn per frame. Output: frames
     (T, 3, H, W) float32 normalised and labels (T, H, W) int64, padded to ``crop_size`` (image 0,
     label ``ignore_index``). ``scale`` is (long, short) of the base size; ``crop_size`` is (H, W).
+    ``normalize=False`` returns uint8 RGB frames and labels at the crop's size, unpadded: the
+    training dataset pads them and the trainer normalises on its device (4x less traffic;
+    ``themask.data.loader.batch_to_device``).
     """
 
     def __init__(
@@ -193,8 +206,10 @@ class TrainTransform:
         flip_prob: float = 0.5,
         photometric: bool = True,
         ignore_index: int = IGNORE_INDEX,
+        normalize: bool = True,
     ) -> None:
         self.scale = tuple(scale)
+        self.normalize = normalize
         self.ratio_range = tuple(ratio_range)
         self.crop_size = tuple(crop_size)
         self.cat_max_ratio = cat_max_ratio
@@ -233,8 +248,11 @@ class TrainTransform:
             segs = [s[:, ::-1] for s in segs]
         if self.photometric:
             imgs = [photometric_distortion(np.ascontiguousarray(f), rng) for f in imgs]
-        frame_t = normalize(np.stack(imgs))
+        frame_t = to_chw(np.stack(imgs))
         label_t = torch.from_numpy(np.ascontiguousarray(np.stack(segs))).long()
+        if not self.normalize:  # the caller pads (and normalises on its device)
+            return frame_t, label_t
+        frame_t = normalize_frames(frame_t)
         return pad_clip(frame_t, label_t, self.crop_size, ignore_index=self.ignore_index)
 
 
@@ -267,6 +285,10 @@ class TestTransform:
         return aligned_size(original_hw, self.scale, self.size_divisor)
 
     def __call__(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        return normalize_frames(self.resize(frames))
+
+    def resize(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """T frames (H, W, 3) uint8 of one size -> (T, 3, h, w) uint8, not yet normalised."""
         if not frames:
             raise ValueError("TestTransform needs at least one frame")
         original = frames[0].shape[:2]
@@ -276,7 +298,7 @@ class TestTransform:
                     f"all frames of a clip must share one size, got {f.shape[:2]} and {original}"
                 )
         size = self.input_size(original)
-        return normalize(np.stack([resize_frame(f, size) for f in frames]))
+        return to_chw(np.stack([resize_frame(f, size) for f in frames]))
 
     @staticmethod
     def restore(scores: torch.Tensor, original_hw: Tuple[int, int]) -> torch.Tensor:

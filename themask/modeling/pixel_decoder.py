@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from themask.modeling.ms_deform_attn import MSDeformAttn, SpatialShapes
+from themask.modeling.ms_deform_attn import MSDeformAttn, SpatialShapes, offset_normaliser
 from themask.modeling.position_encoding import sine_position_encoding_2d
 from themask.modeling.transformer import run_layer
 
@@ -58,10 +58,17 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(
-        self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: SpatialShapes
+        self,
+        src: Tensor,
+        pos: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: SpatialShapes,
+        normaliser: Tensor | None = None,
     ) -> Tensor:
-        """src (N, S, C), pos (N or 1, S, C), reference_points (N or 1, S, 2) -> (N, S, C)."""
-        src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
+        """src (N, S, C), pos (N or 1, S, C), reference_points (N or 1, S, 2) -> (N, S, C);
+        ``normaliser``: see ``MSDeformAttn.forward``."""
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, normaliser)
+        src = self.norm1(src + attended)
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
 
@@ -209,9 +216,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
             dim=1,
         )  # (1, S, C), shared by the batch
         reference_points = _pixel_centres(spatial_shapes, device=src.device, dtype=src.dtype)
+        normaliser = offset_normaliser(spatial_shapes, device=src.device, dtype=src.dtype)
         for layer in self.encoder_layers:
             src = run_layer(
-                layer, self.checkpoint_layers, src, pos, reference_points, spatial_shapes
+                layer,
+                self.checkpoint_layers,
+                src,
+                pos,
+                reference_points,
+                spatial_shapes,
+                normaliser,
             )
 
         multi_scale = [

@@ -142,3 +142,37 @@ def test_bf16_keeps_the_pixel_decoder_projections_in_fp32():
         model(torch.randn(1, 2, 3, 64, 64))
     assert dtypes.pop("mask_features") == torch.bfloat16
     assert dtypes == dict.fromkeys(dtypes, torch.float32) and len(dtypes) == 4
+
+
+def test_predict_cli_amp_bf16_runs_the_network_under_a_bf16_autocast(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from themask.checkpoint import save_model
+    from themask.cli import main
+    from themask.modeling.themask import THEMask
+
+    save_model(_tiny(), tmp_path / "model.safetensors")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        image = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+        Image.fromarray(image).save(frames / f"{index:05d}.png")
+    seen = []
+    original = THEMask.semantic_scores
+
+    def spy(self, predictions, image_size):
+        scores = original(self, predictions, image_size)
+        autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        seen.append((autocast, predictions.final.mask_logits.dtype, scores.dtype))
+        return scores
+
+    monkeypatch.setattr(THEMask, "semantic_scores", spy)
+    for amp in ("bf16", "off"):
+        args = ["predict", str(frames), "--out", str(tmp_path / amp), "--amp", amp]
+        args += ["--weights", str(tmp_path / "model.safetensors"), "--scale", "64", "48"]
+        assert main([*args, "--device", "cpu"]) == 0
+        assert len(list((tmp_path / amp / "labels").glob("*.png"))) == 3
+    assert seen[:3] == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 3
+    assert seen[3:] == [(False, torch.float32, torch.float32)] * 3

@@ -7,6 +7,8 @@
       argmax agreement of bf16 with fp32 per frame on a trained model (test-clip protocol).
   python benchmarks/amp_memory.py train-memory [--preset P --size HxW --checkpoint]
       peak RSS (ru_maxrss) of training steps in a fresh process, and their median time.
+  python benchmarks/amp_memory.py train-time [--preset P --size HxW --runs N]
+      plain vs activation-checkpointed training steps, interleaved on one model.
 
 Everything runs on one thread (``torch.set_num_threads(1)``) unless ``--threads`` says otherwise.
 """
@@ -127,6 +129,38 @@ def train_memory(args: argparse.Namespace) -> dict:
     }
 
 
+def train_time(args: argparse.Namespace) -> dict:
+    """Plain and checkpointed training steps interleaved on one model (same process)."""
+    from themask import build_model, training_loss
+
+    torch.manual_seed(0)
+    model = build_model(args.preset, num_classes=8).train()
+    height, width = _size(args.size)
+    frames = model.config.num_frames
+    clip = torch.randn(1, frames, 3, height, width)
+    labels = (torch.arange(width) * 8 // width).expand(1, frames, height, width).clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for index in range(args.warmup + args.runs):
+        for flag in times:
+            model.set_activation_checkpointing(flag)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = training_loss(model, clip, labels)
+            loss.backward()
+            optimizer.step()
+            if index >= args.warmup:
+                times[flag].append(time.perf_counter() - start)
+    ratios = [c / p for p, c in zip(times[False], times[True])]
+    return {
+        "preset": args.preset, "size": args.size, "frames": frames,
+        "plain_ms": round(1000 * statistics.median(times[False]), 1),
+        "checkpointed_ms": round(1000 * statistics.median(times[True]), 1),
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -148,9 +182,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--checkpoint", action="store_true", help="checkpoint_activations=True")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p = sub.add_parser("train-time")
+    p.add_argument("--preset", default="themask_mit_b0_t2")
+    p.add_argument("--size", default="256x256")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    work = {"speed": speed, "agreement": agreement, "train-memory": train_memory}[args.what]
+    work = {
+        "speed": speed, "agreement": agreement, "train-memory": train_memory,
+        "train-time": train_time,
+    }[args.what]
     print(json.dumps({**work(args), "threads": args.threads, "torch": torch.__version__}))
 
 

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Per optimizer step of the tiny preset (B = 2, T = 2), leaving out AdamW's own step:
 MODEL_STEP_BUDGET = {"h2d": 2, "d2h": 0}  # the batch upload (frames, labels); no read
 LOG_FLUSH_BUDGET = {"h2d": 0, "d2h": 1}  # per log_interval: one read of all scalars
-# The whole step with the real objective, themask/loss as of this test: a ceiling.
-CRITERION_STEP_BUDGET = {"h2d": 3, "d2h": 10}
+# The whole step with the real objective: + the assignments' upload and, on CPU, 2 reads (the
+# matching's one transfer and the widest clip's class count; 1 read on accelerators).
+CRITERION_STEP_BUDGET = {"h2d": 3, "d2h": 2}
 
 
 def _cfg(steps, preset):

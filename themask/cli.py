@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple = (
     "eval",
     "predict",
     "convert",
+    "export",
     "bench",
 )
 

@@ -8,9 +8,12 @@ grad scaler). The criterion and matcher cast to fp32 themselves. See docs/GPU.md
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the functions: the command modules import AMP_MODES when the CLI
+# is built, and `themask predict --onnx` must run without torch.
 
 __all__ = [
     "AMP_MODES",
@@ -22,11 +25,13 @@ __all__ = [
 ]
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
-AmpSpec = Union[str, torch.dtype, None]
+AmpSpec = Union[str, "torch.dtype", None]
 
 
 def resolve_amp(amp: AmpSpec, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of ``amp`` on ``device`` (None: fp32). ``None`` means ``"off"``."""
+    import torch
+
     device = torch.device(device)
     if isinstance(amp, torch.dtype):
         return amp
@@ -46,6 +51,8 @@ def resolve_amp(amp: AmpSpec, device: torch.device | str) -> torch.dtype | None:
 
 def autocast_context(amp: AmpSpec, device: torch.device | str) -> AbstractContextManager:
     """``torch.autocast`` for ``resolve_amp(amp, device)`` (a no-op context for fp32)."""
+    import torch
+
     device = torch.device(device)
     dtype = resolve_amp(amp, device)
     if dtype is None:
@@ -56,6 +63,8 @@ def autocast_context(amp: AmpSpec, device: torch.device | str) -> AbstractContex
 def grad_scaler(device: torch.device) -> Any:
     """A dynamic loss scaler for fp16 training (``torch.amp.GradScaler`` from torch 2.3 on,
     ``torch.cuda.amp.GradScaler`` before)."""
+    import torch
+
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device.type)
     return torch.cuda.amp.GradScaler()  # pragma: no cover - torch < 2.3
@@ -67,6 +76,8 @@ def configure_cuda_math(device: torch.device | str) -> None:
     TF32 keeps fp32's range with a 10-bit mantissa in matmul inputs: fine for training and
     evaluation, set ``torch.set_float32_matmul_precision("highest")`` after this to undo it.
     """
+    import torch
+
     if torch.device(device).type != "cuda":
         return
     torch.set_float32_matmul_precision("high")

@@ -25,6 +25,7 @@ Writes to OUT:
 
 Example:
   themask predict --weights run/model.safetensors clip.mp4 --out pred/ --clip-len 2
+  themask predict --onnx exported/ clip.mp4 --out pred/    # after `themask export`
 """
 
 
@@ -36,10 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", help="video file or folder of frames")
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--weights",
-        required=True,
         help="weights: a themask .safetensors file or an official THE-Mask checkpoint (.pth)",
+    )
+    source.add_argument(
+        "--onnx",
+        metavar="DIR",
+        help="a `themask export` folder instead of --weights: run on ONNX Runtime without "
+        "torch (windows of the exported clip length; --scale defaults to the exported one; "
+        "--config, --amp and --device apply to --weights only)",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -102,6 +110,10 @@ def _class_info(weights: str, data, num_classes: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.onnx:
+        from themask.deploy.runtime import predict_to_folder
+
+        return predict_to_folder(args)
     return run_with_weights("themask predict", args, _predict)
 
 

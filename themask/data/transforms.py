@@ -7,7 +7,6 @@ parameters so tiny CPU configurations work. ``TestTransform`` follows §2.3.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Tuple
 
@@ -16,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from themask.data.resize import MEAN, STD, aligned_size, keep_ratio_size, resize_frame
 from themask.data.vspw import IGNORE_INDEX
 
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
 # PhotoMetricDistortion parameters (mmseg defaults used by the official configs).
 BRIGHTNESS_DELTA = 32
 CONTRAST_RANGE = (0.5, 1.5)
@@ -50,24 +48,6 @@ def denormalize(frames: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=frames.device).view(3, 1, 1)
     std = torch.tensor(STD, device=frames.device).view(3, 1, 1)
     return frames * std + mean
-
-
-def keep_ratio_size(size_hw: Tuple[int, int], scale: Tuple[int, int]) -> Tuple[int, int]:
-    """Size (h, w) after rescaling ``size_hw`` to fit ``scale`` = (long, short) keeping the ratio.
-
-    factor = min(long / long_side, short / short_side); sides are rounded to nearest.
-    """
-    h, w = size_hw
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(h, w), short_edge / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
-
-
-def resize_frame(frame: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an (H, W, 3) uint8 frame to ``size_hw``."""
-    if frame.shape[:2] == tuple(size_hw):
-        return frame
-    return np.asarray(Image.fromarray(frame).resize((size_hw[1], size_hw[0]), Image.BILINEAR))
 
 
 def resize_label(label: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
@@ -254,17 +234,6 @@ class TrainTransform:
             return frame_t, label_t
         frame_t = normalize_frames(frame_t)
         return pad_clip(frame_t, label_t, self.crop_size, ignore_index=self.ignore_index)
-
-
-def aligned_size(
-    size_hw: Tuple[int, int], scale: Tuple[int, int], size_divisor: int
-) -> Tuple[int, int]:
-    """Network input size of the test transform: keep-ratio fit, each side up to a multiple."""
-    h, w = keep_ratio_size(size_hw, scale)
-    return (
-        int(math.ceil(h / size_divisor)) * size_divisor,
-        int(math.ceil(w / size_divisor)) * size_divisor,
-    )
 
 
 class TestTransform:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from themask.data.clips import TEST_CLIP_STRIDE, test_clips
+from themask.data.clips import TEST_CLIP_STRIDE, causal_window, test_clips
 from themask.data.config import DataConfig
 from themask.data.description import DatasetDescription
 from themask.data.transforms import TestTransform, normalize_frames
@@ -357,7 +357,7 @@ class StreamingPredictor:
 
     def window(self, t: int) -> List[int]:
         """Frame indices of the window that predicts frame ``t``."""
-        return [max(0, t - self.step * (self.clip_len - 1 - i)) for i in range(self.clip_len)]
+        return causal_window(t, self.clip_len, step=self.step)
 
     @torch.no_grad()
     def push(self, frame: Tensor) -> Tensor:

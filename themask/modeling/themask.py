@@ -150,30 +150,30 @@ class THEMask(nn.Module):
             return_all=self.training,
         )
 
-    def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
-        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W)
-        (docs/DESIGN.md §4.3).
+    @staticmethod
+    def stride4_scores(predictions: Predictions) -> Tensor:
+        """Class scores (B, T, K, H'/4, W'/4) at the mask resolution (docs/DESIGN.md §4.3).
 
         Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
-        Scores are upsampled bilinearly to the padded input size, then cropped. The result is
-        stored with the class axis innermost (a channels-last view).
+        Always float32, autocast or not: summed over the queries in bf16, near-equal classes
+        swap places in the argmax (benchmarks/README.md).
         """
         heads = [predictions.final] + ([predictions.frame[-1]] if predictions.frame else [])
-        # fp32 from here on, also under a bf16 autocast: summing N queries' products in bf16
-        # flips the argmax of near-equal classes (docs/DESIGN.md §4.3; benchmarks/README.md)
         with torch.autocast(heads[0].mask_logits.device.type, enabled=False):
             maps = [semantic_map(s.class_logits.float(), s.mask_logits.float()) for s in heads]
-            scores = maps[0] if len(maps) == 1 else 0.5 * maps[0] + 0.5 * maps[1]
-            return self._upsample_scores(scores, predictions.frames_per_clip, image_size)
+        scores = maps[0] if len(maps) == 1 else 0.5 * maps[0] + 0.5 * maps[1]  # (B', T', K, h, w)
+        clips, clip_len = scores.shape[:2]
+        if clip_len == 1 and predictions.frames_per_clip > 1:  # single-frame layout → (B, T)
+            clips, clip_len = clips // predictions.frames_per_clip, predictions.frames_per_clip
+        return scores.reshape(clips, clip_len, *scores.shape[2:])
 
-    def _upsample_scores(
-        self, scores: Tensor, frames_per_clip: int, image_size: tuple[int, int]
-    ) -> Tensor:
-        """scores (B', T', K, H/4, W/4) → (B, T, K, H, W), bilinear, cropped to ``image_size``."""
+    def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
+        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W):
+        ``stride4_scores`` upsampled bilinearly to the padded input size, then cropped. The
+        result is stored with the class axis innermost (a channels-last view).
+        """
+        scores = self.stride4_scores(predictions)
         clips, clip_len, classes, low_h, low_w = scores.shape
-        if clip_len == 1 and frames_per_clip > 1:  # single-frame layout → (B, T)
-            clip_len = frames_per_clip
-            clips //= clip_len
         height, width = image_size
         padded = self._padded_size(height, width)
         if (padded[0] // 4, padded[1] // 4) != (low_h, low_w):
@@ -186,12 +186,9 @@ class THEMask(nn.Module):
         low = scores.reshape(-1, classes, low_h, low_w).contiguous(
             memory_format=torch.channels_last
         )
-        scores = F.interpolate(
-            low,
-            size=padded,
-            mode="bilinear",
-            align_corners=False,
-        )[..., :height, :width]
+        with torch.autocast(low.device.type, enabled=False):
+            scores = F.interpolate(low, size=padded, mode="bilinear", align_corners=False)
+        scores = scores[..., :height, :width]
         return scores.reshape(clips, clip_len, classes, height, width)
 
     def forward(self, frames: Tensor) -> Predictions | Tensor:

@@ -225,6 +225,8 @@ class Trainer:
 
         seed_everything(distributed.rank_seed(cfg.train.seed, 0))  # same init on every rank
         self.model = model if model is not None else self._build_model()
+        if cfg.train.checkpoint_activations:
+            self.model.set_activation_checkpointing(True)
         if cfg.train.init_from and not resume:
             from themask.warm_start import init_from_weights
 

@@ -9,10 +9,10 @@ from themask.config import (
     TrainConfig,
     load_config,
     parse_overrides,
-    preset_model_config,
     save_config,
     to_dict,
 )
+from themask.modeling.build import preset_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "themask" / "configs"
 SHIPPED = sorted(CONFIG_DIR.glob("*/*.yaml"))
@@ -55,7 +55,7 @@ def test_file_then_overrides_then_round_trip(tmp_path):
     )
     cfg = load_config(path, ["train.max_steps=70", "train.amp=bf16"])
     assert cfg.preset == "themask_tiny_t1"
-    preset = preset_model_config("themask_tiny_t1")
+    preset = preset_config("themask_tiny_t1")
     assert cfg.model.hidden_dim == preset.hidden_dim  # preset fills the untouched fields
     assert cfg.model.drop_path_rate == 0.0 and cfg.loss.second_round_loss == "hard"
     assert cfg.data.crop_size == (64, 64)

@@ -234,16 +234,18 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
     if isinstance(model, Mapping) and isinstance(model.get("loss"), Mapping):
         values["model"] = {k: v for k, v in model.items() if k != "loss"}
         values["loss"] = _deep_merge(dict(model["loss"]), values.get("loss") or {})
+    from themask.modeling import build
+
     base = RunConfig()
     preset = values.get("preset", base.preset)
-    if not isinstance(preset, str):
-        raise ConfigError(f"preset: expected a preset name, got {preset!r}")
+    if not isinstance(preset, str) or preset not in build.PRESETS:
+        raise ConfigError(f"preset: unknown model preset {preset!r}; valid: {build.list_presets()}")
     # the preset's class count follows the dataset description, unless model.num_classes is set
     data = update_dataclass(base.data, values.get("data") or {}, "data")
-    model = preset_model_config(preset, num_classes=data.num_classes)
-    from themask.modeling.build import preset_loss_config
-
-    base = dataclasses.replace(base, preset=preset, model=model, loss=preset_loss_config(preset))
+    model = build.preset_config(preset, num_classes=data.num_classes)
+    base = dataclasses.replace(
+        base, preset=preset, model=model, loss=build.preset_loss_config(preset)
+    )
     cfg = update_dataclass(base, values)
     check_consistency(cfg)
     return cfg
@@ -265,15 +267,6 @@ def check_consistency(cfg: RunConfig) -> None:
     if unknown:
         raise ConfigError(f"train.freeze: unknown modules {unknown}; valid: {FREEZABLE_MODULES}")
     cfg.train.per_process_batch(1)  # batch_size divisible by grad_accum
-
-
-def preset_model_config(name: str, *, num_classes: int = 124) -> ModelConfig:
-    """The ``ModelConfig`` of a model preset (``themask.modeling.build``)."""
-    from themask.modeling import build
-
-    if name not in build.list_presets():
-        raise ConfigError(f"preset: unknown model preset '{name}'; valid: {build.list_presets()}")
-    return build.preset_config(name, num_classes=num_classes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Weight files: safe reading and strict loading (``files``), MiT ImageNet layouts (``mit``),
 official THE-Mask checkpoints (``official``) and our own safetensors format (``format``)."""
 
-from themask.weights.files import WeightsError, load_strict, read_state_dict
+from themask.weights.files import WeightsError, read_state_dict
 from themask.weights.format import (
     load_model,
     model_from_weights,
@@ -15,7 +15,6 @@ __all__ = [
     "WeightsError",
     "load_backbone_weights",
     "load_model",
-    "load_strict",
     "model_from_weights",
     "read_class_info",
     "read_state_dict",

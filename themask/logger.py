@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,18 @@ from typing import Any
 from themask.io import PathLike
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (it may be replaced after set-up)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def setup_logging(
@@ -25,7 +38,7 @@ def setup_logging(
     level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
     root = logging.getLogger()
     if not any(getattr(h, "_themask", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         handler._themask = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -42,11 +42,24 @@ OFFICIAL_SECONDS = {
 }
 
 
+DESCRIPTION = """\
+Measure model presets on this machine's CPU: parameters, time per clip and per frame, and
+peak memory.
+
+--mode infer (default) times a forward pass in evaluation mode; --mode train times one
+training step (loss, backward pass, AdamW update) on a clip whose labels hold 8 classes in
+vertical bands. Each preset and size runs in a fresh child process, so its peak memory is
+its own: the child's peak resident memory and its increase over the memory right after the
+model is built. Time: median of --runs runs after --warmup runs, on random input; one clip
+of T frames (the preset's clip length unless --frames).
+"""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="CPU time per frame, peak memory and parameters of presets",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="NAME")
@@ -83,12 +96,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def parse_size(text: str) -> tuple[int, int]:
     """'480x853' → (480, 853)."""
+    from themask.config import ConfigError
+
     try:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(
-            f"themask bench: --sizes expects HxW such as 480x853, got {text!r}"
-        ) from None
+        raise ConfigError(f"--sizes expects HxW such as 480x853, got {text!r}") from None
     return height, width
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -359,7 +360,11 @@ class _ShardSampler(Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed Python/NumPy global RNGs of a worker from its torch seed (set by the loader)."""
+    """Seed Python/NumPy global RNGs of a worker from its torch seed (set by the loader).
+
+    Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the trainer finishes
+    its step (which may need more batches) before it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

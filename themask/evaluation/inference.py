@@ -383,14 +383,20 @@ def predict_video(
     """Predict a stream of (H, W, 3) uint8 RGB frames; yields one ``FramePrediction`` per frame.
 
     Uses ``StreamingPredictor`` (causal windows of ``clip_len`` frames ``step`` apart, each
-    frame encoded once); scores are resized to the frame's size and argmax'ed.
+    frame encoded once); scores are resized to the frame's size and argmax'ed. Frames may
+    differ in size: where the network input size changes, the windows start afresh (as at
+    the first frame), so every frame is segmented at its own size.
     """
     device = torch.device(device)
     net = _unwrap(model)
     predictor = StreamingPredictor(net, clip_len=clip_len, step=step)
+    input_size = None
     with _eval_mode(net):
         for t, frame in enumerate(frames_iter):
             inputs = transform([frame])[0].to(device)  # (3, h, w)
+            if inputs.shape[-2:] != input_size:
+                predictor.reset()
+                input_size = inputs.shape[-2:]
             with _autocast(device, amp):
                 scores = predictor.push(inputs)
             labels = scores_to_labels(scores[None], frame.shape[:2])[0]

@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_WEIGHTS_NAME = "model.safetensors"
 RESUME_CHANGES_NAME = "resume_changes.jsonl"
-# Under DDP the ranks agree on a stop request (all-reduce) every this many steps.
+# Under DDP the ranks agree on a stop request (all-reduce) every train.log_interval steps,
+# at least every this many.
 STOP_CHECK_INTERVAL = 10
 # Config keys a resumed run may change: they do not alter the optimisation (data.root: a
 # dataset moved to another place is assumed to be the same dataset).
@@ -448,11 +449,12 @@ class Trainer:
         """The signal number when the run must stop after this step, the same on every rank.
 
         One process: the handler's flag (no cost). DDP: the ranks all-reduce (max) their
-        flags every ``STOP_CHECK_INTERVAL`` steps and at the last step, so they stop together.
+        flags every ``min(train.log_interval, STOP_CHECK_INTERVAL)`` steps, so they stop
+        together.
         """
         if self.dist.world_size == 1:
             return stop.signum
-        if self.step % STOP_CHECK_INTERVAL and self.step != self.cfg.train.max_steps:
+        if self.step % min(self.cfg.train.log_interval, STOP_CHECK_INTERVAL):
             return None
         flag = torch.tensor([stop.signum or 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

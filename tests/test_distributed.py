@@ -186,4 +186,3 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # only rank 0 writes the run directory
     assert (out / "run" / "checkpoint.pt").is_file()
     assert (out / "run" / "model.safetensors").is_file()
-

@@ -52,8 +52,13 @@ def _env() -> dict[str, str]:
 
 
 def _one_line_error(err: str, command: str, *names: str) -> None:
-    """``err`` (stderr) holds one line besides INFO log records: the error, naming ``names``."""
-    lines = [line for line in err.strip().splitlines() if not re.match(r"\d\d:\d\d:\d\d INFO ", line)]
+    """``err`` (stderr) holds one line besides INFO log records and progress bars: the
+    error, naming ``names``."""
+    lines = [
+        line
+        for line in err.strip().splitlines()
+        if line and not re.match(r"\d\d:\d\d:\d\d INFO ", line) and "%|" not in line
+    ]
     assert len(lines) == 1, err
     assert lines[0].startswith(f"themask {command}: ") and "Traceback" not in err
     for name in names:
@@ -66,8 +71,17 @@ def _one_line_error(err: str, command: str, *names: str) -> None:
 def test_overrides_after_options_for_train_and_eval(toy_root, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(
-        ["train", "toy/themask_toy", "--out", str(out), "--threads", "2", f"data.root={toy_root}",
-         *TINY, "train.max_steps=2"]
+        [
+            "train",
+            "toy/themask_toy",
+            "--out",
+            str(out),
+            "--threads",
+            "2",
+            f"data.root={toy_root}",
+            *TINY,
+            "train.max_steps=2",
+        ]
     )
     assert code == 0 and torch.get_num_threads() == 2  # --threads applied
     printed = capsys.readouterr().out
@@ -81,8 +95,20 @@ def test_overrides_after_options_for_train_and_eval(toy_root, tmp_path, capsys):
     weights = out / "model.safetensors"
     # the README's example: options first, the override last
     code = main(
-        ["eval", "toy/themask_toy", "--weights", str(weights), "--clip-len", "2", "--json",
-         str(tmp_path / "m.json"), "--threads", "1", f"data.root={toy_root}", "eval.max_videos=1"]
+        [
+            "eval",
+            "toy/themask_toy",
+            "--weights",
+            str(weights),
+            "--clip-len",
+            "2",
+            "--json",
+            str(tmp_path / "m.json"),
+            "--threads",
+            "1",
+            f"data.root={toy_root}",
+            "eval.max_videos=1",
+        ]
     )
     assert code == 0
     assert json.loads((tmp_path / "m.json").read_text())["clip_len"] == 2
@@ -161,6 +187,10 @@ def test_bad_weights_files_are_one_line_and_exit_2(tmp_path, capsys):
     code = main(["eval", "vspw/themask_mit_b0_t1", "--weights", str(tmp_path / "nothing.pth")])
     assert code == 2
     _one_line_error(capsys.readouterr().err, "eval", "nothing.pth")
+    # -v adds the traceback
+    assert main(["-v", "predict", "x.mp4", "--weights", str(path), "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("themask predict: ")
 
 
 def test_class_count_error_exit_2_with_prefix(tmp_path, capsys):
@@ -236,7 +266,8 @@ def _interrupted_run(tmp_path, args, signum, count=1, at_step=2):
 def test_signal_checkpoints_and_resume_continues_exactly(toy_root, tmp_path, signum):
     steps = 4
     train = ["train", "toy/themask_toy", f"data.root={toy_root}", *TINY, "--no-eval",
-             f"train.max_steps={steps}", "train.checkpoint_interval=100", "model.drop_path_rate=0.1"]  # fmt: skip
+             f"train.max_steps={steps}", "train.checkpoint_interval=100",
+             "model.drop_path_rate=0.1"]  # fmt: skip
     out = tmp_path / "run"
     done = _interrupted_run(tmp_path, [*train, "--out", str(out)], signum)
     assert done.returncode == 128 + signum, done.stderr
@@ -278,6 +309,9 @@ def test_resume_refuses_breaking_changes_and_records_harmless_ones(toy_root, tmp
         "step": 1,
         "changes": {"train.log_interval": [1, 5], "train.max_steps": [1, 2]},
     }
+    capsys.readouterr()
+    assert main([*train, "train.max_steps=1", "train.log_interval=5", "--resume"]) == 2
+    _one_line_error(capsys.readouterr().err, "train", "train.max_steps: 1 is not above step 2")
 
 
 # --------------------------------------------------------------------------- predict
@@ -315,6 +349,21 @@ def test_predict_frames_of_different_sizes(tmp_path):
         rate = container.streams.video[0].average_rate
     assert len(video) == len(sizes) and video[0].shape[0] == 48
     assert float(rate) == 15.0  # frame folders: --fps default
+
+
+def test_eval_names_a_video_whose_frames_differ_in_size(tmp_path, capsys):
+    root = make_toy_dataset(tmp_path / "toy", num_train=1, num_val=1, num_frames=4, size=(48, 64))
+    video = (root / "val.txt").read_text().split()[0]
+    for folder in ("origin", "mask"):
+        for path in sorted((root / "data" / video / folder).iterdir())[2:]:
+            image = Image.open(path)
+            image.resize((40, 40), Image.NEAREST).save(path)
+    weights = _tiny_weights(tmp_path / "w.safetensors")
+    code = main(["eval", "toy/themask_toy", "--weights", str(weights), f"data.root={root}",
+                 "--clip-len", "2"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    _one_line_error(err, "eval", f"video {video}", "is 40x40, earlier frames 64x48")
 
 
 def test_predict_keeps_the_frame_rate_and_uses_the_stored_scale(tmp_path, caplog):

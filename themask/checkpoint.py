@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 class WeightsError(ValueError):
     """A weights file is unreadable, of an unknown layout, or does not fit the model."""
 
+
 StateDict = dict[str, Tensor]
 
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -646,7 +647,9 @@ def load_stage1_into_temporal(
     if head_init not in HEAD_INITS:
         raise WeightsError(f"head_init: expected one of {HEAD_INITS}, got {head_init!r}")
     if not getattr(model, "is_temporal", False):
-        raise WeightsError("load_stage1_into_temporal: the model has no Temporal Aggregation Decoder")
+        raise WeightsError(
+            "load_stage1_into_temporal: the model has no Temporal Aggregation Decoder"
+        )
     stage1 = _as_ours(state_dict)
     tad_only = ("decoder.temporal.", "decoder.frame_head.")
     temporal_keys = sorted(key for key in stage1 if key.startswith(tad_only))

@@ -349,7 +349,7 @@ class Trainer:
             if changes:  # config.yaml keeps the original; each resume's changes are appended
                 with open(self.run_dir / RESUME_CHANGES_NAME, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps({"step": self.step, "changes": changes}) + "\n")
-                logger.info("resumed with changed %s (recorded in %s)", changes, RESUME_CHANGES_NAME)
+                logger.info("resumed with changes %s (see %s)", changes, RESUME_CHANGES_NAME)
             info = {"git_revision": git_revision(), "world_size": self.dist.world_size}
             with atomic_write(self.run_dir / "run_info.json") as tmp:
                 tmp.write_text(json.dumps(info, indent=2))

@@ -27,4 +27,3 @@ def add_overrides_argument(parser: argparse.ArgumentParser, example: str) -> Non
         help=f"dotted config overrides parsed as YAML scalars, e.g. {example} (anywhere on "
         "the line)",
     )
-

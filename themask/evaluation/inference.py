@@ -42,6 +42,7 @@ from themask.data.config import DataConfig, dataset_classes
 from themask.data.transforms import TestTransform
 from themask.data.vspw import (
     IGNORE_INDEX,
+    DataError,
     Video,
     VSPWIndex,
     read_frame,
@@ -277,8 +278,17 @@ def _predict_in_frame_order(
     """
     pending: Dict[int, Tensor] = {}
     next_frame = 0
+    size = None  # (H, W) of the video's first frame read
     for clip in test_clips(len(video), clip_len, stride=clip_stride):
         frames = [read_frame(video.frame_paths[i]) for i in clip]
+        size = size or frames[0].shape[:2]
+        for index, frame in zip(clip, frames):
+            if frame.shape[:2] != size:
+                (h0, w0), (h1, w1) = size, frame.shape[:2]
+                raise DataError(
+                    f"video {video.name}: frame {video.frame_paths[index].name} is {w1}x{h1}, "
+                    f"earlier frames {w0}x{h0}; the frames of a video must share one size"
+                )
         inputs = transform(frames).unsqueeze(0).to(device)  # (1, T, 3, h, w)
         with torch.no_grad(), _autocast(device, amp):
             scores = net(inputs)  # (1, T, K, h, w)
@@ -302,7 +312,7 @@ def _score_frame(
     mask_path = video.mask_paths[frame]
     target = torch.from_numpy(read_label(mask_path, num_classes=num_classes))
     if target.shape != pred.shape:
-        raise ValueError(
+        raise DataError(
             f"{mask_path}: mask size {tuple(target.shape)} differs from its frame's "
             f"{tuple(pred.shape)}"
         )

@@ -302,7 +302,8 @@ def summarize_metrics(metrics: Dict[str, object]) -> str:
     return ", ".join(
         f"{key} {format_percent(value, 0)}"
         for key, value in metrics.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
         and not key.startswith("num_")
     )
 

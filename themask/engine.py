@@ -58,18 +58,9 @@ STOP_CHECK_INTERVAL = 10
 # Config keys a resumed run may change: they do not alter the optimisation (data.root: a
 # dataset moved to another place is assumed to be the same dataset).
 RESUMABLE_KEYS = (
-    "train.max_steps",
-    "train.log_interval",
-    "train.checkpoint_interval",
-    "train.eval_interval",
-    "train.eval_at_end",
-    "train.init_from",
-    "pretrained_backbone",
-    "data.num_workers",
-    "data.root",
-    "data.val_split",
-    "data.test_clip_len",
-    "eval.",
+    *(f"train.{k}" for k in ("max_steps", "log_interval", "checkpoint_interval", "init_from")),
+    *("train.eval_interval", "train.eval_at_end", "pretrained_backbone", "eval."),
+    *(f"data.{k}" for k in ("num_workers", "root", "val_split", "test_clip_len")),
 )
 
 # (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, terms)

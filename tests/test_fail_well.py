@@ -193,6 +193,13 @@ def test_bad_weights_files_are_one_line_and_exit_2(tmp_path, capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("themask predict: ")
 
 
+def test_malformed_yaml_config_is_one_line(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("train: {max_steps: [1\n")
+    assert main(["train", str(config)]) == 2
+    _one_line_error(capsys.readouterr().err, "train", config, "not valid YAML")
+
+
 def test_class_count_error_exit_2_with_prefix(tmp_path, capsys):
     weights = tmp_path / "toy8.safetensors"
     save_model(build_model("themask_tiny_t1", num_classes=8), weights)

@@ -66,7 +66,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from themask.config import ConfigError
     from themask.data.vspw import DataError
 
-    return (ConfigError, DataError, WeightsError, FileNotFoundError, FileExistsError)
+    files = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+    return (ConfigError, DataError, WeightsError, NotADirectoryError, *files)
 
 
 def one_line(err: BaseException) -> str:

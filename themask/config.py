@@ -328,8 +328,11 @@ def load_config(path: PathLike | None, overrides: Sequence[str] = ()) -> RunConf
     values: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         values = loaded or {}

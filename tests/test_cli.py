@@ -72,7 +72,7 @@ def test_train_command_writes_the_run_directory(tmp_path):
     config.write_text(
         "preset: mask2former_tiny\n"
         "model: {loss: {num_points: 32}}\n"
-        "data: {kind: toy, dilation: [0], scale: [32, 32], crop_size: [32, 32], num_workers: 0}\n"
+        "data: {dilation: [0], scale: [32, 32], crop_size: [32, 32], num_workers: 0}\n"
         "train: {max_steps: 2, batch_size: 2, log_interval: 1}\n"
     )
     out = tmp_path / "run"

@@ -47,7 +47,7 @@ def test_file_then_overrides_then_round_trip(tmp_path):
         tmp_path,
         "preset: themask_tiny_t1\n"
         "model:\n  drop_path_rate: 0.0\n  loss: {num_rounds: 1, second_round_loss: hard}\n"
-        "data:\n  kind: toy\n  dilation: [0]\n  crop_size: [64, 64]\n"
+        "data:\n  dilation: [0]\n  crop_size: [64, 64]\n"
         "train:\n  max_steps: 50\n  batch_size: 4\n  freeze: [backbone]\n",
     )
     cfg = load_config(path, ["train.max_steps=70", "train.amp=bf16"])
@@ -55,7 +55,7 @@ def test_file_then_overrides_then_round_trip(tmp_path):
     preset = preset_model_config("themask_tiny_t1")
     assert cfg.model.hidden_dim == preset.hidden_dim  # preset fills the untouched fields
     assert cfg.model.drop_path_rate == 0.0 and cfg.model.loss.second_round_loss == "hard"
-    assert cfg.data.crop_size == (64, 64) and cfg.data.kind == "toy"
+    assert cfg.data.crop_size == (64, 64)
     assert cfg.train.max_steps == 70 and cfg.train.batch_size == 4 and cfg.train.amp == "bf16"
     assert cfg.train.freeze == ["backbone"]
     assert cfg.train.lr == RunConfig().train.lr  # default kept

@@ -41,7 +41,6 @@ def _cfg(root, max_steps):
             "model.drop_path_rate=0.0",
             "model.tad_dropout=0.0",
             "model.loss.num_points=64",
-            "data.kind=toy",
             f"data.root={root}",
             "data.scale=[64, 48]",
             "data.crop_size=[32, 32]",

@@ -101,7 +101,6 @@ def _tiny_cfg(*overrides):
             "model.drop_path_rate=0.0",
             "model.tad_dropout=0.0",
             "model.loss.num_points=32",
-            "data.kind=toy",
             "data.dilation=[-3]",
             "train.batch_size=4",
             "train.max_steps=2",

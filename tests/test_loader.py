@@ -33,7 +33,7 @@ def toy_root(tmp_path_factory) -> Path:
 
 def _cfg(root, **kw):
     return DataConfig(
-        kind="toy", root=str(root), scale=(48, 32), crop_size=(32, 32), num_workers=0, **kw
+        root=str(root), scale=(48, 32), crop_size=(32, 32), num_workers=0, **kw
     )
 
 
@@ -164,7 +164,7 @@ def test_eval_labels_match_the_files(toy_root):
 
     index = VSPWIndex(toy_root, "val")
     dataset = VSPWClipDataset(
-        index, clip_len=2, transform=TestTransform(scale=(48, 32)), num_classes=8
+        index, clip_len=2, transform=TestTransform(scale=(48, 32))
     )
     sample = dataset[1]
     video = index.videos[0]
@@ -186,11 +186,9 @@ def test_config_derives_clip_length_and_classes_and_validates():
     assert DataConfig().num_frames == 2 and DataConfig().num_classes == 124
     assert DataConfig(dilation=[-9, -6, -3]).num_frames == 4
     assert DataConfig(dilation=[0]).eval_clip_len == 1
-    assert DataConfig(kind="toy", test_clip_len=4).eval_clip_len == 4
-    assert DataConfig(kind="toy").num_classes == 8
+    assert DataConfig(test_clip_len=4).eval_clip_len == 4
     assert DataConfig(crop_size=[64, 96]).crop_size == (64, 96)
     for bad in (
-        dict(kind="ade"),
         dict(dilation=[3]),
         dict(ratio_range=(2.0, 1.0)),
         dict(flip_prob=1.5),

@@ -23,9 +23,10 @@ import logging
 import pickle
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -620,6 +621,29 @@ def infer_num_classes(state_dict: Mapping[str, Tensor]) -> int:
     return int(weight.shape[0]) - 1
 
 
+# --------------------------------------------------------------------------- fine-tuning
+
+CLASS_LAYER_PATTERN = re.compile(r"^decoder\.\w+\.class_embed\.(weight|bias)$")
+
+
+def replace_class_layers(
+    state_dict: Mapping[str, Tensor], model: nn.Module
+) -> tuple[StateDict, list[str]]:
+    """Our-layout ``state_dict`` with every class-prediction tensor (``decoder.*.class_embed``)
+    whose shape differs from ``model``'s replaced by the model's own (fresh) tensor, so
+    weights trained for another class count K load into ``model``. Returns the new state
+    dict and the names of the replaced tensors."""
+    target = model.state_dict()
+    ours = dict(_as_ours(state_dict))
+    replaced = sorted(
+        key
+        for key, value in ours.items()
+        if CLASS_LAYER_PATTERN.match(key) and key in target and value.shape != target[key].shape
+    )
+    ours.update({key: target[key] for key in replaced})
+    return ours, replaced
+
+
 # --------------------------------------------------------------------------- stage 1 → stage 2
 
 HEAD_INITS = ("official", "copy")
@@ -685,19 +709,25 @@ def load_stage1_into_temporal(
 # --------------------------------------------------------------------------- our format
 
 CONFIG_METADATA_KEY = "themask_config"
+CLASSES_METADATA_KEY = "themask_classes"
 
 
 TEST_METADATA_KEY = "themask_test"
 
 
 def save_model(
-    model: THEMask, path: PathLike, *, test_scale: tuple[int, int] | None = None
+    model: THEMask,
+    path: PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    palette: np.ndarray | None = None,
+    test_scale: tuple[int, int] | None = None,
 ) -> None:
     """Write ``model``'s weights as safetensors, with ``model.config`` (a ``ModelConfig``) as
     JSON under the metadata key ``themask_config``; atomic (no partial file on failure).
-
-    ``test_scale`` (long, short): the test resize of the data the model was trained on, stored
-    under ``themask_test`` for ``themask predict`` (see :func:`read_test_scale`)."""
+    When given: the class names and the (K, 3) palette under ``themask_classes``, and
+    ``test_scale`` (long, short), the test resize of the training data, under
+    ``themask_test`` for ``themask predict`` (see :func:`read_test_scale`)."""
     config = getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         raise WeightsError(
@@ -707,6 +737,18 @@ def save_model(
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(config))}
     if test_scale is not None:
         metadata[TEST_METADATA_KEY] = json.dumps({"scale": [int(v) for v in test_scale]})
+    if class_names is not None:
+        if len(class_names) != model.num_classes or (
+            palette is not None and len(palette) != len(class_names)
+        ):
+            raise ValueError(
+                f"save_model: {len(class_names)} class names (palette: "
+                f"{None if palette is None else len(palette)}) for {model.num_classes} classes"
+            )
+        classes = {"names": list(class_names)}
+        if palette is not None:
+            classes["palette"] = np.asarray(palette, dtype=np.uint8).tolist()
+        metadata[CLASSES_METADATA_KEY] = json.dumps(classes)
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     logger.info("saved %d tensors to %s", len(tensors), path)
@@ -764,6 +806,17 @@ def read_model_config(path: PathLike) -> ModelConfig:
         json.loads(metadata[CONFIG_METADATA_KEY]),
         where=f"{path}:{CONFIG_METADATA_KEY}",
     )
+
+
+def read_class_info(path: PathLike) -> tuple[list[str], np.ndarray | None] | None:
+    """(class names, (K, 3) uint8 palette or None) stored by :func:`save_model`, or ``None``
+    for a file without them (any other weights format included)."""
+    stored = _metadata(path).get(CLASSES_METADATA_KEY)
+    if stored is None:
+        return None
+    values = json.loads(stored)
+    palette = values.get("palette")
+    return list(values["names"]), None if palette is None else np.array(palette, dtype=np.uint8)
 
 
 def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> THEMask:

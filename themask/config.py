@@ -4,7 +4,8 @@ A run file (YAML) holds only the values that differ from the defaults. Loading o
 
 1. ``RunConfig()`` defaults;
 2. the model preset named by ``preset`` (top level; see ``themask.modeling.build``) fills
-   ``model``, with the class count of the dataset (``data.kind``);
+   ``model``, with the class count of the dataset (``<data.root>/dataset.yaml``, VSPW when
+   the root has none);
 3. the YAML file's sections override fields;
 4. dotted ``key=value`` overrides from the command line (values parsed as YAML scalars,
    e.g. ``train.lr=2e-4``, ``data.dilation=[-3]``, ``model.loss.num_rounds=1``).
@@ -88,6 +89,9 @@ class EvalConfig:
 
     max_videos: Optional[int] = None  # noqa: UP045 (first videos only: quick checks)
     amp: Literal["off", "bf16", "fp16"] = "off"
+    # mVC: "published" skips videos of <= 16 frames for mVC8 and mVC16 (VSS-CFFM VC_perclip.py,
+    # the published tables); "per_length" skips videos of <= n frames for mVC_n
+    vc_rule: Literal["published", "per_length"] = "published"
 
 
 @dataclass
@@ -220,7 +224,7 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
     preset = values.get("preset", base.preset)
     if not isinstance(preset, str):
         raise ConfigError(f"preset: expected a preset name, got {preset!r}")
-    # the preset's class count follows the dataset (data.kind), unless model.num_classes is set
+    # the preset's class count follows the dataset description, unless model.num_classes is set
     data = _update_dataclass(base.data, values.get("data") or {}, "data")
     model = preset_model_config(preset, num_classes=data.num_classes)
     base = dataclasses.replace(base, preset=preset, model=model)
@@ -233,8 +237,8 @@ def check_consistency(cfg: RunConfig) -> None:
     """Cross-section checks: the model must fit the data it is trained on."""
     if cfg.model.num_classes != cfg.data.num_classes:
         raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes} but data.kind='{cfg.data.kind}' has "
-            f"{cfg.data.num_classes} classes"
+            f"model.num_classes={cfg.model.num_classes} but the dataset "
+            f"({cfg.data.description.source}) has {cfg.data.num_classes} classes"
         )
     if cfg.model.decoder == "temporal" and cfg.model.num_frames != cfg.data.num_frames:
         raise ConfigError(

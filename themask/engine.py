@@ -367,10 +367,28 @@ class Trainer:
         return model
 
     def _init_from(self, path: str) -> None:
-        from themask.checkpoint import load_stage1_into_temporal, read_state_dict
+        """Start from weights at ``path``: a stage-1 model into a TAD model, or the same
+        architecture; class layers of another class count are re-initialised."""
+        from themask.checkpoint import (
+            load_stage1_into_temporal,
+            load_strict,
+            read_state_dict,
+            replace_class_layers,
+        )
 
-        state_dict = read_state_dict(path)
-        load_stage1_into_temporal(self.model, state_dict, head_init=self.cfg.train.head_init)
+        state_dict, fresh = replace_class_layers(read_state_dict(path), self.model)
+        if fresh:
+            logger.info(
+                "%s: class layers re-initialised for %d classes: %s",
+                path,
+                self.cfg.model.num_classes,
+                ", ".join(fresh),
+            )
+        has_tad = any(key.startswith("decoder.temporal.") for key in state_dict)
+        if getattr(self.model, "is_temporal", False) and not has_tad:
+            load_stage1_into_temporal(self.model, state_dict, head_init=self.cfg.train.head_init)
+        else:
+            load_strict(self.model, state_dict, what=path)
         logger.info("initialised from %s (head_init=%s)", path, self.cfg.train.head_init)
 
     def _default_batches(self, start_batch: int) -> Iterator[Any]:
@@ -605,7 +623,14 @@ class Trainer:
         from themask.checkpoint import save_model
 
         path = self.run_dir / FINAL_WEIGHTS_NAME
-        save_model(self.model, path, test_scale=self.cfg.data.scale)
+        description = self.cfg.data.description
+        save_model(
+            self.model,
+            path,
+            class_names=description.classes,
+            palette=description.palette,
+            test_scale=self.cfg.data.scale,
+        )
         logger.info("final weights: %s", path)
         return path
 
@@ -641,6 +666,7 @@ def evaluate_config(
         device=device,
         max_videos=cfg.eval.max_videos,
         amp=cfg.eval.amp,
+        vc_rule=cfg.eval.vc_rule,
         distributed=distributed.is_initialized(),
         progress=progress,
     )

@@ -30,10 +30,10 @@ class _StderrHandler(logging.StreamHandler):
 
 def setup_logging(
     *, verbose: bool = False, rank: int = 0, log_file: PathLike | None = None
-) -> None:
+) -> logging.Handler | None:
     """Configure the root logger once: INFO (DEBUG if ``verbose``) on rank 0, WARNING elsewhere.
 
-    ``log_file`` additionally receives the same records (rank 0 only).
+    ``log_file`` additionally receives the same records (rank 0 only); its handler is returned.
     """
     level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
     root = logging.getLogger()
@@ -49,6 +49,8 @@ def setup_logging(
         file_handler = logging.FileHandler(path, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(file_handler)
+        return file_handler
+    return None
 
 
 def git_revision(cwd: PathLike | None = None) -> str:

@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     data_root = out / "toy_data"
-    if _count_lines(data_root / "train.txt") != args.train_videos:
+    written = (data_root / "dataset.yaml").is_file()
+    if not written or _count_lines(data_root / "train.txt") != args.train_videos:
         print(f"writing the toy dataset ({args.train_videos} + {VAL_VIDEOS} videos) to {data_root}")
         make_toy_dataset(data_root, seed=0, num_train=args.train_videos, num_val=VAL_VIDEOS)
     config = args.config or THEMASK_CONFIG
@@ -100,13 +101,12 @@ def _train_and_report(
     import torch
 
     from themask.config import load_config
-    from themask.data.config import dataset_classes
     from themask.engine import Trainer, evaluate_config
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
     from themask.io import atomic_write
 
     cfg = load_config(config, [f"data.root={data_root}", *overrides])
-    names = list(dataset_classes(cfg.data.kind)[0])
+    names = list(cfg.data.description.classes)
     print(
         f"training {cfg.preset} on the toy dataset ({cfg.data.root}): {cfg.train.max_steps} "
         f"steps of {cfg.train.batch_size} clips on CPU ({torch.get_num_threads()} torch thread(s))"
@@ -148,13 +148,13 @@ def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> st
     import numpy as np
     from PIL import Image
 
-    from themask.data.config import dataset_classes
     from themask.data.transforms import TestTransform
-    from themask.data.vspw import VSPWIndex, read_frame, read_label
+    from themask.data.vspw import VSPWIndex, read_frame
     from themask.evaluation.inference import predict_video
     from themask.evaluation.visualize import OverlayVideoWriter, overlay, with_legend
 
-    names, palette = dataset_classes(cfg.data.kind)
+    description = cfg.data.description
+    names, palette = description.classes, description.palette
     video = VSPWIndex(cfg.data.root, cfg.data.val_split)[video_index]
     transform = TestTransform(scale=cfg.data.scale, size_divisor=cfg.data.size_divisor)
     frames = (read_frame(p) for p in video.frame_paths)
@@ -164,7 +164,7 @@ def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> st
         for pred in predict_video(
             model, frames, clip_len=cfg.data.eval_clip_len, transform=transform, device="cpu"
         ):
-            gt = read_label(video.mask_paths[pred.index], num_classes=len(names))
+            gt = description.read_label(video.mask_paths[pred.index])
             left = overlay(pred.frame, gt, palette)
             right = overlay(pred.frame, pred.labels, palette)
             gap = np.full((left.shape[0], 4, 3), 255, dtype=np.uint8)

@@ -26,7 +26,8 @@ scale, stored by `themask train`), else 853 x 480.
 
 Writes to OUT:
   labels/<frame>.png     predicted train ids, palettised PNG (VSPW prediction format)
-  overlays/<frame>.png   colour overlay on the frame, legend in a panel to its right
+  overlays/<frame>.png   colour overlay on the frame, legend (class names and colours stored
+                         in the weights by `themask train`) in a panel to its right
   overlay.mp4            the overlays as a video, at the input video's frame rate
 
 Example:
@@ -59,14 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--config",
         default=None,
-        help="run config YAML: its data section gives the defaults of --scale, --dataset and "
-        "--clip-len",
-    )
-    parser.add_argument(
-        "--dataset",
-        choices=("vspw", "toy"),
-        default=None,
-        help="class names and colours (default: picked from the model's class count)",
+        help="run config YAML: its data section gives the defaults of --scale and --clip-len, "
+        "and its dataset the class names and colours when the weights carry none",
     )
     parser.add_argument(
         "--scale",
@@ -93,26 +88,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _class_info(dataset, num_classes: int):
-    """(names, palette) of ``dataset`` or, when ``None``, of the kind with ``num_classes``."""
-    import numpy as np
+def _class_info(weights: str, data, num_classes: int):
+    """(names, palette) for the overlays: those stored in the weights, else those of the
+    ``--config`` dataset (``data``), else VSPW's for 124 classes, else numbers."""
+    from themask.checkpoint import read_class_info
+    from themask.config import ConfigError
+    from themask.data.description import VSPW_DESCRIPTION, default_palette
 
-    from themask.data.config import DATASET_KINDS, dataset_classes
-
-    kinds = [dataset] if dataset else list(DATASET_KINDS)
-    for kind in kinds:
-        names, palette = dataset_classes(kind)
-        if len(names) == num_classes:
-            return list(names), palette
-    if dataset:
-        from themask.config import ConfigError
-
-        raise ConfigError(
-            f"--dataset {dataset} has {len(dataset_classes(dataset)[0])} classes, but the model "
-            f"predicts {num_classes}"
-        )
-    rng = np.random.default_rng(0)  # unknown class set: fixed random colours
-    return [str(i) for i in range(num_classes)], rng.integers(0, 256, (num_classes, 3), np.uint8)
+    stored = read_class_info(weights)
+    if stored is not None:
+        names, palette = stored
+        return names, default_palette(len(names)) if palette is None else palette
+    if data is not None:
+        description = data.description
+        if description.num_classes != num_classes:
+            raise ConfigError(
+                f"{weights}: the model predicts {num_classes} classes but the --config dataset "
+                f"({description.source}) has {description.num_classes}"
+            )
+        return list(description.classes), description.palette
+    if num_classes == VSPW_DESCRIPTION.num_classes:
+        return list(VSPW_DESCRIPTION.classes), VSPW_DESCRIPTION.palette
+    return [str(i) for i in range(num_classes)], default_palette(num_classes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,17 +129,16 @@ def run(args: argparse.Namespace) -> int:
         with_legend,
     )
 
-    scale, dataset, clip_len = args.scale, args.dataset, args.clip_len
+    scale, clip_len, data = args.scale, args.clip_len, None
     if args.config:
         from themask.config import load_config
 
         data = load_config(args.config).data
-        scale, dataset = scale or data.scale, dataset or data.kind
-        clip_len = clip_len or data.eval_clip_len
+        scale, clip_len = scale or data.scale, clip_len or data.eval_clip_len
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model_from_weights(args.weights).to(device)
     scale = tuple(scale or read_test_scale(args.weights) or DEFAULT_SCALE)
-    names, palette = _class_info(dataset, model.config.num_classes)
+    names, palette = _class_info(args.weights, data, model.config.num_classes)
     clip_len = clip_len or (model.config.num_frames if model.is_temporal else 1)
     fps = args.fps
     if fps is None and Path(args.input).is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import logging.handlers
 import shlex
 import signal
 import sys
@@ -61,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--init-from",
         metavar="W",
-        help="stage-1 weights to start a stage-2 (T = 2) model from (sets train.init_from)",
+        help="weights to start from (sets train.init_from): a stage-1 model for a stage-2 (T = 2) "
+        "run, or a model trained on other classes (its class layers are re-initialised)",
     )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
@@ -84,11 +86,19 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, train=train)
     out = Path(args.out) if args.out else default_run_dir(args.config)
     rank = distributed.get_rank_from_env()
+    # train.log is opened once the run directory exists (a run that cannot start creates
+    # none); the records logged while the trainer is set up are held and then written to it
+    held = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)
+    logging.getLogger().addHandler(held)
     try:
-        trainer = Trainer(
-            cfg, out, resume=args.resume, device=args.device, evaluate=not args.no_eval
-        )
-        setup_logging(verbose=args.verbose, rank=rank, log_file=out / "train.log")
+        try:
+            trainer = Trainer(
+                cfg, out, resume=args.resume, device=args.device, evaluate=not args.no_eval
+            )
+        finally:
+            logging.getLogger().removeHandler(held)
+        held.setTarget(setup_logging(verbose=args.verbose, rank=rank, log_file=out / "train.log"))
+        held.close()  # writes the held records to train.log (drops them on other ranks)
         result = trainer.train()
     finally:
         distributed.cleanup()

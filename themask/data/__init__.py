@@ -1,7 +1,9 @@
-"""Video data: VSPW reader, clips, transforms, loaders, the toy dataset and data checks."""
+"""Video data: dataset descriptions, video reader, clips, transforms, loaders, the toy dataset
+and data checks."""
 
 from themask.data.clips import clip_offsets, clip_span, sliding_windows, test_clips
-from themask.data.config import DataConfig, dataset_classes
+from themask.data.config import DataConfig
+from themask.data.description import DatasetDescription, load_description
 from themask.data.loader import (
     Batch,
     ClipMeta,
@@ -13,7 +15,7 @@ from themask.data.loader import (
     build_train_loader,
     collate,
 )
-from themask.data.toy import TOY_CLASS_NAMES, TOY_PALETTE, make_toy_dataset
+from themask.data.toy import TOY_CLASS_NAMES, TOY_DESCRIPTION, TOY_PALETTE, make_toy_dataset
 from themask.data.transforms import TestTransform, TrainTransform
 from themask.data.vspw import (
     CLASS_NAMES,
@@ -33,10 +35,12 @@ __all__ = [
     "ClipSample",
     "CorruptFileError",
     "DataConfig",
+    "DatasetDescription",
     "DataError",
     "InfiniteClipSampler",
     "PALETTE",
     "TOY_CLASS_NAMES",
+    "TOY_DESCRIPTION",
     "TOY_PALETTE",
     "TestTransform",
     "TrainTransform",
@@ -49,7 +53,7 @@ __all__ = [
     "clip_offsets",
     "clip_span",
     "collate",
-    "dataset_classes",
+    "load_description",
     "make_toy_dataset",
     "read_frame",
     "read_label",

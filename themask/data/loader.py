@@ -8,6 +8,10 @@ number of workers or on which worker handles a sample, and resuming at ``start_b
 (batches already consumed by this process: optimizer step x gradient-accumulation count)
 continues the exact same stream.
 
+Sparse datasets: a frame without a mask is still a frame of its clip; its label map is all
+``ignore_index`` (the criterion treats such a frame as unlabelled), and training clips are drawn
+so that their target frame is a labelled one.
+
 Bad files during training: a frame or mask that cannot be decoded (``CorruptFileError``) is
 skipped — the clip is redrawn from another video, a warning names the file and the running
 skip count (per process). Every other ``DataError`` (mask of the wrong size, label values out
@@ -29,16 +33,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from themask.data.clips import clip_span, sample_train_clip, sliding_windows, test_clips
 from themask.data.config import DataConfig
+from themask.data.description import VSPW_DESCRIPTION, DatasetDescription
 from themask.data.transforms import TestTransform, TrainTransform
 from themask.data.vspw import (
     IGNORE_INDEX,
-    NUM_CLASSES,
     CorruptFileError,
     DataError,
     Video,
     VSPWIndex,
     read_frame,
-    read_label,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,13 +119,18 @@ def _read_clip_labels(
     video: Video,
     indices: Sequence[int],
     frames: Sequence[np.ndarray],
-    num_classes: int,
+    description: DatasetDescription,
     ignore_index: int,
 ) -> List[np.ndarray]:
+    """Train-id maps of the clip's frames; all ``ignore_index`` for a frame without a mask."""
     assert video.mask_paths is not None
     labels = []
     for i, frame in zip(indices, frames):
-        label = read_label(video.mask_paths[i], num_classes=num_classes, ignore_index=ignore_index)
+        mask_path = video.mask_path(i)
+        if mask_path is None:
+            labels.append(np.full(frame.shape[:2], ignore_index, dtype=np.uint8))
+            continue
+        label = description.read_label(mask_path, ignore_index=ignore_index)
         if label.shape != frame.shape[:2]:
             raise DataError(
                 f"{video.mask_paths[i]}: mask size {label.shape[1]}x{label.shape[0]} (WxH) differs "
@@ -138,7 +146,8 @@ class VSPWTrainDataset(Dataset):
     Keys are ``(video_index, sample_id)`` from ``InfiniteClipSampler``; an ``int`` key ``i``
     means ``(i % num_videos, i)``. Returns a ``ClipSample`` with frames (T, 3, h, w) and labels
     (T, h, w) at the crop size. Raises ``DataError`` at construction naming every video shorter
-    than the clip span.
+    than the clip span; a video none of whose masked frames can be a clip target is left out
+    (with a warning).
     """
 
     def __init__(
@@ -149,7 +158,7 @@ class VSPWTrainDataset(Dataset):
         transform: TrainTransform,
         reverse_prob: float = 0.5,
         seed: int = 0,
-        num_classes: int = NUM_CLASSES,
+        description: DatasetDescription = VSPW_DESCRIPTION,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if not videos:
@@ -164,12 +173,24 @@ class VSPWTrainDataset(Dataset):
             )
         if any(v.mask_paths is None for v in videos):
             raise DataError("training videos need masks (index built with labelled=False)")
+        unusable = [v.name for v in videos if not _has_target(v, span)]
+        if unusable:
+            logger.warning(
+                "%d training video(s) left out: no masked frame can be a clip target "
+                "(dilation %s): %s",
+                len(unusable),
+                list(dilation),
+                ", ".join(unusable[:10]),
+            )
+            videos = [v for v in videos if v.name not in set(unusable)]
+            if not videos:
+                raise DataError("no training video has a masked frame that can be a clip target")
         self.videos = list(videos)
         self.dilation = tuple(dilation)
         self.transform = transform
         self.reverse_prob = reverse_prob
         self.seed = seed
-        self.num_classes = num_classes
+        self.description = description
         self.ignore_index = ignore_index
         self.skipped = 0
 
@@ -178,14 +199,21 @@ class VSPWTrainDataset(Dataset):
 
     def _load(self, video_index: int, rng: np.random.Generator) -> ClipSample:
         video = self.videos[video_index]
-        indices = sample_train_clip(len(video), self.dilation, rng, reverse_prob=self.reverse_prob)
+        labelled = video.labelled_indices
+        indices = sample_train_clip(
+            len(video),
+            self.dilation,
+            rng,
+            reverse_prob=self.reverse_prob,
+            targets=None if len(labelled) == len(video) else labelled,
+        )
         frames = [read_frame(video.frame_paths[i]) for i in indices]
         for i, f in zip(indices, frames):
             if f.shape != frames[0].shape:
                 raise DataError(
                     f"{video.frame_paths[i]}: frame size {f.shape} differs from {frames[0].shape}"
                 )
-        labels = _read_clip_labels(video, indices, frames, self.num_classes, self.ignore_index)
+        labels = _read_clip_labels(video, indices, frames, self.description, self.ignore_index)
         frame_t, label_t = self.transform(frames, labels, rng)
         meta = ClipMeta(
             video=video.name,
@@ -229,6 +257,12 @@ class VSPWTrainDataset(Dataset):
             MAX_REDRAWS,
         )
         return sample
+
+
+def _has_target(video: Video, span: int) -> bool:
+    """Whether some masked frame of ``video`` can end a clip of ``span`` frames (either way)."""
+    n = len(video)
+    return any(i >= span - 1 or n - 1 - i >= span - 1 for i in video.labelled_indices)
 
 
 class InfiniteClipSampler(Sampler):
@@ -301,7 +335,6 @@ class VSPWClipDataset(Dataset):
         transform: Optional[TestTransform] = None,
         mode: str = "test",
         stride: int = 3,
-        num_classes: int = NUM_CLASSES,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if mode not in ("test", "sliding"):
@@ -309,7 +342,6 @@ class VSPWClipDataset(Dataset):
         self.index = index
         self.transform = transform or TestTransform()
         self.mode = mode
-        self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.items: List[Tuple[int, List[int]]] = []
         for v, video in enumerate(index.videos):
@@ -328,7 +360,9 @@ class VSPWClipDataset(Dataset):
         frames = [read_frame(video.frame_paths[j]) for j in indices]
         size = frames[0].shape[:2]
         if video.mask_paths is not None:
-            labels = _read_clip_labels(video, indices, frames, self.num_classes, self.ignore_index)
+            labels = _read_clip_labels(
+                video, indices, frames, self.index.description, self.ignore_index
+            )
             label_t = torch.from_numpy(np.stack(labels)).long()
         else:
             label_t = torch.full((len(indices), *size), self.ignore_index, dtype=torch.long)
@@ -389,7 +423,7 @@ def build_train_dataset(data_cfg: DataConfig, *, seed: int = 0) -> VSPWTrainData
         transform=transform,
         reverse_prob=data_cfg.reverse_prob,
         seed=seed,
-        num_classes=data_cfg.num_classes,
+        description=index.description,
         ignore_index=data_cfg.ignore_index,
     )
 
@@ -456,7 +490,6 @@ def build_eval_loader(
         clip_len=clip_len or data_cfg.eval_clip_len,
         transform=TestTransform(scale=data_cfg.scale, size_divisor=data_cfg.size_divisor),
         mode=mode,
-        num_classes=data_cfg.num_classes,
         ignore_index=data_cfg.ignore_index,
     )
     workers = data_cfg.num_workers if num_workers is None else num_workers

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from themask.data.clips import TEST_CLIP_STRIDE, test_clips
-from themask.data.config import DataConfig, dataset_classes
+from themask.data.config import DataConfig
+from themask.data.description import DatasetDescription
 from themask.data.transforms import TestTransform
 from themask.data.vspw import (
     IGNORE_INDEX,
@@ -46,11 +47,11 @@ from themask.data.vspw import (
     Video,
     VSPWIndex,
     read_frame,
-    read_label,
     read_raw_label,
 )
 from themask.distributed import get_rank, get_world_size, is_main
 from themask.evaluation.metrics import (
+    PUBLISHED_VC_SKIP,
     SegmentationAccumulator,
     VideoConsistencyAccumulator,
     all_reduce_sum_,
@@ -132,12 +133,13 @@ def evaluate_split(
     clip_len: int,
     transform: Transform,
     device: Union[str, torch.device],
-    num_classes: int,
+    num_classes: Optional[int] = None,
     write_dir: Optional[PathLike] = None,
     palette: Optional[np.ndarray] = None,
     amp: AmpSpec = None,
     vc_lengths: Sequence[int] = (8, 16),
     vc_gt: str = "train_id",
+    vc_rule: str = "published",
     clip_stride: int = TEST_CLIP_STRIDE,
     max_videos: Optional[int] = None,
     distributed: bool = False,
@@ -148,20 +150,29 @@ def evaluate_split(
     ``model(frames (1, T, 3, h, w))`` in eval mode must return class scores (1, T, K, h, w);
     ``transform`` maps the clip's original frames to the network input (T, 3, h, w).
     Scores are resized to each frame's stored size, argmax'ed and compared with the GT.
+    Frames without a mask (sparse datasets) are predicted as context but not scored, and
+    mVC sees only the masked frames, as the published scripts (they list the mask folder).
+    ``num_classes`` defaults to the index's dataset description.
 
     ``vc_gt`` picks the GT encoding of mVC (see ``VideoConsistencyAccumulator``):
     ``"train_id"`` (0 and 255 both ignore; the CFFM script, default) or ``"raw"`` (raw PNG
-    values; the VSPW authors' script). ``write_dir``: also write ``<dir>/<video>/<stem>.png``
-    ('P' mode, train ids, ``palette``).
+    values; the VSPW authors' script). ``vc_rule``: ``"published"`` skips videos of at most
+    16 (masked) frames for every mVC_n (VSS-CFFM ``VC_perclip.py``, the published tables);
+    ``"per_length"`` skips those of at most n frames for mVC_n. ``write_dir``: also write
+    ``<dir>/<video>/<stem>.png`` ('P' mode, train ids, ``palette``).
     ``distributed=True`` (all ranks must call): the videos are split over the processes and
     the metric sums reduced, so every rank returns the same result; with ``False`` the calling
     process evaluates everything alone (e.g. rank 0 during training).
 
     Returns an ``EvalReport``: the dict of :func:`themask.evaluation.metrics.segmentation_metrics`
-    plus ``mVC<n>`` per window length, ``num_videos`` and ``num_frames``.
+    plus ``mVC<n>`` per window length, ``num_videos`` and ``num_frames`` (frames scored).
     """
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
+    if vc_rule not in ("published", "per_length"):
+        raise ValueError(f"vc_rule must be 'published' or 'per_length', got {vc_rule!r}")
+    description = index.description
+    num_classes = num_classes or description.num_classes
     if write_dir is not None and palette is None:
         raise ValueError("evaluate_split: write_dir needs a palette for the prediction PNGs")
     if not index.labelled:
@@ -169,10 +180,11 @@ def evaluate_split(
     device = torch.device(device)
     net = _unwrap(model)
     seg = SegmentationAccumulator(num_classes=num_classes, ignore_index=IGNORE_INDEX, device=device)
-    vcs = {n: VideoConsistencyAccumulator(n, device=device) for n in vc_lengths}
+    skip = PUBLISHED_VC_SKIP if vc_rule == "published" else None
+    vcs = {n: VideoConsistencyAccumulator(n, skip_up_to=skip, device=device) for n in vc_lengths}
     videos = index.videos[:max_videos] if max_videos is not None else index.videos
     mine = videos[get_rank() :: get_world_size()] if distributed else videos
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # videos, frames
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # videos, frames scored
     bar = tqdm(
         total=sum(len(v) for v in mine),
         desc=f"eval {index.split}",
@@ -187,8 +199,12 @@ def evaluate_split(
                 net, video, clip_len=clip_len, clip_stride=clip_stride, transform=transform,
                 device=device, amp=amp,
             )
+            scored = 0
             for frame, pred in predictions:  # pred: (H, W) int64
-                _score_frame(video, frame, pred, seg, vcs, num_classes, vc_gt)
+                mask_path = video.mask_path(frame)
+                if mask_path is not None:
+                    _score_frame(mask_path, pred, seg, vcs, description, vc_gt)
+                    scored += 1
                 if write_dir is not None:
                     save_label_png(
                         pred.to("cpu", torch.uint8).numpy(),
@@ -198,7 +214,7 @@ def evaluate_split(
                 bar.update(1)
             for vc in vcs.values():
                 vc.end_video()
-            counts += torch.tensor([1.0, len(video)], dtype=torch.float64, device=device)
+            counts += torch.tensor([1.0, scored], dtype=torch.float64, device=device)
     if distributed:
         seg.all_reduce()
         for vc in vcs.values():
@@ -236,25 +252,26 @@ def evaluate_data(
     write_dir: Optional[PathLike] = None,
     amp: AmpSpec = None,
     vc_gt: str = "train_id",
+    vc_rule: str = "published",
     distributed: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """:func:`evaluate_split` on ``<data.root>/<split>`` with the settings of a ``DataConfig``:
     test transform from ``data.scale`` / ``data.size_divisor``, class count and palette from
-    ``data.kind``. The other arguments are those of ``evaluate_split``.
+    the dataset description. The other arguments are those of ``evaluate_split``.
     """
-    _, palette = dataset_classes(data.kind)
+    description = data.description
     return evaluate_split(
         model,
-        VSPWIndex(data.root, split),
+        VSPWIndex(data.root, split, description=description),
         clip_len=clip_len,
         transform=TestTransform(scale=data.scale, size_divisor=data.size_divisor),
         device=device,
-        num_classes=data.num_classes,
         write_dir=write_dir,
-        palette=palette,
+        palette=description.palette,
         amp=amp,
         vc_gt=vc_gt,
+        vc_rule=vc_rule,
         max_videos=max_videos,
         distributed=distributed,
         progress=progress,
@@ -301,16 +318,14 @@ def _predict_in_frame_order(
 
 
 def _score_frame(
-    video: Video,
-    frame: int,
+    mask_path: Path,
     pred: Tensor,
     seg: SegmentationAccumulator,
     vcs: Dict[int, VideoConsistencyAccumulator],
-    num_classes: int,
+    description: DatasetDescription,
     vc_gt: str,
 ) -> None:
-    mask_path = video.mask_paths[frame]
-    target = torch.from_numpy(read_label(mask_path, num_classes=num_classes))
+    target = torch.from_numpy(description.read_label(mask_path))
     if target.shape != pred.shape:
         raise DataError(
             f"{mask_path}: mask size {tuple(target.shape)} differs from its frame's "

@@ -152,6 +152,9 @@ class SegmentationAccumulator:
         return segmentation_metrics(self.matrix)
 
 
+PUBLISHED_VC_SKIP = 16  # VSS-CFFM VC_perclip.py: clip_num = 16, checked before both n
+
+
 def window_consistency(gt: Tensor, pred: Tensor) -> float:
     """VC of one window (reference/vspw.md §3.3, step 3–4), computed directly.
 
@@ -171,8 +174,11 @@ class VideoConsistencyAccumulator:
 
     Per video of N frames, windows start at i = 0 … N−n−1 (N − n windows: the window that
     ends on the last frame is not counted, as in the official script) and a video with
-    N ≤ n contributes none. VC of a window = |S ∩ T| / |S| (see :func:`window_consistency`);
-    windows with empty S are dropped; mVC_n = mean over all windows of all videos (window-
+    N ≤ ``skip_up_to`` contributes none. ``skip_up_to=PUBLISHED_VC_SKIP`` (16, for every n) is
+    the rule of VSS-CFFM ``VC_perclip.py``, whose numbers THE-Mask and its lineage publish;
+    ``skip_up_to=None`` (= n) is the per-length rule of the VSPW authors' script.
+    VC of a window = |S ∩ T| / |S| (see :func:`window_consistency`); windows with empty S are
+    dropped; mVC_n = mean over all windows of all videos (window-
     weighted, not per video).
 
     Feed frames in temporal order: ``start_video()``, ``update(pred, gt)`` per frame,
@@ -188,13 +194,21 @@ class VideoConsistencyAccumulator:
     ``themask.evaluation.inference.evaluate_split`` lets the caller choose.
     """
 
-    def __init__(self, n: int, *, device: Union[str, torch.device] = "cpu") -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        skip_up_to: Optional[int] = None,
+        device: Union[str, torch.device] = "cpu",
+    ) -> None:
         if n < 2:
             raise ValueError(f"VideoConsistencyAccumulator: window length n must be >= 2, got {n}")
         self.n = n
+        self.skip_up_to = n if skip_up_to is None else skip_up_to
         self.device = torch.device(device)
         # [sum of window VC values, number of windows with non-empty S]
         self.totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._video_totals = [0.0, 0]
         self._in_video = False
         self._reset_video()
 
@@ -204,6 +218,7 @@ class VideoConsistencyAccumulator:
         self._run_gt: Optional[Tensor] = None  # (H, W) frames since the GT value last changed
         self._run_pred: Optional[Tensor] = None
         self._pending: Optional[float] = None  # VC of the window ending on the previous frame
+        self._video_totals = [0.0, 0]  # committed to ``totals`` when the video is long enough
         self.frames_seen = 0
 
     def reset(self) -> None:
@@ -230,8 +245,8 @@ class VideoConsistencyAccumulator:
             )
         if self._pending is not None:  # a later frame exists, so that window is counted
             if not math.isnan(self._pending):
-                self.totals[0] += self._pending
-                self.totals[1] += 1
+                self._video_totals[0] += self._pending
+                self._video_totals[1] += 1
             self._pending = None
         if self._prev_gt is None:
             self._run_gt = torch.zeros(gt_t.shape, dtype=torch.int32, device=self.device)
@@ -259,6 +274,9 @@ class VideoConsistencyAccumulator:
         """Close the current video (its last window is dropped, see the class docstring)."""
         if not self._in_video:
             raise RuntimeError("VideoConsistencyAccumulator: end_video() without start_video()")
+        if self.frames_seen > self.skip_up_to:
+            self.totals[0] += self._video_totals[0]
+            self.totals[1] += self._video_totals[1]
         self._in_video = False
         self._reset_video()
 

@@ -24,6 +24,7 @@ from themask.modeling.mit import build_mit
 from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from themask.modeling.temporal_decoder import TemporalDecoder
 from themask.modeling.themask import THEMask
+from themask.modeling.transformer import QueryDecoder
 
 _T1: dict[str, Any] = dict(decoder="single", num_frames=1, loss=dict(second_round_cost="bce"))
 _T2: dict[str, Any] = dict(decoder="temporal", num_frames=2, loss=dict(second_round_cost="full"))
@@ -123,7 +124,7 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
         ffn_dim=config.decoder_ffn_dim,
         num_layers=config.decoder_layers,
     )
-    decoder: MaskDecoder
+    decoder: QueryDecoder
     if config.decoder == "temporal":
         decoder = TemporalDecoder(
             **decoder_args, tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout

@@ -1,8 +1,9 @@
-"""The THE-Mask network: MiT backbone → pixel decoder → transformer decoder (DESIGN.md §1–4).
+"""The THE-Mask network: MiT backbone → pixel decoder → transformer decoder
+(docs/DESIGN.md §1–4).
 
-Inputs are already normalised (DESIGN §1); the model pads them with zeros to a multiple of
-``size_divisor`` (the training pipeline pads normalised images with 0 as well; test-time sizes
-are already multiples of 32) and crops the scores back.
+Inputs are already normalised (docs/DESIGN.md §1); the model pads them with zeros to a multiple
+of ``size_divisor`` (the training pipeline pads normalised images with 0 as well; test-time
+sizes are already multiples of 32) and crops the scores back.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from themask.modeling.config import ModelConfig
-from themask.modeling.mask_decoder import MaskDecoder
 from themask.modeling.outputs import Predictions, PredictionSet
-from themask.modeling.temporal_decoder import TemporalDecoder
+from themask.modeling.transformer import QueryDecoder
 
 
 @dataclass
@@ -57,7 +57,7 @@ class FrameFeatures:
 
 
 def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
-    """Semantic inference of one prediction set (DESIGN §4.3).
+    """Semantic inference of one prediction set (docs/DESIGN.md §4.3).
 
     class_logits (B, N, K+1) (one class per clip query) or (B, T, N, K+1) (per frame),
     mask_logits (B, N, T, h, w) → Σ_q softmax(class)[..., :K] · sigmoid(mask): (B, T, K, h, w).
@@ -82,7 +82,7 @@ class THEMask(nn.Module):
         config: ModelConfig,
         backbone: nn.Module,
         pixel_decoder: nn.Module,
-        decoder: MaskDecoder | TemporalDecoder,
+        decoder: QueryDecoder,
     ):
         super().__init__()
         self.config = config
@@ -93,7 +93,7 @@ class THEMask(nn.Module):
     @property
     def is_temporal(self) -> bool:
         """True for the TAD (B clips of T frames), False for the single-frame decoder."""
-        return isinstance(self.decoder, TemporalDecoder)
+        return self.decoder.is_temporal
 
     @property
     def num_classes(self) -> int:
@@ -135,22 +135,16 @@ class THEMask(nn.Module):
                 f"THEMask.decode: features hold {len(features)} frames, expected "
                 f"batch × frames = {batch} × {frames}"
             )
-        if isinstance(self.decoder, TemporalDecoder):
-            predictions = self.decoder(
-                features.mask_features,
-                features.multi_scale,
-                frames=frames,
-                return_all=self.training,
-            )
-        else:
-            predictions = self.decoder(
-                features.mask_features, features.multi_scale, return_all=self.training
-            )
-        predictions.frames_per_clip = frames
-        return predictions
+        return self.decoder(
+            features.mask_features,
+            features.multi_scale,
+            frames=frames,
+            return_all=self.training,
+        )
 
     def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
-        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W) (DESIGN §4.3).
+        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W)
+        (docs/DESIGN.md §4.3).
 
         Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
         Scores are upsampled bilinearly to the padded input size, then cropped. The result is

@@ -251,8 +251,8 @@ original = Trainer._optimizer_step
 def step_and_signal(self):
     norm = original(self)
     if self.step + 1 == at_step:  # during the step that ends at `at_step`
-        for _ in range(count):
-            os.kill(os.getpid(), signum)
+        for _ in range(count):  # to the process group, loader workers included, as Ctrl-C
+            os.killpg(os.getpgrp(), signum)
     return norm
 
 Trainer._optimizer_step = step_and_signal
@@ -265,7 +265,7 @@ def _interrupted_run(tmp_path, args, signum, count=1, at_step=2):
     script.write_text(textwrap.dedent(_INTERRUPT_SCRIPT))
     return subprocess.run(
         [sys.executable, str(script), str(signum), str(count), str(at_step), *args],
-        env=_env(), capture_output=True, text=True, timeout=300,
+        env=_env(), capture_output=True, text=True, timeout=300, start_new_session=True,
     )  # fmt: skip
 
 
@@ -276,14 +276,16 @@ def test_signal_checkpoints_and_resume_continues_exactly(toy_root, tmp_path, sig
              f"train.max_steps={steps}", "train.checkpoint_interval=100",
              "model.drop_path_rate=0.1"]  # fmt: skip
     out = tmp_path / "run"
-    done = _interrupted_run(tmp_path, [*train, "--out", str(out)], signum)
+    # a loader worker here: it must survive the signal and end with the run (no hang)
+    done = _interrupted_run(tmp_path, [*train, "data.num_workers=1", "--out", str(out)], signum)
     assert done.returncode == 128 + signum, done.stderr
     assert "Traceback" not in done.stderr and "--resume" in done.stderr
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and not (out / "model.safetensors").exists()
     (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"")  # as a SIGKILL mid-write leaves it
-    assert main([*train, "--out", str(out), "--resume"]) == 0
+    assert main([*train, "--out", str(out), "--resume"]) == 0  # workers 1 -> 0: harmless
     assert not list(out.glob(".*.tmp"))
+    assert "data.num_workers" in (out / "resume_changes.jsonl").read_text()
     assert main([*train, "--out", str(tmp_path / "straight")]) == 0
     resumed = load_file(out / "model.safetensors")
     straight = load_file(tmp_path / "straight" / "model.safetensors")

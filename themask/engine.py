@@ -319,7 +319,7 @@ class Trainer:
 
             loss_fn = training_loss
         self.loss_fn = loss_fn
-        self._batches_fn = batches if batches is not None else self._default_batches
+        self._batches_fn = batches
         seed_everything(distributed.rank_seed(cfg.train.seed, self.dist.rank))
 
         self.step = 0
@@ -329,7 +329,7 @@ class Trainer:
             self._resume_state, changes = stored
             self._apply_resume_state(self._resume_state)
         # the data before the run directory: a run that cannot start leaves nothing behind
-        self._batches = self._batches_fn(self.step * cfg.train.grad_accum)
+        self._loader = self._build_loader() if batches is None else None
 
         self.writer: MetricWriter | None = None
         if self.is_main:
@@ -391,19 +391,18 @@ class Trainer:
             load_strict(self.model, state_dict, what=path)
         logger.info("initialised from %s (head_init=%s)", path, self.cfg.train.head_init)
 
-    def _default_batches(self, start_batch: int) -> Iterator[Any]:
+    def _build_loader(self) -> Any:
+        """The train loader of this rank, from the current step (no worker started yet)."""
         from themask.data.loader import build_train_loader
 
-        # one optimizer step consumes grad_accum batches
-        loader = build_train_loader(
+        return build_train_loader(
             self.cfg.data,
             batch_size=self.per_process_batch,
             seed=self.cfg.train.seed,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
-            start_batch=start_batch,
+            start_batch=self.step * self.cfg.train.grad_accum,  # grad_accum batches per step
         )
-        return iter(loader)
 
     def _read_checkpoint(self, cfg: RunConfig) -> tuple[dict[str, Any], dict[str, list]]:
         """The checkpoint to resume and the (harmless) config changes since it was written."""
@@ -519,7 +518,10 @@ class Trainer:
         """Run until ``train.max_steps``; returns the losses of the steps run here."""
         tcfg = self.cfg.train
         result = TrainResult(step=self.step)
-        batches = self._batches
+        if self._loader is not None:
+            batches = iter(self._loader)
+        else:
+            batches = self._batches_fn(self.step * tcfg.grad_accum)  # type: ignore[misc]
         if self._resume_state is not None:
             # after the loader exists (creating it may draw from the RNGs)
             rng = self._resume_state["rng"]
@@ -553,6 +555,10 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            # end the loader's workers now, whatever still refers to the iterator (a traceback):
+            # they ignore SIGTERM, so the interpreter's exit could not stop them
+            getattr(batches, "_shutdown_workers", lambda: None)()
+            self._loader = None
         result.step = self.step
         if self.is_main and result.stopped_by is None:
             result.weights_path = self.save_final_weights()

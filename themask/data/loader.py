@@ -396,9 +396,11 @@ class _ShardSampler(Sampler):
 def _seed_worker(worker_id: int) -> None:
     """Seed Python/NumPy global RNGs of a worker from its torch seed (set by the loader).
 
-    Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the trainer finishes
-    its step (which may need more batches) before it stops."""
+    Workers ignore SIGINT and SIGTERM: Ctrl-C (and a scheduler's SIGTERM) may reach the whole
+    process group, and the trainer finishes its step (which may need more batches) before it
+    stops; the workers end when the loader's iterator is deleted (or when their parent dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -1,7 +1,9 @@
 import argparse
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +150,21 @@ def test_demo_writes_everything_it_promises(tmp_path, capsys):
     assert (out / "overlay.mp4").stat().st_size > 0
     assert Image.open(out / "loss_curve.png").size == (700, 400)
     assert (out / "run" / "model.safetensors").is_file()
+
+
+def test_building_the_cli_imports_no_torch():
+    """Command modules import torch inside their functions: `--help` stays fast and
+    `themask predict --onnx` runs where torch is not installed."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from themask.cli import build_parser; build_parser()\n"
+        "assert not [m for m in sys.modules if m.startswith('torch') and sys.modules[m]]\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stderr

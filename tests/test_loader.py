@@ -14,12 +14,13 @@ from themask.data.loader import (
     InfiniteClipSampler,
     VSPWClipDataset,
     VSPWTrainDataset,
+    batch_to_device,
     build_eval_loader,
     build_train_loader,
     collate,
 )
 from themask.data.toy import make_toy_dataset
-from themask.data.transforms import TestTransform, TrainTransform
+from themask.data.transforms import MEAN, STD, TestTransform, TrainTransform
 from themask.data.video_io import iter_input_frames, read_frame_folder, read_video_frames
 from themask.data.vspw import VSPWIndex
 
@@ -98,8 +99,34 @@ def test_loader_is_independent_of_workers_and_resumes(toy_root):
         assert [m.video for m in x.meta] == [m.video for m in y.meta]
     batch = serial[0]
     assert batch.frames.shape == (2, 2, 3, 32, 32) and batch.labels.shape == (2, 2, 32, 32)
-    assert batch.frames.dtype == torch.float32 and batch.labels.dtype == torch.int64
+    assert batch.frames.dtype == torch.uint8 and batch.labels.dtype == torch.int64
     assert set(batch.labels.unique().tolist()) <= set(range(8)) | {255}
+
+
+def test_uint8_frames_normalised_on_the_device_equal_normalising_in_the_worker(toy_root):
+    """The loader ships uint8 frames; ``batch_to_device`` must give exactly the tensors of the
+    float path (normalise, then pad with 0), padding included."""
+    videos = VSPWIndex(toy_root, "train").videos
+    kwargs = dict(scale=(48, 32), ratio_range=(0.5, 0.8), crop_size=(32, 32))
+    by_kind = {}
+    for normalize in (True, False):
+        dataset = VSPWTrainDataset(
+            videos, transform=TrainTransform(normalize=normalize, **kwargs), seed=5
+        )
+        by_kind[normalize] = collate([dataset[(v, 10 + v)] for v in range(4)])
+    worker, device = by_kind[True], by_kind[False]
+    assert worker.frames.dtype == torch.float32 and device.frames.dtype == torch.uint8
+    padded = [m.image_size for m in device.meta if m.image_size != (32, 32)]
+    assert padded, "the test needs clips smaller than the crop"
+    frames, labels = batch_to_device(device, torch.device("cpu"))
+    assert torch.equal(frames, worker.frames) and torch.equal(labels, worker.labels)
+    # and both equal a hand computation: (x - mean) / std inside the image, 0 outside
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    for clip, raw, meta in zip(frames, device.frames, device.meta):
+        h, w = meta.image_size
+        expected = torch.zeros_like(clip)
+        expected[..., :h, :w] = (raw[..., :h, :w].float() - mean) / std
+        assert torch.equal(clip, expected)
 
 
 def test_clips_with_only_ignored_labels_are_redrawn(tmp_path):

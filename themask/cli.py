@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple = (
     "eval",
     "predict",
     "convert",
+    "export",
     "bench",
     "configs",
 )
@@ -60,14 +61,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (reported in one line), not a bug."""
-    from themask.checkpoint import WeightsError
-    from themask.config import ConfigError
-    from themask.data.vspw import DataError
+USER_ERRORS = ("ConfigError", "DataError", "WeightsError")  # themask's own, all ValueError
+FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
 
-    files = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
-    return (ConfigError, DataError, WeightsError, NotADirectoryError, *files)
+
+def is_user_error(err: BaseException) -> bool:
+    """Bad input (reported in one line), not a bug: themask's ``ConfigError``, ``DataError``,
+    ``WeightsError`` or a file error. Matched by name, so no module (nor torch) is imported."""
+    if isinstance(err, (*FILE_ERRORS, NotADirectoryError)):
+        return True
+    return any(
+        cls.__name__ in USER_ERRORS and cls.__module__.startswith("themask.")
+        for cls in type(err).__mro__
+    )
 
 
 def one_line(err: BaseException) -> str:
@@ -89,14 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # torchrun sets RANK: only rank 0 logs below WARNING
     setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
-    if getattr(args, "threads", None):
-        import torch
+    if getattr(args, "threads", None) and not getattr(args, "onnx", None):
+        import torch  # (predict --onnx: torch-free; ONNX Runtime takes args.threads itself)
 
         torch.set_num_threads(args.threads)
     prog = f"themask {args.command}"
     try:
         return int(args.func(args) or 0)
-    except user_error_types() as err:
+    except Exception as err:
+        if not is_user_error(err):
+            raise
         if args.verbose:
             logger.exception("%s failed", prog)
         print(f"{prog}: {one_line(err)}", file=sys.stderr)

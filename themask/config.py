@@ -58,7 +58,9 @@ class TrainConfig:
     backbone_lr_mult: float = 0.1
     poly_power: float = 0.9
     clip_grad_norm: float = 0.01  # L2 norm; 0 disables clipping
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # themask.precision
+    # recompute the pixel-decoder and decoder layers in backward: less memory, a slower step
+    checkpoint_activations: bool = False
     seed: int = 0
     log_interval: int = 50
     checkpoint_interval: int = 4000
@@ -88,7 +90,7 @@ class EvalConfig:
     """
 
     max_videos: Optional[int] = None  # noqa: UP045 (first videos only: quick checks)
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # themask.precision
     # mVC: "published" skips videos of <= 16 frames for mVC8 and mVC16 (VSS-CFFM VC_perclip.py,
     # the published tables); "per_length" skips videos of <= n frames for mVC_n
     vc_rule: Literal["published", "per_length"] = "published"
@@ -135,6 +137,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a bool
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value

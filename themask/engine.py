@@ -7,30 +7,37 @@ A run directory holds:
   ``train.checkpoint_interval`` steps (model, optimizer, grad scaler, per-rank RNG states,
   step, data position); it loads with ``torch.load(weights_only=True)``;
 * ``metrics.jsonl`` and ``tensorboard/``: train terms every ``log_interval`` steps (means
-  over the steps since the previous record), eval metrics after each evaluation; ``train.log``;
+  over the steps since the previous record; with fp16, steps the grad scaler skipped for
+  inf/NaN gradients are left out of the means and counted in ``skipped_steps``), eval metrics
+  after each evaluation; ``train.log``;
 * ``model.safetensors``: the final weights (``themask.checkpoint.save_model``), with the
-  test scale (``data.scale``) in its metadata.
+  class names, palette and test scale (``data.scale``) in its metadata.
 
 ``--resume`` reloads ``checkpoint.pt`` and continues so that the remaining losses and the
-final weights equal those of an uninterrupted run. The config may change only where that
-stays true (``RESUMABLE_KEYS``: intervals, a longer ``max_steps``, workers, ...); such
-changes are appended to ``resume_changes.jsonl``, ``config.yaml`` keeps the original.
+final weights equal those of an uninterrupted run (bit for bit on CPU; on CUDA see
+docs/GPU.md). The config may change only where that stays true (``RESUMABLE_KEYS``:
+intervals, a longer ``max_steps``, workers, ...); such changes are appended to
+``resume_changes.jsonl``, ``config.yaml`` keeps the original.
 
 SIGINT/SIGTERM: the current step finishes, a checkpoint is written and ``train`` returns
 with ``stopped_by`` set (a second signal stops at once). Temporary files left by a killed
 write are removed when the run directory is opened.
+
+The step keeps its scalars (loss terms, grad norm) on the device and reads them back once
+per ``log_interval`` steps, so a CUDA step does not wait for the host.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import signal
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +53,7 @@ from themask.evaluation.metrics import summarize_metrics
 from themask.io import PathLike, atomic_write
 from themask.logger import MetricWriter, git_revision
 from themask.optim import build_optimizer, poly_lr, set_learning_rate
+from themask.precision import autocast_context, configure_cuda_math, grad_scaler, resolve_amp
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +71,9 @@ RESUMABLE_KEYS = (
     *(f"data.{k}" for k in ("num_workers", "root", "val_split", "test_clip_len")),
 )
 
-# (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, terms)
-LossFn = Callable[..., tuple[Tensor, dict[str, float]]]
+# (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, terms); the terms
+# are floats or 0-d tensors
+LossFn = Callable[..., tuple[Tensor, dict[str, Any]]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,14 +237,52 @@ class _WrappedModelView:
         return getattr(self._model, name)
 
 
-def autocast_context(mode: str, device: torch.device) -> AbstractContextManager:
-    """``amp``: "off", "bf16" (CPU or CUDA) or "fp16" (CUDA only, with a grad scaler)."""
-    if mode == "off":
-        return nullcontext()
-    if mode == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or off on CPU")
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+class StepWindow:
+    """Per-step scalars since the last log record, kept where they were made (0-d device
+    tensors stay on the device) and read back in one transfer by ``read``."""
+
+    def __init__(self) -> None:
+        self.tensor_names: list[str] = []
+        self.float_names: list[str] = []
+        self.tensor_rows: list[Tensor] = []  # one (n,) float32 vector per step
+        self.float_rows: list[list[float]] = []
+
+    def __len__(self) -> int:
+        return len(self.tensor_rows)
+
+    def add(self, values: dict[str, Any]) -> None:
+        """One step's values (floats or 0-d tensors; the same names and kinds every step)."""
+        if not self.tensor_rows:
+            self.tensor_names = sorted(k for k, v in values.items() if isinstance(v, Tensor))
+            self.float_names = sorted(k for k in values if k not in self.tensor_names)
+        self.tensor_rows.append(torch.stack([values[k].float() for k in self.tensor_names]))
+        self.float_rows.append([float(values[k]) for k in self.float_names])
+
+    def read(self, *, reduce: bool = False) -> list[dict[str, float]]:
+        """The rows as floats (``reduce``: averaged over processes, a collective) and clear."""
+        values = torch.stack(self.tensor_rows).double()  # (S, n) on the device
+        names = self.tensor_names + self.float_names
+        if reduce:
+            floats = torch.tensor(self.float_rows, dtype=torch.float64).reshape(len(values), -1)
+            both = torch.cat([values, floats.to(values.device)], dim=1)
+            rows = distributed.all_reduce_mean(both).tolist()
+        else:
+            rows = [a + b for a, b in zip(values.tolist(), self.float_rows)]
+        self.tensor_rows, self.float_rows = [], []
+        return [dict(zip(names, row)) for row in rows]
+
+
+def window_means(rows: list[dict[str, float]], *, count_skipped: bool) -> dict[str, float]:
+    """Means of ``rows`` per name. ``count_skipped`` (fp16): rows with a non-finite
+    ``grad_norm`` (steps the grad scaler skipped) are left out and counted in ``skipped_steps``."""
+    kept = rows
+    means: dict[str, float] = {}
+    if count_skipped:
+        kept = [r for r in rows if math.isfinite(r["grad_norm"])]
+        means["skipped_steps"] = float(len(rows) - len(kept))
+    for name in rows[0]:
+        means[name] = sum(r[name] for r in kept) / len(kept) if kept else math.nan
+    return means
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +341,8 @@ class Trainer:
 
         seed_everything(distributed.rank_seed(cfg.train.seed, 0))  # same init on every rank
         self.model = model if model is not None else self._build_model()
+        if cfg.train.checkpoint_activations:
+            self.model.set_activation_checkpointing(True)
         if cfg.train.init_from and not resume:
             self._init_from(cfg.train.init_from)
         self.frozen = freeze_modules(self.model, list(cfg.train.freeze))
@@ -305,8 +354,12 @@ class Trainer:
             backbone_lr_mult=cfg.train.backbone_lr_mult,
         )
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-        use_scaler = cfg.train.amp == "fp16"
-        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        try:
+            self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
+        except ValueError as err:
+            raise ConfigError(f"train.amp: {err}") from None
+        configure_cuda_math(self.device)
+        self.scaler = grad_scaler(self.device) if self.amp_dtype == torch.float16 else None
         self.ddp_model: nn.Module = self.model
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -402,6 +455,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             start_batch=self.step * self.cfg.train.grad_accum,  # grad_accum batches per step
+            pin_memory=self.device.type == "cuda",
         )
 
     def _read_checkpoint(self, cfg: RunConfig) -> tuple[dict[str, Any], dict[str, list]]:
@@ -476,25 +530,27 @@ class Trainer:
         for module in self.frozen:
             module.eval()
 
-    def _forward_backward(self, batch: Any, step: int, last_micro: bool) -> dict[str, float]:
-        frames = batch.frames.to(self.device, non_blocking=True)
-        labels = batch.labels.to(self.device, non_blocking=True)
+    def _forward_backward(self, batch: Any, step: int, last_micro: bool) -> dict[str, Any]:
+        from themask.data.loader import batch_to_device
+
+        frames, labels = batch_to_device(batch, self.device)
         sync = nullcontext()
         if self.ddp_model is not self.model and not last_micro:
             sync = self.ddp_model.no_sync()  # type: ignore[assignment]
         with sync:
-            with autocast_context(self.cfg.train.amp, self.device):
+            with autocast_context(self.amp_dtype, self.device):
                 total, terms = self.loss_fn(self.loss_model, frames, labels, step=step)
             loss = total / self.cfg.train.grad_accum
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
-        terms = {k: float(v) for k, v in terms.items()}
-        terms["loss"] = float(total.detach())
-        return terms
+        values = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
+        values["loss"] = total.detach()
+        return values
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> Tensor:
+        """Clip, step; returns the gradient norm before clipping (a 0-d device tensor)."""
         clip = self.cfg.train.clip_grad_norm
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -504,15 +560,23 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        return float(norm)
+        return norm.detach()
 
-    def _reduce_terms(self, terms: dict[str, float]) -> dict[str, float]:
-        if self.dist.world_size == 1:
-            return terms
-        names = sorted(terms)
-        values = torch.tensor([terms[n] for n in names], dtype=torch.float64, device=self.device)
-        values = distributed.all_reduce_mean(values)
-        return dict(zip(names, values.tolist()))
+    def _log_window(self, window: StepWindow, result: TrainResult, bar: Any) -> None:
+        """Read the window's scalars back (one transfer; a collective under DDP) and log them."""
+        rows = window.read(reduce=self.dist.world_size > 1)
+        result.losses.extend(row["loss"] for row in rows)
+        means = window_means(rows, count_skipped=self.scaler is not None)
+        if self.writer is not None:
+            self.writer.write(self.step, means)
+            logger.debug("step %d loss %.4f lr %.3g", self.step, means["loss"], means["lr"])
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{means['loss']:.3f}",
+                m1=f"{means.get('matched_fraction_round1', math.nan):.3f}",
+                m2=f"{means.get('matched_fraction_round2', math.nan):.3f}",
+                refresh=False,
+            )
 
     def train(self) -> TrainResult:
         """Run until ``train.max_steps``; returns the losses of the steps run here."""
@@ -577,40 +641,26 @@ class Trainer:
         """The steps up to ``train.max_steps``; returns the signal number if one stopped it
         early (after a checkpoint of the last finished step)."""
         tcfg = self.cfg.train
-        window: list[dict[str, float]] = []  # per-step records since the last log line
+        window = StepWindow()  # per-step scalars since the last log record
         while self.step < tcfg.max_steps:
             lr = poly_lr(self.step, tcfg.lr, tcfg.max_steps, tcfg.poly_power)
             set_learning_rate(self.optimizer, lr)
             self.optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
+            sums: dict[str, Any] = {}
             for micro in range(tcfg.grad_accum):
                 terms = self._forward_backward(
                     next(batches), self.step, micro == tcfg.grad_accum - 1
                 )
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v / tcfg.grad_accum
-            grad_norm = self._optimizer_step()
+                    v = v / tcfg.grad_accum if tcfg.grad_accum > 1 else v
+                    sums[k] = sums[k] + v if k in sums else v
+            sums["grad_norm"] = self._optimizer_step()
             self.step += 1
-            terms = self._reduce_terms(sums)
-            result.losses.append(terms["loss"])
-            window.append({**terms, "lr": lr, "grad_norm": grad_norm})
+            window.add({**sums, "lr": lr})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{terms['loss']:.3f}",
-                    m1=f"{terms.get('matched_fraction_round1', float('nan')):.3f}",
-                    m2=f"{terms.get('matched_fraction_round2', float('nan')):.3f}",
-                    refresh=False,
-                )
-            if self.writer is not None and (
-                self.step % tcfg.log_interval == 0 or self.step == tcfg.max_steps
-            ):
-                means = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
-                self.writer.write(self.step, means)
-                logger.debug("step %d loss %.4f lr %.3g", self.step, means["loss"], lr)
-                window = []
-            elif self.writer is None:
-                window = []
+            if self.step % tcfg.log_interval == 0 or self.step == tcfg.max_steps:
+                self._log_window(window, result, bar)
             if self.step % tcfg.checkpoint_interval == 0 or self.step == tcfg.max_steps:
                 self.save()
             periodic = tcfg.eval_interval > 0 and self.step % tcfg.eval_interval == 0

@@ -1,4 +1,5 @@
-"""``themask demo``: the embedded end-to-end run on CPU (toy data → train → eval → videos).
+"""``themask demo``: the embedded end-to-end run (toy data → train → eval → videos), on CPU
+unless ``--device cuda``.
 
 1. writes the toy dataset (``themask.data.toy``; 200 training and 6 validation videos) into
    ``OUT/toy_data``;
@@ -67,6 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"number of generated training videos (default {TRAIN_VIDEOS})",
     )
     add_threads_argument(parser, default=1)
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where to train and evaluate (default cpu: the documented, reproducible demo)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -77,6 +84,13 @@ def _count_lines(path: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     from themask.data.toy import make_toy_dataset
 
+    if args.device == "cuda":
+        import torch
+
+        from themask.config import ConfigError
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available")
     out = Path(args.out)
     data_root = out / "toy_data"
     written = (data_root / "dataset.yaml").is_file()
@@ -85,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
         make_toy_dataset(data_root, seed=0, num_train=args.train_videos, num_val=VAL_VIDEOS)
     config = args.config or THEMASK_CONFIG
 
-    results = {"THE-Mask": _train_and_report(config, args.overrides, data_root, out, "run")}
+    results = {
+        "THE-Mask": _train_and_report(config, args.overrides, data_root, out, "run", args.device)
+    }
     if args.baseline:
         results["Mask2Former"] = _train_and_report(
-            BASELINE_CONFIG, args.overrides, data_root, out / "baseline", "run"
+            BASELINE_CONFIG, args.overrides, data_root, out / "baseline", "run", args.device
         )
         print("\n" + _comparison(results))
     print(f"\nall outputs in {out}/")
@@ -96,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_and_report(
-    config: str, overrides: list, data_root: Path, out: Path, run_name: str
+    config: str, overrides: list, data_root: Path, out: Path, run_name: str, device: str
 ) -> dict[str, Any]:
     import torch
 
@@ -107,17 +123,18 @@ def _train_and_report(
 
     cfg = load_config(config, [f"data.root={data_root}", *overrides])
     names = list(cfg.data.description.classes)
+    where = f"CPU ({torch.get_num_threads()} torch thread(s))" if device == "cpu" else device
     print(
         f"training {cfg.preset} on the toy dataset ({cfg.data.root}): {cfg.train.max_steps} "
-        f"steps of {cfg.train.batch_size} clips on CPU ({torch.get_num_threads()} torch thread(s))"
+        f"steps of {cfg.train.batch_size} clips on {where}"
     )
     start = time.time()
-    trainer = Trainer(cfg, out / run_name, device="cpu", evaluate=False, overwrite=True)
+    trainer = Trainer(cfg, out / run_name, device=device, evaluate=False, overwrite=True)
     trainer.train()
     minutes = (time.time() - start) / 60
     print(f"trained in {minutes:.1f} min; weights: {out / run_name / 'model.safetensors'}")
 
-    report = evaluate_config(trainer.model, cfg, device=torch.device("cpu"))
+    report = evaluate_config(trainer.model, cfg, device=trainer.device)
     print(
         f"\n{cfg.preset} on the toy validation split ({report['num_videos']} videos, "
         f"{report['num_frames']} frames, test clips of {cfg.data.eval_clip_len}); "
@@ -134,7 +151,7 @@ def _train_and_report(
     with atomic_write(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(payload, indent=1, allow_nan=False))
 
-    video = _write_overlays(trainer.model, cfg, out)
+    video = _write_overlays(trainer.model, cfg, out, device=trainer.device)
     plot_loss_curve(out / run_name / "metrics.jsonl", out / "loss_curve.png", title=cfg.preset)
     print(
         f"wrote {out / 'metrics.json'}, overlays of {video} in {out / 'overlays'}, "
@@ -143,7 +160,9 @@ def _train_and_report(
     return report
 
 
-def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> str:
+def _write_overlays(
+    model: Any, cfg: Any, out: Path, *, device: Any = "cpu", video_index: int = 0
+) -> str:
     """Ground truth | prediction overlays (+ legend) of one validation video: PNGs and an MP4."""
     import numpy as np
     from PIL import Image
@@ -162,7 +181,7 @@ def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> st
     folder.mkdir(parents=True, exist_ok=True)
     with OverlayVideoWriter(out / "overlay.mp4", fps=5.0) as writer:
         for pred in predict_video(
-            model, frames, clip_len=cfg.data.eval_clip_len, transform=transform, device="cpu"
+            model, frames, clip_len=cfg.data.eval_clip_len, transform=transform, device=device
         ):
             gt = description.read_label(video.mask_paths[pred.index])
             left = overlay(pred.frame, gt, palette)

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from themask.commands import add_overrides_argument, add_threads_argument
+from themask.precision import AMP_MODES, configure_cuda_math
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--amp",
-        choices=("off", "bf16", "fp16"),
+        choices=AMP_MODES,
         default=None,
         help="autocast for inference (default: eval.amp)",
     )
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     info = distributed.init_distributed(args.device)
+    configure_cuda_math(info.device)
     try:
         model = model_from_weights(args.weights).to(info.device)
         description = cfg.data.description

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from themask.commands import add_threads_argument
+from themask.precision import AMP_MODES, configure_cuda_math
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ Writes to OUT:
 
 Example:
   themask predict --weights run/model.safetensors clip.mp4 --out pred/ --clip-len 2
+  themask predict --onnx exported/ clip.mp4 --out pred/    # after `themask export`
 """
 
 
@@ -43,10 +50,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", help="video file or folder of frames")
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--weights",
-        required=True,
         help="weights: a themask .safetensors file or an official THE-Mask checkpoint (.pth)",
+    )
+    source.add_argument(
+        "--onnx",
+        metavar="DIR",
+        help="a `themask export` folder instead of --weights: run on ONNX Runtime without "
+        "torch (windows of the exported clip length; --scale defaults to the exported one; "
+        "--config, --amp and --device apply to --weights only)",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -81,7 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     parser.add_argument(
-        "--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast for inference"
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="autocast for inference (auto: bf16 on CUDA where supported, else off)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     add_threads_argument(parser)
@@ -113,21 +130,16 @@ def _class_info(weights: str, data, num_classes: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
+    if args.onnx:
+        from themask.deploy.runtime import predict_to_folder
+
+        return predict_to_folder(args)
     import torch
-    from PIL import Image
-    from tqdm import tqdm
 
     from themask.checkpoint import model_from_weights, read_test_scale
     from themask.data.transforms import TestTransform
-    from themask.data.video_io import iter_input_frames, video_frame_rate
+    from themask.data.video_io import iter_input_frames
     from themask.evaluation.inference import predict_video
-    from themask.evaluation.visualize import (
-        OverlayVideoWriter,
-        overlay,
-        save_label_png,
-        with_legend,
-    )
 
     scale, clip_len, data = args.scale, args.clip_len, None
     if args.config:
@@ -136,18 +148,11 @@ def run(args: argparse.Namespace) -> int:
         data = load_config(args.config).data
         scale, clip_len = scale or data.scale, clip_len or data.eval_clip_len
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configure_cuda_math(device)
     model = model_from_weights(args.weights).to(device)
     scale = tuple(scale or read_test_scale(args.weights) or DEFAULT_SCALE)
     names, palette = _class_info(args.weights, data, model.config.num_classes)
     clip_len = clip_len or (model.config.num_frames if model.is_temporal else 1)
-    fps = args.fps
-    if fps is None and Path(args.input).is_file():
-        fps = video_frame_rate(args.input)
-    fps = fps or FOLDER_FPS
-    out = Path(args.out)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-
     frame_names = []
 
     def frames():
@@ -165,20 +170,51 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
     )
     logger.info(
-        "predicting %s with windows of %d frames, step %d, test scale %s, %g fps",
+        "predicting %s with windows of %d frames, step %d, test scale %s",
         args.input,
         clip_len,
         args.step,
         scale,
-        fps,
     )
-    with OverlayVideoWriter(out / "overlay.mp4", fps=fps) as writer:
-        for pred in tqdm(predictions, desc="predict", unit="frame"):
-            name = frame_names[pred.index]
-            save_label_png(pred.labels, out / "labels" / f"{name}.png", palette)
-            picture = overlay(pred.frame, pred.labels, palette, alpha=args.alpha)
-            picture = with_legend(picture, np.unique(pred.labels), names, palette)
+    labelled = ((frame_names[p.index], p.frame, p.labels) for p in predictions)
+    return write_predictions(args, labelled, names, palette)
+
+
+def write_predictions(
+    args: argparse.Namespace,
+    predictions: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    palette: np.ndarray,
+) -> int:
+    """Write ``(name, frame (H, W, 3), labels (H, W))`` items into ``args.out``: label PNGs,
+    overlay PNGs with the legend beside the frame, and overlay.mp4 at the input's frame rate
+    (``--fps``, else the video's, else 15 for a frame folder). Shared with ``--onnx``."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from themask.data.video_io import video_frame_rate
+    from themask.evaluation.visualize import (
+        OverlayVideoWriter,
+        overlay,
+        save_label_png,
+        with_legend,
+    )
+
+    fps = args.fps
+    if fps is None and Path(args.input).is_file():
+        fps = video_frame_rate(args.input)
+    out = Path(args.out)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    count = 0
+    with OverlayVideoWriter(out / "overlay.mp4", fps=fps or FOLDER_FPS) as writer:
+        for name, frame, labels in tqdm(predictions, desc="predict", unit="frame"):
+            save_label_png(labels, out / "labels" / f"{name}.png", palette)
+            picture = overlay(frame, labels, palette, alpha=args.alpha)
+            picture = with_legend(picture, np.unique(labels), class_names, palette)
             Image.fromarray(picture).save(out / "overlays" / f"{name}.png")
             writer.write(picture)
-    print(f"{len(frame_names)} frames: {out / 'labels'}, {out / 'overlays'}, {out / 'overlay.mp4'}")
+            count += 1
+    print(f"{count} frames: {out / 'labels'}, {out / 'overlays'}, {out / 'overlay.mp4'}")
     return 0

@@ -145,9 +145,12 @@ def sliding_windows(
     """
     if clip_len < 1 or step < 1:
         raise ValueError(f"clip_len and step must be >= 1, got {clip_len} and {step}")
-    return [
-        [max(0, t - step * (clip_len - 1 - i)) for i in range(clip_len)] for t in range(num_frames)
-    ]
+    return [causal_window(t, clip_len, step=step) for t in range(num_frames)]
+
+
+def causal_window(t: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> List[int]:
+    """Window ``t`` of :func:`sliding_windows`: ``[max(0, t - (T-1-i)·step) for i < T]``."""
+    return [max(0, t - step * (clip_len - 1 - i)) for i in range(clip_len)]
 
 
 # ``test_clips`` is a library function, not a pytest test, even when imported into a test module.

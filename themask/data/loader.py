@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from themask.data.clips import clip_span, sample_train_clip, sliding_windows, test_clips
 from themask.data.config import DataConfig
 from themask.data.description import VSPW_DESCRIPTION, DatasetDescription
-from themask.data.transforms import TestTransform, TrainTransform
+from themask.data.transforms import TestTransform, TrainTransform, normalize_frames, pad_clip
 from themask.data.vspw import (
     IGNORE_INDEX,
     CorruptFileError,
@@ -55,7 +55,8 @@ class ClipMeta:
 
     ``original_size`` is the stored frame size (H, W); ``frame_indices`` index the video's
     sorted frames; ``scored[i]`` says whether frame i's prediction counts (all for test
-    clips, only the last — the new frame — for sliding windows).
+    clips, only the last — the new frame — for sliding windows). ``image_size`` (h, w): the
+    image fills the top-left h x w of the frames, the rest is padding (None: no padding).
     """
 
     video: str
@@ -64,11 +65,13 @@ class ClipMeta:
     frame_indices: List[int] = field(default_factory=list)
     scored: List[bool] = field(default_factory=list)
     labelled: bool = True
+    image_size: Optional[Tuple[int, int]] = None
 
 
 @dataclass
 class ClipSample:
-    """One clip: frames (T, 3, H, W) float32, labels (T, H', W') int64, meta."""
+    """One clip: frames (T, 3, H, W) uint8 RGB (or float32 normalised), labels (T, H', W')
+    int64, meta."""
 
     frames: torch.Tensor
     labels: torch.Tensor
@@ -77,7 +80,8 @@ class ClipSample:
 
 @dataclass
 class Batch:
-    """frames (B, T, 3, H, W) float32 normalised; labels (B, T, H', W') int64 (255 = ignore).
+    """frames (B, T, 3, H, W) uint8 RGB (or float32 normalised); labels (B, T, H', W') int64
+    (255 = ignore). ``batch_to_device`` gives the network input.
 
     For training H' = H (the crop). For evaluation labels stay at the original frame size.
     """
@@ -95,6 +99,24 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         return Batch(self.frames.pin_memory(), self.labels.pin_memory(), self.meta)
+
+
+def batch_to_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(frames (B, T, 3, H, W) float32 normalised, labels) on ``device`` (non-blocking copies).
+
+    uint8 frames are normalised there, and their padding (``ClipMeta.image_size``) set to 0,
+    which equals normalising before padding; float frames are taken as already normalised.
+    """
+    frames = batch.frames.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    if frames.dtype == torch.uint8:
+        frames = normalize_frames(frames)
+        for clip, meta in zip(frames, batch.meta):
+            if meta.image_size is not None:
+                height, width = meta.image_size
+                clip[..., height:, :].fill_(0)
+                clip[..., :, width:].fill_(0)
+    return frames, labels
 
 
 def collate(samples: Sequence[ClipSample]) -> Batch:
@@ -215,12 +237,18 @@ class VSPWTrainDataset(Dataset):
                 )
         labels = _read_clip_labels(video, indices, frames, self.description, self.ignore_index)
         frame_t, label_t = self.transform(frames, labels, rng)
+        image_size = (int(frame_t.shape[-2]), int(frame_t.shape[-1]))
+        crop_h, crop_w = self.transform.crop_size
+        frame_t, label_t = pad_clip(  # no-op for a transform that pads itself
+            frame_t, label_t, (crop_h, crop_w), ignore_index=self.ignore_index
+        )
         meta = ClipMeta(
             video=video.name,
             frame_names=[video.frame_paths[i].stem for i in indices],
             original_size=(frames[0].shape[0], frames[0].shape[1]),
             frame_indices=list(indices),
             scored=[True] * len(indices),
+            image_size=image_size,
         )
         return ClipSample(frame_t, label_t, meta)
 
@@ -323,8 +351,8 @@ class VSPWClipDataset(Dataset):
     """Evaluation clips of a split: every ``test_clips`` clip (``mode="test"``) or one causal
     ``sliding_windows`` window per frame (``mode="sliding"``) of every video.
 
-    Item: ``ClipSample`` with frames (T, 3, h, w) from ``TestTransform`` and labels (T, H, W)
-    int64 at the original size (all ``ignore_index`` for an unlabelled index).
+    Item: ``ClipSample`` with frames (T, 3, h, w) uint8 from ``TestTransform.resize`` and labels
+    (T, H, W) int64 at the original size (all ``ignore_index`` for an unlabelled index).
     """
 
     def __init__(
@@ -377,7 +405,7 @@ class VSPWClipDataset(Dataset):
             scored=scored,
             labelled=video.mask_paths is not None,
         )
-        return ClipSample(self.transform(frames), label_t, meta)
+        return ClipSample(self.transform.resize(frames), label_t, meta)
 
 
 class _ShardSampler(Sampler):
@@ -418,6 +446,7 @@ def build_train_dataset(data_cfg: DataConfig, *, seed: int = 0) -> VSPWTrainData
         flip_prob=data_cfg.flip_prob,
         photometric=data_cfg.photometric,
         ignore_index=data_cfg.ignore_index,
+        normalize=False,  # uint8 to the device, normalised there
     )
     return VSPWTrainDataset(
         index.videos,
@@ -439,12 +468,14 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     start_batch: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Endless loader of training ``Batch``es for one rank, starting after ``start_batch``
     batches (to resume: optimizer step x gradient-accumulation count).
 
-    ``num_workers=None`` uses ``data_cfg.num_workers``. The stream is a pure function of
-    ``(seed, batch index, rank)`` (see the module docstring).
+    ``num_workers=None`` uses ``data_cfg.num_workers``; ``pin_memory`` (for a CUDA trainer)
+    lets the non-blocking copies of ``batch_to_device`` overlap with compute. The stream is a
+    pure function of ``(seed, batch index, rank)`` (see the module docstring).
     """
     dataset = build_train_dataset(data_cfg, seed=seed)
     sampler = InfiniteClipSampler(
@@ -468,6 +499,7 @@ def build_train_loader(
         generator=generator,
         persistent_workers=workers > 0,
         drop_last=True,
+        pin_memory=pin_memory,
     )
 
 

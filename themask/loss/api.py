@@ -25,12 +25,14 @@ def criterion_for(loss_config: LossConfig, num_classes: int) -> SetCriterion:
 
 def training_loss(
     model: nn.Module, frames: Tensor, labels: Tensor, *, step: int = 0
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor | float]]:
     """Forward ``model`` in train mode and compute its training objective.
 
     frames: (B, T, 3, H, W) normalised; labels: (B, T, H, W) long, 255 = ignore.
     The criterion follows ``model.config.loss`` and ``model.config.num_classes``; ``step`` is
-    the optimiser step (for the one-round warm-up). Returns (total loss, logged terms).
+    the optimiser step (for the one-round warm-up). Returns (total loss, logged terms: 0-d
+    tensors for the loss terms, read with ``float()`` only when logging; see ``LossOutput``).
+    Frames whose labels are all ignore are unlabelled: they supervise nothing.
     """
     if frames.dim() != 5 or labels.dim() != 4 or frames.shape[:2] != labels.shape[:2]:
         raise ValueError(

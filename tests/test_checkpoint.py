@@ -569,6 +569,8 @@ def test_convert_command_mit_weights_need_a_preset(tmp_path, capsys):
         main(["convert", str(src), str(dst), "--preset", "themask_tiny_t1", "--num-classes", "3"])
         == 0
     )
+    # the stage-1 and baseline presets share one network (they differ in the objective)
+    assert "preset mask2former_tiny / themask_tiny_t1, 3 classes" in capsys.readouterr().out
     loaded = load_model(dst)
     assert loaded.num_classes == 3 and loaded.config.decoder == "single"
     for key, value in backbone.state_dict().items():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from themask.commands import run_with_weights
-
 DESCRIPTION = """\
 Export a model for ONNX Runtime. Writes to OUT:
   encoder.onnx    one normalised frame (1, 3, H, W), H and W any multiples of 32 -> its
@@ -51,28 +49,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar=("LONG", "SHORT"),
         default=None,
         help="test resize recorded in the manifest: fit LONG x SHORT keeping the aspect ratio "
-        "(default: data.scale of --config, else 853 480)",
+        "(default: data.scale of --config, else the scale stored with the weights, else 853 480)",
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_with_weights("themask export", args, _export)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from safetensors import SafetensorError
-
-    from themask.checkpoint import model_from_weights
-    from themask.commands.predict import _class_info
-    from themask.config import ConfigError
+    from themask.checkpoint import model_from_weights, read_test_scale
+    from themask.commands.predict import DEFAULT_SCALE, _class_info
     from themask.deploy.export import export_onnx
 
-    try:
-        model = model_from_weights(args.weights)
-    except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{args.weights}: the weights do not load ({reason})") from err
+    model = model_from_weights(args.weights)  # bad weights: one line, exit 2 (themask.cli)
     scale, clip_len, data = args.scale, args.clip_len, None
     if args.config:
         from themask.config import load_config
@@ -90,7 +77,7 @@ def _export(args: argparse.Namespace) -> int:
         class_names=names,
         palette=palette,
         opset=args.opset,
-        scale=tuple(scale or (853, 480)),
+        scale=tuple(scale or read_test_scale(args.weights) or DEFAULT_SCALE),
     )
     print(f"{args.out}: {manifest.encoder}, {manifest.decoder} (T = {clip_len}), manifest.json")
     return 0

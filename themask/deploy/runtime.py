@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -134,26 +133,12 @@ def predict_frames(
 
 
 def predict_to_folder(args) -> int:
-    """``themask predict --onnx DIR INPUT --out OUT``: label PNGs, overlays and overlay.mp4."""
-    try:
-        return _predict_to_folder(args)
-    except DataError as err:
-        print(f"themask predict: {err}", file=sys.stderr)
-        return 2
-
-
-def _predict_to_folder(args) -> int:
-    from PIL import Image
-
+    """``themask predict --onnx DIR INPUT --out OUT``: label PNGs, overlays and overlay.mp4
+    (written as without ``--onnx``); a ``DataError`` is reported by ``themask.cli``."""
+    from themask.commands.predict import write_predictions
     from themask.data.video_io import iter_input_frames
-    from themask.evaluation.visualize import (
-        OverlayVideoWriter,
-        draw_legend,
-        overlay,
-        save_label_png,
-    )
 
-    predictor = OnnxStreamingPredictor(args.onnx, step=args.step)
+    predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
     manifest = predictor.manifest
     if args.clip_len not in (None, manifest.clip_len):
         raise DataError(
@@ -161,7 +146,6 @@ def _predict_to_folder(args) -> int:
             f"not --clip-len {args.clip_len} (export again with --clip-len {args.clip_len})"
         )
     palette = np.asarray(manifest.palette, dtype=np.uint8)
-    out = Path(args.out)
     names: list[str] = []
 
     def frames() -> Iterator[np.ndarray]:
@@ -172,15 +156,8 @@ def _predict_to_folder(args) -> int:
     logger.info(
         "predicting %s with %s, windows of %d frames", args.input, args.onnx, manifest.clip_len
     )
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    with OverlayVideoWriter(out / "overlay.mp4", fps=args.fps) as writer:
-        for frame, labels in predict_frames(predictor, frames(), scale=args.scale):
-            name = names[-1]
-            save_label_png(labels, out / "labels" / f"{name}.png", palette)
-            picture = overlay(frame, labels, palette, alpha=args.alpha)
-            picture = draw_legend(picture, np.unique(labels), manifest.class_names, palette)
-            Image.fromarray(picture).save(out / "overlays" / f"{name}.jpg", quality=90)
-            writer.write(picture)
-    print(f"{len(names)} frames: {out / 'labels'}, {out / 'overlays'}, {out / 'overlay.mp4'}")
-    return 0
+    labelled = (
+        (names[-1], frame, labels)
+        for frame, labels in predict_frames(predictor, frames(), scale=args.scale)
+    )
+    return write_predictions(args, labelled, manifest.class_names, palette)

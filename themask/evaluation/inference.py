@@ -40,7 +40,14 @@ from themask.data.clips import TEST_CLIP_STRIDE, causal_window, test_clips
 from themask.data.config import DataConfig
 from themask.data.description import DatasetDescription
 from themask.data.transforms import TestTransform, normalize_frames
-from themask.data.vspw import IGNORE_INDEX, Video, VSPWIndex, read_frame, read_raw_label
+from themask.data.vspw import (
+    IGNORE_INDEX,
+    DataError,
+    Video,
+    VSPWIndex,
+    read_frame,
+    read_raw_label,
+)
 from themask.distributed import get_rank, get_world_size, is_main
 from themask.evaluation.metrics import (
     PUBLISHED_VC_SKIP,
@@ -283,8 +290,17 @@ def _predict_in_frame_order(
     """
     pending: Dict[int, Tensor] = {}
     next_frame = 0
+    size = None  # (H, W) of the video's first frame read
     for clip in test_clips(len(video), clip_len, stride=clip_stride):
         frames = [read_frame(video.frame_paths[i]) for i in clip]
+        size = size or frames[0].shape[:2]
+        for index, frame in zip(clip, frames):
+            if frame.shape[:2] != size:
+                (h0, w0), (h1, w1) = size, frame.shape[:2]
+                raise DataError(
+                    f"video {video.name}: frame {video.frame_paths[index].name} is {w1}x{h1}, "
+                    f"earlier frames {w0}x{h0}; the frames of a video must share one size"
+                )
         inputs = network_input(transform, frames, device).unsqueeze(0)  # (1, T, 3, h, w)
         with torch.no_grad(), autocast_context(amp, device):
             scores = net(inputs)  # (1, T, K, h, w)
@@ -306,7 +322,7 @@ def _score_frame(
 ) -> None:
     target = upload(torch.from_numpy(description.read_label(mask_path)), pred.device)
     if target.shape != pred.shape:
-        raise ValueError(
+        raise DataError(
             f"{mask_path}: mask size {tuple(target.shape)} differs from its frame's "
             f"{tuple(pred.shape)}"
         )
@@ -387,14 +403,20 @@ def predict_video(
     """Predict a stream of (H, W, 3) uint8 RGB frames; yields one ``FramePrediction`` per frame.
 
     Uses ``StreamingPredictor`` (causal windows of ``clip_len`` frames ``step`` apart, each
-    frame encoded once); scores are resized to the frame's size and argmax'ed.
+    frame encoded once); scores are resized to the frame's size and argmax'ed. Frames may
+    differ in size: where the network input size changes, the windows start afresh (as at
+    the first frame), so every frame is segmented at its own size.
     """
     device = torch.device(device)
     net = _unwrap(model)
     predictor = StreamingPredictor(net, clip_len=clip_len, step=step)
+    input_size = None
     with _eval_mode(net):
         for t, frame in enumerate(frames_iter):
             inputs = network_input(transform, [frame], device)[0]  # (3, h, w)
+            if inputs.shape[-2:] != input_size:
+                predictor.reset()
+                input_size = inputs.shape[-2:]
             with autocast_context(amp, device):
                 scores = predictor.push(inputs)
             labels = scores_to_labels(scores[None], frame.shape[:2])[0]

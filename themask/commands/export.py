@@ -55,9 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from themask.checkpoint import model_from_weights, read_test_scale
     from themask.commands.predict import DEFAULT_SCALE, _class_info
     from themask.deploy.export import export_onnx
+    from themask.weights import model_from_weights, read_test_scale
 
     model = model_from_weights(args.weights)  # bad weights: one line, exit 2 (themask.cli)
     scale, clip_len, data = args.scale, args.clip_len, None

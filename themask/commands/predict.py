@@ -108,9 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _class_info(weights: str, data, num_classes: int):
     """(names, palette) for the overlays: those stored in the weights, else those of the
     ``--config`` dataset (``data``), else VSPW's for 124 classes, else numbers."""
-    from themask.checkpoint import read_class_info
     from themask.config import ConfigError
     from themask.data.description import VSPW_DESCRIPTION, default_palette
+    from themask.weights import read_class_info
 
     stored = read_class_info(weights)
     if stored is not None:
@@ -136,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
         return predict_to_folder(args)
     import torch
 
-    from themask.checkpoint import model_from_weights, read_test_scale
     from themask.data.transforms import TestTransform
     from themask.data.video_io import iter_input_frames
     from themask.evaluation.inference import predict_video
+    from themask.weights import model_from_weights, read_test_scale
 
     scale, clip_len, data = args.scale, args.clip_len, None
     if args.config:

@@ -1,4 +1,4 @@
-# Two commands for a fresh machine: `make demo` and `make test`.
+# Two commands for a fresh machine: `make demo` and `make test` (`make gpu-check` on a GPU).
 # Both create a local virtual environment in .venv when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.themask-installed
 # A CPU build of torch; users with GPUs install their own torch into the venv first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,20 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/themask bench
+
+# Every CUDA path in one command, for whoever has a GPU (needs a CUDA build of torch in the
+# venv): tests/test_cuda.py (no host syncs in forward and loss with amp off/bf16/fp16, CUDA vs
+# CPU at fixed points, NCCL with >= 2 GPUs), then the benchmark on the GPU.
+gpu-check: $(STAMP)
+	@$(PY) -c "import torch, sys; ok = torch.cuda.is_available(); \
+	print(f'torch {torch.__version__}, CUDA {torch.version.cuda}: ' + \
+	(torch.cuda.get_device_name(0) if ok else 'no CUDA device')); sys.exit(0 if ok else 1)"
+	$(PY) -m pytest -v -rs tests/test_cuda.py
+	@if $(VENV)/bin/themask bench --help | grep -q -- "--device"; then \
+		$(VENV)/bin/themask bench --device cuda; \
+	else \
+		echo "themask bench has no --device in this version: CUDA benchmark skipped"; \
+	fi
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

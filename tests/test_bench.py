@@ -1,23 +1,66 @@
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from themask.cli import main
+from themask.commands.bench import count_flops, matmul_flops_per_second
 from themask.modeling.build import build_model
+
+
+def test_flop_count_of_known_ops_matches_the_hand_count():
+    x, weight = torch.randn(4, 8), torch.randn(16, 8)
+    assert count_flops(lambda: F.linear(x, weight)) == 2 * 4 * 8 * 16
+    image, kernel = torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3)
+    # every output pixel (padding 1 keeps 8×8) takes 3·3·3 multiply-adds per output channel
+    assert count_flops(lambda: F.conv2d(image, kernel, padding=1)) == 2 * 5 * 8 * 8 * 27
+    assert count_flops(lambda: x.relu()) == 0  # elementwise ops are not counted
+
+
+def test_matmul_throughput_is_positive_and_finite():
+    rate = matmul_flops_per_second(torch.float32, "cpu", size=64, runs=1)
+    assert 0 < rate < float("inf")
+
+
+def _bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--presets", "themask_tiny_t2", "--sizes", "64x96", "--runs", "2"]
+    assert main([*argv, "--warmup", "0", "--threads", "1", *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _check_efficiency(row):
+    assert row["gflop"] > 0 and row["gflops_per_s"] > 0
+    seconds = row["ms_per_call"] / 1000
+    assert row["gflops_per_s"] == pytest.approx(row["gflop"] / seconds, rel=0.05)
+    for dtype, fraction in row["fraction_of_matmul"].items():
+        assert fraction == pytest.approx(
+            row["gflops_per_s"] / row["matmul_gflops"][dtype], rel=0.05, abs=1e-3
+        )
+    assert "fp32" in row["fraction_of_matmul"]
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_bench_reports_each_setting(tmp_path, mode):
-    out = tmp_path / "bench.json"
-    argv = ["bench", "--presets", "themask_tiny_t2", "--sizes", "64x96", "--runs", "2"]
-    argv += ["--warmup", "0", "--threads", "1", "--mode", mode, "--json", str(out)]
-    assert main(argv) == 0
-    report = json.loads(out.read_text())
-    assert report["mode"] == mode and report["threads"] == 1
+    report = _bench(tmp_path, "--mode", mode)
+    assert report["mode"] == mode and report["threads"] == 1 and report["device"] == "cpu"
     (row,) = report["results"]
     expected = sum(p.numel() for p in build_model("themask_tiny_t2").parameters()) / 1e6
     assert row["parameters_m"] == pytest.approx(expected, abs=0.005)
     assert row["size"] == "64x96" and row["frames"] == 2 and len(row["runs_ms"]) == 2
-    assert row["ms_per_frame"] == pytest.approx(row["ms_per_clip"] / 2, abs=0.1)
-    assert row["ratio_to_official"] is None  # no official number for the tiny preset
+    assert row["ms_per_frame"] == pytest.approx(row["ms_per_call"] / 2, abs=0.1)
+    _check_efficiency(row)
+    assert "ratio_to_official" not in row  # no constants from another machine
 
+
+def test_bench_stream_has_a_pytorch_and_an_onnxruntime_row(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    report = _bench(tmp_path, "--mode", "stream")
+    torch_row, ort_row = report["results"]
+    assert (torch_row["engine"], ort_row["engine"]) == ("torch", "onnxruntime")
+    for row in (torch_row, ort_row):
+        assert row["ms_per_frame"] == row["ms_per_call"] > 0 and row["peak_mib"] > 0
+        _check_efficiency(row)
+    assert ort_row["gflop"] == torch_row["gflop"]  # the same work, counted once

@@ -1,8 +1,10 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from naive import naive_bilinear
+from transfers import TransferCounter
 
 import themask.loss.criterion as criterion_module
 from themask.loss.config import LossConfig
@@ -12,9 +14,10 @@ from themask.loss.criterion import (
     class_loss,
     gather,
     hard_mask_loss,
+    mask_reader,
     soft_mask_loss,
 )
-from themask.loss.matcher import MatchIndices
+from themask.loss.matcher import BatchMatch, MatchIndices
 from themask.loss.point_sample import most_uncertain, point_sample, uncertain_point_coords
 from themask.loss.targets import build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
@@ -55,10 +58,14 @@ def naive_soft(pred, gt, full_target=False):
     return naive_bce_dice(logits, labels)
 
 
-def naive_class_loss(class_logits, classes, matches, num_classes, no_object_weight):
-    """class_logits (B, N, K+1) or (B, T, N, K+1); weighted-mean cross-entropy by loops."""
+def naive_class_loss(class_logits, classes, matches, num_classes, no_object_weight, kept=None):
+    """class_logits (B, N, K+1) or (B, T, N, K+1); weighted-mean cross-entropy by loops.
+
+    kept: labelled frames per clip (default all); the clip head keeps clips with any.
+    """
     if class_logits.dim() == 3:
         class_logits = class_logits[:, None]
+        kept = None if kept is None else [[0] if frames else [] for frames in kept]
     numerator = denominator = 0.0
     batch, frames, queries, _ = class_logits.shape
     for b in range(batch):
@@ -66,7 +73,7 @@ def naive_class_loss(class_logits, classes, matches, num_classes, no_object_weig
         for query, target in (matches[b].primary, matches[b].secondary):
             for q, t in zip(query.tolist(), target.tolist()):
                 assigned[q] = int(classes[b][t])
-        for t in range(frames):
+        for t in range(frames) if kept is None else kept[b]:
             for q in range(queries):
                 target = assigned.get(q, num_classes)
                 weight = no_object_weight if target == num_classes else 1.0
@@ -149,14 +156,28 @@ def test_uncertain_point_coords_keeps_most_uncertain_candidates_then_fills():
 # ---------------------------------------------------------------- single terms
 
 
-def make_clip_example(frames=1):
-    """Two clips, K = 3, N = 5, masks 4×4 → labels 8×8; explicit matches."""
+class ClipTargets:
+    """Naive per-clip targets: present classes (ascending), masks (M, T, H, W), labelled frames."""
+
+    def __init__(self, clip_labels):
+        self.classes = sorted({int(v) for v in clip_labels.flatten()} - {255})
+        self.masks = torch.stack([(clip_labels == c).float() for c in self.classes])
+        self.frames = [t for t in range(clip_labels.shape[0]) if (clip_labels[t] != 255).any()]
+
+
+def make_clip_example(frames=1, unlabelled_frame=None):
+    """Two clips, K = 3, N = 5, masks 4×4 → labels 8×8; explicit matches; naive targets.
+
+    unlabelled_frame: a frame of clip 0 whose labels are all ignore.
+    """
     torch.manual_seed(3)
     labels = torch.randint(0, 3, (2, frames, 8, 8))
     labels[1] = torch.randint(1, 3, (frames, 8, 8))
     labels[1, :, :2] = 255
-    targets = build_targets(labels, 3)
-    assert targets[0].classes.tolist() == [0, 1, 2] and targets[1].classes.tolist() == [1, 2]
+    if unlabelled_frame is not None:
+        labels[0, unlabelled_frame] = 255
+    targets = [ClipTargets(clip) for clip in labels]
+    assert targets[0].classes == [0, 1, 2] and targets[1].classes == [1, 2]
     matches = [
         MatchIndices(primary=pair([1, 3, 4], [2, 0, 1]), secondary=pair([0, 2], [0, 1])),
         MatchIndices(primary=pair([0, 2], [1, 0]), secondary=pair([3, 4], [0, 1])),
@@ -164,32 +185,53 @@ def make_clip_example(frames=1):
     return labels, targets, matches
 
 
-def assigned(matches, targets, queries=5, num_classes=3):
-    (assignment,) = assign(
-        [matches], targets, queries=queries, num_classes=num_classes, device=torch.device("cpu")
+def batch_match(matches_per_set, labels):
+    """What the matcher returns for fixed ``matches_per_set[set][clip]``."""
+    return BatchMatch(
+        matches=matches_per_set,
+        classes=[np.array(ClipTargets(clip).classes, dtype=np.int64) for clip in labels],
+        labelled=(labels != 255).flatten(2).any(-1).numpy(),
     )
-    return assignment, torch.cat([t.masks for t in targets])
+
+
+def assigned(matches, labels, queries=5, num_classes=3):
+    result = batch_match([matches], labels)
+    return assign(result, queries=queries, num_classes=num_classes, device=torch.device("cpu"))
+
+
+def gt_reader(labels, rows):
+    return mask_reader(build_targets(labels, 3), rows)
+
+
+def gt_cells(labels, rows, size):
+    counts, cell_sizes = build_targets(labels, 3).cell_counts(*size)
+    return counts[rows.clip, rows.frame, rows.cls], cell_sizes
 
 
 HARD_ARGS = dict(num_points=6, oversample_ratio=3.0, importance_sample_ratio=0.75)
 
 
-def test_class_loss_equals_naive_weighted_cross_entropy():
-    _, targets, matches = make_clip_example()
-    assignment, _ = assigned(matches, targets)
+def test_class_loss_equals_naive_weighted_cross_entropy_summed_over_sets():
+    labels, targets, matches = make_clip_example()
+    other = [MatchIndices(primary=m.secondary, secondary=m.primary) for m in matches]
+    result = batch_match([matches, other], labels)
+    assignment = assign(result, queries=5, num_classes=3, device=torch.device("cpu"))
+    classes = [t.classes for t in targets]
     for shape in [(2, 5, 4), (2, 3, 5, 4)]:  # clip head, frame head (T = 3)
-        logits = torch.randn(*shape)
+        logits = [torch.randn(*shape), torch.randn(*shape)]
         got = class_loss(logits, assignment.class_target, no_object_weight=0.1)
-        classes = [t.classes.tolist() for t in targets]
-        expected = naive_class_loss(logits, classes, matches, 3, 0.1)
+        expected = sum(
+            naive_class_loss(set_logits, classes, set_matches, 3, 0.1)
+            for set_logits, set_matches in zip(logits, [matches, other])
+        )
         assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_hard_mask_loss_equals_naive_point_loss(fixed_points):
-    _, targets, matches = make_clip_example(frames=2)
+    labels, targets, matches = make_clip_example(frames=2)
     mask_logits = torch.randn(2, 5, 2, 4, 4) * 2
-    assignment, gt_masks = assigned(matches, targets)
-    bce, dice = hard_mask_loss(*gather(mask_logits, gt_masks, assignment.primary), **HARD_ARGS)
+    rows = assigned(matches, labels).primary
+    bce, dice = hard_mask_loss(gather([mask_logits], rows), gt_reader(labels, rows), **HARD_ARGS)
     expected_bce = expected_dice = 0.0
     for b, match in enumerate(matches):
         for q, m in zip(*[x.tolist() for x in match.primary]):
@@ -201,10 +243,10 @@ def test_hard_mask_loss_equals_naive_point_loss(fixed_points):
 
 
 def test_soft_mask_loss_equals_naive_dense_loss_with_soft_target():
-    _, targets, matches = make_clip_example(frames=2)
+    labels, targets, matches = make_clip_example(frames=2)
     mask_logits = torch.randn(2, 5, 2, 4, 4) * 2
-    assignment, gt_masks = assigned(matches, targets)
-    bce, dice = soft_mask_loss(*gather(mask_logits, gt_masks, assignment.secondary))
+    rows = assigned(matches, labels).secondary
+    bce, dice = soft_mask_loss(gather([mask_logits], rows), *gt_cells(labels, rows, (4, 4)))
     expected_bce = expected_dice = 0.0
     for b, match in enumerate(matches):
         for q, m in zip(*[x.tolist() for x in match.secondary]):
@@ -223,6 +265,23 @@ def test_soft_mask_loss_equals_naive_dense_loss_with_soft_target():
     assert abs(full - expected_bce) > 1e-3
 
 
+def test_soft_mask_loss_per_cell_equals_naive_dense_loss_for_uneven_cells():
+    torch.manual_seed(6)
+    labels = torch.randint(0, 3, (1, 2, 11, 7))  # 11×7 labels from 3×5 masks: uneven cells
+    labels[0, 1, :4] = 255
+    mask_logits = torch.randn(1, 5, 2, 3, 5) * 2
+    match = MatchIndices(primary=pair([0], [0]), secondary=pair([1, 2, 4], [0, 1, 2]))
+    rows = assigned([match], labels).secondary
+    bce, dice = soft_mask_loss(gather([mask_logits], rows), *gt_cells(labels, rows, (3, 5)))
+    expected = [0.0, 0.0]
+    for q, m in zip(*[x.tolist() for x in match.secondary]):
+        for t in range(2):
+            pb, pd = naive_soft(mask_logits[0, q, t], (labels[0, t] == m).float())
+            expected[0], expected[1] = expected[0] + pb, expected[1] + pd
+    assert bce.item() == pytest.approx(expected[0], rel=1e-5)
+    assert dice.item() == pytest.approx(expected[1], rel=1e-5)
+
+
 # ---------------------------------------------------------------- whole criterion
 
 
@@ -235,22 +294,24 @@ class StubMatcher:
 
     def match_sets(self, sets, targets, *, num_rounds):
         self.calls.append((sets, num_rounds))
+        matches = self.matches
         if num_rounds == 1:
-            single = [MatchIndices(primary=m.primary) for m in self.matches]
-            return [single for _ in sets]
-        return [self.matches for _ in sets]
+            matches = [MatchIndices(primary=m.primary) for m in self.matches]
+        return batch_match([matches for _ in sets], targets.labels)
 
 
 def expected_head_loss(class_logits, mask_logits, targets, matches, points, config, hard_second):
-    classes = [t.classes.tolist() for t in targets]
+    """Naive loss of one set of one head; unlabelled frames are skipped."""
+    classes = [t.classes for t in targets]
     frames = mask_logits.shape[2]
-    num_masks = sum(len(c) for c in classes)
-    ce = naive_class_loss(class_logits, classes, matches, 3, config.no_object_weight)
+    pairs = sum(len(t.classes) * len(t.frames) for t in targets)
+    kept = [t.frames for t in targets]
+    ce = naive_class_loss(class_logits, classes, matches, 3, config.no_object_weight, kept)
     sums = {"hard": [0.0, 0.0], "second": [0.0, 0.0]}
     for b, match in enumerate(matches):
         for key, (query, target) in (("hard", match.primary), ("second", match.secondary)):
             for q, m in zip(query.tolist(), target.tolist()):
-                for t in range(frames):
+                for t in targets[b].frames:
                     pred, gt = mask_logits[b, q, t], targets[b].masks[m, t]
                     if key == "hard" or hard_second:
                         pb, pd = naive_hard(pred, gt, points)
@@ -258,7 +319,7 @@ def expected_head_loss(class_logits, mask_logits, targets, matches, points, conf
                         pb, pd = naive_soft(pred, gt)
                     sums[key][0] += pb
                     sums[key][1] += pd
-    norm = num_masks * frames
+    norm = max(pairs, frames)
     w1, w2 = config.round_weights
     second_weights = (
         (config.mask_weight, config.dice_weight)
@@ -313,10 +374,87 @@ def test_tad_criterion_total_equals_naive_sum(fixed_points, second_round_loss):
         assert class_logits is clip_set.class_logits and mask_logits is frame_set.mask_logits
     loss_terms = {k: v for k, v in output.terms.items() if k.startswith(("loss_", "frame_loss_"))}
     assert len(loss_terms) == 10
-    assert sum(loss_terms.values()) == pytest.approx(output.total.item(), rel=1e-5)
+    assert all(v.dim() == 0 and not v.requires_grad for v in loss_terms.values())
+    assert float(sum(loss_terms.values())) == pytest.approx(output.total.item(), rel=1e-5)
     assert output.terms["matched_fraction_round1"] == pytest.approx((3 + 2) / (2 * 5))
     assert output.terms["matched_fraction_round2"] == pytest.approx((2 + 2) / (2 * 5))
     assert output.terms["num_masks"] == 5
+
+
+def test_unlabelled_frame_is_left_out_of_every_loss_equals_naive(fixed_points):
+    # clip 0: frame 1 of 3 is all ignore; the naive sum runs over labelled frames only and
+    # normalises by the (mask, labelled frame) pairs: 3 masks × 2 frames + 2 masks × 3 frames
+    labels, targets, matches = make_clip_example(frames=3, unlabelled_frame=1)
+    assert targets[0].frames == [0, 2] and targets[1].frames == [0, 1, 2]
+    predictions = random_sets(2, frames=3, temporal=True)
+    config = LossConfig()
+    criterion = SetCriterion(config, num_classes=3)
+    criterion.matcher = StubMatcher(matches)
+    output = criterion(predictions, labels)
+    expected = 0.0
+    for clip_set, frame_set in zip(predictions.clip, predictions.frame):
+        args = (targets, matches, fixed_points, config, False)
+        expected += expected_head_loss(clip_set.class_logits, clip_set.mask_logits, *args)
+        expected += 0.25 * expected_head_loss(frame_set.class_logits, frame_set.mask_logits, *args)
+    assert output.total.item() == pytest.approx(expected, rel=1e-5)
+    assert output.terms["num_masks"] == 5
+
+
+def perturb_frame(predictions, clip, frame):
+    """A copy of ``predictions`` with new values on one frame of one clip (both heads)."""
+    torch.manual_seed(99)
+    clip_sets = []
+    for s in predictions.clip:
+        masks = s.mask_logits.detach().clone()
+        masks[clip, :, frame] = torch.randn_like(masks[clip, :, frame]) * 5
+        clip_sets.append(PredictionSet(s.class_logits.detach().clone(), masks))
+    frame_sets = []
+    for s in predictions.frame:
+        classes, masks = s.class_logits.detach().clone(), s.mask_logits.detach().clone()
+        classes[clip, frame] = torch.randn_like(classes[clip, frame]) * 5
+        masks[clip, :, frame] = torch.randn_like(masks[clip, :, frame]) * 5
+        frame_sets.append(PredictionSet(classes, masks))
+    return Predictions(clip=clip_sets, frame=frame_sets)
+
+
+class RecordingMatcher:
+    def __init__(self, matcher):
+        self.matcher, self.results = matcher, []
+
+    def match_sets(self, sets, targets, *, num_rounds):
+        self.results.append(self.matcher.match_sets(sets, targets, num_rounds=num_rounds))
+        return self.results[-1]
+
+
+def test_predictions_on_an_unlabelled_frame_change_neither_matching_nor_losses():
+    labels, _, _ = make_clip_example(frames=3, unlabelled_frame=1)
+    predictions = random_sets(3, frames=3, temporal=True)
+    for s in predictions.clip + predictions.frame:
+        s.class_logits.requires_grad_(True)
+        s.mask_logits.requires_grad_(True)
+    criterion = SetCriterion(LossConfig(num_points=32), num_classes=3)
+    criterion.matcher = RecordingMatcher(criterion.matcher)
+    outputs = []
+    for preds in (predictions, perturb_frame(predictions, clip=0, frame=1)):
+        torch.manual_seed(5)  # same point draws
+        outputs.append(criterion(preds, labels))
+    first, second = criterion.matcher.results
+    for set_a, set_b in zip(first.matches, second.matches):
+        for a, b in zip(set_a, set_b):
+            assert all(
+                torch.equal(x, y) for x, y in zip(a.primary + a.secondary, b.primary + b.secondary)
+            )
+    assert torch.equal(outputs[0].total, outputs[1].total)
+    for name, value in outputs[0].terms.items():
+        assert float(value) == float(outputs[1].terms[name]), name
+    # and no gradient reaches the unlabelled frame's predictions
+    outputs[0].total.backward()
+    for s in predictions.clip + predictions.frame:
+        assert s.mask_logits.grad[0, :, 1].abs().sum() == 0
+        assert s.mask_logits.grad[0, :, 0].abs().sum() > 0
+    for s in predictions.frame:
+        assert s.class_logits.grad[0, 1].abs().sum() == 0
+        assert s.class_logits.grad[0, 0].abs().sum() > 0
 
 
 def test_hard_second_round_uses_full_gt_masks(fixed_points):
@@ -326,7 +464,7 @@ def test_hard_second_round_uses_full_gt_masks(fixed_points):
     for mode in ("soft", "hard"):
         criterion = SetCriterion(LossConfig(second_round_loss=mode), num_classes=3)
         criterion.matcher = StubMatcher(matches)
-        secondary_terms[mode] = criterion(predictions, labels).terms["loss_mask_secondary"]
+        secondary_terms[mode] = float(criterion(predictions, labels).terms["loss_mask_secondary"])
     mask_logits = predictions.clip[0].mask_logits
     full_gt = sum(
         naive_hard(mask_logits[b, q, 0], targets[b].masks[m, 0], fixed_points)[0]
@@ -347,6 +485,35 @@ def test_deep_supervision_sums_sets_and_switch_keeps_only_final(fixed_points):
     final_only = SetCriterion(LossConfig(deep_supervision=False), num_classes=3)
     final_only.matcher = StubMatcher(matches)
     assert final_only(predictions, labels).total.item() == pytest.approx(per_set[-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("second_round_loss", ["soft", "hard"])
+def test_sets_together_equal_sets_one_by_one_in_values_and_gradients(
+    fixed_points, second_round_loss
+):
+    labels, _, matches = make_clip_example(frames=3, unlabelled_frame=2)
+    predictions = random_sets(3, frames=3, temporal=True)
+    leaves = [t for s in predictions.clip + predictions.frame for t in vars(s).values()]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    criterion = SetCriterion(LossConfig(second_round_loss=second_round_loss), num_classes=3)
+    criterion.matcher = StubMatcher(matches)
+    together = criterion(predictions, labels)
+    grads_together = torch.autograd.grad(together.total, leaves)
+    one_by_one = [
+        criterion(Predictions(clip=[c], frame=[f]), labels)
+        for c, f in zip(predictions.clip, predictions.frame)
+    ]
+    total = sum(output.total for output in one_by_one)
+    grads_one_by_one = torch.autograd.grad(total, leaves)
+    assert together.total.item() == pytest.approx(total.item(), rel=1e-6)
+    for name, value in together.terms.items():
+        if name.startswith(("loss", "frame")):
+            expected = sum(float(output.terms[name]) for output in one_by_one)
+            assert float(value) == pytest.approx(expected, rel=1e-6, abs=1e-9), name
+    for got, expected in zip(grads_together, grads_one_by_one):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads_together)
 
 
 def obvious_example():
@@ -394,35 +561,37 @@ def test_gradients_reach_secondary_queries_through_soft_and_class_loss():
     (match,) = criterion.matcher(class_logits, mask_logits, build_targets(labels, 2))
     secondary, secondary_targets = match.secondary
     unmatched = sorted(set(range(6)) - set(secondary.tolist()) - set(match.primary[0].tolist()))
-    targets = build_targets(labels, 2)
-    assignment, gt_masks = assigned([match], targets, queries=6, num_classes=2)
-    bce, dice = soft_mask_loss(*gather(mask_logits, gt_masks, assignment.secondary))
+    assignment = assigned([match], labels, queries=6, num_classes=2)
+    rows = assignment.secondary
+    bce, dice = soft_mask_loss(gather([mask_logits], rows), *gt_cells(labels, rows, (4, 4)))
     (bce + dice).backward()
     grad = mask_logits.grad[0]
     assert all(grad[q].abs().sum() > 0 for q in secondary.tolist())
     assert all(grad[q].abs().sum() == 0 for q in unmatched + match.primary[0].tolist())
-    loss = class_loss(class_logits, assignment.class_target, no_object_weight=0.1)
+    loss = class_loss([class_logits], assignment.class_target, no_object_weight=0.1)
     loss.backward()
     for q, m in zip(secondary.tolist(), secondary_targets.tolist()):
-        assert class_logits.grad[0, q, int(targets[0].classes[m])] < 0  # raises its GT class
+        assert class_logits.grad[0, q, m] < 0  # raises its GT class (classes 0, 1 = targets)
 
 
-def test_all_ignore_batch_gives_no_object_only():
+def test_unlabelled_clip_is_not_supervised_and_a_labelled_one_is():
+    # clip 0 all ignore (unlabelled, not "no object everywhere"); clip 1 labelled by class 1
     labels = torch.full((2, 1, 8, 8), 255)
+    labels[1, 0, 2:6] = 1
     predictions = random_sets(2, frames=1, temporal=False)
+    for s in predictions.clip:
+        s.class_logits.requires_grad_(True)
     criterion = SetCriterion(LossConfig(num_points=16), num_classes=3)
     output = criterion(predictions, labels)
     assert output.terms["num_masks"] == 1.0
-    assert output.terms["loss_mask"] == 0.0 and output.terms["loss_mask_secondary"] == 0.0
-    expected = sum(
-        2.0
-        * torch.nn.functional.cross_entropy(
-            s.class_logits.reshape(-1, 4), torch.full((10,), 3)
-        ).item()
-        for s in predictions.clip
+    output.total.backward()
+    for s in predictions.clip:
+        assert s.class_logits.grad[0].abs().sum() == 0
+        assert s.class_logits.grad[1].abs().sum() > 0
+    all_ignore = SetCriterion(LossConfig(num_points=16), num_classes=3)(
+        predictions, torch.full((2, 1, 8, 8), 255)
     )
-    assert output.total.item() == pytest.approx(expected, rel=1e-5)
-    assert output.terms["matched_fraction_round1"] == 0.0
+    assert all_ignore.total.item() == 0.0 and all_ignore.terms["matched_fraction_round1"] == 0.0
 
 
 def test_losses_finite_under_bfloat16_autocast():
@@ -466,16 +635,63 @@ def _num_masks_worker(rank, world_size, init_file, counts, out_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        value = criterion_module.average_num_masks(counts[rank], torch.device("cpu"))
-        (out_dir / f"{rank}.txt").write_text(repr(value))
+        values = criterion_module.average_over_processes(torch.tensor(counts[rank]))
+        (out_dir / f"{rank}.txt").write_text(repr(values.tolist()))
+        labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)  # rank 1: one GT mask
+        if rank == 0:
+            labels[..., 3:], labels[..., 6:] = 1, 2  # rank 0: three
+        predictions = random_sets(1, frames=1, temporal=False)
+        labels = labels.expand(2, -1, -1, -1)  # B = 2: 6 GT masks on rank 0, 2 on rank 1
+        output = SetCriterion(LossConfig(num_points=16), num_classes=3)(predictions, labels)
+        (out_dir / f"masks{rank}.txt").write_text(repr(float(output.terms["num_masks"])))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_num_masks_is_averaged_over_processes(tmp_path):
-    counts = [3, 0]  # rank 0 holds 3 GT masks, rank 1 none → both normalise by 1.5
+def test_counts_are_averaged_over_processes(tmp_path):
+    counts = [[6.0, 3.0], [0.0, 0.0]]  # rank 0: 3 GT masks in 6 pairs, rank 1 none
     torch.multiprocessing.spawn(
         _num_masks_worker, args=(2, tmp_path / "init", counts, tmp_path), nprocs=2, join=True
     )
-    assert [float((tmp_path / f"{r}.txt").read_text()) for r in range(2)] == [1.5, 1.5]
-    assert criterion_module.average_num_masks(0, torch.device("cpu")) == 1.0  # clamp, no DDP
+    assert [(tmp_path / f"{r}.txt").read_text() for r in range(2)] == ["[3.0, 1.5]"] * 2
+    assert [(tmp_path / f"masks{r}.txt").read_text() for r in range(2)] == ["4.0"] * 2
+    single = criterion_module.average_over_processes(torch.tensor([6.0, 3.0]))
+    assert single.tolist() == [6.0, 3.0]  # no DDP: unchanged
+
+
+@pytest.mark.parametrize("all_class_columns,reads", [(True, {"d2h:cpu": 1}), (None, None)])
+def test_criterion_reads_from_the_device_once_and_uploads_once(all_class_columns, reads):
+    labels, _, _ = make_clip_example(frames=2, unlabelled_frame=1)
+    predictions = random_sets(3, frames=2, temporal=True)
+    criterion = SetCriterion(LossConfig(num_points=32), num_classes=3)
+    criterion.matcher.all_class_columns = all_class_columns  # True: what runs on accelerators
+    tensors = [labels] + [
+        t for s in predictions.clip + predictions.frame for t in (s.class_logits, s.mask_logits)
+    ]
+    with TransferCounter(tensors) as counter:
+        output = criterion(predictions, labels)
+    counts = dict(counter.counts)
+    assert counter.total("h2d") == 1 and counts["h2d:to"] == 1  # the assignments, once
+    if reads is not None:
+        assert {k: v for k, v in counts.items() if k.startswith("d2h")} == reads
+    else:  # CPU columns: also reads the largest class count (free on CPU)
+        assert counter.total("d2h") == 2 and counts["d2h:__int__"] == 1
+    assert all(v.dim() == 0 for k, v in output.terms.items() if k.startswith(("loss", "frame")))
+
+
+def test_transfer_counter_sees_reads_uploads_and_hidden_syncs():
+    device_tensor = torch.arange(6.0)
+    with TransferCounter([device_tensor]) as counter:
+        derived = device_tensor * 2
+        derived.sum().item()
+        derived[derived > 3]  # boolean indexing: data-dependent shape
+        torch.ones(2).to(torch.device("cpu"))  # an upload
+        derived[:2] + torch.ones(2)  # a host tensor in an op on device tensors
+        torch.zeros(3, device=device_tensor.device).tolist()
+    assert counter.counts == {
+        "d2h:item": 1,
+        "d2h:__getitem__": 1,
+        "h2d:to": 1,
+        "h2d:mixed add": 1,
+        "d2h:tolist": 1,
+    }

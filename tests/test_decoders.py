@@ -227,8 +227,9 @@ def test_mask_decoder_equals_naive_forward():
         num_layers=4,
     )
     mask_features, multi_scale = random_inputs(2)
-    predictions = decoder(mask_features, multi_scale)
+    predictions = decoder(mask_features, multi_scale, frames=1)
     assert len(predictions.clip) == 5 and predictions.frame is None
+    assert predictions.frames_per_clip == 1
     with torch.no_grad():
         for frame in range(2):  # every frame is its own clip
             memory = memory_of(decoder, multi_scale, frame, frames=1)
@@ -249,8 +250,9 @@ def test_mask_decoder_equals_naive_forward():
                 assert got.mask_logits.shape == (2, QUERIES, 1, 16, 24)
                 assert torch.allclose(got.class_logits[frame], logits, atol=1e-4)
                 assert torch.allclose(got.mask_logits[frame, :, 0], masks, atol=1e-4)
-    final_only = decoder(mask_features, multi_scale, return_all=False)
-    assert len(final_only.clip) == 1
+    final_only = decoder(mask_features, multi_scale, frames=2, return_all=False)
+    assert len(final_only.clip) == 1 and final_only.frames_per_clip == 2
+    # two frames of one clip are still decoded as two one-frame clips
     assert torch.allclose(final_only.clip[0].mask_logits, predictions.clip[-1].mask_logits)
 
 
@@ -270,6 +272,7 @@ def test_temporal_decoder_equals_naive_forward(frames):
     batch = 2
     mask_features, multi_scale = random_inputs(batch * frames, seed=5)
     predictions = decoder(mask_features, multi_scale, frames=frames, return_all=True)
+    assert predictions.frames_per_clip == frames
     temporal = decoder.temporal
     with torch.no_grad():
         for clip_index in range(batch):

@@ -109,6 +109,7 @@ def test_evaluate_split_matches_independent_metrics(tmp_path, clip_len):
         write_dir=out_dir,
         palette=PALETTE,
         vc_lengths=(3, 8),
+        vc_rule="per_length",
         progress=False,
     )
     assert model.training and not model.frozen.training  # modes restored module by module
@@ -152,6 +153,7 @@ def test_evaluate_split_raw_gt_mvc_differs_where_0_and_255_alternate(tmp_path):
         device="cpu",
         num_classes=K,
         vc_lengths=(3,),
+        vc_rule="per_length",
         vc_gt="raw",
         progress=False,
     )
@@ -214,18 +216,18 @@ def test_streaming_predictor_windows_and_single_encoding(clip_len, step):
 def test_eval_cli_reports_the_metrics_of_the_saved_model(tmp_path, capsys):
     import json
 
-    from themask.checkpoint import load_model, save_model
     from themask.cli import main
     from themask.config import load_config
     from themask.data.toy import make_toy_dataset
     from themask.evaluation.inference import evaluate_data
     from themask.modeling.build import build_model
+    from themask.weights import load_model, save_model
 
     root = make_toy_dataset(tmp_path / "toy", num_train=1, num_val=2, num_frames=5, size=(32, 48))
     config = tmp_path / "run.yaml"
     config.write_text(
         "preset: themask_tiny_t2\n"
-        f"data: {{kind: toy, root: {root}, scale: [48, 32], dilation: [-3], num_workers: 0}}\n"
+        f"data: {{root: {root}, scale: [48, 32], dilation: [-3], num_workers: 0}}\n"
     )
     torch.manual_seed(4)
     weights = tmp_path / "model.safetensors"
@@ -265,6 +267,7 @@ def _ddp_eval_worker(rank, world, init_file, root, out_dir):
             device="cpu",
             num_classes=K,
             vc_lengths=(3,),
+            vc_rule="per_length",
             distributed=True,
             progress=False,
         )
@@ -285,6 +288,7 @@ def test_distributed_evaluation_splits_videos_and_equals_one_process(tmp_path):
         device="cpu",
         num_classes=K,
         vc_lengths=(3,),
+        vc_rule="per_length",
         progress=False,
     )
     args = (2, str(tmp_path / "init"), str(tmp_path / "vspw"), str(tmp_path))

@@ -14,12 +14,13 @@ from themask.data.loader import (
     InfiniteClipSampler,
     VSPWClipDataset,
     VSPWTrainDataset,
+    batch_to_device,
     build_eval_loader,
     build_train_loader,
     collate,
 )
 from themask.data.toy import make_toy_dataset
-from themask.data.transforms import TestTransform, TrainTransform
+from themask.data.transforms import MEAN, STD, TestTransform, TrainTransform
 from themask.data.video_io import iter_input_frames, read_frame_folder, read_video_frames
 from themask.data.vspw import VSPWIndex
 
@@ -33,7 +34,7 @@ def toy_root(tmp_path_factory) -> Path:
 
 def _cfg(root, **kw):
     return DataConfig(
-        kind="toy", root=str(root), scale=(48, 32), crop_size=(32, 32), num_workers=0, **kw
+        root=str(root), scale=(48, 32), crop_size=(32, 32), num_workers=0, **kw
     )
 
 
@@ -98,8 +99,34 @@ def test_loader_is_independent_of_workers_and_resumes(toy_root):
         assert [m.video for m in x.meta] == [m.video for m in y.meta]
     batch = serial[0]
     assert batch.frames.shape == (2, 2, 3, 32, 32) and batch.labels.shape == (2, 2, 32, 32)
-    assert batch.frames.dtype == torch.float32 and batch.labels.dtype == torch.int64
+    assert batch.frames.dtype == torch.uint8 and batch.labels.dtype == torch.int64
     assert set(batch.labels.unique().tolist()) <= set(range(8)) | {255}
+
+
+def test_uint8_frames_normalised_on_the_device_equal_normalising_in_the_worker(toy_root):
+    """The loader ships uint8 frames; ``batch_to_device`` must give exactly the tensors of the
+    float path (normalise, then pad with 0), padding included."""
+    videos = VSPWIndex(toy_root, "train").videos
+    kwargs = dict(scale=(48, 32), ratio_range=(0.5, 0.8), crop_size=(32, 32))
+    by_kind = {}
+    for normalize in (True, False):
+        dataset = VSPWTrainDataset(
+            videos, transform=TrainTransform(normalize=normalize, **kwargs), seed=5
+        )
+        by_kind[normalize] = collate([dataset[(v, 10 + v)] for v in range(4)])
+    worker, device = by_kind[True], by_kind[False]
+    assert worker.frames.dtype == torch.float32 and device.frames.dtype == torch.uint8
+    padded = [m.image_size for m in device.meta if m.image_size != (32, 32)]
+    assert padded, "the test needs clips smaller than the crop"
+    frames, labels = batch_to_device(device, torch.device("cpu"))
+    assert torch.equal(frames, worker.frames) and torch.equal(labels, worker.labels)
+    # and both equal a hand computation: (x - mean) / std inside the image, 0 outside
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    for clip, raw, meta in zip(frames, device.frames, device.meta):
+        h, w = meta.image_size
+        expected = torch.zeros_like(clip)
+        expected[..., :h, :w] = (raw[..., :h, :w].float() - mean) / std
+        assert torch.equal(clip, expected)
 
 
 def test_clips_with_only_ignored_labels_are_redrawn(tmp_path):
@@ -164,7 +191,7 @@ def test_eval_labels_match_the_files(toy_root):
 
     index = VSPWIndex(toy_root, "val")
     dataset = VSPWClipDataset(
-        index, clip_len=2, transform=TestTransform(scale=(48, 32)), num_classes=8
+        index, clip_len=2, transform=TestTransform(scale=(48, 32))
     )
     sample = dataset[1]
     video = index.videos[0]
@@ -186,11 +213,9 @@ def test_config_derives_clip_length_and_classes_and_validates():
     assert DataConfig().num_frames == 2 and DataConfig().num_classes == 124
     assert DataConfig(dilation=[-9, -6, -3]).num_frames == 4
     assert DataConfig(dilation=[0]).eval_clip_len == 1
-    assert DataConfig(kind="toy", test_clip_len=4).eval_clip_len == 4
-    assert DataConfig(kind="toy").num_classes == 8
+    assert DataConfig(test_clip_len=4).eval_clip_len == 4
     assert DataConfig(crop_size=[64, 96]).crop_size == (64, 96)
     for bad in (
-        dict(kind="ade"),
         dict(dilation=[3]),
         dict(ratio_range=(2.0, 1.0)),
         dict(flip_prob=1.5),

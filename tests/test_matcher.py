@@ -6,12 +6,7 @@ import pytest
 import torch
 from naive import naive_bilinear
 
-from themask.loss.matcher import (
-    HungarianMatcher,
-    match_two_rounds,
-    pairwise_dice,
-    pairwise_sigmoid_bce,
-)
+from themask.loss.matcher import HungarianMatcher, match_two_rounds, pairwise_bce_dice
 from themask.loss.targets import build_targets
 
 
@@ -92,59 +87,110 @@ def test_one_round_has_no_secondary():
     assert len(match.primary[0]) == 2 and len(match.secondary[0]) == 0
 
 
-def test_pairwise_costs_equal_naive_loops():
+def naive_bce_dice(pred, gt):
+    sig = [1 / (1 + math.exp(-v)) for v in pred]
+    bce = sum(-(g * math.log(s) + (1 - g) * math.log(1 - s)) for s, g in zip(sig, gt)) / len(gt)
+    dice = 1 - (2 * sum(s * g for s, g in zip(sig, gt)) + 1) / (sum(sig) + sum(gt) + 1)
+    return bce, dice
+
+
+def test_pairwise_costs_equal_naive_loops_and_leave_out_weightless_points():
     torch.manual_seed(0)
-    logits = torch.randn(3, 7)
-    targets = (torch.rand(2, 7) > 0.5).float()
-    bce, dice = pairwise_sigmoid_bce(logits, targets), pairwise_dice(logits, targets)
-    for q in range(3):
-        for m in range(2):
-            p = [1 / (1 + math.exp(-v)) for v in logits[q].tolist()]
-            y = targets[m].tolist()
-            naive_bce = (
-                -sum(yi * math.log(pi) + (1 - yi) * math.log(1 - pi) for pi, yi in zip(p, y)) / 7
-            )
-            naive_dice = 1 - (2 * sum(pi * yi for pi, yi in zip(p, y)) + 1) / (sum(p) + sum(y) + 1)
-            assert bce[q, m].item() == pytest.approx(naive_bce, rel=1e-5)
-            assert dice[q, m].item() == pytest.approx(naive_dice, rel=1e-5)
+    logits = torch.randn(2, 3, 7)
+    targets = (torch.rand(2, 7, 2) > 0.5).float()
+    weight = torch.ones(2, 7)
+    weight[1, 4:] = 0  # points 4..6 of clip 1 are left out
+    targets[1, 4:] = 0
+    bce, dice = pairwise_bce_dice(logits, targets, weight)
+    for b in range(2):
+        kept = [p for p in range(7) if weight[b, p] > 0]
+        for q in range(3):
+            for m in range(2):
+                naive = naive_bce_dice(
+                    [logits[b, q, p].item() for p in kept], [targets[b, p, m].item() for p in kept]
+                )
+                assert bce[b, q, m].item() == pytest.approx(naive[0], rel=1e-5)
+                assert dice[b, q, m].item() == pytest.approx(naive[1], rel=1e-5)
 
 
-@pytest.mark.parametrize("frames", [1, 2])
-def test_matcher_cost_equals_naive_cost_at_the_drawn_points(frames):
+@pytest.mark.parametrize("all_class_columns", [False, True])
+@pytest.mark.parametrize("frames", [1, 3])
+def test_matcher_cost_equals_naive_cost_at_the_drawn_points(frames, all_class_columns):
     torch.manual_seed(1)
-    batch, queries, classes, points = 2, 4, 3, 5
-    class_logits = torch.randn(batch, queries, classes + 1)
-    mask_logits = torch.randn(batch, queries, frames, 3, 4)
+    batch, queries, classes, points, sets = 2, 4, 3, 5, 2
+    class_logits = torch.randn(sets, batch, queries, classes + 1)
+    mask_logits = torch.randn(sets, batch, queries, frames, 3, 4)
     labels = torch.randint(0, classes, (batch, frames, 6, 8))
     labels[1, :, :3] = 255
+    labels[0, 0, 0] = 2  # class 2 is present in clip 0 (at least in frame 0)
+    labels[1] = labels[1].clamp(max=1)  # clip 1 holds classes 0, 1 only
+    if frames == 3:
+        labels[0, 1] = 255  # an unlabelled frame: left out of the cost
     targets = build_targets(labels, classes)
-    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=points)
+    matcher = HungarianMatcher(
+        cost_class=2.0,
+        cost_mask=5.0,
+        cost_dice=5.0,
+        num_points=points,
+        all_class_columns=all_class_columns,
+    )
     torch.manual_seed(7)
-    costs = matcher.costs(class_logits, mask_logits, targets)
+    costs = matcher.costs(list(zip(class_logits, mask_logits)), targets)
     torch.manual_seed(7)
-    coords = torch.rand(batch, points, 2)  # the matcher's first random draw
-    for b in range(batch):
-        probs = class_logits[b].softmax(-1)
+    coords = torch.rand(sets, batch, points, 2)  # the matcher's random draw
+    assert costs.columns.shape[1] == (classes if all_class_columns else 3)
+    for s, b in itertools.product(range(sets), range(batch)):
+        present = sorted({int(v) for v in labels[b].flatten()} - {255})
+        assert costs.columns[b][costs.valid[b]].tolist() == present
+        kept = [t for t in range(frames) if (labels[b, t] != 255).any()]
+        probs = class_logits[s, b].softmax(-1)
         for q in range(queries):
             pred = [
-                naive_bilinear(mask_logits[b, q, t], *coords[b, p].tolist())
-                for t in range(frames)
+                naive_bilinear(mask_logits[s, b, q, t], *coords[s, b, p].tolist())
+                for t in kept
                 for p in range(points)
             ]
-            for m, cls in enumerate(targets[b].classes.tolist()):
+            for column, cls in enumerate(costs.columns[b].tolist()):
+                if not costs.valid[b, column]:
+                    continue
                 gt = [
-                    naive_bilinear(targets[b].masks[m, t], *coords[b, p].tolist())
-                    for t in range(frames)
+                    naive_bilinear((labels[b, t] == cls).float(), *coords[s, b, p].tolist())
+                    for t in kept
                     for p in range(points)
                 ]
-                sig = [1 / (1 + math.exp(-v)) for v in pred]
-                bce = sum(
-                    -(g * math.log(s) + (1 - g) * math.log(1 - s)) for s, g in zip(sig, gt)
-                ) / len(gt)
-                dice = 1 - (2 * sum(s * g for s, g in zip(sig, gt)) + 1) / (sum(sig) + sum(gt) + 1)
+                bce, dice = naive_bce_dice(pred, gt)
                 expected = -2.0 * probs[q, cls].item() + 5.0 * bce + 5.0 * dice
-                assert costs[b].full[q, m].item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
-                assert costs[b].bce[q, m].item() == pytest.approx(5.0 * bce, rel=1e-4, abs=1e-5)
+                got_full, got_bce = costs.full[s, b, q, column], costs.bce[s, b, q, column]
+                assert got_full.item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+                assert got_bce.item() == pytest.approx(5.0 * bce, rel=1e-4, abs=1e-5)
+
+
+def test_column_choices_give_the_same_matches():
+    torch.manual_seed(2)
+    labels = torch.randint(0, 4, (2, 2, 8, 8))
+    labels[1, :, :, :4] = 255
+    labels[1] = labels[1].clamp(max=2)
+    targets = build_targets(labels, 6)
+    sets = [(torch.randn(2, 7, 7), torch.randn(2, 7, 2, 4, 4) * 2) for _ in range(3)]
+    results = []
+    for all_class_columns in (False, True):
+        matcher = HungarianMatcher(num_points=64, all_class_columns=all_class_columns)
+        torch.manual_seed(3)
+        results.append(matcher.match_sets(sets, targets))
+    compact, dense = results
+    assert [c.tolist() for c in compact.classes] == [c.tolist() for c in dense.classes]
+    for compact_set, dense_set in zip(compact.matches, dense.matches):
+        for a, b in zip(compact_set, dense_set):
+            assert pairs_of(a.primary) == pairs_of(b.primary)
+            assert pairs_of(a.secondary) == pairs_of(b.secondary)
+
+
+def test_invalid_label_is_reported_by_the_matching():
+    labels = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    labels[0, 0, 2, 3] = 9
+    targets = build_targets(labels, 3)
+    with pytest.raises(ValueError, match="value 9"):
+        HungarianMatcher(num_points=8)(torch.randn(1, 4, 4), torch.randn(1, 4, 1, 2, 2), targets)
 
 
 def test_costs_are_float32_under_autocast():
@@ -154,8 +200,8 @@ def test_costs_are_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         class_logits = torch.randn(1, 4, 4).bfloat16()
         mask_logits = torch.randn(1, 4, 1, 4, 4).bfloat16()
-        costs = HungarianMatcher(num_points=16).costs(class_logits, mask_logits, targets)
-    assert costs[0].full.dtype == torch.float32 and torch.isfinite(costs[0].full).all()
+        costs = HungarianMatcher(num_points=16).costs([(class_logits, mask_logits)], targets)
+    assert costs.full.dtype == torch.float32 and torch.isfinite(costs.full).all()
 
 
 def test_matcher_finds_the_obvious_assignment_in_both_rounds():
@@ -188,11 +234,12 @@ def test_bce_second_round_cost_uses_the_bce_matrix():
     torch.manual_seed(5)
     matches = matcher(class_logits, mask_logits, targets)
     torch.manual_seed(5)
-    costs = matcher.costs(class_logits, mask_logits, targets)
+    costs = matcher.costs([(class_logits, mask_logits)], targets)
     differs = False
-    for match, cost in zip(matches, costs):
-        expected = match_two_rounds(cost.full, second_round_cost=cost.bce)
+    for b, match in enumerate(matches):
+        full, bce = costs.full[0, b], costs.bce[0, b]
+        expected = match_two_rounds(full, second_round_cost=bce)
         assert pairs_of(match.primary) == pairs_of(expected.primary)
         assert pairs_of(match.secondary) == pairs_of(expected.secondary)
-        differs |= pairs_of(match.secondary) != pairs_of(match_two_rounds(cost.full).secondary)
+        differs |= pairs_of(match.secondary) != pairs_of(match_two_rounds(full).secondary)
     assert differs  # the example is one where the choice of round-2 cost matters

@@ -32,7 +32,7 @@ def test_generator_is_deterministic_by_seed(toy_root, tmp_path):
 
 
 def test_generator_output_passes_the_reader_and_the_check(toy_root):
-    report = check_dataset(toy_root, num_classes=len(TOY_CLASS_NAMES))
+    report = check_dataset(toy_root)
     assert report.ok, report.problems
     assert report.splits == {"train": 6, "val": 2}
     assert set(report.sizes) == {(48, 64)}

@@ -172,8 +172,8 @@ def test_pad_then_crop_back_round_trip():
 
 def test_normalize_round_trip():
     rgb = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)
-    x = tf.normalize(rgb)
-    assert x.shape == (2, 3, 5, 6)
+    x = tf.normalize_frames(tf.to_chw(rgb))
+    assert x.shape == (2, 3, 5, 6) and x.dtype == torch.float32
     assert torch.allclose(
         tf.denormalize(x), torch.from_numpy(rgb).float().permute(0, 3, 1, 2), atol=1e-4
     )

@@ -74,7 +74,7 @@ def test_read_frame_returns_rgb_uint8(tmp_path):
 
 def test_split_file_tolerates_crlf_blank_lines_and_missing_final_newline(tmp_path):
     (tmp_path / "val.txt").write_bytes(b"1001_a-b\r\n\r\n  0_wHveSGjXyDY \r\n12_last")
-    assert read_split(tmp_path, "val") == ["1001_a-b", "0_wHveSGjXyDY", "12_last"]
+    assert read_split(tmp_path / "val.txt") == ["1001_a-b", "0_wHveSGjXyDY", "12_last"]
 
 
 def _write_video(root: Path, name: str, stems, size=(4, 6)):

@@ -17,8 +17,9 @@ _EXPORTS = {
     "THEMask": "themask.modeling.themask",
     "ModelConfig": "themask.modeling.config",
     "LossConfig": "themask.loss.config",
-    "load_model": "themask.checkpoint",
-    "save_model": "themask.checkpoint",
+    "SetCriterion": "themask.loss.criterion",
+    "load_model": "themask.weights",
+    "save_model": "themask.weights",
     "training_loss": "themask.loss.api",
 }
 

@@ -7,9 +7,11 @@ process and the helpers below are no-ops.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,7 +57,8 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Initialise the process group from the torchrun environment (if present).
 
     ``device``: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). The backend is NCCL
-    on CUDA and gloo on CPU; on CUDA each process uses ``cuda:LOCAL_RANK``.
+    on CUDA and gloo on CPU; on CUDA each process uses ``cuda:LOCAL_RANK``, also passed to
+    NCCL as ``device_id`` (torch >= 2.3) so it binds to that device at once.
     """
     use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,7 +71,10 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
         dev = torch.device("cpu")
     if world_size > 1 and not is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        extra: dict[str, Any] = {}
+        if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            extra["device_id"] = dev
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **extra)
         logger.info("process group: %s, rank %d of %d", backend, rank, world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
@@ -93,7 +99,11 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Destroy the process group (safe to call when none exists)."""
+    """Destroy the process group (safe to call when none exists).
+
+    No barrier: commands call this in ``finally``, and after a failure on one rank a barrier
+    would keep the others waiting for it until the NCCL timeout. Successful runs synchronise
+    before (the trainer's final barrier, the evaluation's reductions).
+    """
     if is_initialized():
-        barrier()
         dist.destroy_process_group()

@@ -1,16 +1,22 @@
-"""``themask bench``: parameters, CPU time per frame and peak memory of presets.
+"""``themask bench``: time per frame, counted FLOPs, efficiency and peak memory of presets.
 
 ``--mode infer`` (default) times ``model(clip)`` in eval mode; ``--mode train`` times one
 training step (``training_loss`` + backward + AdamW step) on one clip whose labels hold 8
-classes in vertical bands. Where the brief of the project gives the official code's time for
-the same setting on a 2-core machine, the ratio ours / official is printed.
+classes in vertical bands; ``--mode stream`` times streaming prediction (one frame pushed into
+causal sliding windows, features reused) with PyTorch and, on CPU, with ONNX Runtime on the
+exported graphs (``themask export``), in the same run.
 
-Each (preset, size) runs in a fresh child process so its peak memory is its own: peak memory
-is the child's maximum resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and,
-separately, its increase over the resident size right after building the model (activations
-and workspace of the forward pass). Time: median of ``--runs`` forward passes after
-``--warmup`` passes, in ``torch.inference_mode``, on random normalised input; one clip of
-T = the preset's ``num_frames`` frames; reported per clip and per frame.
+Figures that transfer across machines: each row counts the FLOPs of what it times
+(``torch.utils.flop_counter``: matrix products, convolutions, attention; forward in infer and
+stream mode, forward + backward in train mode) and divides the achieved FLOP/s by this
+machine's own matrix-multiply throughput, measured in the same process (square fp32 matmuls,
+and bf16 where the device has bf16 matrix units).
+
+Each row runs in a fresh child process so its peak memory is its own: on CPU the child's
+maximum resident set size (``ru_maxrss``) and its increase over the resident size right after
+building the model; on CUDA ``torch.cuda.max_memory_allocated``. Time: median of ``--runs``
+timed calls after ``--warmup`` calls, on random normalised input; one clip of T = the preset's
+``num_frames`` frames (stream mode: windows of T frames, 3 frames apart).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_PRESETS = (
     "themask_mit_b0_t1",
@@ -31,22 +37,33 @@ DEFAULT_PRESETS = (
     "themask_mit_b1_t2",
 )
 DEFAULT_SIZES = ("480x480", "480x853")
-# Seconds per clip of the official THE-Mask code on a 2-core CPU machine (project brief):
-# (mode, preset, size, frames) -> seconds.
-OFFICIAL_SECONDS = {
-    ("infer", "themask_mit_b0_t1", "480x480", 1): 0.97,
-    ("infer", "themask_mit_b1_t1", "480x480", 1): 1.10,
-    ("infer", "themask_mit_b0_t2", "480x480", 2): 1.78,
-    ("infer", "themask_mit_b1_t2", "480x480", 2): 1.83,
-    ("train", "themask_mit_b0_t2", "256x256", 2): 1.96,
-}
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
+DESCRIPTION = """\
+Measure model presets on this machine: time per clip and per frame, counted FLOPs, efficiency
+and peak memory.
+
+--mode infer (default) times a forward pass in evaluation mode; --mode train times one
+training step (loss, backward pass, AdamW update) on a clip whose labels hold 8 classes in
+vertical bands; --mode stream times streaming prediction (one frame pushed into causal
+sliding windows, features reused) with PyTorch and, on CPU, with ONNX Runtime on the graphs
+written by `themask export`.
+
+Each row counts the FLOPs of what it times (matrix products, convolutions, attention) and
+divides the achieved FLOP/s by this machine's own matrix-multiply speed, measured in the same
+run, so the efficiency column compares across machines. Each row runs in a fresh child
+process, so its peak memory is its own (CPU: peak resident memory and its increase after the
+model is built; CUDA: peak allocated memory). Time: median of --runs runs after --warmup
+runs, on random input; one clip of T frames (the preset's clip length unless --frames).
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="CPU time per frame, peak memory and parameters of presets",
-        description=__doc__,
+        help="time per frame, counted FLOPs, matmul efficiency and peak memory of presets",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="NAME")
@@ -65,17 +82,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--mode",
-        choices=("infer", "train"),
+        choices=("infer", "train", "stream"),
         default="infer",
-        help="time inference (eval forward) or one training step (loss, backward, AdamW)",
+        help="time inference (eval forward), one training step (loss, backward, AdamW) or "
+        "streaming prediction per frame (PyTorch and ONNX Runtime)",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     parser.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch intra-op threads (default: torch's default)",
+        help="torch (and ONNX Runtime) intra-op threads (default: torch's default)",
     )
     parser.add_argument("--json", dest="json_path", default=None, help="also write results here")
     parser.set_defaults(func=run)
@@ -83,12 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def parse_size(text: str) -> tuple[int, int]:
     """'480x853' → (480, 853)."""
+    from themask.config import ConfigError
+
     try:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(
-            f"themask bench: --sizes expects HxW such as 480x853, got {text!r}"
-        ) from None
+        raise ConfigError(f"--sizes expects HxW such as 480x853, got {text!r}") from None
     return height, width
 
 
@@ -114,131 +133,291 @@ def _rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _measure(job: dict[str, Any], queue: multiprocessing.Queue[dict[str, Any]]) -> None:
-    """Child process: build, warm up, time, report through ``queue``."""
+def _peak_rss_mib() -> float:
     import resource
-    import statistics
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux → MiB
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` counted by ``torch.utils.flop_counter.FlopCounterMode``
+    (matrix products, convolutions, attention; 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def bf16_matmul_supported(device: str) -> bool:
+    """True where bf16 matrix products run on native units (CUDA bf16, CPU AVX512-BF16/AMX)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(
+        getattr(torch.cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def matmul_flops_per_second(dtype, device: str, *, size: int | None = None, runs: int = 3) -> float:
+    """Best of ``runs`` timed ``size``² matrix products: 2·size³ / seconds."""
     import time
 
+    import torch
+
+    size = size or MATMUL_SIZE[device]
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(runs + 1):  # the first call warms up
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _torch_step(job: dict[str, Any], model, clip) -> Callable[[], object]:
+    """The timed call of ``job['mode']`` (one clip, or one streamed frame)."""
+    import torch
+
+    if job["mode"] == "train":
+        from themask.loss import SetCriterion, training_loss
+        from themask.modeling.build import preset_loss_config
+
+        criterion = SetCriterion(preset_loss_config(job["preset"]), model.num_classes)
+        model.train()
+        frames, height, width = clip.shape[1], clip.shape[-2], clip.shape[-1]
+        bands = torch.arange(width, device=clip.device) * 8 // width  # 8 classes in bands
+        labels = bands.expand(1, frames, height, width).clone()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = training_loss(model, clip, labels, criterion)
+            loss.backward()
+            optimizer.step()
+
+        return step
+    # frozen: FlopCounterMode's module tracker fails on parameters passed to a submodule
+    model.eval().requires_grad_(False)
+    if job["mode"] == "infer":
+
+        def forward() -> None:
+            with torch.inference_mode():
+                model(clip)
+
+        return forward
+    from themask.evaluation.inference import StreamingPredictor
+
+    predictor = StreamingPredictor(model, clip_len=clip.shape[1])
+    pushed = iter(range(10**9))
+
+    def push() -> None:
+        with torch.inference_mode():
+            predictor.push(clip[0, next(pushed) % clip.shape[1]])
+
+    return push
+
+
+def _measure(job: dict[str, Any], queue: multiprocessing.Queue[dict[str, Any]]) -> None:
+    """Child process: build, count, warm up, time, report through ``queue``."""
     import torch
 
     from themask.modeling.build import build_model
 
     if job["threads"] is not None:
         torch.set_num_threads(job["threads"])
+    device = job["device"]
     torch.manual_seed(0)
-    model = build_model(job["preset"])
+    model = build_model(job["preset"]).to(device)
     frames = job["frames"] or model.config.num_frames
-    height, width = job["size"]
-    clip = torch.randn(1, frames, 3, height, width)
+    if job["mode"] == "stream" and not model.is_temporal:
+        frames = 1  # a single-frame decoder streams windows of one frame
+    clip = torch.randn(1, frames, 3, *job["size"], device=device)
     rss_after_build = _rss_mib()
-    times: list[float] = []
-    if job["mode"] == "train":
-        from themask.loss.api import training_loss
-
-        model.train()
-        bands = torch.arange(width) * 8 // width  # 8 classes in vertical bands
-        labels = bands.expand(1, frames, height, width).clone()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = training_loss(model, clip, labels, step=0)
-            loss.backward()
-            optimizer.step()
-
+    step = _torch_step(job, model, clip)
+    flops = count_flops(step)  # also the first warm-up call
+    peaks = {"fp32": matmul_flops_per_second(torch.float32, device)}
+    if bf16_matmul_supported(device):
+        peaks["bf16"] = matmul_flops_per_second(torch.bfloat16, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = _time(step, job, device)
+    if device == "cuda":
+        peak, increase = torch.cuda.max_memory_allocated() / 2**20, None
     else:
-        model.eval()
+        peak = _peak_rss_mib()
+        increase = peak - rss_after_build
+    per_call = frames if job["mode"] != "stream" else 1
+    row = _row(job, "torch", frames, flops, peaks, times, per_call, peak, increase)
+    row["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    if job["mode"] == "stream" and device == "cpu":
+        from themask.deploy.export import export_onnx
 
-        def step() -> None:
-            with torch.inference_mode():
-                model(clip)
+        row["onnx_dir"] = job["onnx_dir"]
+        export_onnx(
+            model,
+            job["onnx_dir"],
+            clip_len=frames,
+            class_names=[str(k) for k in range(model.num_classes)],
+            palette=[[0, 0, 0]] * model.num_classes,
+        )
+    queue.put(row)
 
+
+def _measure_onnxruntime(job: dict[str, Any], queue: multiprocessing.Queue[dict[str, Any]]) -> None:
+    """Child process without torch: stream random frames through the exported graphs."""
+    import numpy as np
+
+    from themask.deploy.runtime import OnnxStreamingPredictor
+
+    predictor = OnnxStreamingPredictor(job["onnx_dir"], threads=job["threads"])
+    rss_after_build = _rss_mib()
+    rng = np.random.default_rng(0)
+    frames = rng.standard_normal((predictor.clip_len, 3, *job["size"]), dtype=np.float32)
+    pushed = iter(range(10**9))
+
+    def push() -> None:
+        predictor.push(frames[next(pushed) % len(frames)])
+
+    push()  # like the counted call of the torch row
+    times = _time(push, job, "cpu")
+    peak = _peak_rss_mib()
+    flops, peaks = job["torch_row"]["gflop"] * 1e9, job["torch_row"]["matmul_gflops"]
+    peaks = {k: v * 1e9 for k, v in peaks.items()}
+    row = _row(
+        job, "onnxruntime", predictor.clip_len, flops, peaks, times, 1, peak, peak - rss_after_build
+    )
+    row["parameters_m"] = job["torch_row"]["parameters_m"]
+    queue.put(row)
+
+
+def _time(step: Callable[[], object], job: dict[str, Any], device: str) -> list[float]:
+    import time
+
+    times = []
     for index in range(job["warmup"] + job["runs"]):
+        _sync(device)
         start = time.perf_counter()
         step()
+        _sync(device)
         if index >= job["warmup"]:
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux → MiB
+    return times
+
+
+def _row(job, engine, frames, flops, peaks, times, frames_per_call, peak, increase) -> dict:
+    import statistics
+
     seconds = statistics.median(times)
-    official = OFFICIAL_SECONDS.get((job["mode"], job["preset"], f"{height}x{width}", frames))
-    queue.put(
-        dict(
-            mode=job["mode"],
-            preset=job["preset"],
-            size=f"{height}x{width}",
-            frames=frames,
-            parameters_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            ms_per_clip=round(seconds * 1000, 1),
-            ms_per_frame=round(seconds * 1000 / frames, 1),
-            runs_ms=[round(t * 1000, 1) for t in times],
-            peak_rss_mib=round(peak, 1),
-            peak_increase_mib=round(peak - rss_after_build, 1),
-            threads=torch.get_num_threads(),
-            official_ms_per_clip=None if official is None else official * 1000,
-            ratio_to_official=None if official is None else round(seconds / official, 2),
+    achieved = flops / seconds
+    return dict(
+        mode=job["mode"],
+        engine=engine,
+        device=job["device"],
+        preset=job["preset"],
+        size="x".join(str(s) for s in job["size"]),
+        frames=frames,
+        ms_per_call=round(seconds * 1000, 1),
+        ms_per_frame=round(seconds * 1000 / frames_per_call, 1),
+        runs_ms=[round(t * 1000, 1) for t in times],
+        gflop=round(flops / 1e9, 3),
+        gflops_per_s=round(achieved / 1e9, 2),
+        matmul_gflops={k: round(v / 1e9, 1) for k, v in peaks.items()},
+        fraction_of_matmul={k: round(achieved / v, 3) for k, v in peaks.items()},
+        peak_mib=round(peak, 1),
+        peak_increase_mib=None if increase is None else round(increase, 1),
+        threads=job["threads_used"],
+    )
+
+
+def _run_child(context, target, job: dict[str, Any]) -> dict[str, Any] | None:
+    queue = context.Queue()
+    child = context.Process(target=target, args=(job, queue))
+    child.start()
+    row = queue.get() if child.join() is None and child.exitcode == 0 else None
+    if row is None:
+        print(
+            f"themask bench: {job['preset']} at {job['size']} failed (exit code {child.exitcode})",
+            file=sys.stderr,
         )
+    return row
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    fractions = row["fraction_of_matmul"]
+    bf16 = f"{100 * fractions['bf16']:>7.1f}%" if "bf16" in fractions else f"{'-':>8}"
+    increase = row["peak_increase_mib"]
+    print(
+        f"{row['engine']:<11} {row['preset']:<22} {row['size']:>8} {row['frames']:>2} "
+        f"{row['parameters_m']:>9.2f} {row['ms_per_call']:>9.1f} {row['ms_per_frame']:>9.1f} "
+        f"{row['gflop']:>8.2f} {row['gflops_per_s']:>8.1f} {100 * fractions['fp32']:>7.1f}% "
+        f"{bf16} {row['peak_mib']:>10.1f} "
+        + (f"{increase:>10.1f}" if increase is not None else f"{'-':>10}"),
+        flush=True,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
+
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("themask bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
     sizes = [parse_size(text) for text in args.sizes]
+    threads = args.threads or torch.get_num_threads()
     header = dict(
         torch=torch.__version__,
         python=platform.python_version(),
         machine=platform.machine(),
         cpu=_cpu_name(),
         cpu_count=os.cpu_count(),
-        threads=args.threads or torch.get_num_threads(),
+        device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        threads=threads,
         mode=args.mode,
         runs=args.runs,
         warmup=args.warmup,
-        memory="peak RSS of a fresh process per row; increase = over RSS after build",
+        memory="CPU: peak RSS of a fresh process per row, increase = over RSS after build; "
+        "CUDA: max_memory_allocated",
     )
     print(" ".join(f"{key}={value}" for key, value in header.items()))
     print(
-        f"{'preset':<22} {'size':>8} {'T':>2} {'params(M)':>9} {'ms/clip':>9} "
-        f"{'ms/frame':>9} {'peak RSS(MiB)':>13} {'+forward(MiB)':>13} {'vs official':>11}"
+        f"{'engine':<11} {'preset':<22} {'size':>8} {'T':>2} {'params(M)':>9} {'ms/call':>9} "
+        f"{'ms/frame':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'of fp32':>8} {'of bf16':>8} "
+        f"{'peak(MiB)':>10} {'+run(MiB)':>10}"
     )
     context = multiprocessing.get_context("spawn")
     results = []
-    for preset in args.presets:
-        for size in sizes:
-            queue = context.Queue()
-            job = dict(
-                preset=preset,
-                size=size,
-                mode=args.mode,
-                frames=args.frames,
-                runs=args.runs,
-                warmup=args.warmup,
-                threads=args.threads,
-            )
-            child = context.Process(target=_measure, args=(job, queue))
-            child.start()
-            child.join()
-            if child.exitcode != 0 or queue.empty():
-                print(
-                    f"themask bench: {preset} at {size} failed (exit code {child.exitcode})",
-                    file=sys.stderr,
-                )
-                return 1
-            row = queue.get()
-            results.append(row)
-            print(
-                f"{row['preset']:<22} {row['size']:>8} {row['frames']:>2} "
-                f"{row['parameters_m']:>9.2f} {row['ms_per_clip']:>9.1f} "
-                f"{row['ms_per_frame']:>9.1f} {row['peak_rss_mib']:>13.1f} "
-                f"{row['peak_increase_mib']:>13.1f} "
-                + (
-                    f"{row['ratio_to_official']:>10.2f}x"
-                    if row["ratio_to_official"]
-                    else f"{'-':>11}"
-                ),
-                flush=True,
-            )
+    with tempfile.TemporaryDirectory(prefix="themask-bench-") as scratch:
+        for preset in args.presets:
+            for index, size in enumerate(sizes):
+                job = dict(vars(args), preset=preset, size=size, threads_used=threads)
+                job.pop("func", None)
+                job["onnx_dir"] = str(Path(scratch) / f"{preset}-{index}")
+                rows = [_run_child(context, _measure, job)]
+                if rows[0] is not None and "onnx_dir" in rows[0]:
+                    job.update(threads=threads, torch_row=rows[0])
+                    rows.append(_run_child(context, _measure_onnxruntime, job))
+                if None in rows:
+                    return 1
+                for row in rows:
+                    row.pop("onnx_dir", None)
+                    _print_row(row)
+                results.extend(rows)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(dict(header, results=results), indent=2) + "\n")
     return 0

@@ -1,4 +1,5 @@
-"""``themask demo``: the embedded end-to-end run on CPU (toy data → train → eval → videos).
+"""``themask demo``: the embedded end-to-end run (toy data → train → eval → videos), on CPU
+unless ``--device cuda``.
 
 1. writes the toy dataset (``themask.data.toy``; 200 training and 6 validation videos) into
    ``OUT/toy_data``;
@@ -21,17 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from themask.commands import add_threads_argument
+
 logger = logging.getLogger(__name__)
 
-TOY_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "toy"  # shipped in the package
-THEMASK_CONFIG = "themask_toy.yaml"
-BASELINE_CONFIG = "mask2former_toy.yaml"
+THEMASK_CONFIG = "toy/themask_toy"  # shipped configs (themask/configs), used by name
+BASELINE_CONFIG = "toy/mask2former_toy"
 # Many short videos: with only a few dozen the tiny model memorises them instead of learning
 # textures and shapes (train mIoU > 90 %, validation near chance).
 TRAIN_VIDEOS = 200
 VAL_VIDEOS = 6
 PANEL_SCALE = 2  # overlays are upscaled (nearest) for viewing
-LEGEND_WIDTH = 110
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,12 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--config",
         metavar="CONFIG",
-        help=f"run config to train (default: configs/toy/{THEMASK_CONFIG})",
+        help=f"run config to train (default: the shipped {THEMASK_CONFIG})",
     )
     parser.add_argument(
         "--baseline",
         action="store_true",
-        help=f"also train the Mask2Former baseline (configs/toy/{BASELINE_CONFIG})",
+        help=f"also train the Mask2Former baseline (shipped {BASELINE_CONFIG})",
     )
     parser.add_argument(
         "--train-videos",
@@ -66,13 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"number of generated training videos (default {TRAIN_VIDEOS})",
     )
+    add_threads_argument(parser, default=1)
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        metavar="N",
-        help="torch CPU threads (default 1: the tiny model gains little from more, a busy "
-        "machine loses a lot; the data loader uses another core)",
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where to train and evaluate (default cpu: the documented, reproducible demo)",
     )
     parser.set_defaults(func=run)
 
@@ -81,34 +81,30 @@ def _count_lines(path: Path) -> int:
     return len(path.read_text().split()) if path.is_file() else 0
 
 
-def _toy_config(name: str) -> Path:
-    path = TOY_CONFIG_DIR / name
-    if not path.is_file():
-        raise SystemExit(
-            f"themask demo: {path} not found (the toy configs ship inside the themask "
-            "package, in themask/configs/toy); pass --config PATH"
-        )
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from themask.data.toy import make_toy_dataset
 
-    torch.set_num_threads(max(1, args.threads))
+    if args.device == "cuda":
+        import torch
+
+        from themask.config import ConfigError
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available")
     out = Path(args.out)
     data_root = out / "toy_data"
-    if _count_lines(data_root / "train.txt") != args.train_videos:
+    written = (data_root / "dataset.yaml").is_file()
+    if not written or _count_lines(data_root / "train.txt") != args.train_videos:
         print(f"writing the toy dataset ({args.train_videos} + {VAL_VIDEOS} videos) to {data_root}")
         make_toy_dataset(data_root, seed=0, num_train=args.train_videos, num_val=VAL_VIDEOS)
-    config = Path(args.config) if args.config else _toy_config(THEMASK_CONFIG)
+    config = args.config or THEMASK_CONFIG
 
-    results = {"THE-Mask": _train_and_report(config, args.overrides, data_root, out, "run")}
+    results = {
+        "THE-Mask": _train_and_report(config, args.overrides, data_root, out, "run", args.device)
+    }
     if args.baseline:
-        baseline = _toy_config(BASELINE_CONFIG)
         results["Mask2Former"] = _train_and_report(
-            baseline, args.overrides, data_root, out / "baseline", "run"
+            BASELINE_CONFIG, args.overrides, data_root, out / "baseline", "run", args.device
         )
         print("\n" + _comparison(results))
     print(f"\nall outputs in {out}/")
@@ -116,29 +112,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_and_report(
-    config: Path, overrides: list, data_root: Path, out: Path, run_name: str
+    config: str, overrides: list, data_root: Path, out: Path, run_name: str, device: str
 ) -> dict[str, Any]:
     import torch
 
     from themask.config import load_config
-    from themask.data.config import dataset_classes
     from themask.engine import Trainer, evaluate_config
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
     from themask.io import atomic_write
 
     cfg = load_config(config, [f"data.root={data_root}", *overrides])
-    names = list(dataset_classes(cfg.data.kind)[0])
+    names = list(cfg.data.description.classes)
+    where = f"CPU ({torch.get_num_threads()} torch thread(s))" if device == "cpu" else device
     print(
         f"training {cfg.preset} on the toy dataset ({cfg.data.root}): {cfg.train.max_steps} "
-        f"steps of {cfg.train.batch_size} clips on CPU ({torch.get_num_threads()} torch thread(s))"
+        f"steps of {cfg.train.batch_size} clips on {where}"
     )
     start = time.time()
-    trainer = Trainer(cfg, out / run_name, device="cpu", evaluate=False, overwrite=True)
+    trainer = Trainer(cfg, out / run_name, device=device, evaluate=False, overwrite=True)
     trainer.train()
     minutes = (time.time() - start) / 60
     print(f"trained in {minutes:.1f} min; weights: {out / run_name / 'model.safetensors'}")
 
-    report = evaluate_config(trainer.model, cfg, device=torch.device("cpu"))
+    report = evaluate_config(trainer.model, cfg, device=trainer.device)
     print(
         f"\n{cfg.preset} on the toy validation split ({report['num_videos']} videos, "
         f"{report['num_frames']} frames, test clips of {cfg.data.eval_clip_len}); "
@@ -155,7 +151,7 @@ def _train_and_report(
     with atomic_write(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(payload, indent=1, allow_nan=False))
 
-    video = _write_overlays(trainer.model, cfg, out)
+    video = _write_overlays(trainer.model, cfg, out, device=trainer.device)
     plot_loss_curve(out / run_name / "metrics.jsonl", out / "loss_curve.png", title=cfg.preset)
     print(
         f"wrote {out / 'metrics.json'}, overlays of {video} in {out / 'overlays'}, "
@@ -164,18 +160,20 @@ def _train_and_report(
     return report
 
 
-def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> str:
+def _write_overlays(
+    model: Any, cfg: Any, out: Path, *, device: Any = "cpu", video_index: int = 0
+) -> str:
     """Ground truth | prediction overlays (+ legend) of one validation video: PNGs and an MP4."""
     import numpy as np
     from PIL import Image
 
-    from themask.data.config import dataset_classes
     from themask.data.transforms import TestTransform
-    from themask.data.vspw import VSPWIndex, read_frame, read_label
+    from themask.data.vspw import VSPWIndex, read_frame
     from themask.evaluation.inference import predict_video
-    from themask.evaluation.visualize import OverlayVideoWriter, draw_legend, overlay
+    from themask.evaluation.visualize import OverlayVideoWriter, overlay, with_legend
 
-    names, palette = dataset_classes(cfg.data.kind)
+    description = cfg.data.description
+    names, palette = description.classes, description.palette
     video = VSPWIndex(cfg.data.root, cfg.data.val_split)[video_index]
     transform = TestTransform(scale=cfg.data.scale, size_divisor=cfg.data.size_divisor)
     frames = (read_frame(p) for p in video.frame_paths)
@@ -183,18 +181,16 @@ def _write_overlays(model: Any, cfg: Any, out: Path, video_index: int = 0) -> st
     folder.mkdir(parents=True, exist_ok=True)
     with OverlayVideoWriter(out / "overlay.mp4", fps=5.0) as writer:
         for pred in predict_video(
-            model, frames, clip_len=cfg.data.eval_clip_len, transform=transform, device="cpu"
+            model, frames, clip_len=cfg.data.eval_clip_len, transform=transform, device=device
         ):
-            gt = read_label(video.mask_paths[pred.index], num_classes=len(names))
+            gt = description.read_label(video.mask_paths[pred.index])
             left = overlay(pred.frame, gt, palette)
             right = overlay(pred.frame, pred.labels, palette)
             gap = np.full((left.shape[0], 4, 3), 255, dtype=np.uint8)
             pair = Image.fromarray(np.concatenate([left, gap, right], axis=1))
             pair = pair.resize((pair.width * PANEL_SCALE, pair.height * PANEL_SCALE), Image.NEAREST)
             shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred.labels).tolist()))
-            canvas = np.zeros((pair.height, LEGEND_WIDTH, 3), dtype=np.uint8)
-            legend = draw_legend(canvas, shown, names, palette)
-            panel = np.concatenate([np.asarray(pair), legend], axis=1)
+            panel = with_legend(np.asarray(pair), shown, names, palette)
             Image.fromarray(panel).save(folder / f"{video.frame_paths[pred.index].stem}.png")
             writer.write(panel)
     return video.name
@@ -235,9 +231,11 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, *, title: str | None = N
 
 
 def _comparison(results: dict[str, dict[str, Any]]) -> str:
+    from themask.evaluation.metrics import format_percent
+
     keys = ("mIoU", "WIoU", "aAcc", "mVC8")
     lines = [f"{'model':<12}" + "".join(f"{k:>8}" for k in keys)]
     for name, report in results.items():
-        values = "".join(f"{100 * float(report[k]):8.2f}" for k in keys if k in report)
+        values = "".join(format_percent(report[k], 8) for k in keys if k in report)
         lines.append(f"{name:<12}{values}")
     return "\n".join(lines)

@@ -7,7 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from themask.commands import run_with_weights
+from themask.commands import add_overrides_argument, add_threads_argument
+from themask.precision import AMP_MODES, configure_cuda_math
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +17,10 @@ Predict every frame of a split with the test-clip protocol (each frame once; cli
 frames 3 apart for T > 1, as the official THE-Mask test) and report, streaming:
 mIoU in both published variants (mmseg: classes with a non-empty union; Evaluator: classes
 present in the ground truth), Weighted IoU, pixel and mean class accuracy, per-class IoU, and
-the video consistency mVC8 / mVC16. Runs on every process under torchrun (videos are split
-over the ranks; rank 0 prints and writes).
+the video consistency mVC8 / mVC16 (by default with the rule of the published tables:
+videos of at most 16 frames are left out of both; see --vc-rule). In a sparse dataset only
+the frames with a mask are scored (the others serve as clip context). Runs on every process
+under torchrun (videos are split over the ranks; rank 0 prints and writes).
 
 Example:
   themask eval configs/vspw/themask_mit_b1_t2.yaml --weights run/model.safetensors \\
@@ -32,10 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", help="run config YAML (its data and eval sections are used)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.root=DIR"
+        "config",
+        metavar="CONFIG",
+        help="run config YAML or shipped config name (its data and eval sections are used)",
     )
+    add_overrides_argument(parser, "data.root=DIR")
     parser.add_argument(
         "--weights",
         required=True,
@@ -63,37 +68,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "CFFM/THE-Mask script) or raw PNG values (as the VSPW authors' script)",
     )
     parser.add_argument(
+        "--vc-rule",
+        choices=("published", "per_length"),
+        default=None,
+        help="which videos mVC leaves out (default: eval.vc_rule = published): 'published' "
+        "skips videos of <= 16 frames for mVC8 and mVC16, as VSS-CFFM VC_perclip.py behind the "
+        "published VSPW tables; 'per_length' skips videos of <= n frames for mVC_n",
+    )
+    parser.add_argument(
         "--amp",
-        choices=("off", "bf16", "fp16"),
+        choices=AMP_MODES,
         default=None,
         help="autocast for inference (default: eval.amp)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_with_weights("themask eval", args, _evaluate)
-
-
-def _evaluate(args: argparse.Namespace) -> int:
     from themask import distributed
-    from themask.checkpoint import model_from_weights
-    from themask.config import load_config
-    from themask.data.config import dataset_classes
+    from themask.config import ConfigError, load_config
     from themask.evaluation.inference import evaluate_data
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
     from themask.io import atomic_write
+    from themask.weights import model_from_weights
 
     cfg = load_config(args.config, args.overrides)
     info = distributed.init_distributed(args.device)
+    configure_cuda_math(info.device)
     try:
         model = model_from_weights(args.weights).to(info.device)
-        if model.config.num_classes != cfg.data.num_classes:
-            raise SystemExit(
-                f"{args.weights}: the model predicts {model.config.num_classes} classes but "
-                f"data.kind={cfg.data.kind!r} has {cfg.data.num_classes}"
+        description = cfg.data.description
+        if model.config.num_classes != description.num_classes:
+            raise ConfigError(
+                f"{args.weights}: the model predicts {model.config.num_classes} classes but the "
+                f"dataset ({description.source}) has {description.num_classes}; fine-tune it "
+                f"into this dataset with `themask train CONFIG --init-from {args.weights}`"
             )
+        vc_rule = args.vc_rule or cfg.eval.vc_rule
         split = args.split or cfg.data.val_split
         clip_len = args.clip_len or cfg.data.eval_clip_len
         logger.info(
@@ -109,13 +122,14 @@ def _evaluate(args: argparse.Namespace) -> int:
             write_dir=args.save_predictions,
             amp=args.amp or cfg.eval.amp,
             vc_gt=args.vc_gt,
+            vc_rule=vc_rule,
             distributed=distributed.is_initialized(),
         )
         if info.is_main:
-            names = list(dataset_classes(cfg.data.kind)[0])
+            names = list(description.classes)
             print(
-                f"{report['num_videos']} videos, {report['num_frames']} frames of "
-                f"{cfg.data.root} / {split}, clip length {clip_len}"
+                f"{report['num_videos']} videos, {report['num_frames']} frames scored of "
+                f"{cfg.data.root} / {split}, clip length {clip_len}, mVC rule {vc_rule}"
             )
             print(format_metrics_table(report, names))
             if args.json_path:
@@ -124,6 +138,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                     "split": split,
                     "clip_len": clip_len,
                     "vc_gt": args.vc_gt,
+                    "vc_rule": vc_rule,
                     "metrics": metrics_to_json(report, names),
                 }
                 with atomic_write(args.json_path) as tmp:

@@ -1,58 +1,52 @@
-"""Video data: VSPW reader, clips, transforms, loaders, the toy dataset and data checks."""
+"""Video data: dataset descriptions, video reader, clips, transforms, loaders, the toy dataset
+and data checks.
 
-from themask.data.clips import clip_offsets, clip_span, sliding_windows, test_clips
-from themask.data.config import DataConfig, dataset_classes
-from themask.data.loader import (
-    Batch,
-    ClipMeta,
-    ClipSample,
-    InfiniteClipSampler,
-    VSPWClipDataset,
-    VSPWTrainDataset,
-    build_eval_loader,
-    build_train_loader,
-    collate,
-)
-from themask.data.toy import TOY_CLASS_NAMES, TOY_PALETTE, make_toy_dataset
-from themask.data.transforms import TestTransform, TrainTransform
-from themask.data.vspw import (
-    CLASS_NAMES,
-    PALETTE,
-    CorruptFileError,
-    DataError,
-    Video,
-    VSPWIndex,
-    read_frame,
-    read_label,
-)
+Names are imported lazily (PEP 562), so the torch-free modules (``vspw``, ``clips``,
+``video_io``, ``resize``) can be used without torch, e.g. by the ONNX Runtime predictor.
+"""
 
-__all__ = [
-    "Batch",
-    "CLASS_NAMES",
-    "ClipMeta",
-    "ClipSample",
-    "CorruptFileError",
-    "DataConfig",
-    "DataError",
-    "InfiniteClipSampler",
-    "PALETTE",
-    "TOY_CLASS_NAMES",
-    "TOY_PALETTE",
-    "TestTransform",
-    "TrainTransform",
-    "VSPWClipDataset",
-    "VSPWIndex",
-    "VSPWTrainDataset",
-    "Video",
-    "build_eval_loader",
-    "build_train_loader",
-    "clip_offsets",
-    "clip_span",
-    "collate",
-    "dataset_classes",
-    "make_toy_dataset",
-    "read_frame",
-    "read_label",
-    "sliding_windows",
-    "test_clips",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "clip_offsets": "clips",
+    "clip_span": "clips",
+    "sliding_windows": "clips",
+    "test_clips": "clips",
+    "DataConfig": "config",
+    "DatasetDescription": "description",
+    "load_description": "description",
+    "Batch": "loader",
+    "ClipMeta": "loader",
+    "ClipSample": "loader",
+    "InfiniteClipSampler": "loader",
+    "VSPWClipDataset": "loader",
+    "VSPWTrainDataset": "loader",
+    "build_eval_loader": "loader",
+    "build_train_loader": "loader",
+    "collate": "loader",
+    "TOY_CLASS_NAMES": "toy",
+    "TOY_DESCRIPTION": "toy",
+    "TOY_PALETTE": "toy",
+    "make_toy_dataset": "toy",
+    "TestTransform": "transforms",
+    "TrainTransform": "transforms",
+    "CLASS_NAMES": "vspw",
+    "PALETTE": "vspw",
+    "CorruptFileError": "vspw",
+    "DataError": "vspw",
+    "Video": "vspw",
+    "VSPWIndex": "vspw",
+    "read_frame": "vspw",
+    "read_label": "vspw",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"themask.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'themask.data' has no attribute {name!r}")

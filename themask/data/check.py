@@ -1,9 +1,11 @@
-"""Validate a VSPW-format dataset folder and summarise it (``themask check-data``).
+"""Validate a dataset folder against its description and summarise it (``themask check-data``),
+and draft a description for a folder that has none.
 
 Every problem is collected, never raised on the first one, so one run lists every bad file:
-unreadable split files, missing video folders, frames that cannot be decoded, missing masks,
-masks that are not single-channel, masks of another size than their frame and label values
-outside ``{0..K, 255}``.
+unreadable split files, missing video folders, frames that cannot be decoded, videos whose
+frames differ in size, missing masks (unless the dataset is sparse), masks that are not
+single-channel, masks of another size than their frame and stored values that are neither
+ignored nor a class.
 """
 
 from __future__ import annotations
@@ -14,18 +16,24 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import yaml
 
+from themask.data.description import (
+    DESCRIPTION_FILE,
+    VSPW_FRAMES,
+    VSPW_MASKS,
+    DatasetDescription,
+    DescriptionError,
+    load_description,
+)
 from themask.data.vspw import (
-    FRAME_DIR,
-    MASK_DIR,
     MASK_SUFFIX,
-    NUM_CLASSES,
     DataError,
     PathLike,
     list_frames,
+    map_raw_labels,
     read_frame,
     read_raw_label,
     read_split,
@@ -33,30 +41,39 @@ from themask.data.vspw import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPLITS = ("train", "val", "test")
+# (frames, masks) folder patterns tried by ``draft_description``: VSPW, then DAVIS
+KNOWN_LAYOUTS = ((VSPW_FRAMES, VSPW_MASKS), ("JPEGImages/{video}", "Annotations/{video}"))
+
+
+def _zeros() -> np.ndarray:
+    return np.zeros(256, dtype=np.int64)
 
 
 @dataclass
 class VideoReport:
-    """Findings for one video: frame count, frame sizes (H, W), raw-value pixel counts, problems."""
+    """Findings for one video: frame count, frame sizes (H, W), per stored value the pixels and
+    the masks it occurs in, problems."""
 
     frames: int = 0
     sizes: Counter = field(default_factory=Counter)
-    histogram: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.int64))
+    histogram: np.ndarray = field(default_factory=_zeros)
+    mask_counts: np.ndarray = field(default_factory=_zeros)
     masks: int = 0
-    problems: List[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 @dataclass
 class CheckReport:
     """Summary of a dataset check; ``ok`` is False when any problem was found."""
 
-    splits: Dict[str, int] = field(default_factory=dict)  # split -> number of videos
-    frames: Dict[str, int] = field(default_factory=dict)  # split -> number of frames
-    masks: Dict[str, int] = field(default_factory=dict)  # split -> number of masks read
+    description: DatasetDescription
+    splits: dict[str, int] = field(default_factory=dict)  # split -> number of videos
+    frames: dict[str, int] = field(default_factory=dict)  # split -> number of frames
+    masks: dict[str, int] = field(default_factory=dict)  # split -> number of masks read
     sizes: Counter = field(default_factory=Counter)  # (H, W) -> number of frames
-    histogram: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.int64))
-    problems: List[str] = field(default_factory=list)
+    histogram: np.ndarray = field(default_factory=_zeros)  # stored value -> pixels
+    mask_counts: np.ndarray = field(default_factory=_zeros)  # stored value -> masks with it
+    problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -64,54 +81,63 @@ class CheckReport:
 
 
 def check_video(
-    video_dir: PathLike, *, num_classes: int = NUM_CLASSES, require_masks: bool = True
+    root: PathLike, name: str, description: DatasetDescription, *, require_masks: bool = True
 ) -> VideoReport:
-    """Decode every frame and mask of one video folder and record every problem found."""
-    video_dir = Path(video_dir)
+    """Decode every frame and mask of one video and record every problem found."""
     report = VideoReport()
-    frame_dir = video_dir / FRAME_DIR
+    frame_dir = description.frame_dir(root, name)
     if not frame_dir.is_dir():
         report.problems.append(f"{frame_dir}: video folder listed in the split does not exist")
         return report
     frames = list_frames(frame_dir)
     if not frames:
         report.problems.append(f"{frame_dir}: no frames (*.jpg) in the video folder")
-    allowed = np.zeros(256, dtype=bool)
-    allowed[: num_classes + 1] = True
-    allowed[255] = True
+    mask_dir = description.mask_dir(root, name)
+    first: tuple[tuple[int, int], str] | None = None
     for frame_path in frames:
         report.frames += 1
         try:
-            frame_hw: Optional[Tuple[int, int]] = read_frame(frame_path).shape[:2]
+            frame_hw: tuple[int, int] | None = read_frame(frame_path).shape[:2]
             report.sizes[frame_hw] += 1
         except DataError as err:
             report.problems.append(str(err))
             frame_hw = None
-        mask_path = video_dir / MASK_DIR / (frame_path.stem + MASK_SUFFIX)
+        if frame_hw is not None and first is None:
+            first = (frame_hw, frame_path.name)
+        elif first is not None and frame_hw not in (None, first[0]) and len(report.sizes) == 2:
+            (h0, w0), name0 = first
+            report.problems.append(
+                f"{frame_dir}: video {name} has frames of different sizes: {w0}x{h0} (WxH, "
+                f"{name0}) and {frame_hw[1]}x{frame_hw[0]} ({frame_path.name})"
+            )
+        mask_path = mask_dir / (frame_path.stem + MASK_SUFFIX)
         if not mask_path.is_file():
-            if require_masks:
-                report.problems.append(f"{mask_path}: mask missing for frame {frame_path.name}")
+            if require_masks and not description.sparse:
+                report.problems.append(
+                    f"{mask_path}: mask missing for frame {frame_path.name} (dataset is not sparse)"
+                )
             continue
         try:
             raw = read_raw_label(mask_path)
         except DataError as err:
             report.problems.append(str(err))
             continue
-        report.masks += 1
-        if raw.max(initial=0) > 255 or raw.min(initial=0) < 0:
-            report.problems.append(
-                f"{mask_path}: label values must be in {{0..{num_classes}, 255}}, "
-                f"found range {int(raw.min())}..{int(raw.max())}"
+        try:
+            map_raw_labels(
+                raw,
+                num_classes=description.num_classes,
+                offset=description.label_offset,
+                ignore_values=description.ignore_values,
+                source=str(mask_path),
             )
-            continue
+        except DataError as err:  # names the file and the bad values
+            report.problems.append(str(err))
+            if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
+                continue
+        report.masks += 1
         counts = np.bincount(raw.astype(np.int64).ravel(), minlength=256)
         report.histogram += counts
-        bad = np.flatnonzero((counts > 0) & ~allowed)
-        if bad.size:
-            shown = ", ".join(str(v) for v in bad[:10])
-            report.problems.append(
-                f"{mask_path}: label values must be in {{0..{num_classes}, 255}}, found {shown}"
-            )
+        report.mask_counts += counts > 0
         if frame_hw is not None and raw.shape != frame_hw:
             report.problems.append(
                 f"{mask_path}: mask size {raw.shape[1]}x{raw.shape[0]} (WxH) differs from frame "
@@ -120,37 +146,38 @@ def check_video(
     return report
 
 
-def _check_video_args(args: Tuple[str, int, bool]) -> VideoReport:
-    return check_video(args[0], num_classes=args[1], require_masks=args[2])
+def _check_video_args(args: tuple[str, str, DatasetDescription, bool]) -> VideoReport:
+    return check_video(args[0], args[1], args[2], require_masks=args[3])
 
 
 def check_dataset(
     root: PathLike,
     *,
-    splits: Optional[Sequence[str]] = None,
-    num_classes: int = NUM_CLASSES,
+    splits: Sequence[str] | None = None,
     unlabelled_splits: Sequence[str] = (),
     jobs: int = 1,
 ) -> CheckReport:
-    """Check the given splits of a VSPW-format folder (default: those of train/val/test present).
+    """Check the given splits (default: every split of the description, or those of
+    train/val/test present) of the dataset at ``root`` against its description.
 
     Videos of ``unlabelled_splits`` may lack masks (masks found there are still checked).
     ``jobs > 1`` checks videos in that many processes.
     """
     root = Path(root)
-    report = CheckReport()
+    description = load_description(root)
+    report = CheckReport(description)
     if not root.is_dir():
         report.problems.append(f"{root}: dataset root does not exist")
         return report
     if splits is None:
-        splits = [s for s in DEFAULT_SPLITS if (root / f"{s}.txt").is_file()]
+        splits = description.split_names(root)
         if not splits:
             report.problems.append(f"{root}: no split files (train.txt, val.txt, test.txt) found")
             return report
-    tasks: List[Tuple[str, str, int, bool]] = []
+    tasks: list[tuple[str, tuple[str, str, DatasetDescription, bool]]] = []
     for split in splits:
         try:
-            names = read_split(root, split)
+            names = read_split(description.split_file(root, split))
         except DataError as err:
             report.problems.append(str(err))
             continue
@@ -158,25 +185,28 @@ def check_dataset(
         report.frames[split] = 0
         report.masks[split] = 0
         labelled = split not in unlabelled_splits
-        tasks.extend((split, str(root / "data" / n), num_classes, labelled) for n in names)
-    arguments = [t[1:] for t in tasks]
+        tasks.extend((split, (str(root), n, description, labelled)) for n in names)
+    arguments = [t[1] for t in tasks]
     if jobs > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             results = list(pool.map(_check_video_args, arguments, chunksize=4))
     else:
         results = [_check_video_args(a) for a in arguments]
-    for (split, *_), video in zip(tasks, results):
+    for (split, _), video in zip(tasks, results):
         report.frames[split] += video.frames
         report.masks[split] += video.masks
         report.sizes.update(video.sizes)
         report.histogram += video.histogram
+        report.mask_counts += video.mask_counts
         report.problems.extend(video.problems)
     return report
 
 
-def format_report(report: CheckReport, class_names: Sequence[str]) -> str:
-    """Human-readable summary: videos and frames per split, frame sizes, class histogram."""
-    lines = []
+def format_report(report: CheckReport) -> str:
+    """Human-readable summary: videos, frames and masks per split, frame sizes, and the class
+    table (masks and pixels per class, ignored and invalid stored values)."""
+    description = report.description
+    lines = [f"description: {description.source}"]
     for split, videos in report.splits.items():
         lines.append(
             f"{split}: {videos} videos, {report.frames[split]} frames, {report.masks[split]} masks"
@@ -185,14 +215,30 @@ def format_report(report: CheckReport, class_names: Sequence[str]) -> str:
     lines.append(f"frame sizes (WxH): {sizes or 'none'}")
     total = int(report.histogram.sum())
     if total:
-        lines.append("label pixels by raw value:")
-        names = {0: "others (ignored)", 255: "void (ignored)"}
-        names.update({i + 1: n for i, n in enumerate(class_names)})
-        for value in np.flatnonzero(report.histogram):
-            count = int(report.histogram[value])
-            name = names.get(int(value), "INVALID")
-            lines.append(f"  {value:>3} {name:<36} {count:>12} {100.0 * count / total:6.2f}%")
-        absent = [n for i, n in enumerate(class_names) if report.histogram[i + 1] == 0]
+        width = max(12, *(len(c) for c in description.classes))
+        header = f"{'id':>3}  {'class':<{width}}  {'value':>5}  {'frames':>7}  {'pixels':>12}"
+        lines.append(f"{header}  {'share':>7}")
+        rows = [
+            (str(i), c, v)
+            for i, (c, v) in enumerate(zip(description.classes, description.class_values))
+        ]
+        rows += [("-", "(ignored)", v) for v in description.ignore_values]
+        rows += [
+            ("-", "(INVALID)", int(v))
+            for v in np.flatnonzero(report.histogram)
+            if v not in description.ignore_values and v not in description.class_values
+        ]
+        for ident, name, value in rows:
+            pixels = int(report.histogram[value])
+            lines.append(
+                f"{ident:>3}  {name:<{width}}  {value:>5}  {int(report.mask_counts[value]):>7}  "
+                f"{pixels:>12}  {100.0 * pixels / total:6.2f}%"
+            )
+        absent = [
+            c
+            for c, v in zip(description.classes, description.class_values)
+            if report.histogram[v] == 0
+        ]
         if absent:
             more = " ..." if len(absent) > 10 else ""
             lines.append(f"classes never present: {len(absent)} ({', '.join(absent[:10])}{more})")
@@ -202,3 +248,80 @@ def format_report(report: CheckReport, class_names: Sequence[str]) -> str:
     else:
         lines.append("no problems found")
     return "\n".join(lines)
+
+
+def _video_names(root: Path, frames: str) -> list[str]:
+    """Names of the videos whose frame folder matches ``frames`` (one ``{video}`` component)."""
+    parts = Path(frames).parts
+    at = parts.index("{video}")
+    return sorted(
+        p.parts[len(root.parts) + at]
+        for p in root.glob(frames.replace("{video}", "*"))
+        if p.is_dir()
+    )
+
+
+def draft_description(
+    root: PathLike, *, frames: str | None = None, masks: str | None = None
+) -> str:
+    """Scan the masks under ``root`` and return a draft ``dataset.yaml`` (text, with comments):
+    placeholder class names for every stored value found, 255 ignored when present, the split
+    files found (``*.txt`` at the root or in ``ImageSets/``), ``sparse`` when some frame has no
+    mask. The layout is ``frames``/``masks`` or the first of ``KNOWN_LAYOUTS`` with videos."""
+    root = Path(root)
+    layouts = [(frames, masks)] if frames and masks else list(KNOWN_LAYOUTS)
+    for frames, masks in layouts:
+        if "{video}" not in f"{frames}" or "{video}" not in f"{masks}":
+            raise DescriptionError(f"--frames and --masks need a {{video}} part, got {frames}")
+        videos = _video_names(root, frames)
+        if videos:
+            break
+    else:
+        tried = "; ".join(f"{f} + {m}" for f, m in layouts)
+        raise DataError(f"{root}: no video folders found (layouts tried: {tried})")
+    histogram, sparse = _zeros(), False
+    for name in videos:
+        stems = [p.stem for p in list_frames(root / frames.format(video=name))]
+        mask_dir = root / masks.format(video=name)
+        found = [
+            mask_dir / (s + MASK_SUFFIX) for s in stems if (mask_dir / (s + MASK_SUFFIX)).is_file()
+        ]
+        sparse = sparse or len(found) < len(stems)
+        for path in found:
+            histogram += np.bincount(read_raw_label(path).astype(np.int64).ravel(), minlength=256)
+    values = [int(v) for v in np.flatnonzero(histogram)]
+    if not values:
+        raise DataError(f"{root}: no masks found under {masks}")
+    ignore = [255] if 255 in values else []
+    top = max([v for v in values if v not in ignore], default=0)
+    split_files = sorted(root.glob("*.txt")) + sorted(root.glob("ImageSets/*.txt"))
+    fields = {
+        "classes": [f"class_{v}" for v in range(top + 1)],
+        "ignore_values": ignore,
+        "label_offset": 0,
+        "frames": frames,
+        "masks": masks,
+    }
+    if split_files:
+        fields["splits"] = {p.stem: p.relative_to(root).as_posix() for p in split_files}
+    fields["sparse"] = sparse
+    listed = ", ".join(f"{v} ({histogram[v]} px)" for v in values)
+    header = (
+        f"# Draft written by `themask check-data --init-description` for {len(videos)} videos.\n"
+        f"# Stored mask values found: {listed}.\n"
+        "# Replace the placeholder class names (train id = stored value - label_offset); mark\n"
+        "# values that are not classes in ignore_values (and raise label_offset if needed).\n"
+    )
+    if not split_files:
+        header += "# No split files found: add splits: {train: FILE, val: FILE}\n"
+    return header + yaml.safe_dump(fields, sort_keys=False, default_flow_style=None, width=100)
+
+
+def write_draft_description(root: PathLike, **layout: str | None) -> Path:
+    """Write ``draft_description(root)`` to ``ROOT/dataset.yaml``; refuses to overwrite one."""
+    path = Path(root) / DESCRIPTION_FILE
+    if path.exists():
+        raise DataError(f"{path} already exists; edit it or remove it to draft a new one")
+    text = draft_description(root, **layout)
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -62,12 +62,20 @@ def train_clip_indices(
 
 
 def sample_train_clip(
-    num_frames: int, dilation: Sequence[int], rng: np.random.Generator, *, reverse_prob: float = 0.5
+    num_frames: int,
+    dilation: Sequence[int],
+    rng: np.random.Generator,
+    *,
+    reverse_prob: float = 0.5,
+    targets: Sequence[int] | None = None,
 ) -> List[int]:
     """Draw one training clip of a video: reversal with ``reverse_prob``, then a uniform target.
 
-    Targets are drawn from ``{|d_1|, ..., N-1}`` so no offset falls before the first frame.
-    Raises ``ClipTooShortError`` when ``num_frames < clip_span(dilation)``.
+    Targets are drawn from ``{|d_1|, ..., N-1}`` so no offset falls before the first frame;
+    ``targets`` (frame indices, e.g. the labelled frames of a sparse video) restricts them
+    further, and the other direction is used when the drawn one has no valid target.
+    Raises ``ClipTooShortError`` when ``num_frames < clip_span(dilation)`` or no frame of
+    ``targets`` can end a clip.
     """
     span = clip_span(dilation)
     if num_frames < span:
@@ -75,7 +83,22 @@ def sample_train_clip(
             f"{num_frames} frames, but dilation {list(dilation)} needs at least {span}"
         )
     reverse = bool(rng.random() < reverse_prob)
-    target = int(rng.integers(span - 1, num_frames))
+    if targets is None:
+        target = int(rng.integers(span - 1, num_frames))
+        return train_clip_indices(num_frames, dilation, target, reverse=reverse)
+
+    def valid(backwards: bool) -> List[int]:  # positions in the read order
+        order = sorted(num_frames - 1 - i if backwards else i for i in targets)
+        return [t for t in order if t >= span - 1]
+
+    choices = valid(reverse) or valid(not reverse)
+    if not choices:
+        raise ClipTooShortError(
+            f"no frame of {list(targets)} can end a clip of dilation {dilation}"
+        )
+    if not valid(reverse):
+        reverse = not reverse
+    target = choices[int(rng.integers(len(choices)))]
     return train_clip_indices(num_frames, dilation, target, reverse=reverse)
 
 
@@ -122,9 +145,12 @@ def sliding_windows(
     """
     if clip_len < 1 or step < 1:
         raise ValueError(f"clip_len and step must be >= 1, got {clip_len} and {step}")
-    return [
-        [max(0, t - step * (clip_len - 1 - i)) for i in range(clip_len)] for t in range(num_frames)
-    ]
+    return [causal_window(t, clip_len, step=step) for t in range(num_frames)]
+
+
+def causal_window(t: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> List[int]:
+    """Window ``t`` of :func:`sliding_windows`: ``[max(0, t - (T-1-i)·step) for i < T]``."""
+    return [max(0, t - step * (clip_len - 1 - i)) for i in range(clip_len)]
 
 
 # ``test_clips`` is a library function, not a pytest test, even when imported into a test module.

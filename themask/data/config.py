@@ -2,28 +2,23 @@
 
 Defaults are the official VSPW 480p recipe for the THE-Mask second stage (T = 2, dilation
 [-3]); the first stage uses ``dilation=(0,)``. The clip length is derived from ``dilation``
-(``num_frames``), so the two can never disagree.
+(``num_frames``), so the two can never disagree. Classes, label encoding and folder layout
+come from the dataset's own description (``<root>/dataset.yaml``; VSPW when absent).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
-
-import numpy as np
+from typing import Optional, Tuple
 
 from themask.data.clips import clip_offsets
-from themask.data.toy import TOY_CLASS_NAMES, TOY_PALETTE
-from themask.data.vspw import CLASS_NAMES, PALETTE
-
-DATASET_KINDS = ("vspw", "toy")
+from themask.data.description import DatasetDescription, load_description
 
 
 @dataclass
 class DataConfig:
     """Data settings; sizes are (long, short) for ``scale`` and (H, W) for ``crop_size``."""
 
-    kind: Literal["vspw", "toy"] = "vspw"  # class names, palette and class count
     root: str = "data/vspw/VSPW_480p"
     train_split: str = "train"
     val_split: str = "val"
@@ -47,8 +42,6 @@ class DataConfig:
         self.scale = (int(self.scale[0]), int(self.scale[1]))
         self.ratio_range = (float(self.ratio_range[0]), float(self.ratio_range[1]))
         self.crop_size = (int(self.crop_size[0]), int(self.crop_size[1]))
-        if self.kind not in DATASET_KINDS:
-            raise ValueError(f"data.kind must be one of {DATASET_KINDS}, got {self.kind!r}")
         clip_offsets(self.dilation)  # validates
         if self.test_clip_len is not None and self.test_clip_len < 1:
             raise ValueError(f"data.test_clip_len must be >= 1 or None, got {self.test_clip_len}")
@@ -73,14 +66,10 @@ class DataConfig:
         return self.num_frames if self.test_clip_len is None else self.test_clip_len
 
     @property
+    def description(self) -> DatasetDescription:
+        """The dataset's description: ``<root>/dataset.yaml``, else the VSPW one."""
+        return load_description(self.root)
+
+    @property
     def num_classes(self) -> int:
-        return len(dataset_classes(self.kind)[0])
-
-
-def dataset_classes(kind: str) -> Tuple[Tuple[str, ...], np.ndarray]:
-    """(class names, (K, 3) uint8 palette indexed by train id) of a dataset kind."""
-    if kind == "vspw":
-        return CLASS_NAMES, PALETTE
-    if kind == "toy":
-        return TOY_CLASS_NAMES, TOY_PALETTE
-    raise ValueError(f"unknown dataset kind {kind!r}; expected one of {DATASET_KINDS}")
+        return self.description.num_classes

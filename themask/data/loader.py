@@ -8,6 +8,10 @@ number of workers or on which worker handles a sample, and resuming at ``start_b
 (batches already consumed by this process: optimizer step x gradient-accumulation count)
 continues the exact same stream.
 
+Sparse datasets: a frame without a mask is still a frame of its clip; its label map is all
+``ignore_index`` (the criterion treats such a frame as unlabelled), and training clips are drawn
+so that their target frame is a labelled one.
+
 Bad files during training: a frame or mask that cannot be decoded (``CorruptFileError``) is
 skipped — the clip is redrawn from another video, a warning names the file and the running
 skip count (per process). Every other ``DataError`` (mask of the wrong size, label values out
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -28,16 +33,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from themask.data.clips import clip_span, sample_train_clip, sliding_windows, test_clips
 from themask.data.config import DataConfig
-from themask.data.transforms import TestTransform, TrainTransform
+from themask.data.description import VSPW_DESCRIPTION, DatasetDescription
+from themask.data.transforms import TestTransform, TrainTransform, normalize_frames, pad_clip
 from themask.data.vspw import (
     IGNORE_INDEX,
-    NUM_CLASSES,
     CorruptFileError,
     DataError,
     Video,
     VSPWIndex,
     read_frame,
-    read_label,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,7 +55,8 @@ class ClipMeta:
 
     ``original_size`` is the stored frame size (H, W); ``frame_indices`` index the video's
     sorted frames; ``scored[i]`` says whether frame i's prediction counts (all for test
-    clips, only the last — the new frame — for sliding windows).
+    clips, only the last — the new frame — for sliding windows). ``image_size`` (h, w): the
+    image fills the top-left h x w of the frames, the rest is padding (None: no padding).
     """
 
     video: str
@@ -60,11 +65,13 @@ class ClipMeta:
     frame_indices: List[int] = field(default_factory=list)
     scored: List[bool] = field(default_factory=list)
     labelled: bool = True
+    image_size: Optional[Tuple[int, int]] = None
 
 
 @dataclass
 class ClipSample:
-    """One clip: frames (T, 3, H, W) float32, labels (T, H', W') int64, meta."""
+    """One clip: frames (T, 3, H, W) uint8 RGB (or float32 normalised), labels (T, H', W')
+    int64, meta."""
 
     frames: torch.Tensor
     labels: torch.Tensor
@@ -73,7 +80,8 @@ class ClipSample:
 
 @dataclass
 class Batch:
-    """frames (B, T, 3, H, W) float32 normalised; labels (B, T, H', W') int64 (255 = ignore).
+    """frames (B, T, 3, H, W) uint8 RGB (or float32 normalised); labels (B, T, H', W') int64
+    (255 = ignore). ``batch_to_device`` gives the network input.
 
     For training H' = H (the crop). For evaluation labels stay at the original frame size.
     """
@@ -91,6 +99,24 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         return Batch(self.frames.pin_memory(), self.labels.pin_memory(), self.meta)
+
+
+def batch_to_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(frames (B, T, 3, H, W) float32 normalised, labels) on ``device`` (non-blocking copies).
+
+    uint8 frames are normalised there, and their padding (``ClipMeta.image_size``) set to 0,
+    which equals normalising before padding; float frames are taken as already normalised.
+    """
+    frames = batch.frames.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    if frames.dtype == torch.uint8:
+        frames = normalize_frames(frames)
+        for clip, meta in zip(frames, batch.meta):
+            if meta.image_size is not None:
+                height, width = meta.image_size
+                clip[..., height:, :].fill_(0)
+                clip[..., :, width:].fill_(0)
+    return frames, labels
 
 
 def collate(samples: Sequence[ClipSample]) -> Batch:
@@ -115,13 +141,18 @@ def _read_clip_labels(
     video: Video,
     indices: Sequence[int],
     frames: Sequence[np.ndarray],
-    num_classes: int,
+    description: DatasetDescription,
     ignore_index: int,
 ) -> List[np.ndarray]:
+    """Train-id maps of the clip's frames; all ``ignore_index`` for a frame without a mask."""
     assert video.mask_paths is not None
     labels = []
     for i, frame in zip(indices, frames):
-        label = read_label(video.mask_paths[i], num_classes=num_classes, ignore_index=ignore_index)
+        mask_path = video.mask_path(i)
+        if mask_path is None:
+            labels.append(np.full(frame.shape[:2], ignore_index, dtype=np.uint8))
+            continue
+        label = description.read_label(mask_path, ignore_index=ignore_index)
         if label.shape != frame.shape[:2]:
             raise DataError(
                 f"{video.mask_paths[i]}: mask size {label.shape[1]}x{label.shape[0]} (WxH) differs "
@@ -137,7 +168,8 @@ class VSPWTrainDataset(Dataset):
     Keys are ``(video_index, sample_id)`` from ``InfiniteClipSampler``; an ``int`` key ``i``
     means ``(i % num_videos, i)``. Returns a ``ClipSample`` with frames (T, 3, h, w) and labels
     (T, h, w) at the crop size. Raises ``DataError`` at construction naming every video shorter
-    than the clip span.
+    than the clip span; a video none of whose masked frames can be a clip target is left out
+    (with a warning).
     """
 
     def __init__(
@@ -148,7 +180,7 @@ class VSPWTrainDataset(Dataset):
         transform: TrainTransform,
         reverse_prob: float = 0.5,
         seed: int = 0,
-        num_classes: int = NUM_CLASSES,
+        description: DatasetDescription = VSPW_DESCRIPTION,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if not videos:
@@ -163,12 +195,24 @@ class VSPWTrainDataset(Dataset):
             )
         if any(v.mask_paths is None for v in videos):
             raise DataError("training videos need masks (index built with labelled=False)")
+        unusable = [v.name for v in videos if not _has_target(v, span)]
+        if unusable:
+            logger.warning(
+                "%d training video(s) left out: no masked frame can be a clip target "
+                "(dilation %s): %s",
+                len(unusable),
+                list(dilation),
+                ", ".join(unusable[:10]),
+            )
+            videos = [v for v in videos if v.name not in set(unusable)]
+            if not videos:
+                raise DataError("no training video has a masked frame that can be a clip target")
         self.videos = list(videos)
         self.dilation = tuple(dilation)
         self.transform = transform
         self.reverse_prob = reverse_prob
         self.seed = seed
-        self.num_classes = num_classes
+        self.description = description
         self.ignore_index = ignore_index
         self.skipped = 0
 
@@ -177,21 +221,34 @@ class VSPWTrainDataset(Dataset):
 
     def _load(self, video_index: int, rng: np.random.Generator) -> ClipSample:
         video = self.videos[video_index]
-        indices = sample_train_clip(len(video), self.dilation, rng, reverse_prob=self.reverse_prob)
+        labelled = video.labelled_indices
+        indices = sample_train_clip(
+            len(video),
+            self.dilation,
+            rng,
+            reverse_prob=self.reverse_prob,
+            targets=None if len(labelled) == len(video) else labelled,
+        )
         frames = [read_frame(video.frame_paths[i]) for i in indices]
         for i, f in zip(indices, frames):
             if f.shape != frames[0].shape:
                 raise DataError(
                     f"{video.frame_paths[i]}: frame size {f.shape} differs from {frames[0].shape}"
                 )
-        labels = _read_clip_labels(video, indices, frames, self.num_classes, self.ignore_index)
+        labels = _read_clip_labels(video, indices, frames, self.description, self.ignore_index)
         frame_t, label_t = self.transform(frames, labels, rng)
+        image_size = (int(frame_t.shape[-2]), int(frame_t.shape[-1]))
+        crop_h, crop_w = self.transform.crop_size
+        frame_t, label_t = pad_clip(  # no-op for a transform that pads itself
+            frame_t, label_t, (crop_h, crop_w), ignore_index=self.ignore_index
+        )
         meta = ClipMeta(
             video=video.name,
             frame_names=[video.frame_paths[i].stem for i in indices],
             original_size=(frames[0].shape[0], frames[0].shape[1]),
             frame_indices=list(indices),
             scored=[True] * len(indices),
+            image_size=image_size,
         )
         return ClipSample(frame_t, label_t, meta)
 
@@ -228,6 +285,12 @@ class VSPWTrainDataset(Dataset):
             MAX_REDRAWS,
         )
         return sample
+
+
+def _has_target(video: Video, span: int) -> bool:
+    """Whether some masked frame of ``video`` can end a clip of ``span`` frames (either way)."""
+    n = len(video)
+    return any(i >= span - 1 or n - 1 - i >= span - 1 for i in video.labelled_indices)
 
 
 class InfiniteClipSampler(Sampler):
@@ -288,8 +351,8 @@ class VSPWClipDataset(Dataset):
     """Evaluation clips of a split: every ``test_clips`` clip (``mode="test"``) or one causal
     ``sliding_windows`` window per frame (``mode="sliding"``) of every video.
 
-    Item: ``ClipSample`` with frames (T, 3, h, w) from ``TestTransform`` and labels (T, H, W)
-    int64 at the original size (all ``ignore_index`` for an unlabelled index).
+    Item: ``ClipSample`` with frames (T, 3, h, w) uint8 from ``TestTransform.resize`` and labels
+    (T, H, W) int64 at the original size (all ``ignore_index`` for an unlabelled index).
     """
 
     def __init__(
@@ -300,7 +363,6 @@ class VSPWClipDataset(Dataset):
         transform: Optional[TestTransform] = None,
         mode: str = "test",
         stride: int = 3,
-        num_classes: int = NUM_CLASSES,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if mode not in ("test", "sliding"):
@@ -308,7 +370,6 @@ class VSPWClipDataset(Dataset):
         self.index = index
         self.transform = transform or TestTransform()
         self.mode = mode
-        self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.items: List[Tuple[int, List[int]]] = []
         for v, video in enumerate(index.videos):
@@ -327,7 +388,9 @@ class VSPWClipDataset(Dataset):
         frames = [read_frame(video.frame_paths[j]) for j in indices]
         size = frames[0].shape[:2]
         if video.mask_paths is not None:
-            labels = _read_clip_labels(video, indices, frames, self.num_classes, self.ignore_index)
+            labels = _read_clip_labels(
+                video, indices, frames, self.index.description, self.ignore_index
+            )
             label_t = torch.from_numpy(np.stack(labels)).long()
         else:
             label_t = torch.full((len(indices), *size), self.ignore_index, dtype=torch.long)
@@ -342,7 +405,7 @@ class VSPWClipDataset(Dataset):
             scored=scored,
             labelled=video.mask_paths is not None,
         )
-        return ClipSample(self.transform(frames), label_t, meta)
+        return ClipSample(self.transform.resize(frames), label_t, meta)
 
 
 class _ShardSampler(Sampler):
@@ -359,7 +422,13 @@ class _ShardSampler(Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed Python/NumPy global RNGs of a worker from its torch seed (set by the loader)."""
+    """Seed Python/NumPy global RNGs of a worker from its torch seed (set by the loader).
+
+    Workers ignore SIGINT and SIGTERM: Ctrl-C (and a scheduler's SIGTERM) may reach the whole
+    process group, and the trainer finishes its step (which may need more batches) before it
+    stops; the workers end when the loader's iterator is deleted (or when their parent dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -377,6 +446,7 @@ def build_train_dataset(data_cfg: DataConfig, *, seed: int = 0) -> VSPWTrainData
         flip_prob=data_cfg.flip_prob,
         photometric=data_cfg.photometric,
         ignore_index=data_cfg.ignore_index,
+        normalize=False,  # uint8 to the device, normalised there
     )
     return VSPWTrainDataset(
         index.videos,
@@ -384,7 +454,7 @@ def build_train_dataset(data_cfg: DataConfig, *, seed: int = 0) -> VSPWTrainData
         transform=transform,
         reverse_prob=data_cfg.reverse_prob,
         seed=seed,
-        num_classes=data_cfg.num_classes,
+        description=index.description,
         ignore_index=data_cfg.ignore_index,
     )
 
@@ -398,12 +468,14 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     start_batch: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Endless loader of training ``Batch``es for one rank, starting after ``start_batch``
     batches (to resume: optimizer step x gradient-accumulation count).
 
-    ``num_workers=None`` uses ``data_cfg.num_workers``. The stream is a pure function of
-    ``(seed, batch index, rank)`` (see the module docstring).
+    ``num_workers=None`` uses ``data_cfg.num_workers``; ``pin_memory`` (for a CUDA trainer)
+    lets the non-blocking copies of ``batch_to_device`` overlap with compute. The stream is a
+    pure function of ``(seed, batch index, rank)`` (see the module docstring).
     """
     dataset = build_train_dataset(data_cfg, seed=seed)
     sampler = InfiniteClipSampler(
@@ -427,6 +499,7 @@ def build_train_loader(
         generator=generator,
         persistent_workers=workers > 0,
         drop_last=True,
+        pin_memory=pin_memory,
     )
 
 
@@ -451,7 +524,6 @@ def build_eval_loader(
         clip_len=clip_len or data_cfg.eval_clip_len,
         transform=TestTransform(scale=data_cfg.scale, size_divisor=data_cfg.size_divisor),
         mode=mode,
-        num_classes=data_cfg.num_classes,
         ignore_index=data_cfg.ignore_index,
     )
     workers = data_cfg.num_workers if num_workers is None else num_workers

@@ -1,9 +1,9 @@
 """The embedded offline dataset: small synthetic videos in the VSPW layout and encoding.
 
-``make_toy_dataset(root)`` writes ``train.txt``/``val.txt`` and
+``make_toy_dataset(root)`` writes ``train.txt``/``val.txt``,
 ``data/<video>/origin/*.jpg`` + ``mask/*.png`` with raw labels ``0`` (others), ``1..8`` (the
-classes of ``TOY_CLASS_NAMES``) and ``255`` (void), so the VSPW reader applies unchanged with
-``num_classes=8``.
+classes of ``TOY_CLASS_NAMES``) and ``255`` (void), and its ``dataset.yaml``
+(``TOY_DESCRIPTION``: the VSPW layout and encoding with these 8 classes).
 
 What makes it a video segmentation task rather than a colour lookup:
 - classes differ by texture (stuff) and by shape plus texture (objects); colours are random
@@ -20,7 +20,6 @@ Output is a pure function of the arguments (same seed -> byte-identical files).
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,8 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 from PIL import Image
 
-from themask.data.vspw import FRAME_DIR, MASK_DIR, PathLike
+from themask.data.description import DatasetDescription, save_description
+from themask.data.vspw import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ TOY_PALETTE: np.ndarray = np.array(
     dtype=np.uint8,
 )
 """(8, 3) uint8 display colour of each toy train id (not the colours of the rendered frames)."""
+
+TOY_DESCRIPTION = DatasetDescription(
+    classes=TOY_CLASS_NAMES, palette=TOY_PALETTE, source="toy dataset description"
+)
 
 STUFF_IDS = (1, 2, 3, 4)  # raw ids
 OBJECT_IDS = (5, 6, 7, 8)
@@ -324,8 +328,8 @@ def make_toy_dataset(
         length = int(video_rng.integers(num_frames - 3, num_frames + 1))
         start = int(video_rng.integers(0, 300))
         scene = _Scene(video_rng, stuff, objects, size, length)
-        frame_dir = root / "data" / name / FRAME_DIR
-        mask_dir = root / "data" / name / MASK_DIR
+        frame_dir = TOY_DESCRIPTION.frame_dir(root, name)
+        mask_dir = TOY_DESCRIPTION.mask_dir(root, name)
         frame_dir.mkdir(parents=True, exist_ok=True)
         mask_dir.mkdir(parents=True, exist_ok=True)
         for t in range(length):
@@ -335,9 +339,6 @@ def make_toy_dataset(
             Image.fromarray(label).save(mask_dir / f"{stem}.png")
     _write_split(root, "train", names[:num_train])
     _write_split(root, "val", names[num_train:])
-    label_names = {"others": "0", **{n: str(i + 1) for i, n in enumerate(TOY_CLASS_NAMES)}}
-    (root / "label_num_dic_final.json").write_text(
-        json.dumps(label_names, indent=1), encoding="utf-8"
-    )
+    save_description(TOY_DESCRIPTION, root)
     logger.info("wrote toy dataset to %s: %d train and %d val videos", root, num_train, num_val)
     return root

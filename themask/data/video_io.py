@@ -41,6 +41,19 @@ def read_video_frames(path: PathLike) -> Iterator[np.ndarray]:
             raise DataError(f"{path}: video decoding failed ({err})") from err
 
 
+def video_frame_rate(path: PathLike) -> float | None:
+    """Frames per second of a video file's first video stream (``None`` if unknown)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.base_rate
+    except (av.error.FFmpegError, OSError, IndexError) as err:
+        raise DataError(f"{path}: cannot read the video's frame rate ({err})") from err
+    return float(rate) if rate else None
+
+
 def read_frame_folder(folder: PathLike) -> Iterator[np.ndarray]:
     """Yield the images of ``folder`` (sorted by name) one by one as (H, W, 3) uint8 RGB."""
     for _, frame in iter_input_frames(folder):

@@ -1,15 +1,15 @@
-"""VSPW on disk: split files, video folders, frame/label readers, class names and palette.
+"""Videos on disk: split files, video folders, frame/label readers; VSPW class names and palette.
 
-Layout (``reference/vspw.md`` §1.1)::
+The folder layout and label encoding of a dataset come from its ``dataset.yaml``
+(``themask.data.description``); the defaults are VSPW's (``reference/vspw.md`` §1.1)::
 
     <root>/{train,val,test}.txt          one video folder name per line
     <root>/data/<video>/origin/<frame>.jpg
     <root>/data/<video>/mask/<frame>.png  single-channel raw labels, same stem as the frame
 
-Label encoding (§1.4-1.5): raw PNG values ``0`` ("others") and ``255`` (void) are ignored,
-``1..K`` become train ids ``0..K-1``. Any other raw value is an error, never a silent label.
-The embedded toy dataset (``themask.data.toy``) uses the same layout and encoding with fewer
-classes, so every reader here takes ``num_classes``.
+VSPW label encoding (§1.4-1.5): raw PNG values ``0`` ("others") and ``255`` (void) are
+ignored, ``1..K`` become train ids ``0..K-1``; a description may set other ignored values and
+another offset. Any other stored value is an error, never a silent label.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from themask.data.description import DatasetDescription
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +32,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 NUM_CLASSES = 124
 IGNORE_INDEX = 255
-FRAME_DIR = "origin"
-MASK_DIR = "mask"
 MASK_SUFFIX = ".png"
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Single-channel PIL modes whose pixel values are raw label ids.
@@ -96,21 +97,30 @@ class CorruptFileError(DataError):
 
 
 def label_lookup_table(
-    num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX
+    num_classes: int = NUM_CLASSES,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    offset: int = 1,
+    ignore_values: Tuple[int, ...] = (0, 255),
 ) -> np.ndarray:
-    """(256,) int16 table raw value -> train id; ``-1`` marks values that are not allowed.
+    """(256,) int16 table stored value -> train id; ``-1`` marks values that are not allowed.
 
-    0 and 255 -> ``ignore_index``; 1..num_classes -> 0..num_classes-1; the rest -> -1.
+    ``ignore_values`` -> ``ignore_index``; ``offset..offset+K-1`` -> ``0..K-1``; the rest -> -1.
+    VSPW: offset 1, ignore 0 and 255.
     """
-    if not 1 <= num_classes <= 254:
+    if not 1 <= num_classes <= 256 - offset:
         raise ValueError(
-            f"num_classes must be in 1..254 to fit the uint8 encoding, got {num_classes}"
+            f"num_classes must be in 1..{256 - offset} to fit the uint8 encoding, got {num_classes}"
         )
     table = np.full(256, -1, dtype=np.int16)
-    table[0] = ignore_index
-    table[255] = ignore_index
-    table[1 : num_classes + 1] = np.arange(num_classes, dtype=np.int16)
+    table[list(ignore_values)] = ignore_index
+    table[offset : offset + num_classes] = np.arange(num_classes, dtype=np.int16)
     return table
+
+
+def _expected_values(num_classes: int, offset: int, ignore_values: Tuple[int, ...]) -> str:
+    ignored = ", ".join(str(v) for v in ignore_values) or "none"
+    return f"classes {offset}..{offset + num_classes - 1} or ignored values ({ignored})"
 
 
 def map_raw_labels(
@@ -118,26 +128,31 @@ def map_raw_labels(
     *,
     num_classes: int = NUM_CLASSES,
     ignore_index: int = IGNORE_INDEX,
+    offset: int = 1,
+    ignore_values: Tuple[int, ...] = (0, 255),
     source: str = "<array>",
 ) -> np.ndarray:
-    """Raw label values (H, W) -> train ids (H, W) uint8; raises ``DataError`` on bad values."""
+    """Stored label values (H, W) -> train ids (H, W) uint8; ``DataError`` on bad values."""
     if raw.ndim != 2:
         raise DataError(
             f"{source}: expected a single-channel label map (H, W), got shape {raw.shape}"
         )
+    expected = _expected_values(num_classes, offset, ignore_values)
     if raw.dtype != np.uint8:
         if raw.size and (raw.min() < 0 or raw.max() > 255):
             raise DataError(
-                f"{source}: label values must be in {{0..{num_classes}, 255}}, "
+                f"{source}: stored values must be {expected}, "
                 f"found range {int(raw.min())}..{int(raw.max())}"
             )
         raw = raw.astype(np.uint8)
-    mapped = label_lookup_table(num_classes, ignore_index)[raw]
+    mapped = label_lookup_table(
+        num_classes, ignore_index, offset=offset, ignore_values=ignore_values
+    )[raw]
     if (mapped < 0).any():
         bad = np.unique(raw[mapped < 0])
         shown = ", ".join(str(int(v)) for v in bad[:10])
         raise DataError(
-            f"{source}: label values must be in {{0..{num_classes}, 255}}, found {shown}"
+            f"{source}: stored values must be {expected}, found {shown}"
             + (" ..." if bad.size > 10 else "")
         )
     return mapped.astype(np.uint8)
@@ -179,17 +194,29 @@ def read_raw_label(path: PathLike) -> np.ndarray:
 
 
 def read_label(
-    path: PathLike, *, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX
+    path: PathLike,
+    *,
+    num_classes: int = NUM_CLASSES,
+    ignore_index: int = IGNORE_INDEX,
+    offset: int = 1,
+    ignore_values: Tuple[int, ...] = (0, 255),
 ) -> np.ndarray:
-    """Read a mask PNG -> (H, W) uint8 train ids (``ignore_index`` = ignore)."""
+    """Read a mask PNG -> (H, W) uint8 train ids (``ignore_index`` = ignore); VSPW encoding by
+    default (``DatasetDescription.read_label`` passes a dataset's own)."""
     return map_raw_labels(
-        read_raw_label(path), num_classes=num_classes, ignore_index=ignore_index, source=str(path)
+        read_raw_label(path),
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        offset=offset,
+        ignore_values=ignore_values,
+        source=str(path),
     )
 
 
-def read_split(root: PathLike, split: str) -> List[str]:
-    """Video names listed in ``<root>/<split>.txt`` (stripped; CRLF and blank lines tolerated)."""
-    path = Path(root) / f"{split}.txt"
+def read_split(path: PathLike) -> List[str]:
+    """Video names listed in the split file ``path`` (stripped; CRLF and blank lines
+    tolerated)."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split file not found (expected one video folder name per line)")
     names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -214,11 +241,12 @@ def list_frames(folder: PathLike) -> List[Path]:
 
 @dataclass(frozen=True)
 class Video:
-    """One video: frames sorted by name; ``mask_paths`` is ``None`` for an unlabelled split."""
+    """One video: frames sorted by name; ``mask_paths`` is ``None`` for an unlabelled split,
+    and holds ``None`` for each frame without a mask in a sparse dataset."""
 
     name: str
     frame_paths: Tuple[Path, ...]
-    mask_paths: Optional[Tuple[Path, ...]]
+    mask_paths: Optional[Tuple[Optional[Path], ...]]
 
     def __len__(self) -> int:
         return len(self.frame_paths)
@@ -227,10 +255,21 @@ class Video:
     def frame_names(self) -> List[str]:
         return [p.stem for p in self.frame_paths]
 
+    def mask_path(self, index: int) -> Optional[Path]:
+        """The mask of frame ``index``, ``None`` when it has none."""
+        return None if self.mask_paths is None else self.mask_paths[index]
 
-def _read_video(root: Path, name: str, labelled: bool) -> Tuple[Optional[Video], List[str]]:
+    @property
+    def labelled_indices(self) -> List[int]:
+        """Indices of the frames that have a mask."""
+        return [i for i in range(len(self)) if self.mask_path(i) is not None]
+
+
+def _read_video(
+    root: Path, name: str, labelled: bool, description: "DatasetDescription"
+) -> Tuple[Optional[Video], List[str]]:
     """Build one ``Video``; returns ``(None, problems)`` when the folder is unusable."""
-    frame_dir = root / "data" / name / FRAME_DIR
+    frame_dir = description.frame_dir(root, name)
     if not frame_dir.is_dir():
         return None, [f"{frame_dir}: video folder listed in the split does not exist"]
     frames = list_frames(frame_dir)
@@ -238,30 +277,48 @@ def _read_video(root: Path, name: str, labelled: bool) -> Tuple[Optional[Video],
         return None, [f"{frame_dir}: no frames (*.jpg) in the video folder"]
     if not labelled:
         return Video(name, tuple(frames), None), []
-    masks = tuple(root / "data" / name / MASK_DIR / (p.stem + MASK_SUFFIX) for p in frames)
+    mask_dir = description.mask_dir(root, name)
+    masks = [mask_dir / (p.stem + MASK_SUFFIX) for p in frames]
+    found = tuple(m if m.is_file() else None for m in masks)
+    if description.sparse:
+        return Video(name, tuple(frames), found), []
     problems = [
-        f"{m}: mask missing for frame {f.name}" for f, m in zip(frames, masks) if not m.is_file()
+        f"{m}: mask missing for frame {f.name} (dataset is not sparse)"
+        for f, m, ok in zip(frames, masks, found)
+        if ok is None
     ]
-    return Video(name, tuple(frames), masks), problems
+    return Video(name, tuple(frames), found), problems
 
 
 class VSPWIndex:
-    """Videos of one split of a VSPW-format folder (``reference/vspw.md`` §1.1-1.2).
+    """Videos of one split of a dataset described by ``description`` (default: the root's
+    ``dataset.yaml``, else the VSPW layout, ``reference/vspw.md`` §1.1-1.2).
 
-    Every listed video must exist with at least one frame and, when ``labelled``, a mask for
-    every frame; otherwise ``DataError`` names every offending path (first 20) and the count.
+    Every listed video must exist with at least one frame and, when ``labelled`` and the
+    dataset is not sparse, a mask for every frame; otherwise ``DataError`` names every
+    offending path (first 20) and the count.
     """
 
-    def __init__(self, root: PathLike, split: str, *, labelled: bool = True) -> None:
+    def __init__(
+        self,
+        root: PathLike,
+        split: str,
+        *,
+        labelled: bool = True,
+        description: Optional["DatasetDescription"] = None,
+    ) -> None:
+        from themask.data.description import load_description
+
         self.root = Path(root)
         self.split = split
         self.labelled = labelled
         if not self.root.is_dir():
             raise DataError(f"{self.root}: dataset root does not exist")
+        self.description = description or load_description(self.root)
         videos: List[Video] = []
         problems: List[str] = []
-        for name in read_split(self.root, split):
-            video, found = _read_video(self.root, name, labelled)
+        for name in read_split(self.description.split_file(self.root, split)):
+            video, found = _read_video(self.root, name, labelled, self.description)
             problems.extend(found)
             if video is not None:
                 videos.append(video)

@@ -1,33 +1,32 @@
-"""Evaluation: VSPW metrics, streaming split evaluation, sliding-window prediction, overlays."""
+"""Evaluation: VSPW metrics, streaming split evaluation, sliding-window prediction, overlays.
 
-from themask.evaluation.inference import (
-    EvalReport,
-    FramePrediction,
-    StreamingPredictor,
-    evaluate_data,
-    evaluate_split,
-    predict_video,
-)
-from themask.evaluation.metrics import (
-    SegmentationAccumulator,
-    VideoConsistencyAccumulator,
-    confusion_matrix,
-    format_metrics_table,
-    metrics_to_json,
-    segmentation_metrics,
-)
+Names are imported lazily (PEP 562), so ``themask.evaluation.visualize`` works without torch.
+"""
 
-__all__ = [
-    "EvalReport",
-    "FramePrediction",
-    "SegmentationAccumulator",
-    "StreamingPredictor",
-    "VideoConsistencyAccumulator",
-    "confusion_matrix",
-    "evaluate_data",
-    "evaluate_split",
-    "format_metrics_table",
-    "metrics_to_json",
-    "predict_video",
-    "segmentation_metrics",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EvalReport": "inference",
+    "FramePrediction": "inference",
+    "StreamingPredictor": "inference",
+    "evaluate_data": "inference",
+    "evaluate_split": "inference",
+    "predict_video": "inference",
+    "SegmentationAccumulator": "metrics",
+    "VideoConsistencyAccumulator": "metrics",
+    "confusion_matrix": "metrics",
+    "format_metrics_table": "metrics",
+    "metrics_to_json": "metrics",
+    "segmentation_metrics": "metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"themask.evaluation.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'themask.evaluation' has no attribute {name!r}")

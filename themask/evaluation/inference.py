@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (
     Callable,
-    ContextManager,
     Deque,
     Dict,
     Iterable,
@@ -37,25 +36,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from themask.data.clips import TEST_CLIP_STRIDE, test_clips
-from themask.data.config import DataConfig, dataset_classes
-from themask.data.transforms import TestTransform
+from themask.data.clips import TEST_CLIP_STRIDE, causal_window, test_clips
+from themask.data.config import DataConfig
+from themask.data.description import DatasetDescription
+from themask.data.transforms import TestTransform, normalize_frames
 from themask.data.vspw import (
     IGNORE_INDEX,
+    DataError,
     Video,
     VSPWIndex,
     read_frame,
-    read_label,
     read_raw_label,
 )
 from themask.distributed import get_rank, get_world_size, is_main
 from themask.evaluation.metrics import (
+    PUBLISHED_VC_SKIP,
     SegmentationAccumulator,
     VideoConsistencyAccumulator,
     all_reduce_sum_,
 )
 from themask.evaluation.visualize import save_label_png
 from themask.io import PathLike
+from themask.precision import AmpSpec, autocast_context
 
 logger = logging.getLogger(__name__)
 
@@ -70,25 +72,19 @@ __all__ = [
 ]
 
 Transform = Callable[[List[np.ndarray]], Tensor]  # list of (H, W, 3) uint8 → (T, 3, h, w)
-AmpSpec = Union[str, torch.dtype, None]
+def upload(x: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
-def _amp_dtype(amp: AmpSpec) -> Optional[torch.dtype]:
-    if amp is None or amp == "off":
-        return None
-    if isinstance(amp, torch.dtype):
-        return amp
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp must be 'off', 'bf16', 'fp16' or a torch dtype, got {amp!r}")
-    return dtypes[amp]
-
-
-def _autocast(device: torch.device, amp: AmpSpec) -> ContextManager:
-    dtype = _amp_dtype(amp)
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def network_input(transform: Transform, frames: List[np.ndarray], device: torch.device) -> Tensor:
+    """``transform(frames)`` (T, 3, h, w) on ``device``; a ``TestTransform``'s frames travel as
+    uint8 and are normalised there (4x less traffic)."""
+    if isinstance(transform, TestTransform):
+        return normalize_frames(upload(transform.resize(frames), device))
+    return upload(transform(frames), device)
 
 
 def scores_to_labels(scores: Tensor, size: Tuple[int, int]) -> Tensor:
@@ -131,12 +127,13 @@ def evaluate_split(
     clip_len: int,
     transform: Transform,
     device: Union[str, torch.device],
-    num_classes: int,
+    num_classes: Optional[int] = None,
     write_dir: Optional[PathLike] = None,
     palette: Optional[np.ndarray] = None,
     amp: AmpSpec = None,
     vc_lengths: Sequence[int] = (8, 16),
     vc_gt: str = "train_id",
+    vc_rule: str = "published",
     clip_stride: int = TEST_CLIP_STRIDE,
     max_videos: Optional[int] = None,
     distributed: bool = False,
@@ -147,20 +144,29 @@ def evaluate_split(
     ``model(frames (1, T, 3, h, w))`` in eval mode must return class scores (1, T, K, h, w);
     ``transform`` maps the clip's original frames to the network input (T, 3, h, w).
     Scores are resized to each frame's stored size, argmax'ed and compared with the GT.
+    Frames without a mask (sparse datasets) are predicted as context but not scored, and
+    mVC sees only the masked frames, as the published scripts (they list the mask folder).
+    ``num_classes`` defaults to the index's dataset description.
 
     ``vc_gt`` picks the GT encoding of mVC (see ``VideoConsistencyAccumulator``):
     ``"train_id"`` (0 and 255 both ignore; the CFFM script, default) or ``"raw"`` (raw PNG
-    values; the VSPW authors' script). ``write_dir``: also write ``<dir>/<video>/<stem>.png``
-    ('P' mode, train ids, ``palette``).
+    values; the VSPW authors' script). ``vc_rule``: ``"published"`` skips videos of at most
+    16 (masked) frames for every mVC_n (VSS-CFFM ``VC_perclip.py``, the published tables);
+    ``"per_length"`` skips those of at most n frames for mVC_n. ``write_dir``: also write
+    ``<dir>/<video>/<stem>.png`` ('P' mode, train ids, ``palette``).
     ``distributed=True`` (all ranks must call): the videos are split over the processes and
     the metric sums reduced, so every rank returns the same result; with ``False`` the calling
     process evaluates everything alone (e.g. rank 0 during training).
 
     Returns an ``EvalReport``: the dict of :func:`themask.evaluation.metrics.segmentation_metrics`
-    plus ``mVC<n>`` per window length, ``num_videos`` and ``num_frames``.
+    plus ``mVC<n>`` per window length, ``num_videos`` and ``num_frames`` (frames scored).
     """
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
+    if vc_rule not in ("published", "per_length"):
+        raise ValueError(f"vc_rule must be 'published' or 'per_length', got {vc_rule!r}")
+    description = index.description
+    num_classes = num_classes or description.num_classes
     if write_dir is not None and palette is None:
         raise ValueError("evaluate_split: write_dir needs a palette for the prediction PNGs")
     if not index.labelled:
@@ -168,10 +174,11 @@ def evaluate_split(
     device = torch.device(device)
     net = _unwrap(model)
     seg = SegmentationAccumulator(num_classes=num_classes, ignore_index=IGNORE_INDEX, device=device)
-    vcs = {n: VideoConsistencyAccumulator(n, device=device) for n in vc_lengths}
+    skip = PUBLISHED_VC_SKIP if vc_rule == "published" else None
+    vcs = {n: VideoConsistencyAccumulator(n, skip_up_to=skip, device=device) for n in vc_lengths}
     videos = index.videos[:max_videos] if max_videos is not None else index.videos
     mine = videos[get_rank() :: get_world_size()] if distributed else videos
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # videos, frames
+    num_scored = 0
     bar = tqdm(
         total=sum(len(v) for v in mine),
         desc=f"eval {index.split}",
@@ -186,8 +193,12 @@ def evaluate_split(
                 net, video, clip_len=clip_len, clip_stride=clip_stride, transform=transform,
                 device=device, amp=amp,
             )
+            scored = 0
             for frame, pred in predictions:  # pred: (H, W) int64
-                _score_frame(video, frame, pred, seg, vcs, num_classes, vc_gt)
+                mask_path = video.mask_path(frame)
+                if mask_path is not None:
+                    _score_frame(mask_path, pred, seg, vcs, description, vc_gt)
+                    scored += 1
                 if write_dir is not None:
                     save_label_png(
                         pred.to("cpu", torch.uint8).numpy(),
@@ -197,7 +208,8 @@ def evaluate_split(
                 bar.update(1)
             for vc in vcs.values():
                 vc.end_video()
-            counts += torch.tensor([1.0, len(video)], dtype=torch.float64, device=device)
+            num_scored += scored
+    counts = torch.tensor([len(mine), num_scored], dtype=torch.float64, device=device)
     if distributed:
         seg.all_reduce()
         for vc in vcs.values():
@@ -235,25 +247,26 @@ def evaluate_data(
     write_dir: Optional[PathLike] = None,
     amp: AmpSpec = None,
     vc_gt: str = "train_id",
+    vc_rule: str = "published",
     distributed: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """:func:`evaluate_split` on ``<data.root>/<split>`` with the settings of a ``DataConfig``:
     test transform from ``data.scale`` / ``data.size_divisor``, class count and palette from
-    ``data.kind``. The other arguments are those of ``evaluate_split``.
+    the dataset description. The other arguments are those of ``evaluate_split``.
     """
-    _, palette = dataset_classes(data.kind)
+    description = data.description
     return evaluate_split(
         model,
-        VSPWIndex(data.root, split),
+        VSPWIndex(data.root, split, description=description),
         clip_len=clip_len,
         transform=TestTransform(scale=data.scale, size_divisor=data.size_divisor),
         device=device,
-        num_classes=data.num_classes,
         write_dir=write_dir,
-        palette=palette,
+        palette=description.palette,
         amp=amp,
         vc_gt=vc_gt,
+        vc_rule=vc_rule,
         max_videos=max_videos,
         distributed=distributed,
         progress=progress,
@@ -277,10 +290,19 @@ def _predict_in_frame_order(
     """
     pending: Dict[int, Tensor] = {}
     next_frame = 0
+    size = None  # (H, W) of the video's first frame read
     for clip in test_clips(len(video), clip_len, stride=clip_stride):
         frames = [read_frame(video.frame_paths[i]) for i in clip]
-        inputs = transform(frames).unsqueeze(0).to(device)  # (1, T, 3, h, w)
-        with torch.no_grad(), _autocast(device, amp):
+        size = size or frames[0].shape[:2]
+        for index, frame in zip(clip, frames):
+            if frame.shape[:2] != size:
+                (h0, w0), (h1, w1) = size, frame.shape[:2]
+                raise DataError(
+                    f"video {video.name}: frame {video.frame_paths[index].name} is {w1}x{h1}, "
+                    f"earlier frames {w0}x{h0}; the frames of a video must share one size"
+                )
+        inputs = network_input(transform, frames, device).unsqueeze(0)  # (1, T, 3, h, w)
+        with torch.no_grad(), autocast_context(amp, device):
             scores = net(inputs)  # (1, T, K, h, w)
         pending.update(zip(clip, scores_to_labels(scores[0], frames[0].shape[:2])))
         while next_frame in pending:
@@ -291,18 +313,16 @@ def _predict_in_frame_order(
 
 
 def _score_frame(
-    video: Video,
-    frame: int,
+    mask_path: Path,
     pred: Tensor,
     seg: SegmentationAccumulator,
     vcs: Dict[int, VideoConsistencyAccumulator],
-    num_classes: int,
+    description: DatasetDescription,
     vc_gt: str,
 ) -> None:
-    mask_path = video.mask_paths[frame]
-    target = torch.from_numpy(read_label(mask_path, num_classes=num_classes))
+    target = upload(torch.from_numpy(description.read_label(mask_path)), pred.device)
     if target.shape != pred.shape:
-        raise ValueError(
+        raise DataError(
             f"{mask_path}: mask size {tuple(target.shape)} differs from its frame's "
             f"{tuple(pred.shape)}"
         )
@@ -310,7 +330,7 @@ def _score_frame(
     if vcs:
         vc_target = target
         if vc_gt == "raw":
-            vc_target = torch.from_numpy(np.array(read_raw_label(mask_path)))
+            vc_target = upload(torch.from_numpy(np.array(read_raw_label(mask_path))), pred.device)
         for vc in vcs.values():
             vc.update(pred, vc_target)
 
@@ -353,7 +373,7 @@ class StreamingPredictor:
 
     def window(self, t: int) -> List[int]:
         """Frame indices of the window that predicts frame ``t``."""
-        return [max(0, t - self.step * (self.clip_len - 1 - i)) for i in range(self.clip_len)]
+        return causal_window(t, self.clip_len, step=self.step)
 
     @torch.no_grad()
     def push(self, frame: Tensor) -> Tensor:
@@ -383,15 +403,21 @@ def predict_video(
     """Predict a stream of (H, W, 3) uint8 RGB frames; yields one ``FramePrediction`` per frame.
 
     Uses ``StreamingPredictor`` (causal windows of ``clip_len`` frames ``step`` apart, each
-    frame encoded once); scores are resized to the frame's size and argmax'ed.
+    frame encoded once); scores are resized to the frame's size and argmax'ed. Frames may
+    differ in size: where the network input size changes, the windows start afresh (as at
+    the first frame), so every frame is segmented at its own size.
     """
     device = torch.device(device)
     net = _unwrap(model)
     predictor = StreamingPredictor(net, clip_len=clip_len, step=step)
+    input_size = None
     with _eval_mode(net):
         for t, frame in enumerate(frames_iter):
-            inputs = transform([frame])[0].to(device)  # (3, h, w)
-            with _autocast(device, amp):
+            inputs = network_input(transform, [frame], device)[0]  # (3, h, w)
+            if inputs.shape[-2:] != input_size:
+                predictor.reset()
+                input_size = inputs.shape[-2:]
+            with autocast_context(amp, device):
                 scores = predictor.push(inputs)
             labels = scores_to_labels(scores[None], frame.shape[:2])[0]
             yield FramePrediction(index=t, frame=frame, labels=labels.cpu().numpy())

@@ -1,7 +1,9 @@
 """VSPW metrics (reference/vspw.md §3): confusion matrix → mIoU, WIoU, accuracies; mVC_n.
 
 Everything is streaming: the accumulators hold one K×K matrix, resp. two counters plus a
-few per-pixel maps of the current video, never a whole split of predictions.
+few per-pixel maps of the current video, never a whole split of predictions. Updates never
+wait for the device (no host reads per frame): range checks and sums stay on the device and
+are read once, by ``compute``.
 Values are fractions in [0, 1] (the CLI prints them ×100); ``nan`` marks an undefined value.
 """
 
@@ -34,6 +36,44 @@ def _as_tensor(x: ArrayLike) -> Tensor:
     return x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
 
+def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """(K·K + 3,) int64 on pred's device, without a host sync: the row-major confusion matrix,
+    then the pixels with an out-of-range target, those with an out-of-range prediction (of
+    the others) and the ignored ones."""
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"confusion_matrix: pred shape {tuple(pred.shape)} != target shape "
+            f"{tuple(target.shape)}"
+        )
+    k2 = num_classes * num_classes
+    target = target.to(pred.device).reshape(-1).long()
+    pred = pred.reshape(-1).long()
+    ignored = target == ignore_index
+    bad_target = ~ignored & ((target < 0) | (target >= num_classes))
+    bad_pred = ~ignored & ~bad_target & ((pred < 0) | (pred >= num_classes))
+    index = torch.where(bad_target, k2, target * num_classes + pred)
+    index = torch.where(bad_pred, k2 + 1, index)
+    index = torch.where(ignored, k2 + 2, index)
+    counts = torch.zeros(k2 + 3, dtype=torch.int64, device=pred.device)
+    return counts.index_add_(0, index, torch.ones_like(index))
+
+
+def _check_ranges(counts: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise if ``_confusion_counts`` saw out-of-range values (reads two numbers back)."""
+    k2 = num_classes * num_classes
+    bad_target, bad_pred = counts[k2 : k2 + 2].tolist()
+    if bad_target:
+        raise ValueError(
+            f"confusion_matrix: target values must be in [0, {num_classes}) or {ignore_index}; "
+            f"{bad_target} pixel(s) are not"
+        )
+    if bad_pred:
+        raise ValueError(
+            f"confusion_matrix: predicted values must be in [0, {num_classes}); "
+            f"{bad_pred} pixel(s) are not"
+        )
+
+
 def confusion_matrix(
     pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: int = 255
 ) -> Tensor:
@@ -41,30 +81,11 @@ def confusion_matrix(
 
     pred, target: integer maps of the same shape (any number of dims, e.g. (T, H, W)).
     Pixels whose target equals ``ignore_index`` are left out. Returns (K, K) int64 on the
-    device of ``pred``.
+    device of ``pred``; raises ``ValueError`` for values out of range.
     """
-    pred_t, target_t = _as_tensor(pred), _as_tensor(target)
-    if pred_t.shape != target_t.shape:
-        raise ValueError(
-            f"confusion_matrix: pred shape {tuple(pred_t.shape)} != target shape "
-            f"{tuple(target_t.shape)}"
-        )
-    target_t = target_t.to(pred_t.device).reshape(-1).long()
-    pred_t = pred_t.reshape(-1).long()
-    valid = target_t != ignore_index
-    target_t, pred_t = target_t[valid], pred_t[valid]
-    if target_t.numel() and (int(target_t.min()) < 0 or int(target_t.max()) >= num_classes):
-        raise ValueError(
-            f"confusion_matrix: target values must be in [0, {num_classes}) or {ignore_index}, "
-            f"got range [{int(target_t.min())}, {int(target_t.max())}]"
-        )
-    if pred_t.numel() and (int(pred_t.min()) < 0 or int(pred_t.max()) >= num_classes):
-        raise ValueError(
-            f"confusion_matrix: predicted values must be in [0, {num_classes}), "
-            f"got range [{int(pred_t.min())}, {int(pred_t.max())}]"
-        )
-    counts = torch.bincount(target_t * num_classes + pred_t, minlength=num_classes**2)
-    return counts.reshape(num_classes, num_classes)
+    counts = _confusion_counts(_as_tensor(pred), _as_tensor(target), num_classes, ignore_index)
+    _check_ranges(counts, num_classes, ignore_index)
+    return counts[: num_classes * num_classes].reshape(num_classes, num_classes)
 
 
 def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
@@ -134,22 +155,32 @@ class SegmentationAccumulator:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.device = torch.device(device)
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=self.device)
+        k2 = num_classes * num_classes
+        # the matrix, then out-of-range and ignored pixel counts (see _confusion_counts)
+        self.counts = torch.zeros(k2 + 3, dtype=torch.int64, device=self.device)
+        self.matrix = self.counts[:k2].view(num_classes, num_classes)
 
     def reset(self) -> None:
-        self.matrix.zero_()
+        self.counts.zero_()
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:
-        """Add the pixels of ``pred`` / ``target`` (same shape, e.g. (H, W) or (T, H, W))."""
+        """Add the pixels of ``pred`` / ``target`` (same shape, e.g. (H, W) or (T, H, W)).
+        Values out of range are counted here and reported by ``compute``."""
         pred_t = _as_tensor(pred).to(self.device)
-        self.matrix += confusion_matrix(pred_t, target, self.num_classes, self.ignore_index)
+        self.counts += _confusion_counts(
+            pred_t, _as_tensor(target), self.num_classes, self.ignore_index
+        )
 
     def all_reduce(self) -> None:
-        """Sum the matrix over all processes (call once, on every rank, before ``compute``)."""
-        all_reduce_sum_(self.matrix)
+        """Sum the counts over all processes (call once, on every rank, before ``compute``)."""
+        all_reduce_sum_(self.counts)
 
     def compute(self) -> Dict[str, object]:
+        _check_ranges(self.counts, self.num_classes, self.ignore_index)
         return segmentation_metrics(self.matrix)
+
+
+PUBLISHED_VC_SKIP = 16  # VSS-CFFM VC_perclip.py: clip_num = 16, checked before both n
 
 
 def window_consistency(gt: Tensor, pred: Tensor) -> float:
@@ -171,8 +202,11 @@ class VideoConsistencyAccumulator:
 
     Per video of N frames, windows start at i = 0 … N−n−1 (N − n windows: the window that
     ends on the last frame is not counted, as in the official script) and a video with
-    N ≤ n contributes none. VC of a window = |S ∩ T| / |S| (see :func:`window_consistency`);
-    windows with empty S are dropped; mVC_n = mean over all windows of all videos (window-
+    N ≤ ``skip_up_to`` contributes none. ``skip_up_to=PUBLISHED_VC_SKIP`` (16, for every n) is
+    the rule of VSS-CFFM ``VC_perclip.py``, whose numbers THE-Mask and its lineage publish;
+    ``skip_up_to=None`` (= n) is the per-length rule of the VSPW authors' script.
+    VC of a window = |S ∩ T| / |S| (see :func:`window_consistency`); windows with empty S are
+    dropped; mVC_n = mean over all windows of all videos (window-
     weighted, not per video).
 
     Feed frames in temporal order: ``start_video()``, ``update(pred, gt)`` per frame,
@@ -188,10 +222,17 @@ class VideoConsistencyAccumulator:
     ``themask.evaluation.inference.evaluate_split`` lets the caller choose.
     """
 
-    def __init__(self, n: int, *, device: Union[str, torch.device] = "cpu") -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        skip_up_to: Optional[int] = None,
+        device: Union[str, torch.device] = "cpu",
+    ) -> None:
         if n < 2:
             raise ValueError(f"VideoConsistencyAccumulator: window length n must be >= 2, got {n}")
         self.n = n
+        self.skip_up_to = n if skip_up_to is None else skip_up_to
         self.device = torch.device(device)
         # [sum of window VC values, number of windows with non-empty S]
         self.totals = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -203,7 +244,10 @@ class VideoConsistencyAccumulator:
         self._prev_pred: Optional[Tensor] = None
         self._run_gt: Optional[Tensor] = None  # (H, W) frames since the GT value last changed
         self._run_pred: Optional[Tensor] = None
-        self._pending: Optional[float] = None  # VC of the window ending on the previous frame
+        # [VC, 1] of the window ending on the previous frame ([0, 0] if its S is empty)
+        self._pending: Optional[Tensor] = None
+        # this video's [sum of VC, windows], added to ``totals`` when the video is long enough
+        self._video_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.frames_seen = 0
 
     def reset(self) -> None:
@@ -229,9 +273,7 @@ class VideoConsistencyAccumulator:
                 f"{tuple(pred_t.shape)} and {tuple(gt_t.shape)}"
             )
         if self._pending is not None:  # a later frame exists, so that window is counted
-            if not math.isnan(self._pending):
-                self.totals[0] += self._pending
-                self.totals[1] += 1
+            self._video_totals += self._pending
             self._pending = None
         if self._prev_gt is None:
             self._run_gt = torch.zeros(gt_t.shape, dtype=torch.int32, device=self.device)
@@ -250,15 +292,16 @@ class VideoConsistencyAccumulator:
             # The window of the last n frames is stable where the run spans n−1 equalities.
             stable_gt = self._run_gt >= self.n - 1
             stable_pred = self._run_pred >= self.n - 1
-            size = int(stable_gt.sum())
-            self._pending = (
-                int((stable_gt & stable_pred).sum()) / size if size > 0 else math.nan
-            )
+            size = stable_gt.sum().double()  # stays on the device: no sync per frame
+            value = (stable_gt & stable_pred).sum().double() / size.clamp(min=1)
+            self._pending = torch.stack([value, (size > 0).double()])
 
     def end_video(self) -> None:
         """Close the current video (its last window is dropped, see the class docstring)."""
         if not self._in_video:
             raise RuntimeError("VideoConsistencyAccumulator: end_video() without start_video()")
+        if self.frames_seen > self.skip_up_to:
+            self.totals += self._video_totals
         self._in_video = False
         self._reset_video()
 
@@ -290,9 +333,22 @@ def per_class_table(
     ]
 
 
-def _percent(value: object) -> str:
+def format_percent(value: object, width: int = 6) -> str:
+    """A fraction as a percentage with 2 decimals; ``-`` for an undefined (nan) value."""
     v = float(value)  # type: ignore[arg-type]
-    return "    -" if math.isnan(v) else f"{100 * v:6.2f}"
+    return f"{'-':>{width}}" if math.isnan(v) else f"{100 * v:{width}.2f}"
+
+
+def summarize_metrics(metrics: Dict[str, object]) -> str:
+    """One line of the scalar metrics in percent, e.g. ``mIoU 41.20, aAcc 80.03, mVC16 -``
+    (the form of the train log and the train command; the eval table uses the same units)."""
+    return ", ".join(
+        f"{key} {format_percent(value, 0)}"
+        for key, value in metrics.items()
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not key.startswith("num_")
+    )
 
 
 def format_metrics_table(
@@ -314,13 +370,13 @@ def format_metrics_table(
     for key in vc_keys:
         labels[key] = f"{key} (video consistency, {key[3:]} frames)"
     width = max(len(v) for v in labels.values())
-    lines = [f"{labels[k]:<{width}}  {_percent(metrics[k])}" for k in labels if k in metrics]
+    lines = [f"{labels[k]:<{width}}  {format_percent(metrics[k])}" for k in labels if k in metrics]
     if "IoU" in metrics:
         rows = per_class_table(metrics, class_names)
         name_width = max(12, max(len(str(r["name"])) for r in rows))
         lines += ["", f"{'id':>3}  {'class':<{name_width}}  {'IoU':>6}  {'Acc':>6}"]
         for r in rows:
-            iou, acc = _percent(r["IoU"]), _percent(r["Acc"])
+            iou, acc = format_percent(r["IoU"]), format_percent(r["Acc"])
             lines.append(f"{r['class']:>3}  {r['name']:<{name_width}}  {iou}  {acc}")
     return "\n".join(lines)
 

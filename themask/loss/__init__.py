@@ -1,20 +1,19 @@
 """Training objective: targets, two-round matching, hierarchical loss (DESIGN.md §5)."""
 
-from themask.loss.api import criterion_for, training_loss
+from themask.loss.api import training_loss
 from themask.loss.config import LossConfig
 from themask.loss.criterion import LossOutput, SetCriterion
 from themask.loss.matcher import HungarianMatcher, MatchIndices, match_two_rounds
-from themask.loss.targets import ClipTargets, build_targets
+from themask.loss.targets import BatchTargets, build_targets
 
 __all__ = [
-    "ClipTargets",
+    "BatchTargets",
     "HungarianMatcher",
     "LossConfig",
     "LossOutput",
     "MatchIndices",
     "SetCriterion",
     "build_targets",
-    "criterion_for",
     "match_two_rounds",
     "training_loss",
 ]

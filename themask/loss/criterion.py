@@ -7,41 +7,53 @@ Per prediction set (each matched separately, two rounds):
 - secondary queries: soft mask loss (target = GT ∧ σ(prediction) > 0.5, dense at GT resolution,
   prediction upsampled with nearest interpolation) or, with ``second_round_loss="hard"``, the
   hard mask loss on the full GT masks.
-Mask terms are summed over (mask, frame) pairs and divided by the number of GT masks (averaged
-over processes under DDP, at least 1) times T. The TAD frame head is supervised with the frame
-targets and the same assignments, scaled by ``frame_head_weight``.
+Mask terms are summed over (mask, frame) pairs of labelled frames (a frame whose labels are all
+ignore is left out) and divided by the number of such pairs (averaged over processes under DDP,
+at least T): GT masks × T for densely labelled clips. The TAD frame head is supervised with the
+frame targets and the same assignments, scaled by ``frame_head_weight``.
+
+The prediction sets are handled together: one matching call for all of them (one transfer to
+the host), one upload of all assignments, and each loss computed once over the matched rows of
+every set; nothing in between waits for the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from themask.loss.config import LossConfig
-from themask.loss.matcher import HungarianMatcher, MatchIndices
+from themask.loss.matcher import BatchMatch, HungarianMatcher, MatchIndices
 from themask.loss.point_sample import point_sample, uncertain_point_coords
-from themask.loss.targets import ClipTargets, build_targets
+from themask.loss.targets import BatchTargets, build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
+
+CHUNK_VALUES = 1 << 21  # hard loss: candidate coordinates per chunk of rows (8 MiB)
+GT_CHUNK_PIXELS = 1 << 22  # GT mask pixels built at once for the point losses (16 MiB)
 
 
 @dataclass
 class LossOutput:
     """total: scalar loss to call ``backward()`` on.
 
-    terms: floats for logging. Weighted loss terms summed over prediction sets (their sum is
-    ``total``): ``loss_class``, ``loss_mask``, ``loss_dice`` and, with two rounds,
-    ``loss_mask_secondary``, ``loss_dice_secondary``; the same with a ``frame_`` prefix for the
-    TAD frame head. Also ``matched_fraction_round1/2`` (fraction of the N queries with mask
-    supervision in each round, mean over the clips of the final set) and ``num_masks``.
+    terms: for logging. Weighted loss terms summed over prediction sets (their sum is
+    ``total``), detached 0-d tensors on the loss device (``float()`` waits for the device: read
+    them at log intervals only): ``loss_class``, ``loss_mask``, ``loss_dice`` and, with two
+    rounds, ``loss_mask_secondary``, ``loss_dice_secondary``; the same with a ``frame_`` prefix
+    for the TAD frame head. Also, as floats (0-d tensors under DDP for ``num_masks``),
+    ``matched_fraction_round1/2`` (fraction of the N queries with mask supervision in each
+    round, mean over the clips of the final set) and ``num_masks`` (GT masks of the batch,
+    averaged over processes, at least 1).
     """
 
     total: Tensor
-    terms: dict[str, float]
+    terms: dict[str, Tensor | float]
 
 
 def sigmoid_bce_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
@@ -57,113 +69,124 @@ def dice_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
     return 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
 
-def soft_targets(logits: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Soft (round-2) target: the GT mask where the prediction already fires.
-
-    logits: (R, h, w) mask logits; gt_masks: (R, H, W) in {0, 1}.
-    Returns (upsampled logits (R, H, W), target (R, H, W)); the logits are upsampled with
-    nearest interpolation, the target carries no gradient.
-    """
-    upsampled = F.interpolate(logits.unsqueeze(1), size=gt_masks.shape[-2:], mode="nearest")
-    upsampled = upsampled.squeeze(1)
-    target = gt_masks * (upsampled.detach().sigmoid() > 0.5).to(gt_masks.dtype)
-    return upsampled, target
-
-
 @dataclass
 class MatchedRows:
-    """Matched pairs of one round over the batch, as index tensors (R,) on the loss device.
+    """Matched (mask, labelled frame) pairs of one round over all sets, index tensors (R,).
 
-    clip, query: where the prediction is, ``mask_logits[clip, query]``;
-    gt: the row of the GT mask in the batch's concatenated masks (ΣM, T, H, W).
+    query: the prediction ``mask_logits[clip, query, frame]`` of its set; cls: the GT class.
+    Rows are grouped by set (``sizes`` rows each, host ints), then by clip, query and frame.
     """
 
+    sizes: list[int]
     clip: Tensor
     query: Tensor
-    gt: Tensor
+    frame: Tensor
+    cls: Tensor
+
+    def split(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(clip, query, frame) index tensors per set."""
+        parts = [index.split(self.sizes) for index in (self.clip, self.query, self.frame)]
+        return list(zip(*parts))
 
 
 @dataclass
-class SetAssignment:
-    """Everything the losses need from the matching of one prediction set.
+class Assignment:
+    """Everything the losses need from the matching of S prediction sets.
 
-    class_target: (B, N) int64; the GT class of primary and secondary queries, K elsewhere.
+    class_target: (S, B, N) int64; the GT class of primary and secondary queries, K elsewhere.
+    counts: (2,) float32, the (mask, labelled frame) pairs and the GT masks of the batch.
     """
 
     class_target: Tensor
     primary: MatchedRows
     secondary: MatchedRows
+    counts: Tensor
 
 
 def assign(
-    matches: Sequence[Sequence[MatchIndices]],
-    targets: Sequence[ClipTargets],
+    result: BatchMatch, *, queries: int, num_classes: int, device: torch.device
+) -> Assignment:
+    """Turn the host-side matches of S sets into index tensors on ``device``: one upload
+    (from pinned memory, not waited for, on CUDA)."""
+    sets = len(result.matches)
+    frames = [np.flatnonzero(row) for row in result.labelled]  # labelled frames per clip
+    class_target = np.full((sets, len(result.classes), queries), num_classes, dtype=np.int64)
+    rows: dict[str, list[list[np.ndarray]]] = {"primary": [], "secondary": []}
+    for s, set_matches in enumerate(result.matches):
+        for round_name, round_rows in rows.items():
+            columns: list[list[np.ndarray]] = [[], [], [], []]  # clip, query, frame, class
+            for b, match in enumerate(set_matches):
+                query, target = (x.numpy() for x in getattr(match, round_name))
+                classes = result.classes[b][target]
+                class_target[s, b, query] = classes
+                repeat = len(frames[b])
+                columns[0].append(np.full(len(query) * repeat, b))
+                columns[1].append(np.repeat(query, repeat))
+                columns[2].append(np.tile(frames[b], len(query)))
+                columns[3].append(np.repeat(classes, repeat))
+            round_rows.append([np.concatenate(c).astype(np.int64) for c in columns])
+    pairs = sum(len(c) * len(f) for c, f in zip(result.classes, frames))
+    masks = sum(len(c) for c in result.classes)
+    pieces = [class_target.ravel(), np.array([pairs, masks], dtype=np.int64)]
+    for round_rows in rows.values():
+        pieces += [np.concatenate([r[i] for r in round_rows]) for i in range(4)]
+    upload = torch.from_numpy(np.concatenate(pieces))
+    if device.type == "cuda":
+        upload = upload.pin_memory()
+    moved = iter(upload.to(device, non_blocking=True).split([len(p) for p in pieces]))
+    class_target_t = next(moved).view(class_target.shape)
+    counts = next(moved).float()
+    matched = {}
+    for name, round_rows in rows.items():
+        sizes = [len(r[0]) for r in round_rows]
+        matched[name] = MatchedRows(sizes, next(moved), next(moved), next(moved), next(moved))
+    return Assignment(class_target_t, matched["primary"], matched["secondary"], counts)
+
+
+def gather(mask_logits: Sequence[Tensor], rows: MatchedRows) -> Tensor:
+    """Matched predictions of S sets' mask_logits (B, N, T, h, w): (R, h, w) float32."""
+    picked = [
+        logits[clip, query, frame]
+        for logits, (clip, query, frame) in zip(mask_logits, rows.split())
+    ]
+    return torch.cat(picked).float()
+
+
+def class_loss(
+    class_logits: Sequence[Tensor],
+    class_target: Tensor,
     *,
-    queries: int,
-    num_classes: int,
-    device: torch.device,
-) -> list[SetAssignment]:
-    """Turn the matches of S prediction sets (``matches[set][clip]``) into index tensors.
+    no_object_weight: float,
+    labelled: Tensor | None = None,
+) -> Tensor:
+    """Weighted-mean cross-entropy over K+1 for all queries of each set, summed over S sets.
 
-    Built on CPU and moved to ``device`` in one transfer.
+    class_logits: S × (B, N, K+1), or S × (B, T, N, K+1) for the frame head (every frame gets
+    the clip's targets); class_target: (S, B, N) with K = no object (class weight
+    ``no_object_weight``); labelled: (B, T) bool, frames without labels are left out (of the
+    frame head; the clip head leaves out clips without any labelled frame).
     """
-    classes = [clip.classes.cpu() for clip in targets]
-    offsets = [0]
-    for clip in targets:
-        offsets.append(offsets[-1] + clip.num_masks)
-    pieces: list[Tensor] = []
-    for set_matches in matches:
-        class_target = torch.full((len(targets), queries), num_classes, dtype=torch.long)
-        for b, match in enumerate(set_matches):
-            for query, index in (match.primary, match.secondary):
-                class_target[b, query] = classes[b][index]
-        pieces.append(class_target.flatten())
-        for round_name in ("primary", "secondary"):
-            pairs = [getattr(match, round_name) for match in set_matches]
-            pieces.append(torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(pairs)]))
-            pieces.append(torch.cat([q for q, _ in pairs]))
-            pieces.append(torch.cat([t + offsets[b] for b, (_, t) in enumerate(pairs)]))
-    sizes = [piece.numel() for piece in pieces]
-    moved = iter(torch.cat(pieces).to(device).split(sizes))
-    result = []
-    for _ in matches:
-        class_target = next(moved).view(len(targets), queries)
-        primary = MatchedRows(next(moved), next(moved), next(moved))
-        secondary = MatchedRows(next(moved), next(moved), next(moved))
-        result.append(SetAssignment(class_target, primary, secondary))
-    return result
-
-
-def gather(mask_logits: Tensor, gt_masks: Tensor, rows: MatchedRows) -> tuple[Tensor, Tensor]:
-    """Matched predictions and GT masks, flattened over (mask, frame).
-
-    mask_logits: (B, N, T, h, w); gt_masks: (ΣM, T, H, W).
-    Returns (R·T, h, w) logits and (R·T, H, W) GT masks.
-    """
-    predicted = mask_logits[rows.clip, rows.query]  # (R, T, h, w)
-    return predicted.flatten(0, 1), gt_masks[rows.gt].flatten(0, 1)
-
-
-def class_loss(class_logits: Tensor, class_target: Tensor, *, no_object_weight: float) -> Tensor:
-    """Weighted-mean cross-entropy over K+1 for all queries.
-
-    class_logits: (B, N, K+1), or (B, T, N, K+1) for the frame head (every frame gets the
-    clip's targets); class_target: (B, N) with K = no object (class weight
-    ``no_object_weight``).
-    """
-    logits = class_logits.float()
-    if logits.dim() == 3:
-        logits = logits.unsqueeze(1)  # (B, 1, N, K+1)
-    columns = logits.shape[-1]
-    target = class_target.unsqueeze(1).expand(-1, logits.shape[1], -1)  # (B, T, N)
-    weight = torch.ones(columns, device=logits.device)
-    weight[-1] = no_object_weight
-    return F.cross_entropy(logits.reshape(-1, columns), target.reshape(-1), weight=weight)
+    logits = torch.stack([c.float() for c in class_logits])  # (S, B, [T,] N, K+1)
+    if logits.dim() == 4:
+        logits = logits.unsqueeze(2)  # (S, B, 1, N, K+1)
+        if labelled is not None:
+            labelled = labelled.any(1, keepdim=True)  # (B, 1)
+    sets, columns = logits.shape[0], logits.shape[-1]
+    target = class_target.unsqueeze(2).expand(-1, -1, logits.shape[2], -1)  # (S, B, T, N)
+    class_weight = torch.ones(columns, device=logits.device)
+    class_weight[-1] = no_object_weight
+    weight = class_weight[target]  # (S, B, T, N)
+    if labelled is not None:
+        weight = weight * labelled[None, :, :, None]
+    losses = F.cross_entropy(logits.reshape(-1, columns), target.reshape(-1), reduction="none")
+    weight = weight.view(sets, -1)
+    per_set = (losses.view(sets, -1) * weight).sum(1) / weight.sum(1).clamp(min=1e-12)
+    return per_set.sum()
 
 
 def hard_mask_loss(
     predicted: Tensor,
-    gt: Tensor,
+    gt_at: Callable[[Tensor, slice], Tensor],
     *,
     num_points: int,
     oversample_ratio: float,
@@ -171,43 +194,85 @@ def hard_mask_loss(
 ) -> tuple[Tensor, Tensor]:
     """Point-sampled sigmoid BCE and dice, summed over rows (not normalised).
 
-    predicted: (R, h, w) logits; gt: (R, H, W) in {0, 1}. Points per row come from
-    uncertainty sampling on the prediction. Returns (bce_sum, dice_sum).
+    predicted: (R, h, w) logits; ``gt_at(coords (r, P, 2), rows)`` reads the GT masks of
+    ``rows`` (a slice of the R rows) at points: (r, P) in [0, 1] (``mask_reader``). Points per
+    row come from uncertainty sampling on the prediction. Returns (bce_sum, dice_sum).
     """
     if predicted.shape[0] == 0:
         zero = predicted.sum() * 0.0  # keeps the graph connected
         return zero, zero
-    with torch.no_grad():
-        coords = uncertain_point_coords(
-            predicted.detach(),
-            num_points=num_points,
-            oversample_ratio=oversample_ratio,
-            importance_sample_ratio=importance_sample_ratio,
-        )  # (R, P, 2)
-        gt_points = point_sample(gt.unsqueeze(1), coords)[:, 0]  # (R, P)
-    logit_points = point_sample(predicted.unsqueeze(1), coords)[:, 0]  # (R, P)
-    bce = sigmoid_bce_per_mask(logit_points, gt_points).sum()
-    return bce, dice_per_mask(logit_points, gt_points).sum()
+    # rows in chunks of bounded temporaries (on CPU over twice as fast as one for all rows),
+    # the same on every device so that equal random draws give equal points
+    chunk = max(1, CHUNK_VALUES // int(2 * oversample_ratio * num_points))
+    bce = dice = predicted.new_zeros(())
+    start = 0
+    for part in predicted.split(chunk):  # one backward for all parts (split, not slicing)
+        rows = slice(start, start + part.shape[0])
+        start = rows.stop
+        with torch.no_grad():
+            coords = uncertain_point_coords(
+                part.detach(),
+                num_points=num_points,
+                oversample_ratio=oversample_ratio,
+                importance_sample_ratio=importance_sample_ratio,
+            )  # (r, P, 2)
+            gt_points = gt_at(coords, rows)  # (r, P)
+        logit_points = point_sample(part.unsqueeze(1), coords)[:, 0]  # (r, P)
+        bce = bce + sigmoid_bce_per_mask(logit_points, gt_points).sum()
+        dice = dice + dice_per_mask(logit_points, gt_points).sum()
+    return bce, dice
 
 
-def soft_mask_loss(predicted: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense sigmoid BCE and dice against the soft target, summed over rows (not normalised).
+def mask_reader(targets: BatchTargets, rows: MatchedRows) -> Callable[[Tensor, slice], Tensor]:
+    """``gt_at`` for ``hard_mask_loss``: reads the GT masks of a slice of ``rows`` bilinearly
+    at points (r, P, 2), building at most ``GT_CHUNK_PIXELS`` mask pixels at once."""
+    height, width = targets.labels.shape[-2:]
+    chunk = max(1, GT_CHUNK_PIXELS // (height * width))
 
-    predicted: (R, h, w) logits; gt: (R, H, W). Returns (bce_sum, dice_sum).
+    def gt_at(coords: Tensor, part: slice) -> Tensor:
+        indices = [index[part].split(chunk) for index in (rows.clip, rows.frame, rows.cls)]
+        sampled = [
+            point_sample(targets.masks(clip, frame, cls).unsqueeze(1), chunk_coords)[:, 0]
+            for clip, frame, cls, chunk_coords in zip(*indices, coords.split(chunk))
+        ]
+        return torch.cat(sampled)  # (r, P)
+
+    return gt_at
+
+
+def soft_mask_loss(
+    predicted: Tensor, gt_cells: Tensor, cell_sizes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Soft (round-2) loss: dense sigmoid BCE and dice at the GT resolution against the GT
+    mask where the prediction already fires (σ > 0.5), summed over rows (not normalised).
+
+    The prediction is upsampled to the GT size by nearest interpolation, so every GT pixel
+    of a cell sees the same logit: the dense sums are computed per cell from the count of
+    GT pixels in it, exactly, without building (R, H, W) maps.
+    predicted: (R, h, w) logits; gt_cells: (R, h, w) GT pixels per cell (``cell_counts``);
+    cell_sizes: (h, w) pixels per cell. Returns (bce_sum, dice_sum).
     """
     if predicted.shape[0] == 0:
         zero = predicted.sum() * 0.0
         return zero, zero
-    upsampled, target = soft_targets(predicted, gt)  # (R, H, W) each
-    upsampled, target = upsampled.flatten(1), target.flatten(1)
-    return sigmoid_bce_per_mask(upsampled, target).sum(), dice_per_mask(upsampled, target).sum()
+    fires = (predicted.detach().sigmoid() > 0.5).to(gt_cells.dtype)
+    target = (gt_cells * fires).flatten(1)  # soft-target pixels per cell, no gradient
+    logits = predicted.flatten(1)  # (R, h·w)
+    sizes = cell_sizes.flatten()
+    # BCE(x, y) = softplus(x) − x·y, summed over the pixels of each cell
+    bce = (sizes * F.softplus(logits) - logits * target).sum(1) / sizes.sum()
+    probs = logits.sigmoid()
+    numerator = 2.0 * (probs * target).sum(1) + 1.0
+    dice = 1.0 - numerator / ((probs * sizes).sum(1) + target.sum(1) + 1.0)
+    return bce.sum(), dice.sum()
 
 
 class SetCriterion:
     """THE-Mask training objective (``LossConfig`` holds every switch and weight).
 
-    ``criterion(predictions, labels, *, step=0) -> LossOutput`` with labels (B, T, H, W)
-    matching the clip layout of ``predictions`` (B clips of T frames).
+    ``criterion(predictions, labels, *, step=0) -> LossOutput`` with labels (B, T, H, W) of B
+    clips of T frames; for a single-frame decoder's B·T one-frame clips
+    (``predictions.frames_per_clip`` = T) they are regrouped to (B·T, 1, H, W) here.
     """
 
     def __init__(self, loss_config: LossConfig, num_classes: int) -> None:
@@ -239,6 +304,9 @@ class SetCriterion:
     def __call__(self, predictions: Predictions, labels: Tensor, *, step: int = 0) -> LossOutput:
         final = predictions.clip[-1]
         device = final.mask_logits.device
+        frames = predictions.frames_per_clip
+        if final.mask_logits.shape[2] == 1 < frames and labels.dim() == 4:
+            labels = labels.flatten(0, 1).unsqueeze(1)  # single-frame decoder: (B·T, 1, H, W)
         with torch.autocast(device_type=device.type, enabled=False):
             return self._compute(predictions, labels, step)
 
@@ -256,43 +324,45 @@ class SetCriterion:
         for prediction_set in clip_sets + (frame_sets or []):
             self._check_shapes(prediction_set, labels)
 
-        targets = build_targets(labels, self.num_classes)
+        device = clip_sets[-1].mask_logits.device
+        targets = build_targets(labels.to(device), self.num_classes)
         rounds = self.rounds_at(step)
         # TAD: clip-head classes with frame-head masks; one matching reused by both heads.
         mask_source = frame_sets if frame_sets is not None else clip_sets
-        matches = self.matcher.match_sets(
+        result = self.matcher.match_sets(
             [(c.class_logits, m.mask_logits) for c, m in zip(clip_sets, mask_source)],
             targets,
             num_rounds=rounds,
         )
-        device = clip_sets[-1].mask_logits.device
         queries = clip_sets[-1].mask_logits.shape[1]
-        num_masks = average_num_masks(sum(t.num_masks for t in targets), device)
-        assignments = assign(
-            matches, targets, queries=queries, num_classes=self.num_classes, device=device
-        )
-        gt_masks = torch.cat([t.masks for t in targets]).to(device)  # (ΣM, T, H, W)
+        assignment = assign(result, queries=queries, num_classes=self.num_classes, device=device)
+        counts = average_over_processes(assignment.counts)  # (pairs, masks)
+        normaliser = counts[0].clamp(min=labels.shape[1])  # (mask, labelled frame) pairs, >= T
+        rows = [assignment.primary] + ([assignment.secondary] if rounds == 2 else [])
+        readers = [mask_reader(targets, r) for r in rows]
+        soft_gt = None
+        if rounds == 2 and cfg.second_round_loss == "soft":
+            cells, cell_sizes = targets.cell_counts(*clip_sets[-1].mask_logits.shape[-2:])
+            soft_gt = cells[rows[1].clip, rows[1].frame, rows[1].cls], cell_sizes  # (R, h, w)
 
         sums: dict[str, Tensor] = {}
         heads: list[tuple[str, list[PredictionSet], float]] = [("", clip_sets, 1.0)]
         if frame_sets is not None:
             heads.append(("frame_", frame_sets, cfg.frame_head_weight))
         for prefix, sets, head_weight in heads:
-            for prediction_set, assignment in zip(sets, assignments):
-                terms = self._set_terms(prediction_set, gt_masks, assignment, num_masks, rounds)
-                for name, value in terms.items():
-                    key = prefix + name
-                    weighted = head_weight * value
-                    sums[key] = sums[key] + weighted if key in sums else weighted
+            terms = self._head_terms(
+                sets, assignment, rows, readers, soft_gt, normaliser, targets.labelled
+            )
+            for name, value in terms.items():
+                sums[prefix + name] = head_weight * value
 
         total = torch.stack(list(sums.values())).sum()
-        names = list(sums)
-        values = torch.stack([sums[n].detach() for n in names]).tolist()
-        log = dict(zip(names, values))
-        final_matches = matches[-1]
+        log: dict[str, Tensor | float] = {name: value.detach() for name, value in sums.items()}
+        final_matches = result.matches[-1]
         log["matched_fraction_round1"] = _matched_fraction(final_matches, queries, "primary")
         log["matched_fraction_round2"] = _matched_fraction(final_matches, queries, "secondary")
-        log["num_masks"] = num_masks
+        masks = sum(len(c) for c in result.classes)
+        log["num_masks"] = counts[1].clamp(min=1.0) if _distributed() else max(float(masks), 1.0)
         return LossOutput(total=total, terms=log)
 
     def _check_shapes(self, prediction_set: PredictionSet, labels: Tensor) -> None:
@@ -314,60 +384,71 @@ class SetCriterion:
                 f"{self.num_classes + 1}"
             )
 
-    def _set_terms(
+    def _head_terms(
         self,
-        prediction_set: PredictionSet,
-        gt_masks: Tensor,
-        assignment: SetAssignment,
-        num_masks: float,
-        rounds: int,
+        sets: list[PredictionSet],
+        assignment: Assignment,
+        rows: list[MatchedRows],
+        readers: list[Callable[[Tensor, slice], Tensor]],
+        soft_gt: tuple[Tensor, Tensor] | None,
+        normaliser: Tensor,
+        labelled: Tensor,
     ) -> dict[str, Tensor]:
-        """Weighted loss terms of one prediction set of one head.
+        """Weighted loss terms of one head summed over its S sets.
 
-        gt_masks: (ΣM, T, H, W), the batch's GT masks concatenated over clips.
+        rows, readers: matched rows and their GT readers per round; soft_gt: GT pixels per
+        cell of the round-2 rows and the cell sizes, for the soft loss; normaliser: () divides
+        the mask terms; labelled: (B, T) bool, frames with labels.
         """
         cfg = self.config
-        mask_logits = prediction_set.mask_logits.float()  # (B, N, T, h, w)
-        normaliser = num_masks * mask_logits.shape[2]  # GT masks × T
         class_term = class_loss(
-            prediction_set.class_logits,
+            [s.class_logits for s in sets],
             assignment.class_target,
             no_object_weight=cfg.no_object_weight,
+            labelled=labelled,
         )
         terms = {"loss_class": cfg.class_weight * class_term}
-        bce, dice = self._hard(*gather(mask_logits, gt_masks, assignment.primary))
+        mask_logits = [s.mask_logits for s in sets]
+        bce, dice = self._hard(gather(mask_logits, rows[0]), readers[0])
         terms["loss_mask"] = cfg.round_weights[0] * cfg.mask_weight * bce / normaliser
         terms["loss_dice"] = cfg.round_weights[0] * cfg.dice_weight * dice / normaliser
-        if rounds == 2:
-            predicted, gt = gather(mask_logits, gt_masks, assignment.secondary)
-            if cfg.second_round_loss == "soft":
-                bce, dice = soft_mask_loss(predicted, gt)
+        if len(rows) == 2:
+            predicted = gather(mask_logits, rows[1])
+            if soft_gt is not None:
+                bce, dice = soft_mask_loss(predicted, *soft_gt)
                 mask_weight, dice_weight = cfg.soft_mask_weight, cfg.soft_dice_weight
             else:
-                bce, dice = self._hard(predicted, gt)
+                bce, dice = self._hard(predicted, readers[1])
                 mask_weight, dice_weight = cfg.mask_weight, cfg.dice_weight
-            terms["loss_mask_secondary"] = cfg.round_weights[1] * mask_weight * bce / normaliser
-            terms["loss_dice_secondary"] = cfg.round_weights[1] * dice_weight * dice / normaliser
+            second_weight = cfg.round_weights[1] / normaliser
+            terms["loss_mask_secondary"] = second_weight * mask_weight * bce
+            terms["loss_dice_secondary"] = second_weight * dice_weight * dice
         return terms
 
-    def _hard(self, predicted: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+    def _hard(
+        self, predicted: Tensor, gt_at: Callable[[Tensor, slice], Tensor]
+    ) -> tuple[Tensor, Tensor]:
         cfg = self.config
         return hard_mask_loss(
             predicted,
-            gt,
+            gt_at,
             num_points=cfg.num_points,
             oversample_ratio=cfg.oversample_ratio,
             importance_sample_ratio=cfg.importance_sample_ratio,
         )
 
 
-def average_num_masks(count: int, device: torch.device) -> float:
-    """Number of GT masks, averaged over processes under DDP, clamped to >= 1."""
-    if dist.is_available() and dist.is_initialized():
-        total = torch.tensor(float(count), device=device)
-        dist.all_reduce(total)
-        return max(total.item() / dist.get_world_size(), 1.0)
-    return max(float(count), 1.0)
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def average_over_processes(values: Tensor) -> Tensor:
+    """Mean of ``values`` over the processes under DDP (on the device, nothing waits)."""
+    if _distributed():
+        values = values.clone()
+        dist.all_reduce(values)
+        values = values / dist.get_world_size()
+    return values
 
 
 def _matched_fraction(matches: Sequence[MatchIndices], queries: int, which: str) -> float:

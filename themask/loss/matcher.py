@@ -1,11 +1,17 @@
 """Two-round Hungarian matching of queries to ground-truth classes (DESIGN.md §5).
 
 Cost per clip: ``C = w_cls·C_cls + w_bce·C_bce + w_dice·C_dice`` with C_cls = −p_q(class),
-and BCE / dice on ``num_points`` uniform random points shared by every mask and every frame of
-the clip. Round 1 is a Hungarian assignment (one primary query per class); round 2 solves the
-assignment again over the queries round 1 left free (one secondary query per class, as many as
-there are free queries). Costs are computed in float32 without gradients; the assignment runs
-on CPU with ``scipy.optimize.linear_sum_assignment``.
+and BCE / dice on ``num_points`` uniform random points shared by every mask and every labelled
+frame of the clip (unlabelled frames are left out). Round 1 is a Hungarian assignment (one
+primary query per class); round 2 solves the assignment again over the queries round 1 left free
+(one secondary query per class, as many as there are free queries). Costs are computed in
+float32 without gradients; the assignment runs on CPU with ``scipy.optimize.linear_sum_assignment``.
+
+All prediction sets are costed with device work only (one point draw for every set and clip,
+batched matrix products over the clips) and everything the assignment needs reaches the host in
+one transfer. On CPU the cost columns are the classes present in each clip (padded to the
+largest clip); on an accelerator they are all K classes, so that no shape depends on the data
+and nothing waits for the device before that one transfer.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from themask.loss.point_sample import point_sample
-from themask.loss.targets import ClipTargets
+from themask.loss.point_sample import bilinear_taps, point_sample
+from themask.loss.targets import BatchTargets, check_invalid
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +42,8 @@ def _empty_pair() -> IndexPair:
 @dataclass
 class MatchIndices:
     """Assignment of one clip: each round is (query_idx, target_idx), int64 CPU tensors of
-    equal length, sorted by query index. ``secondary`` is empty for one-round matching."""
+    equal length, sorted by query index; target_idx indexes the clip's classes (ascending).
+    ``secondary`` is empty for one-round matching."""
 
     primary: IndexPair = field(default_factory=_empty_pair)
     secondary: IndexPair = field(default_factory=_empty_pair)
@@ -92,40 +99,60 @@ def _as_numpy(cost: Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(cost, dtype=np.float64)
 
 
-def pairwise_sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean sigmoid BCE between every prediction and every target.
+def pairwise_bce_dice(
+    logits: Tensor, targets: Tensor, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Mean sigmoid BCE and dice cost 1 − (2·Σσ(x)·y + 1) / (Σσ(x) + Σy + 1) for every pair.
 
-    logits: (N, L), targets: (M, L) in [0, 1]. Returns (N, M).
+    logits: (B, N, L) predictions at L points; targets: (B, L, M) in [0, 1]; weight: (B, L)
+    in {0, 1}, points with weight 0 are left out (their targets must be 0). Returns (B, N, M)
+    each; the BCE is the mean over the points kept.
     """
-    length = logits.shape[1]
-    positive = F.softplus(-logits)  # −log σ(x)
-    negative = F.softplus(logits)  # −log(1 − σ(x))
-    return (positive @ targets.T + negative @ (1.0 - targets).T) / length
-
-
-def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
-    """Dice cost 1 − (2·Σσ(x)·y + 1) / (Σσ(x) + Σy + 1) for every pair.
-
-    logits: (N, L), targets: (M, L). Returns (N, M).
-    """
-    probs = logits.sigmoid()
-    numerator = 2.0 * probs @ targets.T
-    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
-    return 1.0 - (numerator + 1.0) / (denominator + 1.0)
+    if weight is None:
+        weight = torch.ones_like(logits[:, 0])
+    kept = weight.unsqueeze(-1)  # (B, L, 1)
+    # BCE(x, y) = softplus(x) − x·y: one softplus, and Σ over kept points of softplus(x)
+    bce = F.softplus(logits) @ kept - logits @ targets
+    bce = bce / weight.sum(-1).clamp(min=1.0)[:, None, None]
+    products = logits.sigmoid() @ torch.cat([targets, kept], -1)  # (B, N, M+1): Σσ·y, Σσ
+    numerator = 2.0 * products[..., :-1] + 1.0
+    return bce, 1.0 - numerator / (products[..., -1:] + targets.sum(1)[:, None, :] + 1.0)
 
 
 @dataclass
-class ClipCost:
-    """Cost matrices (N, M) of one clip: ``full`` (class + BCE + dice) and ``bce`` (BCE only)."""
+class SetCosts:
+    """Cost matrices of S prediction sets, on the predictions' device.
+
+    full: (S, B, N, C) class + BCE + dice; bce: (S, B, N, C) the weighted BCE part alone.
+    columns: (B, C) class id of each column; valid: (B, C) whether that class is in the clip
+    (only valid columns are matched).
+    """
 
     full: Tensor
     bce: Tensor
+    columns: Tensor
+    valid: Tensor
+
+
+@dataclass
+class BatchMatch:
+    """Matches of S prediction sets of B clips, on the host.
+
+    matches: ``matches[set][clip]``; classes: per clip, its class ids (M_b,) ascending (the
+    targets of ``MatchIndices``); labelled: (B, T) bool, frames with labels.
+    """
+
+    matches: list[list[MatchIndices]]
+    classes: list[np.ndarray]
+    labelled: np.ndarray
 
 
 class HungarianMatcher:
     """Two-round matcher with the point-sampled Mask2Former cost.
 
     ``second_round_cost``: "full" (video variant) or "bce" (official single-frame variant).
+    ``all_class_columns``: cost every class (no data-dependent shapes, no wait for the device)
+    instead of the classes present; default: all classes except on CPU.
     """
 
     def __init__(
@@ -136,6 +163,7 @@ class HungarianMatcher:
         cost_dice: float = 5.0,
         num_points: int = 12544,
         second_round_cost: Literal["full", "bce"] = "full",
+        all_class_columns: bool | None = None,
     ) -> None:
         if second_round_cost not in ("full", "bce"):
             raise ValueError(
@@ -146,91 +174,120 @@ class HungarianMatcher:
         self.cost_dice = cost_dice
         self.num_points = num_points
         self.second_round_cost = second_round_cost
+        self.all_class_columns = all_class_columns
+
+    def _columns(self, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Cost columns (B, C) class ids and their validity (B, C) from ``present`` (B, K)."""
+        batch, num_classes = present.shape
+        all_classes = self.all_class_columns
+        if all_classes is None:
+            all_classes = present.device.type != "cpu"
+        if all_classes:
+            columns = torch.arange(num_classes, device=present.device).expand(batch, -1)
+            return columns, present
+        width = int(present.sum(1).max()) if batch else 0  # on CPU nothing waits here
+        # present classes first, ascending (stable sort), then absent ones as padding
+        order = present.byte().sort(dim=1, descending=True, stable=True).indices[:, :width]
+        return order, present.gather(1, order)
 
     @torch.no_grad()
-    def costs(
-        self, class_logits: Tensor, mask_logits: Tensor, targets: Sequence[ClipTargets]
-    ) -> list[ClipCost]:
-        """Cost matrices of one prediction set, float32, on the predictions' device.
+    def costs(self, sets: Sequence[tuple[Tensor, Tensor]], targets: BatchTargets) -> SetCosts:
+        """Cost matrices of S prediction sets, float32.
 
-        class_logits: (B, N, K+1); mask_logits: (B, N, T, h, w); targets: B clips with masks
-        (M_b, T, H, W). One uniform point set (P points) per clip, shared by all its masks
-        and frames, so each mask is compared on T·P points.
+        sets: (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)) per set. One uniform
+        point set (P points) per set and clip, shared by all masks and frames of the clip,
+        so each mask is compared on (labelled frames)·P points.
         """
-        batch, queries, frames = mask_logits.shape[:3]
-        device = mask_logits.device
+        labels = targets.labels.long()
+        batch, frames, height, width = labels.shape
+        num_classes = targets.present.shape[1]
+        device = labels.device
+        columns, valid = self._columns(targets.present)
+        num_columns = columns.shape[1]
+        # label map → column of its class; ignore, invalid and absent classes → column C (dropped)
+        lookup = torch.full((batch, num_classes + 1), num_columns, device=device)
+        lookup.scatter_(1, columns, torch.arange(num_columns, device=device).expand(batch, -1))
+        known = (labels >= 0) & (labels < num_classes)
+        label_columns = lookup.gather(1, torch.where(known, labels, num_classes).flatten(1)).view(
+            batch, frames, height * width
+        )
+        point_weight = targets.labelled.float().repeat_interleave(self.num_points, 1)  # (B, T·P)
+        coords = torch.rand(len(sets), batch, self.num_points, 2, device=device)  # (S, B, P, 2)
+        full, bce_only = [], []
         with torch.autocast(device_type=device.type, enabled=False):
-            probs = class_logits.detach().float().softmax(-1)  # (B, N, K+1)
-            coords = torch.rand(batch, self.num_points, 2, device=device)  # (B, P, 2)
-            maps = mask_logits.detach().float().flatten(1, 2)  # (B, N·T, h, w)
-            pred_points = point_sample(maps, coords).reshape(batch, queries, -1)  # (B, N, T·P)
-            result = []
-            for b, clip in enumerate(targets):
-                masks = clip.masks.to(device=device, dtype=torch.float32)
-                num_masks = masks.shape[0]
-                if masks.shape[1] != frames:
+            for (class_logits, mask_logits), set_coords in zip(sets, coords):
+                if mask_logits.shape[2] != frames:
                     raise ValueError(
-                        f"targets of clip {b} have {masks.shape[1]} frames, predictions {frames}"
+                        f"targets have {frames} frames, predictions {mask_logits.shape[2]}"
                     )
-                target_points = point_sample(
-                    masks.flatten(0, 1).unsqueeze(0), coords[b : b + 1]
-                ).reshape(num_masks, frames * self.num_points)  # (M, T·P)
-                class_cost = -probs[b][:, clip.classes.to(device)]  # (N, M)
-                bce = pairwise_sigmoid_bce(pred_points[b], target_points)
-                dice = pairwise_dice(pred_points[b], target_points)
-                full = self.cost_class * class_cost + self.cost_mask * bce + self.cost_dice * dice
-                result.append(ClipCost(full=full, bce=self.cost_mask * bce))
-        return result
+                queries = mask_logits.shape[1]
+                maps = mask_logits.detach().float().flatten(1, 2)  # (B, N·T, h, w)
+                pred_points = point_sample(maps, set_coords).reshape(batch, queries, -1)
+                index, weight = bilinear_taps(set_coords, height, width)  # (B, P, 4)
+                taps = label_columns.gather(2, index.view(batch, 1, -1).expand(-1, frames, -1))
+                shape = (batch, frames, self.num_points, 4)
+                target_points = torch.zeros(*shape[:3], num_columns + 1, device=device)
+                target_points.scatter_add_(
+                    3, taps.view(shape), weight.unsqueeze(1).expand(shape)
+                )  # (B, T, P, C+1)
+                target_points = target_points[..., :num_columns].flatten(1, 2)  # (B, T·P, C)
+                bce, dice = pairwise_bce_dice(pred_points, target_points, point_weight)
+                probs = class_logits.detach().float().softmax(-1)  # (B, N, K+1)
+                class_cost = -probs.gather(2, columns.unsqueeze(1).expand(-1, queries, -1))
+                full.append(
+                    self.cost_class * class_cost + self.cost_mask * bce + self.cost_dice * dice
+                )
+                bce_only.append(self.cost_mask * bce)
+        return SetCosts(torch.stack(full), torch.stack(bce_only), columns, valid)
 
     def match_sets(
         self,
         sets: Sequence[tuple[Tensor, Tensor]],
-        targets: Sequence[ClipTargets],
+        targets: BatchTargets,
         *,
         num_rounds: int = 2,
-    ) -> list[list[MatchIndices]]:
-        """Match several prediction sets, each separately.
+    ) -> BatchMatch:
+        """Match S prediction sets (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)).
 
-        sets: (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)) per prediction set.
-        Returns ``result[set][clip]``. All cost matrices go to the CPU in one transfer.
+        Everything the host needs (costs, classes, labelled frames, the label check) comes
+        back in one device-to-host transfer.
         """
-        per_set = [self.costs(class_logits, masks, targets) for class_logits, masks in sets]
+        costs = self.costs(sets, targets)
         second_is_bce = self.second_round_cost == "bce" and num_rounds == 2
-        flat: list[Tensor] = []
-        for clip_costs in per_set:
-            for cost in clip_costs:
-                flat.append(cost.full.reshape(-1))
-                if second_is_bce:
-                    flat.append(cost.bce.reshape(-1))
-        if not flat:
-            return [[] for _ in per_set]
-        values = torch.cat(flat).cpu().numpy()
-        offset = 0
-        matches: list[list[MatchIndices]] = []
-        for clip_costs in per_set:
-            set_matches = []
-            for cost in clip_costs:
-                shape = tuple(cost.full.shape)
-                size = cost.full.numel()
-                full = values[offset : offset + size].reshape(shape)
-                offset += size
-                second: np.ndarray | None = None
-                if second_is_bce:
-                    second = values[offset : offset + size].reshape(shape)
-                    offset += size
-                set_matches.append(
-                    match_two_rounds(full, second_round_cost=second, num_rounds=num_rounds)
+        parts = [costs.full] + ([costs.bce] if second_is_bce else [])
+        parts += [costs.columns, costs.valid, targets.labelled, targets.invalid]
+        host = torch.cat([part.flatten().float() for part in parts]).cpu().numpy()
+        pieces = np.split(host, np.cumsum([part.numel() for part in parts])[:-1])
+        full = pieces[0].reshape(costs.full.shape)
+        bce = pieces[1].reshape(costs.full.shape) if second_is_bce else None
+        columns, valid, labelled, invalid = pieces[-4:]
+        check_invalid(int(invalid[0]), int(invalid[1]), targets.present.shape[1])
+        valid = valid.reshape(costs.valid.shape) > 0.5
+        columns = columns.reshape(costs.columns.shape).astype(np.int64)
+        classes = [columns[b][valid[b]] for b in range(valid.shape[0])]
+        matches = [
+            [
+                match_two_rounds(
+                    full[s, b][:, valid[b]],
+                    second_round_cost=None if bce is None else bce[s, b][:, valid[b]],
+                    num_rounds=num_rounds,
                 )
-            matches.append(set_matches)
-        return matches
+                for b in range(valid.shape[0])
+            ]
+            for s in range(full.shape[0])
+        ]
+        labelled = labelled.reshape(targets.labelled.shape) > 0.5
+        return BatchMatch(matches=matches, classes=classes, labelled=labelled)
 
     def __call__(
         self,
         class_logits: Tensor,
         mask_logits: Tensor,
-        targets: Sequence[ClipTargets],
+        targets: BatchTargets,
         *,
         num_rounds: int = 2,
     ) -> list[MatchIndices]:
         """Match one prediction set; returns one ``MatchIndices`` per clip."""
-        return self.match_sets([(class_logits, mask_logits)], targets, num_rounds=num_rounds)[0]
+        return self.match_sets(
+            [(class_logits, mask_logits)], targets, num_rounds=num_rounds
+        ).matches[0]

@@ -25,6 +25,27 @@ def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
     return sampled.squeeze(3)
 
 
+def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """The four pixels a bilinear read of an (H, W) map at ``coords`` touches.
+
+    coords: (..., P, 2) points (x, y) in [0, 1]. Returns flat pixel indices ``y·W + x``
+    (..., P, 4) int64 and weights (..., P, 4) float32, zero for pixels outside the map (their
+    index is clamped into it), so ``(map.flatten()[index] * weight).sum(-1)`` equals
+    ``point_sample`` (same formulas as ``grid_sample``, up to rounding).
+    """
+    grid = coords.float() * 2.0 - 1.0
+    x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0  # (..., P) pixel coordinates
+    y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)  # (..., P, 4): nw, ne, sw, se
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
+    weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    inside = (xs >= 0) & (xs <= width - 1) & (ys >= 0) & (ys <= height - 1)
+    index = ys.clamp(0, height - 1).long() * width + xs.clamp(0, width - 1).long()
+    return index, weight * inside
+
+
 def most_uncertain(candidates: Tensor, logits: Tensor, count: int) -> Tensor:
     """Keep the ``count`` candidate points whose logit is closest to 0 (|logit| smallest).
 

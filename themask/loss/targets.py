@@ -1,9 +1,15 @@
-"""Training targets from label maps (DESIGN.md §5 "Targets", §8).
+"""Training targets from label maps (DESIGN.md §5 "Targets", §8), built without host syncs.
 
 A clip's targets are the classes present in any of its frames (ignore = 255 excluded), each with
-a binary mask over all T frames. Ignore pixels are 0 in every mask, so the point-sampled losses
-treat them as background. The frame-head targets keep the clip's class list in every frame; a
-class absent from a frame simply has an empty mask there (``ClipTargets.frame``).
+a binary mask over the T frames: ``labels == class``. Ignore pixels are 0 in every mask, so the
+point-sampled losses treat them as background. The frame-head targets keep the clip's class list
+in every frame; a class absent from a frame simply has an empty mask there.
+
+A frame whose label map is entirely ignore is *unlabelled* (sparse datasets): its (mask, frame)
+pairs are left out of the matching costs and of every mask loss.
+
+Everything here is computed on the labels' device with fixed shapes, so nothing waits for the
+device; the matcher reads ``present``, ``labelled`` and the label check back in its one transfer.
 """
 
 from __future__ import annotations
@@ -11,59 +17,95 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = 255
 
 
 @dataclass
-class ClipTargets:
-    """Targets of one clip.
+class BatchTargets:
+    """Targets of B clips of T frames, K classes.
 
-    classes: (M,) int64 class ids in [0, K), sorted ascending.
-    masks:   (M, T, H, W) float32 in {0, 1}; ``masks[i, t]`` is where class ``classes[i]`` is in
-             frame t.
+    labels:   (B, T, H, W) class ids (uint8 for K < 255), 255 = ignore; the mask of class k is
+              ``labels == k``.
+    present:  (B, K) bool, class k occurs in clip b.
+    labelled: (B, T) bool, frame t of clip b holds at least one non-ignore pixel.
+    invalid:  (2,) int64: the number of values neither ignore nor in [0, K), and one such value.
     """
 
-    classes: Tensor
-    masks: Tensor
+    labels: Tensor
+    present: Tensor
+    labelled: Tensor
+    invalid: Tensor
 
-    @property
-    def num_masks(self) -> int:
-        return int(self.classes.shape[0])
+    def masks(self, clip: Tensor, frame: Tensor, classes: Tensor) -> Tensor:
+        """GT masks of (clip, frame, class) triples, each (R,) int64: (R, H, W) float32."""
+        return (self.labels[clip, frame] == classes.view(-1, 1, 1).to(self.labels.dtype)).float()
 
-    def frame(self, t: int) -> ClipTargets:
-        """Frame-head targets of frame ``t``: the same classes, masks (M, 1, H, W)."""
-        return ClipTargets(classes=self.classes, masks=self.masks[:, t : t + 1])
+    def cell_counts(self, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """GT pixels per class in the cells of a (h, w) map upsampled to the labels' size by
+        nearest interpolation (the pixels that copy one low-resolution value).
+
+        Returns counts (B, T, K+1, h, w) float32 (last class: ignore and invalid values) and
+        the cells' sizes in pixels (h, w).
+        """
+        batch, frames, big_h, big_w = self.labels.shape
+        num_classes = self.present.shape[1]
+        device = self.labels.device
+        cells = torch.arange(height * width, device=device, dtype=torch.float32)
+        cell_of_pixel = (
+            F.interpolate(cells.view(1, 1, height, width), size=(big_h, big_w), mode="nearest")
+            .long()
+            .view(-1)
+        )  # (H·W,) the low-resolution cell each pixel copies
+        labels = self.labels.long().flatten(2)  # (B, T, H·W)
+        classes = torch.where(labels < num_classes, labels, num_classes)
+        index = classes * (height * width) + cell_of_pixel  # (B, T, H·W)
+        counts = torch.zeros(batch, frames, (num_classes + 1) * height * width, device=device)
+        counts.scatter_add_(2, index, torch.ones_like(index, dtype=torch.float32))
+        sizes = torch.zeros(height * width, device=device).index_add_(
+            0, cell_of_pixel, torch.ones_like(cell_of_pixel, dtype=torch.float32)
+        )
+        return counts.view(batch, frames, -1, height, width), sizes.view(height, width)
 
 
-def build_targets(labels: Tensor, num_classes: int) -> list[ClipTargets]:
-    """Turn label maps into per-clip targets.
+def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
+    """Targets of label maps (B, T, H, W) holding class ids in [0, K) or 255 (ignore).
 
-    labels: (B, T, H, W) integer tensor of class ids in [0, K) or 255 (ignore).
-    Returns a list of B ``ClipTargets`` (M_b classes each; M_b = 0 for an all-ignore clip).
+    Invalid values are counted, not raised here (that would wait for the device): see
+    ``check_invalid``.
     """
     if labels.dim() != 4:
         raise ValueError(f"labels must have shape (B, T, H, W), got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     labels = labels.long()
+    batch = labels.shape[0]
     valid = labels != IGNORE_INDEX
     bad = valid & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        value = int(labels[bad][0])
+    flat_bad = bad.flatten()
+    first = flat_bad.int().argmax().view(1)  # first invalid value, if any (gather: no sync)
+    invalid = torch.cat([flat_bad.sum().view(1), labels.flatten().gather(0, first)])
+    # class ids, with ignore and invalid values sent to an extra column K
+    columns = torch.where(valid & ~bad, labels, num_classes).flatten(1)  # (B, T·H·W)
+    present = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=labels.device)
+    present.scatter_(1, columns, True)
+    # masks are compared against a compact copy (1 byte a pixel where K < 255; invalid values
+    # may wrap, but they stop the step at the matching)
+    compact = torch.uint8 if num_classes < IGNORE_INDEX else torch.int32
+    return BatchTargets(
+        labels=labels.to(compact),
+        present=present[:, :num_classes],
+        labelled=valid.flatten(2).any(-1),
+        invalid=invalid,
+    )
+
+
+def check_invalid(count: int, value: int, num_classes: int) -> None:
+    """Raise for labels that held ``count`` invalid values (``value`` one of them)."""
+    if count > 0:
         raise ValueError(
             f"labels hold value {value}; expected class ids in [0, {num_classes}) "
             f"or {IGNORE_INDEX} (ignore)"
         )
-    # one unique over (clip, class) keys for the whole batch: no loop over pixels
-    batch = labels.shape[0]
-    clip_ids = torch.arange(batch, device=labels.device).view(-1, 1, 1, 1).expand_as(labels)
-    keys = torch.unique(clip_ids[valid] * num_classes + labels[valid])  # sorted
-    key_clips, key_classes = keys // num_classes, keys % num_classes  # (ΣM,) each
-    masks = labels[key_clips] == key_classes.view(-1, 1, 1, 1)  # (ΣM, T, H, W)
-    counts = torch.bincount(key_clips, minlength=batch).tolist()
-    return [
-        ClipTargets(classes=classes, masks=clip_masks)
-        for classes, clip_masks in zip(key_classes.split(counts), masks.float().split(counts))
-    ]

@@ -16,9 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MSDeformAttn", "ms_deform_attn_pytorch"]
+__all__ = ["MSDeformAttn", "ms_deform_attn_pytorch", "offset_normaliser"]
 
 SpatialShapes = Sequence[tuple[int, int]]
+
+
+def offset_normaliser(
+    spatial_shapes: SpatialShapes, *, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """(L, 2) rows (W_l, H_l). Filled with Python numbers on the device: no host-to-device copy
+    (``torch.tensor(list, device=cuda)`` would block on one). Build it once per pass."""
+    normaliser = torch.empty(len(spatial_shapes), 2, device=device, dtype=dtype)
+    for level, (height, width) in enumerate(spatial_shapes):
+        normaliser[level, 0].fill_(width)
+        normaliser[level, 1].fill_(height)
+    return normaliser
 
 
 def ms_deform_attn_pytorch(
@@ -132,6 +144,7 @@ class MSDeformAttn(nn.Module):
         reference_points: Tensor,
         value: Tensor,
         spatial_shapes: SpatialShapes,
+        normaliser: Tensor | None = None,
     ) -> Tensor:
         """Attend from queries to the multi-level value map.
 
@@ -141,6 +154,7 @@ class MSDeformAttn(nn.Module):
                 normalised point is used on every level.
             value: (B, S, C) tokens of all levels (no positional encoding).
             spatial_shapes: L pairs (H_l, W_l) describing how ``value`` is split into levels.
+            normaliser: ``offset_normaliser(spatial_shapes)``, built here when not given.
 
         Returns:
             (B, Q, C).
@@ -158,9 +172,8 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(dim=-1).view(batch, num_queries, heads, levels, points)
         # Offsets are in pixels of each level: divide by (W_l, H_l) to normalise.
-        normaliser = torch.tensor(
-            [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
-        )  # (L, 2)
+        if normaliser is None:
+            normaliser = offset_normaliser(spatial_shapes, device=query.device, dtype=query.dtype)
         locations = (
             reference_points[:, :, None, None, None, :]
             + offsets / normaliser[None, None, None, :, None, :]

@@ -1,4 +1,4 @@
-"""Temporal Aggregation Decoder (TAD, DESIGN.md §4.2).
+"""Temporal Aggregation Decoder (TAD, docs/DESIGN.md §4.2).
 
 Clip queries Qc (B, N, C) and frame queries Qf (B, T, N, C). The frame queries run the
 Mask2Former layers of §4.1 per frame (frames folded into the batch: B·T rows, frame t of clip b
@@ -6,39 +6,28 @@ at row b·T + t), masked by the *clip* head's mask for that frame; after every l
 ``TemporalAggregation`` module folds them into the clip queries. Two heads: ``clip_head``
 (masks for every frame from one embedding per clip query) and ``frame_head`` (per frame).
 
-Names shared with ``MaskDecoder`` (``query_feat``, ``query_pos``, ``level_embed``, ``layers``,
-``clip_head``) are identical, so a single-frame (stage-1) state dict loads by name; the
-TAD-only parts are ``temporal`` and ``frame_head``.
-
-Official parameter names → ours (after ``decode_head.predictor.``):
-``deformabel_transformer_cross_attention_layers`` (= D) → ``temporal``:
-D.self_attn / D.norm2 → clip_self_attn.attn / .norm; D.self_attn_box / D.norm2_box →
-frame_self_attn.attn / .norm; D.cross_attn / D.norm1_box → frame_cross_attn.attn / .norm;
-D.linear1_box, D.linear2_box, D.norm3_box → frame_ffn.linear1, .linear2, .norm;
-D.time_attention_weights → time_score; D.time_attention → time_value; D.norm1 → norm;
-D.linear1, D.linear2, D.norm3 → ffn.linear1, .linear2, .norm (D.reference_points is unused).
-decoder_norm1 / class_embed / mask_embed → clip_head.norm / .class_embed / .mask_embed;
-decoder_norm2 / class_embed_aux / mask_embed_aux → frame_head.norm / .class_embed / .mask_embed.
+The layer loop and the parameters shared with the single-frame decoder live in
+``QueryDecoder`` (same names, so a stage-1 state dict loads by name); the TAD-only parts are
+``temporal`` and ``frame_head``. The official parameter names of each part are in
+``themask.weights.official``.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from themask.modeling.mask_decoder import MaskDecoder
-from themask.modeling.outputs import Predictions, PredictionSet
+from themask.modeling.outputs import PredictionSet
 from themask.modeling.transformer import (
     CrossAttentionLayer,
+    DecoderMemory,
+    DecodingState,
     FFNLayer,
     PredictionHead,
+    QueryDecoder,
     SelfAttentionLayer,
-    allowed_positions,
-    decoder_memory,
-    resize_features,
+    run_layer,
 )
 
 
@@ -89,8 +78,12 @@ class TemporalAggregation(nn.Module):
         return self.ffn(clip)
 
 
-class TemporalDecoder(MaskDecoder):
-    """Clip and frame queries refined together over a T-frame clip (§4.2)."""
+class TemporalDecoder(QueryDecoder):
+    """Clip and frame queries refined together over a T-frame clip (§4.2) → ``Predictions``
+    with clip head: class (B, N, K+1), masks (B, N, T, H/4, W/4);
+    frame head: class (B, T, N, K+1), masks (B, N, T, H/4, W/4)."""
+
+    is_temporal = True
 
     def __init__(
         self,
@@ -121,72 +114,70 @@ class TemporalDecoder(MaskDecoder):
             dim=dim, num_heads=num_heads, ffn_dim=tad_ffn_dim, dropout=tad_dropout
         )
 
-    def forward(  # type: ignore[override]
-        self,
-        mask_features: Tensor,
-        multi_scale: Sequence[Tensor],
-        *,
-        frames: int,
-        return_all: bool = True,
-    ) -> Predictions:
-        """mask_features (B·T, mask_dim, H/4, W/4), multi_scale L × (B·T, C, h, w), the T frames
-        of each clip consecutive → ``Predictions`` with
-        clip head: class (B, N, K+1), masks (B, N, T, H/4, W/4);
-        frame head: class (B, T, N, K+1), masks (B, N, T, H/4, W/4).
-
-        ``return_all``: all ``num_layers + 1`` sets per head; otherwise only the final ones.
-        """
-        self._check_levels(multi_scale)
-        total, mask_dim, height, width = mask_features.shape
-        if total % frames != 0:
-            raise ValueError(f"TemporalDecoder: {total} frames is not a multiple of T={frames}")
+    def _start(
+        self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
+    ) -> DecodingState:
+        total, mask_dim = mask_features.shape[:2]
         batch = total // frames
-        memory = decoder_memory(multi_scale, self.level_embed.weight, frames=frames)
-        clip_features = mask_features.view(batch, frames, mask_dim, height, width)
-        # (B, D, T·H·W) once, so each clip-head mask prediction is one bmm without a copy
-        clip_features_flat = clip_features.transpose(1, 2).reshape(batch, mask_dim, -1)
-        resized = [
-            level.view(batch, frames, mask_dim, *level.shape[-2:])
-            for level in resize_features(mask_features, memory.sizes)
-        ]
-        query_pos = self.query_pos.weight.unsqueeze(0)  # (1, N, C)
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
-        clip, frame = self.temporal.start(
+        clip, frame = run_layer(
+            self.temporal.start,
+            self.checkpoint_layers,
             queries,
             query_pos,
             torch.cat(memory.keys, dim=1),
             torch.cat(memory.values, dim=1),
             frames,
         )  # (B, N, C), (B·T, N, C)
+        # (B, D, T·H·W) once, so each clip-head mask prediction is one bmm without a copy
+        clip_features = (
+            mask_features.view(batch, frames, mask_dim, *mask_features.shape[-2:])
+            .transpose(1, 2)
+            .reshape(batch, mask_dim, -1)
+        )
+        return DecodingState(
+            queries=frame,
+            mask_features=mask_features,
+            frames=frames,
+            clip=clip,
+            clip_features=clip_features,
+        )
 
-        clip_sets: list[PredictionSet] = []
-        frame_sets: list[PredictionSet] = []
-        allowed: Tensor | None = None
-        for index in range(len(self.layers) + 1):
-            if index > 0:
-                level = self._level(index - 1)
-                frame = self.layers[index - 1](
-                    frame,
-                    memory.keys[level],
-                    memory.values[level],
-                    query_pos=query_pos,
-                    allowed=allowed,
-                )  # (B·T, N, C)
-                clip = self.temporal(clip, frame.view(batch, frames, *frame.shape[1:]))
-            is_final = index == len(self.layers)
-            class_logits, embeddings = self.clip_head(clip)  # (B, N, K+1), (B, N, D)
-            if return_all or is_final:
-                masks = torch.bmm(embeddings, clip_features_flat).view(
-                    batch, -1, frames, height, width
-                )  # (B, N, T, H/4, W/4)
-                clip_sets.append(PredictionSet(class_logits, masks))
-                frame_class, frame_embeddings = self.frame_head(
-                    frame.view(batch, frames, *frame.shape[1:])
-                )  # (B, T, N, K+1), (B, T, N, D)
-                frame_masks = torch.einsum("btnd,btdhw->bnthw", frame_embeddings, clip_features)
-                frame_sets.append(PredictionSet(frame_class, frame_masks))
-            if not is_final:
-                with torch.no_grad():
-                    low = torch.einsum("bnd,btdhw->btnhw", embeddings, resized[self._level(index)])
-                allowed = allowed_positions(low.flatten(3).flatten(0, 1))  # (B·T, N, h·w)
-        return Predictions(clip=clip_sets, frame=frame_sets)
+    def _after_layer(self, state: DecodingState) -> None:
+        assert state.clip is not None
+        batch = state.clip.shape[0]
+        state.clip = run_layer(
+            self.temporal,
+            self.checkpoint_layers,
+            state.clip,
+            state.queries.view(batch, state.frames, -1, state.queries.shape[-1]),
+        )
+
+    def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
+        assert state.clip is not None and state.clip_features is not None
+        class_logits, embeddings = self.clip_head(state.clip)  # (B, N, K+1), (B, N, D)
+        if not full:
+            return [], embeddings
+        batch, frames = state.clip.shape[0], state.frames
+        mask_dim, height, width = state.mask_features.shape[1:]
+        masks = torch.bmm(embeddings, state.clip_features).view(
+            batch, -1, frames, height, width
+        )  # (B, N, T, H/4, W/4)
+        frame_class, frame_embeddings = self.frame_head(
+            state.queries.view(batch, frames, *state.queries.shape[1:])
+        )  # (B, T, N, K+1), (B, T, N, D)
+        frame_masks = torch.einsum(
+            "btnd,btdhw->bnthw",
+            frame_embeddings,
+            state.mask_features.view(batch, frames, mask_dim, height, width),
+        )
+        sets = [PredictionSet(class_logits, masks), PredictionSet(frame_class, frame_masks)]
+        return sets, embeddings
+
+    def _attention_logits(
+        self, embeddings: Tensor, features: Tensor, state: DecodingState
+    ) -> Tensor:
+        batch = embeddings.shape[0]
+        per_clip = features.view(batch, state.frames, *features.shape[1:])  # (B, T, D, h, w)
+        low = torch.einsum("bnd,btdhw->btnhw", embeddings, per_clip)
+        return low.flatten(3).flatten(0, 1)

@@ -1,8 +1,9 @@
-"""The THE-Mask network: MiT backbone → pixel decoder → transformer decoder (DESIGN.md §1–4).
+"""The THE-Mask network: MiT backbone → pixel decoder → transformer decoder
+(docs/DESIGN.md §1–4).
 
-Inputs are already normalised (DESIGN §1); the model pads them with zeros to a multiple of
-``size_divisor`` (the training pipeline pads normalised images with 0 as well; test-time sizes
-are already multiples of 32) and crops the scores back.
+Inputs are already normalised (docs/DESIGN.md §1); the model pads them with zeros to a multiple
+of ``size_divisor`` (the training pipeline pads normalised images with 0 as well; test-time
+sizes are already multiples of 32) and crops the scores back.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from themask.modeling.config import ModelConfig
-from themask.modeling.mask_decoder import MaskDecoder
-from themask.modeling.outputs import Predictions, PredictionSet
-from themask.modeling.temporal_decoder import TemporalDecoder
+from themask.modeling.outputs import Predictions
+from themask.modeling.transformer import QueryDecoder
 
 
 @dataclass
@@ -57,7 +57,7 @@ class FrameFeatures:
 
 
 def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
-    """Semantic inference of one prediction set (DESIGN §4.3).
+    """Semantic inference of one prediction set (docs/DESIGN.md §4.3).
 
     class_logits (B, N, K+1) (one class per clip query) or (B, T, N, K+1) (per frame),
     mask_logits (B, N, T, h, w) → Σ_q softmax(class)[..., :K] · sigmoid(mask): (B, T, K, h, w).
@@ -82,7 +82,7 @@ class THEMask(nn.Module):
         config: ModelConfig,
         backbone: nn.Module,
         pixel_decoder: nn.Module,
-        decoder: MaskDecoder | TemporalDecoder,
+        decoder: QueryDecoder,
     ):
         super().__init__()
         self.config = config
@@ -93,11 +93,19 @@ class THEMask(nn.Module):
     @property
     def is_temporal(self) -> bool:
         """True for the TAD (B clips of T frames), False for the single-frame decoder."""
-        return isinstance(self.decoder, TemporalDecoder)
+        return self.decoder.is_temporal
 
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Training memory for time (``train.checkpoint_activations``): the pixel decoder's
+        encoder layers, the transformer decoder's layers and the TAD's temporal aggregation
+        keep no activations for the backward pass but recompute them there. Values and
+        gradients are unchanged."""
+        self.pixel_decoder.checkpoint_layers = enabled
+        self.decoder.checkpoint_layers = enabled
 
     def _padded_size(self, height: int, width: int) -> tuple[int, int]:
         divisor = self.config.size_divisor
@@ -135,38 +143,37 @@ class THEMask(nn.Module):
                 f"THEMask.decode: features hold {len(features)} frames, expected "
                 f"batch × frames = {batch} × {frames}"
             )
-        if isinstance(self.decoder, TemporalDecoder):
-            predictions = self.decoder(
-                features.mask_features,
-                features.multi_scale,
-                frames=frames,
-                return_all=self.training,
-            )
-        else:
-            predictions = self.decoder(
-                features.mask_features, features.multi_scale, return_all=self.training
-            )
-        predictions.frames_per_clip = frames
-        return predictions
+        return self.decoder(
+            features.mask_features,
+            features.multi_scale,
+            frames=frames,
+            return_all=self.training,
+        )
 
-    def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
-        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W) (DESIGN §4.3).
+    @staticmethod
+    def stride4_scores(predictions: Predictions) -> Tensor:
+        """Class scores (B, T, K, H'/4, W'/4) at the mask resolution (docs/DESIGN.md §4.3).
 
         Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
-        Scores are upsampled bilinearly to the padded input size, then cropped. The result is
-        stored with the class axis innermost (a channels-last view).
+        Always float32, autocast or not: summed over the queries in bf16, near-equal classes
+        swap places in the argmax (benchmarks/README.md).
         """
-        final: PredictionSet = predictions.final
-        scores = semantic_map(final.class_logits, final.mask_logits)  # (B', T', K, h, w)
-        if predictions.frame is not None:
-            frame_final = predictions.frame[-1]
-            scores = 0.5 * scores + 0.5 * semantic_map(
-                frame_final.class_logits, frame_final.mask_logits
-            )
-        clips, clip_len, classes, low_h, low_w = scores.shape
+        heads = [predictions.final] + ([predictions.frame[-1]] if predictions.frame else [])
+        with torch.autocast(heads[0].mask_logits.device.type, enabled=False):
+            maps = [semantic_map(s.class_logits.float(), s.mask_logits.float()) for s in heads]
+        scores = maps[0] if len(maps) == 1 else 0.5 * maps[0] + 0.5 * maps[1]  # (B', T', K, h, w)
+        clips, clip_len = scores.shape[:2]
         if clip_len == 1 and predictions.frames_per_clip > 1:  # single-frame layout → (B, T)
-            clip_len = predictions.frames_per_clip
-            clips //= clip_len
+            clips, clip_len = clips // predictions.frames_per_clip, predictions.frames_per_clip
+        return scores.reshape(clips, clip_len, *scores.shape[2:])
+
+    def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
+        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W):
+        ``stride4_scores`` upsampled bilinearly to the padded input size, then cropped. The
+        result is stored with the class axis innermost (a channels-last view).
+        """
+        scores = self.stride4_scores(predictions)
+        clips, clip_len, classes, low_h, low_w = scores.shape
         height, width = image_size
         padded = self._padded_size(height, width)
         if (padded[0] // 4, padded[1] // 4) != (low_h, low_w):
@@ -179,12 +186,9 @@ class THEMask(nn.Module):
         low = scores.reshape(-1, classes, low_h, low_w).contiguous(
             memory_format=torch.channels_last
         )
-        scores = F.interpolate(
-            low,
-            size=padded,
-            mode="bilinear",
-            align_corners=False,
-        )[..., :height, :width]
+        with torch.autocast(low.device.type, enabled=False):
+            scores = F.interpolate(low, size=padded, mode="bilinear", align_corners=False)
+        scores = scores[..., :height, :width]
         return scores.reshape(clips, clip_len, classes, height, width)
 
     def forward(self, frames: Tensor) -> Predictions | Tensor:

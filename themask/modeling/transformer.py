@@ -1,4 +1,5 @@
-"""Building blocks shared by the two transformer decoders (DESIGN.md §4).
+"""Building blocks shared by the two transformer decoders (docs/DESIGN.md §4), and their
+common base ``QueryDecoder``, which owns the one masked-attention layer loop.
 
 All layers are post-norm (``x = LN(x + Dropout(f(x)))``) and batch-first: queries (B, N, C),
 memory (B, S, C). Attention parameters have the shapes of ``nn.MultiheadAttention``
@@ -9,13 +10,16 @@ boolean mask shared by all heads without repeating it per head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from themask.modeling.outputs import Predictions, PredictionSet
 from themask.modeling.position_encoding import sine_position_encoding_3d
 
 
@@ -174,6 +178,15 @@ class PredictionHead(nn.Module):
         return self.class_embed(x), self.mask_embed(x)
 
 
+def run_layer(layer: Callable[..., Any], checkpointed: bool, *args: Any, **kwargs: Any) -> Any:
+    """``layer(*args, **kwargs)``; with ``checkpointed`` and autograd recording, its
+    activations are not kept but recomputed in the backward pass (``torch.utils.checkpoint``,
+    non-reentrant, dropout masks replayed): same values and gradients, less memory."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
+
+
 def allowed_positions(mask_logits: Tensor) -> Tensor:
     """Masked-attention mask from mask logits at the memory's resolution (§4.1).
 
@@ -189,8 +202,8 @@ def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[
     """features (B, C, H, W) → [(B, C, h, w) for (h, w) in sizes], bilinear, align_corners False.
 
     Bilinear resizing is linear per channel, so resizing the mask features and then taking the
-    einsum with the mask embeddings equals resizing the mask logits themselves (DESIGN §4.1
-    resizes the predicted masks); it just avoids computing full-resolution masks for every layer.
+    einsum with the mask embeddings equals resizing the mask logits themselves (as
+    docs/DESIGN.md §4.1 describes); it just avoids full-resolution masks for every layer.
     The source is converted to channels-last once (the CPU kernel is about twice as fast there);
     the results are contiguous.
     """
@@ -223,7 +236,8 @@ def decoder_memory(
     """multi_scale: L maps (B·T, C, h, w) (frames of a clip consecutive), level_embed (L, C).
 
     The position encoding is the 3-D sine encoding over (t, y, x) of a T-frame clip
-    (normalised over T, DESIGN §8); it is computed once per level and broadcast over clips.
+    (normalised over T, docs/DESIGN.md §8); it is computed once per level and broadcast over
+    clips.
     """
     values, keys, sizes = [], [], []
     for level, features in enumerate(multi_scale):
@@ -248,3 +262,141 @@ def decoder_memory(
         keys.append(key)
         sizes.append((height, width))
     return DecoderMemory(values=values, keys=keys, sizes=sizes)
+
+
+@dataclass
+class DecodingState:
+    """What a decoder carries through its layers in one forward pass.
+
+    queries:       (B·T, N, C) per-frame queries, refined by the masked-attention layers;
+    mask_features: (B·T, D, H/4, W/4), the frames of a clip consecutive;
+    frames:        T, the frames decoded jointly (1 for the single-frame decoder);
+    clip:          (B, N, C) clip queries (TAD only);
+    clip_features: (B, D, T·H/4·W/4) the mask features per clip, flattened once (TAD only).
+    """
+
+    queries: Tensor
+    mask_features: Tensor
+    frames: int
+    clip: Tensor | None = None
+    clip_features: Tensor | None = None
+
+
+class QueryDecoder(nn.Module):
+    """Base of the two sibling decoders (``MaskDecoder``, ``TemporalDecoder``): learned queries
+    refined by ``num_layers`` masked-attention layers; layer i reads memory level
+    ``i mod num_levels`` (levels ordered stride 32, 16, 8).
+
+    Both share one call signature and the layer loop in ``forward``; a subclass says how the
+    queries start (``_start``), what follows each layer (``_after_layer``), how its heads read
+    out a prediction set (``_heads``) and how the next attention mask is predicted
+    (``_attention_logits``). Parameter names: ``query_feat``, ``query_pos``, ``level_embed``,
+    ``layers``, ``clip_head`` in both, so a stage-1 state dict loads into a TAD model by name.
+    """
+
+    is_temporal = False  # True: B clips of T frames decoded jointly; False: B·T one-frame clips
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 124,
+        num_queries: int = 100,
+        dim: int = 256,
+        mask_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        num_layers: int = 9,
+        num_levels: int = 3,
+    ):
+        super().__init__()
+        self.num_levels = num_levels
+        self.query_feat = nn.Embedding(num_queries, dim)
+        self.query_pos = nn.Embedding(num_queries, dim)
+        self.level_embed = nn.Embedding(num_levels, dim)
+        self.layers = nn.ModuleList(
+            DecoderLayer(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim) for _ in range(num_layers)
+        )
+        self.clip_head = PredictionHead(dim=dim, num_classes=num_classes, mask_dim=mask_dim)
+        self.checkpoint_layers = False  # recompute the layers in backward (see run_layer)
+
+    def forward(
+        self,
+        mask_features: Tensor,
+        multi_scale: Sequence[Tensor],
+        *,
+        frames: int,
+        return_all: bool = True,
+    ) -> Predictions:
+        """mask_features (B·T, mask_dim, H/4, W/4) and multi_scale L × (B·T, C, h, w) of B clips
+        of T = ``frames`` frames (frame t of clip b at row b·T + t) → ``Predictions`` in the
+        subclass's layout, ``frames_per_clip`` = T.
+
+        ``return_all``: all ``num_layers + 1`` prediction sets per head (training); otherwise
+        only the final ones (inference skips the full-resolution masks of the others).
+        """
+        name = type(self).__name__
+        if len(multi_scale) != self.num_levels:
+            raise ValueError(
+                f"{name}: expected {self.num_levels} memory levels, got {len(multi_scale)}"
+            )
+        if mask_features.shape[0] % frames != 0:
+            raise ValueError(
+                f"{name}: {mask_features.shape[0]} frames is not a multiple of T={frames}"
+            )
+        clip_len = frames if self.is_temporal else 1
+        memory = decoder_memory(multi_scale, self.level_embed.weight, frames=clip_len)
+        resized = resize_features(mask_features, memory.sizes)
+        query_pos = self.query_pos.weight.unsqueeze(0)  # (1, N, C)
+        state = self._start(mask_features, memory, query_pos, clip_len)
+
+        sets: list[list[PredictionSet]] = []  # per read-out: one set per head
+        allowed: Tensor | None = None
+        for index in range(len(self.layers) + 1):
+            if index > 0:
+                level = (index - 1) % self.num_levels
+                state.queries = run_layer(
+                    self.layers[index - 1],
+                    self.checkpoint_layers,
+                    state.queries,
+                    memory.keys[level],
+                    memory.values[level],
+                    query_pos=query_pos,
+                    allowed=allowed,
+                )  # (B·T, N, C)
+                self._after_layer(state)
+            is_final = index == len(self.layers)
+            head_sets, embeddings = self._heads(state, full=return_all or is_final)
+            if head_sets:
+                sets.append(head_sets)
+            if not is_final:
+                with torch.no_grad():
+                    low = self._attention_logits(
+                        embeddings, resized[index % self.num_levels], state
+                    )
+                allowed = allowed_positions(low)  # (B·T, N, h·w)
+        return Predictions(
+            clip=[head_sets[0] for head_sets in sets],
+            frame=[head_sets[1] for head_sets in sets] if self.is_temporal else None,
+            frames_per_clip=frames,
+        )
+
+    def _start(
+        self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
+    ) -> DecodingState:
+        """The state before layer 1 (``frames``: T decoded jointly, 1 if not temporal)."""
+        raise NotImplementedError
+
+    def _after_layer(self, state: DecodingState) -> None:
+        """Hook run after every masked-attention layer (the TAD aggregates over time here)."""
+
+    def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
+        """One read-out: the prediction set of each head (none unless ``full``), and the clip
+        head's mask embeddings for ``_attention_logits``."""
+        raise NotImplementedError
+
+    def _attention_logits(
+        self, embeddings: Tensor, features: Tensor, state: DecodingState
+    ) -> Tensor:
+        """Mask logits (B·T, N, h·w) at one memory level from the clip head's ``embeddings``
+        and the mask features resized to that level, ``features`` (B·T, D, h, w)."""
+        raise NotImplementedError

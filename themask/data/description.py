@@ -1,0 +1,237 @@
+"""``dataset.yaml``: the description of a video dataset (classes, label encoding, layout).
+
+A dataset root holds a ``dataset.yaml`` (keys below); a root without one is read as VSPW
+(``VSPW_DESCRIPTION``), and the toy dataset writes its own (``themask.data.toy``)::
+
+    classes: [background, cat, dog]      # train ids 0..K-1, in this order (required)
+    palette: [[0, 0, 0], ...]            # optional, K RGB triples
+    ignore_values: [255]                 # stored mask values never scored
+    label_offset: 0                      # train id = stored value - label_offset
+    frames: "JPEGImages/{video}"         # a video's frame folder, relative to the root
+    masks: "Annotations/{video}"         # its mask folder; masks match frames by file stem
+    splits: {train: "ImageSets/train.txt", val: "ImageSets/val.txt"}
+    sparse: false                        # true: masks may exist for only some frames
+
+Every field but ``classes`` defaults to the VSPW layout and encoding. A malformed field is a
+``DescriptionError`` naming the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from themask.data.vspw import CLASS_NAMES, PALETTE, DataError, PathLike, read_label
+
+DESCRIPTION_FILE = "dataset.yaml"
+VSPW_FRAMES = "data/{video}/origin"
+VSPW_MASKS = "data/{video}/mask"
+
+
+class DescriptionError(DataError):
+    """A ``dataset.yaml`` is missing a field or holds a malformed one."""
+
+
+def default_palette(num_classes: int) -> np.ndarray:
+    """(K, 3) uint8 distinct colours: the bit-interleaving colour map of PASCAL VOC."""
+    palette = np.zeros((num_classes, 3), dtype=np.uint8)
+    for index in range(num_classes):
+        value, colour = index, [0, 0, 0]
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                colour[channel] |= ((value >> channel) & 1) << bit
+            value >>= 3
+        palette[index] = colour
+    return palette
+
+
+@dataclass(frozen=True)
+class DatasetDescription:
+    """Classes, label encoding and folder layout of one dataset (see the module docstring)."""
+
+    classes: tuple[str, ...]
+    palette: np.ndarray = field(default=None, compare=False)  # type: ignore[arg-type]
+    ignore_values: tuple[int, ...] = (0, 255)
+    label_offset: int = 1
+    frames: str = VSPW_FRAMES
+    masks: str = VSPW_MASKS
+    splits: dict[str, str] | None = None  # None: "<split>.txt" at the root
+    sparse: bool = False
+    source: str = "built-in VSPW description"
+
+    def __post_init__(self) -> None:  # palette (K, 3) uint8; None: ``default_palette``
+        if self.palette is None:
+            object.__setattr__(self, "palette", default_palette(len(self.classes)))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_values(self) -> range:
+        """Stored mask values of the classes 0..K-1."""
+        return range(self.label_offset, self.label_offset + self.num_classes)
+
+    def read_label(self, path: PathLike, *, ignore_index: int = 255) -> np.ndarray:
+        """A mask file -> (H, W) uint8 train ids (``ignore_index`` = ignore); ``DataError``
+        naming the file and the value for a stored value that is neither ignored nor a class."""
+        return read_label(
+            path,
+            num_classes=self.num_classes,
+            ignore_index=ignore_index,
+            offset=self.label_offset,
+            ignore_values=self.ignore_values,
+        )
+
+    def split_file(self, root: PathLike, split: str) -> Path:
+        if self.splits is None:
+            return Path(root) / f"{split}.txt"
+        if split not in self.splits:
+            raise DataError(
+                f"{self.source}: splits has no '{split}' (it has: {', '.join(self.splits)})"
+            )
+        return Path(root) / self.splits[split]
+
+    def split_names(self, root: PathLike) -> list[str]:
+        """The splits this description names (default layout: those with a split file)."""
+        if self.splits is not None:
+            return list(self.splits)
+        return [s for s in ("train", "val", "test") if self.split_file(root, s).is_file()]
+
+    def frame_dir(self, root: PathLike, video: str) -> Path:
+        return Path(root) / self.frames.format(video=video)
+
+    def mask_dir(self, root: PathLike, video: str) -> Path:
+        return Path(root) / self.masks.format(video=video)
+
+    def to_yaml(self) -> str:
+        """The description as ``dataset.yaml`` text (every field written out)."""
+        values: dict[str, Any] = {
+            "classes": list(self.classes),
+            "palette": self.palette.tolist(),
+            "ignore_values": list(self.ignore_values),
+            "label_offset": self.label_offset,
+            "frames": self.frames,
+            "masks": self.masks,
+        }
+        if self.splits is not None:
+            values["splits"] = dict(self.splits)
+        values["sparse"] = self.sparse
+        return yaml.safe_dump(values, sort_keys=False, default_flow_style=None, width=100)
+
+
+VSPW_DESCRIPTION = DatasetDescription(classes=CLASS_NAMES, palette=PALETTE)
+
+
+def _expect(ok: bool, source: str, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise DescriptionError(f"{source}: field '{key}': expected {expected}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_description(values: Any, source: str) -> DatasetDescription:
+    """Validate the mapping read from a ``dataset.yaml``; ``source`` names it in errors."""
+    if not isinstance(values, Mapping):
+        raise DescriptionError(f"{source}: expected a mapping of fields, got {values!r}")
+    known = {
+        "classes",
+        "palette",
+        "ignore_values",
+        "label_offset",
+        "frames",
+        "masks",
+        "splits",
+        "sparse",
+    }
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:
+        raise DescriptionError(
+            f"{source}: unknown field(s) {unknown}; valid fields: {sorted(known)}"
+        )
+    if "classes" not in values:
+        raise DescriptionError(f"{source}: field 'classes' is missing (a list of class names)")
+    classes = values["classes"]
+    names_ok = isinstance(classes, list) and 0 < len(classes) <= 255
+    names_ok = names_ok and all(isinstance(c, str) and c.strip() for c in classes)
+    _expect(names_ok, source, "classes", "a list of 1..255 non-empty names", classes)
+    _expect(len(set(classes)) == len(classes), source, "classes", "unique names", classes)
+    k = len(classes)
+    kwargs: dict[str, Any] = {"classes": tuple(classes), "source": source}
+    if values.get("palette") is not None:
+        palette = values["palette"]
+        ok = isinstance(palette, list) and len(palette) == k
+        ok = ok and all(
+            isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c)
+            for c in palette
+        )
+        _expect(ok, source, "palette", f"{k} [R, G, B] triples of 0..255 (one per class)", palette)
+        kwargs["palette"] = np.array(palette, dtype=np.uint8)
+    ignore = values.get("ignore_values", [0, 255])
+    ok = isinstance(ignore, list) and all(_is_int(v) and 0 <= v <= 255 for v in ignore)
+    _expect(ok, source, "ignore_values", "a list of stored values in 0..255", ignore)
+    offset = values.get("label_offset", 1)
+    _expect(_is_int(offset), source, "label_offset", "an integer", offset)
+    _expect(
+        0 <= offset and offset + k - 1 <= 255,
+        source,
+        "label_offset",
+        f"0..{256 - k} so that the {k} class values fit in 0..255",
+        offset,
+    )
+    clash = sorted(set(ignore) & set(range(offset, offset + k)))
+    _expect(
+        not clash, source, "ignore_values", f"no class value ({offset}..{offset + k - 1})", ignore
+    )
+    kwargs.update(ignore_values=tuple(ignore), label_offset=offset)
+    for key in ("frames", "masks"):
+        if key in values:
+            pattern = values[key]
+            ok = isinstance(pattern, str) and "{video}" in pattern
+            _expect(ok, source, key, "a folder pattern containing {video}", pattern)
+            kwargs[key] = pattern
+    if values.get("splits") is not None:
+        splits = values["splits"]
+        ok = isinstance(splits, Mapping) and bool(splits)
+        ok = ok and all(isinstance(s, str) and isinstance(p, str) for s, p in splits.items())
+        _expect(ok, source, "splits", "a mapping split name -> split file", splits)
+        kwargs["splits"] = dict(splits)
+    sparse = values.get("sparse", False)
+    _expect(isinstance(sparse, bool), source, "sparse", "true or false", sparse)
+    kwargs["sparse"] = sparse
+    return DatasetDescription(**kwargs)
+
+
+_CACHE: dict[tuple[str, int], DatasetDescription] = {}
+
+
+def load_description(root: PathLike) -> DatasetDescription:
+    """``ROOT/dataset.yaml`` parsed and validated, or ``VSPW_DESCRIPTION`` when it is absent."""
+    path = Path(root) / DESCRIPTION_FILE
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        return VSPW_DESCRIPTION
+    key = (str(path.resolve()), stamp)
+    if key not in _CACHE:
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise DescriptionError(f"{path}: cannot read the YAML: {err}") from None
+        _CACHE[key] = parse_description(values, str(path))
+    return _CACHE[key]
+
+
+def save_description(description: DatasetDescription, root: PathLike) -> Path:
+    """Write ``ROOT/dataset.yaml``; returns its path."""
+    path = Path(root) / DESCRIPTION_FILE
+    path.write_text(description.to_yaml(), encoding="utf-8")
+    return path

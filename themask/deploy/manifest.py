@@ -1,0 +1,91 @@
+"""``manifest.json``: everything the ONNX Runtime predictor needs to run an exported model.
+
+Torch-free. ``FORMAT`` changes whenever the graphs' inputs/outputs or a manifest field change
+meaning; a runtime refuses a manifest of another format instead of guessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from themask.data.vspw import DataError
+from themask.io import PathLike, atomic_write
+
+FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+ENCODER_NAME = "encoder.onnx"
+DECODER_NAME = "decoder.onnx"
+# Graph I/O names: the encoder maps IMAGE to FEATURES; the decoder maps T frames' FEATURES
+# (stacked on the first axis) to SCORES.
+IMAGE = "image"
+FEATURES = ("mask_features", "multi_scale_32", "multi_scale_16", "multi_scale_8")
+SCORES = "scores"
+
+
+@dataclass
+class Manifest:
+    """Contents of ``manifest.json``.
+
+    Inputs: an RGB frame resized to fit ``scale`` = (long, short) keeping its ratio, each side
+    stretched up to a multiple of ``size_divisor``, normalised as (x − mean) / std, laid out
+    (1, 3, H, W); any remaining padding is zeros on the bottom/right. Outputs: scores
+    (T, K, H/``mask_stride``, W/``mask_stride``); upsample bilinearly (half-pixel centres) to the
+    padded size, crop, resize to the frame and take the argmax over K.
+    """
+
+    num_classes: int
+    clip_len: int
+    class_names: list[str]
+    palette: list[list[int]]
+    mean: list[float]
+    std: list[float]
+    opset: int
+    model: dict[str, Any]
+    scale: list[int] = field(default_factory=lambda: [853, 480])
+    size_divisor: int = 32
+    mask_stride: int = 4
+    padding: str = "zeros, bottom/right, to a multiple of size_divisor"
+    encoder: str = ENCODER_NAME
+    decoder: str = DECODER_NAME
+    format: int = FORMAT
+    themask_version: str = ""
+
+    def write(self, directory: PathLike) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+        return path
+
+
+def read_manifest(directory: PathLike) -> Manifest:
+    """The manifest of an export folder; ``DataError`` naming the file when it is missing,
+    unreadable, of another format or incomplete, or when a graph it names is missing."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: no ONNX export manifest here (write one with themask export)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a readable JSON manifest ({err})") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        version = data.get("themask_version", "?") if isinstance(data, dict) else "?"
+        raise DataError(
+            f"{path}: manifest format {found!r} (themask {version}); this themask reads format "
+            f"{FORMAT}: export the model again"
+        )
+    names = {f.name for f in dataclasses.fields(Manifest)}
+    try:
+        manifest = Manifest(**{k: v for k, v in data.items() if k in names})
+    except TypeError as err:
+        raise DataError(f"{path}: incomplete manifest ({err})") from err
+    if not len(manifest.class_names) == manifest.num_classes == len(manifest.palette):
+        raise DataError(f"{path}: class_names and palette must hold num_classes entries")
+    for graph in (manifest.encoder, manifest.decoder):
+        if not (path.parent / graph).is_file():
+            raise DataError(f"{path.parent / graph}: graph named by {path} is missing")
+    return manifest

@@ -1,0 +1,163 @@
+"""Video prediction with an exported model on ONNX Runtime: numpy, onnxruntime, av and pillow
+only; torch is never imported on this path.
+
+``OnnxStreamingPredictor`` runs the causal sliding windows of the PyTorch
+``StreamingPredictor`` (``themask.data.clips.causal_window``): every frame is encoded once by
+``encoder.onnx`` and its features are reused by each window that holds it; ``decoder.onnx``
+turns a window's features into stride-4 scores, which are resized and argmax'ed here exactly
+as ``THEMask.semantic_scores`` and ``scores_to_labels`` do (bilinear, half-pixel centres).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from themask.data.clips import TEST_CLIP_STRIDE, causal_window
+from themask.data.resize import aligned_size, resize_frame
+from themask.data.vspw import DataError
+from themask.deploy.manifest import FEATURES, IMAGE, Manifest, read_manifest
+from themask.io import PathLike
+
+logger = logging.getLogger(__name__)
+
+
+def resize_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) → (C, H, W) like ``F.interpolate(mode="bilinear", align_corners=False)``."""
+    for axis, length in ((1, size[0]), (2, size[1])):
+        old = scores.shape[axis]
+        if old == length:
+            continue
+        source = np.maximum((np.arange(length) + 0.5) * (old / length) - 0.5, 0.0)
+        low = np.minimum(source.astype(np.int64), old - 1)
+        high = np.minimum(low + 1, old - 1)
+        shape = [1, 1, 1]
+        shape[axis] = length
+        weight = (source - low).astype(np.float32).reshape(shape)
+        scores = np.take(scores, low, axis) * (1 - weight) + np.take(scores, high, axis) * weight
+    return scores
+
+
+class OnnxStreamingPredictor:
+    """Causal sliding windows of ``manifest.clip_len`` frames ``step`` apart on ONNX Runtime.
+
+    ``push(image)`` takes the next normalised frame (3, H, W) float32 and returns its class
+    scores (K, H, W); only the last (T−1)·step + 1 frames' features are held. ``threads``:
+    ONNX Runtime intra-op threads (default: ``OMP_NUM_THREADS`` if set, else its own choice).
+    """
+
+    def __init__(
+        self, model_dir: PathLike, *, step: int = TEST_CLIP_STRIDE, threads: int | None = None
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise DataError(
+                "ONNX prediction needs onnxruntime: pip install 'themask[onnx]'"
+            ) from err
+        if step < 1:
+            raise DataError(f"--step must be >= 1, got {step}")
+        self.directory = Path(model_dir)
+        self.manifest: Manifest = read_manifest(self.directory)
+        options = ort.SessionOptions()
+        threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads:
+            options.intra_op_num_threads = threads
+        self.encoder, self.decoder = (
+            ort.InferenceSession(
+                str(self.directory / name), options, providers=["CPUExecutionProvider"]
+            )
+            for name in (self.manifest.encoder, self.manifest.decoder)
+        )
+        self.clip_len = self.manifest.clip_len
+        self.step = step
+        self._history: deque[list[np.ndarray]] = deque(maxlen=(self.clip_len - 1) * step + 1)
+        self._count = 0
+
+    def reset(self) -> None:
+        """Start a new stream (forget the cached features)."""
+        self._history.clear()
+        self._count = 0
+
+    def push(self, image: np.ndarray) -> np.ndarray:
+        """Next frame (3, H, W) float32, normalised → its class scores (K, H, W) float32."""
+        height, width = image.shape[-2:]
+        divisor = self.manifest.size_divisor
+        padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+        stride = self.manifest.mask_stride
+        if self._history and self._history[-1][0].shape[-2:] != (
+            padded[0] // stride,
+            padded[1] // stride,
+        ):
+            raise DataError(
+                f"frame {self._count}: network input {height}×{width} differs from the earlier "
+                "frames' in its window; all frames of a stream must share one size"
+            )
+        batch = np.zeros((1, 3, *padded), dtype=np.float32)
+        batch[0, :, :height, :width] = image
+        self._history.append(self.encoder.run(list(FEATURES), {IMAGE: batch}))
+        t, self._count = self._count, self._count + 1
+        first = t - len(self._history) + 1  # frame index of self._history[0]
+        window = [self._history[i - first] for i in causal_window(t, self.clip_len, step=self.step)]
+        inputs = {name: np.concatenate([f[k] for f in window]) for k, name in enumerate(FEATURES)}
+        scores = self.decoder.run(None, inputs)[0][-1]  # (K, H'/4, W'/4) of the newest frame
+        return resize_bilinear(scores, padded)[:, :height, :width]
+
+
+def normalise(frame: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """(H, W, 3) uint8 RGB → (3, H, W) float32, (x − mean) / std as in the manifest."""
+    mean = np.asarray(manifest.mean, dtype=np.float32)
+    std = np.asarray(manifest.std, dtype=np.float32)
+    return ((frame.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+
+
+def predict_frames(
+    predictor: OnnxStreamingPredictor,
+    frames: Iterable[np.ndarray],
+    *,
+    scale: tuple[int, int] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(frame, labels (H, W) int64)`` for each (H, W, 3) uint8 RGB frame of a stream, in
+    order. Frames are resized as ``TestTransform(scale)`` does (default: the manifest's)."""
+    manifest = predictor.manifest
+    scale = tuple(scale or manifest.scale)
+    for frame in frames:
+        size = aligned_size(frame.shape[:2], scale, manifest.size_divisor)
+        scores = predictor.push(normalise(resize_frame(frame, size), manifest))
+        yield frame, resize_bilinear(scores, frame.shape[:2]).argmax(axis=0)
+
+
+def predict_to_folder(args) -> int:
+    """``themask predict --onnx DIR INPUT --out OUT``: label PNGs, overlays and overlay.mp4
+    (written as without ``--onnx``); a ``DataError`` is reported by ``themask.cli``."""
+    from themask.commands.predict import write_predictions
+    from themask.data.video_io import iter_input_frames
+
+    predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
+    manifest = predictor.manifest
+    if args.clip_len not in (None, manifest.clip_len):
+        raise DataError(
+            f"{predictor.directory}: exported for windows of {manifest.clip_len} frames, "
+            f"not --clip-len {args.clip_len} (export again with --clip-len {args.clip_len})"
+        )
+    palette = np.asarray(manifest.palette, dtype=np.uint8)
+    names: list[str] = []
+
+    def frames() -> Iterator[np.ndarray]:
+        for name, frame in iter_input_frames(args.input):
+            names.append(name)
+            yield frame
+
+    logger.info(
+        "predicting %s with %s, windows of %d frames", args.input, args.onnx, manifest.clip_len
+    )
+    labelled = (
+        (names[-1], frame, labels)
+        for frame, labels in predict_frames(predictor, frames(), scale=args.scale)
+    )
+    return write_predictions(args, labelled, manifest.class_names, palette)

@@ -140,10 +140,11 @@ def run_config(args: argparse.Namespace, variant: Variant, queries: int, seed: i
 
 def train_run(cfg: Any, run_dir: Path, init: Path | None) -> dict[str, Any]:
     """Train (from ``init`` weights if given), evaluate; returns the run's result dict."""
-    from themask.checkpoint import load_stage1_into_temporal, read_state_dict
     from themask.engine import Trainer, seed_everything
     from themask.logger import read_metrics
     from themask.modeling.build import build_model_from_config
+    from themask.warm_start import load_stage1_into_temporal
+    from themask.weights.files import read_state_dict
 
     seed_everything(cfg.train.seed)
     model = build_model_from_config(cfg.model)
@@ -171,23 +172,26 @@ def train_run(cfg: Any, run_dir: Path, init: Path | None) -> dict[str, Any]:
 
 def frames_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader ``Batch`` as (normalised frames (B, T, 3, H, W), labels (B, T, H, W))."""
-    return batch.frames, batch.labels
+    from themask.data.loader import batch_to_device
+
+    return batch_to_device(batch, torch.device("cpu"))
 
 
 @torch.no_grad()
 def round2_statistics(model: Any, cfg: Any, batches: int = 8) -> dict[str, float]:
     """What round 2 supervises on ``batches`` training batches (final model, train mode):
-    the fraction of secondary queries whose soft target (GT ∧ σ(pred) > 0.5) is empty, and the
-    soft target's coverage (its pixels over the GT mask's pixels, mean over secondary queries)."""
-    from themask.data.loader import build_train_loader
-    from themask.loss.api import _pad_labels, criterion_for
-    from themask.loss.criterion import soft_targets
-    from themask.loss.targets import build_targets
+    the fraction of secondary queries whose soft target (GT ∧ σ(pred) > 0.5, prediction
+    upsampled by nearest interpolation) is empty, and the soft target's coverage (its pixels
+    over the GT mask's pixels), both per (query, frame), mean over the batches."""
+    import torch.nn.functional as F
 
-    loss_cfg = model.config.loss
-    if loss_cfg.num_rounds != 2:
+    from themask.data.loader import build_train_loader
+    from themask.loss.criterion import SetCriterion
+    from themask.loss.targets import IGNORE_INDEX, build_targets
+
+    if cfg.loss.num_rounds != 2:
         return {k: math.nan for k in ROUND2_STATS}
-    criterion = criterion_for(loss_cfg, model.config.num_classes)
+    matcher = SetCriterion(cfg.loss, model.config.num_classes).matcher
     loader = iter(
         build_train_loader(cfg.data, batch_size=cfg.train.batch_size, num_workers=0, seed=10_000)
     )
@@ -197,25 +201,29 @@ def round2_statistics(model: Any, cfg: Any, batches: int = 8) -> dict[str, float
     for _ in range(batches):
         frames, labels = frames_and_labels(next(loader))
         predictions = model(frames)
-        labels = _pad_labels(labels, model.config.size_divisor)
+        divisor = model.config.size_divisor
+        pad = (0, (-labels.shape[-1]) % divisor, 0, (-labels.shape[-2]) % divisor)
+        labels = F.pad(labels, pad, value=IGNORE_INDEX)
         if not model.is_temporal:
-            labels = labels.flatten(0, 1).unsqueeze(1)
+            labels = labels.flatten(0, 1).unsqueeze(1)  # (B·T, 1, H, W)
         targets = build_targets(labels, model.config.num_classes)
         final = (predictions.frame or predictions.clip)[-1]
-        matches = criterion.matcher.match_sets(
-            [(predictions.clip[-1].class_logits, final.mask_logits)], targets, num_rounds=2
-        )[0]
-        for clip, (match, target) in enumerate(zip(matches, targets)):
+        sets = [(predictions.clip[-1].class_logits, final.mask_logits)]
+        result = matcher.match_sets(sets, targets, num_rounds=2)
+        for clip, match in enumerate(result.matches[0]):
             queries, rows = match.secondary
             if queries.numel() == 0:
                 continue
-            gt = target.masks[rows].float()  # (R, T, H, W)
-            logits = final.mask_logits[clip, queries]  # (R, T, h, w)
-            _, soft = soft_targets(logits.flatten(0, 1), gt.flatten(0, 1))
-            soft_px = soft.flatten(1).sum(1)
-            gt_px = gt.flatten(0, 1).flatten(1).sum(1).clamp(min=1)
-            empty.extend((soft_px == 0).float().tolist())
-            coverage.extend((soft_px / gt_px).tolist())
+            classes = torch.as_tensor(result.classes[clip][rows.numpy()], dtype=torch.long)
+            for t in range(labels.shape[1]):
+                index = torch.full_like(queries, clip), torch.full_like(queries, t)
+                gt = targets.masks(*index, classes)  # (R, H, W)
+                logits = final.mask_logits[clip, queries, t].unsqueeze(1).float()
+                fires = F.interpolate(logits, size=gt.shape[-2:], mode="nearest")[:, 0] > 0
+                soft = (gt * fires).flatten(1).sum(1)
+                keep = gt.flatten(1).sum(1) > 0  # the class is in this frame
+                empty.extend((soft[keep] == 0).float().tolist())
+                coverage.extend((soft[keep] / gt.flatten(1).sum(1)[keep]).tolist())
     model.train(was_training)
     mean = statistics.fmean
     return {

@@ -15,6 +15,8 @@ import torch
 
 from themask import build_model
 from themask.loss.api import training_loss
+from themask.loss.criterion import SetCriterion
+from themask.modeling.build import preset_loss_config
 
 
 def main() -> None:
@@ -30,11 +32,12 @@ def main() -> None:
     labels[..., :, 48:] = (labels[..., :, 48:] + 3) % 8
     models = {q: build_model("themask_tiny_t2", num_classes=8, num_queries=q) for q in args.queries}
     optimizers = {q: torch.optim.AdamW(m.train().parameters(), 1e-3) for q, m in models.items()}
+    criterion = SetCriterion(preset_loss_config("themask_tiny_t2"), 8)
     times: dict[int, list[float]] = {q: [] for q in args.queries}
     for repeat in range(args.repeats):
         for q, model in models.items():
             start = time.perf_counter()
-            loss, _ = training_loss(model, frames, labels)
+            loss, _ = training_loss(model, frames, labels, criterion)
             optimizers[q].zero_grad()
             loss.backward()
             optimizers[q].step()

@@ -30,6 +30,7 @@ def main() -> None:
     from themask.data.loader import build_train_loader
     from themask.engine import seed_everything
     from themask.loss.api import training_loss
+    from themask.loss.criterion import SetCriterion
     from themask.modeling.build import build_model_from_config
     from themask.optim import build_optimizer, poly_lr, set_learning_rate
 
@@ -45,6 +46,7 @@ def main() -> None:
     )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loader = iter(build_train_loader(cfg.data, batch_size=tcfg.batch_size, seed=args.seed))
+    criterion = SetCriterion(cfg.loss, cfg.model.num_classes)
     for step in range(max(args.at) + 1):
         if step in args.at:
             stats = ablation.round2_statistics(model, cfg)
@@ -53,7 +55,9 @@ def main() -> None:
             break
         set_learning_rate(optimizer, poly_lr(step, tcfg.lr, tcfg.max_steps, tcfg.poly_power))
         frames, labels = ablation.frames_and_labels(next(loader))
-        loss, _ = training_loss(model, frames, labels, step=step)
+        loss, _ = training_loss(
+            model, frames, labels, criterion, size_divisor=cfg.model.size_divisor, step=step
+        )
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tcfg.clip_grad_norm)

@@ -4,7 +4,6 @@ cd /work/wt_ablation
 export PYTHONPATH=$PWD OMP_NUM_THREADS=1
 PY=/work/main/.venv/bin/python
 B="--out benchmarks/ablation --steps 2000 --stage2-steps 500 --eval-every 250 --threads 1 --queries 50"
-while kill -0 17708 2>/dev/null; do sleep 10; done
 for seed in 0 1 2; do
   $PY benchmarks/ablation.py $B --seeds $seed --variants t1_continued tad_t2
   echo "tad seed $seed done $(date)"

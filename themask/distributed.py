@@ -7,11 +7,9 @@ process and the helpers below are no-ops.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,7 +56,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
 
     ``device``: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). The backend is NCCL
     on CUDA and gloo on CPU; on CUDA each process uses ``cuda:LOCAL_RANK``, also passed to
-    NCCL as ``device_id`` (torch >= 2.3) so it binds to that device at once.
+    NCCL as ``device_id`` so it binds to that device at once.
     """
     use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -71,10 +69,9 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
         dev = torch.device("cpu")
     if world_size > 1 and not is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        extra: dict[str, Any] = {}
-        if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
-            extra["device_id"] = dev
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **extra)
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, device_id=dev if use_cuda else None
+        )
         logger.info("process group: %s, rank %d of %d", backend, rank, world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 

@@ -61,13 +61,10 @@ def autocast_context(amp: AmpSpec, device: torch.device | str) -> AbstractContex
 
 
 def grad_scaler(device: torch.device) -> Any:
-    """A dynamic loss scaler for fp16 training (``torch.amp.GradScaler`` from torch 2.3 on,
-    ``torch.cuda.amp.GradScaler`` before)."""
+    """A dynamic loss scaler for fp16 training (``torch.amp.GradScaler``)."""
     import torch
 
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device.type)
-    return torch.cuda.amp.GradScaler()  # pragma: no cover - torch < 2.3
+    return torch.amp.GradScaler(device.type)
 
 
 def configure_cuda_math(device: torch.device | str) -> None:

@@ -174,7 +174,7 @@ def _count_evaluation(tmp_path, num_frames):
     from themask.data.toy import make_toy_dataset
     from themask.data.transforms import TestTransform
     from themask.data.vspw import VSPWIndex
-    from themask.evaluation.inference import evaluate_split
+    from themask.evaluation.evaluate import evaluate_split
     from themask.modeling.build import build_model
 
     root = make_toy_dataset(

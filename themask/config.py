@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from themask.data.config import DataConfig
+from themask.data.vspw import NUM_CLASSES
 from themask.io import PathLike, atomic_write
 from themask.modeling.config import ModelConfig
 
@@ -253,7 +254,7 @@ def check_consistency(cfg: RunConfig) -> None:
     cfg.train.per_process_batch(1)  # batch_size divisible by grad_accum
 
 
-def preset_model_config(name: str, *, num_classes: int = 124) -> ModelConfig:
+def preset_model_config(name: str, *, num_classes: int = NUM_CLASSES) -> ModelConfig:
     """The ``ModelConfig`` of a model preset (``themask.modeling.build``)."""
     from themask.modeling import build
 

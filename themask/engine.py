@@ -40,8 +40,12 @@ from torch import Tensor, nn
 
 from themask import distributed
 from themask.config import FREEZABLE_MODULES, ConfigError, RunConfig, save_config, to_dict
+from themask.data.loader import batch_to_device, build_train_loader
+from themask.evaluation.evaluate import evaluate_config
+from themask.evaluation.metrics import scalar_metrics
 from themask.io import PathLike, atomic_write
 from themask.logger import MetricWriter, git_revision
+from themask.modeling.build import build_model_from_config
 from themask.optim import build_optimizer, poly_lr, set_learning_rate
 from themask.precision import autocast_context, configure_cuda_math, grad_scaler, resolve_amp
 
@@ -165,7 +169,7 @@ class StepWindow:
         if reduce:
             floats = torch.tensor(self.float_rows, dtype=torch.float64).reshape(len(values), -1)
             both = torch.cat([values, floats.to(values.device)], dim=1)
-            rows = distributed.all_reduce_mean(both).tolist()
+            rows = distributed.all_reduce(both, mean=True).tolist()
         else:
             rows = [a + b for a, b in zip(values.tolist(), self.float_rows)]
         self.tensor_rows, self.float_rows = [], []
@@ -295,8 +299,6 @@ class Trainer:
     # -- construction ------------------------------------------------------------------------
 
     def _build_model(self) -> nn.Module:
-        from themask.modeling.build import build_model_from_config
-
         model = build_model_from_config(self.cfg.model)
         if self.cfg.pretrained_backbone:
             from themask.checkpoint import load_backbone_weights
@@ -331,8 +333,6 @@ class Trainer:
         logger.info("initialised from %s (head_init=%s)", path, self.cfg.train.head_init)
 
     def _default_batches(self, start_batch: int) -> Iterator[Any]:
-        from themask.data.loader import build_train_loader
-
         # one optimizer step consumes grad_accum batches
         loader = build_train_loader(
             self.cfg.data,
@@ -397,8 +397,6 @@ class Trainer:
             module.eval()
 
     def _forward_backward(self, batch: Any, step: int, last_micro: bool) -> dict[str, Any]:
-        from themask.data.loader import batch_to_device
-
         frames, labels = batch_to_device(batch, self.device)
         sync = nullcontext()
         if self.ddp_model is not self.model and not last_micro:
@@ -539,34 +537,3 @@ class Trainer:
             "eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         )
         return metrics
-
-
-def evaluate_config(
-    model: nn.Module, cfg: RunConfig, *, device: torch.device, progress: bool = True
-) -> dict[str, object]:
-    """Evaluate on ``cfg.data.val_split`` with the test protocol of ``cfg`` (test clips of
-    ``data.eval_clip_len`` frames). Under torch.distributed every rank must call it (videos
-    are split over the ranks) and every rank gets the same result."""
-    from themask.evaluation.inference import evaluate_data
-
-    return evaluate_data(
-        model,
-        cfg.data,
-        split=cfg.data.val_split,
-        clip_len=cfg.data.eval_clip_len,
-        device=device,
-        max_videos=cfg.eval.max_videos,
-        amp=cfg.eval.amp,
-        vc_rule=cfg.eval.vc_rule,
-        distributed=distributed.is_initialized(),
-        progress=progress,
-    )
-
-
-def scalar_metrics(results: dict[str, object]) -> dict[str, float]:
-    """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
-    return {
-        k: float(v)  # type: ignore[arg-type]
-        for k, v in results.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }

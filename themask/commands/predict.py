@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from themask.commands import run_with_weights
@@ -111,28 +112,58 @@ def _class_info(weights: str, data, num_classes: int):
 
 def run(args: argparse.Namespace) -> int:
     if args.onnx:
-        from themask.deploy.runtime import predict_to_folder
+        from themask.data.vspw import DataError
 
-        return predict_to_folder(args)
+        try:
+            return _predict_onnx(args)
+        except DataError as err:
+            print(f"themask predict: {err}", file=sys.stderr)
+            return 2
     return run_with_weights("themask predict", args, _predict)
 
 
+def _report(count: int, out: str) -> int:
+    folder = Path(out)
+    print(f"{count} frames: {folder / 'labels'}, {folder / 'overlays'}, {folder / 'overlay.mp4'}")
+    return 0
+
+
+def _predict_onnx(args: argparse.Namespace) -> int:
+    """``--onnx DIR``: the exported model on ONNX Runtime; torch is never imported."""
+    from themask.data.vspw import DataError
+    from themask.deploy.runtime import OnnxStreamingPredictor, predict_frames
+    from themask.evaluation.visualize import write_predictions
+
+    predictor = OnnxStreamingPredictor(args.onnx, step=args.step)
+    manifest = predictor.manifest
+    if args.clip_len not in (None, manifest.clip_len):
+        raise DataError(
+            f"{predictor.directory}: exported for windows of {manifest.clip_len} frames, "
+            f"not --clip-len {args.clip_len} (export again with --clip-len {args.clip_len})"
+        )
+    logger.info(
+        "predicting %s with %s, windows of %d frames", args.input, args.onnx, manifest.clip_len
+    )
+    count = write_predictions(
+        args.input,
+        args.out,
+        lambda frames: predict_frames(predictor, frames, scale=args.scale),
+        class_names=manifest.class_names,
+        palette=manifest.palette,
+        fps=args.fps,
+        alpha=args.alpha,
+    )
+    return _report(count, args.out)
+
+
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
-    from tqdm import tqdm
 
     from themask.checkpoint import model_from_weights
     from themask.data.transforms import TestTransform
-    from themask.data.video_io import iter_input_frames
-    from themask.evaluation.inference import predict_video
-    from themask.evaluation.visualize import (
-        OverlayVideoWriter,
-        draw_legend,
-        overlay,
-        save_label_png,
-    )
+    from themask.data.vspw import TEST_SCALE
+    from themask.evaluation.predict import predict_video
+    from themask.evaluation.visualize import write_predictions
 
     scale, clip_len, data = args.scale, args.clip_len, None
     if args.config:
@@ -145,36 +176,20 @@ def _predict(args: argparse.Namespace) -> int:
     model = model_from_weights(args.weights).to(device)
     names, palette = _class_info(args.weights, data, model.config.num_classes)
     clip_len = clip_len or (model.config.num_frames if model.is_temporal else 1)
-    out = Path(args.out)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-
-    frame_names = []
-
-    def frames():
-        for name, frame in iter_input_frames(args.input):
-            frame_names.append(name)
-            yield frame
-
-    predictions = predict_video(
-        model,
-        frames(),
-        clip_len=clip_len,
-        transform=TestTransform(
-            scale=tuple(scale or (853, 480)), size_divisor=model.config.size_divisor
-        ),
-        device=device,
-        step=args.step,
-        amp=args.amp,
+    transform = TestTransform(
+        scale=tuple(scale or TEST_SCALE), size_divisor=model.config.size_divisor
     )
     logger.info("predicting %s with windows of %d frames, step %d", args.input, clip_len, args.step)
-    with OverlayVideoWriter(out / "overlay.mp4", fps=args.fps) as writer:
-        for pred in tqdm(predictions, desc="predict", unit="frame"):
-            name = frame_names[pred.index]
-            save_label_png(pred.labels, out / "labels" / f"{name}.png", palette)
-            picture = overlay(pred.frame, pred.labels, palette, alpha=args.alpha)
-            picture = draw_legend(picture, np.unique(pred.labels), names, palette)
-            Image.fromarray(picture).save(out / "overlays" / f"{name}.jpg", quality=90)
-            writer.write(picture)
-    print(f"{len(frame_names)} frames: {out / 'labels'}, {out / 'overlays'}, {out / 'overlay.mp4'}")
-    return 0
+    count = write_predictions(
+        args.input,
+        args.out,
+        lambda frames: predict_video(
+            model, frames, clip_len=clip_len, transform=transform, device=device, step=args.step,
+            amp=args.amp,
+        ),
+        class_names=names,
+        palette=palette,
+        fps=args.fps,
+        alpha=args.alpha,
+    )
+    return _report(count, args.out)

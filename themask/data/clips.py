@@ -6,8 +6,9 @@ lists, so they are easy to test and to reuse for any frame source.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 
@@ -151,6 +152,33 @@ def sliding_windows(
 def causal_window(t: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> List[int]:
     """Window ``t`` of :func:`sliding_windows`: ``[max(0, t - (T-1-i)·step) for i < T]``."""
     return [max(0, t - step * (clip_len - 1 - i)) for i in range(clip_len)]
+
+
+class CausalWindows:
+    """The per-frame items (features) of the causal windows of a stream, each held once.
+
+    ``push(item)`` adds the item of the next frame t and returns the items of window t of
+    :func:`sliding_windows` (oldest first, t last); only the last (T−1)·step + 1 are kept.
+    Shared by the PyTorch and the ONNX Runtime streaming predictors.
+    """
+
+    def __init__(self, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
+        if clip_len < 1 or step < 1:
+            raise ValueError(f"clip_len and step must be >= 1, got {clip_len} and {step}")
+        self.clip_len, self.step = clip_len, step
+        self.history: deque[Any] = deque(maxlen=(clip_len - 1) * step + 1)
+        self.count = 0  # frames pushed since the last reset
+
+    def reset(self) -> None:
+        """Start a new stream (forget the held items)."""
+        self.history.clear()
+        self.count = 0
+
+    def push(self, item: Any) -> list[Any]:
+        self.history.append(item)
+        t, self.count = self.count, self.count + 1
+        first = t - len(self.history) + 1  # frame index of history[0]
+        return [self.history[i - first] for i in causal_window(t, self.clip_len, step=self.step)]
 
 
 # ``test_clips`` is a library function, not a pytest test, even when imported into a test module.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from themask.data.resize import MEAN, STD, aligned_size, keep_ratio_size, resize_frame
-from themask.data.vspw import IGNORE_INDEX
+from themask.data.vspw import IGNORE_INDEX, TEST_SCALE
 
 # PhotoMetricDistortion parameters (mmseg defaults used by the official configs).
 BRIGHTNESS_DELTA = 32
@@ -178,7 +178,7 @@ class TrainTransform:
     def __init__(
         self,
         *,
-        scale: Tuple[int, int] = (853, 480),
+        scale: Tuple[int, int] = TEST_SCALE,
         ratio_range: Tuple[float, float] = (0.5, 2.0),
         crop_size: Tuple[int, int] = (480, 480),
         cat_max_ratio: float = 0.75,
@@ -246,7 +246,7 @@ class TestTransform:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, *, scale: Tuple[int, int] = (853, 480), size_divisor: int = 32) -> None:
+    def __init__(self, *, scale: Tuple[int, int] = TEST_SCALE, size_divisor: int = 32) -> None:
         self.scale = tuple(scale)
         self.size_divisor = size_divisor
 

@@ -9,17 +9,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "EvalReport": "inference",
-    "FramePrediction": "inference",
-    "StreamingPredictor": "inference",
-    "evaluate_data": "inference",
-    "evaluate_split": "inference",
-    "predict_video": "inference",
+    "StreamingPredictor": "predict",
+    "evaluate_config": "evaluate",
+    "evaluate_split": "evaluate",
+    "predict_video": "predict",
     "SegmentationAccumulator": "metrics",
     "VideoConsistencyAccumulator": "metrics",
     "confusion_matrix": "metrics",
     "format_metrics_table": "metrics",
     "metrics_to_json": "metrics",
+    "scalar_metrics": "metrics",
     "segmentation_metrics": "metrics",
 }
 

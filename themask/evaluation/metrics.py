@@ -14,8 +14,9 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from themask.distributed import all_reduce
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -24,7 +25,6 @@ __all__ = [
     "segmentation_metrics",
     "SegmentationAccumulator",
     "VideoConsistencyAccumulator",
-    "all_reduce_sum_",
     "format_metrics_table",
     "metrics_to_json",
     "per_class_table",
@@ -126,20 +126,13 @@ def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
     }
 
 
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` in place over all processes (no-op unless torch.distributed is set up).
-
-    NCCL only reduces CUDA tensors, so CPU tensors travel through the current CUDA device.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(staged)
-        tensor.copy_(staged.to(tensor.device))
-    else:
-        dist.all_reduce(tensor)
-    return tensor
+def scalar_metrics(results: dict[str, object]) -> dict[str, float]:
+    """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
+    return {
+        k: float(v)  # type: ignore[arg-type]
+        for k, v in results.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class SegmentationAccumulator:
@@ -173,7 +166,7 @@ class SegmentationAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the counts over all processes (call once, on every rank, before ``compute``)."""
-        all_reduce_sum_(self.counts)
+        self.counts.copy_(all_reduce(self.counts))
 
     def compute(self) -> Dict[str, object]:
         _check_ranges(self.counts, self.num_classes, self.ignore_index)
@@ -311,7 +304,7 @@ class VideoConsistencyAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the window totals over all processes (call on every rank before ``compute``)."""
-        all_reduce_sum_(self.totals)
+        self.totals.copy_(all_reduce(self.totals))
 
     def compute(self) -> float:
         """mVC_n as a fraction; ``nan`` when no window was counted."""

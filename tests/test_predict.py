@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from naive import naive_sliding_windows
 from PIL import Image
 
-from themask.data.clips import sliding_windows
 from themask.evaluation.predict import StreamingPredictor, predict_video
 from themask.evaluation.visualize import (
     OverlayVideoWriter,
@@ -41,7 +41,8 @@ def test_feature_reuse_equals_recomputing_each_window(clip_len, step):
     torch.manual_seed(0)
     model = build_model("themask_tiny_t2", num_classes=5).eval()
     frames = torch.randn(5, 3, 40, 56)  # not a multiple of 32: padding inside encode
-    reference = [model(frames[w][None])[0, -1] for w in sliding_windows(5, clip_len, step=step)]
+    windows = naive_sliding_windows(5, clip_len, step=step)
+    reference = [model(frames[w][None])[0, -1] for w in windows]
     counter = _count_encoded_frames(model)
     predictor = StreamingPredictor(model, clip_len=clip_len, step=step)
     for t in range(len(frames)):
@@ -81,7 +82,7 @@ def test_predict_video_resizes_scores_to_each_frame():
     inputs = torch.cat([half_size([f]) for f in frames])
     assert len(results) == len(frames)
     for t, (frame, labels) in enumerate(results):
-        window = sliding_windows(4, 2, step=1)[t]
+        window = naive_sliding_windows(4, 2, step=1)[t]
         scores = model(inputs[window][None])[0, -1]
         big = F.interpolate(scores[None], size=(30, 45), mode="bilinear", align_corners=False)
         expected = big[0].argmax(dim=0).numpy()

@@ -133,32 +133,18 @@ def test_clips(
     return clips
 
 
-def sliding_windows(
-    num_frames: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE
-) -> List[List[int]]:
-    """One causal window per frame for streaming prediction; window ``t`` predicts frame ``t``.
-
-    Window ``t`` = ``[t - (T-1)·step, ..., t - step, t]`` with indices before the first frame
-    clamped to 0 (the first frame is repeated), so every window has exactly ``clip_len`` frames
-    and its *new* frame — the one whose prediction is kept — is the last element, ``t``.
-    Windows are returned in frame order; consecutive windows share frames, so features can be
-    cached (``FrameFeatures.select``).
-    """
-    if clip_len < 1 or step < 1:
-        raise ValueError(f"clip_len and step must be >= 1, got {clip_len} and {step}")
-    return [causal_window(t, clip_len, step=step) for t in range(num_frames)]
-
-
 def causal_window(t: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> List[int]:
-    """Window ``t`` of :func:`sliding_windows`: ``[max(0, t - (T-1-i)·step) for i < T]``."""
+    """The causal window that predicts frame ``t`` of a stream: ``[t - (T-1)·step, ...,
+    t - step, t]``, indices before the first frame clamped to 0 (the first frame repeats), so
+    every window has ``clip_len`` frames and the new frame, whose prediction is kept, last."""
     return [max(0, t - step * (clip_len - 1 - i)) for i in range(clip_len)]
 
 
 class CausalWindows:
     """The per-frame items (features) of the causal windows of a stream, each held once.
 
-    ``push(item)`` adds the item of the next frame t and returns the items of window t of
-    :func:`sliding_windows` (oldest first, t last); only the last (T−1)·step + 1 are kept.
+    ``push(item)`` adds the item of the next frame t and returns the items of its
+    :func:`causal_window` (oldest first, t last); only the last (T−1)·step + 1 are kept.
     Shared by the PyTorch and the ONNX Runtime streaming predictors.
     """
 

@@ -28,7 +28,6 @@ __all__ = [
     "format_metrics_table",
     "metrics_to_json",
     "per_class_table",
-    "window_consistency",
 ]
 
 
@@ -176,20 +175,6 @@ class SegmentationAccumulator:
 PUBLISHED_VC_SKIP = 16  # VSS-CFFM VC_perclip.py: clip_num = 16, checked before both n
 
 
-def window_consistency(gt: Tensor, pred: Tensor) -> float:
-    """VC of one window (reference/vspw.md §3.3, step 3–4), computed directly.
-
-    gt, pred: (n, H, W). Returns |S ∩ T| / |S| with S the pixels whose GT is equal in all
-    n frames and T those whose prediction is; ``nan`` when S is empty.
-    """
-    stable_gt = (gt == gt[:1]).all(dim=0)
-    stable_pred = (pred == pred[:1]).all(dim=0)
-    size = int(stable_gt.sum())
-    if size == 0:
-        return math.nan
-    return int((stable_gt & stable_pred).sum()) / size
-
-
 class VideoConsistencyAccumulator:
     """mVC_n exactly as reference/vspw.md §3.3 (official VSPW / CFFM scripts), streaming.
 
@@ -198,9 +183,9 @@ class VideoConsistencyAccumulator:
     N ≤ ``skip_up_to`` contributes none. ``skip_up_to=PUBLISHED_VC_SKIP`` (16, for every n) is
     the rule of VSS-CFFM ``VC_perclip.py``, whose numbers THE-Mask and its lineage publish;
     ``skip_up_to=None`` (= n) is the per-length rule of the VSPW authors' script.
-    VC of a window = |S ∩ T| / |S| (see :func:`window_consistency`); windows with empty S are
-    dropped; mVC_n = mean over all windows of all videos (window-
-    weighted, not per video).
+    VC of a window = |S ∩ T| / |S|, S the pixels whose GT is equal in all n frames of the
+    window and T those whose prediction is; windows with empty S are dropped; mVC_n = mean
+    over all windows of all videos (window-weighted, not per video).
 
     Feed frames in temporal order: ``start_video()``, ``update(pred, gt)`` per frame,
     ``end_video()``. Memory does not grow with the video: instead of keeping the last n
@@ -297,10 +282,6 @@ class VideoConsistencyAccumulator:
             self.totals += self._video_totals
         self._in_video = False
         self._reset_video()
-
-    @property
-    def num_windows(self) -> int:
-        return int(self.totals[1])
 
     def all_reduce(self) -> None:
         """Sum the window totals over all processes (call on every rank before ``compute``)."""

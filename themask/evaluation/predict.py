@@ -73,7 +73,7 @@ class StreamingPredictor:
     """Causal sliding-window prediction with per-frame feature reuse.
 
     The window of frame t is ``[t − (T−1)·step, …, t − step, t]`` (indices below 0 clamped
-    to 0), as ``themask.data.clips.sliding_windows``; the scores of its last frame are kept.
+    to 0), as ``themask.data.clips.causal_window``; the scores of its last frame are kept.
     Each pushed frame is encoded once (``model.encode``); the decoder runs on the concatenated
     features of the window (``FrameFeatures.cat``). A single-frame model uses T = 1.
     Put the model (not a DDP wrapper) in eval mode first (``predict_video`` does).

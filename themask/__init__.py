@@ -6,29 +6,24 @@ stays fast; ``from themask import build_model`` loads torch and the model on fir
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from themask.io import lazy_exports
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "build_model": "themask.modeling.build",
-    "list_presets": "themask.modeling.build",
-    "THEMask": "themask.modeling.themask",
-    "ModelConfig": "themask.modeling.config",
-    "LossConfig": "themask.loss.config",
-    "load_model": "themask.checkpoint",
-    "save_model": "themask.checkpoint",
-    "training_loss": "themask.loss.api",
+    "build_model": "modeling.build",
+    "list_presets": "modeling.build",
+    "THEMask": "modeling.themask",
+    "ModelConfig": "modeling.config",
+    "LossConfig": "loss.config",
+    "load_model": "checkpoint",
+    "save_model": "checkpoint",
+    "training_loss": "loss.api",
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'themask' has no attribute {name!r}")
+__getattr__ = lazy_exports("themask", _EXPORTS)
 
 
 def __dir__() -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from themask.commands import run_with_weights
+from themask.commands.predict import add_window_arguments, window_settings
 
 DESCRIPTION = """\
 Export a model for ONNX Runtime. Writes to OUT:
@@ -30,29 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--weights", required=True, help="themask .safetensors or official .pth")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--clip-len",
-        type=int,
-        default=None,
-        help="frames per window T (default: the model's training clip length; 1 for "
-        "single-frame models)",
-    )
+    add_window_arguments(parser)  # --scale: the test resize recorded in the manifest
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="run config YAML: its data section gives the defaults of --scale and --clip-len, "
-        "and its dataset the class names and colours when the weights carry none",
-    )
-    parser.add_argument(
-        "--scale",
-        type=int,
-        nargs=2,
-        metavar=("LONG", "SHORT"),
-        default=None,
-        help="test resize recorded in the manifest: fit LONG x SHORT keeping the aspect ratio "
-        "(default: data.scale of --config, else 853 480)",
-    )
     parser.set_defaults(func=run)
 
 
@@ -64,7 +44,6 @@ def _export(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
 
     from themask.checkpoint import model_from_weights
-    from themask.commands.predict import _class_info
     from themask.config import ConfigError
     from themask.deploy.export import export_onnx
 
@@ -73,16 +52,7 @@ def _export(args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{args.weights}: the weights do not load ({reason})") from err
-    scale, clip_len, data = args.scale, args.clip_len, None
-    if args.config:
-        from themask.config import load_config
-
-        data = load_config(args.config).data
-        scale = scale or data.scale
-        clip_len = data.eval_clip_len if clip_len is None else clip_len
-    names, palette = _class_info(args.weights, data, model.num_classes)
-    if clip_len is None:
-        clip_len = model.config.num_frames if model.is_temporal else 1
+    scale, clip_len, names, palette = window_settings(args, model)
     manifest = export_onnx(
         model,
         args.out,
@@ -90,7 +60,7 @@ def _export(args: argparse.Namespace) -> int:
         class_names=names,
         palette=palette,
         opset=args.opset,
-        scale=tuple(scale or (853, 480)),
+        scale=scale,
     )
     print(f"{args.out}: {manifest.encoder}, {manifest.decoder} (T = {clip_len}), manifest.json")
     return 0

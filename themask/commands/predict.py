@@ -51,14 +51,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config, --amp and --device apply to --weights only)",
     )
     parser.add_argument("--out", required=True, help="output folder")
+    add_window_arguments(parser)
+    parser.add_argument("--step", type=int, default=3, help="frame gap inside a window")
+    parser.add_argument("--fps", type=float, default=15.0, help="frame rate of overlay.mp4")
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    parser.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="autocast for inference (auto: bf16 on CUDA where supported, else off)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    parser.set_defaults(func=run)
+
+
+def add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--clip-len``, ``--config`` and ``--scale`` (``predict`` and ``export``)."""
     parser.add_argument(
         "--clip-len",
         type=int,
         default=None,
-        help="frames per window (default: the model's training clip length; 1 for "
-        "single-frame models)",
+        help="frames per window T (default: data.test_clip_len of --config, else the model's "
+        "training clip length; 1 for single-frame models)",
     )
-    parser.add_argument("--step", type=int, default=3, help="frame gap inside a window")
     parser.add_argument(
         "--config",
         default=None,
@@ -74,16 +89,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="test resize: fit LONG x SHORT keeping the aspect ratio (default: data.scale of "
         "--config, else 853 480)",
     )
-    parser.add_argument("--fps", type=float, default=15.0, help="frame rate of overlay.mp4")
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    parser.add_argument(
-        "--amp",
-        choices=AMP_MODES,
-        default="auto",
-        help="autocast for inference (auto: bf16 on CUDA where supported, else off)",
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    parser.set_defaults(func=run)
+
+
+def window_settings(args: argparse.Namespace, model) -> tuple:
+    """``(scale, clip_len, class_names, palette)`` of ``--weights`` with ``--scale`` /
+    ``--clip-len`` / ``--config`` (see ``add_window_arguments``)."""
+    from themask.config import ConfigError
+    from themask.data.vspw import TEST_SCALE
+
+    scale, clip_len, data = args.scale, args.clip_len, None
+    if args.config:
+        from themask.config import load_config
+
+        data = load_config(args.config).data
+        scale = scale or data.scale
+        clip_len = data.eval_clip_len if clip_len is None else clip_len
+    if clip_len is None:
+        clip_len = model.config.num_frames if model.is_temporal else 1
+    if clip_len < 1:
+        raise ConfigError(f"--clip-len must be >= 1, got {clip_len}")
+    names, palette = _class_info(args.weights, data, model.config.num_classes)
+    return tuple(scale or TEST_SCALE), clip_len, names, palette
 
 
 def _class_info(weights: str, data, num_classes: int):
@@ -161,24 +187,14 @@ def _predict(args: argparse.Namespace) -> int:
 
     from themask.checkpoint import model_from_weights
     from themask.data.transforms import TestTransform
-    from themask.data.vspw import TEST_SCALE
     from themask.evaluation.predict import predict_video
     from themask.evaluation.visualize import write_predictions
 
-    scale, clip_len, data = args.scale, args.clip_len, None
-    if args.config:
-        from themask.config import load_config
-
-        data = load_config(args.config).data
-        scale, clip_len = scale or data.scale, clip_len or data.eval_clip_len
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configure_cuda_math(device)
     model = model_from_weights(args.weights).to(device)
-    names, palette = _class_info(args.weights, data, model.config.num_classes)
-    clip_len = clip_len or (model.config.num_frames if model.is_temporal else 1)
-    transform = TestTransform(
-        scale=tuple(scale or TEST_SCALE), size_divisor=model.config.size_divisor
-    )
+    scale, clip_len, names, palette = window_settings(args, model)
+    transform = TestTransform(scale=scale, size_divisor=model.config.size_divisor)
     logger.info("predicting %s with windows of %d frames, step %d", args.input, clip_len, args.step)
     count = write_predictions(
         args.input,

@@ -7,8 +7,7 @@ Names are imported lazily (PEP 562), so the torch-free modules (``vspw``, ``clip
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from themask.io import lazy_exports
 
 _EXPORTS = {
     "clip_offsets": "clips",
@@ -44,8 +43,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"themask.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'themask.data' has no attribute {name!r}")
+__getattr__ = lazy_exports("themask.data", _EXPORTS)

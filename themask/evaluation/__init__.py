@@ -5,8 +5,7 @@ Names are imported lazily (PEP 562), so ``themask.evaluation.visualize`` works w
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from themask.io import lazy_exports
 
 _EXPORTS = {
     "StreamingPredictor": "predict",
@@ -24,8 +23,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"themask.evaluation.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'themask.evaluation' has no attribute {name!r}")
+__getattr__ = lazy_exports("themask.evaluation", _EXPORTS)

@@ -60,6 +60,8 @@ class TrainConfig:
     poly_power: float = 0.9
     clip_grad_norm: float = 0.01  # L2 norm; 0 disables clipping
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # themask.precision
+    # recompute the pixel-decoder and decoder layers in backward: less memory, a slower step
+    checkpoint_activations: bool = False
     seed: int = 0
     log_interval: int = 50
     checkpoint_interval: int = 4000

@@ -243,6 +243,8 @@ class Trainer:
 
         seed_everything(distributed.rank_seed(cfg.train.seed, 0))  # same init on every rank
         self.model = model if model is not None else self._build_model()
+        if cfg.train.checkpoint_activations:
+            self.model.set_activation_checkpointing(True)
         if cfg.train.init_from and not resume:
             self._init_from(cfg.train.init_from)
         self.frozen = freeze_modules(self.model, list(cfg.train.freeze))

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from themask.modeling.ms_deform_attn import MSDeformAttn, SpatialShapes, offset_normaliser
 from themask.modeling.position_encoding import sine_position_encoding_2d
+from themask.modeling.transformer import run_layer
 
 __all__ = ["DeformableEncoderLayer", "MSDeformAttnPixelDecoder", "PixelDecoderOutput"]
 
@@ -85,6 +86,17 @@ def _pixel_centres(
     return torch.cat(centres, dim=0).to(dtype).unsqueeze(0)
 
 
+def _without_autocast(projection: nn.Module, x: Tensor) -> Tensor:
+    """``projection(x)`` (1×1 conv + GroupNorm) in at least float32 under any autocast.
+
+    In bf16 the rounded conv output and the group statistics flip the final argmax of
+    near-tied pixels (on a trained toy model the worst frame agreed on 94 % of pixels with
+    float32, 98 % with these in float32); the 1×1 convs cost well under 1 % of the FLOPs.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return projection(x.to(torch.promote_types(x.dtype, torch.float32)))
+
+
 class MSDeformAttnPixelDecoder(nn.Module):
     """Pixel decoder of Mask2Former (DESIGN.md §3).
 
@@ -149,6 +161,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.ReLU(),
         )
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
+        self.checkpoint_layers = False  # recompute encoder layers in backward (see run_layer)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -184,7 +197,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         """features: [res2 (N, C2, H/4, W/4), res3 (N, C3, H/8, W/8), res4 (N, C4, H/16, W/16),
         res5 (N, C5, H/32, W/32)] -> :class:`PixelDecoderOutput`."""
         self._check_inputs(features)
-        maps = [proj(x) for proj, x in zip(self.input_proj, reversed(features[1:]))]
+        maps = [
+            _without_autocast(proj, x) for proj, x in zip(self.input_proj, reversed(features[1:]))
+        ]
         batch = maps[0].shape[0]
         spatial_shapes = [(m.shape[2], m.shape[3]) for m in maps]  # stride 32, 16, 8
         src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (N, S, C)
@@ -203,7 +218,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
         reference_points = _pixel_centres(spatial_shapes, device=src.device, dtype=src.dtype)
         normaliser = offset_normaliser(spatial_shapes, device=src.device, dtype=src.dtype)
         for layer in self.encoder_layers:
-            src = layer(src, pos, reference_points, spatial_shapes, normaliser)
+            src = run_layer(
+                layer,
+                self.checkpoint_layers,
+                src,
+                pos,
+                reference_points,
+                spatial_shapes,
+                normaliser,
+            )
 
         multi_scale = [
             tokens.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
@@ -211,7 +234,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 spatial_shapes, src.split([h * w for h, w in spatial_shapes], 1)
             )
         ]
-        lateral = self.lateral(features[0])  # (N, C, H/4, W/4)
+        lateral = _without_autocast(self.lateral, features[0])  # (N, C, H/4, W/4)
         upsampled = F.interpolate(
             multi_scale[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
         )

@@ -28,6 +28,7 @@ from themask.modeling.transformer import (
     PredictionHead,
     QueryDecoder,
     SelfAttentionLayer,
+    run_layer,
 )
 
 
@@ -120,7 +121,9 @@ class TemporalDecoder(QueryDecoder):
         total, mask_dim = mask_features.shape[:2]
         batch = total // frames
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
-        clip, frame = self.temporal.start(
+        clip, frame = run_layer(
+            self.temporal.start,
+            self.checkpoint_layers,
             queries,
             query_pos,
             torch.cat(memory.keys, dim=1),
@@ -144,8 +147,11 @@ class TemporalDecoder(QueryDecoder):
     def _after_layer(self, state: DecodingState) -> None:
         assert state.clip is not None
         batch = state.clip.shape[0]
-        state.clip = self.temporal(
-            state.clip, state.queries.view(batch, state.frames, -1, state.queries.shape[-1])
+        state.clip = run_layer(
+            self.temporal,
+            self.checkpoint_layers,
+            state.clip,
+            state.queries.view(batch, state.frames, -1, state.queries.shape[-1]),
         )
 
     def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from themask.modeling.config import ModelConfig
-from themask.modeling.outputs import Predictions, PredictionSet
+from themask.modeling.outputs import Predictions
 from themask.modeling.transformer import QueryDecoder
 
 
@@ -99,6 +99,14 @@ class THEMask(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Training memory for time (``train.checkpoint_activations``): the pixel decoder's
+        encoder layers, the transformer decoder's layers and the TAD's temporal aggregation
+        keep no activations for the backward pass but recompute them there. Values and
+        gradients are unchanged."""
+        self.pixel_decoder.checkpoint_layers = enabled
+        self.decoder.checkpoint_layers = enabled
+
     def _padded_size(self, height: int, width: int) -> tuple[int, int]:
         divisor = self.config.size_divisor
         return -(-height // divisor) * divisor, -(-width // divisor) * divisor
@@ -147,14 +155,13 @@ class THEMask(nn.Module):
         """Class scores (B, T, K, H'/4, W'/4) at the mask resolution (docs/DESIGN.md §4.3).
 
         Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
+        Always float32, autocast or not: summed over the queries in bf16, near-equal classes
+        swap places in the argmax (benchmarks/README.md).
         """
-        final: PredictionSet = predictions.final
-        scores = semantic_map(final.class_logits, final.mask_logits)  # (B', T', K, h, w)
-        if predictions.frame is not None:
-            frame_final = predictions.frame[-1]
-            scores = 0.5 * scores + 0.5 * semantic_map(
-                frame_final.class_logits, frame_final.mask_logits
-            )
+        heads = [predictions.final] + ([predictions.frame[-1]] if predictions.frame else [])
+        with torch.autocast(heads[0].mask_logits.device.type, enabled=False):
+            maps = [semantic_map(s.class_logits.float(), s.mask_logits.float()) for s in heads]
+        scores = maps[0] if len(maps) == 1 else 0.5 * maps[0] + 0.5 * maps[1]  # (B', T', K, h, w)
         clips, clip_len = scores.shape[:2]
         if clip_len == 1 and predictions.frames_per_clip > 1:  # single-frame layout → (B, T)
             clips, clip_len = clips // predictions.frames_per_clip, predictions.frames_per_clip
@@ -179,12 +186,9 @@ class THEMask(nn.Module):
         low = scores.reshape(-1, classes, low_h, low_w).contiguous(
             memory_format=torch.channels_last
         )
-        scores = F.interpolate(
-            low,
-            size=padded,
-            mode="bilinear",
-            align_corners=False,
-        )[..., :height, :width]
+        with torch.autocast(low.device.type, enabled=False):
+            scores = F.interpolate(low, size=padded, mode="bilinear", align_corners=False)
+        scores = scores[..., :height, :width]
         return scores.reshape(clips, clip_len, classes, height, width)
 
     def forward(self, frames: Tensor) -> Predictions | Tensor:

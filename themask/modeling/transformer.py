@@ -10,12 +10,14 @@ boolean mask shared by all heads without repeating it per head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from themask.data.vspw import NUM_CLASSES
 from themask.modeling.outputs import Predictions, PredictionSet
@@ -177,6 +179,15 @@ class PredictionHead(nn.Module):
         return self.class_embed(x), self.mask_embed(x)
 
 
+def run_layer(layer: Callable[..., Any], checkpointed: bool, *args: Any, **kwargs: Any) -> Any:
+    """``layer(*args, **kwargs)``; with ``checkpointed`` and autograd recording, its
+    activations are not kept but recomputed in the backward pass (``torch.utils.checkpoint``,
+    non-reentrant, dropout masks replayed): same values and gradients, less memory."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
+
+
 def allowed_positions(mask_logits: Tensor) -> Tensor:
     """Masked-attention mask from mask logits at the memory's resolution (§4.1).
 
@@ -307,6 +318,7 @@ class QueryDecoder(nn.Module):
             DecoderLayer(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim) for _ in range(num_layers)
         )
         self.clip_head = PredictionHead(dim=dim, num_classes=num_classes, mask_dim=mask_dim)
+        self.checkpoint_layers = False  # recompute the layers in backward (see run_layer)
 
     def forward(
         self,
@@ -343,7 +355,9 @@ class QueryDecoder(nn.Module):
         for index in range(len(self.layers) + 1):
             if index > 0:
                 level = (index - 1) % self.num_levels
-                state.queries = self.layers[index - 1](
+                state.queries = run_layer(
+                    self.layers[index - 1],
+                    self.checkpoint_layers,
                     state.queries,
                     memory.keys[level],
                     memory.values[level],

@@ -1,0 +1,178 @@
+"""Fast paths against the plain ones: bf16 CPU inference (scores accumulated in fp32) and
+activation checkpointing (same loss and gradients)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from themask import build_model, training_loss
+from themask.modeling.outputs import Predictions, PredictionSet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def _tiny(preset: str = "themask_tiny_t2", **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(preset, num_classes=8, drop_path_rate=0.0, **overrides)
+
+
+@pytest.mark.parametrize("preset", ["themask_tiny_t2", "mask2former_tiny"])
+def test_bf16_scores_are_fp32_and_close_to_fp32(preset):
+    model = _tiny(preset).eval()
+    clip = torch.randn(1, 2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = model(clip)
+        with torch.autocast(**BF16):
+            fast = model(clip)
+    assert fast.dtype == torch.float32 and fast.shape == reference.shape == (1, 2, 8, 64, 96)
+    assert not torch.equal(fast, reference)  # the network did run in bf16
+    error = (fast - reference).abs().max()
+    assert error <= 0.05 * reference.abs().max(), error  # loose: bf16 has 8 mantissa bits
+
+
+def _naive_scores(heads, frames, size):
+    """Σ_q softmax(class)[:K]·sigmoid(mask) in float64 query by query, heads averaged, then
+    upsampled. class (B, N, K+1) or (B, T, N, K+1), masks (B, N, T, h, w) → (B, T, K, H, W)."""
+    total = 0.0
+    for head in heads:
+        probs = head.class_logits.double().softmax(-1)[..., :-1]
+        if probs.dim() == 3:  # one class per clip query
+            probs = probs[:, None].expand(-1, frames, -1, -1)  # (B, T, N, K)
+        masks = head.mask_logits.double().sigmoid()  # (B, N, T, h, w)
+        for q in range(masks.shape[1]):
+            total = total + probs[:, :, q, :, None, None] * masks[:, q, :, None] / len(heads)
+    b, t, k, h, w = total.shape
+    up = F.interpolate(total.reshape(b * t, k, h, w), size=size, mode="bilinear")
+    return up.reshape(b, t, k, *size)
+
+
+def test_score_accumulation_runs_in_fp32_under_bf16_autocast():
+    """The decoder's bf16 logits are summed over the queries in fp32: the scores under a bf16
+    autocast equal a float64 query-by-query sum; the same einsum in bf16 would not."""
+    model = _tiny().eval()
+    g = torch.Generator().manual_seed(2)
+    queries, classes, frames, h, w = 100, 8, 2, 8, 16
+    masks = [(4 * torch.randn(1, queries, frames, h, w, generator=g)).bfloat16() for _ in "cf"]
+    clip_class = (3 * torch.randn(1, queries, classes + 1, generator=g)).bfloat16()
+    frame_class = (3 * torch.randn(1, frames, queries, classes + 1, generator=g)).bfloat16()
+    heads = [PredictionSet(clip_class, masks[0]), PredictionSet(frame_class, masks[1])]
+    predictions = Predictions(clip=heads[:1], frame=heads[1:], frames_per_clip=frames)
+    with torch.autocast(**BF16):
+        scores = model.semantic_scores(predictions, (4 * h, 4 * w))
+        probs, sig = clip_class.softmax(-1)[..., :-1], masks[0].sigmoid()
+        bf16_sum = torch.einsum("bnk,bnthw->btkhw", probs, sig)
+    assert scores.dtype == torch.float32
+    naive = _naive_scores(heads, frames, (4 * h, 4 * w))
+    torch.testing.assert_close(scores.double(), naive, rtol=1e-5, atol=1e-5)
+    # without the guard: the same einsum under the autocast runs in bf16 and is off by far more
+    fp32_sum = torch.einsum("bnk,bnthw->btkhw", probs.float(), sig.float())
+    assert bf16_sum.dtype == torch.bfloat16
+    assert (bf16_sum.float() - fp32_sum).abs().max() > 1e-3
+
+
+def _loss_and_grads(model, clip, labels):
+    torch.manual_seed(3)  # the criterion's point sampling and the TAD's dropout
+    loss, _ = training_loss(model, clip, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["themask_tiny_t2", "mask2former_tiny"])
+def test_activation_checkpointing_keeps_loss_and_gradients(preset):
+    plain = _tiny(preset, tad_dropout=0.1).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_activation_checkpointing(True)
+    watched = ["decoder.layers.0", "decoder.layers.2", "pixel_decoder.encoder_layers.1"]
+    if plain.is_temporal:
+        watched.append("decoder.temporal")  # the TAD's aggregation (dropout 0.1 replayed)
+    calls = {}
+    for kind, model in (("plain", plain), ("checkpointed", checkpointed)):
+        modules = dict(model.named_modules())
+        for name in watched:
+            key = (kind, name)
+            calls[key] = 0
+            modules[name].register_forward_pre_hook(
+                lambda *_, key=key: calls.__setitem__(key, calls[key] + 1)
+            )
+    g = torch.Generator().manual_seed(4)
+    clip = torch.randn(2, 2, 3, 64, 64, generator=g)
+    labels = torch.randint(0, 8, (2, 2, 64, 64), generator=g)
+    labels[:, :, :, :20] = 255
+    loss, grads = _loss_and_grads(plain, clip, labels)
+    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, clip, labels)
+    for name in watched:  # every call ran again in the backward pass
+        assert calls["checkpointed", name] == 2 * calls["plain", name] > 0, name
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 50
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpoint_activations_option_reaches_the_model(tmp_path):
+    from themask.config import load_config
+    from themask.engine import Trainer
+
+    overrides = ["preset=themask_tiny_t2", "train.max_steps=1", "train.batch_size=1"]
+    for flag in (False, True):
+        cfg = load_config(None, [*overrides, f"train.checkpoint_activations={str(flag).lower()}"])
+        trainer = Trainer(cfg, tmp_path / str(flag), evaluate=False, progress=False)
+        assert trainer.model.pixel_decoder.checkpoint_layers is flag
+        assert trainer.model.decoder.checkpoint_layers is flag
+
+
+def test_bf16_keeps_the_pixel_decoder_projections_in_fp32():
+    """1×1 conv + GroupNorm of the backbone maps stay float32 under a bf16 autocast (in bf16
+    they flip near-tied pixels); the rest of the network does run in bf16."""
+    model = _tiny().eval()
+    dtypes = {}
+    decoder = model.pixel_decoder
+    watched = {"lateral": decoder.lateral, "mask_features": decoder.mask_features}
+    watched.update({f"input_proj{i}": proj for i, proj in enumerate(decoder.input_proj)})
+    for name, module in watched.items():
+        module.register_forward_hook(
+            lambda m, i, out, name=name: dtypes.__setitem__(name, out.dtype)
+        )
+    with torch.inference_mode(), torch.autocast(**BF16):
+        model(torch.randn(1, 2, 3, 64, 64))
+    assert dtypes.pop("mask_features") == torch.bfloat16
+    assert dtypes == dict.fromkeys(dtypes, torch.float32) and len(dtypes) == 4
+
+
+def test_predict_cli_amp_bf16_runs_the_network_under_a_bf16_autocast(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from themask.checkpoint import save_model
+    from themask.cli import main
+    from themask.modeling.themask import THEMask
+
+    save_model(_tiny(), tmp_path / "model.safetensors")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        image = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+        Image.fromarray(image).save(frames / f"{index:05d}.png")
+    seen = []
+    original = THEMask.semantic_scores
+
+    def spy(self, predictions, image_size):
+        scores = original(self, predictions, image_size)
+        autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        seen.append((autocast, predictions.final.mask_logits.dtype, scores.dtype))
+        return scores
+
+    monkeypatch.setattr(THEMask, "semantic_scores", spy)
+    for amp in ("bf16", "off"):
+        args = ["predict", str(frames), "--out", str(tmp_path / amp), "--amp", amp]
+        args += ["--weights", str(tmp_path / "model.safetensors"), "--scale", "64", "48"]
+        assert main([*args, "--device", "cpu"]) == 0
+        assert len(list((tmp_path / amp / "labels").glob("*.png"))) == 3
+    assert seen[:3] == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 3
+    assert seen[3:] == [(False, torch.float32, torch.float32)] * 3

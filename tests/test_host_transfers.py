@@ -210,7 +210,7 @@ def test_out_of_range_values_are_reported_by_compute():
     seg.update(torch.tensor([[0, 1]]), torch.tensor([[0, 7]]))
     with pytest.raises(ValueError, match="target values must be in \\[0, 3\\) or 255; 1 pixel"):
         seg.compute()
-    seg.reset()
+    seg = SegmentationAccumulator(num_classes=3)
     seg.update(torch.tensor([[0, 4]]), torch.tensor([[0, 255]]))  # bad prediction, ignored
     seg.update(torch.tensor([[5]]), torch.tensor([[1]]))
     with pytest.raises(ValueError, match="predicted values must be in \\[0, 3\\); 1 pixel"):

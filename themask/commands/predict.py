@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from themask.commands import run_with_weights
 from themask.precision import AMP_MODES, configure_cuda_math
@@ -91,7 +92,7 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def window_settings(args: argparse.Namespace, model) -> tuple:
+def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, int], int, list, Any]:
     """``(scale, clip_len, class_names, palette)`` of ``--weights`` with ``--scale`` /
     ``--clip-len`` / ``--config`` (see ``add_window_arguments``)."""
     from themask.config import ConfigError

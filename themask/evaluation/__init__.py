@@ -14,7 +14,6 @@ _EXPORTS = {
     "predict_video": "predict",
     "SegmentationAccumulator": "metrics",
     "VideoConsistencyAccumulator": "metrics",
-    "confusion_matrix": "metrics",
     "format_metrics_table": "metrics",
     "metrics_to_json": "metrics",
     "scalar_metrics": "metrics",

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from themask import distributed as dist_utils
-from themask.data.clips import TEST_CLIP_STRIDE, test_clips
+from themask.data.clips import test_clips
 from themask.data.description import DatasetDescription
 from themask.data.transforms import TestTransform
 from themask.data.vspw import IGNORE_INDEX, Video, VSPWIndex, read_frame, read_raw_label
@@ -53,7 +53,6 @@ def evaluate_split(
     vc_lengths: Sequence[int] = (8, 16),
     vc_gt: str = "train_id",
     vc_rule: str = "published",
-    clip_stride: int = TEST_CLIP_STRIDE,
     max_videos: int | None = None,
     distributed: bool = False,
     progress: bool = True,
@@ -109,8 +108,7 @@ def evaluate_split(
             for vc in vcs.values():
                 vc.start_video()
             predictions = _predict_in_frame_order(
-                model, video, clip_len=clip_len, clip_stride=clip_stride, transform=transform,
-                device=device, amp=amp,
+                model, video, clip_len=clip_len, transform=transform, device=device, amp=amp
             )
             for frame, pred in predictions:  # pred: (H, W) int64
                 mask_path = video.mask_path(frame)
@@ -183,7 +181,6 @@ def _predict_in_frame_order(
     video: Video,
     *,
     clip_len: int,
-    clip_stride: int,
     transform: Transform,
     device: torch.device,
     amp: AmpSpec,
@@ -195,7 +192,7 @@ def _predict_in_frame_order(
     """
     pending: dict[int, Tensor] = {}
     next_frame = 0
-    for clip in test_clips(len(video), clip_len, stride=clip_stride):
+    for clip in test_clips(len(video), clip_len):
         frames = [read_frame(video.frame_paths[i]) for i in clip]
         inputs = network_input(transform, frames, device).unsqueeze(0)  # (1, T, 3, h, w)
         with torch.no_grad(), autocast_context(amp, device):

@@ -21,7 +21,6 @@ from themask.distributed import all_reduce
 ArrayLike = Union[Tensor, np.ndarray]
 
 __all__ = [
-    "confusion_matrix",
     "segmentation_metrics",
     "SegmentationAccumulator",
     "VideoConsistencyAccumulator",
@@ -41,7 +40,7 @@ def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int, ignore_ind
     the others) and the ignored ones."""
     if pred.shape != target.shape:
         raise ValueError(
-            f"confusion_matrix: pred shape {tuple(pred.shape)} != target shape "
+            f"confusion matrix: pred shape {tuple(pred.shape)} != target shape "
             f"{tuple(target.shape)}"
         )
     k2 = num_classes * num_classes
@@ -63,28 +62,14 @@ def _check_ranges(counts: Tensor, num_classes: int, ignore_index: int) -> None:
     bad_target, bad_pred = counts[k2 : k2 + 2].tolist()
     if bad_target:
         raise ValueError(
-            f"confusion_matrix: target values must be in [0, {num_classes}) or {ignore_index}; "
+            f"confusion matrix: target values must be in [0, {num_classes}) or {ignore_index}; "
             f"{bad_target} pixel(s) are not"
         )
     if bad_pred:
         raise ValueError(
-            f"confusion_matrix: predicted values must be in [0, {num_classes}); "
+            f"confusion matrix: predicted values must be in [0, {num_classes}); "
             f"{bad_pred} pixel(s) are not"
         )
-
-
-def confusion_matrix(
-    pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: int = 255
-) -> Tensor:
-    """Pixel confusion matrix, rows = ground truth, columns = prediction.
-
-    pred, target: integer maps of the same shape (any number of dims, e.g. (T, H, W)).
-    Pixels whose target equals ``ignore_index`` are left out. Returns (K, K) int64 on the
-    device of ``pred``; raises ``ValueError`` for values out of range.
-    """
-    counts = _confusion_counts(_as_tensor(pred), _as_tensor(target), num_classes, ignore_index)
-    _check_ranges(counts, num_classes, ignore_index)
-    return counts[: num_classes * num_classes].reshape(num_classes, num_classes)
 
 
 def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
@@ -151,9 +136,6 @@ class SegmentationAccumulator:
         # the matrix, then out-of-range and ignored pixel counts (see _confusion_counts)
         self.counts = torch.zeros(k2 + 3, dtype=torch.int64, device=self.device)
         self.matrix = self.counts[:k2].view(num_classes, num_classes)
-
-    def reset(self) -> None:
-        self.counts.zero_()
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:
         """Add the pixels of ``pred`` / ``target`` (same shape, e.g. (H, W) or (T, H, W)).
@@ -227,11 +209,6 @@ class VideoConsistencyAccumulator:
         # this video's [sum of VC, windows], added to ``totals`` when the video is long enough
         self._video_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.frames_seen = 0
-
-    def reset(self) -> None:
-        self.totals.zero_()
-        self._in_video = False
-        self._reset_video()
 
     def start_video(self) -> None:
         if self._in_video:

@@ -543,15 +543,15 @@ def test_convert_command_official_checkpoint_infers_preset(tmp_path, capsys):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_convert_command_mit_weights_need_a_preset(tmp_path):
+def test_convert_command_mit_weights_need_a_preset(tmp_path, capsys):
     from themask.cli import main
 
     backbone = _randomised(build_model("themask_tiny_t1").backbone, seed=7)
     src = tmp_path / "mit_tiny.pth"
     torch.save(mit_ours_to_original(backbone.state_dict()), src)
     dst = tmp_path / "fresh.safetensors"
-    with pytest.raises(ValueError, match="preset"):
-        main(["convert", str(src), str(dst)])
+    assert main(["convert", str(src), str(dst)]) == 2  # a user error: one line, exit 2
+    assert "name the model with a preset" in capsys.readouterr().err
     assert (
         main(["convert", str(src), str(dst), "--preset", "themask_tiny_t1", "--num-classes", "3"])
         == 0

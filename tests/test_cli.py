@@ -145,7 +145,8 @@ def test_demo_writes_everything_it_promises(tmp_path, capsys):
     overlays = sorted((out / "overlays" / video).iterdir())
     assert [p.stem for p in overlays] == [p.stem for p in frames]
     panel = Image.open(overlays[0])
-    assert panel.size == (2 * (2 * 128 + 4) + 110, 2 * 96)  # ground truth | prediction | legend
+    legend_width = panel.size[0] - 2 * (2 * 128 + 4)  # ground truth | prediction | legend
+    assert panel.size[1] == 2 * 96 and 40 < legend_width < 200
     assert (out / "overlay.mp4").stat().st_size > 0
     assert Image.open(out / "loss_curve.png").size == (700, 400)
     assert (out / "run" / "model.safetensors").is_file()

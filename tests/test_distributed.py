@@ -1,6 +1,8 @@
-"""DDP: 2 gloo processes on CPU train exactly like 1 process with the same global batch."""
+"""DDP: 2 gloo processes on CPU train exactly like 1 process with the same global batch, and
+stop together on a signal that reaches one of them."""
 
 import os
+import signal
 import socket
 
 import pytest
@@ -71,6 +73,24 @@ def deterministic_loss(model, frames, labels, *, step):
     return total, {}
 
 
+def _train_with_sigterm_on_rank_1(rank, root, out):
+    """Rank 1 alone gets SIGTERM during step 1; with log_interval 2 every rank must stop after
+    step 2 (the ranks agree at log intervals)."""
+
+    def loss_and_signal(model, frames, labels, *, step):
+        if rank == 1 and step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return deterministic_loss(model, frames, labels, step=step)
+
+    cfg = _cfg(root, 6)
+    cfg.train.log_interval, cfg.train.checkpoint_interval = 2, 100
+    trainer = Trainer(
+        cfg, f"{out}/stop", loss_fn=loss_and_signal, device="cpu", evaluate=False, progress=False
+    )
+    result = trainer.train()
+    return {"step": result.step, "stopped_by": result.stopped_by}
+
+
 def _worker(rank, world_size, port, root, out):
     os.environ.update(
         RANK=str(rank),
@@ -94,12 +114,14 @@ def _worker(rank, world_size, port, root, out):
         # the real objective (random point sampling, num_masks all-reduced) under DDP
         real = Trainer(_cfg(root, 1), f"{out}/real", device="cpu", evaluate=False, progress=False)
         real_result = real.train()
+        stopped = _train_with_sigterm_on_rank_1(rank, root, out)
         torch.save(
             {
                 "losses": result.losses,
                 "state": trainer.model.state_dict(),
                 "real_losses": real_result.losses,
                 "real_state": real.model.state_dict(),
+                "stopped": stopped,
             },
             f"{out}/rank{rank}.pt",
         )
@@ -156,6 +178,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert all(torch.isfinite(torch.tensor(ranks[0]["real_losses"])))
     for key in ranks[0]["real_state"]:
         assert torch.equal(ranks[0]["real_state"][key], ranks[1]["real_state"][key]), key
+    # a SIGTERM on rank 1 only: both ranks stop after the same step, with a checkpoint
+    assert ranks[0]["stopped"] == ranks[1]["stopped"] == {"step": 2, "stopped_by": 15}
+    assert torch.load(out / "stop" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (out / "stop" / "model.safetensors").exists()
     # only rank 0 writes the run directory
     assert (out / "run" / "checkpoint.pt").is_file()
     assert (out / "run" / "model.safetensors").is_file()

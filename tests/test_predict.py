@@ -122,10 +122,15 @@ def test_overlay_video_writer_odd_size_roundtrip(tmp_path):
     assert len(decoded) == 5
     assert decoded[0].shape == (22, 34, 3)  # padded to even sizes
     assert abs(int(decoded[1].mean()) - 128) <= 3 and abs(int(decoded[2].mean()) - 255) <= 3
-    with pytest.raises(ValueError, match="differs"):
-        with OverlayVideoWriter(tmp_path / "bad.mp4") as writer:
-            writer.write(np.zeros((8, 8, 3), np.uint8))
-            writer.write(np.zeros((10, 8, 3), np.uint8))
+    # a later frame of another size is fitted in (aspect kept, centred on black)
+    with OverlayVideoWriter(tmp_path / "mixed.mp4") as writer:
+        writer.write(np.zeros((32, 32, 3), np.uint8))
+        writer.write(np.full((64, 32, 3), 255, np.uint8))  # → 32x16 in the middle
+    with av.open(str(tmp_path / "mixed.mp4")) as container:
+        second = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)][1]
+    assert second.shape == (32, 32, 3)
+    assert second[:, 11:21].mean() > 200  # the fitted frame, centred
+    assert second[:, :5].mean() < 40 and second[:, 27:].mean() < 40  # black bars
 
 
 def _tiny_weights(tmp_path, num_classes=8):
@@ -144,10 +149,12 @@ def _check_predict_outputs(out, stems, size_hw):
         image = Image.open(p)
         assert image.mode == "P" and image.size == (size_hw[1], size_hw[0])
         assert np.asarray(image).max() < 8
-    assert sorted(p.stem for p in (out / "overlays").glob("*.jpg")) == stems
+    assert sorted(p.stem for p in (out / "overlays").glob("*.png")) == stems
     with av.open(str(out / "overlay.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(frames) == len(stems) and frames[0].shape == size_hw + (3,)
+    # overlay | legend panel
+    assert len(frames) == len(stems) and frames[0].shape[0] == size_hw[0]
+    assert frames[0].shape[1] > size_hw[1]
 
 
 def test_predict_cli_on_a_generated_video_and_frame_folder(tmp_path):

@@ -121,7 +121,11 @@ def test_checkpoint_activations_option_reaches_the_model(tmp_path):
     overrides = ["preset=themask_tiny_t2", "train.max_steps=1", "train.batch_size=1"]
     for flag in (False, True):
         cfg = load_config(None, [*overrides, f"train.checkpoint_activations={str(flag).lower()}"])
-        trainer = Trainer(cfg, tmp_path / str(flag), evaluate=False, progress=False)
+        # no data needed: the Trainer reads the train split when it is built, unless given
+        # its own batches
+        trainer = Trainer(
+            cfg, tmp_path / str(flag), evaluate=False, progress=False, batches=lambda _: iter(())
+        )
         assert trainer.model.pixel_decoder.checkpoint_layers is flag
         assert trainer.model.decoder.checkpoint_layers is flag
 

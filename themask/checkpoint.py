@@ -10,7 +10,8 @@ Pure conversion functions (state dict in → state dict out) plus thin loaders:
 - Stage 1 → stage 2 initialisation: :func:`load_stage1_into_temporal`.
 - Our own format (safetensors + model config JSON): :func:`save_model`, :func:`load_model`.
 
-Every load is strict: missing, unexpected or mis-shaped keys raise ``ValueError`` naming them.
+Every load is strict: missing, unexpected or mis-shaped keys raise ``WeightsError`` (a
+``ValueError``) naming them, as does a file that cannot be read as weights.
 Nothing here unpickles arbitrary objects (``torch.load(..., weights_only=True)``).
 """
 
@@ -38,6 +39,11 @@ from themask.modeling.mit import MIT_VARIANTS
 from themask.modeling.themask import THEMask
 
 logger = logging.getLogger(__name__)
+
+
+class WeightsError(ValueError):
+    """A weights file is unreadable, of an unknown layout, or does not fit the model."""
+
 
 StateDict = dict[str, Tensor]
 
@@ -68,24 +74,41 @@ def read_state_dict(path: PathLike) -> StateDict:
     if not source.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     if source.suffix == ".safetensors":
-        loaded: object = load_file(str(source), device="cpu")
+        try:
+            loaded: object = load_file(str(source), device="cpu")
+        except Exception as error:  # safetensors raises its own error types
+            raise WeightsError(
+                f"{path}: not a readable .safetensors file ({_first_line(error)})"
+            ) from error
     elif source.suffix in _TORCH_SUFFIXES:
         try:
             loaded = torch.load(source, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-            what = found.group(1) if found else "non-tensor objects"
-            raise ValueError(
-                f"{path}: holds {what}, which a safe (weights-only) load refuses. If you trust "
-                "the file, re-save just its state dict: "
+            if found is None:
+                raise WeightsError(
+                    f"{path}: not a readable PyTorch weights file ({_first_line(error)})"
+                ) from error
+            raise WeightsError(
+                f"{path}: holds {found.group(1)}, which a safe (weights-only) load refuses. If "
+                "you trust the file, re-save just its state dict: "
                 "torch.save(torch.load(SRC, weights_only=False)['state_dict'], DST)"
             ) from None
+        except Exception as error:  # not a zip/pickle file: torch raises many kinds
+            raise WeightsError(
+                f"{path}: not a readable PyTorch weights file ({_first_line(error)})"
+            ) from error
     else:
-        raise ValueError(
+        raise WeightsError(
             f"{path}: unknown weights format {source.suffix!r}; expected .safetensors, "
             f"{', '.join(_TORCH_SUFFIXES)} or a Hugging Face directory"
         )
     return unwrap_state_dict(loaded, source=str(path))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
@@ -96,10 +119,10 @@ def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
             break
         obj = obj[wrapper]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: expected a mapping of tensors, got {type(obj).__name__}")
+        raise WeightsError(f"{source}: expected a mapping of tensors, got {type(obj).__name__}")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise ValueError(f"{source}: holds no tensors (keys: {sorted(obj)[:10]})")
+        raise WeightsError(f"{source}: holds no tensors (keys: {sorted(obj)[:10]})")
     skipped = len(obj) - len(tensors)
     if skipped:
         logger.debug("%s: ignored %d non-tensor entries", source, skipped)
@@ -131,7 +154,7 @@ def check_state_dict(
         if items:
             problems.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
     if problems:
-        raise ValueError(f"{what}: weights do not fit the model.\n" + "\n".join(problems))
+        raise WeightsError(f"{what}: weights do not fit the model.\n" + "\n".join(problems))
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, what: str) -> None:
@@ -165,7 +188,7 @@ _RE_ORIGINAL = re.compile(
 )
 
 
-def _unknown(key: str, layout: str) -> ValueError:
+def _unknown(key: str, layout: str) -> WeightsError:
     return ValueError(f"MiT weights ({layout} layout): unexpected key {key!r}")
 
 
@@ -257,7 +280,7 @@ def mit_hf_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
     for key, parts in pending.items():
         if set(parts) != {"key", "value"}:
             missing = "value" if "key" in parts else "key"
-            raise ValueError(f"MiT weights (Hugging Face layout): {key} lacks its {missing} half")
+            raise WeightsError(f"MiT weights (Hugging Face layout): {key} lacks its {missing} half")
         out[key] = torch.cat((parts["key"], parts["value"]), dim=0)  # rows [0,C)=k, [C,2C)=v
     return out
 
@@ -320,7 +343,7 @@ def detect_mit_layout(state_dict: Mapping[str, Tensor]) -> str:
     for layout, sentinel in sentinels.items():
         if sentinel in state_dict:
             return layout
-    raise ValueError(
+    raise WeightsError(
         "not a recognised MiT state dict: none of the sentinel keys "
         f"{sorted(sentinels.values())} is present (first keys: {sorted(state_dict)[:5]})"
     )
@@ -491,11 +514,11 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(
+        raise WeightsError(
             f"official THE-Mask checkpoint: {len(unknown)} unknown keys:\n  " + "\n  ".join(unknown)
         )
     if not backbone:
-        raise ValueError("official THE-Mask checkpoint: no backbone.* keys")
+        raise WeightsError("official THE-Mask checkpoint: no backbone.* keys")
     out.update({f"backbone.{k}": v for k, v in mit_original_to_ours(backbone).items()})
     logger.debug("official checkpoint: %d tensors converted, %d unused dropped", len(out), dropped)
     return out
@@ -517,7 +540,7 @@ def to_official_state_dict(model_state: Mapping[str, Tensor]) -> StateDict:
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(
+        raise WeightsError(
             f"to_official_state_dict: {len(unknown)} keys without an official name:\n  "
             + "\n  ".join(unknown)
         )
@@ -541,11 +564,11 @@ def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
     for stage in range(4):
         weight = ours.get(f"backbone.stages.{stage}.patch_embed.proj.weight")
         if weight is None:
-            raise ValueError(f"infer_preset: no backbone stage {stage} in the state dict")
+            raise WeightsError(f"infer_preset: no backbone stage {stage} in the state dict")
         widths.append(int(weight.shape[0]))
     queries = ours.get("decoder.query_feat.weight")
     if queries is None:
-        raise ValueError("infer_preset: no decoder.query_feat.weight (not a full model?)")
+        raise WeightsError("infer_preset: no decoder.query_feat.weight (not a full model?)")
     return dict(
         widths=tuple(widths),
         depths=tuple(count(rf"backbone\.stages\.{s}\.blocks\.(\d+)\.") for s in range(4)),
@@ -583,7 +606,7 @@ def infer_preset(state_dict: Mapping[str, Tensor]) -> str:
         name for name in list_presets() if _architecture_of_config(preset_config(name)) == found
     ]
     if not matches:
-        raise ValueError(
+        raise WeightsError(
             f"infer_preset: no preset has this architecture {found}; pass one explicitly"
         )
     return min(matches, key=lambda name: (not name.startswith("themask_"), name))
@@ -594,7 +617,7 @@ def infer_num_classes(state_dict: Mapping[str, Tensor]) -> int:
     ours = _as_ours(state_dict)
     weight = ours.get("decoder.clip_head.class_embed.weight")
     if weight is None:
-        raise ValueError("infer_num_classes: no decoder.clip_head.class_embed.weight")
+        raise WeightsError("infer_num_classes: no decoder.clip_head.class_embed.weight")
     return int(weight.shape[0]) - 1
 
 
@@ -646,14 +669,16 @@ def load_stage1_into_temporal(
     so both heads start as the stage-1 head. Only ``decoder.temporal`` stays fresh.
     """
     if head_init not in HEAD_INITS:
-        raise ValueError(f"head_init: expected one of {HEAD_INITS}, got {head_init!r}")
+        raise WeightsError(f"head_init: expected one of {HEAD_INITS}, got {head_init!r}")
     if not getattr(model, "is_temporal", False):
-        raise ValueError("load_stage1_into_temporal: the model has no Temporal Aggregation Decoder")
+        raise WeightsError(
+            "load_stage1_into_temporal: the model has no Temporal Aggregation Decoder"
+        )
     stage1 = _as_ours(state_dict)
     tad_only = ("decoder.temporal.", "decoder.frame_head.")
     temporal_keys = sorted(key for key in stage1 if key.startswith(tad_only))
     if temporal_keys:
-        raise ValueError(
+        raise WeightsError(
             "load_stage1_into_temporal: the checkpoint already has a temporal decoder "
             f"({temporal_keys[:3]} …); load it with load_model or a strict load instead"
         )
@@ -687,23 +712,31 @@ CONFIG_METADATA_KEY = "themask_config"
 CLASSES_METADATA_KEY = "themask_classes"
 
 
+TEST_METADATA_KEY = "themask_test"
+
+
 def save_model(
     model: THEMask,
     path: PathLike,
     *,
     class_names: Sequence[str] | None = None,
     palette: np.ndarray | None = None,
+    test_scale: tuple[int, int] | None = None,
 ) -> None:
     """Write ``model``'s weights as safetensors, with ``model.config`` (a ``ModelConfig``) as
-    JSON under the metadata key ``themask_config`` and, when given, the class names and the
-    (K, 3) palette under ``themask_classes``; atomic (no partial file on failure)."""
+    JSON under the metadata key ``themask_config``; atomic (no partial file on failure).
+    When given: the class names and the (K, 3) palette under ``themask_classes``, and
+    ``test_scale`` (long, short), the test resize of the training data, under
+    ``themask_test`` for ``themask predict`` (see :func:`read_test_scale`)."""
     config = getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
-        raise ValueError(
+        raise WeightsError(
             "save_model: the model has no dataclass `config` (build it with build_model)"
         )
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(config))}
+    if test_scale is not None:
+        metadata[TEST_METADATA_KEY] = json.dumps({"scale": [int(v) for v in test_scale]})
     if class_names is not None:
         if len(class_names) != model.num_classes or (
             palette is not None and len(palette) != len(class_names)
@@ -728,7 +761,7 @@ def _dataclass_from_dict(cls: type, values: Mapping[str, object], *, where: str)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"{where}: unknown {cls.__name__} fields {unknown}")
+        raise WeightsError(f"{where}: unknown {cls.__name__} fields {unknown}")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
@@ -740,12 +773,31 @@ def _dataclass_from_dict(cls: type, values: Mapping[str, object], *, where: str)
     return cls(**kwargs)
 
 
+def _metadata(path: PathLike) -> dict[str, str]:
+    """The metadata of a .safetensors file ({} when it is no readable safetensors file)."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # unreadable: reported when the tensors are read
+        return {}
+
+
+def read_test_scale(path: PathLike) -> tuple[int, int] | None:
+    """The (long, short) test resize stored by :func:`save_model`, or ``None``."""
+    stored = _metadata(path).get(TEST_METADATA_KEY)
+    if stored is None:
+        return None
+    long_side, short_side = json.loads(stored)["scale"]
+    return int(long_side), int(short_side)
+
+
 def read_model_config(path: PathLike) -> ModelConfig:
     """The ``ModelConfig`` stored in a file written by :func:`save_model`."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    metadata = _metadata(path)
     if CONFIG_METADATA_KEY not in metadata:
-        raise ValueError(
+        raise WeightsError(
             f"{path}: no '{CONFIG_METADATA_KEY}' metadata; not a themask model file "
             "(convert other checkpoints with `themask convert`)"
         )
@@ -759,11 +811,7 @@ def read_model_config(path: PathLike) -> ModelConfig:
 def read_class_info(path: PathLike) -> tuple[list[str], np.ndarray | None] | None:
     """(class names, (K, 3) uint8 palette or None) stored by :func:`save_model`, or ``None``
     for a file without them (any other weights format included)."""
-    source = Path(path)
-    if source.suffix != ".safetensors" or not source.is_file():
-        return None
-    with safe_open(str(source), framework="pt") as handle:
-        stored = (handle.metadata() or {}).get(CLASSES_METADATA_KEY)
+    stored = _metadata(path).get(CLASSES_METADATA_KEY)
     if stored is None:
         return None
     values = json.loads(stored)
@@ -775,15 +823,12 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> T
     """Rebuild a ``THEMask`` from a file written by :func:`save_model` (no preset needed),
     load its weights strictly and move it to ``map_location``."""
     model = build_model_from_config(read_model_config(path))
-    load_strict(model, load_file(str(path), device="cpu"), what=str(path))
+    load_strict(model, read_state_dict(path), what=str(path))
     return model.to(map_location)
 
 
 def _is_themask_file(path: Path) -> bool:
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    with safe_open(str(path), framework="pt") as handle:
-        return CONFIG_METADATA_KEY in (handle.metadata() or {})
+    return CONFIG_METADATA_KEY in _metadata(path)
 
 
 def model_from_weights(
@@ -801,7 +846,7 @@ def model_from_weights(
     source = Path(path)
     if _is_themask_file(source):
         if preset is not None or num_classes is not None:
-            raise ValueError(f"{path} is a themask model file; it fixes its own preset")
+            raise WeightsError(f"{path} is a themask model file; it fixes its own preset")
         return load_model(source)
     state_dict = read_state_dict(source)
     if _is_official(state_dict) or any(key.startswith("decoder.") for key in state_dict):
@@ -813,7 +858,7 @@ def model_from_weights(
         load_strict(model, ours, what=f"{path} ({layout} layout) → preset {preset}")
     else:
         if preset is None:
-            raise ValueError(f"{path}: MiT backbone weights only; name the model with a preset")
+            raise WeightsError(f"{path}: MiT backbone weights only; name the model with a preset")
         model = build_model(preset, num_classes=124 if num_classes is None else num_classes)
         layout = "MiT " + load_backbone_state_dict(model.backbone, state_dict, source=str(path))
     logger.info(

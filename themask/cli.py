@@ -3,15 +3,20 @@
 Each command module defines ``register(subparsers)``, which adds its parser and sets
 ``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
 Command modules import heavy dependencies inside their ``func`` so ``--help`` stays fast.
+
+Every command reports a user error (``ConfigError``, ``DataError``, ``WeightsError``, a
+missing or existing file) as one line ``themask <command>: ...`` on stderr with exit status
+2; ``-v`` also shows the traceback. ``key=value`` overrides may stand anywhere on the line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
+import sys
 from collections.abc import Sequence
-from typing import Optional
 
 # Order = order in ``themask --help``.
 COMMAND_MODULES: tuple = (
@@ -24,7 +29,10 @@ COMMAND_MODULES: tuple = (
     "convert",
     "export",
     "bench",
+    "configs",
 )
+
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,17 +40,75 @@ def build_parser() -> argparse.ArgumentParser:
         prog="themask",
         description="THE-Mask video semantic segmentation: train, evaluate, predict, convert.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"themask.commands.{name}").register(subparsers)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` words after the options join ``args.overrides``."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+    unknown = [word for word in extra if word not in overrides]
+    if overrides and not hasattr(args, "overrides"):
+        unknown = extra  # this command takes no overrides
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+USER_ERRORS = ("ConfigError", "DataError", "WeightsError")  # themask's own, all ValueError
+FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Bad input (reported in one line), not a bug: themask's ``ConfigError``, ``DataError``,
+    ``WeightsError`` or a file error. Matched by name, so no module (nor torch) is imported."""
+    if isinstance(err, (*FILE_ERRORS, NotADirectoryError)):
+        return True
+    return any(
+        cls.__name__ in USER_ERRORS and cls.__module__.startswith("themask.")
+        for cls in type(err).__mro__
+    )
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` as one line; an error re-raised from a DataLoader worker
+    (message + "Original Traceback ...") is reduced to the original error's own message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(err).__module__) else last
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return "; ".join(lines) if lines else type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
     from themask.logger import setup_logging
 
     # torchrun sets RANK: only rank 0 logs below WARNING
     setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
-    return int(args.func(args) or 0)
+    if getattr(args, "threads", None) and not getattr(args, "onnx", None):
+        import torch  # (predict --onnx: torch-free; ONNX Runtime takes args.threads itself)
+
+        torch.set_num_threads(args.threads)
+    prog = f"themask {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        if args.verbose:
+            logger.exception("%s failed", prog)
+        print(f"{prog}: {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -304,15 +304,44 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def list_shipped_configs() -> list[str]:
+    """Names of the configs shipped in the package, e.g. ``vspw/themask_mit_b1_t1``."""
+    return sorted(
+        p.relative_to(SHIPPED_CONFIG_DIR).with_suffix("").as_posix()
+        for p in SHIPPED_CONFIG_DIR.glob("*/*.yaml")
+    )
+
+
+def resolve_config_path(path: PathLike) -> Path:
+    """``path`` if it is a file, else the shipped config of that name (``.yaml`` optional,
+    a leading ``configs/`` ignored); ``ConfigError`` listing the shipped names otherwise."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.as_posix().removeprefix("configs/")
+    for candidate in (SHIPPED_CONFIG_DIR / name, SHIPPED_CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"config file not found: {path} (neither a file nor a shipped config; shipped: "
+        f"{', '.join(list_shipped_configs())})"
+    )
+
+
 def load_config(path: PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run file (``None``: defaults only) and apply dotted overrides."""
+    """Read a YAML run file or shipped config name (``None``: defaults only) and apply dotted
+    overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
+        path = resolve_config_path(path)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         values = loaded or {}

@@ -10,11 +10,18 @@ A run directory holds:
   over the steps since the previous record; with fp16, steps the grad scaler skipped for
   inf/NaN gradients are left out of the means and counted in ``skipped_steps``), eval metrics
   after each evaluation; ``train.log``;
-* ``model.safetensors``: the final weights (``themask.checkpoint.save_model``).
+* ``model.safetensors``: the final weights (``themask.checkpoint.save_model``), with the
+  class names, palette and test scale (``data.scale``) in its metadata.
 
 ``--resume`` reloads ``checkpoint.pt`` and continues so that the remaining losses and the
 final weights equal those of an uninterrupted run (bit for bit on CPU; on CUDA see
-docs/GPU.md).
+docs/GPU.md). The config may change only where that stays true (``RESUMABLE_KEYS``:
+intervals, a longer ``max_steps``, workers, ...); such changes are appended to
+``resume_changes.jsonl``, ``config.yaml`` keeps the original.
+
+SIGINT/SIGTERM: the current step finishes, a checkpoint is written and ``train`` returns
+with ``stopped_by`` set (a second signal stops at once). Temporary files left by a killed
+write are removed when the run directory is opened.
 
 The step keeps its scalars (loss terms, grad norm) on the device and reads them back once
 per ``log_interval`` steps, so a CUDA step does not wait for the host.
@@ -26,7 +33,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,9 +51,10 @@ from themask import distributed
 from themask.config import FREEZABLE_MODULES, ConfigError, RunConfig, save_config, to_dict
 from themask.data.loader import batch_to_device, build_train_loader
 from themask.evaluation.evaluate import evaluate_config
-from themask.evaluation.metrics import scalar_metrics
+from themask.evaluation.metrics import scalar_metrics, summarize_metrics
 from themask.io import PathLike, atomic_write
 from themask.logger import MetricWriter, git_revision
+from themask.loss.api import training_loss
 from themask.modeling.build import build_model_from_config
 from themask.optim import build_optimizer, poly_lr, set_learning_rate
 from themask.precision import autocast_context, configure_cuda_math, grad_scaler, resolve_amp
@@ -53,6 +63,17 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_WEIGHTS_NAME = "model.safetensors"
+RESUME_CHANGES_NAME = "resume_changes.jsonl"
+# Under DDP the ranks agree on a stop request (all-reduce) every train.log_interval steps,
+# at least every this many.
+STOP_CHECK_INTERVAL = 10
+# Config keys a resumed run may change: they do not alter the optimisation (data.root: a
+# dataset moved to another place is assumed to be the same dataset).
+RESUMABLE_KEYS = (
+    *(f"train.{k}" for k in ("max_steps", "log_interval", "checkpoint_interval", "init_from")),
+    *("train.eval_interval", "train.eval_at_end", "pretrained_backbone", "eval."),
+    *(f"data.{k}" for k in ("num_workers", "root", "val_split", "test_clip_len")),
+)
 
 # (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, terms); the terms
 # are floats or 0-d tensors
@@ -107,6 +128,85 @@ def save_checkpoint(state: dict[str, Any], path: PathLike) -> None:
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
     """Read a training state written by ``save_checkpoint`` (tensors and plain values only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files an interrupted ``atomic_write`` (a SIGKILL) left."""
+    stale = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink()
+        logger.info("removed %s, left by an interrupted write", path)
+    return stale
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(stored: dict[str, Any], new: dict[str, Any], step: int) -> dict[str, list]:
+    """``{key: [stored value, new value]}`` of the config keys a resumed run changes.
+
+    Raises ``ConfigError`` naming the keys when a change would break exact resumption (any
+    key outside ``RESUMABLE_KEYS``, or ``train.max_steps`` below the checkpoint's step).
+    """
+    old_flat, new_flat = _flatten(stored), _flatten(new)
+    changes = {
+        key: [old_flat.get(key), new_flat.get(key)]
+        for key in sorted(set(old_flat) | set(new_flat))
+        if old_flat.get(key) != new_flat.get(key)
+    }
+    refused = [
+        f"{key}: {old!r} -> {value!r}"
+        for key, (old, value) in changes.items()
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+    ]
+    if "train.max_steps" in changes and new_flat["train.max_steps"] <= step:
+        refused.append(f"train.max_steps: {new_flat['train.max_steps']} is not above step {step}")
+    if refused:
+        raise ConfigError(
+            "--resume: the config differs from the checkpoint's where exact resumption needs "
+            f"it unchanged ({'; '.join(refused)}); resume with the original values or start a "
+            "new run (--out)"
+        )
+    return changes
+
+
+class StopRequest:
+    """SIGINT/SIGTERM handling while training: the first signal asks the loop to stop after
+    the current step (``signum`` is set); a second one stops at once (``KeyboardInterrupt``).
+    Handlers are installed on entering and restored on exit (main thread only)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning(
+            "%s: stopping after this step and writing a checkpoint (again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +299,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean total loss of each step run here
     eval_metrics: dict[str, float] | None = None
     weights_path: Path | None = None
+    stopped_by: int | None = None  # signal number when a SIGINT/SIGTERM stopped the run early
 
 
 class Trainer:
@@ -232,6 +333,7 @@ class Trainer:
                 f"{self.run_dir} already holds a training run ({CHECKPOINT_NAME}); resume it "
                 "(--resume) or choose another run directory (--out)"
             )
+        stored = self._read_checkpoint(cfg) if resume else None  # refuse early, create nothing
         self.dist = distributed.init_distributed(device)
         self.device = self.dist.device
         self.is_main = self.dist.is_main
@@ -269,23 +371,29 @@ class Trainer:
         self.loss_model: Any = self.model
         if self.ddp_model is not self.model:
             self.loss_model = _WrappedModelView(self.ddp_model, self.model)
-        if loss_fn is None:
-            from themask.loss.api import training_loss
-
-            loss_fn = training_loss
-        self.loss_fn = loss_fn
-        self._batches_fn = batches if batches is not None else self._default_batches
+        self.loss_fn = training_loss if loss_fn is None else loss_fn
+        self._batches_fn = batches
         seed_everything(distributed.rank_seed(cfg.train.seed, self.dist.rank))
 
         self.step = 0
         self._resume_state: dict[str, Any] | None = None
-        if resume:
-            self._resume_state = self._load_resume_state()
+        changes: dict[str, list] = {}
+        if stored is not None:
+            self._resume_state, changes = stored
+            self._apply_resume_state(self._resume_state)
+        # the data before the run directory: a run that cannot start leaves nothing behind
+        self._loader = self._build_loader() if batches is None else None
 
         self.writer: MetricWriter | None = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            remove_stale_temporaries(self.run_dir)
+            if not (self.run_dir / "config.yaml").exists() or not resume:
+                save_config(cfg, self.run_dir / "config.yaml")
+            if changes:  # config.yaml keeps the original; each resume's changes are appended
+                with open(self.run_dir / RESUME_CHANGES_NAME, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"step": self.step, "changes": changes}) + "\n")
+                logger.info("resumed with changes %s (see %s)", changes, RESUME_CHANGES_NAME)
             info = {"git_revision": git_revision(), "world_size": self.dist.world_size}
             with atomic_write(self.run_dir / "run_info.json") as tmp:
                 tmp.write_text(json.dumps(info, indent=2))
@@ -334,31 +442,35 @@ class Trainer:
             load_strict(self.model, state_dict, what=path)
         logger.info("initialised from %s (head_init=%s)", path, self.cfg.train.head_init)
 
-    def _default_batches(self, start_batch: int) -> Iterator[Any]:
-        # one optimizer step consumes grad_accum batches
-        loader = build_train_loader(
+    def _build_loader(self) -> Any:
+        """The train loader of this rank, from the current step (no worker started yet)."""
+        return build_train_loader(
             self.cfg.data,
             batch_size=self.per_process_batch,
             seed=self.cfg.train.seed,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
-            start_batch=start_batch,
+            start_batch=self.step * self.cfg.train.grad_accum,  # grad_accum batches per step
             pin_memory=self.device.type == "cuda",
         )
-        return iter(loader)
 
-    def _load_resume_state(self) -> dict[str, Any] | None:
+    def _read_checkpoint(self, cfg: RunConfig) -> tuple[dict[str, Any], dict[str, list]]:
+        """The checkpoint to resume and the (harmless) config changes since it was written."""
         path = self.run_dir / CHECKPOINT_NAME
         if not path.exists():
             raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} in {self.run_dir}")
         state = load_checkpoint(path)
+        changes = resume_changes(state["config"], to_dict(cfg), int(state["step"]))
+        return state, changes
+
+    def _apply_resume_state(self, state: dict[str, Any]) -> None:
+        path = self.run_dir / CHECKPOINT_NAME
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         logger.info("resumed from %s at step %d", path, self.step)
-        return state
 
     # -- state -------------------------------------------------------------------------------
 
@@ -389,6 +501,22 @@ class Trainer:
             save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
             logger.info("checkpoint at step %d", self.step)
         distributed.barrier()
+        self._saved_step = self.step
+
+    def _stop_requested(self, stop: StopRequest) -> int | None:
+        """The signal number when the run must stop after this step, the same on every rank.
+
+        One process: the handler's flag (no cost). DDP: the ranks all-reduce (max) their
+        flags every ``min(train.log_interval, STOP_CHECK_INTERVAL)`` steps, so they stop
+        together.
+        """
+        if self.dist.world_size == 1:
+            return stop.signum
+        if self.step % min(self.cfg.train.log_interval, STOP_CHECK_INTERVAL):
+            return None
+        flag = torch.tensor([stop.signum or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     # -- training ----------------------------------------------------------------------------
 
@@ -448,7 +576,10 @@ class Trainer:
         """Run until ``train.max_steps``; returns the losses of the steps run here."""
         tcfg = self.cfg.train
         result = TrainResult(step=self.step)
-        batches = self._batches_fn(self.step * tcfg.grad_accum)
+        if self._loader is not None:
+            batches = iter(self._loader)
+        else:
+            batches = self._batches_fn(self.step * tcfg.grad_accum)  # type: ignore[misc]
         if self._resume_state is not None:
             # after the loader exists (creating it may draw from the RNGs)
             rng = self._resume_state["rng"]
@@ -475,51 +606,81 @@ class Trainer:
                 mininterval=0.1 if sys.stderr.isatty() else 30.0,
             )
         self._set_train_mode()
-        window = StepWindow()  # per-step scalars since the last log record
+        self._saved_step = -1
         try:
-            while self.step < tcfg.max_steps:
-                lr = poly_lr(self.step, tcfg.lr, tcfg.max_steps, tcfg.poly_power)
-                set_learning_rate(self.optimizer, lr)
-                self.optimizer.zero_grad(set_to_none=True)
-                sums: dict[str, Any] = {}
-                for micro in range(tcfg.grad_accum):
-                    terms = self._forward_backward(
-                        next(batches), self.step, micro == tcfg.grad_accum - 1
-                    )
-                    for k, v in terms.items():
-                        v = v / tcfg.grad_accum if tcfg.grad_accum > 1 else v
-                        sums[k] = sums[k] + v if k in sums else v
-                sums["grad_norm"] = self._optimizer_step()
-                self.step += 1
-                window.add({**sums, "lr": lr})
-                if bar is not None:
-                    bar.update(1)
-                if self.step % tcfg.log_interval == 0 or self.step == tcfg.max_steps:
-                    self._log_window(window, result, bar)
-                if self.step % tcfg.checkpoint_interval == 0 or self.step == tcfg.max_steps:
-                    self.save()
-                periodic = tcfg.eval_interval > 0 and self.step % tcfg.eval_interval == 0
-                final = self.step == tcfg.max_steps and tcfg.eval_at_end
-                if self.evaluate_enabled and (periodic or final):
-                    result.eval_metrics = self.run_evaluation()
-                    self._set_train_mode()
+            with StopRequest() as stop:
+                result.stopped_by = self._loop(batches, bar, result, stop)
         finally:
             if bar is not None:
                 bar.close()
+            # end the loader's workers now, whatever still refers to the iterator (a traceback):
+            # they ignore SIGTERM, so the interpreter's exit could not stop them
+            getattr(batches, "_shutdown_workers", lambda: None)()
+            self._loader = None
         result.step = self.step
-        if self.is_main:
+        if self.is_main and result.stopped_by is None:
             result.weights_path = self.save_final_weights()
         if self.writer is not None:
             self.writer.close()
         distributed.barrier()
         return result
 
+    def _loop(
+        self,
+        batches: Iterator[Any],
+        bar: Any,
+        result: TrainResult,
+        stop: StopRequest,
+    ) -> int | None:
+        """The steps up to ``train.max_steps``; returns the signal number if one stopped it
+        early (after a checkpoint of the last finished step)."""
+        tcfg = self.cfg.train
+        window = StepWindow()  # per-step scalars since the last log record
+        while self.step < tcfg.max_steps:
+            lr = poly_lr(self.step, tcfg.lr, tcfg.max_steps, tcfg.poly_power)
+            set_learning_rate(self.optimizer, lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, Any] = {}
+            for micro in range(tcfg.grad_accum):
+                terms = self._forward_backward(
+                    next(batches), self.step, micro == tcfg.grad_accum - 1
+                )
+                for k, v in terms.items():
+                    v = v / tcfg.grad_accum if tcfg.grad_accum > 1 else v
+                    sums[k] = sums[k] + v if k in sums else v
+            sums["grad_norm"] = self._optimizer_step()
+            self.step += 1
+            window.add({**sums, "lr": lr})
+            if bar is not None:
+                bar.update(1)
+            if self.step % tcfg.log_interval == 0 or self.step == tcfg.max_steps:
+                self._log_window(window, result, bar)
+            if self.step % tcfg.checkpoint_interval == 0 or self.step == tcfg.max_steps:
+                self.save()
+            periodic = tcfg.eval_interval > 0 and self.step % tcfg.eval_interval == 0
+            final = self.step == tcfg.max_steps and tcfg.eval_at_end
+            if self.evaluate_enabled and (periodic or final):
+                result.eval_metrics = self.run_evaluation()
+                self._set_train_mode()
+            stopped_by = self._stop_requested(stop)
+            if stopped_by is not None and self.step < tcfg.max_steps:
+                if self._saved_step != self.step:
+                    self.save()
+                return stopped_by
+        return None
+
     def save_final_weights(self) -> Path:
         from themask.checkpoint import save_model
 
         path = self.run_dir / FINAL_WEIGHTS_NAME
         description = self.cfg.data.description
-        save_model(self.model, path, class_names=description.classes, palette=description.palette)
+        save_model(
+            self.model,
+            path,
+            class_names=description.classes,
+            palette=description.palette,
+            test_scale=self.cfg.data.scale,
+        )
         logger.info("final weights: %s", path)
         return path
 
@@ -535,7 +696,5 @@ class Trainer:
         metrics = scalar_metrics(results)
         if self.writer is not None:
             self.writer.write(self.step, metrics, tag="eval")
-        logger.info(
-            "eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        )
+        logger.info("eval at step %d (%%): %s", self.step, summarize_metrics(metrics))
         return metrics

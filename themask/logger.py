@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,17 +16,29 @@ from themask.io import PathLike
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (it may be replaced after set-up)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(
     *, verbose: bool = False, rank: int = 0, log_file: PathLike | None = None
-) -> None:
+) -> logging.Handler | None:
     """Configure the root logger once: INFO (DEBUG if ``verbose``) on rank 0, WARNING elsewhere.
 
-    ``log_file`` additionally receives the same records (rank 0 only).
+    ``log_file`` additionally receives the same records (rank 0 only); its handler is returned.
     """
     level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
     root = logging.getLogger()
     if not any(getattr(h, "_themask", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         handler._themask = True  # type: ignore[attr-defined]
         root.addHandler(handler)
@@ -36,6 +49,8 @@ def setup_logging(
         file_handler = logging.FileHandler(path, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(file_handler)
+        return file_handler
+    return None
 
 
 def git_revision(cwd: PathLike | None = None) -> str:

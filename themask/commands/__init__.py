@@ -1,29 +1,29 @@
-"""Sub-commands of the ``themask`` CLI (see ``themask.cli``)."""
+"""Sub-commands of the ``themask`` CLI (see ``themask.cli``), and options they share."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-from typing import Callable
 
 
-def run_with_weights(
-    prog: str, args: argparse.Namespace, body: Callable[[argparse.Namespace], int]
-) -> int:
-    """Run ``body(args)`` for a command that reads ``args.weights``.
+def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    """``--threads N``: torch CPU threads, set by ``themask.cli.main`` before the command runs."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=default,
+        metavar="N",
+        help="torch CPU threads (default: "
+        + ("torch's default, one per core" if default is None else str(default))
+        + "; on a busy machine 1 is often much faster)",
+    )
 
-    A missing weights file, a config error or a data error becomes one line on stderr naming
-    the command, and exit status 2, instead of a traceback.
-    """
-    from themask.config import ConfigError
-    from themask.data.vspw import DataError
 
-    if not Path(args.weights).is_file():
-        print(f"{prog}: weights file not found: {args.weights}", file=sys.stderr)
-        return 2
-    try:
-        return body(args)
-    except (ConfigError, DataError) as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return 2
+def add_overrides_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """Positional ``key=value`` config overrides (accepted anywhere on the line)."""
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help=f"dotted config overrides parsed as YAML scalars, e.g. {example} (anywhere on "
+        "the line)",
+    )

@@ -40,11 +40,30 @@ DEFAULT_SIZES = ("480x480", "480x853")
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
+DESCRIPTION = """\
+Measure model presets on this machine: time per clip and per frame, counted FLOPs, efficiency
+and peak memory.
+
+--mode infer (default) times a forward pass in evaluation mode; --mode train times one
+training step (loss, backward pass, AdamW update) on a clip whose labels hold 8 classes in
+vertical bands; --mode stream times streaming prediction (one frame pushed into causal
+sliding windows, features reused) with PyTorch and, on CPU, with ONNX Runtime on the graphs
+written by `themask export`.
+
+Each row counts the FLOPs of what it times (matrix products, convolutions, attention) and
+divides the achieved FLOP/s by this machine's own matrix-multiply speed, measured in the same
+run, so the efficiency column compares across machines. Each row runs in a fresh child
+process, so its peak memory is its own (CPU: peak resident memory and its increase after the
+model is built; CUDA: peak allocated memory). Time: median of --runs runs after --warmup
+runs, on random input; one clip of T frames (the preset's clip length unless --frames).
+"""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="time per frame, counted FLOPs, matmul efficiency and peak memory of presets",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="NAME")
@@ -83,12 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def parse_size(text: str) -> tuple[int, int]:
     """'480x853' → (480, 853)."""
+    from themask.config import ConfigError
+
     try:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(
-            f"themask bench: --sizes expects HxW such as 480x853, got {text!r}"
-        ) from None
+        raise ConfigError(f"--sizes expects HxW such as 480x853, got {text!r}") from None
     return height, width
 
 

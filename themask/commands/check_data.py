@@ -4,7 +4,6 @@ draft that description (``--init-description``)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,19 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from themask.data.check import check_dataset, format_report, write_draft_description
-    from themask.data.vspw import DataError
 
-    try:
-        if args.init_description:
-            path = write_draft_description(args.root, frames=args.frames, masks=args.masks)
-            print(f"draft description written to {path}; edit the class names, then run "
-                  f"`themask check-data {args.root}`")  # fmt: skip
-            return 0
-        report = check_dataset(
-            args.root, splits=args.split, unlabelled_splits=args.unlabelled, jobs=args.jobs
-        )
-    except DataError as err:
-        print(f"themask check-data: {err}", file=sys.stderr)
-        return 2
+    # a DataError becomes one line on stderr and exit status 2 (themask.cli)
+    if args.init_description:
+        path = write_draft_description(args.root, frames=args.frames, masks=args.masks)
+        print(f"draft description written to {path}; edit the class names, then run "
+              f"`themask check-data {args.root}`")  # fmt: skip
+        return 0
+    report = check_dataset(
+        args.root, splits=args.split, unlabelled_splits=args.unlabelled, jobs=args.jobs
+    )
     print(format_report(report))
     return 0 if report.ok else 1

@@ -31,16 +31,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def preset_of(config) -> str:
+    """The preset whose architecture ``config`` (a ``ModelConfig``) has (objective and
+    dropout rates may differ), else ``"custom <backbone>-based"``."""
+    import dataclasses
+
+    from themask.modeling.build import list_presets, preset_config
+
+    for name in list_presets():
+        preset = preset_config(name, num_classes=config.num_classes)
+        ignored = {k: getattr(preset, k) for k in ("loss", "drop_path_rate", "tad_dropout")}
+        if dataclasses.replace(config, **ignored) == preset:
+            return name
+    return f"custom {config.backbone}-based"
+
+
 def run(args: argparse.Namespace) -> int:
     from themask.checkpoint import model_from_weights, save_model
+    from themask.config import ConfigError
 
     if not str(args.dst).endswith(".safetensors"):
-        raise SystemExit(f"convert: DST must end in .safetensors, got {args.dst}")
+        raise ConfigError(f"DST must end in .safetensors, got {args.dst}")
     model = model_from_weights(args.src, preset=args.preset, num_classes=args.num_classes)
     save_model(model, args.dst)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
-        f"wrote {args.dst}: backbone {model.config.backbone}, decoder {model.config.decoder}, "
-        f"{model.num_classes} classes, {params:.2f} M parameters"
+        f"wrote {args.dst}: preset {preset_of(model.config)}, {model.num_classes} classes, "
+        f"{params:.2f} M parameters"
     )
     return 0

@@ -18,16 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from themask.commands import add_threads_argument
+
 logger = logging.getLogger(__name__)
 
-TOY_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "toy"  # shipped in the package
-THEMASK_CONFIG = "themask_toy.yaml"
-BASELINE_CONFIG = "mask2former_toy.yaml"
+THEMASK_CONFIG = "toy/themask_toy"  # shipped configs (themask/configs), used by name
+BASELINE_CONFIG = "toy/mask2former_toy"
 # Many short videos: with only a few dozen the tiny model memorises them instead of learning
 # textures and shapes (train mIoU > 90 %, validation near chance).
 TRAIN_VIDEOS = 200
@@ -52,12 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--config",
         metavar="CONFIG",
-        help=f"run config to train (default: configs/toy/{THEMASK_CONFIG})",
+        help=f"run config to train (default: the shipped {THEMASK_CONFIG})",
     )
     parser.add_argument(
         "--baseline",
         action="store_true",
-        help=f"also train the Mask2Former baseline (configs/toy/{BASELINE_CONFIG})",
+        help=f"also train the Mask2Former baseline (shipped {BASELINE_CONFIG})",
     )
     parser.add_argument(
         "--train-videos",
@@ -66,14 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"number of generated training videos (default {TRAIN_VIDEOS})",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        metavar="N",
-        help="torch CPU threads (default 1: the tiny model gains little from more, a busy "
-        "machine loses a lot; the data loader uses another core)",
-    )
+    add_threads_argument(parser, default=1)
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -87,40 +80,30 @@ def _count_lines(path: Path) -> int:
     return len(path.read_text().split()) if path.is_file() else 0
 
 
-def _toy_config(name: str) -> Path:
-    path = TOY_CONFIG_DIR / name
-    if not path.is_file():
-        raise SystemExit(
-            f"themask demo: {path} not found (the toy configs ship inside the themask "
-            "package, in themask/configs/toy); pass --config PATH"
-        )
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from themask.data.toy import make_toy_dataset
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("themask demo: --device cuda: no CUDA device is available", file=sys.stderr)
-        return 2
-    torch.set_num_threads(max(1, args.threads))
+    if args.device == "cuda":
+        import torch
+
+        from themask.config import ConfigError
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available")
     out = Path(args.out)
     data_root = out / "toy_data"
     written = (data_root / "dataset.yaml").is_file()
     if not written or _count_lines(data_root / "train.txt") != args.train_videos:
         print(f"writing the toy dataset ({args.train_videos} + {VAL_VIDEOS} videos) to {data_root}")
         make_toy_dataset(data_root, seed=0, num_train=args.train_videos, num_val=VAL_VIDEOS)
-    config = Path(args.config) if args.config else _toy_config(THEMASK_CONFIG)
+    config = args.config or THEMASK_CONFIG
 
     results = {
         "THE-Mask": _train_and_report(config, args.overrides, data_root, out, "run", args.device)
     }
     if args.baseline:
-        baseline = _toy_config(BASELINE_CONFIG)
         results["Mask2Former"] = _train_and_report(
-            baseline, args.overrides, data_root, out / "baseline", "run", args.device
+            BASELINE_CONFIG, args.overrides, data_root, out / "baseline", "run", args.device
         )
         print("\n" + _comparison(results))
     print(f"\nall outputs in {out}/")
@@ -128,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_and_report(
-    config: Path, overrides: list, data_root: Path, out: Path, run_name: str, device: str
+    config: str, overrides: list, data_root: Path, out: Path, run_name: str, device: str
 ) -> dict[str, Any]:
     import torch
 
@@ -208,9 +191,11 @@ def _write_overlays(
 
 
 def _comparison(results: dict[str, dict[str, Any]]) -> str:
+    from themask.evaluation.metrics import format_percent
+
     keys = ("mIoU", "WIoU", "aAcc", "mVC8")
     lines = [f"{'model':<12}" + "".join(f"{k:>8}" for k in keys)]
     for name, report in results.items():
-        values = "".join(f"{100 * float(report[k]):8.2f}" for k in keys if k in report)
+        values = "".join(format_percent(report[k], 8) for k in keys if k in report)
         lines.append(f"{name:<12}{values}")
     return "\n".join(lines)

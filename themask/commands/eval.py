@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from themask.commands import run_with_weights
+from themask.commands import add_overrides_argument, add_threads_argument
 from themask.precision import AMP_MODES, configure_cuda_math
 
 logger = logging.getLogger(__name__)
@@ -35,10 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", help="run config YAML (its data and eval sections are used)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.root=DIR"
+        "config",
+        metavar="CONFIG",
+        help="run config YAML or shipped config name (its data and eval sections are used)",
     )
+    add_overrides_argument(parser, "data.root=DIR")
     parser.add_argument(
         "--weights",
         required=True,
@@ -80,14 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="autocast for inference (default: eval.amp)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_with_weights("themask eval", args, _evaluate)
-
-
-def _evaluate(args: argparse.Namespace) -> int:
     from themask import distributed
     from themask.checkpoint import model_from_weights
     from themask.config import ConfigError, load_config

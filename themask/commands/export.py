@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from themask.commands import run_with_weights
 from themask.commands.predict import add_window_arguments, window_settings
 
 DESCRIPTION = """\
@@ -37,21 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_with_weights("themask export", args, _export)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from safetensors import SafetensorError
-
     from themask.checkpoint import model_from_weights
-    from themask.config import ConfigError
     from themask.deploy.export import export_onnx
 
-    try:
-        model = model_from_weights(args.weights)
-    except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{args.weights}: the weights do not load ({reason})") from err
+    model = model_from_weights(args.weights)  # bad weights: one line, exit 2 (themask.cli)
     scale, clip_len, names, palette = window_settings(args, model)
     manifest = export_onnx(
         model,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -42,11 +41,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
         what = "is not empty" if out.is_dir() else "is not a folder"
-        print(
-            f"themask make-toy-data: {out} {what}; choose a new folder or pass --force",
-            file=sys.stderr,
-        )
-        return 2
+        raise FileExistsError(f"{out} {what}; choose a new folder or pass --force")
     root = make_toy_dataset(
         out,
         seed=args.seed,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from themask.commands import run_with_weights
+from themask.commands import add_threads_argument
 from themask.precision import AMP_MODES, configure_cuda_math
 
 logger = logging.getLogger(__name__)
@@ -19,11 +18,16 @@ sliding windows: frame t is predicted from the clip [t-(T-1)*STEP, ..., t-STEP, 
 before the start repeat the first one). Each frame's backbone and pixel-decoder features are
 computed once and reused by every window that contains it.
 
+Frames may differ in size: each is segmented at its own size (the windows start afresh
+where the size changes); overlay.mp4 has the first frame's size, later frames are fitted in.
+The test resize comes from --scale, else --config, else the weights (the training data's
+scale, stored by `themask train`), else 853 x 480.
+
 Writes to OUT:
   labels/<frame>.png     predicted train ids, palettised PNG (VSPW prediction format)
-  overlays/<frame>.jpg   colour overlay on the frame, with a legend (class names and colours
-                         stored in the weights by `themask train`)
-  overlay.mp4            the overlays as a video
+  overlays/<frame>.png   colour overlay on the frame, legend (class names and colours stored
+                         in the weights by `themask train`) in a panel to its right
+  overlay.mp4            the overlays as a video, at the input video's frame rate
 
 Example:
   themask predict --weights run/model.safetensors clip.mp4 --out pred/ --clip-len 2
@@ -54,7 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     add_window_arguments(parser)
     parser.add_argument("--step", type=int, default=3, help="frame gap inside a window")
-    parser.add_argument("--fps", type=float, default=15.0, help="frame rate of overlay.mp4")
+    parser.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="frame rate of overlay.mp4 (default: the input video's; 15 for a folder of frames)",
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     parser.add_argument(
         "--amp",
@@ -63,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="autocast for inference (auto: bf16 on CUDA where supported, else off)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -88,13 +98,14 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("LONG", "SHORT"),
         default=None,
         help="test resize: fit LONG x SHORT keeping the aspect ratio (default: data.scale of "
-        "--config, else 853 480)",
+        "--config, else the scale stored with the weights, else 853 480)",
     )
 
 
 def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, int], int, list, Any]:
     """``(scale, clip_len, class_names, palette)`` of ``--weights`` with ``--scale`` /
     ``--clip-len`` / ``--config`` (see ``add_window_arguments``)."""
+    from themask.checkpoint import read_test_scale
     from themask.config import ConfigError
     from themask.data.vspw import TEST_SCALE
 
@@ -110,7 +121,8 @@ def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, in
     if clip_len < 1:
         raise ConfigError(f"--clip-len must be >= 1, got {clip_len}")
     names, palette = _class_info(args.weights, data, model.config.num_classes)
-    return tuple(scale or TEST_SCALE), clip_len, names, palette
+    scale = tuple(scale or read_test_scale(args.weights) or TEST_SCALE)
+    return scale, clip_len, names, palette
 
 
 def _class_info(weights: str, data, num_classes: int):
@@ -138,15 +150,8 @@ def _class_info(weights: str, data, num_classes: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.onnx:
-        from themask.data.vspw import DataError
-
-        try:
-            return _predict_onnx(args)
-        except DataError as err:
-            print(f"themask predict: {err}", file=sys.stderr)
-            return 2
-    return run_with_weights("themask predict", args, _predict)
+    """Errors (``DataError``, ``ConfigError``, bad weights) are reported by ``themask.cli``."""
+    return _predict_onnx(args) if args.onnx else _predict(args)
 
 
 def _report(count: int, out: str) -> int:
@@ -161,7 +166,7 @@ def _predict_onnx(args: argparse.Namespace) -> int:
     from themask.deploy.runtime import OnnxStreamingPredictor, predict_frames
     from themask.evaluation.visualize import write_predictions
 
-    predictor = OnnxStreamingPredictor(args.onnx, step=args.step)
+    predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
     manifest = predictor.manifest
     if args.clip_len not in (None, manifest.clip_len):
         raise DataError(
@@ -196,7 +201,13 @@ def _predict(args: argparse.Namespace) -> int:
     model = model_from_weights(args.weights).to(device)
     scale, clip_len, names, palette = window_settings(args, model)
     transform = TestTransform(scale=scale, size_divisor=model.config.size_divisor)
-    logger.info("predicting %s with windows of %d frames, step %d", args.input, clip_len, args.step)
+    logger.info(
+        "predicting %s with windows of %d frames, step %d, test scale %s",
+        args.input,
+        clip_len,
+        args.step,
+        scale,
+    )
     count = write_predictions(
         args.input,
         args.out,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -337,7 +338,13 @@ class InfiniteClipSampler(Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed Python/NumPy global RNGs of a worker from its torch seed (set by the loader)."""
+    """Seed Python/NumPy global RNGs of a worker from its torch seed (set by the loader).
+
+    Workers ignore SIGINT and SIGTERM: Ctrl-C (and a scheduler's SIGTERM) may reach the whole
+    process group, and the trainer finishes its step (which may need more batches) before it
+    stops; the workers end when the loader's iterator is deleted (or when their parent dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -41,6 +41,19 @@ def read_video_frames(path: PathLike) -> Iterator[np.ndarray]:
             raise DataError(f"{path}: video decoding failed ({err})") from err
 
 
+def video_frame_rate(path: PathLike) -> float | None:
+    """Frames per second of a video file's first video stream (``None`` if unknown)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.base_rate
+    except (av.error.FFmpegError, OSError, IndexError) as err:
+        raise DataError(f"{path}: cannot read the video's frame rate ({err})") from err
+    return float(rate) if rate else None
+
+
 def list_input_frames(folder: PathLike) -> List[Path]:
     """Image files of a frame folder sorted by name; ``DataError`` if there are none."""
     folder = Path(folder)

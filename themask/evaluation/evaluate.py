@@ -22,7 +22,14 @@ from themask import distributed as dist_utils
 from themask.data.clips import test_clips
 from themask.data.description import DatasetDescription
 from themask.data.transforms import TestTransform
-from themask.data.vspw import IGNORE_INDEX, Video, VSPWIndex, read_frame, read_raw_label
+from themask.data.vspw import (
+    IGNORE_INDEX,
+    DataError,
+    Video,
+    VSPWIndex,
+    read_frame,
+    read_raw_label,
+)
 from themask.evaluation.metrics import (
     PUBLISHED_VC_SKIP,
     SegmentationAccumulator,
@@ -192,8 +199,17 @@ def _predict_in_frame_order(
     """
     pending: dict[int, Tensor] = {}
     next_frame = 0
+    size = None  # (H, W) of the video's first frame read
     for clip in test_clips(len(video), clip_len):
         frames = [read_frame(video.frame_paths[i]) for i in clip]
+        size = size or frames[0].shape[:2]
+        for index, frame in zip(clip, frames):
+            if frame.shape[:2] != size:
+                (h0, w0), (h1, w1) = size, frame.shape[:2]
+                raise DataError(
+                    f"video {video.name}: frame {video.frame_paths[index].name} is {w1}x{h1}, "
+                    f"earlier frames {w0}x{h0}; the frames of a video must share one size"
+                )
         inputs = network_input(transform, frames, device).unsqueeze(0)  # (1, T, 3, h, w)
         with torch.no_grad(), autocast_context(amp, device):
             scores = net(inputs)  # (1, T, K, h, w)
@@ -215,7 +231,7 @@ def _score_frame(
 ) -> None:
     target = upload(torch.from_numpy(description.read_label(mask_path)), pred.device)
     if target.shape != pred.shape:
-        raise ValueError(
+        raise DataError(
             f"{mask_path}: mask size {tuple(target.shape)} differs from its frame's "
             f"{tuple(pred.shape)}"
         )

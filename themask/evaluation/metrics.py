@@ -284,9 +284,22 @@ def per_class_table(
     ]
 
 
-def _percent(value: object) -> str:
+def format_percent(value: object, width: int = 6) -> str:
+    """A fraction as a percentage with 2 decimals; ``-`` for an undefined (nan) value."""
     v = float(value)  # type: ignore[arg-type]
-    return "    -" if math.isnan(v) else f"{100 * v:6.2f}"
+    return f"{'-':>{width}}" if math.isnan(v) else f"{100 * v:{width}.2f}"
+
+
+def summarize_metrics(metrics: Dict[str, object]) -> str:
+    """One line of the scalar metrics in percent, e.g. ``mIoU 41.20, aAcc 80.03, mVC16 -``
+    (the form of the train log and the train command; the eval table uses the same units)."""
+    return ", ".join(
+        f"{key} {format_percent(value, 0)}"
+        for key, value in metrics.items()
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not key.startswith("num_")
+    )
 
 
 def format_metrics_table(
@@ -308,13 +321,13 @@ def format_metrics_table(
     for key in vc_keys:
         labels[key] = f"{key} (video consistency, {key[3:]} frames)"
     width = max(len(v) for v in labels.values())
-    lines = [f"{labels[k]:<{width}}  {_percent(metrics[k])}" for k in labels if k in metrics]
+    lines = [f"{labels[k]:<{width}}  {format_percent(metrics[k])}" for k in labels if k in metrics]
     if "IoU" in metrics:
         rows = per_class_table(metrics, class_names)
         name_width = max(12, max(len(str(r["name"])) for r in rows))
         lines += ["", f"{'id':>3}  {'class':<{name_width}}  {'IoU':>6}  {'Acc':>6}"]
         for r in rows:
-            iou, acc = _percent(r["IoU"]), _percent(r["Acc"])
+            iou, acc = format_percent(r["IoU"]), format_percent(r["Acc"])
             lines.append(f"{r['class']:>3}  {r['name']:<{name_width}}  {iou}  {acc}")
     return "\n".join(lines)
 

@@ -111,12 +111,18 @@ def predict_video(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(frame, labels (H, W) int64)`` for each (H, W, 3) uint8 RGB frame of a stream, in
     order: ``StreamingPredictor`` windows of ``clip_len`` frames ``step`` apart, scores
-    resized to the frame's size and argmax'ed."""
+    resized to the frame's size and argmax'ed. Frames may differ in size: where the network
+    input size changes, the windows start afresh (as at the first frame), so every frame is
+    segmented at its own size."""
     device = torch.device(device)
     predictor = StreamingPredictor(model, clip_len=clip_len, step=step)
+    input_size = None
     with eval_mode(model):
         for frame in frames:
             inputs = network_input(transform, [frame], device)[0]  # (3, h, w)
+            if inputs.shape[-2:] != input_size:
+                predictor.reset()
+                input_size = inputs.shape[-2:]
             with autocast_context(amp, device):
                 scores = predictor.push(inputs)
             yield frame, scores_to_labels(scores[None], frame.shape[:2])[0].cpu().numpy()

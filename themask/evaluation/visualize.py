@@ -20,12 +20,16 @@ __all__ = [
     "colorize",
     "overlay",
     "draw_legend",
+    "with_legend",
     "save_label_png",
     "OverlayVideoWriter",
     "write_predictions",
     "comparison_panel",
     "plot_loss_curve",
 ]
+
+LEGEND_ROW, LEGEND_BOX, LEGEND_PAD = 14, 10, 3
+FOLDER_FPS = 15.0  # overlay.mp4 of a frame folder (VSPW's frame rate)
 
 
 def _palette_array(palette: Union[np.ndarray, Sequence[Sequence[int]]]) -> np.ndarray:
@@ -80,14 +84,16 @@ def draw_legend(
     *,
     max_entries: int = 12,
 ) -> np.ndarray:
-    """Draw a small legend (colour box + name per class) in the top-left corner of a copy."""
+    """Draw a legend (colour box + name per class) in the top-left corner of a copy of the
+    (H, W, 3) image; at most ``max_entries`` rows and as many as fit in H."""
     pal = _palette_array(palette)
-    ids = [int(c) for c in class_ids if 0 <= int(c) < len(pal)][:max_entries]
+    fit = max(0, (image.shape[0] - LEGEND_PAD) // LEGEND_ROW)
+    ids = [int(c) for c in class_ids if 0 <= int(c) < len(pal)][: min(max_entries, fit)]
     picture = Image.fromarray(np.ascontiguousarray(image))
     if not ids:
         return np.asarray(picture)
     draw = ImageDraw.Draw(picture)
-    row, box, pad = 14, 10, 3
+    row, box, pad = LEGEND_ROW, LEGEND_BOX, LEGEND_PAD
     width = max(draw.textlength(class_names[c]) for c in ids) + box + 3 * pad
     draw.rectangle([0, 0, int(width), row * len(ids) + pad], fill=(0, 0, 0))
     for i, c in enumerate(ids):
@@ -95,6 +101,21 @@ def draw_legend(
         draw.rectangle([pad, top, pad + box, top + box], fill=tuple(int(v) for v in pal[c]))
         draw.text((2 * pad + box, top - 1), class_names[c], fill=(255, 255, 255))
     return np.asarray(picture)
+
+
+def with_legend(
+    image: np.ndarray,
+    class_ids: Sequence[int],
+    class_names: Sequence[str],
+    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+) -> np.ndarray:
+    """(H, W, 3) image → (H, W + L, 3): the legend in a black panel to its right, so it never
+    covers the picture; L fits the longest of ``class_names`` (the same for every frame)."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = int(max(draw.textlength(name) for name in class_names)) + LEGEND_BOX + 4 * LEGEND_PAD
+    canvas = np.zeros((image.shape[0], width, 3), dtype=np.uint8)
+    legend = draw_legend(canvas, class_ids, class_names, palette, max_entries=len(class_names))
+    return np.concatenate([image, legend], axis=1)
 
 
 def save_label_png(
@@ -116,11 +137,26 @@ def save_label_png(
     image.save(path)
 
 
+def fit_into(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) frame scaled to fit inside ``size`` (H, W), keeping its aspect ratio,
+    centred on black."""
+    height, width = size
+    factor = min(height / frame.shape[0], width / frame.shape[1])
+    new_w = max(1, min(width, round(frame.shape[1] * factor)))
+    new_h = max(1, min(height, round(frame.shape[0] * factor)))
+    scaled = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BILINEAR))
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = scaled
+    return out
+
+
 class OverlayVideoWriter:
     """Write RGB frames to an MP4 with PyAV (H.264 when available, else MPEG-4 part 2).
 
-    Frames of odd width/height are padded by one edge pixel (yuv420p needs even sizes); all
-    frames must have the size of the first. Use as a context manager.
+    The video has the size of the first frame (odd width/height padded by one edge pixel:
+    yuv420p needs even sizes); a later frame of another size is scaled to fit inside it,
+    keeping its aspect ratio, on black. Use as a context manager.
     """
 
     def __init__(self, path: PathLike, *, fps: float = 15.0) -> None:
@@ -156,10 +192,7 @@ class OverlayVideoWriter:
         if self._container is None:
             self._open(frame.shape[0], frame.shape[1])
         if frame.shape[:2] != self._size:
-            raise ValueError(
-                f"OverlayVideoWriter: frame size {frame.shape[:2]} differs from the first "
-                f"frame's {self._size} in {self.path}"
-            )
+            frame = fit_into(frame, self._size)
         height, width = frame.shape[:2]
         frame = np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
@@ -186,11 +219,12 @@ def write_predictions(
     *,
     class_names: Sequence[str],
     palette: Union[np.ndarray, Sequence[Sequence[int]]],
-    fps: float,
+    fps: float | None = None,
     alpha: float = 0.5,
 ) -> int:
     """Segment the frames of a video file or frame folder and write ``out/labels/<frame>.png``
-    (train ids), ``out/overlays/<frame>.jpg`` (overlay + legend) and ``out/overlay.mp4``.
+    (train ids), ``out/overlays/<frame>.png`` (overlay, legend in a panel to its right) and
+    ``out/overlay.mp4`` at ``fps`` (default: the input video's rate; 15 for a frame folder).
 
     ``segment`` maps the (H, W, 3) uint8 frames, in order, to ``(frame, labels (H, W))``, one
     pair per frame as it arrives (the PyTorch or the ONNX Runtime predictor). Returns the
@@ -198,8 +232,10 @@ def write_predictions(
     """
     from tqdm import tqdm
 
-    from themask.data.video_io import iter_input_frames
+    from themask.data.video_io import iter_input_frames, video_frame_rate
 
+    if fps is None and Path(input_path).is_file():
+        fps = video_frame_rate(input_path)
     out = Path(out)
     names: list[str] = []
 
@@ -210,12 +246,12 @@ def write_predictions(
 
     (out / "labels").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    with OverlayVideoWriter(out / "overlay.mp4", fps=fps) as writer:
+    with OverlayVideoWriter(out / "overlay.mp4", fps=fps or FOLDER_FPS) as writer:
         for frame, labels in tqdm(segment(frames()), desc="predict", unit="frame", disable=None):
             save_label_png(labels, out / "labels" / f"{names[-1]}.png", palette)
             picture = overlay(frame, labels, palette, alpha=alpha)
-            picture = draw_legend(picture, np.unique(labels), class_names, palette)
-            Image.fromarray(picture).save(out / "overlays" / f"{names[-1]}.jpg", quality=90)
+            picture = with_legend(picture, np.unique(labels), class_names, palette)
+            Image.fromarray(picture).save(out / "overlays" / f"{names[-1]}.png")
             writer.write(picture)
     return len(names)
 
@@ -228,7 +264,6 @@ def comparison_panel(
     palette: Union[np.ndarray, Sequence[Sequence[int]]],
     *,
     scale: int = 2,
-    legend_width: int = 110,
 ) -> np.ndarray:
     """Ground truth | prediction overlays of one (H, W, 3) frame side by side, upscaled
     ``scale`` times (nearest), with a legend of the classes of both on the right."""
@@ -237,8 +272,7 @@ def comparison_panel(
                                            overlay(frame, pred, palette)], axis=1))
     pair = pair.resize((pair.width * scale, pair.height * scale), Image.NEAREST)
     shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
-    canvas = np.zeros((pair.height, legend_width, 3), dtype=np.uint8)
-    return np.concatenate([np.asarray(pair), draw_legend(canvas, shown, class_names, palette)], 1)
+    return with_legend(np.asarray(pair), shown, class_names, palette)
 
 
 def plot_loss_curve(

@@ -100,10 +100,12 @@ def train_memory(args: argparse.Namespace) -> dict:
                    "--steps", str(args.steps)] + (["--checkpoint"] if args.checkpoint else [])
         output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
         return json.loads(output.strip().splitlines()[-1])
-    from themask import build_model, training_loss
+    from themask import SetCriterion, build_model, training_loss
+    from themask.modeling.build import preset_loss_config
 
     torch.manual_seed(0)
     model = build_model(args.preset, num_classes=8).train()
+    criterion = SetCriterion(preset_loss_config(args.preset), 8)
     model.set_activation_checkpointing(args.checkpoint)
     height, width = _size(args.size)
     frames = model.config.num_frames
@@ -115,7 +117,7 @@ def train_memory(args: argparse.Namespace) -> dict:
     for _ in range(args.steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = training_loss(model, clip, labels)
+        loss, _ = training_loss(model, clip, labels, criterion)
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
@@ -131,10 +133,12 @@ def train_memory(args: argparse.Namespace) -> dict:
 
 def train_time(args: argparse.Namespace) -> dict:
     """Plain and checkpointed training steps interleaved on one model (same process)."""
-    from themask import build_model, training_loss
+    from themask import SetCriterion, build_model, training_loss
+    from themask.modeling.build import preset_loss_config
 
     torch.manual_seed(0)
     model = build_model(args.preset, num_classes=8).train()
+    criterion = SetCriterion(preset_loss_config(args.preset), 8)
     height, width = _size(args.size)
     frames = model.config.num_frames
     clip = torch.randn(1, frames, 3, height, width)
@@ -146,7 +150,7 @@ def train_time(args: argparse.Namespace) -> dict:
             model.set_activation_checkpointing(flag)
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = training_loss(model, clip, labels)
+            loss, _ = training_loss(model, clip, labels, criterion)
             loss.backward()
             optimizer.step()
             if index >= args.warmup:

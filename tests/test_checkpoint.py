@@ -6,24 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from weights_oracles import mit_ours_to_original, to_official_state_dict
 
-from themask.checkpoint import (
-    convert_mit_state_dict,
-    convert_official_state_dict,
-    detect_mit_layout,
-    infer_num_classes,
-    infer_preset,
-    load_backbone_weights,
-    load_model,
-    load_stage1_into_temporal,
-    mit_ours_to_original,
-    read_state_dict,
-    save_model,
-    to_official_state_dict,
-)
-from themask.loss.config import LossConfig
-from themask.modeling.build import build_model
+from themask.modeling.build import build_model, preset_config
 from themask.modeling.mit import MixTransformer
+from themask.warm_start import load_stage1_into_temporal
+from themask.weights import load_backbone_weights, load_model, read_state_dict, save_model
+from themask.weights.mit import convert_mit_state_dict, detect_mit_layout
+from themask.weights.official import (
+    convert_official_state_dict,
+    infer_model_config,
+    infer_num_classes,
+)
 
 DIMS, DEPTHS, HEADS = (8, 16, 24, 32), (1, 2, 1, 1), (1, 2, 3, 4)
 SR = (8, 4, 2, 1)
@@ -424,19 +419,21 @@ def test_official_names_and_shapes_equal_the_reference_lists(stage):
     assert ours == expected
     # an official checkpoint's layout (as listed) is recognised
     meta = {k: torch.empty(shape, device="meta") for k, shape in reference.items()}
-    assert infer_preset(meta) == f"themask_mit_b1_{stage}"
+    assert infer_model_config(meta) == preset_config(f"themask_mit_b1_{stage}")
     assert infer_num_classes(meta) == 124
 
 
-def test_infer_preset_distinguishes_variants():
+def test_infer_model_config_distinguishes_variants():
     for name in ("themask_mit_b0_t2", "themask_mit_b2_t1", "themask_mit_b5_t1"):
         with torch.device("meta"):
-            model = build_model(name)
-        assert infer_preset(model.state_dict()) == name
-    assert infer_preset(build_model("mask2former_tiny").state_dict()) == "themask_tiny_t1"
-    assert infer_preset(build_model("themask_tiny_t2").state_dict()) == "themask_tiny_t2"
+            model = build_model(name, num_classes=9)
+        assert infer_model_config(model.state_dict()) == preset_config(name, num_classes=9)
+    tiny_t1 = preset_config("themask_tiny_t1")
+    assert infer_model_config(build_model("mask2former_tiny").state_dict()) == tiny_t1
+    tiny_t2 = preset_config("themask_tiny_t2")
+    assert infer_model_config(build_model("themask_tiny_t2").state_dict()) == tiny_t2
     with pytest.raises(ValueError, match="no preset has this architecture"):
-        infer_preset(build_model("themask_tiny_t1", decoder_layers=2).state_dict())
+        infer_model_config(build_model("themask_tiny_t1", decoder_layers=2).state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -492,15 +489,12 @@ def test_stage1_into_temporal_rejects_bad_inputs(stage1):
 
 
 def test_save_and_load_model_round_trip(tmp_path):
-    loss = LossConfig(num_rounds=1, second_round_loss="hard", round_weights=(1.0, 0.25))
-    model = build_model("themask_tiny_t2", num_classes=7, num_frames=3, loss=loss).eval()
+    model = build_model("themask_tiny_t2", num_classes=7, num_frames=3).eval()
     _randomised(model, seed=5)
     path = tmp_path / "run" / "model.safetensors"
     save_model(model, path)
     loaded = load_model(path).eval()
     assert loaded.config == model.config
-    assert isinstance(loaded.config.loss, LossConfig)
-    assert loaded.config.loss.round_weights == (1.0, 0.25)
     assert loaded.config.backbone_depths == (1, 1, 1, 1)
     frames = torch.randn(1, 2, 3, 64, 96)
     with torch.no_grad():
@@ -513,9 +507,28 @@ def test_save_and_load_model_round_trip(tmp_path):
         assert torch.equal(value, model.backbone.state_dict()[key]), key
 
 
-def test_load_model_rejects_foreign_files(tmp_path):
-    from safetensors.torch import save_file
+def test_files_with_the_objective_in_the_model_config_still_load(tmp_path):
+    """Files saved while ``ModelConfig`` held ``loss`` (a nested dict in the JSON) load."""
+    import dataclasses
+    import json
 
+    model = _randomised(build_model("themask_tiny_t1", num_classes=4), seed=8).eval()
+    old_config = dict(dataclasses.asdict(model.config), loss={"num_rounds": 1, "num_points": 32})
+    path = tmp_path / "old.safetensors"
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"themask_config": json.dumps(old_config)})
+    loaded = load_model(path).eval()
+    assert loaded.config == model.config
+    frames = torch.randn(1, 1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(frames), model(frames), rtol=0, atol=0)
+    bad = dict(dataclasses.asdict(model.config), hidden_dim="wide")
+    save_file(tensors, str(path), metadata={"themask_config": json.dumps(bad)})
+    with pytest.raises(ValueError, match="hidden_dim"):
+        load_model(path)
+
+
+def test_load_model_rejects_foreign_files(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="themask_config"):
@@ -556,6 +569,8 @@ def test_convert_command_mit_weights_need_a_preset(tmp_path, capsys):
         main(["convert", str(src), str(dst), "--preset", "themask_tiny_t1", "--num-classes", "3"])
         == 0
     )
+    # the stage-1 and baseline presets share one network (they differ in the objective)
+    assert "preset mask2former_tiny / themask_tiny_t1, 3 classes" in capsys.readouterr().out
     loaded = load_model(dst)
     assert loaded.num_classes == 3 and loaded.config.decoder == "single"
     for key, value in backbone.state_dict().items():

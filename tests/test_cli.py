@@ -73,7 +73,7 @@ def test_train_command_writes_the_run_directory(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "preset: mask2former_tiny\n"
-        "model: {loss: {num_points: 32}}\n"
+        "loss: {num_points: 32}\n"
         "data: {dilation: [0], scale: [32, 32], crop_size: [32, 32], num_workers: 0}\n"
         "train: {max_steps: 2, batch_size: 2, log_interval: 1}\n"
     )
@@ -130,7 +130,7 @@ def test_demo_writes_everything_it_promises(tmp_path, capsys):
             "2",
             "train.max_steps=2",
             "data.crop_size=[32, 32]",
-            "model.loss.num_points=32",
+            "loss.num_points=32",
             "eval.max_videos=1",
         ]
     )

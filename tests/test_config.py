@@ -9,10 +9,10 @@ from themask.config import (
     TrainConfig,
     load_config,
     parse_overrides,
-    preset_model_config,
     save_config,
     to_dict,
 )
+from themask.modeling.build import preset_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "themask" / "configs"
 SHIPPED = sorted(CONFIG_DIR.glob("*/*.yaml"))
@@ -26,35 +26,38 @@ def _write(tmp_path, text):
 
 def test_parse_overrides_yaml_scalars_and_nesting():
     parsed = parse_overrides(
-        ["train.lr=2e-4", "data.dilation=[-3]", "model.loss.num_rounds=1", "eval.max_videos=null"]
+        ["train.lr=2e-4", "data.dilation=[-3]", "loss.num_rounds=1", "eval.max_videos=null"]
     )
     assert parsed == {
         "train": {"lr": "2e-4"},  # PyYAML reads exponent-without-dot as a string...
         "data": {"dilation": [-3]},
-        "model": {"loss": {"num_rounds": 1}},
+        "loss": {"num_rounds": 1},
         "eval": {"max_videos": None},
     }
-    cfg = load_config(None, ["train.lr=2e-4", "data.dilation=[-3]", "model.loss.num_rounds=1"])
+    cfg = load_config(None, ["train.lr=2e-4", "data.dilation=[-3]", "loss.num_rounds=1"])
     assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)  # ...the config converts it
     assert cfg.data.dilation == (-3,)
-    assert cfg.model.loss.num_rounds == 1
+    assert cfg.loss.num_rounds == 1
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["train.lr"])
+    # configs saved while the objective lived in the model section still load
+    old = load_config(None, ["model.loss.num_rounds=1", "model.hidden_dim=128"])
+    assert old.loss.num_rounds == 1 and old.model.hidden_dim == 128
 
 
 def test_file_then_overrides_then_round_trip(tmp_path):
     path = _write(
         tmp_path,
         "preset: themask_tiny_t1\n"
-        "model:\n  drop_path_rate: 0.0\n  loss: {num_rounds: 1, second_round_loss: hard}\n"
+        "model:\n  drop_path_rate: 0.0\nloss: {num_rounds: 1, second_round_loss: hard}\n"
         "data:\n  dilation: [0]\n  crop_size: [64, 64]\n"
         "train:\n  max_steps: 50\n  batch_size: 4\n  freeze: [backbone]\n",
     )
     cfg = load_config(path, ["train.max_steps=70", "train.amp=bf16"])
     assert cfg.preset == "themask_tiny_t1"
-    preset = preset_model_config("themask_tiny_t1")
+    preset = preset_config("themask_tiny_t1")
     assert cfg.model.hidden_dim == preset.hidden_dim  # preset fills the untouched fields
-    assert cfg.model.drop_path_rate == 0.0 and cfg.model.loss.second_round_loss == "hard"
+    assert cfg.model.drop_path_rate == 0.0 and cfg.loss.second_round_loss == "hard"
     assert cfg.data.crop_size == (64, 64)
     assert cfg.train.max_steps == 70 and cfg.train.batch_size == 4 and cfg.train.amp == "bf16"
     assert cfg.train.freeze == ["backbone"]
@@ -72,7 +75,7 @@ def test_file_then_overrides_then_round_trip(tmp_path):
     [
         ("train.lrr=1", ["train.lrr", "'lr'", "max_steps"]),
         ("trian.lr=1", ["trian", "train"]),
-        ("model.loss.rounds=1", ["model.loss.rounds", "num_rounds"]),
+        ("loss.rounds=1", ["loss.rounds", "num_rounds"]),
         ("train.max_steps=abc", ["train.max_steps", "integer"]),
         ("train.amp=fp32", ["train.amp", "bf16"]),
         ("train.freeze=[decoder]", ["train.freeze", "pixel_decoder"]),

@@ -73,7 +73,7 @@ def _cfg(*overrides):
         None,
         [
             "preset=themask_tiny_t2",
-            "model.loss.num_points=64",
+            "loss.num_points=64",
             "data.dilation=[-3]",
             "train.batch_size=2",
             "train.max_steps=3",
@@ -138,13 +138,15 @@ def test_forward_pass_has_no_host_sync(tmp_path, amp):
 def test_forward_and_training_loss_sync_at_most_once(tmp_path, amp):
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("no bf16 on this GPU")
-    from themask.loss.api import training_loss
+    from themask.loss import SetCriterion, training_loss
 
     per_step = []
+    cfg = _cfg(f"train.amp={amp}")
+    criterion = SetCriterion(cfg.loss, cfg.model.num_classes)
 
     def counted(model, frames, labels, *, step):
         with counted_syncs() as found:
-            result = training_loss(model, frames, labels, step=step)
+            result = training_loss(model, frames, labels, criterion, step=step)
         per_step.append(found)
         return result
 
@@ -208,8 +210,8 @@ def _to(obj, device):
 def test_criterion_matches_cpu_at_the_same_points(monkeypatch, exact_fp32):
     """The matcher and the point losses draw ``torch.rand`` points; both devices get the same
     points from one CPU generator, so the losses must agree."""
-    from themask.loss.api import criterion_for
-    from themask.modeling.build import build_model
+    from themask.loss import SetCriterion
+    from themask.modeling.build import build_model, preset_loss_config
 
     torch.manual_seed(0)
     model = build_model("themask_tiny_t2", num_classes=8).train()
@@ -218,7 +220,7 @@ def test_criterion_matches_cpu_at_the_same_points(monkeypatch, exact_fp32):
     with torch.no_grad():
         predictions = model(frames)
     labels = batch.labels  # (B, T, H, W), T = 2: the temporal preset keeps clips
-    criterion = criterion_for(model.config.loss, model.config.num_classes)
+    criterion = SetCriterion(preset_loss_config("themask_tiny_t2"), model.num_classes)
     real_rand = torch.rand
     results = {}
     for device in ("cpu", "cuda"):

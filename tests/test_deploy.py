@@ -20,7 +20,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from themask import __version__  # noqa: E402
-from themask.checkpoint import save_model  # noqa: E402
 from themask.cli import main  # noqa: E402
 from themask.data.resize import MEAN, STD  # noqa: E402
 from themask.data.vspw import DataError  # noqa: E402
@@ -30,6 +29,7 @@ from themask.deploy.runtime import OnnxStreamingPredictor, resize_bilinear  # no
 from themask.evaluation.predict import StreamingPredictor  # noqa: E402
 from themask.evaluation.visualize import OverlayVideoWriter  # noqa: E402
 from themask.modeling.build import build_model  # noqa: E402
+from themask.weights import save_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5

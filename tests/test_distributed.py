@@ -40,7 +40,7 @@ def _cfg(root, max_steps):
             "preset=themask_tiny_t2",
             "model.drop_path_rate=0.0",
             "model.tad_dropout=0.0",
-            "model.loss.num_points=64",
+            "loss.num_points=64",
             f"data.root={root}",
             "data.scale=[64, 48]",
             "data.crop_size=[32, 32]",

@@ -100,7 +100,7 @@ def _tiny_cfg(*overrides):
             "preset=themask_tiny_t2",
             "model.drop_path_rate=0.0",
             "model.tad_dropout=0.0",
-            "model.loss.num_points=32",
+            "loss.num_points=32",
             "data.dilation=[-3]",
             "train.batch_size=4",
             "train.max_steps=2",
@@ -202,9 +202,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_init_from_stage1_weights(tmp_path):
-    from themask.checkpoint import save_model
     from themask.engine import Trainer
     from themask.modeling.build import build_model
+    from themask.weights import save_model
 
     stage1 = build_model("themask_tiny_t1", num_classes=8)
     save_model(stage1, tmp_path / "stage1.safetensors")
@@ -258,3 +258,18 @@ def test_metric_log_holds_means_over_the_interval(tmp_path):
     assert records[0]["loss"] == pytest.approx((losses[0] + losses[1]) / 2)
     assert records[1]["loss"] == pytest.approx(losses[2])
     assert records[1]["lr"] == pytest.approx(1e-3 * (1 - 2 / 3) ** 0.9)
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_trainer_builds_its_criterion_from_the_run_objective(tmp_path, rounds):
+    """The objective is the run's ``loss`` section, not a property of the network."""
+    from themask.engine import Trainer
+    from themask.logger import read_metrics
+
+    cfg = _tiny_cfg("train.max_steps=1", f"loss.num_rounds={rounds}")
+    trainer = Trainer(cfg, tmp_path, batches=_synthetic_batches(), evaluate=False, progress=False)
+    assert trainer.criterion.config == cfg.loss and not hasattr(trainer.model.config, "loss")
+    trainer.train()
+    (record,) = read_metrics(tmp_path / "metrics.jsonl", "train")
+    assert math.isfinite(record["loss"]) and "frame_loss_class" in record  # TAD: both heads
+    assert ("loss_mask_secondary" in record) == (rounds == 2)

@@ -20,18 +20,18 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from themask.checkpoint import read_test_scale, save_model
 from themask.cli import main
 from themask.data.toy import make_toy_dataset
 from themask.evaluation.metrics import summarize_metrics
 from themask.evaluation.visualize import OverlayVideoWriter, overlay
 from themask.modeling.build import build_model
+from themask.weights import read_test_scale, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.loss.num_points=32",
+    "loss.num_points=32",
     "data.scale=[64, 48]",
     "data.crop_size=[32, 32]",
     "data.num_workers=0",

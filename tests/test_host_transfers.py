@@ -36,7 +36,7 @@ def _cfg(steps, preset):
         None,
         [
             f"preset={preset}",
-            "model.loss.num_points=32",
+            "loss.num_points=32",
             "data.dilation=[-3]",
             "train.batch_size=2",
             f"train.max_steps={steps}",

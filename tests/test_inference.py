@@ -217,12 +217,12 @@ def test_streaming_predictor_windows_and_single_encoding(clip_len, step):
 def test_eval_cli_reports_the_metrics_of_the_saved_model(tmp_path, capsys):
     import json
 
-    from themask.checkpoint import load_model, save_model
     from themask.cli import main
     from themask.config import load_config
     from themask.data.toy import make_toy_dataset
     from themask.evaluation.evaluate import evaluate_config
     from themask.modeling.build import build_model
+    from themask.weights import load_model, save_model
 
     root = make_toy_dataset(tmp_path / "toy", num_train=1, num_val=2, num_frames=5, size=(32, 48))
     config = tmp_path / "run.yaml"

@@ -1,25 +1,20 @@
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from themask.loss import LossConfig, SetCriterion, criterion_for, training_loss
-from themask.modeling.build import build_model
-from themask.modeling.config import ModelConfig
+from themask.loss import LossConfig, SetCriterion, training_loss
+from themask.modeling.build import build_model, preset_loss_config
 from themask.modeling.outputs import Predictions, PredictionSet
+
+CRITERION = SetCriterion(LossConfig(num_points=16), 3)
 
 
 class FakeModel(nn.Module):
-    """Returns fixed predictions; records the frames it saw."""
+    """Returns fixed predictions (no attributes: the loss must not read the model)."""
 
-    def __init__(self, temporal, predictions, size_divisor=32):
+    def __init__(self, predictions):
         super().__init__()
-        self.config = ModelConfig(
-            num_classes=3, size_divisor=size_divisor, loss=LossConfig(num_points=16)
-        )
-        self.is_temporal = temporal
         self.predictions = predictions
 
     def forward(self, frames):
@@ -30,15 +25,16 @@ def test_single_frame_model_folds_frames_into_clips_and_pads_labels():
     torch.manual_seed(0)
     # B = 2 clips of T = 3 frames of 30×30 → model pads to 32×32 and sees B·T = 6 clips of 1
     predictions = Predictions(
-        clip=[PredictionSet(torch.randn(6, 5, 4), torch.randn(6, 5, 1, 8, 8)) for _ in range(2)]
+        clip=[PredictionSet(torch.randn(6, 5, 4), torch.randn(6, 5, 1, 8, 8)) for _ in range(2)],
+        frames_per_clip=3,
     )
-    model = FakeModel(temporal=False, predictions=predictions)
+    model = FakeModel(predictions)
     labels = torch.randint(0, 3, (2, 3, 30, 30))
     torch.manual_seed(1)
-    total, terms = training_loss(model, torch.zeros(2, 3, 3, 30, 30), labels, step=0)
+    total, terms = training_loss(model, torch.zeros(2, 3, 3, 30, 30), labels, CRITERION)
     expected_labels = F.pad(labels, (0, 2, 0, 2), value=255).reshape(6, 1, 32, 32)
     torch.manual_seed(1)
-    expected = SetCriterion(model.config.loss, 3)(predictions, expected_labels)
+    expected = CRITERION(predictions, expected_labels)
     assert total.item() == pytest.approx(expected.total.item(), rel=1e-6)
     assert {k: float(v) for k, v in terms.items()} == pytest.approx(
         {k: float(v) for k, v in expected.terms.items()}
@@ -50,37 +46,25 @@ def test_temporal_model_keeps_clips():
     predictions = Predictions(
         clip=[PredictionSet(torch.randn(2, 5, 4), torch.randn(2, 5, 3, 8, 8))],
         frame=[PredictionSet(torch.randn(2, 3, 5, 4), torch.randn(2, 5, 3, 8, 8))],
+        frames_per_clip=3,
     )
-    model = FakeModel(temporal=True, predictions=predictions)
+    model = FakeModel(predictions)
     labels = torch.randint(0, 3, (2, 3, 32, 32))
     torch.manual_seed(1)
-    total, terms = training_loss(model, torch.zeros(2, 3, 3, 32, 32), labels, step=7)
+    total, terms = training_loss(model, torch.zeros(2, 3, 3, 32, 32), labels, CRITERION, step=7)
     torch.manual_seed(1)
-    expected = SetCriterion(model.config.loss, 3)(predictions, labels, step=7)
+    expected = CRITERION(predictions, labels, step=7)
     assert total.item() == pytest.approx(expected.total.item(), rel=1e-6)
     assert "frame_loss_class" in terms
 
 
 def test_eval_mode_model_and_bad_shapes_are_rejected():
-    model = FakeModel(temporal=True, predictions=None).eval()
+    model = FakeModel(None).eval()
+    labels = torch.zeros(1, 1, 32, 32, dtype=torch.long)
     with pytest.raises(TypeError, match="model.train"):
-        training_loss(
-            model, torch.zeros(1, 1, 3, 32, 32), torch.zeros(1, 1, 32, 32, dtype=torch.long)
-        )
+        training_loss(model, torch.zeros(1, 1, 3, 32, 32), labels, CRITERION)
     with pytest.raises(ValueError, match="B, T, H, W"):
-        training_loss(
-            model, torch.zeros(1, 2, 3, 32, 32), torch.zeros(1, 1, 32, 32, dtype=torch.long)
-        )
-
-
-def test_criterion_is_cached_per_config():
-    config = LossConfig()
-    first = criterion_for(config, 3)
-    assert criterion_for(LossConfig(), 3) is first
-    assert criterion_for(dataclasses.replace(config, num_rounds=1), 3) is not first
-    assert criterion_for(config, 4) is not first
-    from_yaml = criterion_for(LossConfig(round_weights=[1.0, 0.25]), 3)  # lists are fine
-    assert from_yaml.config.round_weights == [1.0, 0.25]
+        training_loss(model, torch.zeros(1, 2, 3, 32, 32), labels, CRITERION)
 
 
 def synthetic_clips(num_clips=4, frames=2, size=32, seed=0):
@@ -105,12 +89,13 @@ def synthetic_clips(num_clips=4, frames=2, size=32, seed=0):
 def test_a_few_adamw_steps_halve_the_loss(preset):
     torch.manual_seed(0)
     model = build_model(preset, num_classes=3).train()
+    criterion = SetCriterion(preset_loss_config(preset), 3)
     frames, labels = synthetic_clips()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
     for step in range(16):
         batch = [2 * (step % 2), 2 * (step % 2) + 1]
-        total, terms = training_loss(model, frames[batch], labels[batch], step=step)
+        total, terms = training_loss(model, frames[batch], labels[batch], criterion, step=step)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -133,7 +118,7 @@ def test_presets_get_their_objective(preset, secondary, frame_head):
     torch.manual_seed(0)
     model = build_model(preset, num_classes=3).train()
     frames, labels = synthetic_clips(num_clips=1)
-    total, terms = training_loss(model, frames, labels)
+    total, terms = training_loss(model, frames, labels, SetCriterion(preset_loss_config(preset), 3))
     assert torch.isfinite(total) and total.requires_grad
     assert ("loss_mask_secondary" in terms) == secondary
     assert ("frame_loss_class" in terms) == frame_head

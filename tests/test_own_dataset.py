@@ -14,7 +14,6 @@ import torch
 import yaml
 from PIL import Image
 
-from themask.checkpoint import read_class_info, save_model
 from themask.cli import main
 from themask.data.description import (
     DescriptionError,
@@ -27,6 +26,7 @@ from themask.data.vspw import DataError, VSPWIndex
 from themask.evaluation.evaluate import evaluate_split
 from themask.evaluation.metrics import PUBLISHED_VC_SKIP, VideoConsistencyAccumulator
 from themask.modeling.build import build_model
+from themask.weights import read_class_info, save_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 REPO = README.parent
@@ -183,7 +183,7 @@ def _run_readme_commands(root: Path, tmp_path: Path, capsys) -> dict[str, str]:
         "train.batch_size=2",
         "train.eval_interval=0",
         "train.eval_at_end=false",
-        "model.loss.num_points=32",
+        "loss.num_points=32",
     ]
     outputs = {}
     for line in _readme_block("own-dataset-commands").splitlines():
@@ -236,7 +236,7 @@ def test_weights_of_another_class_count_are_refused_by_eval_and_fine_tune(tmp_pa
     save_model(source, weights6, class_names=DESCRIPTION["classes"])
     config = tmp_path / "run.yaml"
     config.write_text(
-        "preset: themask_tiny_t1\nmodel: {loss: {num_points: 32}}\n"
+        "preset: themask_tiny_t1\nloss: {num_points: 32}\n"
         "data: {dilation: [0], scale: [32, 32], crop_size: [32, 32], num_workers: 0}\n"
         "train: {max_steps: 1, batch_size: 1, eval_at_end: false}\n"
     )
@@ -251,7 +251,7 @@ def test_weights_of_another_class_count_are_refused_by_eval_and_fine_tune(tmp_pa
     assert main([*argv, "--init-from", str(weights6), "--no-eval"]) == 0
     log = (out / "train.log").read_text()
     assert "class layers re-initialised for 4 classes: decoder.clip_head.class_embed.bias" in log
-    from themask.checkpoint import load_model
+    from themask.weights import load_model
 
     tuned = load_model(out / "model.safetensors")
     assert tuned.num_classes == 4

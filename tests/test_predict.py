@@ -134,7 +134,7 @@ def test_overlay_video_writer_odd_size_roundtrip(tmp_path):
 
 
 def _tiny_weights(tmp_path, num_classes=8):
-    from themask.checkpoint import save_model
+    from themask.weights import save_model
 
     torch.manual_seed(3)
     path = tmp_path / "model.safetensors"

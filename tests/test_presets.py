@@ -35,36 +35,38 @@ def test_list_presets_names():
 
 @pytest.mark.parametrize("name", EXPECTED_NAMES)
 def test_preset_switches(name):
-    config = build.preset_config(name)
+    config, loss = build.preset_config(name), build.preset_loss_config(name)
     assert config.num_classes == 124
     if name.endswith("_t2"):
         assert (config.decoder, config.num_frames) == ("temporal", 2)
-        assert (config.loss.num_rounds, config.loss.second_round_loss) == (2, "soft")
-        assert config.loss.second_round_cost == "full"
+        assert (loss.num_rounds, loss.second_round_loss) == (2, "soft")
+        assert loss.second_round_cost == "full"
     elif name.endswith("_t1"):
         assert (config.decoder, config.num_frames) == ("single", 1)
-        assert (config.loss.num_rounds, config.loss.second_round_loss) == (2, "soft")
-        assert config.loss.second_round_cost == "bce"
+        assert (loss.num_rounds, loss.second_round_loss) == (2, "soft")
+        assert loss.second_round_cost == "bce"
     else:
         assert (config.decoder, config.num_frames) == ("single", 1)
-        assert (config.loss.num_rounds, config.loss.second_round_loss) == (1, "hard")
+        assert (loss.num_rounds, loss.second_round_loss) == (1, "hard")
     if "tiny" in name:
-        assert config.loss.num_points < LossConfig().num_points
+        assert loss.num_points < LossConfig().num_points
     else:
         assert config.backbone == name.split("_")[1] + "_" + name.split("_")[2]
         assert config.hidden_dim == 256 and config.num_queries == 100
-        assert config.loss.num_points == 12544
+        assert loss.num_points == 12544
 
 
 def test_overrides_and_errors():
-    config = build.preset_config(
-        "themask_mit_b1_t2", num_classes=7, num_frames=4, loss=dict(num_rounds=1)
-    )
-    assert (config.num_classes, config.num_frames, config.loss.num_rounds) == (7, 4, 1)
-    assert config.loss.second_round_cost == "full"  # untouched preset loss field stays
+    config = build.preset_config("themask_mit_b1_t2", num_classes=7, num_frames=4)
+    loss = build.preset_loss_config("themask_mit_b1_t2", num_rounds=1)
+    assert (config.num_classes, config.num_frames, loss.num_rounds) == (7, 4, 1)
+    assert loss.second_round_cost == "full"  # untouched preset loss field stays
     assert build.preset_config("themask_mit_b1_t2").num_frames == 2  # presets are not mutated
-    custom = LossConfig(num_points=10)
-    assert build.preset_config("mask2former_tiny", loss=custom).loss is custom
+    assert build.preset_loss_config("themask_mit_b1_t2").num_rounds == 2
+    # the network config describes the network: the baseline shares the stage-1 network
+    assert build.preset_config("mask2former_tiny") == build.preset_config("themask_tiny_t1")
+    with pytest.raises(ValueError, match="unknown preset"):
+        build.preset_loss_config("themask_mit_b9")
     with pytest.raises(ValueError, match="unknown preset"):
         build.preset_config("themask_mit_b9")
     with pytest.raises(ValueError, match="hidden_dims"):

@@ -39,7 +39,7 @@ def _cfg(root):
             "preset=themask_tiny_t2",
             "model.drop_path_rate=0.1",
             "model.tad_dropout=0.1",
-            "model.loss.num_points=64",
+            "loss.num_points=64",
             f"data.root={root}",
             "data.scale=[64, 48]",
             "data.crop_size=[32, 32]",

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from themask import build_model, training_loss
+from themask import SetCriterion, build_model, training_loss
+from themask.modeling.build import preset_loss_config
 from themask.modeling.outputs import Predictions, PredictionSet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,9 +77,10 @@ def test_score_accumulation_runs_in_fp32_under_bf16_autocast():
     assert (bf16_sum.float() - fp32_sum).abs().max() > 1e-3
 
 
-def _loss_and_grads(model, clip, labels):
+def _loss_and_grads(model, clip, labels, preset):
     torch.manual_seed(3)  # the criterion's point sampling and the TAD's dropout
-    loss, _ = training_loss(model, clip, labels)
+    criterion = SetCriterion(preset_loss_config(preset), model.num_classes)
+    loss, _ = training_loss(model, clip, labels, criterion)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -104,8 +106,8 @@ def test_activation_checkpointing_keeps_loss_and_gradients(preset):
     clip = torch.randn(2, 2, 3, 64, 64, generator=g)
     labels = torch.randint(0, 8, (2, 2, 64, 64), generator=g)
     labels[:, :, :, :20] = 255
-    loss, grads = _loss_and_grads(plain, clip, labels)
-    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, clip, labels)
+    loss, grads = _loss_and_grads(plain, clip, labels, preset)
+    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, clip, labels, preset)
     for name in watched:  # every call ran again in the backward pass
         assert calls["checkpointed", name] == 2 * calls["plain", name] > 0, name
     assert torch.equal(loss, loss_ckpt)
@@ -152,9 +154,9 @@ def test_predict_cli_amp_bf16_runs_the_network_under_a_bf16_autocast(tmp_path, m
     import numpy as np
     from PIL import Image
 
-    from themask.checkpoint import save_model
     from themask.cli import main
     from themask.modeling.themask import THEMask
+    from themask.weights import save_model
 
     save_model(_tiny(), tmp_path / "model.safetensors")
     frames = tmp_path / "frames"

@@ -16,8 +16,9 @@ _EXPORTS = {
     "THEMask": "modeling.themask",
     "ModelConfig": "modeling.config",
     "LossConfig": "loss.config",
-    "load_model": "checkpoint",
-    "save_model": "checkpoint",
+    "SetCriterion": "loss.criterion",
+    "load_model": "weights",
+    "save_model": "weights",
     "training_loss": "loss.api",
 }
 

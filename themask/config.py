@@ -1,14 +1,14 @@
-"""Run configuration: model + data + train + eval as nested dataclasses.
+"""Run configuration: model + loss + data + train + eval as nested dataclasses.
 
 A run file (YAML) holds only the values that differ from the defaults. Loading order:
 
 1. ``RunConfig()`` defaults;
-2. the model preset named by ``preset`` (top level; see ``themask.modeling.build``) fills
-   ``model``, with the class count of the dataset (``<data.root>/dataset.yaml``, VSPW when
-   the root has none);
+2. the preset named by ``preset`` (top level; see ``themask.modeling.build``) fills
+   ``model`` (the network), with the class count of the dataset (``<data.root>/dataset.yaml``,
+   VSPW when the root has none), and ``loss`` (its default objective);
 3. the YAML file's sections override fields;
 4. dotted ``key=value`` overrides from the command line (values parsed as YAML scalars,
-   e.g. ``train.lr=2e-4``, ``data.dilation=[-3]``, ``model.loss.num_rounds=1``).
+   e.g. ``train.lr=2e-4``, ``data.dilation=[-3]``, ``loss.num_rounds=1``).
 
 Unknown keys, wrong types and inconsistent sections (a model whose class count or clip
 length does not fit the data) raise a ``ConfigError`` naming the key and the valid values.
@@ -29,8 +29,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from themask.data.config import DataConfig
-from themask.data.vspw import NUM_CLASSES
 from themask.io import PathLike, atomic_write
+from themask.loss.config import LossConfig
 from themask.modeling.config import ModelConfig
 
 FREEZABLE_MODULES = ("backbone", "pixel_decoder")
@@ -99,11 +99,13 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a training run needs. ``model`` is the resolved preset + overrides."""
+    """Everything a training run needs. ``model`` (the network) and ``loss`` (the objective)
+    are the resolved preset + overrides."""
 
     preset: str = "themask_mit_b1_t1"
     pretrained_backbone: Optional[str] = None  # noqa: UP045 (MiT ImageNet weights)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -158,7 +160,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return _update_dataclass(tp(), value, key)
+        return update_dataclass(tp(), value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -188,8 +190,10 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _update_dataclass(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """Return a copy of dataclass ``obj`` with ``values`` (a nested mapping) applied."""
+def update_dataclass(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``values`` (a nested mapping, e.g. from YAML or
+    JSON) applied, each value checked against its annotation (lists become tuples where the
+    field is a tuple); ``ConfigError`` names the key (``prefix`` first) of a bad value."""
     types = _field_types(type(obj))
     changes = {}
     for name, value in values.items():
@@ -198,7 +202,7 @@ def _update_dataclass(obj: Any, values: Mapping[str, Any], prefix: str = "") -> 
             raise ConfigError(f"unknown config key '{key}'; valid keys here: {sorted(types)}")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
-            changes[name] = _update_dataclass(current, value, key)
+            changes[name] = update_dataclass(current, value, key)
         else:
             changes[name] = _coerce(value, types[name], key)
     try:
@@ -223,17 +227,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(values: Mapping[str, Any]) -> RunConfig:
-    """``RunConfig`` from a (possibly partial) nested dict, preset applied first."""
+    """``RunConfig`` from a (possibly partial) nested dict, preset applied first. A ``model.loss``
+    section (configs saved before the objective left the network config) becomes ``loss``."""
     values = dict(values)
+    model = values.get("model")
+    if isinstance(model, Mapping) and isinstance(model.get("loss"), Mapping):
+        values["model"] = {k: v for k, v in model.items() if k != "loss"}
+        values["loss"] = _deep_merge(dict(model["loss"]), values.get("loss") or {})
+    from themask.modeling import build
+
     base = RunConfig()
     preset = values.get("preset", base.preset)
-    if not isinstance(preset, str):
-        raise ConfigError(f"preset: expected a preset name, got {preset!r}")
+    if not isinstance(preset, str) or preset not in build.PRESETS:
+        raise ConfigError(f"preset: unknown model preset {preset!r}; valid: {build.list_presets()}")
     # the preset's class count follows the dataset description, unless model.num_classes is set
-    data = _update_dataclass(base.data, values.get("data") or {}, "data")
-    model = preset_model_config(preset, num_classes=data.num_classes)
-    base = dataclasses.replace(base, preset=preset, model=model)
-    cfg = _update_dataclass(base, values)
+    data = update_dataclass(base.data, values.get("data") or {}, "data")
+    model = build.preset_config(preset, num_classes=data.num_classes)
+    base = dataclasses.replace(
+        base, preset=preset, model=model, loss=build.preset_loss_config(preset)
+    )
+    cfg = update_dataclass(base, values)
     check_consistency(cfg)
     return cfg
 
@@ -254,15 +267,6 @@ def check_consistency(cfg: RunConfig) -> None:
     if unknown:
         raise ConfigError(f"train.freeze: unknown modules {unknown}; valid: {FREEZABLE_MODULES}")
     cfg.train.per_process_batch(1)  # batch_size divisible by grad_accum
-
-
-def preset_model_config(name: str, *, num_classes: int = NUM_CLASSES) -> ModelConfig:
-    """The ``ModelConfig`` of a model preset (``themask.modeling.build``)."""
-    from themask.modeling import build
-
-    if name not in build.list_presets():
-        raise ConfigError(f"preset: unknown model preset '{name}'; valid: {build.list_presets()}")
-    return build.preset_config(name, num_classes=num_classes)
 
 
 # ---------------------------------------------------------------------------------------------

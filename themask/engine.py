@@ -10,7 +10,7 @@ A run directory holds:
   over the steps since the previous record; with fp16, steps the grad scaler skipped for
   inf/NaN gradients are left out of the means and counted in ``skipped_steps``), eval metrics
   after each evaluation; ``train.log``;
-* ``model.safetensors``: the final weights (``themask.checkpoint.save_model``), with the
+* ``model.safetensors``: the final weights (``themask.weights.save_model``), with the
   class names, palette and test scale (``data.scale``) in its metadata.
 
 ``--resume`` reloads ``checkpoint.pt`` and continues so that the remaining losses and the
@@ -39,6 +39,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from themask import distributed
 from themask.config import FREEZABLE_MODULES, ConfigError, RunConfig, save_config, to_dict
@@ -54,10 +56,12 @@ from themask.evaluation.evaluate import evaluate_config
 from themask.evaluation.metrics import scalar_metrics, summarize_metrics
 from themask.io import PathLike, atomic_write
 from themask.logger import MetricWriter, git_revision
-from themask.loss.api import training_loss
+from themask.loss import SetCriterion, training_loss
 from themask.modeling.build import build_model_from_config
 from themask.optim import build_optimizer, poly_lr, set_learning_rate
 from themask.precision import autocast_context, configure_cuda_math, grad_scaler, resolve_amp
+from themask.warm_start import init_from_weights
+from themask.weights import load_backbone_weights, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -225,22 +229,6 @@ def freeze_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
     return frozen
 
 
-class _WrappedModelView:
-    """What ``training_loss`` reads of a model, for a DDP-wrapped one: calls go through the
-    wrapper (gradient synchronisation), attributes (``config``, ``is_temporal``) come from
-    the network inside."""
-
-    def __init__(self, wrapper: nn.Module, model: nn.Module) -> None:
-        self._wrapper = wrapper
-        self._model = model
-
-    def __call__(self, frames: Tensor) -> Any:
-        return self._wrapper(frames)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
 class StepWindow:
     """Per-step scalars since the last log record, kept where they were made (0-d device
     tensors stay on the device) and read back in one transfer by ``read``."""
@@ -306,7 +294,8 @@ class Trainer:
     """Trains ``cfg`` into ``run_dir``.
 
     ``model``/``loss_fn``/``batches`` default to those built from ``cfg`` (preset model,
-    ``themask.loss.api.training_loss``, the data module's infinite train loader);
+    ``training_loss`` with a ``SetCriterion`` of ``cfg.loss`` built once, the data module's
+    infinite train loader);
     passing them in is for tests and custom runs. ``batches(start_batch)`` must return an
     iterator of ``Batch`` for this process that starts after ``start_batch`` consumed batches.
     A new run refuses a directory that holds a checkpoint unless ``overwrite``.
@@ -348,7 +337,10 @@ class Trainer:
         if cfg.train.checkpoint_activations:
             self.model.set_activation_checkpointing(True)
         if cfg.train.init_from and not resume:
-            self._init_from(cfg.train.init_from)
+            init_from_weights(self.model, cfg.train.init_from, head_init=cfg.train.head_init)
+            logger.info(
+                "initialised from %s (head_init=%s)", cfg.train.init_from, cfg.train.head_init
+            )
         self.frozen = freeze_modules(self.model, list(cfg.train.freeze))
         self.model.to(self.device)
         self.optimizer = build_optimizer(
@@ -368,10 +360,12 @@ class Trainer:
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.loss_model: Any = self.model
-        if self.ddp_model is not self.model:
-            self.loss_model = _WrappedModelView(self.ddp_model, self.model)
-        self.loss_fn = training_loss if loss_fn is None else loss_fn
+        if loss_fn is None:
+            self.criterion = SetCriterion(cfg.loss, cfg.model.num_classes)
+            loss_fn = partial(
+                training_loss, criterion=self.criterion, size_divisor=cfg.model.size_divisor
+            )
+        self.loss_fn = loss_fn
         self._batches_fn = batches
         seed_everything(distributed.rank_seed(cfg.train.seed, self.dist.rank))
 
@@ -411,36 +405,9 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         model = build_model_from_config(self.cfg.model)
         if self.cfg.pretrained_backbone:
-            from themask.checkpoint import load_backbone_weights
-
             load_backbone_weights(model.backbone, self.cfg.pretrained_backbone)
             logger.info("backbone weights from %s", self.cfg.pretrained_backbone)
         return model
-
-    def _init_from(self, path: str) -> None:
-        """Start from weights at ``path``: a stage-1 model into a TAD model, or the same
-        architecture; class layers of another class count are re-initialised."""
-        from themask.checkpoint import (
-            load_stage1_into_temporal,
-            load_strict,
-            read_state_dict,
-            replace_class_layers,
-        )
-
-        state_dict, fresh = replace_class_layers(read_state_dict(path), self.model)
-        if fresh:
-            logger.info(
-                "%s: class layers re-initialised for %d classes: %s",
-                path,
-                self.cfg.model.num_classes,
-                ", ".join(fresh),
-            )
-        has_tad = any(key.startswith("decoder.temporal.") for key in state_dict)
-        if getattr(self.model, "is_temporal", False) and not has_tad:
-            load_stage1_into_temporal(self.model, state_dict, head_init=self.cfg.train.head_init)
-        else:
-            load_strict(self.model, state_dict, what=path)
-        logger.info("initialised from %s (head_init=%s)", path, self.cfg.train.head_init)
 
     def _build_loader(self) -> Any:
         """The train loader of this rank, from the current step (no worker started yet)."""
@@ -533,7 +500,7 @@ class Trainer:
             sync = self.ddp_model.no_sync()  # type: ignore[assignment]
         with sync:
             with autocast_context(self.amp_dtype, self.device):
-                total, terms = self.loss_fn(self.loss_model, frames, labels, step=step)
+                total, terms = self.loss_fn(self.ddp_model, frames, labels, step=step)
             loss = total / self.cfg.train.grad_accum
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -595,8 +562,6 @@ class Trainer:
             self._resume_state = None
         bar = None
         if self.is_main and self.progress:
-            from tqdm import tqdm
-
             # In a log file (no terminal) redraw at most every 30 s instead of every step.
             bar = tqdm(
                 total=tcfg.max_steps,
@@ -670,8 +635,6 @@ class Trainer:
         return None
 
     def save_final_weights(self) -> Path:
-        from themask.checkpoint import save_model
-
         path = self.run_dir / FINAL_WEIGHTS_NAME
         description = self.cfg.data.description
         save_model(

@@ -193,8 +193,10 @@ def _torch_step(job: dict[str, Any], model, clip) -> Callable[[], object]:
     import torch
 
     if job["mode"] == "train":
-        from themask.loss.api import training_loss
+        from themask.loss import SetCriterion, training_loss
+        from themask.modeling.build import preset_loss_config
 
+        criterion = SetCriterion(preset_loss_config(job["preset"]), model.num_classes)
         model.train()
         frames, height, width = clip.shape[1], clip.shape[-2], clip.shape[-1]
         bands = torch.arange(width, device=clip.device) * 8 // width  # 8 classes in bands
@@ -203,7 +205,7 @@ def _torch_step(job: dict[str, Any], model, clip) -> Callable[[], object]:
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = training_loss(model, clip, labels, step=0)
+            loss, _ = training_loss(model, clip, labels, criterion)
             loss.backward()
             optimizer.step()
 

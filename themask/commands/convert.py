@@ -32,23 +32,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def preset_of(config) -> str:
-    """The preset whose architecture ``config`` (a ``ModelConfig``) has (objective and
-    dropout rates may differ), else ``"custom <backbone>-based"``."""
+    """The presets whose network ``config`` (a ``ModelConfig``) is, dropout rates aside (e.g.
+    ``mask2former_tiny / themask_tiny_t1``: they share one), else ``"custom <backbone>-based"``."""
     import dataclasses
 
     from themask.modeling.build import list_presets, preset_config
 
+    names = []
     for name in list_presets():
         preset = preset_config(name, num_classes=config.num_classes)
-        ignored = {k: getattr(preset, k) for k in ("loss", "drop_path_rate", "tad_dropout")}
+        ignored = {k: getattr(preset, k) for k in ("drop_path_rate", "tad_dropout")}
         if dataclasses.replace(config, **ignored) == preset:
-            return name
-    return f"custom {config.backbone}-based"
+            names.append(name)
+    return " / ".join(names) or f"custom {config.backbone}-based"
 
 
 def run(args: argparse.Namespace) -> int:
-    from themask.checkpoint import model_from_weights, save_model
     from themask.config import ConfigError
+    from themask.weights import model_from_weights, save_model
 
     if not str(args.dst).endswith(".safetensors"):
         raise ConfigError(f"DST must end in .safetensors, got {args.dst}")

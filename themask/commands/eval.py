@@ -88,11 +88,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from themask import distributed
-    from themask.checkpoint import model_from_weights
     from themask.config import ConfigError, load_config
     from themask.evaluation.evaluate import evaluate_config
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
     from themask.io import atomic_write
+    from themask.weights import model_from_weights
 
     cfg = load_config(args.config, args.overrides)
     info = distributed.init_distributed(args.device)

@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from themask.checkpoint import model_from_weights
     from themask.deploy.export import export_onnx
+    from themask.weights import model_from_weights
 
     model = model_from_weights(args.weights)  # bad weights: one line, exit 2 (themask.cli)
     scale, clip_len, names, palette = window_settings(args, model)

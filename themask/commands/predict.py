@@ -105,9 +105,9 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
 def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, int], int, list, Any]:
     """``(scale, clip_len, class_names, palette)`` of ``--weights`` with ``--scale`` /
     ``--clip-len`` / ``--config`` (see ``add_window_arguments``)."""
-    from themask.checkpoint import read_test_scale
     from themask.config import ConfigError
     from themask.data.vspw import TEST_SCALE
+    from themask.weights import read_test_scale
 
     scale, clip_len, data = args.scale, args.clip_len, None
     if args.config:
@@ -128,9 +128,9 @@ def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, in
 def _class_info(weights: str, data, num_classes: int):
     """(names, palette) for the overlays: those stored in the weights, else those of the
     ``--config`` dataset (``data``), else VSPW's for 124 classes, else numbers."""
-    from themask.checkpoint import read_class_info
     from themask.config import ConfigError
     from themask.data.description import VSPW_DESCRIPTION, default_palette
+    from themask.weights import read_class_info
 
     stored = read_class_info(weights)
     if stored is not None:
@@ -191,10 +191,10 @@ def _predict_onnx(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import torch
 
-    from themask.checkpoint import model_from_weights
     from themask.data.transforms import TestTransform
     from themask.evaluation.predict import predict_video
     from themask.evaluation.visualize import write_predictions
+    from themask.weights import model_from_weights
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configure_cuda_math(device)

@@ -1,6 +1,6 @@
 """Training objective: targets, two-round matching, hierarchical loss (DESIGN.md §5)."""
 
-from themask.loss.api import criterion_for, training_loss
+from themask.loss.api import training_loss
 from themask.loss.config import LossConfig
 from themask.loss.criterion import LossOutput, SetCriterion
 from themask.loss.matcher import HungarianMatcher, MatchIndices, match_two_rounds
@@ -14,7 +14,6 @@ __all__ = [
     "MatchIndices",
     "SetCriterion",
     "build_targets",
-    "criterion_for",
     "match_two_rounds",
     "training_loss",
 ]

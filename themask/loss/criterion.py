@@ -270,8 +270,9 @@ def soft_mask_loss(
 class SetCriterion:
     """THE-Mask training objective (``LossConfig`` holds every switch and weight).
 
-    ``criterion(predictions, labels, *, step=0) -> LossOutput`` with labels (B, T, H, W)
-    matching the clip layout of ``predictions`` (B clips of T frames).
+    ``criterion(predictions, labels, *, step=0) -> LossOutput`` with labels (B, T, H, W) of B
+    clips of T frames; for a single-frame decoder's B·T one-frame clips
+    (``predictions.frames_per_clip`` = T) they are regrouped to (B·T, 1, H, W) here.
     """
 
     def __init__(self, loss_config: LossConfig, num_classes: int) -> None:
@@ -303,6 +304,9 @@ class SetCriterion:
     def __call__(self, predictions: Predictions, labels: Tensor, *, step: int = 0) -> LossOutput:
         final = predictions.clip[-1]
         device = final.mask_logits.device
+        frames = predictions.frames_per_clip
+        if final.mask_logits.shape[2] == 1 < frames and labels.dim() == 4:
+            labels = labels.flatten(0, 1).unsqueeze(1)  # single-frame decoder: (B·T, 1, H, W)
         with torch.autocast(device_type=device.type, enabled=False):
             return self._compute(predictions, labels, step)
 

@@ -1,7 +1,8 @@
 """Presets and builders: the only place that reads a ``ModelConfig``.
 
-``PRESETS`` maps a name to a diff of ``ModelConfig`` fields (``loss`` holds a diff of
-``LossConfig`` fields). Families (DESIGN §4–§7):
+``PRESETS`` maps a name to a diff of ``ModelConfig`` fields (the network) and
+``PRESET_LOSSES`` to a diff of ``LossConfig`` fields (its default training objective).
+Families (docs/DESIGN.md §4–§7):
 
 * ``themask_mit_b{0..5}_t1``: single-frame decoder, two-round hierarchical loss with the
   BCE-only second-round cost of the official single-frame variant (stage 1);
@@ -27,11 +28,8 @@ from themask.modeling.temporal_decoder import TemporalDecoder
 from themask.modeling.themask import THEMask
 from themask.modeling.transformer import QueryDecoder
 
-_T1: dict[str, Any] = dict(decoder="single", num_frames=1, loss=dict(second_round_cost="bce"))
-_T2: dict[str, Any] = dict(decoder="temporal", num_frames=2, loss=dict(second_round_cost="full"))
-_M2F: dict[str, Any] = dict(
-    decoder="single", num_frames=1, loss=dict(num_rounds=1, second_round_loss="hard")
-)
+_T1: dict[str, Any] = dict(decoder="single", num_frames=1)
+_T2: dict[str, Any] = dict(decoder="temporal", num_frames=2)
 _TINY: dict[str, Any] = dict(
     backbone="mit_b0",
     backbone_embed_dims=(16, 32, 64, 128),
@@ -49,29 +47,24 @@ _TINY: dict[str, Any] = dict(
     decoder_ffn_dim=128,
     tad_ffn_dim=128,
 )
+# default objectives (LossConfig diffs) of the three families; tiny presets sample fewer points
+_T1_LOSS: dict[str, Any] = dict(second_round_cost="bce")
+_T2_LOSS: dict[str, Any] = dict(second_round_cost="full")
+_M2F_LOSS: dict[str, Any] = dict(num_rounds=1, second_round_loss="hard")
 _TINY_LOSS: dict[str, Any] = dict(num_points=1024)
 
-
-def _merge(*diffs: dict[str, Any]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for diff in diffs:
-        for key, value in diff.items():
-            if key == "loss":
-                merged["loss"] = {**merged.get("loss", {}), **value}
-            else:
-                merged[key] = value
-    return merged
-
-
 PRESETS: dict[str, dict[str, Any]] = {}
-for _index in range(6):
-    _backbone = dict(backbone=f"mit_b{_index}")
-    PRESETS[f"themask_mit_b{_index}_t1"] = _merge(_backbone, _T1)
-    PRESETS[f"themask_mit_b{_index}_t2"] = _merge(_backbone, _T2)
-    PRESETS[f"mask2former_mit_b{_index}"] = _merge(_backbone, _M2F)
-PRESETS["themask_tiny_t1"] = _merge(_TINY, _T1, dict(loss=_TINY_LOSS))
-PRESETS["themask_tiny_t2"] = _merge(_TINY, _T2, dict(loss=_TINY_LOSS))
-PRESETS["mask2former_tiny"] = _merge(_TINY, _M2F, dict(loss=_TINY_LOSS))
+PRESET_LOSSES: dict[str, dict[str, Any]] = {}
+for _size, _network, _loss in [(f"mit_b{i}", dict(backbone=f"mit_b{i}"), {}) for i in range(6)] + [
+    ("tiny", _TINY, _TINY_LOSS)
+]:
+    for _name, _decoder, _objective in (
+        (f"themask_{_size}_t1", _T1, _T1_LOSS),
+        (f"themask_{_size}_t2", _T2, _T2_LOSS),
+        (f"mask2former_{_size}", _T1, _M2F_LOSS),
+    ):
+        PRESETS[_name] = {**_network, **_decoder}
+        PRESET_LOSSES[_name] = {**_objective, **_loss}
 
 
 def list_presets() -> list[str]:
@@ -80,22 +73,23 @@ def list_presets() -> list[str]:
 
 
 def preset_config(name: str, *, num_classes: int = NUM_CLASSES, **overrides: Any) -> ModelConfig:
-    """The ``ModelConfig`` of preset ``name`` with ``overrides`` (``ModelConfig`` fields;
-    ``loss`` may be a ``LossConfig`` or a dict of ``LossConfig`` fields) applied."""
+    """The network (``ModelConfig``) of preset ``name`` with ``overrides`` (``ModelConfig``
+    fields) applied. ``mask2former_*`` and ``themask_*_t1`` share a network."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {list_presets()}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"preset {name!r}: unknown ModelConfig field(s) {unknown}")
-    diff = dict(PRESETS[name])
-    loss = LossConfig(**diff.pop("loss", {}))
-    loss_override = overrides.pop("loss", None)
-    if isinstance(loss_override, dict):
-        loss = dataclasses.replace(loss, **loss_override)
-    elif loss_override is not None:
-        loss = loss_override
-    return ModelConfig(**{**diff, **overrides, "num_classes": num_classes, "loss": loss})
+    return ModelConfig(**{**PRESETS[name], **overrides, "num_classes": num_classes})
+
+
+def preset_loss_config(name: str, **overrides: Any) -> LossConfig:
+    """The default training objective of preset ``name`` with ``overrides`` (``LossConfig``
+    fields) applied."""
+    if name not in PRESET_LOSSES:
+        raise ValueError(f"unknown preset {name!r}; expected one of {list_presets()}")
+    return LossConfig(**{**PRESET_LOSSES[name], **overrides})
 
 
 def build_model_from_config(config: ModelConfig) -> THEMask:

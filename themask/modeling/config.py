@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
 from themask.data.vspw import NUM_CLASSES
-from themask.loss.config import LossConfig
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a THE-Mask network (and its training objective).
+    """Everything needed to rebuild a THE-Mask network (the objective is ``LossConfig``).
 
     ``backbone`` names an MiT variant (``mit_b0`` … ``mit_b5``); the ``backbone_*`` fields
     override that variant's widths/depths/heads (tiny test configurations).
@@ -41,4 +40,3 @@ class ModelConfig:
     tad_ffn_dim: int = 2048
     tad_dropout: float = 0.1
     size_divisor: int = 32
-    loss: LossConfig = field(default_factory=LossConfig)

@@ -5,7 +5,7 @@ LayerNorm), ``depth`` pre-norm blocks (spatial-reduction attention, Mix-FFN), fi
 
 Parameter names follow the original release closely (``q``, ``kv``, ``sr``, ``fc1``, ``dwconv``,
 ``fc2``), grouped per stage: ``stages.{s}.patch_embed``, ``stages.{s}.blocks.{j}``,
-``stages.{s}.norm``; ``themask.checkpoint`` maps the public layouts onto these names.
+``stages.{s}.norm``; ``themask.weights.mit`` maps the public layouts onto these names.
 
 LayerNorm eps follows the original exactly: 1e-6 for block and stage-final norms, the PyTorch
 default 1e-5 for the patch-embedding norm and the spatial-reduction norm.

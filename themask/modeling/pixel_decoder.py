@@ -100,13 +100,11 @@ def _without_autocast(projection: nn.Module, x: Tensor) -> Tensor:
 class MSDeformAttnPixelDecoder(nn.Module):
     """Pixel decoder of Mask2Former (DESIGN.md §3).
 
-    Submodules (official names in brackets, for the weight converter):
-      ``input_proj[i]``: 1×1 conv (bias) + GroupNorm for res5, res4, res3 [input_proj.i];
-      ``level_embed``: (3, C) [transformer.level_embed];
-      ``encoder_layers[k]``: :class:`DeformableEncoderLayer` [transformer.encoder.layers.k];
-      ``lateral``: 1×1 conv (no bias) + GroupNorm on res2 [adapter_1, adapter_1.norm];
-      ``fpn_output``: 3×3 conv (no bias) + GroupNorm + ReLU [layer_1, layer_1.norm];
-      ``mask_features``: 1×1 conv (bias) [mask_features].
+    Submodules (their official names: ``themask.weights.official``):
+      ``input_proj[i]``: 1×1 conv (bias) + GroupNorm for res5, res4, res3;
+      ``level_embed``: (3, C); ``encoder_layers[k]``: :class:`DeformableEncoderLayer`;
+      ``lateral``: 1×1 conv (no bias) + GroupNorm on res2;
+      ``fpn_output``: 3×3 conv (no bias) + GroupNorm + ReLU; ``mask_features``: 1×1 conv (bias).
     """
 
     def __init__(

@@ -8,8 +8,8 @@ at row b·T + t), masked by the *clip* head's mask for that frame; after every l
 
 The layer loop and the parameters shared with the single-frame decoder live in
 ``QueryDecoder`` (same names, so a stage-1 state dict loads by name); the TAD-only parts are
-``temporal`` and ``frame_head``. The official parameter names of each part are in the
-checkpoint converter's name table.
+``temporal`` and ``frame_head``. The official parameter names of each part are in
+``themask.weights.official``.
 """
 
 from __future__ import annotations

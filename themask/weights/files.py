@@ -1,0 +1,132 @@
+"""Reading weight files safely and loading them strictly.
+
+Nothing here unpickles arbitrary objects (``torch.load(..., weights_only=True)``); every
+problem is a ``WeightsError`` (a ``ValueError``) naming the file or the offending keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from themask.io import PathLike
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, Tensor]
+
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+_WRAPPER_KEYS = ("state_dict", "model")
+
+
+class WeightsError(ValueError):
+    """A weights file is unreadable, of an unknown layout, or does not fit the model."""
+
+
+def read_state_dict(path: PathLike) -> StateDict:
+    """Read a weights file or a Hugging Face model directory into a flat ``{name: tensor}``.
+
+    ``.safetensors`` through safetensors; ``.pth/.pt/.bin`` through
+    ``torch.load(map_location="cpu", weights_only=True)``; a directory must hold
+    ``model.safetensors`` or ``pytorch_model.bin``. ``state_dict``/``model`` wrappers and a
+    ``module.`` prefix (DDP) are removed.
+    """
+    source = Path(path)
+    if source.is_dir():
+        source = next((source / n for n in _HF_FILES if (source / n).is_file()), source)
+        if source.is_dir():
+            raise FileNotFoundError(f"{path}: directory holds none of {list(_HF_FILES)}")
+    if not source.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if source.suffix == ".safetensors":
+        try:
+            loaded: object = load_file(str(source), device="cpu")
+        except Exception as error:  # safetensors raises its own error types
+            raise WeightsError(
+                f"{path}: not a readable .safetensors file ({_first_line(error)})"
+            ) from error
+    elif source.suffix in _TORCH_SUFFIXES:
+        try:
+            loaded = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            if found is None:
+                raise WeightsError(
+                    f"{path}: not a readable PyTorch weights file ({_first_line(error)})"
+                ) from error
+            raise WeightsError(
+                f"{path}: holds {found.group(1)}, which a safe (weights-only) load refuses. If "
+                "you trust the file, re-save just its state dict: "
+                "torch.save(torch.load(SRC, weights_only=False)['state_dict'], DST)"
+            ) from None
+        except Exception as error:  # not a zip/pickle file: torch raises many kinds
+            raise WeightsError(
+                f"{path}: not a readable PyTorch weights file ({_first_line(error)})"
+            ) from error
+    else:
+        raise WeightsError(
+            f"{path}: unknown weights format {source.suffix!r}; expected .safetensors, "
+            f"{', '.join(_TORCH_SUFFIXES)} or a Hugging Face directory"
+        )
+    return unwrap_state_dict(loaded, source=str(path))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
+    """Remove ``state_dict``/``model`` wrappers and a ``module.`` prefix; keep tensors only."""
+    while isinstance(obj, Mapping):
+        wrapper = next((key for key in _WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
+        if wrapper is None:
+            break
+        obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{source}: expected a mapping of tensors, got {type(obj).__name__}")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise WeightsError(f"{source}: holds no tensors (keys: {sorted(obj)[:10]})")
+    if len(obj) > len(tensors):
+        logger.debug("%s: ignored %d non-tensor entries", source, len(obj) - len(tensors))
+    if all(key.startswith("module.") for key in tensors):
+        tensors = {key[len("module.") :]: value for key, value in tensors.items()}
+    return tensors
+
+
+def check_state_dict(
+    expected: Mapping[str, Tensor], given: Mapping[str, Tensor], *, what: str
+) -> None:
+    """Raise ``WeightsError`` listing missing, unexpected and mis-shaped keys (``what`` names
+    the source)."""
+    mis_shaped = sorted(
+        f"{key}: expected {tuple(expected[key].shape)}, got {tuple(given[key].shape)}"
+        for key in set(expected) & set(given)
+        if expected[key].shape != given[key].shape
+    )
+    problems = [
+        f"{len(items)} {title}:\n  " + "\n  ".join(items)
+        for title, items in (
+            ("missing keys", sorted(set(expected) - set(given))),
+            ("unexpected keys", sorted(set(given) - set(expected))),
+            ("mis-shaped keys", mis_shaped),
+        )
+        if items
+    ]
+    if problems:
+        raise WeightsError(f"{what}: weights do not fit the model.\n" + "\n".join(problems))
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, what: str) -> None:
+    """``module.load_state_dict(strict=True)`` after a readable key/shape check."""
+    check_state_dict(module.state_dict(), state_dict, what=what)
+    module.load_state_dict(dict(state_dict), strict=True)

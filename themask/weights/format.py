@@ -1,0 +1,169 @@
+"""Our own weights format and the one loader of every weights layout.
+
+A ``.safetensors`` file (``save_model``) holds the state dict and, in its metadata: the
+network's ``ModelConfig`` as JSON (``themask_config``), optionally the class names and
+(K, 3) palette (``themask_classes``) and the test resize of the training data
+(``themask_test``), so ``load_model`` needs no preset. Files written before the training
+objective left the model config (a ``loss`` entry in ``themask_config``) still load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from themask.config import ConfigError, update_dataclass
+from themask.io import PathLike, atomic_write
+from themask.modeling.build import build_model, build_model_from_config, preset_config
+from themask.modeling.config import ModelConfig
+from themask.modeling.themask import THEMask
+from themask.weights.files import WeightsError, load_strict, read_state_dict
+from themask.weights.mit import load_backbone_state_dict
+from themask.weights.official import as_ours, infer_model_config, infer_num_classes, is_official
+
+logger = logging.getLogger(__name__)
+
+CONFIG_METADATA_KEY = "themask_config"
+CLASSES_METADATA_KEY = "themask_classes"
+TEST_METADATA_KEY = "themask_test"
+
+
+def save_model(
+    model: THEMask,
+    path: PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    palette: np.ndarray | None = None,
+    test_scale: tuple[int, int] | None = None,
+) -> None:
+    """Write ``model``'s weights and metadata (see the module docstring); atomic (no partial
+    file on failure). ``test_scale``: (long, short) test resize for ``themask predict``."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise WeightsError("save_model: the model has no ModelConfig `config` (use build_model)")
+    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(config))}
+    if test_scale is not None:
+        metadata[TEST_METADATA_KEY] = json.dumps({"scale": [int(v) for v in test_scale]})
+    if class_names is not None:
+        if len(class_names) != model.num_classes or (
+            palette is not None and len(palette) != len(class_names)
+        ):
+            raise WeightsError(
+                f"save_model: {len(class_names)} class names (palette: "
+                f"{None if palette is None else len(palette)}) for {model.num_classes} classes"
+            )
+        classes: dict[str, list] = {"names": list(class_names)}
+        if palette is not None:
+            classes["palette"] = np.asarray(palette, dtype=np.uint8).tolist()
+        metadata[CLASSES_METADATA_KEY] = json.dumps(classes)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    logger.info("saved %d tensors to %s", len(tensors), path)
+
+
+def _metadata(path: PathLike) -> dict[str, str]:
+    """The metadata of a .safetensors file ({} when it is no readable safetensors file)."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # unreadable: reported when the tensors are read
+        return {}
+
+
+def read_model_config(path: PathLike) -> ModelConfig:
+    """The ``ModelConfig`` stored in a file written by :func:`save_model`."""
+    stored = _metadata(path).get(CONFIG_METADATA_KEY)
+    if stored is None:
+        raise WeightsError(
+            f"{path}: no '{CONFIG_METADATA_KEY}' metadata; not a themask model file "
+            "(convert other checkpoints with `themask convert`)"
+        )
+    values = json.loads(stored)
+    values.pop("loss", None)  # files from before the objective left the network config
+    try:
+        return update_dataclass(ModelConfig(), values, CONFIG_METADATA_KEY)
+    except ConfigError as err:
+        raise WeightsError(f"{path}: {err}") from None
+
+
+def read_class_info(path: PathLike) -> tuple[list[str], np.ndarray | None] | None:
+    """(class names, (K, 3) uint8 palette or None) stored by :func:`save_model`, or ``None``
+    for a file without them (any other weights format included)."""
+    stored = _metadata(path).get(CLASSES_METADATA_KEY)
+    if stored is None:
+        return None
+    values = json.loads(stored)
+    palette = values.get("palette")
+    return list(values["names"]), None if palette is None else np.array(palette, dtype=np.uint8)
+
+
+def read_test_scale(path: PathLike) -> tuple[int, int] | None:
+    """The (long, short) test resize stored by :func:`save_model`, or ``None``."""
+    stored = _metadata(path).get(TEST_METADATA_KEY)
+    if stored is None:
+        return None
+    long_side, short_side = json.loads(stored)["scale"]
+    return int(long_side), int(short_side)
+
+
+def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> THEMask:
+    """Rebuild a ``THEMask`` from a file written by :func:`save_model` (no preset needed),
+    load its weights strictly and move it to ``map_location``."""
+    model = build_model_from_config(read_model_config(path))
+    load_strict(model, read_state_dict(path), what=str(path))
+    return model.to(map_location)
+
+
+def model_from_weights(
+    path: PathLike, *, preset: str | None = None, num_classes: int | None = None
+) -> THEMask:
+    """A ``THEMask`` holding the weights at ``path``, whatever their layout:
+
+    - our own file (``save_model``): rebuilt from its config (``preset``/``num_classes`` must
+      then be left out);
+    - a full-model state dict, official THE-Mask names or ours (e.g. a training checkpoint):
+      the network (and K) is inferred from the shapes unless ``preset`` (``num_classes``) is given;
+    - MiT ImageNet weights (original / Hugging Face / mmseg 1.x): a fresh model of ``preset``
+      (required) with ``num_classes`` (default 124) and these backbone weights.
+    """
+    if CONFIG_METADATA_KEY in _metadata(path):
+        if preset is not None or num_classes is not None:
+            raise WeightsError(f"{path} is a themask model file; it fixes its own preset")
+        return load_model(path)
+    state_dict = read_state_dict(path)
+    if is_official(state_dict) or any(key.startswith("decoder.") for key in state_dict):
+        layout = "official THE-Mask" if is_official(state_dict) else "themask"
+        ours = as_ours(state_dict)
+        classes = infer_num_classes(ours) if num_classes is None else num_classes
+        if preset is None:
+            config = dataclasses.replace(infer_model_config(ours), num_classes=classes)
+        else:
+            config = preset_config(preset, num_classes=classes)
+        model = build_model_from_config(config)
+        load_strict(model, ours, what=f"{path} ({layout} layout)")
+    else:
+        if preset is None:
+            raise WeightsError(f"{path}: MiT backbone weights only; name the model with a preset")
+        model = build_model(preset, num_classes=124 if num_classes is None else num_classes)
+        layout = "MiT " + load_backbone_state_dict(model.backbone, state_dict, source=str(path))
+    logger.info(
+        "%s: %s weights → %s %s decoder, %d classes, %.2f M parameters",
+        path,
+        layout,
+        model.config.backbone,
+        model.config.decoder,
+        model.num_classes,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return model

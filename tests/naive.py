@@ -14,3 +14,14 @@ def naive_bilinear(image, x, y):
             if 0 <= yy < height and 0 <= xx < width:
                 value += wy * wx * float(image[yy, xx])
     return value
+
+
+def naive_sliding_windows(num_frames, clip_len, step=3):
+    """Window t predicts frame t: frames t-(T-1)*step, ..., t-step, t, those before 0 -> 0."""
+    windows = []
+    for t in range(num_frames):
+        window = []
+        for back in range(clip_len - 1, -1, -1):
+            window.append(max(0, t - back * step))
+        windows.append(window)
+    return windows

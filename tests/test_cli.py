@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 
 from themask.cli import COMMAND_MODULES, build_parser, main
-from themask.commands.demo import plot_loss_curve
 from themask.data.toy import make_toy_dataset
+from themask.evaluation.visualize import plot_loss_curve
 from themask.logger import MetricWriter, read_metrics
 
 # arguments each of our commands must explain in its --help

@@ -109,11 +109,27 @@ def test_test_clips_cover_every_frame_exactly_once(t):
         assert sum(len(g) < t for g in groups) <= 1  # only the last leftover chunk is short
 
 
-def test_sliding_windows_are_causal_with_the_new_frame_last():
-    assert clips.sliding_windows(5, 2, step=3) == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 4]]
-    assert clips.sliding_windows(4, 3, step=1) == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [1, 2, 3]]
+def _windows(num_frames, clip_len, step=3):
+    return [clips.causal_window(t, clip_len, step=step) for t in range(num_frames)]
+
+
+def test_causal_windows_have_the_new_frame_last():
+    assert _windows(5, 2, step=3) == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 4]]
+    assert _windows(4, 3, step=1) == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [1, 2, 3]]
     for t in (1, 2, 4):
-        windows = clips.sliding_windows(30, t)
+        windows = _windows(30, t)
         assert [w[-1] for w in windows] == list(range(30))
         assert all(len(w) == t and 0 <= min(w) and max(w) == w[-1] for w in windows)
         assert all(w == sorted(w) for w in windows)
+
+
+@pytest.mark.parametrize("clip_len,step", [(1, 3), (2, 3), (3, 1), (4, 2)])
+def test_causal_windows_hold_each_item_once_and_return_each_window(clip_len, step):
+    windows = clips.CausalWindows(clip_len, step)
+    for t, expected in enumerate(_windows(12, clip_len, step)):
+        assert windows.push(f"item{t}") == [f"item{i}" for i in expected]
+        assert len(windows.history) <= (clip_len - 1) * step + 1
+    windows.reset()
+    assert windows.push("again") == ["again"] * clip_len
+    with pytest.raises(ValueError):
+        clips.CausalWindows(0, 1)

@@ -7,6 +7,7 @@ from naive import naive_bilinear
 from transfers import TransferCounter
 
 import themask.loss.criterion as criterion_module
+from themask.distributed import all_reduce
 from themask.loss.config import LossConfig
 from themask.loss.criterion import (
     SetCriterion,
@@ -635,7 +636,7 @@ def _num_masks_worker(rank, world_size, init_file, counts, out_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        values = criterion_module.average_over_processes(torch.tensor(counts[rank]))
+        values = all_reduce(torch.tensor(counts[rank]), mean=True)
         (out_dir / f"{rank}.txt").write_text(repr(values.tolist()))
         labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)  # rank 1: one GT mask
         if rank == 0:
@@ -655,7 +656,7 @@ def test_counts_are_averaged_over_processes(tmp_path):
     )
     assert [(tmp_path / f"{r}.txt").read_text() for r in range(2)] == ["[3.0, 1.5]"] * 2
     assert [(tmp_path / f"masks{r}.txt").read_text() for r in range(2)] == ["4.0"] * 2
-    single = criterion_module.average_over_processes(torch.tensor([6.0, 3.0]))
+    single = all_reduce(torch.tensor([6.0, 3.0]), mean=True)
     assert single.tolist() == [6.0, 3.0]  # no DDP: unchanged
 
 

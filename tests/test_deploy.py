@@ -26,7 +26,7 @@ from themask.data.vspw import DataError  # noqa: E402
 from themask.deploy.export import export_decoder  # noqa: E402
 from themask.deploy.manifest import FEATURES, FORMAT, IMAGE, read_manifest  # noqa: E402
 from themask.deploy.runtime import OnnxStreamingPredictor, resize_bilinear  # noqa: E402
-from themask.evaluation.inference import StreamingPredictor  # noqa: E402
+from themask.evaluation.predict import StreamingPredictor  # noqa: E402
 from themask.evaluation.visualize import OverlayVideoWriter  # noqa: E402
 from themask.modeling.build import build_model  # noqa: E402
 from themask.weights import save_model  # noqa: E402

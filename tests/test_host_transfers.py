@@ -167,14 +167,14 @@ def test_metric_accumulation_reads_nothing_back_until_compute():
             vc.update(pred, gt)
     assert not c.counts, c.counts
     vc.end_video()
-    assert vc.num_windows >= 1 and 0.0 <= seg.compute()["aAcc"] <= 1.0
+    assert vc.totals[1] >= 1 and 0.0 <= seg.compute()["aAcc"] <= 1.0
 
 
 def _count_evaluation(tmp_path, num_frames):
     from themask.data.toy import make_toy_dataset
     from themask.data.transforms import TestTransform
     from themask.data.vspw import VSPWIndex
-    from themask.evaluation.inference import evaluate_split
+    from themask.evaluation.evaluate import evaluate_split
     from themask.modeling.build import build_model
 
     root = make_toy_dataset(
@@ -210,7 +210,7 @@ def test_out_of_range_values_are_reported_by_compute():
     seg.update(torch.tensor([[0, 1]]), torch.tensor([[0, 7]]))
     with pytest.raises(ValueError, match="target values must be in \\[0, 3\\) or 255; 1 pixel"):
         seg.compute()
-    seg.reset()
+    seg = SegmentationAccumulator(num_classes=3)
     seg.update(torch.tensor([[0, 4]]), torch.tensor([[0, 255]]))  # bad prediction, ignored
     seg.update(torch.tensor([[5]]), torch.tensor([[1]]))
     with pytest.raises(ValueError, match="predicted values must be in \\[0, 3\\); 1 pixel"):

@@ -23,7 +23,7 @@ from themask.data.description import (
 from themask.data.loader import VSPWTrainDataset
 from themask.data.transforms import TrainTransform
 from themask.data.vspw import DataError, VSPWIndex
-from themask.evaluation.inference import evaluate_split
+from themask.evaluation.evaluate import evaluate_split
 from themask.evaluation.metrics import PUBLISHED_VC_SKIP, VideoConsistencyAccumulator
 from themask.modeling.build import build_model
 from themask.weights import read_class_info, save_model

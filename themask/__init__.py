@@ -6,30 +6,25 @@ stays fast; ``from themask import build_model`` loads torch and the model on fir
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from themask.io import lazy_exports
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "build_model": "themask.modeling.build",
-    "list_presets": "themask.modeling.build",
-    "THEMask": "themask.modeling.themask",
-    "ModelConfig": "themask.modeling.config",
-    "LossConfig": "themask.loss.config",
-    "SetCriterion": "themask.loss.criterion",
-    "load_model": "themask.weights",
-    "save_model": "themask.weights",
-    "training_loss": "themask.loss.api",
+    "build_model": "modeling.build",
+    "list_presets": "modeling.build",
+    "THEMask": "modeling.themask",
+    "ModelConfig": "modeling.config",
+    "LossConfig": "loss.config",
+    "SetCriterion": "loss.criterion",
+    "load_model": "weights",
+    "save_model": "weights",
+    "training_loss": "loss.api",
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'themask' has no attribute {name!r}")
+__getattr__ = lazy_exports("themask", _EXPORTS)
 
 
 def __dir__() -> list:

@@ -86,13 +86,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of ``value`` over processes (a new tensor; the input is left unchanged)."""
-    if not is_initialized():
-        return value.detach().clone()
+def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
+    """Sum (``mean``: average) of ``value`` over the processes, as a new detached tensor on
+    its device (a copy in a single-process run); nothing waits for the device. NCCL reduces
+    CUDA tensors only, so a CPU tensor travels through the current CUDA device."""
     out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / get_world_size()
+    if get_world_size() == 1:
+        return out
+    staged = out
+    if dist.get_backend() == "nccl" and out.device.type != "cuda":
+        staged = out.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(staged)
+    if staged is not out:
+        out.copy_(staged)
+    return out / get_world_size() if mean else out
 
 
 def cleanup() -> None:

@@ -47,14 +47,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from themask import distributed
 from themask.config import FREEZABLE_MODULES, ConfigError, RunConfig, save_config, to_dict
-from themask.evaluation.metrics import summarize_metrics
+from themask.data.loader import batch_to_device, build_train_loader
+from themask.evaluation.evaluate import evaluate_config
+from themask.evaluation.metrics import scalar_metrics, summarize_metrics
 from themask.io import PathLike, atomic_write
 from themask.logger import MetricWriter, git_revision
+from themask.loss import SetCriterion, training_loss
+from themask.modeling.build import build_model_from_config
 from themask.optim import build_optimizer, poly_lr, set_learning_rate
 from themask.precision import autocast_context, configure_cuda_math, grad_scaler, resolve_amp
+from themask.warm_start import init_from_weights
+from themask.weights import load_backbone_weights, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +257,7 @@ class StepWindow:
         if reduce:
             floats = torch.tensor(self.float_rows, dtype=torch.float64).reshape(len(values), -1)
             both = torch.cat([values, floats.to(values.device)], dim=1)
-            rows = distributed.all_reduce_mean(both).tolist()
+            rows = distributed.all_reduce(both, mean=True).tolist()
         else:
             rows = [a + b for a, b in zip(values.tolist(), self.float_rows)]
         self.tensor_rows, self.float_rows = [], []
@@ -330,8 +337,6 @@ class Trainer:
         if cfg.train.checkpoint_activations:
             self.model.set_activation_checkpointing(True)
         if cfg.train.init_from and not resume:
-            from themask.warm_start import init_from_weights
-
             init_from_weights(self.model, cfg.train.init_from, head_init=cfg.train.head_init)
             logger.info(
                 "initialised from %s (head_init=%s)", cfg.train.init_from, cfg.train.head_init
@@ -356,8 +361,6 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if loss_fn is None:
-            from themask.loss import SetCriterion, training_loss
-
             self.criterion = SetCriterion(cfg.loss, cfg.model.num_classes)
             loss_fn = partial(
                 training_loss, criterion=self.criterion, size_divisor=cfg.model.size_divisor
@@ -400,20 +403,14 @@ class Trainer:
     # -- construction ------------------------------------------------------------------------
 
     def _build_model(self) -> nn.Module:
-        from themask.modeling.build import build_model_from_config
-
         model = build_model_from_config(self.cfg.model)
         if self.cfg.pretrained_backbone:
-            from themask.weights import load_backbone_weights
-
             load_backbone_weights(model.backbone, self.cfg.pretrained_backbone)
             logger.info("backbone weights from %s", self.cfg.pretrained_backbone)
         return model
 
     def _build_loader(self) -> Any:
         """The train loader of this rank, from the current step (no worker started yet)."""
-        from themask.data.loader import build_train_loader
-
         return build_train_loader(
             self.cfg.data,
             batch_size=self.per_process_batch,
@@ -497,8 +494,6 @@ class Trainer:
             module.eval()
 
     def _forward_backward(self, batch: Any, step: int, last_micro: bool) -> dict[str, Any]:
-        from themask.data.loader import batch_to_device
-
         frames, labels = batch_to_device(batch, self.device)
         sync = nullcontext()
         if self.ddp_model is not self.model and not last_micro:
@@ -567,8 +562,6 @@ class Trainer:
             self._resume_state = None
         bar = None
         if self.is_main and self.progress:
-            from tqdm import tqdm
-
             # In a log file (no terminal) redraw at most every 30 s instead of every step.
             bar = tqdm(
                 total=tcfg.max_steps,
@@ -642,8 +635,6 @@ class Trainer:
         return None
 
     def save_final_weights(self) -> Path:
-        from themask.weights import save_model
-
         path = self.run_dir / FINAL_WEIGHTS_NAME
         description = self.cfg.data.description
         save_model(
@@ -670,34 +661,3 @@ class Trainer:
             self.writer.write(self.step, metrics, tag="eval")
         logger.info("eval at step %d (%%): %s", self.step, summarize_metrics(metrics))
         return metrics
-
-
-def evaluate_config(
-    model: nn.Module, cfg: RunConfig, *, device: torch.device, progress: bool = True
-) -> dict[str, object]:
-    """Evaluate on ``cfg.data.val_split`` with the test protocol of ``cfg`` (test clips of
-    ``data.eval_clip_len`` frames). Under torch.distributed every rank must call it (videos
-    are split over the ranks) and every rank gets the same result."""
-    from themask.evaluation.inference import evaluate_data
-
-    return evaluate_data(
-        model,
-        cfg.data,
-        split=cfg.data.val_split,
-        clip_len=cfg.data.eval_clip_len,
-        device=device,
-        max_videos=cfg.eval.max_videos,
-        amp=cfg.eval.amp,
-        vc_rule=cfg.eval.vc_rule,
-        distributed=distributed.is_initialized(),
-        progress=progress,
-    )
-
-
-def scalar_metrics(results: dict[str, object]) -> dict[str, float]:
-    """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
-    return {
-        k: float(v)  # type: ignore[arg-type]
-        for k, v in results.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }

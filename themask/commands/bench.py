@@ -219,7 +219,7 @@ def _torch_step(job: dict[str, Any], model, clip) -> Callable[[], object]:
                 model(clip)
 
         return forward
-    from themask.evaluation.inference import StreamingPredictor
+    from themask.evaluation.predict import StreamingPredictor
 
     predictor = StreamingPredictor(model, clip_len=clip.shape[1])
     pushed = iter(range(10**9))
@@ -286,7 +286,7 @@ def _measure_onnxruntime(job: dict[str, Any], queue: multiprocessing.Queue[dict[
     predictor = OnnxStreamingPredictor(job["onnx_dir"], threads=job["threads"])
     rss_after_build = _rss_mib()
     rng = np.random.default_rng(0)
-    frames = rng.standard_normal((predictor.clip_len, 3, *job["size"]), dtype=np.float32)
+    frames = rng.standard_normal((predictor.windows.clip_len, 3, *job["size"]), dtype=np.float32)
     pushed = iter(range(10**9))
 
     def push() -> None:
@@ -297,9 +297,8 @@ def _measure_onnxruntime(job: dict[str, Any], queue: multiprocessing.Queue[dict[
     peak = _peak_rss_mib()
     flops, peaks = job["torch_row"]["gflop"] * 1e9, job["torch_row"]["matmul_gflops"]
     peaks = {k: v * 1e9 for k, v in peaks.items()}
-    row = _row(
-        job, "onnxruntime", predictor.clip_len, flops, peaks, times, 1, peak, peak - rss_after_build
-    )
+    clip_len = predictor.windows.clip_len
+    row = _row(job, "onnxruntime", clip_len, flops, peaks, times, 1, peak, peak - rss_after_build)
     row["parameters_m"] = job["torch_row"]["parameters_m"]
     queue.put(row)
 

@@ -32,7 +32,6 @@ BASELINE_CONFIG = "toy/mask2former_toy"
 # textures and shapes (train mIoU > 90 %, validation near chance).
 TRAIN_VIDEOS = 200
 VAL_VIDEOS = 6
-PANEL_SCALE = 2  # overlays are upscaled (nearest) for viewing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -117,8 +116,10 @@ def _train_and_report(
     import torch
 
     from themask.config import load_config
-    from themask.engine import Trainer, evaluate_config
+    from themask.engine import Trainer
+    from themask.evaluation.evaluate import evaluate_config
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
+    from themask.evaluation.visualize import plot_loss_curve
     from themask.io import atomic_write
 
     cfg = load_config(config, [f"data.root={data_root}", *overrides])
@@ -163,71 +164,30 @@ def _train_and_report(
 def _write_overlays(
     model: Any, cfg: Any, out: Path, *, device: Any = "cpu", video_index: int = 0
 ) -> str:
-    """Ground truth | prediction overlays (+ legend) of one validation video: PNGs and an MP4."""
-    import numpy as np
+    """Ground truth | prediction panels of one validation video: PNGs and an MP4."""
     from PIL import Image
 
     from themask.data.transforms import TestTransform
     from themask.data.vspw import VSPWIndex, read_frame
-    from themask.evaluation.inference import predict_video
-    from themask.evaluation.visualize import OverlayVideoWriter, overlay, with_legend
+    from themask.evaluation.predict import predict_video
+    from themask.evaluation.visualize import OverlayVideoWriter, comparison_panel
 
     description = cfg.data.description
-    names, palette = description.classes, description.palette
     video = VSPWIndex(cfg.data.root, cfg.data.val_split)[video_index]
     transform = TestTransform(scale=cfg.data.scale, size_divisor=cfg.data.size_divisor)
     frames = (read_frame(p) for p in video.frame_paths)
+    predictions = predict_video(
+        model, frames, clip_len=cfg.data.eval_clip_len, transform=transform, device=device
+    )
     folder = out / "overlays" / video.name
     folder.mkdir(parents=True, exist_ok=True)
     with OverlayVideoWriter(out / "overlay.mp4", fps=5.0) as writer:
-        for pred in predict_video(
-            model, frames, clip_len=cfg.data.eval_clip_len, transform=transform, device=device
-        ):
-            gt = description.read_label(video.mask_paths[pred.index])
-            left = overlay(pred.frame, gt, palette)
-            right = overlay(pred.frame, pred.labels, palette)
-            gap = np.full((left.shape[0], 4, 3), 255, dtype=np.uint8)
-            pair = Image.fromarray(np.concatenate([left, gap, right], axis=1))
-            pair = pair.resize((pair.width * PANEL_SCALE, pair.height * PANEL_SCALE), Image.NEAREST)
-            shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred.labels).tolist()))
-            panel = with_legend(np.asarray(pair), shown, names, palette)
-            Image.fromarray(panel).save(folder / f"{video.frame_paths[pred.index].stem}.png")
+        for path, mask, (frame, labels) in zip(video.frame_paths, video.mask_paths, predictions):
+            gt = description.read_label(mask)
+            panel = comparison_panel(frame, gt, labels, description.classes, description.palette)
+            Image.fromarray(panel).save(folder / f"{path.stem}.png")
             writer.write(panel)
     return video.name
-
-
-def plot_loss_curve(metrics_path: Path, png_path: Path, *, title: str | None = None) -> None:
-    """PNG of the training loss (and the matched-query fractions) from ``metrics.jsonl``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from themask.logger import read_metrics
-
-    records = read_metrics(metrics_path, tag="train")
-    steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in records], color="tab:blue", label="total loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    fractions = [
-        k for k in ("matched_fraction_round1", "matched_fraction_round2") if k in records[0]
-    ]
-    if fractions:
-        right = ax.twinx()
-        for key, colour in zip(fractions, ("tab:orange", "tab:green")):
-            right.plot(steps, [r[key] for r in records], color=colour, lw=1, label=key)
-        right.set_ylabel("fraction of queries matched")
-        right.legend(loc="upper right", fontsize=8)
-    ax.legend(loc="upper left", fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def _comparison(results: dict[str, dict[str, Any]]) -> str:

@@ -89,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from themask import distributed
     from themask.config import ConfigError, load_config
-    from themask.evaluation.inference import evaluate_data
+    from themask.evaluation.evaluate import evaluate_config
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
     from themask.io import atomic_write
     from themask.weights import model_from_weights
@@ -112,18 +112,16 @@ def run(args: argparse.Namespace) -> int:
         logger.info(
             "evaluating %s on %s/%s, clip length %d", args.weights, cfg.data.root, split, clip_len
         )
-        report = evaluate_data(
+        report = evaluate_config(
             model,
-            cfg.data,
+            cfg,
+            device=info.device,
             split=split,
             clip_len=clip_len,
-            device=info.device,
-            max_videos=cfg.eval.max_videos,
             write_dir=args.save_predictions,
-            amp=args.amp or cfg.eval.amp,
+            amp=args.amp,
             vc_gt=args.vc_gt,
             vc_rule=vc_rule,
-            distributed=distributed.is_initialized(),
         )
         if info.is_main:
             names = list(description.classes)

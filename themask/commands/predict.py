@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from themask.commands import add_threads_argument
 from themask.precision import AMP_MODES, configure_cuda_math
 
-if TYPE_CHECKING:
-    import numpy as np
-
 logger = logging.getLogger(__name__)
-
-FOLDER_FPS = 15.0  # overlay.mp4 of a frame folder (VSPW's frame rate)
-DEFAULT_SCALE = (853, 480)
 
 DESCRIPTION = """\
 Segment every frame of INPUT (a video file or a folder of frames sorted by name) with causal
@@ -63,14 +56,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config, --amp and --device apply to --weights only)",
     )
     parser.add_argument("--out", required=True, help="output folder")
+    add_window_arguments(parser)
+    parser.add_argument("--step", type=int, default=3, help="frame gap inside a window")
+    parser.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="frame rate of overlay.mp4 (default: the input video's; 15 for a folder of frames)",
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    parser.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="autocast for inference (auto: bf16 on CUDA where supported, else off)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    add_threads_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--clip-len``, ``--config`` and ``--scale`` (``predict`` and ``export``)."""
     parser.add_argument(
         "--clip-len",
         type=int,
         default=None,
-        help="frames per window (default: the model's training clip length; 1 for "
-        "single-frame models)",
+        help="frames per window T (default: data.test_clip_len of --config, else the model's "
+        "training clip length; 1 for single-frame models)",
     )
-    parser.add_argument("--step", type=int, default=3, help="frame gap inside a window")
     parser.add_argument(
         "--config",
         default=None,
@@ -86,23 +100,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="test resize: fit LONG x SHORT keeping the aspect ratio (default: data.scale of "
         "--config, else the scale stored with the weights, else 853 480)",
     )
-    parser.add_argument(
-        "--fps",
-        type=float,
-        default=None,
-        help=f"frame rate of overlay.mp4 (default: the input video's; {FOLDER_FPS:g} for a "
-        "folder of frames)",
-    )
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    parser.add_argument(
-        "--amp",
-        choices=AMP_MODES,
-        default="auto",
-        help="autocast for inference (auto: bf16 on CUDA where supported, else off)",
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    add_threads_argument(parser)
-    parser.set_defaults(func=run)
+
+
+def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, int], int, list, Any]:
+    """``(scale, clip_len, class_names, palette)`` of ``--weights`` with ``--scale`` /
+    ``--clip-len`` / ``--config`` (see ``add_window_arguments``)."""
+    from themask.config import ConfigError
+    from themask.data.vspw import TEST_SCALE
+    from themask.weights import read_test_scale
+
+    scale, clip_len, data = args.scale, args.clip_len, None
+    if args.config:
+        from themask.config import load_config
+
+        data = load_config(args.config).data
+        scale = scale or data.scale
+        clip_len = data.eval_clip_len if clip_len is None else clip_len
+    if clip_len is None:
+        clip_len = model.config.num_frames if model.is_temporal else 1
+    if clip_len < 1:
+        raise ConfigError(f"--clip-len must be >= 1, got {clip_len}")
+    names, palette = _class_info(args.weights, data, model.config.num_classes)
+    scale = tuple(scale or read_test_scale(args.weights) or TEST_SCALE)
+    return scale, clip_len, names, palette
 
 
 def _class_info(weights: str, data, num_classes: int):
@@ -130,45 +150,57 @@ def _class_info(weights: str, data, num_classes: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.onnx:
-        from themask.deploy.runtime import predict_to_folder
+    """Errors (``DataError``, ``ConfigError``, bad weights) are reported by ``themask.cli``."""
+    return _predict_onnx(args) if args.onnx else _predict(args)
 
-        return predict_to_folder(args)
+
+def _report(count: int, out: str) -> int:
+    folder = Path(out)
+    print(f"{count} frames: {folder / 'labels'}, {folder / 'overlays'}, {folder / 'overlay.mp4'}")
+    return 0
+
+
+def _predict_onnx(args: argparse.Namespace) -> int:
+    """``--onnx DIR``: the exported model on ONNX Runtime; torch is never imported."""
+    from themask.data.vspw import DataError
+    from themask.deploy.runtime import OnnxStreamingPredictor, predict_frames
+    from themask.evaluation.visualize import write_predictions
+
+    predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
+    manifest = predictor.manifest
+    if args.clip_len not in (None, manifest.clip_len):
+        raise DataError(
+            f"{predictor.directory}: exported for windows of {manifest.clip_len} frames, "
+            f"not --clip-len {args.clip_len} (export again with --clip-len {args.clip_len})"
+        )
+    logger.info(
+        "predicting %s with %s, windows of %d frames", args.input, args.onnx, manifest.clip_len
+    )
+    count = write_predictions(
+        args.input,
+        args.out,
+        lambda frames: predict_frames(predictor, frames, scale=args.scale),
+        class_names=manifest.class_names,
+        palette=manifest.palette,
+        fps=args.fps,
+        alpha=args.alpha,
+    )
+    return _report(count, args.out)
+
+
+def _predict(args: argparse.Namespace) -> int:
     import torch
 
     from themask.data.transforms import TestTransform
-    from themask.data.video_io import iter_input_frames
-    from themask.evaluation.inference import predict_video
-    from themask.weights import model_from_weights, read_test_scale
+    from themask.evaluation.predict import predict_video
+    from themask.evaluation.visualize import write_predictions
+    from themask.weights import model_from_weights
 
-    scale, clip_len, data = args.scale, args.clip_len, None
-    if args.config:
-        from themask.config import load_config
-
-        data = load_config(args.config).data
-        scale, clip_len = scale or data.scale, clip_len or data.eval_clip_len
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configure_cuda_math(device)
     model = model_from_weights(args.weights).to(device)
-    scale = tuple(scale or read_test_scale(args.weights) or DEFAULT_SCALE)
-    names, palette = _class_info(args.weights, data, model.config.num_classes)
-    clip_len = clip_len or (model.config.num_frames if model.is_temporal else 1)
-    frame_names = []
-
-    def frames():
-        for name, frame in iter_input_frames(args.input):
-            frame_names.append(name)
-            yield frame
-
-    predictions = predict_video(
-        model,
-        frames(),
-        clip_len=clip_len,
-        transform=TestTransform(scale=scale, size_divisor=model.config.size_divisor),
-        device=device,
-        step=args.step,
-        amp=args.amp,
-    )
+    scale, clip_len, names, palette = window_settings(args, model)
+    transform = TestTransform(scale=scale, size_divisor=model.config.size_divisor)
     logger.info(
         "predicting %s with windows of %d frames, step %d, test scale %s",
         args.input,
@@ -176,45 +208,16 @@ def run(args: argparse.Namespace) -> int:
         args.step,
         scale,
     )
-    labelled = ((frame_names[p.index], p.frame, p.labels) for p in predictions)
-    return write_predictions(args, labelled, names, palette)
-
-
-def write_predictions(
-    args: argparse.Namespace,
-    predictions: Iterable[tuple[str, np.ndarray, np.ndarray]],
-    class_names: Sequence[str],
-    palette: np.ndarray,
-) -> int:
-    """Write ``(name, frame (H, W, 3), labels (H, W))`` items into ``args.out``: label PNGs,
-    overlay PNGs with the legend beside the frame, and overlay.mp4 at the input's frame rate
-    (``--fps``, else the video's, else 15 for a frame folder). Shared with ``--onnx``."""
-    import numpy as np
-    from PIL import Image
-    from tqdm import tqdm
-
-    from themask.data.video_io import video_frame_rate
-    from themask.evaluation.visualize import (
-        OverlayVideoWriter,
-        overlay,
-        save_label_png,
-        with_legend,
+    count = write_predictions(
+        args.input,
+        args.out,
+        lambda frames: predict_video(
+            model, frames, clip_len=clip_len, transform=transform, device=device, step=args.step,
+            amp=args.amp,
+        ),
+        class_names=names,
+        palette=palette,
+        fps=args.fps,
+        alpha=args.alpha,
     )
-
-    fps = args.fps
-    if fps is None and Path(args.input).is_file():
-        fps = video_frame_rate(args.input)
-    out = Path(args.out)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    count = 0
-    with OverlayVideoWriter(out / "overlay.mp4", fps=fps or FOLDER_FPS) as writer:
-        for name, frame, labels in tqdm(predictions, desc="predict", unit="frame"):
-            save_label_png(labels, out / "labels" / f"{name}.png", palette)
-            picture = overlay(frame, labels, palette, alpha=args.alpha)
-            picture = with_legend(picture, np.unique(labels), class_names, palette)
-            Image.fromarray(picture).save(out / "overlays" / f"{name}.png")
-            writer.write(picture)
-            count += 1
-    print(f"{count} frames: {out / 'labels'}, {out / 'overlays'}, {out / 'overlay.mp4'}")
-    return 0
+    return _report(count, args.out)

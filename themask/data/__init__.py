@@ -7,13 +7,13 @@ Names are imported lazily (PEP 562), so the torch-free modules (``vspw``, ``clip
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from themask.io import lazy_exports
 
 _EXPORTS = {
     "clip_offsets": "clips",
     "clip_span": "clips",
-    "sliding_windows": "clips",
+    "CausalWindows": "clips",
+    "causal_window": "clips",
     "test_clips": "clips",
     "DataConfig": "config",
     "DatasetDescription": "description",
@@ -22,9 +22,7 @@ _EXPORTS = {
     "ClipMeta": "loader",
     "ClipSample": "loader",
     "InfiniteClipSampler": "loader",
-    "VSPWClipDataset": "loader",
     "VSPWTrainDataset": "loader",
-    "build_eval_loader": "loader",
     "build_train_loader": "loader",
     "collate": "loader",
     "TOY_CLASS_NAMES": "toy",
@@ -45,8 +43,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"themask.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'themask.data' has no attribute {name!r}")
+__getattr__ = lazy_exports("themask.data", _EXPORTS)

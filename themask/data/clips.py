@@ -6,8 +6,9 @@ lists, so they are easy to test and to reuse for any frame source.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 
@@ -132,25 +133,38 @@ def test_clips(
     return clips
 
 
-def sliding_windows(
-    num_frames: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE
-) -> List[List[int]]:
-    """One causal window per frame for streaming prediction; window ``t`` predicts frame ``t``.
-
-    Window ``t`` = ``[t - (T-1)·step, ..., t - step, t]`` with indices before the first frame
-    clamped to 0 (the first frame is repeated), so every window has exactly ``clip_len`` frames
-    and its *new* frame — the one whose prediction is kept — is the last element, ``t``.
-    Windows are returned in frame order; consecutive windows share frames, so features can be
-    cached (``FrameFeatures.select``).
-    """
-    if clip_len < 1 or step < 1:
-        raise ValueError(f"clip_len and step must be >= 1, got {clip_len} and {step}")
-    return [causal_window(t, clip_len, step=step) for t in range(num_frames)]
-
-
 def causal_window(t: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> List[int]:
-    """Window ``t`` of :func:`sliding_windows`: ``[max(0, t - (T-1-i)·step) for i < T]``."""
+    """The causal window that predicts frame ``t`` of a stream: ``[t - (T-1)·step, ...,
+    t - step, t]``, indices before the first frame clamped to 0 (the first frame repeats), so
+    every window has ``clip_len`` frames and the new frame, whose prediction is kept, last."""
     return [max(0, t - step * (clip_len - 1 - i)) for i in range(clip_len)]
+
+
+class CausalWindows:
+    """The per-frame items (features) of the causal windows of a stream, each held once.
+
+    ``push(item)`` adds the item of the next frame t and returns the items of its
+    :func:`causal_window` (oldest first, t last); only the last (T−1)·step + 1 are kept.
+    Shared by the PyTorch and the ONNX Runtime streaming predictors.
+    """
+
+    def __init__(self, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
+        if clip_len < 1 or step < 1:
+            raise ValueError(f"clip_len and step must be >= 1, got {clip_len} and {step}")
+        self.clip_len, self.step = clip_len, step
+        self.history: deque[Any] = deque(maxlen=(clip_len - 1) * step + 1)
+        self.count = 0  # frames pushed since the last reset
+
+    def reset(self) -> None:
+        """Start a new stream (forget the held items)."""
+        self.history.clear()
+        self.count = 0
+
+    def push(self, item: Any) -> list[Any]:
+        self.history.append(item)
+        t, self.count = self.count, self.count + 1
+        first = t - len(self.history) + 1  # frame index of history[0]
+        return [self.history[i - first] for i in causal_window(t, self.clip_len, step=self.step)]
 
 
 # ``test_clips`` is a library function, not a pytest test, even when imported into a test module.

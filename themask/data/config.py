@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 from themask.data.clips import clip_offsets
 from themask.data.description import DatasetDescription, load_description
+from themask.data.vspw import TEST_SCALE
 
 
 @dataclass
@@ -24,7 +25,7 @@ class DataConfig:
     val_split: str = "val"
     dilation: Tuple[int, ...] = (-3,)  # training clip = target + these offsets (target last)
     test_clip_len: Optional[int] = None  # None = the training clip length
-    scale: Tuple[int, int] = (853, 480)
+    scale: Tuple[int, int] = TEST_SCALE
     ratio_range: Tuple[float, float] = (0.5, 2.0)
     crop_size: Tuple[int, int] = (480, 480)
     cat_max_ratio: float = 0.75

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from themask.data.clips import clip_span, sample_train_clip, sliding_windows, test_clips
+from themask.data.clips import clip_span, sample_train_clip
 from themask.data.config import DataConfig
 from themask.data.description import VSPW_DESCRIPTION, DatasetDescription
-from themask.data.transforms import TestTransform, TrainTransform, normalize_frames, pad_clip
+from themask.data.transforms import TrainTransform, normalize_frames, pad_clip
 from themask.data.vspw import (
     IGNORE_INDEX,
     CorruptFileError,
@@ -54,8 +54,7 @@ class ClipMeta:
     """Where a clip came from.
 
     ``original_size`` is the stored frame size (H, W); ``frame_indices`` index the video's
-    sorted frames; ``scored[i]`` says whether frame i's prediction counts (all for test
-    clips, only the last — the new frame — for sliding windows). ``image_size`` (h, w): the
+    sorted frames. ``image_size`` (h, w): the
     image fills the top-left h x w of the frames, the rest is padding (None: no padding).
     """
 
@@ -63,8 +62,6 @@ class ClipMeta:
     frame_names: List[str]
     original_size: Tuple[int, int]
     frame_indices: List[int] = field(default_factory=list)
-    scored: List[bool] = field(default_factory=list)
-    labelled: bool = True
     image_size: Optional[Tuple[int, int]] = None
 
 
@@ -247,7 +244,6 @@ class VSPWTrainDataset(Dataset):
             frame_names=[video.frame_paths[i].stem for i in indices],
             original_size=(frames[0].shape[0], frames[0].shape[1]),
             frame_indices=list(indices),
-            scored=[True] * len(indices),
             image_size=image_size,
         )
         return ClipSample(frame_t, label_t, meta)
@@ -328,12 +324,6 @@ class InfiniteClipSampler(Sampler):
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.start_batch = start_batch
 
-    def key_at(self, position: int) -> Tuple[int, int]:
-        """Global stream position -> ``(video_index, position)``."""
-        epoch, offset = divmod(position, self.num_videos)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_videos)
-        return int(order[offset]), position
-
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         k = self.start_batch * self.batch_size
         cached_epoch, order = -1, np.empty(0, dtype=np.int64)
@@ -345,80 +335,6 @@ class InfiniteClipSampler(Sampler):
                 order = np.random.default_rng([self.seed, epoch]).permutation(self.num_videos)
             yield int(order[offset]), position
             k += 1
-
-
-class VSPWClipDataset(Dataset):
-    """Evaluation clips of a split: every ``test_clips`` clip (``mode="test"``) or one causal
-    ``sliding_windows`` window per frame (``mode="sliding"``) of every video.
-
-    Item: ``ClipSample`` with frames (T, 3, h, w) uint8 from ``TestTransform.resize`` and labels
-    (T, H, W) int64 at the original size (all ``ignore_index`` for an unlabelled index).
-    """
-
-    def __init__(
-        self,
-        index: VSPWIndex,
-        *,
-        clip_len: int,
-        transform: Optional[TestTransform] = None,
-        mode: str = "test",
-        stride: int = 3,
-        ignore_index: int = IGNORE_INDEX,
-    ) -> None:
-        if mode not in ("test", "sliding"):
-            raise ValueError(f"mode must be 'test' or 'sliding', got {mode!r}")
-        self.index = index
-        self.transform = transform or TestTransform()
-        self.mode = mode
-        self.ignore_index = ignore_index
-        self.items: List[Tuple[int, List[int]]] = []
-        for v, video in enumerate(index.videos):
-            if mode == "test":
-                groups = test_clips(len(video), clip_len, stride=stride)
-            else:
-                groups = sliding_windows(len(video), clip_len, step=stride)
-            self.items.extend((v, g) for g in groups)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> ClipSample:
-        v, indices = self.items[i]
-        video = self.index.videos[v]
-        frames = [read_frame(video.frame_paths[j]) for j in indices]
-        size = frames[0].shape[:2]
-        if video.mask_paths is not None:
-            labels = _read_clip_labels(
-                video, indices, frames, self.index.description, self.ignore_index
-            )
-            label_t = torch.from_numpy(np.stack(labels)).long()
-        else:
-            label_t = torch.full((len(indices), *size), self.ignore_index, dtype=torch.long)
-        scored = (
-            [True] * len(indices) if self.mode == "test" else [False] * (len(indices) - 1) + [True]
-        )
-        meta = ClipMeta(
-            video=video.name,
-            frame_names=[video.frame_paths[j].stem for j in indices],
-            original_size=(int(size[0]), int(size[1])),
-            frame_indices=list(indices),
-            scored=scored,
-            labelled=video.mask_paths is not None,
-        )
-        return ClipSample(self.transform.resize(frames), label_t, meta)
-
-
-class _ShardSampler(Sampler):
-    """Indices ``rank, rank + W, ...`` of a finite dataset (no padding, no duplicates)."""
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -502,35 +418,3 @@ def build_train_loader(
         pin_memory=pin_memory,
     )
 
-
-def build_eval_loader(
-    data_cfg: DataConfig,
-    *,
-    split: Optional[str] = None,
-    clip_len: Optional[int] = None,
-    mode: str = "test",
-    num_workers: Optional[int] = None,
-    rank: int = 0,
-    world_size: int = 1,
-    labelled: bool = True,
-) -> DataLoader:
-    """Loader of evaluation clips (batch size 1) of ``split`` (default ``data_cfg.val_split``).
-
-    Clip ``i`` goes to rank ``i % world_size``; every clip is visited once over all ranks.
-    """
-    index = VSPWIndex(data_cfg.root, split or data_cfg.val_split, labelled=labelled)
-    dataset = VSPWClipDataset(
-        index,
-        clip_len=clip_len or data_cfg.eval_clip_len,
-        transform=TestTransform(scale=data_cfg.scale, size_divisor=data_cfg.size_divisor),
-        mode=mode,
-        ignore_index=data_cfg.ignore_index,
-    )
-    workers = data_cfg.num_workers if num_workers is None else num_workers
-    return DataLoader(
-        dataset,
-        batch_size=1,
-        sampler=_ShardSampler(len(dataset), rank, world_size),
-        num_workers=workers,
-        collate_fn=collate,
-    )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from themask.data.resize import MEAN, STD, aligned_size, keep_ratio_size, resize_frame
-from themask.data.vspw import IGNORE_INDEX
+from themask.data.vspw import IGNORE_INDEX, TEST_SCALE
 
 # PhotoMetricDistortion parameters (mmseg defaults used by the official configs).
 BRIGHTNESS_DELTA = 32
@@ -41,13 +41,6 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
         _STATS[frames.device] = tuple(stats.to(frames.device).view(2, 3, 1, 1).unbind(0))
     mean, std = _STATS[frames.device]
     return (frames.float() - mean) / std
-
-
-def denormalize(frames: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``normalize_frames``: (..., 3, H, W) -> RGB floats in 0..255."""
-    mean = torch.tensor(MEAN, device=frames.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=frames.device).view(3, 1, 1)
-    return frames * std + mean
 
 
 def resize_label(label: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
@@ -109,8 +102,7 @@ def pad_clip(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pad frames (T, 3, h, w) with 0 and labels (T, h, w) with ``ignore_index`` bottom/right.
 
-    Returns (T, 3, H, W) and (T, H, W) with (H, W) = ``size_hw`` (must be >= the input size);
-    ``crop_back`` undoes it.
+    Returns (T, 3, H, W) and (T, H, W) with (H, W) = ``size_hw`` (must be >= the input size).
     """
     h, w = frames.shape[-2:]
     ph, pw = size_hw[0] - h, size_hw[1] - w
@@ -121,11 +113,6 @@ def pad_clip(
     frames = F.pad(frames, (0, pw, 0, ph), value=0.0)
     labels = F.pad(labels, (0, pw, 0, ph), value=ignore_index)
     return frames, labels
-
-
-def crop_back(x: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:
-    """Remove bottom/right padding: (..., H, W) -> (..., h, w) with (h, w) = ``size_hw``."""
-    return x[..., : size_hw[0], : size_hw[1]]
 
 
 def _adjust_hsv(frame: np.ndarray, saturation: float, hue_shift: int) -> np.ndarray:
@@ -178,7 +165,7 @@ class TrainTransform:
     def __init__(
         self,
         *,
-        scale: Tuple[int, int] = (853, 480),
+        scale: Tuple[int, int] = TEST_SCALE,
         ratio_range: Tuple[float, float] = (0.5, 2.0),
         crop_size: Tuple[int, int] = (480, 480),
         cat_max_ratio: float = 0.75,
@@ -240,13 +227,12 @@ class TestTransform:
     """Test-time resize (``reference/vspw.md`` §2.3): fit ``scale`` = (long, short) keeping the
     ratio, then stretch each side up to a multiple of ``size_divisor`` (853x480 -> 864x480).
 
-    ``__call__`` maps T frames (H, W, 3) uint8 of one size to (T, 3, h, w) float32 normalised;
-    ``restore`` maps scores (..., h, w) back to the original (H, W) bilinearly.
+    ``__call__`` maps T frames (H, W, 3) uint8 of one size to (T, 3, h, w) float32 normalised.
     """
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, *, scale: Tuple[int, int] = (853, 480), size_divisor: int = 32) -> None:
+    def __init__(self, *, scale: Tuple[int, int] = TEST_SCALE, size_divisor: int = 32) -> None:
         self.scale = tuple(scale)
         self.size_divisor = size_divisor
 
@@ -268,13 +254,3 @@ class TestTransform:
                 )
         size = self.input_size(original)
         return to_chw(np.stack([resize_frame(f, size) for f in frames]))
-
-    @staticmethod
-    def restore(scores: torch.Tensor, original_hw: Tuple[int, int]) -> torch.Tensor:
-        """Bilinear resize of scores (B, C, h, w) or (C, h, w) to ``original_hw``."""
-        if tuple(scores.shape[-2:]) == tuple(original_hw):
-            return scores
-        squeeze = scores.dim() == 3
-        x = scores.unsqueeze(0) if squeeze else scores
-        x = F.interpolate(x, size=tuple(original_hw), mode="bilinear", align_corners=False)
-        return x.squeeze(0) if squeeze else x

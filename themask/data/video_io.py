@@ -54,12 +54,6 @@ def video_frame_rate(path: PathLike) -> float | None:
     return float(rate) if rate else None
 
 
-def read_frame_folder(folder: PathLike) -> Iterator[np.ndarray]:
-    """Yield the images of ``folder`` (sorted by name) one by one as (H, W, 3) uint8 RGB."""
-    for _, frame in iter_input_frames(folder):
-        yield frame
-
-
 def list_input_frames(folder: PathLike) -> List[Path]:
     """Image files of a frame folder sorted by name; ``DataError`` if there are none."""
     folder = Path(folder)

@@ -15,22 +15,22 @@ another offset. Any other stored value is an error, never a silent label.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from themask.io import PathLike
 
 if TYPE_CHECKING:
     from themask.data.description import DatasetDescription
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
-
 NUM_CLASSES = 124
+TEST_SCALE = (853, 480)  # (long, short) side of the official test resize
 IGNORE_INDEX = 255
 MASK_SUFFIX = ".png"
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from themask import __version__
 from themask.config import ConfigError
 from themask.data.resize import MEAN, STD
+from themask.data.vspw import TEST_SCALE
 from themask.deploy.manifest import FEATURES, IMAGE, SCORES, Manifest
 from themask.io import PathLike
 from themask.modeling.themask import FrameFeatures, THEMask
@@ -74,7 +75,7 @@ def export_onnx(
     class_names: Sequence[str],
     palette: np.ndarray,
     opset: int = DEFAULT_OPSET,
-    scale: tuple[int, int] = (853, 480),
+    scale: tuple[int, int] = TEST_SCALE,
 ) -> Manifest:
     """Write ``encoder.onnx``, ``decoder.onnx`` and ``manifest.json`` of ``model`` to
     ``out_dir``; return the manifest. ``ConfigError`` for a clip length or opset the model

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from themask.data.vspw import DataError
+from themask.data.vspw import TEST_SCALE, DataError
 from themask.io import PathLike, atomic_write
 
 FORMAT = 1
@@ -45,7 +45,7 @@ class Manifest:
     std: list[float]
     opset: int
     model: dict[str, Any]
-    scale: list[int] = field(default_factory=lambda: [853, 480])
+    scale: list[int] = field(default_factory=lambda: list(TEST_SCALE))
     size_divisor: int = 32
     mask_stride: int = 4
     padding: str = "zeros, bottom/right, to a multiple of size_divisor"

@@ -10,21 +10,17 @@ as ``THEMask.semantic_scores`` and ``scores_to_labels`` do (bilinear, half-pixel
 
 from __future__ import annotations
 
-import logging
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from themask.data.clips import TEST_CLIP_STRIDE, causal_window
+from themask.data.clips import TEST_CLIP_STRIDE, CausalWindows
 from themask.data.resize import aligned_size, resize_frame
 from themask.data.vspw import DataError
 from themask.deploy.manifest import FEATURES, IMAGE, Manifest, read_manifest
 from themask.io import PathLike
-
-logger = logging.getLogger(__name__)
 
 
 def resize_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -74,15 +70,7 @@ class OnnxStreamingPredictor:
             )
             for name in (self.manifest.encoder, self.manifest.decoder)
         )
-        self.clip_len = self.manifest.clip_len
-        self.step = step
-        self._history: deque[list[np.ndarray]] = deque(maxlen=(self.clip_len - 1) * step + 1)
-        self._count = 0
-
-    def reset(self) -> None:
-        """Start a new stream (forget the cached features)."""
-        self._history.clear()
-        self._count = 0
+        self.windows = CausalWindows(self.manifest.clip_len, step)
 
     def push(self, image: np.ndarray) -> np.ndarray:
         """Next frame (3, H, W) float32, normalised → its class scores (K, H, W) float32."""
@@ -90,20 +78,17 @@ class OnnxStreamingPredictor:
         divisor = self.manifest.size_divisor
         padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
         stride = self.manifest.mask_stride
-        if self._history and self._history[-1][0].shape[-2:] != (
+        if self.windows.history and self.windows.history[-1][0].shape[-2:] != (
             padded[0] // stride,
             padded[1] // stride,
         ):
             raise DataError(
-                f"frame {self._count}: network input {height}×{width} differs from the earlier "
-                "frames' in its window; all frames of a stream must share one size"
+                f"frame {self.windows.count}: network input {height}×{width} differs from the "
+                "earlier frames' in its window; all frames of a stream must share one size"
             )
         batch = np.zeros((1, 3, *padded), dtype=np.float32)
         batch[0, :, :height, :width] = image
-        self._history.append(self.encoder.run(list(FEATURES), {IMAGE: batch}))
-        t, self._count = self._count, self._count + 1
-        first = t - len(self._history) + 1  # frame index of self._history[0]
-        window = [self._history[i - first] for i in causal_window(t, self.clip_len, step=self.step)]
+        window = self.windows.push(self.encoder.run(list(FEATURES), {IMAGE: batch}))
         inputs = {name: np.concatenate([f[k] for f in window]) for k, name in enumerate(FEATURES)}
         scores = self.decoder.run(None, inputs)[0][-1]  # (K, H'/4, W'/4) of the newest frame
         return resize_bilinear(scores, padded)[:, :height, :width]
@@ -130,34 +115,3 @@ def predict_frames(
         size = aligned_size(frame.shape[:2], scale, manifest.size_divisor)
         scores = predictor.push(normalise(resize_frame(frame, size), manifest))
         yield frame, resize_bilinear(scores, frame.shape[:2]).argmax(axis=0)
-
-
-def predict_to_folder(args) -> int:
-    """``themask predict --onnx DIR INPUT --out OUT``: label PNGs, overlays and overlay.mp4
-    (written as without ``--onnx``); a ``DataError`` is reported by ``themask.cli``."""
-    from themask.commands.predict import write_predictions
-    from themask.data.video_io import iter_input_frames
-
-    predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
-    manifest = predictor.manifest
-    if args.clip_len not in (None, manifest.clip_len):
-        raise DataError(
-            f"{predictor.directory}: exported for windows of {manifest.clip_len} frames, "
-            f"not --clip-len {args.clip_len} (export again with --clip-len {args.clip_len})"
-        )
-    palette = np.asarray(manifest.palette, dtype=np.uint8)
-    names: list[str] = []
-
-    def frames() -> Iterator[np.ndarray]:
-        for name, frame in iter_input_frames(args.input):
-            names.append(name)
-            yield frame
-
-    logger.info(
-        "predicting %s with %s, windows of %d frames", args.input, args.onnx, manifest.clip_len
-    )
-    labelled = (
-        (names[-1], frame, labels)
-        for frame, labels in predict_frames(predictor, frames(), scale=args.scale)
-    )
-    return write_predictions(args, labelled, manifest.class_names, palette)

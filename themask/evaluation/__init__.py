@@ -5,28 +5,21 @@ Names are imported lazily (PEP 562), so ``themask.evaluation.visualize`` works w
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from themask.io import lazy_exports
 
 _EXPORTS = {
-    "EvalReport": "inference",
-    "FramePrediction": "inference",
-    "StreamingPredictor": "inference",
-    "evaluate_data": "inference",
-    "evaluate_split": "inference",
-    "predict_video": "inference",
+    "StreamingPredictor": "predict",
+    "evaluate_config": "evaluate",
+    "evaluate_split": "evaluate",
+    "predict_video": "predict",
     "SegmentationAccumulator": "metrics",
     "VideoConsistencyAccumulator": "metrics",
-    "confusion_matrix": "metrics",
     "format_metrics_table": "metrics",
     "metrics_to_json": "metrics",
+    "scalar_metrics": "metrics",
     "segmentation_metrics": "metrics",
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"themask.evaluation.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'themask.evaluation' has no attribute {name!r}")
+__getattr__ = lazy_exports("themask.evaluation", _EXPORTS)

@@ -14,21 +14,19 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from themask.distributed import all_reduce
 
 ArrayLike = Union[Tensor, np.ndarray]
 
 __all__ = [
-    "confusion_matrix",
     "segmentation_metrics",
     "SegmentationAccumulator",
     "VideoConsistencyAccumulator",
-    "all_reduce_sum_",
     "format_metrics_table",
     "metrics_to_json",
     "per_class_table",
-    "window_consistency",
 ]
 
 
@@ -42,7 +40,7 @@ def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int, ignore_ind
     the others) and the ignored ones."""
     if pred.shape != target.shape:
         raise ValueError(
-            f"confusion_matrix: pred shape {tuple(pred.shape)} != target shape "
+            f"confusion matrix: pred shape {tuple(pred.shape)} != target shape "
             f"{tuple(target.shape)}"
         )
     k2 = num_classes * num_classes
@@ -64,28 +62,14 @@ def _check_ranges(counts: Tensor, num_classes: int, ignore_index: int) -> None:
     bad_target, bad_pred = counts[k2 : k2 + 2].tolist()
     if bad_target:
         raise ValueError(
-            f"confusion_matrix: target values must be in [0, {num_classes}) or {ignore_index}; "
+            f"confusion matrix: target values must be in [0, {num_classes}) or {ignore_index}; "
             f"{bad_target} pixel(s) are not"
         )
     if bad_pred:
         raise ValueError(
-            f"confusion_matrix: predicted values must be in [0, {num_classes}); "
+            f"confusion matrix: predicted values must be in [0, {num_classes}); "
             f"{bad_pred} pixel(s) are not"
         )
-
-
-def confusion_matrix(
-    pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: int = 255
-) -> Tensor:
-    """Pixel confusion matrix, rows = ground truth, columns = prediction.
-
-    pred, target: integer maps of the same shape (any number of dims, e.g. (T, H, W)).
-    Pixels whose target equals ``ignore_index`` are left out. Returns (K, K) int64 on the
-    device of ``pred``; raises ``ValueError`` for values out of range.
-    """
-    counts = _confusion_counts(_as_tensor(pred), _as_tensor(target), num_classes, ignore_index)
-    _check_ranges(counts, num_classes, ignore_index)
-    return counts[: num_classes * num_classes].reshape(num_classes, num_classes)
 
 
 def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
@@ -126,20 +110,13 @@ def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
     }
 
 
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` in place over all processes (no-op unless torch.distributed is set up).
-
-    NCCL only reduces CUDA tensors, so CPU tensors travel through the current CUDA device.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(staged)
-        tensor.copy_(staged.to(tensor.device))
-    else:
-        dist.all_reduce(tensor)
-    return tensor
+def scalar_metrics(results: dict[str, object]) -> dict[str, float]:
+    """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
+    return {
+        k: float(v)  # type: ignore[arg-type]
+        for k, v in results.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class SegmentationAccumulator:
@@ -160,9 +137,6 @@ class SegmentationAccumulator:
         self.counts = torch.zeros(k2 + 3, dtype=torch.int64, device=self.device)
         self.matrix = self.counts[:k2].view(num_classes, num_classes)
 
-    def reset(self) -> None:
-        self.counts.zero_()
-
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:
         """Add the pixels of ``pred`` / ``target`` (same shape, e.g. (H, W) or (T, H, W)).
         Values out of range are counted here and reported by ``compute``."""
@@ -173,7 +147,7 @@ class SegmentationAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the counts over all processes (call once, on every rank, before ``compute``)."""
-        all_reduce_sum_(self.counts)
+        self.counts.copy_(all_reduce(self.counts))
 
     def compute(self) -> Dict[str, object]:
         _check_ranges(self.counts, self.num_classes, self.ignore_index)
@@ -181,20 +155,6 @@ class SegmentationAccumulator:
 
 
 PUBLISHED_VC_SKIP = 16  # VSS-CFFM VC_perclip.py: clip_num = 16, checked before both n
-
-
-def window_consistency(gt: Tensor, pred: Tensor) -> float:
-    """VC of one window (reference/vspw.md §3.3, step 3–4), computed directly.
-
-    gt, pred: (n, H, W). Returns |S ∩ T| / |S| with S the pixels whose GT is equal in all
-    n frames and T those whose prediction is; ``nan`` when S is empty.
-    """
-    stable_gt = (gt == gt[:1]).all(dim=0)
-    stable_pred = (pred == pred[:1]).all(dim=0)
-    size = int(stable_gt.sum())
-    if size == 0:
-        return math.nan
-    return int((stable_gt & stable_pred).sum()) / size
 
 
 class VideoConsistencyAccumulator:
@@ -205,9 +165,9 @@ class VideoConsistencyAccumulator:
     N ≤ ``skip_up_to`` contributes none. ``skip_up_to=PUBLISHED_VC_SKIP`` (16, for every n) is
     the rule of VSS-CFFM ``VC_perclip.py``, whose numbers THE-Mask and its lineage publish;
     ``skip_up_to=None`` (= n) is the per-length rule of the VSPW authors' script.
-    VC of a window = |S ∩ T| / |S| (see :func:`window_consistency`); windows with empty S are
-    dropped; mVC_n = mean over all windows of all videos (window-
-    weighted, not per video).
+    VC of a window = |S ∩ T| / |S|, S the pixels whose GT is equal in all n frames of the
+    window and T those whose prediction is; windows with empty S are dropped; mVC_n = mean
+    over all windows of all videos (window-weighted, not per video).
 
     Feed frames in temporal order: ``start_video()``, ``update(pred, gt)`` per frame,
     ``end_video()``. Memory does not grow with the video: instead of keeping the last n
@@ -249,11 +209,6 @@ class VideoConsistencyAccumulator:
         # this video's [sum of VC, windows], added to ``totals`` when the video is long enough
         self._video_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.frames_seen = 0
-
-    def reset(self) -> None:
-        self.totals.zero_()
-        self._in_video = False
-        self._reset_video()
 
     def start_video(self) -> None:
         if self._in_video:
@@ -305,13 +260,9 @@ class VideoConsistencyAccumulator:
         self._in_video = False
         self._reset_video()
 
-    @property
-    def num_windows(self) -> int:
-        return int(self.totals[1])
-
     def all_reduce(self) -> None:
         """Sum the window totals over all processes (call on every rank before ``compute``)."""
-        all_reduce_sum_(self.totals)
+        self.totals.copy_(all_reduce(self.totals))
 
     def compute(self) -> float:
         """mVC_n as a fraction; ``nan`` when no window was counted."""

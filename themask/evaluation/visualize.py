@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -22,9 +23,13 @@ __all__ = [
     "with_legend",
     "save_label_png",
     "OverlayVideoWriter",
+    "write_predictions",
+    "comparison_panel",
+    "plot_loss_curve",
 ]
 
 LEGEND_ROW, LEGEND_BOX, LEGEND_PAD = 14, 10, 3
+FOLDER_FPS = 15.0  # overlay.mp4 of a frame folder (VSPW's frame rate)
 
 
 def _palette_array(palette: Union[np.ndarray, Sequence[Sequence[int]]]) -> np.ndarray:
@@ -202,3 +207,105 @@ class OverlayVideoWriter:
             self._container.mux(packet)
         self._container.close()
         self._container = None
+
+
+Segmenter = Callable[[Iterator[np.ndarray]], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+def write_predictions(
+    input_path: PathLike,
+    out: PathLike,
+    segment: Segmenter,
+    *,
+    class_names: Sequence[str],
+    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    fps: float | None = None,
+    alpha: float = 0.5,
+) -> int:
+    """Segment the frames of a video file or frame folder and write ``out/labels/<frame>.png``
+    (train ids), ``out/overlays/<frame>.png`` (overlay, legend in a panel to its right) and
+    ``out/overlay.mp4`` at ``fps`` (default: the input video's rate; 15 for a frame folder).
+
+    ``segment`` maps the (H, W, 3) uint8 frames, in order, to ``(frame, labels (H, W))``, one
+    pair per frame as it arrives (the PyTorch or the ONNX Runtime predictor). Returns the
+    number of frames.
+    """
+    from tqdm import tqdm
+
+    from themask.data.video_io import iter_input_frames, video_frame_rate
+
+    if fps is None and Path(input_path).is_file():
+        fps = video_frame_rate(input_path)
+    out = Path(out)
+    names: list[str] = []
+
+    def frames() -> Iterator[np.ndarray]:
+        for name, frame in iter_input_frames(input_path):
+            names.append(name)
+            yield frame
+
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    with OverlayVideoWriter(out / "overlay.mp4", fps=fps or FOLDER_FPS) as writer:
+        for frame, labels in tqdm(segment(frames()), desc="predict", unit="frame", disable=None):
+            save_label_png(labels, out / "labels" / f"{names[-1]}.png", palette)
+            picture = overlay(frame, labels, palette, alpha=alpha)
+            picture = with_legend(picture, np.unique(labels), class_names, palette)
+            Image.fromarray(picture).save(out / "overlays" / f"{names[-1]}.png")
+            writer.write(picture)
+    return len(names)
+
+
+def comparison_panel(
+    frame: np.ndarray,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    class_names: Sequence[str],
+    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    *,
+    scale: int = 2,
+) -> np.ndarray:
+    """Ground truth | prediction overlays of one (H, W, 3) frame side by side, upscaled
+    ``scale`` times (nearest), with a legend of the classes of both on the right."""
+    gap = np.full((frame.shape[0], 4, 3), 255, dtype=np.uint8)
+    pair = Image.fromarray(np.concatenate([overlay(frame, gt, palette), gap,
+                                           overlay(frame, pred, palette)], axis=1))
+    pair = pair.resize((pair.width * scale, pair.height * scale), Image.NEAREST)
+    shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
+    return with_legend(np.asarray(pair), shown, class_names, palette)
+
+
+def plot_loss_curve(
+    metrics_path: PathLike, png_path: PathLike, *, title: str | None = None
+) -> None:
+    """PNG of the training loss (and the matched-query fractions) from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from themask.logger import read_metrics
+
+    records = read_metrics(metrics_path, tag="train")
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in records], color="tab:blue", label="total loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fractions = [
+        k for k in ("matched_fraction_round1", "matched_fraction_round2") if k in records[0]
+    ]
+    if fractions:
+        right = ax.twinx()
+        for key, colour in zip(fractions, ("tab:orange", "tab:green")):
+            right.plot(steps, [r[key] for r in records], color=colour, lw=1, label=key)
+        right.set_ylabel("fraction of queries matched")
+        right.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

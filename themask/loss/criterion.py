@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from themask.distributed import all_reduce, is_initialized
 from themask.loss.config import LossConfig
 from themask.loss.matcher import BatchMatch, HungarianMatcher, MatchIndices
 from themask.loss.point_sample import point_sample, uncertain_point_coords
@@ -336,7 +336,7 @@ class SetCriterion:
         )
         queries = clip_sets[-1].mask_logits.shape[1]
         assignment = assign(result, queries=queries, num_classes=self.num_classes, device=device)
-        counts = average_over_processes(assignment.counts)  # (pairs, masks)
+        counts = all_reduce(assignment.counts, mean=True)  # (pairs, masks)
         normaliser = counts[0].clamp(min=labels.shape[1])  # (mask, labelled frame) pairs, >= T
         rows = [assignment.primary] + ([assignment.secondary] if rounds == 2 else [])
         readers = [mask_reader(targets, r) for r in rows]
@@ -362,7 +362,7 @@ class SetCriterion:
         log["matched_fraction_round1"] = _matched_fraction(final_matches, queries, "primary")
         log["matched_fraction_round2"] = _matched_fraction(final_matches, queries, "secondary")
         masks = sum(len(c) for c in result.classes)
-        log["num_masks"] = counts[1].clamp(min=1.0) if _distributed() else max(float(masks), 1.0)
+        log["num_masks"] = counts[1].clamp(min=1.0) if is_initialized() else max(float(masks), 1.0)
         return LossOutput(total=total, terms=log)
 
     def _check_shapes(self, prediction_set: PredictionSet, labels: Tensor) -> None:
@@ -436,19 +436,6 @@ class SetCriterion:
             oversample_ratio=cfg.oversample_ratio,
             importance_sample_ratio=cfg.importance_sample_ratio,
         )
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def average_over_processes(values: Tensor) -> Tensor:
-    """Mean of ``values`` over the processes under DDP (on the device, nothing waits)."""
-    if _distributed():
-        values = values.clone()
-        dist.all_reduce(values)
-        values = values / dist.get_world_size()
-    return values
 
 
 def _matched_fraction(matches: Sequence[MatchIndices], queries: int, which: str) -> float:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from themask.data.vspw import IGNORE_INDEX
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from themask.data.vspw import NUM_CLASSES
 from themask.loss.config import LossConfig
 from themask.modeling.config import ModelConfig
 from themask.modeling.mask_decoder import MaskDecoder
@@ -71,7 +72,7 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def preset_config(name: str, *, num_classes: int = 124, **overrides: Any) -> ModelConfig:
+def preset_config(name: str, *, num_classes: int = NUM_CLASSES, **overrides: Any) -> ModelConfig:
     """The network (``ModelConfig``) of preset ``name`` with ``overrides`` (``ModelConfig``
     fields) applied. ``mask2former_*`` and ``themask_*_t1`` share a network."""
     if name not in PRESETS:
@@ -132,6 +133,6 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
     return THEMask(config=config, backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder)
 
 
-def build_model(name: str, *, num_classes: int = 124, **overrides: Any) -> THEMask:
+def build_model(name: str, *, num_classes: int = NUM_CLASSES, **overrides: Any) -> THEMask:
     """Build preset ``name`` (see ``list_presets()``); ``overrides`` are ``ModelConfig`` fields."""
     return build_model_from_config(preset_config(name, num_classes=num_classes, **overrides))

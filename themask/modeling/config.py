@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
+from themask.data.vspw import NUM_CLASSES
+
 
 @dataclass
 class ModelConfig:
@@ -20,7 +22,7 @@ class ModelConfig:
     backbone_num_heads: Optional[Tuple[int, int, int, int]] = None
     drop_path_rate: float = 0.1
     decoder: Literal["single", "temporal"] = "temporal"  # single = Mask2Former decoder (§4.1)
-    num_classes: int = 124
+    num_classes: int = NUM_CLASSES
     num_frames: int = 2  # clip length used for training the temporal decoder
     num_queries: int = 100
     hidden_dim: int = 256

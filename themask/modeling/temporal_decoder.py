@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from themask.data.vspw import NUM_CLASSES
 from themask.modeling.outputs import PredictionSet
 from themask.modeling.transformer import (
     CrossAttentionLayer,
@@ -88,7 +89,7 @@ class TemporalDecoder(QueryDecoder):
     def __init__(
         self,
         *,
-        num_classes: int = 124,
+        num_classes: int = NUM_CLASSES,
         num_queries: int = 100,
         dim: int = 256,
         mask_dim: int = 256,

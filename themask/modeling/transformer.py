@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from themask.data.vspw import NUM_CLASSES
 from themask.modeling.outputs import Predictions, PredictionSet
 from themask.modeling.position_encoding import sine_position_encoding_3d
 
@@ -166,7 +167,7 @@ class MLP(nn.Module):
 class PredictionHead(nn.Module):
     """LayerNorm → class logits (K+1) and mask embeddings (mask_dim) per query."""
 
-    def __init__(self, *, dim: int = 256, num_classes: int = 124, mask_dim: int = 256):
+    def __init__(self, *, dim: int = 256, num_classes: int = NUM_CLASSES, mask_dim: int = 256):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.class_embed = nn.Linear(dim, num_classes + 1)
@@ -299,7 +300,7 @@ class QueryDecoder(nn.Module):
     def __init__(
         self,
         *,
-        num_classes: int = 124,
+        num_classes: int = NUM_CLASSES,
         num_queries: int = 100,
         dim: int = 256,
         mask_dim: int = 256,

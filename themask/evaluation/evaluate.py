@@ -1,0 +1,244 @@
+"""Split evaluation: the test-clip protocol over every video of a split, metrics streamed.
+
+``evaluate_split`` walks every video of a ``VSPWIndex`` with the test clips of
+``themask.data.clips.test_clips`` (docs/VSPW.md §2.2–2.3, every frame predicted once),
+scores each frame at its stored resolution and feeds the metric accumulators in frame order;
+nothing but the frames of the current clip (and those waiting for an earlier frame) is kept.
+``evaluate_config`` runs it with the settings of a run config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from themask import distributed as dist_utils
+from themask.data.clips import test_clips
+from themask.data.description import DatasetDescription
+from themask.data.transforms import TestTransform
+from themask.data.vspw import (
+    IGNORE_INDEX,
+    DataError,
+    Video,
+    VSPWIndex,
+    read_frame,
+    read_raw_label,
+)
+from themask.evaluation.metrics import (
+    PUBLISHED_VC_SKIP,
+    SegmentationAccumulator,
+    VideoConsistencyAccumulator,
+)
+from themask.evaluation.predict import Transform, eval_mode, network_input, scores_to_labels, upload
+from themask.evaluation.visualize import save_label_png
+from themask.io import PathLike
+from themask.precision import AmpSpec, autocast_context
+
+if TYPE_CHECKING:
+    from themask.config import RunConfig
+
+__all__ = ["evaluate_config", "evaluate_split"]
+
+
+def evaluate_split(
+    model: nn.Module,
+    index: VSPWIndex,
+    *,
+    clip_len: int,
+    transform: Transform,
+    device: str | torch.device,
+    num_classes: int | None = None,
+    write_dir: PathLike | None = None,
+    palette: np.ndarray | None = None,
+    amp: AmpSpec = None,
+    vc_lengths: Sequence[int] = (8, 16),
+    vc_gt: str = "train_id",
+    vc_rule: str = "published",
+    max_videos: int | None = None,
+    distributed: bool = False,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Predict every frame of ``index`` with test clips of ``clip_len`` frames and score it.
+
+    ``model(frames (1, T, 3, h, w))`` in eval mode must return class scores (1, T, K, h, w);
+    ``transform`` maps the clip's original frames to the network input (T, 3, h, w).
+    Scores are resized to each frame's stored size, argmax'ed and compared with the GT.
+    Frames without a mask (sparse datasets) are predicted as context but not scored, and
+    mVC sees only the masked frames, as the published scripts (they list the mask folder).
+    ``num_classes`` defaults to the index's dataset description.
+
+    ``vc_gt`` picks the GT encoding of mVC (see ``VideoConsistencyAccumulator``):
+    ``"train_id"`` (0 and 255 both ignore; the CFFM script, default) or ``"raw"`` (raw PNG
+    values; the VSPW authors' script). ``vc_rule``: ``"published"`` skips videos of at most
+    16 (masked) frames for every mVC_n (VSS-CFFM ``VC_perclip.py``, the published tables);
+    ``"per_length"`` skips those of at most n frames for mVC_n. ``write_dir``: also write
+    ``<dir>/<video>/<stem>.png`` ('P' mode, train ids, ``palette``).
+    ``distributed=True`` (all ranks must call): the videos are split over the processes and
+    the metric sums reduced, so every rank returns the same result; with ``False`` the calling
+    process evaluates everything alone (e.g. rank 0 during training).
+
+    Returns the dict of :func:`themask.evaluation.metrics.segmentation_metrics` plus
+    ``mVC<n>`` per window length, ``num_videos`` and ``num_frames`` (frames scored); fractions
+    in [0, 1], ``nan`` = undefined.
+    """
+    if vc_gt not in ("train_id", "raw"):
+        raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
+    if vc_rule not in ("published", "per_length"):
+        raise ValueError(f"vc_rule must be 'published' or 'per_length', got {vc_rule!r}")
+    description = index.description
+    num_classes = num_classes or description.num_classes
+    if write_dir is not None and palette is None:
+        raise ValueError("evaluate_split: write_dir needs a palette for the prediction PNGs")
+    if not index.labelled:
+        raise ValueError(f"evaluate_split: split '{index.split}' of {index.root} has no masks")
+    device = torch.device(device)
+    seg = SegmentationAccumulator(num_classes=num_classes, ignore_index=IGNORE_INDEX, device=device)
+    skip = PUBLISHED_VC_SKIP if vc_rule == "published" else None
+    vcs = {n: VideoConsistencyAccumulator(n, skip_up_to=skip, device=device) for n in vc_lengths}
+    videos = index.videos[:max_videos] if max_videos is not None else index.videos
+    mine = videos[dist_utils.get_rank() :: dist_utils.get_world_size()] if distributed else videos
+    num_scored = 0
+    bar = tqdm(
+        total=sum(len(v) for v in mine),
+        desc=f"eval {index.split}",
+        unit="frame",
+        disable=not (progress and (dist_utils.is_main() or not distributed)),
+    )
+    with eval_mode(model), bar:
+        for video in mine:
+            for vc in vcs.values():
+                vc.start_video()
+            predictions = _predict_in_frame_order(
+                model, video, clip_len=clip_len, transform=transform, device=device, amp=amp
+            )
+            for frame, pred in predictions:  # pred: (H, W) int64
+                mask_path = video.mask_path(frame)
+                if mask_path is not None:
+                    _score_frame(mask_path, pred, seg, vcs, description, vc_gt)
+                    num_scored += 1
+                if write_dir is not None:
+                    save_label_png(
+                        pred.to("cpu", torch.uint8).numpy(),
+                        Path(write_dir) / video.name / f"{video.frame_paths[frame].stem}.png",
+                        palette,
+                    )
+                bar.update(1)
+            for vc in vcs.values():
+                vc.end_video()
+    counts = torch.tensor([len(mine), num_scored], dtype=torch.float64, device=device)
+    if distributed:
+        seg.all_reduce()
+        for vc in vcs.values():
+            vc.all_reduce()
+        counts = dist_utils.all_reduce(counts)
+    results: dict[str, object] = dict(seg.compute())
+    for n, vc in vcs.items():
+        results[f"mVC{n}"] = vc.compute()
+    results["num_videos"] = int(counts[0])
+    results["num_frames"] = int(counts[1])
+    return results
+
+
+def evaluate_config(
+    model: nn.Module,
+    cfg: RunConfig,
+    *,
+    device: str | torch.device,
+    split: str | None = None,
+    clip_len: int | None = None,
+    write_dir: PathLike | None = None,
+    amp: AmpSpec = None,
+    vc_gt: str = "train_id",
+    vc_rule: str | None = None,
+    progress: bool = True,
+) -> dict[str, object]:
+    """:func:`evaluate_split` on ``<data.root>/<split>`` (default ``data.val_split``) with the
+    settings of a run config: test transform from ``data.scale`` / ``data.size_divisor``,
+    class count and palette from the dataset description, test clips of ``clip_len``
+    (default ``data.eval_clip_len``) frames, ``eval.max_videos`` and (unless given)
+    ``eval.amp`` / ``eval.vc_rule``. Under torch.distributed every rank must call it (videos
+    are split over the ranks) and every rank gets the same result.
+    """
+    data, description = cfg.data, cfg.data.description
+    return evaluate_split(
+        model,
+        VSPWIndex(data.root, split or data.val_split, description=description),
+        clip_len=clip_len or data.eval_clip_len,
+        transform=TestTransform(scale=data.scale, size_divisor=data.size_divisor),
+        device=device,
+        write_dir=write_dir,
+        palette=description.palette,
+        amp=amp or cfg.eval.amp,
+        vc_gt=vc_gt,
+        vc_rule=vc_rule or cfg.eval.vc_rule,
+        max_videos=cfg.eval.max_videos,
+        distributed=dist_utils.is_initialized(),
+        progress=progress,
+    )
+
+
+def _predict_in_frame_order(
+    net: nn.Module,
+    video: Video,
+    *,
+    clip_len: int,
+    transform: Transform,
+    device: torch.device,
+    amp: AmpSpec,
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(frame index, labels (H, W))`` of every frame of ``video`` in frame order.
+
+    Test clips may come out of frame order (T = 2: {0, 3}, {1, 4}, {2, 5}); a frame waits
+    only until all earlier frames are predicted.
+    """
+    pending: dict[int, Tensor] = {}
+    next_frame = 0
+    size = None  # (H, W) of the video's first frame read
+    for clip in test_clips(len(video), clip_len):
+        frames = [read_frame(video.frame_paths[i]) for i in clip]
+        size = size or frames[0].shape[:2]
+        for index, frame in zip(clip, frames):
+            if frame.shape[:2] != size:
+                (h0, w0), (h1, w1) = size, frame.shape[:2]
+                raise DataError(
+                    f"video {video.name}: frame {video.frame_paths[index].name} is {w1}x{h1}, "
+                    f"earlier frames {w0}x{h0}; the frames of a video must share one size"
+                )
+        inputs = network_input(transform, frames, device).unsqueeze(0)  # (1, T, 3, h, w)
+        with torch.no_grad(), autocast_context(amp, device):
+            scores = net(inputs)  # (1, T, K, h, w)
+        pending.update(zip(clip, scores_to_labels(scores[0], frames[0].shape[:2])))
+        while next_frame in pending:
+            yield next_frame, pending.pop(next_frame)
+            next_frame += 1
+    if pending or next_frame != len(video):
+        raise RuntimeError(f"test clips of {video.name} did not cover every frame once")
+
+
+def _score_frame(
+    mask_path: Path,
+    pred: Tensor,
+    seg: SegmentationAccumulator,
+    vcs: dict[int, VideoConsistencyAccumulator],
+    description: DatasetDescription,
+    vc_gt: str,
+) -> None:
+    target = upload(torch.from_numpy(description.read_label(mask_path)), pred.device)
+    if target.shape != pred.shape:
+        raise DataError(
+            f"{mask_path}: mask size {tuple(target.shape)} differs from its frame's "
+            f"{tuple(pred.shape)}"
+        )
+    seg.update(pred, target)
+    if vcs:
+        vc_target = target
+        if vc_gt == "raw":
+            vc_target = upload(torch.from_numpy(np.array(read_raw_label(mask_path))), pred.device)
+        for vc in vcs.values():
+            vc.update(pred, vc_target)

@@ -1,0 +1,128 @@
+"""Streaming prediction: causal sliding windows over a frame stream, each frame encoded once.
+
+``StreamingPredictor`` keeps the backbone + pixel-decoder features of the recent frames
+(``themask.data.clips.CausalWindows``, shared with the ONNX Runtime predictor) and decodes
+the window of every new frame; ``predict_video`` turns (H, W, 3) uint8 frames into labels.
+The helpers below (network input, scores → labels, eval mode) serve split evaluation too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from themask.data.clips import TEST_CLIP_STRIDE, CausalWindows
+from themask.data.transforms import TestTransform, normalize_frames
+from themask.precision import AmpSpec, autocast_context
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[[list[np.ndarray]], Tensor]  # list of (H, W, 3) uint8 → (T, 3, h, w)
+
+
+def upload(x: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def network_input(transform: Transform, frames: list[np.ndarray], device: torch.device) -> Tensor:
+    """``transform(frames)`` (T, 3, h, w) on ``device``; a ``TestTransform``'s frames travel as
+    uint8 and are normalised there (4x less traffic)."""
+    if isinstance(transform, TestTransform):
+        return normalize_frames(upload(transform.resize(frames), device))
+    return upload(transform(frames), device)
+
+
+def scores_to_labels(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """Class scores (T, K, h, w) → labels (T, H, W) int64 at ``size`` = (H, W).
+
+    Scores are resized bilinearly (align_corners False) one frame at a time, so a K×H×W
+    float map of one frame is the largest temporary.
+    """
+    labels = []
+    for frame_scores in scores:
+        resized = frame_scores.float()[None]
+        if tuple(resized.shape[-2:]) != tuple(size):
+            resized = F.interpolate(resized, size=size, mode="bilinear", align_corners=False)
+        labels.append(resized[0].argmax(dim=0))
+    return torch.stack(labels)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; afterwards every submodule gets its own previous mode back
+    (a trainer may keep frozen parts in eval mode while the rest trains)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class StreamingPredictor:
+    """Causal sliding-window prediction with per-frame feature reuse.
+
+    The window of frame t is ``[t − (T−1)·step, …, t − step, t]`` (indices below 0 clamped
+    to 0), as ``themask.data.clips.causal_window``; the scores of its last frame are kept.
+    Each pushed frame is encoded once (``model.encode``); the decoder runs on the concatenated
+    features of the window (``FrameFeatures.cat``). A single-frame model uses T = 1.
+    Put the model (not a DDP wrapper) in eval mode first (``predict_video`` does).
+    """
+
+    def __init__(self, model: nn.Module, *, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
+        self.model = model
+        if not getattr(model, "is_temporal", True) and clip_len != 1:
+            logger.info("single-frame model: predicting with clip_len 1 instead of %d", clip_len)
+            clip_len = 1
+        self.windows = CausalWindows(clip_len, step)
+
+    def reset(self) -> None:
+        """Start a new stream (forget the cached features)."""
+        self.windows.reset()
+
+    @torch.no_grad()
+    def push(self, frame: Tensor) -> Tensor:
+        """Add the next frame (3, h, w), normalised; return its class scores (K, h, w)."""
+        parts = self.windows.push(self.model.encode(frame[None, None]))  # B = T = 1 each
+        features = parts[0].cat(parts) if len(parts) > 1 else parts[0]
+        predictions = self.model.decode(features, batch=1, frames=len(parts))
+        return self.model.semantic_scores(predictions, tuple(frame.shape[-2:]))[0, -1]
+
+
+def predict_video(
+    model: nn.Module,
+    frames: Iterable[np.ndarray],
+    *,
+    clip_len: int,
+    transform: Transform,
+    device: str | torch.device,
+    step: int = TEST_CLIP_STRIDE,
+    amp: AmpSpec = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(frame, labels (H, W) int64)`` for each (H, W, 3) uint8 RGB frame of a stream, in
+    order: ``StreamingPredictor`` windows of ``clip_len`` frames ``step`` apart, scores
+    resized to the frame's size and argmax'ed. Frames may differ in size: where the network
+    input size changes, the windows start afresh (as at the first frame), so every frame is
+    segmented at its own size."""
+    device = torch.device(device)
+    predictor = StreamingPredictor(model, clip_len=clip_len, step=step)
+    input_size = None
+    with eval_mode(model):
+        for frame in frames:
+            inputs = network_input(transform, [frame], device)[0]  # (3, h, w)
+            if inputs.shape[-2:] != input_size:
+                predictor.reset()
+                input_size = inputs.shape[-2:]
+            with autocast_context(amp, device):
+                scores = predictor.push(inputs)
+            yield frame, scores_to_labels(scores[None], frame.shape[:2])[0].cpu().numpy()

@@ -29,7 +29,7 @@ def tiny_mit() -> MixTransformer:
 
 
 def random_original_mit(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random state dict in the original SegFormer layout (reference/weights.md §2)."""
+    """A random state dict in the original SegFormer layout (docs/WEIGHTS.md §2)."""
     gen = torch.Generator().manual_seed(seed)
     shapes: dict[str, tuple] = {}
     previous = 3
@@ -62,7 +62,7 @@ def random_original_mit(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def to_hf(original: dict) -> dict:
-    """Original → Hugging Face names (reference/weights.md §4), written independently here."""
+    """Original → Hugging Face names (docs/WEIGHTS.md §4), written independently here."""
     out = {}
     for key, value in original.items():
         parts = key.split(".")
@@ -99,7 +99,7 @@ def to_hf(original: dict) -> dict:
 
 
 def to_mmseg(original: dict) -> dict:
-    """Original → mmseg 1.x names (reference/weights.md §5), written independently here."""
+    """Original → mmseg 1.x names (docs/WEIGHTS.md §5), written independently here."""
     out = {}
     for key, value in original.items():
         parts = key.split(".")

@@ -70,7 +70,7 @@ def test_sampling_a_too_short_video_raises():
 
 
 def _official_grouping(n, t):
-    """Naive re-statement of reference/vspw.md §2.2 for T in {1, 2, 4}."""
+    """Naive re-statement of docs/VSPW.md §2.2 for T in {1, 2, 4}."""
     if t == 1:
         return [[i] for i in range(n)]
     block = 3 * t

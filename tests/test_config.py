@@ -130,7 +130,7 @@ def test_shipped_config_loads(path):
         assert cfg.preset == path.stem  # one config per preset
         stage2 = path.stem.endswith("_t2")
         assert cfg.data.num_frames == (2 if stage2 else 1)
-        if stage2:  # DESIGN §6: 12k steps from stage 1, decoder only, dilation [-3]
+        if stage2:  # docs/DESIGN.md §6: 12k steps from stage 1, decoder only, dilation [-3]
             assert cfg.train.max_steps == 12_000 and cfg.data.dilation == (-3,)
             assert cfg.train.freeze == ["backbone", "pixel_decoder"]
             assert cfg.train.init_from and cfg.train.head_init == "official"

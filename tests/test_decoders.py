@@ -81,7 +81,7 @@ def naive_position(frames, height, width, dim):
 
 
 def blocked_from_masks(masks, size):
-    """masks (N, H, W) full-resolution logits → blocked (N, h·w) as DESIGN §4.1 states."""
+    """masks (N, H, W) full-resolution logits → blocked (N, h·w) (docs/DESIGN.md §4.1)."""
     low = F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0]
     blocked = low.sigmoid().flatten(1) < 0.5
     blocked[blocked.all(dim=1)] = False

@@ -1,4 +1,4 @@
-"""Metrics: worked examples of reference/vspw.md §5, brute-force mVC, streaming, DDP reduce."""
+"""Metrics: worked examples of docs/VSPW.md §5, brute-force mVC, streaming, DDP reduce."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from themask.evaluation.metrics import (
     segmentation_metrics,
 )
 
-# reference/vspw.md §5.2 (rows = GT, columns = prediction)
+# docs/VSPW.md §5.2 (rows = GT, columns = prediction)
 TOY_MATRIX = np.array([[50, 5, 5, 0], [5, 25, 0, 0], [0, 0, 0, 0], [0, 0, 0, 10]])
 
 
@@ -125,7 +125,7 @@ def test_streaming_accumulation_equals_one_shot():
     assert [r["name"] for r in rows] == [f"c{i}" for i in range(k)]
 
 
-# reference/vspw.md §5.1: raw GT values, predictions in train ids
+# docs/VSPW.md §5.1: raw GT values, predictions in train ids
 TOY_GT = [[[5, 5], [0, 7]], [[5, 5], [0, 8]], [[5, 6], [0, 8]]]
 TOY_PRED = [[[4, 4], [3, 6]], [[4, 2], [3, 6]], [[4, 2], [1, 7]]]
 

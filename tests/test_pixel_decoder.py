@@ -165,7 +165,7 @@ def test_gradients_reach_every_parameter_and_input():
 
 def test_default_size_matches_official_parameter_count():
     # Sum of the shapes of `decode_head.pixel_decoder.*` in the official MiT-B1 checkpoint key
-    # list (reference/official_keys_mit_b1_t1.txt), counted independently of this code.
+    # list (tests/data/official_keys_mit_b1_t1.txt), counted independently of this code.
     decoder = MSDeformAttnPixelDecoder(in_channels=(64, 128, 320, 512))
     assert sum(p.numel() for p in decoder.parameters()) == 5_315_008
     assert decoder.level_embed.shape == (3, 256)

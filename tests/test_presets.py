@@ -1,4 +1,4 @@
-"""Presets: names, configuration switches, and parameter counts against DESIGN.md §7."""
+"""Presets: names, configuration switches, and parameter counts against docs/DESIGN.md §7."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ EXPECTED_NAMES = (
     + [f"mask2former_{v}" for v in VARIANTS]
     + ["themask_tiny_t1", "themask_tiny_t2", "mask2former_tiny"]
 )
-# DESIGN §7: official counts (M) of the single-frame (t1) and TAD (t2) models; paper: B5 t = 2.
+# docs/DESIGN.md §7: official counts (M) of the single-frame (t1) and TAD (t2) models;
+# paper: B5 t = 2.
 EXPECTED_MILLIONS = {
     "themask_mit_b0_t1": 23.03,
     "themask_mit_b1_t1": 32.99,

@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (DESIGN.md §6). Defaults are stage 1 on VSPW.
+    """Optimisation recipe (docs/DESIGN.md §6). Defaults are stage 1 on VSPW.
 
     ``batch_size`` is the *global* batch (clips per optimizer step over all processes); each
     process loads ``batch_size / (world_size * grad_accum)`` clips per forward pass.
@@ -84,7 +84,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings (reference/vspw.md §2-3).
+    """Evaluation settings (docs/VSPW.md §2-3).
 
     The split and the test clip length live in ``data`` (``data.val_split``,
     ``data.test_clip_len``), shared with the data pipeline.

@@ -1,4 +1,4 @@
-"""Iteration-based training loop (DESIGN.md §6): one ``Trainer`` for 1 process or DDP.
+"""Iteration-based training loop (docs/DESIGN.md §6): one ``Trainer`` for 1 process or DDP.
 
 A run directory holds:
 

@@ -1,4 +1,4 @@
-"""Optimiser parameter groups and the poly learning-rate schedule (DESIGN.md §6).
+"""Optimiser parameter groups and the poly learning-rate schedule (docs/DESIGN.md §6).
 
 The rules are code, not name patterns:
 

@@ -24,7 +24,7 @@ def clip_offsets(dilation: Sequence[int]) -> Tuple[int, ...]:
     """Offsets of a training clip relative to its target frame, target (0) last.
 
     ``dilation`` holds non-positive, strictly increasing offsets (``[-9, -6, -3]``, ``[-3]``,
-    ``[0]``); the target is appended unless already present (``reference/vspw.md`` §2.1).
+    ``[0]``); the target is appended unless already present (``docs/VSPW.md`` §2.1).
     """
     offsets = [int(d) for d in dilation]
     if not offsets:
@@ -110,14 +110,14 @@ def _chunks(indices: Sequence[int], size: int) -> List[List[int]]:
 def test_clips(
     num_frames: int, clip_len: int, *, stride: int = TEST_CLIP_STRIDE
 ) -> List[List[int]]:
-    """Clips that predict every frame of a video exactly once (``reference/vspw.md`` §2.2).
+    """Clips that predict every frame of a video exactly once (``docs/VSPW.md`` §2.2).
 
     Frames are cut into blocks of ``stride * clip_len``; block ``b`` gives the ``stride`` clips
     ``{b + j + stride * i : i < clip_len}`` for ``j < stride`` (T = 2: {b, b+3}, {b+1, b+4},
     {b+2, b+5}; T = 4: blocks of 12), exactly the official grouping for T = 1, 2 and 4, and the
     same rule for any other T. Frames after the last complete block, and all frames of a video
     shorter than one block, are cut into consecutive chunks of ``clip_len`` (the last may be
-    shorter). Unlike the official code (quirk Q6) a short video is still fully covered.
+    shorter). Unlike the official code (Q6 of docs/VSPW.md §4) a short video is still fully covered.
     """
     if clip_len < 1 or stride < 1:
         raise ValueError(f"clip_len and stride must be >= 1, got {clip_len} and {stride}")

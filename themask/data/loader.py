@@ -160,7 +160,7 @@ def _read_clip_labels(
 
 
 class VSPWTrainDataset(Dataset):
-    """Training clips (``reference/vspw.md`` §2.1): item = one clip of one video.
+    """Training clips (``docs/VSPW.md`` §2.1): item = one clip of one video.
 
     Keys are ``(video_index, sample_id)`` from ``InfiniteClipSampler``; an ``int`` key ``i``
     means ``(i % num_videos, i)``. Returns a ``ClipSample`` with frames (T, 3, h, w) and labels

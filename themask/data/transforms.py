@@ -1,7 +1,7 @@
 """Clip transforms: training augmentation with one geometry per clip, and the test resize.
 
 A clip is a list of T frames (H, W, 3) uint8 RGB and T label maps (H, W) uint8 train ids of
-equal size. ``TrainTransform`` follows DESIGN.md §6 / ``reference/vspw.md`` §2.1; sizes are
+equal size. ``TrainTransform`` follows docs/DESIGN.md §6 / ``docs/VSPW.md`` §2.1; sizes are
 parameters so tiny CPU configurations work. ``TestTransform`` follows §2.3.
 """
 
@@ -151,7 +151,7 @@ def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 class TrainTransform:
-    """Clip-consistent training augmentation (DESIGN.md §6).
+    """Clip-consistent training augmentation (docs/DESIGN.md §6).
 
     Geometry — resize ratio, crop box (checked on the target frame, the last one), flip — is
     drawn once per clip; the photometric distortion is drawn per frame. Output: frames
@@ -224,7 +224,7 @@ class TrainTransform:
 
 
 class TestTransform:
-    """Test-time resize (``reference/vspw.md`` §2.3): fit ``scale`` = (long, short) keeping the
+    """Test-time resize (``docs/VSPW.md`` §2.3): fit ``scale`` = (long, short) keeping the
     ratio, then stretch each side up to a multiple of ``size_divisor`` (853x480 -> 864x480).
 
     ``__call__`` maps T frames (H, W, 3) uint8 of one size to (T, 3, h, w) float32 normalised.

@@ -1,7 +1,7 @@
 """Videos on disk: split files, video folders, frame/label readers; VSPW class names and palette.
 
 The folder layout and label encoding of a dataset come from its ``dataset.yaml``
-(``themask.data.description``); the defaults are VSPW's (``reference/vspw.md`` §1.1)::
+(``themask.data.description``); the defaults are VSPW's (``docs/VSPW.md`` §1.1)::
 
     <root>/{train,val,test}.txt          one video folder name per line
     <root>/data/<video>/origin/<frame>.jpg
@@ -292,7 +292,7 @@ def _read_video(
 
 class VSPWIndex:
     """Videos of one split of a dataset described by ``description`` (default: the root's
-    ``dataset.yaml``, else the VSPW layout, ``reference/vspw.md`` §1.1-1.2).
+    ``dataset.yaml``, else the VSPW layout, ``docs/VSPW.md`` §1.1-1.2).
 
     Every listed video must exist with at least one frame and, when ``labelled`` and the
     dataset is not sparse, a mask for every frame; otherwise ``DataError`` names every

@@ -1,4 +1,4 @@
-"""VSPW metrics (reference/vspw.md §3): confusion matrix → mIoU, WIoU, accuracies; mVC_n.
+"""VSPW metrics (docs/VSPW.md §3): confusion matrix → mIoU, WIoU, accuracies; mVC_n.
 
 Everything is streaming: the accumulators hold one K×K matrix, resp. two counters plus a
 few per-pixel maps of the current video, never a whole split of predictions. Updates never
@@ -73,7 +73,7 @@ def _check_ranges(counts: Tensor, num_classes: int, ignore_index: int) -> None:
 
 
 def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
-    """Metrics of a (K, K) confusion matrix (rows = GT), reference/vspw.md §3.1–3.2.
+    """Metrics of a (K, K) confusion matrix (rows = GT), docs/VSPW.md §3.1–3.2.
 
     Returns a dict of
       ``mIoU``          mmseg variant: mean IoU over classes with union > 0;
@@ -158,7 +158,7 @@ PUBLISHED_VC_SKIP = 16  # VSS-CFFM VC_perclip.py: clip_num = 16, checked before 
 
 
 class VideoConsistencyAccumulator:
-    """mVC_n exactly as reference/vspw.md §3.3 (official VSPW / CFFM scripts), streaming.
+    """mVC_n exactly as docs/VSPW.md §3.3 (official VSPW / CFFM scripts), streaming.
 
     Per video of N frames, windows start at i = 0 … N−n−1 (N − n windows: the window that
     ends on the last frame is not counted, as in the official script) and a video with

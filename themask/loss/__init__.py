@@ -1,4 +1,4 @@
-"""Training objective: targets, two-round matching, hierarchical loss (DESIGN.md §5)."""
+"""Training objective: targets, two-round matching, hierarchical loss (docs/DESIGN.md §5)."""
 
 from themask.loss.api import training_loss
 from themask.loss.config import LossConfig

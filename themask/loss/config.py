@@ -1,4 +1,4 @@
-"""Configuration of the training objective (DESIGN.md §5). Defaults are the official values."""
+"""Configuration of the training objective (docs/DESIGN.md §5). Defaults are the official values."""
 
 from __future__ import annotations
 

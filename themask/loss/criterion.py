@@ -1,4 +1,4 @@
-"""Hierarchical THE-Mask loss over all prediction sets (DESIGN.md §5, §8).
+"""Hierarchical THE-Mask loss over all prediction sets (docs/DESIGN.md §5, §8).
 
 Per prediction set (each matched separately, two rounds):
 - class: cross-entropy over K+1 for all N queries; primary and secondary queries get their GT

@@ -1,4 +1,4 @@
-"""Two-round Hungarian matching of queries to ground-truth classes (DESIGN.md §5).
+"""Two-round Hungarian matching of queries to ground-truth classes (docs/DESIGN.md §5).
 
 Cost per clip: ``C = w_cls·C_cls + w_bce·C_bce + w_dice·C_dice`` with C_cls = −p_q(class),
 and BCE / dice on ``num_points`` uniform random points shared by every mask and every labelled

@@ -1,4 +1,4 @@
-"""Point sampling of mask maps and uncertainty-based point selection (DESIGN.md §5).
+"""Point sampling of mask maps and uncertainty-based point selection (docs/DESIGN.md §5).
 
 Point coordinates are (x, y) in [0, 1]² over the whole map: x runs along W, y along H, and
 (0, 0) is the top-left corner of the top-left pixel (``align_corners=False`` convention: pixel

@@ -1,4 +1,4 @@
-"""Training targets from label maps (DESIGN.md §5 "Targets", §8), built without host syncs.
+"""Training targets from label maps (docs/DESIGN.md §5 "Targets", §8), built without host syncs.
 
 A clip's targets are the classes present in any of its frames (ignore = 255 excluded), each with
 a binary mask over the T frames: ``labels == class``. Ignore pixels are 0 in every mask, so the

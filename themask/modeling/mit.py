@@ -1,4 +1,4 @@
-"""Mix Transformer (MiT), the SegFormer encoder (DESIGN.md §2).
+"""Mix Transformer (MiT), the SegFormer encoder (docs/DESIGN.md §2).
 
 Four stages with strides 4, 8, 16, 32. Each stage: overlapping patch embedding (strided conv +
 LayerNorm), ``depth`` pre-norm blocks (spatial-reduction attention, Mix-FFN), final LayerNorm.

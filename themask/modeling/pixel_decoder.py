@@ -98,7 +98,7 @@ def _without_autocast(projection: nn.Module, x: Tensor) -> Tensor:
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
-    """Pixel decoder of Mask2Former (DESIGN.md §3).
+    """Pixel decoder of Mask2Former (docs/DESIGN.md §3).
 
     Submodules (their official names: ``themask.weights.official``):
       ``input_proj[i]``: 1×1 conv (bias) + GroupNorm for res5, res4, res3;

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import av
 import numpy as np
@@ -32,7 +31,7 @@ LEGEND_ROW, LEGEND_BOX, LEGEND_PAD = 14, 10, 3
 FOLDER_FPS = 15.0  # overlay.mp4 of a frame folder (VSPW's frame rate)
 
 
-def _palette_array(palette: Union[np.ndarray, Sequence[Sequence[int]]]) -> np.ndarray:
+def _palette_array(palette: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
     arr = np.asarray(palette, dtype=np.uint8)
     if arr.ndim != 2 or arr.shape[1] != 3:
         raise ValueError(f"palette must be (K, 3) RGB values, got shape {arr.shape}")
@@ -41,7 +40,7 @@ def _palette_array(palette: Union[np.ndarray, Sequence[Sequence[int]]]) -> np.nd
 
 def colorize(
     labels: np.ndarray,
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     *,
     ignore_color: Sequence[int] = (0, 0, 0),
 ) -> np.ndarray:
@@ -57,7 +56,7 @@ def colorize(
 def overlay(
     frame: np.ndarray,
     labels: np.ndarray,
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     *,
     alpha: float = 0.5,
 ) -> np.ndarray:
@@ -80,7 +79,7 @@ def draw_legend(
     image: np.ndarray,
     class_ids: Sequence[int],
     class_names: Sequence[str],
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     *,
     max_entries: int = 12,
 ) -> np.ndarray:
@@ -107,7 +106,7 @@ def with_legend(
     image: np.ndarray,
     class_ids: Sequence[int],
     class_names: Sequence[str],
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
 ) -> np.ndarray:
     """(H, W, 3) image → (H, W + L, 3): the legend in a black panel to its right, so it never
     covers the picture; L fits the longest of ``class_names`` (the same for every frame)."""
@@ -121,7 +120,7 @@ def with_legend(
 def save_label_png(
     labels: np.ndarray,
     path: PathLike,
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
 ) -> None:
     """Write (H, W) train ids (0 … K−1, < 256) as a palettised 'P' PNG (VSPW prediction format)."""
     labels = np.asarray(labels)
@@ -162,12 +161,12 @@ class OverlayVideoWriter:
     def __init__(self, path: PathLike, *, fps: float = 15.0) -> None:
         self.path = Path(path)
         self.fps = fps
-        self._container: Optional[av.container.OutputContainer] = None
+        self._container: av.container.OutputContainer | None = None
         self._stream = None
-        self._size: Optional[tuple] = None
+        self._size: tuple | None = None
         self.frames_written = 0
 
-    def __enter__(self) -> "OverlayVideoWriter":
+    def __enter__(self) -> OverlayVideoWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -218,7 +217,7 @@ def write_predictions(
     segment: Segmenter,
     *,
     class_names: Sequence[str],
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     fps: float | None = None,
     alpha: float = 0.5,
 ) -> int:
@@ -261,7 +260,7 @@ def comparison_panel(
     gt: np.ndarray,
     pred: np.ndarray,
     class_names: Sequence[str],
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     *,
     scale: int = 2,
 ) -> np.ndarray:

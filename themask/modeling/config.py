@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Literal
 
 from themask.data.vspw import NUM_CLASSES
 
@@ -17,9 +17,9 @@ class ModelConfig:
     """
 
     backbone: str = "mit_b1"
-    backbone_embed_dims: Optional[Tuple[int, int, int, int]] = None
-    backbone_depths: Optional[Tuple[int, int, int, int]] = None
-    backbone_num_heads: Optional[Tuple[int, int, int, int]] = None
+    backbone_embed_dims: tuple[int, int, int, int] | None = None
+    backbone_depths: tuple[int, int, int, int] | None = None
+    backbone_num_heads: tuple[int, int, int, int] | None = None
     drop_path_rate: float = 0.1
     decoder: Literal["single", "temporal"] = "temporal"  # single = Mask2Former decoder (§4.1)
     num_classes: int = NUM_CLASSES

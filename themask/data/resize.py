@@ -30,7 +30,8 @@ def resize_frame(frame: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of an (H, W, 3) uint8 frame to ``size_hw``."""
     if frame.shape[:2] == tuple(size_hw):
         return frame
-    return np.asarray(Image.fromarray(frame).resize((size_hw[1], size_hw[0]), Image.BILINEAR))
+    resized = Image.fromarray(frame).resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR)
+    return np.asarray(resized)
 
 
 def aligned_size(

@@ -37,7 +37,8 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     on the device of ``frames`` (mean and std are uploaded once per device)."""
     if frames.device not in _STATS:
         stats = torch.tensor([MEAN, STD], dtype=torch.float32)
-        _STATS[frames.device] = tuple(stats.to(frames.device).view(2, 3, 1, 1).unbind(0))
+        mean, std = stats.to(frames.device).view(2, 3, 1, 1).unbind(0)
+        _STATS[frames.device] = (mean, std)
     mean, std = _STATS[frames.device]
     return (frames.float() - mean) / std
 
@@ -46,7 +47,8 @@ def resize_label(label: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an (H, W) uint8 label map to ``size_hw``."""
     if label.shape[:2] == tuple(size_hw):
         return label
-    return np.asarray(Image.fromarray(label).resize((size_hw[1], size_hw[0]), Image.NEAREST))
+    resized = Image.fromarray(label).resize((size_hw[1], size_hw[0]), Image.Resampling.NEAREST)
+    return np.asarray(resized)
 
 
 def crop_is_acceptable(
@@ -174,10 +176,10 @@ class TrainTransform:
         ignore_index: int = IGNORE_INDEX,
         normalize: bool = True,
     ) -> None:
-        self.scale = tuple(scale)
+        self.scale = (scale[0], scale[1])
         self.normalize = normalize
-        self.ratio_range = tuple(ratio_range)
-        self.crop_size = tuple(crop_size)
+        self.ratio_range = (ratio_range[0], ratio_range[1])
+        self.crop_size = (crop_size[0], crop_size[1])
         self.cat_max_ratio = cat_max_ratio
         self.crop_retries = crop_retries
         self.flip_prob = flip_prob
@@ -232,7 +234,7 @@ class TestTransform:
     __test__ = False  # not a pytest class
 
     def __init__(self, *, scale: tuple[int, int] = TEST_SCALE, size_divisor: int = 32) -> None:
-        self.scale = tuple(scale)
+        self.scale = (scale[0], scale[1])
         self.size_divisor = size_divisor
 
     def input_size(self, original_hw: tuple[int, int]) -> tuple[int, int]:

@@ -10,7 +10,8 @@ Values are fractions in [0, 1] (the CLI prints them ×100); ``nan`` marks an und
 from __future__ import annotations
 
 import math
-from typing import Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -113,7 +114,7 @@ def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
 def scalar_metrics(results: dict[str, object]) -> dict[str, float]:
     """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
     return {
-        k: float(v)  # type: ignore[arg-type]
+        k: float(v)
         for k, v in results.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
@@ -234,6 +235,8 @@ class VideoConsistencyAccumulator:
             self._run_gt = torch.zeros(gt_t.shape, dtype=torch.int32, device=self.device)
             self._run_pred = torch.zeros_like(self._run_gt)
         else:
+            assert self._run_gt is not None and self._run_pred is not None  # set with _prev_gt
+            assert self._prev_pred is not None
             if self._prev_gt.shape != gt_t.shape:
                 raise ValueError(
                     f"VideoConsistencyAccumulator: frame size changed within a video: "
@@ -271,11 +274,11 @@ class VideoConsistencyAccumulator:
 
 
 def per_class_table(
-    metrics: dict[str, object], class_names: list[str] | None = None
+    metrics: Mapping[str, Any], class_names: list[str] | None = None
 ) -> list[dict[str, object]]:
     """Rows ``{"class", "name", "IoU", "Acc"}`` of the per-class results of a metrics dict."""
-    ious = list(metrics["IoU"])  # type: ignore[call-overload]
-    accs = list(metrics["Acc"])  # type: ignore[call-overload]
+    ious = list(metrics["IoU"])
+    accs = list(metrics["Acc"])
     names = class_names if class_names is not None else [str(i) for i in range(len(ious))]
     if len(names) != len(ious):
         raise ValueError(f"per_class_table: {len(names)} class names for {len(ious)} classes")
@@ -290,7 +293,7 @@ def format_percent(value: object, width: int = 6) -> str:
     return f"{'-':>{width}}" if math.isnan(v) else f"{100 * v:{width}.2f}"
 
 
-def summarize_metrics(metrics: dict[str, object]) -> str:
+def summarize_metrics(metrics: Mapping[str, object]) -> str:
     """One line of the scalar metrics in percent, e.g. ``mIoU 41.20, aAcc 80.03, mVC16 -``
     (the form of the train log and the train command; the eval table uses the same units)."""
     return ", ".join(

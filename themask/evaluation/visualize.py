@@ -6,9 +6,11 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import av
 import numpy as np
+from av.video.stream import VideoStream
 from PIL import Image, ImageDraw
 
 from themask.io import PathLike
@@ -77,7 +79,7 @@ def overlay(
 
 def draw_legend(
     image: np.ndarray,
-    class_ids: Sequence[int],
+    class_ids: Iterable[int],
     class_names: Sequence[str],
     palette: np.ndarray | Sequence[Sequence[int]],
     *,
@@ -104,7 +106,7 @@ def draw_legend(
 
 def with_legend(
     image: np.ndarray,
-    class_ids: Sequence[int],
+    class_ids: Iterable[int],
     class_names: Sequence[str],
     palette: np.ndarray | Sequence[Sequence[int]],
 ) -> np.ndarray:
@@ -143,7 +145,7 @@ def fit_into(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     factor = min(height / frame.shape[0], width / frame.shape[1])
     new_w = max(1, min(width, round(frame.shape[1] * factor)))
     new_h = max(1, min(height, round(frame.shape[0] * factor)))
-    scaled = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BILINEAR))
+    scaled = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BILINEAR))
     out = np.zeros((height, width, 3), dtype=np.uint8)
     top, left = (height - new_h) // 2, (width - new_w) // 2
     out[top : top + new_h, left : left + new_w] = scaled
@@ -162,8 +164,8 @@ class OverlayVideoWriter:
         self.path = Path(path)
         self.fps = fps
         self._container: av.container.OutputContainer | None = None
-        self._stream = None
-        self._size: tuple | None = None
+        self._stream: VideoStream | None = None
+        self._size: tuple[int, int] | None = None
         self.frames_written = 0
 
     def __enter__(self) -> OverlayVideoWriter:
@@ -174,7 +176,9 @@ class OverlayVideoWriter:
 
     def _open(self, height: int, width: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        codec: Literal["libx264", "mpeg4"] = (
+            "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        )
         self._container = av.open(str(self.path), mode="w")
         rate = Fraction(self.fps).limit_denominator(1001)
         self._stream = self._container.add_stream(codec, rate=rate)
@@ -190,6 +194,7 @@ class OverlayVideoWriter:
             raise ValueError(f"OverlayVideoWriter: expected (H, W, 3) frames, got {frame.shape}")
         if self._container is None:
             self._open(frame.shape[0], frame.shape[1])
+        assert self._container is not None and self._stream is not None and self._size is not None
         if frame.shape[:2] != self._size:
             frame = fit_into(frame, self._size)
         height, width = frame.shape[:2]
@@ -202,6 +207,7 @@ class OverlayVideoWriter:
     def close(self) -> None:
         if self._container is None:
             return
+        assert self._stream is not None
         for packet in self._stream.encode():
             self._container.mux(packet)
         self._container.close()
@@ -269,7 +275,7 @@ def comparison_panel(
     gap = np.full((frame.shape[0], 4, 3), 255, dtype=np.uint8)
     pair = Image.fromarray(np.concatenate([overlay(frame, gt, palette), gap,
                                            overlay(frame, pred, palette)], axis=1))
-    pair = pair.resize((pair.width * scale, pair.height * scale), Image.NEAREST)
+    pair = pair.resize((pair.width * scale, pair.height * scale), Image.Resampling.NEAREST)
     shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
     return with_legend(np.asarray(pair), shown, class_names, palette)
 

@@ -24,8 +24,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(PY) -m pip install -q ruff
+	$(PY) -m pip install -q "ruff>=0.4" "mypy>=1.8"
 	$(PY) -m ruff check themask tests
+	$(PY) -m mypy themask
 
 bench: $(STAMP)
 	$(VENV)/bin/themask bench

@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import pytest
 
 from themask.io import atomic_write

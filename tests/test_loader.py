@@ -1,4 +1,5 @@
 """Sampler (resumable, sharded), dataset reproducibility, collate, evaluation clip datasets."""
+from __future__ import annotations
 
 from pathlib import Path
 

@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 from themask.loss.config import LossConfig
 from themask.modeling.config import ModelConfig
 

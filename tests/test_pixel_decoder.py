@@ -1,4 +1,5 @@
 """Pixel decoder: shapes, level order, FPN wiring and a token-by-token reference encoder."""
+from __future__ import annotations
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """Sine position encodings against the closed-form formula, element by element."""
+from __future__ import annotations
 
 import math
 

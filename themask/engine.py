@@ -37,11 +37,11 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ from themask.io import PathLike, atomic_write
 from themask.logger import MetricWriter, git_revision
 from themask.loss import SetCriterion, training_loss
 from themask.modeling.build import build_model_from_config
+from themask.modeling.themask import THEMask
 from themask.optim import build_optimizer, poly_lr, set_learning_rate
 from themask.precision import autocast_context, configure_cuda_math, grad_scaler, resolve_amp
 from themask.warm_start import init_from_weights
@@ -97,7 +98,9 @@ def seed_everything(seed: int) -> None:
 def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states; NumPy's as lists and ints."""
     py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    # the global RandomState is an MT19937, whose legacy state is this tuple (never a dict)
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state: dict[str, Any] = {
         "python": [py_version, list(py_state), py_gauss],
         "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
@@ -308,7 +311,7 @@ class Trainer:
         *,
         resume: bool = False,
         device: str | None = None,
-        model: nn.Module | None = None,
+        model: THEMask | None = None,
         loss_fn: LossFn | None = None,
         batches: Callable[[int], Iterator[Any]] | None = None,
         evaluate: bool = True,
@@ -402,7 +405,7 @@ class Trainer:
 
     # -- construction ------------------------------------------------------------------------
 
-    def _build_model(self) -> nn.Module:
+    def _build_model(self) -> THEMask:
         model = build_model_from_config(self.cfg.model)
         if self.cfg.pretrained_backbone:
             load_backbone_weights(model.backbone, self.cfg.pretrained_backbone)
@@ -495,9 +498,9 @@ class Trainer:
 
     def _forward_backward(self, batch: Any, step: int, last_micro: bool) -> dict[str, Any]:
         frames, labels = batch_to_device(batch, self.device)
-        sync = nullcontext()
-        if self.ddp_model is not self.model and not last_micro:
-            sync = self.ddp_model.no_sync()  # type: ignore[assignment]
+        sync: AbstractContextManager[None] = nullcontext()
+        if isinstance(self.ddp_model, nn.parallel.DistributedDataParallel) and not last_micro:
+            sync = self.ddp_model.no_sync()
         with sync:
             with autocast_context(self.amp_dtype, self.device):
                 total, terms = self.loss_fn(self.ddp_model, frames, labels, step=step)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 

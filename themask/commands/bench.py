@@ -411,12 +411,13 @@ def run(args: argparse.Namespace) -> int:
                 if rows[0] is not None and "onnx_dir" in rows[0]:
                     job.update(threads=threads, torch_row=rows[0])
                     rows.append(_run_child(context, _measure_onnxruntime, job))
-                if None in rows:
+                complete = [row for row in rows if row is not None]
+                if len(complete) < len(rows):
                     return 1
-                for row in rows:
+                for row in complete:
                     row.pop("onnx_dir", None)
                     _print_row(row)
-                results.extend(rows)
+                results.extend(complete)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(dict(header, results=results), indent=2) + "\n")
     return 0

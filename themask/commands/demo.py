@@ -182,7 +182,9 @@ def _write_overlays(
     folder = out / "overlays" / video.name
     folder.mkdir(parents=True, exist_ok=True)
     with OverlayVideoWriter(out / "overlay.mp4", fps=5.0) as writer:
+        assert video.mask_paths is not None  # a val split is labelled
         for path, mask, (frame, labels) in zip(video.frame_paths, video.mask_paths, predictions):
+            assert mask is not None
             gt = description.read_label(mask)
             panel = comparison_panel(frame, gt, labels, description.classes, description.palette)
             Image.fromarray(panel).save(folder / f"{path.stem}.png")

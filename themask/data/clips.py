@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, List, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +20,7 @@ class ClipTooShortError(ValueError):
     """A video has fewer frames than a clip needs."""
 
 
-def clip_offsets(dilation: Sequence[int]) -> Tuple[int, ...]:
+def clip_offsets(dilation: Sequence[int]) -> tuple[int, ...]:
     """Offsets of a training clip relative to its target frame, target (0) last.
 
     ``dilation`` holds non-positive, strictly increasing offsets (``[-9, -6, -3]``, ``[-3]``,
@@ -43,7 +43,7 @@ def clip_span(dilation: Sequence[int]) -> int:
 
 def train_clip_indices(
     num_frames: int, dilation: Sequence[int], target: int, *, reverse: bool = False
-) -> List[int]:
+) -> list[int]:
     """Frame indices of the training clip whose target is ``target`` (target last).
 
     ``target`` counts in the (possibly reversed) frame order and must be a valid target,
@@ -69,7 +69,7 @@ def sample_train_clip(
     *,
     reverse_prob: float = 0.5,
     targets: Sequence[int] | None = None,
-) -> List[int]:
+) -> list[int]:
     """Draw one training clip of a video: reversal with ``reverse_prob``, then a uniform target.
 
     Targets are drawn from ``{|d_1|, ..., N-1}`` so no offset falls before the first frame;
@@ -88,7 +88,7 @@ def sample_train_clip(
         target = int(rng.integers(span - 1, num_frames))
         return train_clip_indices(num_frames, dilation, target, reverse=reverse)
 
-    def valid(backwards: bool) -> List[int]:  # positions in the read order
+    def valid(backwards: bool) -> list[int]:  # positions in the read order
         order = sorted(num_frames - 1 - i if backwards else i for i in targets)
         return [t for t in order if t >= span - 1]
 
@@ -103,13 +103,13 @@ def sample_train_clip(
     return train_clip_indices(num_frames, dilation, target, reverse=reverse)
 
 
-def _chunks(indices: Sequence[int], size: int) -> List[List[int]]:
+def _chunks(indices: Sequence[int], size: int) -> list[list[int]]:
     return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
 
 
 def test_clips(
     num_frames: int, clip_len: int, *, stride: int = TEST_CLIP_STRIDE
-) -> List[List[int]]:
+) -> list[list[int]]:
     """Clips that predict every frame of a video exactly once (``docs/VSPW.md`` §2.2).
 
     Frames are cut into blocks of ``stride * clip_len``; block ``b`` gives the ``stride`` clips
@@ -124,7 +124,7 @@ def test_clips(
     if num_frames < 0:
         raise ValueError(f"num_frames must be >= 0, got {num_frames}")
     block = stride * clip_len
-    clips: List[List[int]] = []
+    clips: list[list[int]] = []
     num_blocks = num_frames // block
     for b in range(0, num_blocks * block, block):
         for j in range(stride):
@@ -133,7 +133,7 @@ def test_clips(
     return clips
 
 
-def causal_window(t: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> List[int]:
+def causal_window(t: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> list[int]:
     """The causal window that predicts frame ``t`` of a stream: ``[t - (T-1)·step, ...,
     t - step, t]``, indices before the first frame clamped to 0 (the first frame repeats), so
     every window has ``clip_len`` frames and the new frame, whose prediction is kept, last."""

@@ -9,7 +9,7 @@ come from the dataset's own description (``<root>/dataset.yaml``; VSPW when abse
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 from themask.data.clips import clip_offsets
 from themask.data.description import DatasetDescription, load_description
@@ -23,11 +23,12 @@ class DataConfig:
     root: str = "data/vspw/VSPW_480p"
     train_split: str = "train"
     val_split: str = "val"
-    dilation: Tuple[int, ...] = (-3,)  # training clip = target + these offsets (target last)
-    test_clip_len: Optional[int] = None  # None = the training clip length
-    scale: Tuple[int, int] = TEST_SCALE
-    ratio_range: Tuple[float, float] = (0.5, 2.0)
-    crop_size: Tuple[int, int] = (480, 480)
+    dilation: tuple[int, ...] = (-3,)  # training clip = target + these offsets (target last)
+    # None = the training clip length (Optional: get_type_hints cannot read X | None on 3.9)
+    test_clip_len: Optional[int] = None  # noqa: UP045
+    scale: tuple[int, int] = TEST_SCALE
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: tuple[int, int] = (480, 480)
     cat_max_ratio: float = 0.75
     crop_retries: int = 10
     flip_prob: float = 0.5

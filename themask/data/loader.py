@@ -25,7 +25,6 @@ import random
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -59,10 +58,10 @@ class ClipMeta:
     """
 
     video: str
-    frame_names: List[str]
-    original_size: Tuple[int, int]
-    frame_indices: List[int] = field(default_factory=list)
-    image_size: Optional[Tuple[int, int]] = None
+    frame_names: list[str]
+    original_size: tuple[int, int]
+    frame_indices: list[int] = field(default_factory=list)
+    image_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -85,7 +84,7 @@ class Batch:
 
     frames: torch.Tensor
     labels: torch.Tensor
-    meta: List[ClipMeta]
+    meta: list[ClipMeta]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
@@ -98,7 +97,7 @@ class Batch:
         return Batch(self.frames.pin_memory(), self.labels.pin_memory(), self.meta)
 
 
-def batch_to_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def batch_to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(frames (B, T, 3, H, W) float32 normalised, labels) on ``device`` (non-blocking copies).
 
     uint8 frames are normalised there, and their padding (``ClipMeta.image_size``) set to 0,
@@ -140,7 +139,7 @@ def _read_clip_labels(
     frames: Sequence[np.ndarray],
     description: DatasetDescription,
     ignore_index: int,
-) -> List[np.ndarray]:
+) -> list[np.ndarray]:
     """Train-id maps of the clip's frames; all ``ignore_index`` for a frame without a mask."""
     assert video.mask_paths is not None
     labels = []
@@ -254,7 +253,7 @@ class VSPWTrainDataset(Dataset):
         else:
             video_index, sample_id = int(key) % len(self.videos), int(key)
         rng = np.random.default_rng([self.seed, sample_id])
-        sample: Optional[ClipSample] = None
+        sample: ClipSample | None = None
         for _ in range(MAX_REDRAWS + 1):
             try:
                 sample = self._load(video_index, rng)
@@ -324,7 +323,7 @@ class InfiniteClipSampler(Sampler):
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.start_batch = start_batch
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         k = self.start_batch * self.batch_size
         cached_epoch, order = -1, np.empty(0, dtype=np.int64)
         while True:
@@ -379,7 +378,7 @@ def build_train_loader(
     data_cfg: DataConfig,
     *,
     batch_size: int,
-    num_workers: Optional[int] = None,
+    num_workers: int | None = None,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,

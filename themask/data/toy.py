@@ -23,7 +23,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -33,7 +33,7 @@ from themask.data.vspw import PathLike
 
 logger = logging.getLogger(__name__)
 
-TOY_CLASS_NAMES: Tuple[str, ...] = (
+TOY_CLASS_NAMES: tuple[str, ...] = (
     "stripes",
     "checker",
     "dots",
@@ -129,8 +129,8 @@ def _anti_diagonal(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 # "grain" (raw id 4) is a per-video random field, not a formula; see ``_Scene``.
-_STUFF_PATTERNS: Dict[int, Pattern] = {1: _stripes, 2: _checker, 3: _dots}
-_OBJECT_PATTERNS: Dict[int, Pattern] = {5: _rings, 6: _diagonal, 7: _vertical, 8: _anti_diagonal}
+_STUFF_PATTERNS: dict[int, Pattern] = {1: _stripes, 2: _checker, 3: _dots}
+_OBJECT_PATTERNS: dict[int, Pattern] = {5: _rings, 6: _diagonal, 7: _vertical, 8: _anti_diagonal}
 
 
 def _object_shape(class_id: int, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
@@ -169,9 +169,9 @@ class _Scene:
     def __init__(
         self,
         rng: np.random.Generator,
-        stuff: Tuple[int, int],
-        objects: List[int],
-        size: Tuple[int, int],
+        stuff: tuple[int, int],
+        objects: list[int],
+        size: tuple[int, int],
         num_frames: int,
     ) -> None:
         self.rng = rng
@@ -223,7 +223,7 @@ class _Scene:
         p = (obj.position + obj.velocity * t - low) % (2 * span)
         return low + np.where(p > span, 2 * span - p, p)
 
-    def render(self, t: int) -> Tuple[np.ndarray, np.ndarray]:
+    def render(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Frame t -> (H, W, 3) uint8 RGB image and (H, W) uint8 raw labels."""
         h, w = self.size
         alpha = t / max(self.num_frames - 1, 1)
@@ -279,7 +279,7 @@ class _Scene:
 
 def _class_plans(
     rng: np.random.Generator, num_videos: int
-) -> List[Tuple[Tuple[int, int], List[int]]]:
+) -> list[tuple[tuple[int, int], list[int]]]:
     """Per video: 2 stuff classes and 1-3 object classes, cycling so every class is used."""
     pairs = list(itertools.combinations(STUFF_IDS, 2))
     pair_order = rng.permutation(len(pairs))
@@ -297,7 +297,7 @@ def _class_plans(
     return plans
 
 
-def _write_split(root: Path, split: str, names: List[str]) -> None:
+def _write_split(root: Path, split: str, names: list[str]) -> None:
     (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
 
 
@@ -308,7 +308,7 @@ def make_toy_dataset(
     num_train: int = 200,
     num_val: int = 6,
     num_frames: int = 16,
-    size: Tuple[int, int] = (96, 128),
+    size: tuple[int, int] = (96, 128),
     jpeg_quality: int = 92,
 ) -> Path:
     """Write the toy dataset under ``root`` (VSPW layout) and return ``root``.

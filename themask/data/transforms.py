@@ -8,7 +8,6 @@ parameters so tiny CPU configurations work. ``TestTransform`` follows §2.3.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Tuple
 
 import numpy as np
 import torch
@@ -38,16 +37,18 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     on the device of ``frames`` (mean and std are uploaded once per device)."""
     if frames.device not in _STATS:
         stats = torch.tensor([MEAN, STD], dtype=torch.float32)
-        _STATS[frames.device] = tuple(stats.to(frames.device).view(2, 3, 1, 1).unbind(0))
+        mean, std = stats.to(frames.device).view(2, 3, 1, 1).unbind(0)
+        _STATS[frames.device] = (mean, std)
     mean, std = _STATS[frames.device]
     return (frames.float() - mean) / std
 
 
-def resize_label(label: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
+def resize_label(label: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an (H, W) uint8 label map to ``size_hw``."""
     if label.shape[:2] == tuple(size_hw):
         return label
-    return np.asarray(Image.fromarray(label).resize((size_hw[1], size_hw[0]), Image.NEAREST))
+    resized = Image.fromarray(label).resize((size_hw[1], size_hw[0]), Image.Resampling.NEAREST)
+    return np.asarray(resized)
 
 
 def crop_is_acceptable(
@@ -61,13 +62,13 @@ def crop_is_acceptable(
 
 def choose_crop(
     label: np.ndarray,
-    crop_hw: Tuple[int, int],
+    crop_hw: tuple[int, int],
     rng: np.random.Generator,
     *,
     cat_max_ratio: float = 0.75,
     retries: int = 10,
     ignore_index: int = IGNORE_INDEX,
-) -> Tuple[int, int]:
+) -> tuple[int, int]:
     """Top-left corner (y, x) of a crop box of the target frame's ``label`` (H, W).
 
     A box is drawn uniformly; it is checked with ``crop_is_acceptable`` and redrawn after each
@@ -77,7 +78,7 @@ def choose_crop(
     h, w = label.shape
     ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
 
-    def draw() -> Tuple[int, int]:
+    def draw() -> tuple[int, int]:
         return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
 
     y, x = draw()
@@ -96,10 +97,10 @@ def choose_crop(
 def pad_clip(
     frames: torch.Tensor,
     labels: torch.Tensor,
-    size_hw: Tuple[int, int],
+    size_hw: tuple[int, int],
     *,
     ignore_index: int = IGNORE_INDEX,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad frames (T, 3, h, w) with 0 and labels (T, h, w) with ``ignore_index`` bottom/right.
 
     Returns (T, 3, H, W) and (T, H, W) with (H, W) = ``size_hw`` (must be >= the input size).
@@ -165,9 +166,9 @@ class TrainTransform:
     def __init__(
         self,
         *,
-        scale: Tuple[int, int] = TEST_SCALE,
-        ratio_range: Tuple[float, float] = (0.5, 2.0),
-        crop_size: Tuple[int, int] = (480, 480),
+        scale: tuple[int, int] = TEST_SCALE,
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        crop_size: tuple[int, int] = (480, 480),
         cat_max_ratio: float = 0.75,
         crop_retries: int = 10,
         flip_prob: float = 0.5,
@@ -175,10 +176,10 @@ class TrainTransform:
         ignore_index: int = IGNORE_INDEX,
         normalize: bool = True,
     ) -> None:
-        self.scale = tuple(scale)
+        self.scale = (scale[0], scale[1])
         self.normalize = normalize
-        self.ratio_range = tuple(ratio_range)
-        self.crop_size = tuple(crop_size)
+        self.ratio_range = (ratio_range[0], ratio_range[1])
+        self.crop_size = (crop_size[0], crop_size[1])
         self.cat_max_ratio = cat_max_ratio
         self.crop_retries = crop_retries
         self.flip_prob = flip_prob
@@ -187,7 +188,7 @@ class TrainTransform:
 
     def __call__(
         self, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], rng: np.random.Generator
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if len(frames) != len(labels) or not frames:
             raise ValueError(
                 "need the same positive number of frames and labels, "
@@ -232,11 +233,11 @@ class TestTransform:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, *, scale: Tuple[int, int] = TEST_SCALE, size_divisor: int = 32) -> None:
-        self.scale = tuple(scale)
+    def __init__(self, *, scale: tuple[int, int] = TEST_SCALE, size_divisor: int = 32) -> None:
+        self.scale = (scale[0], scale[1])
         self.size_divisor = size_divisor
 
-    def input_size(self, original_hw: Tuple[int, int]) -> Tuple[int, int]:
+    def input_size(self, original_hw: tuple[int, int]) -> tuple[int, int]:
         return aligned_size(original_hw, self.scale, self.size_divisor)
 
     def __call__(self, frames: Sequence[np.ndarray]) -> torch.Tensor:

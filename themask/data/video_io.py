@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import List, Tuple
 
 import numpy as np
 
@@ -54,7 +53,7 @@ def video_frame_rate(path: PathLike) -> float | None:
     return float(rate) if rate else None
 
 
-def list_input_frames(folder: PathLike) -> List[Path]:
+def list_input_frames(folder: PathLike) -> list[Path]:
     """Image files of a frame folder sorted by name; ``DataError`` if there are none."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -65,7 +64,7 @@ def list_input_frames(folder: PathLike) -> List[Path]:
     return frames
 
 
-def iter_input_frames(path: PathLike) -> Iterator[Tuple[str, np.ndarray]]:
+def iter_input_frames(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(frame_name, frame)`` of a frame folder or a video file.
 
     Folder frames are named by their file stem; video frames by their 8-digit position.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -38,7 +38,7 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 _LABEL_MODES = ("L", "P", "I", "I;16")
 
 # fmt: off
-CLASS_NAMES: Tuple[str, ...] = (
+CLASS_NAMES: tuple[str, ...] = (
     "wall", "ceiling", "door", "stair", "ladder", "escalator", "Playground_slide",
     "handrail_or_fence", "window", "rail", "goal", "pillar", "pole", "floor", "ground", "grass",
     "sand", "athletic_field", "road", "path", "crosswalk", "building", "house", "bridge", "tower",
@@ -59,7 +59,7 @@ CLASS_NAMES: Tuple[str, ...] = (
     "other_electronic_product", "fruit", "food", "instrument", "train",
 )
 
-_PALETTE_ROWS: Tuple[Tuple[int, int, int], ...] = (
+_PALETTE_ROWS: tuple[tuple[int, int, int], ...] = (
     (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
     (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
     (150, 5, 61), (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4),
@@ -101,7 +101,7 @@ def label_lookup_table(
     ignore_index: int = IGNORE_INDEX,
     *,
     offset: int = 1,
-    ignore_values: Tuple[int, ...] = (0, 255),
+    ignore_values: tuple[int, ...] = (0, 255),
 ) -> np.ndarray:
     """(256,) int16 table stored value -> train id; ``-1`` marks values that are not allowed.
 
@@ -118,7 +118,7 @@ def label_lookup_table(
     return table
 
 
-def _expected_values(num_classes: int, offset: int, ignore_values: Tuple[int, ...]) -> str:
+def _expected_values(num_classes: int, offset: int, ignore_values: tuple[int, ...]) -> str:
     ignored = ", ".join(str(v) for v in ignore_values) or "none"
     return f"classes {offset}..{offset + num_classes - 1} or ignored values ({ignored})"
 
@@ -129,7 +129,7 @@ def map_raw_labels(
     num_classes: int = NUM_CLASSES,
     ignore_index: int = IGNORE_INDEX,
     offset: int = 1,
-    ignore_values: Tuple[int, ...] = (0, 255),
+    ignore_values: tuple[int, ...] = (0, 255),
     source: str = "<array>",
 ) -> np.ndarray:
     """Stored label values (H, W) -> train ids (H, W) uint8; ``DataError`` on bad values."""
@@ -199,7 +199,7 @@ def read_label(
     num_classes: int = NUM_CLASSES,
     ignore_index: int = IGNORE_INDEX,
     offset: int = 1,
-    ignore_values: Tuple[int, ...] = (0, 255),
+    ignore_values: tuple[int, ...] = (0, 255),
 ) -> np.ndarray:
     """Read a mask PNG -> (H, W) uint8 train ids (``ignore_index`` = ignore); VSPW encoding by
     default (``DatasetDescription.read_label`` passes a dataset's own)."""
@@ -213,7 +213,7 @@ def read_label(
     )
 
 
-def read_split(path: PathLike) -> List[str]:
+def read_split(path: PathLike) -> list[str]:
     """Video names listed in the split file ``path`` (stripped; CRLF and blank lines
     tolerated)."""
     path = Path(path)
@@ -229,7 +229,7 @@ def read_split(path: PathLike) -> List[str]:
     return names
 
 
-def list_frames(folder: PathLike) -> List[Path]:
+def list_frames(folder: PathLike) -> list[Path]:
     """Image files of ``folder`` sorted by name (hidden files such as macOS ``._*`` skipped)."""
     folder = Path(folder)
     return sorted(
@@ -245,29 +245,29 @@ class Video:
     and holds ``None`` for each frame without a mask in a sparse dataset."""
 
     name: str
-    frame_paths: Tuple[Path, ...]
-    mask_paths: Optional[Tuple[Optional[Path], ...]]
+    frame_paths: tuple[Path, ...]
+    mask_paths: tuple[Path | None, ...] | None
 
     def __len__(self) -> int:
         return len(self.frame_paths)
 
     @property
-    def frame_names(self) -> List[str]:
+    def frame_names(self) -> list[str]:
         return [p.stem for p in self.frame_paths]
 
-    def mask_path(self, index: int) -> Optional[Path]:
+    def mask_path(self, index: int) -> Path | None:
         """The mask of frame ``index``, ``None`` when it has none."""
         return None if self.mask_paths is None else self.mask_paths[index]
 
     @property
-    def labelled_indices(self) -> List[int]:
+    def labelled_indices(self) -> list[int]:
         """Indices of the frames that have a mask."""
         return [i for i in range(len(self)) if self.mask_path(i) is not None]
 
 
 def _read_video(
-    root: Path, name: str, labelled: bool, description: "DatasetDescription"
-) -> Tuple[Optional[Video], List[str]]:
+    root: Path, name: str, labelled: bool, description: DatasetDescription
+) -> tuple[Video | None, list[str]]:
     """Build one ``Video``; returns ``(None, problems)`` when the folder is unusable."""
     frame_dir = description.frame_dir(root, name)
     if not frame_dir.is_dir():
@@ -305,7 +305,7 @@ class VSPWIndex:
         split: str,
         *,
         labelled: bool = True,
-        description: Optional["DatasetDescription"] = None,
+        description: DatasetDescription | None = None,
     ) -> None:
         from themask.data.description import load_description
 
@@ -315,8 +315,8 @@ class VSPWIndex:
         if not self.root.is_dir():
             raise DataError(f"{self.root}: dataset root does not exist")
         self.description = description or load_description(self.root)
-        videos: List[Video] = []
-        problems: List[str] = []
+        videos: list[Video] = []
+        problems: list[str] = []
         for name in read_split(self.description.split_file(self.root, split)):
             video, found = _read_video(self.root, name, labelled, self.description)
             problems.extend(found)
@@ -328,7 +328,7 @@ class VSPWIndex:
             raise DataError(
                 f"{self.root} split '{split}': {len(problems)} problem(s):\n  {shown}{more}"
             )
-        self.videos: List[Video] = videos
+        self.videos: list[Video] = videos
         logger.info(
             "%s split '%s': %d videos, %d frames", self.root, split, len(videos), self.num_frames
         )

@@ -73,7 +73,7 @@ def export_onnx(
     *,
     clip_len: int,
     class_names: Sequence[str],
-    palette: np.ndarray,
+    palette: np.ndarray | Sequence[Sequence[int]],
     opset: int = DEFAULT_OPSET,
     scale: tuple[int, int] = TEST_SCALE,
 ) -> Manifest:

@@ -110,7 +110,7 @@ def predict_frames(
     """``(frame, labels (H, W) int64)`` for each (H, W, 3) uint8 RGB frame of a stream, in
     order. Frames are resized as ``TestTransform(scale)`` does (default: the manifest's)."""
     manifest = predictor.manifest
-    scale = tuple(scale or manifest.scale)
+    scale = scale or (manifest.scale[0], manifest.scale[1])
     for frame in frames:
         size = aligned_size(frame.shape[:2], scale, manifest.size_divisor)
         scores = predictor.push(normalise(resize_frame(frame, size), manifest))

@@ -122,7 +122,7 @@ def evaluate_split(
                 if mask_path is not None:
                     _score_frame(mask_path, pred, seg, vcs, description, vc_gt)
                     num_scored += 1
-                if write_dir is not None:
+                if write_dir is not None and palette is not None:  # checked above
                     save_label_png(
                         pred.to("cpu", torch.uint8).numpy(),
                         Path(write_dir) / video.name / f"{video.frame_paths[frame].stem}.png",

@@ -10,7 +10,8 @@ Values are fractions in [0, 1] (the CLI prints them ×100); ``nan`` marks an und
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ def _check_ranges(counts: Tensor, num_classes: int, ignore_index: int) -> None:
         )
 
 
-def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
+def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
     """Metrics of a (K, K) confusion matrix (rows = GT), docs/VSPW.md §3.1–3.2.
 
     Returns a dict of
@@ -113,7 +114,7 @@ def segmentation_metrics(conf: ArrayLike) -> Dict[str, object]:
 def scalar_metrics(results: dict[str, object]) -> dict[str, float]:
     """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
     return {
-        k: float(v)  # type: ignore[arg-type]
+        k: float(v)
         for k, v in results.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
@@ -127,7 +128,7 @@ class SegmentationAccumulator:
         *,
         num_classes: int,
         ignore_index: int = 255,
-        device: Union[str, torch.device] = "cpu",
+        device: str | torch.device = "cpu",
     ) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -149,7 +150,7 @@ class SegmentationAccumulator:
         """Sum the counts over all processes (call once, on every rank, before ``compute``)."""
         self.counts.copy_(all_reduce(self.counts))
 
-    def compute(self) -> Dict[str, object]:
+    def compute(self) -> dict[str, object]:
         _check_ranges(self.counts, self.num_classes, self.ignore_index)
         return segmentation_metrics(self.matrix)
 
@@ -186,8 +187,8 @@ class VideoConsistencyAccumulator:
         self,
         n: int,
         *,
-        skip_up_to: Optional[int] = None,
-        device: Union[str, torch.device] = "cpu",
+        skip_up_to: int | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         if n < 2:
             raise ValueError(f"VideoConsistencyAccumulator: window length n must be >= 2, got {n}")
@@ -200,12 +201,12 @@ class VideoConsistencyAccumulator:
         self._reset_video()
 
     def _reset_video(self) -> None:
-        self._prev_gt: Optional[Tensor] = None
-        self._prev_pred: Optional[Tensor] = None
-        self._run_gt: Optional[Tensor] = None  # (H, W) frames since the GT value last changed
-        self._run_pred: Optional[Tensor] = None
+        self._prev_gt: Tensor | None = None
+        self._prev_pred: Tensor | None = None
+        self._run_gt: Tensor | None = None  # (H, W) frames since the GT value last changed
+        self._run_pred: Tensor | None = None
         # [VC, 1] of the window ending on the previous frame ([0, 0] if its S is empty)
-        self._pending: Optional[Tensor] = None
+        self._pending: Tensor | None = None
         # this video's [sum of VC, windows], added to ``totals`` when the video is long enough
         self._video_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.frames_seen = 0
@@ -234,6 +235,8 @@ class VideoConsistencyAccumulator:
             self._run_gt = torch.zeros(gt_t.shape, dtype=torch.int32, device=self.device)
             self._run_pred = torch.zeros_like(self._run_gt)
         else:
+            assert self._run_gt is not None and self._run_pred is not None  # set with _prev_gt
+            assert self._prev_pred is not None
             if self._prev_gt.shape != gt_t.shape:
                 raise ValueError(
                     f"VideoConsistencyAccumulator: frame size changed within a video: "
@@ -271,11 +274,11 @@ class VideoConsistencyAccumulator:
 
 
 def per_class_table(
-    metrics: Dict[str, object], class_names: Optional[List[str]] = None
-) -> List[Dict[str, object]]:
+    metrics: Mapping[str, Any], class_names: list[str] | None = None
+) -> list[dict[str, object]]:
     """Rows ``{"class", "name", "IoU", "Acc"}`` of the per-class results of a metrics dict."""
-    ious = list(metrics["IoU"])  # type: ignore[call-overload]
-    accs = list(metrics["Acc"])  # type: ignore[call-overload]
+    ious = list(metrics["IoU"])
+    accs = list(metrics["Acc"])
     names = class_names if class_names is not None else [str(i) for i in range(len(ious))]
     if len(names) != len(ious):
         raise ValueError(f"per_class_table: {len(names)} class names for {len(ious)} classes")
@@ -290,7 +293,7 @@ def format_percent(value: object, width: int = 6) -> str:
     return f"{'-':>{width}}" if math.isnan(v) else f"{100 * v:{width}.2f}"
 
 
-def summarize_metrics(metrics: Dict[str, object]) -> str:
+def summarize_metrics(metrics: Mapping[str, object]) -> str:
     """One line of the scalar metrics in percent, e.g. ``mIoU 41.20, aAcc 80.03, mVC16 -``
     (the form of the train log and the train command; the eval table uses the same units)."""
     return ", ".join(
@@ -303,7 +306,7 @@ def summarize_metrics(metrics: Dict[str, object]) -> str:
 
 
 def format_metrics_table(
-    metrics: Dict[str, object], class_names: Optional[List[str]] = None
+    metrics: dict[str, object], class_names: list[str] | None = None
 ) -> str:
     """Printable text: summary lines (×100) then the per-class IoU / accuracy table.
 
@@ -333,8 +336,8 @@ def format_metrics_table(
 
 
 def metrics_to_json(
-    metrics: Dict[str, object], class_names: Optional[List[str]] = None
-) -> Dict[str, object]:
+    metrics: dict[str, object], class_names: list[str] | None = None
+) -> dict[str, object]:
     """A JSON-safe copy (``nan`` → ``None``); with names, per-class values become name maps."""
 
     def clean(value: object) -> object:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from themask.data.clips import TEST_CLIP_STRIDE, CausalWindows
 from themask.data.transforms import TestTransform, normalize_frames
+from themask.modeling.themask import THEMask
 from themask.precision import AmpSpec, autocast_context
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class StreamingPredictor:
     Put the model (not a DDP wrapper) in eval mode first (``predict_video`` does).
     """
 
-    def __init__(self, model: nn.Module, *, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
+    def __init__(self, model: THEMask, *, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
         self.model = model
         if not getattr(model, "is_temporal", True) and clip_len != 1:
             logger.info("single-frame model: predicting with clip_len 1 instead of %d", clip_len)
@@ -96,11 +97,11 @@ class StreamingPredictor:
         parts = self.windows.push(self.model.encode(frame[None, None]))  # B = T = 1 each
         features = parts[0].cat(parts) if len(parts) > 1 else parts[0]
         predictions = self.model.decode(features, batch=1, frames=len(parts))
-        return self.model.semantic_scores(predictions, tuple(frame.shape[-2:]))[0, -1]
+        return self.model.semantic_scores(predictions, (frame.shape[-2], frame.shape[-1]))[0, -1]
 
 
 def predict_video(
-    model: nn.Module,
+    model: THEMask,
     frames: Iterable[np.ndarray],
     *,
     clip_len: int,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Literal
 
 import av
 import numpy as np
+from av.video.stream import VideoStream
 from PIL import Image, ImageDraw
 
 from themask.io import PathLike
@@ -32,7 +33,7 @@ LEGEND_ROW, LEGEND_BOX, LEGEND_PAD = 14, 10, 3
 FOLDER_FPS = 15.0  # overlay.mp4 of a frame folder (VSPW's frame rate)
 
 
-def _palette_array(palette: Union[np.ndarray, Sequence[Sequence[int]]]) -> np.ndarray:
+def _palette_array(palette: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
     arr = np.asarray(palette, dtype=np.uint8)
     if arr.ndim != 2 or arr.shape[1] != 3:
         raise ValueError(f"palette must be (K, 3) RGB values, got shape {arr.shape}")
@@ -41,7 +42,7 @@ def _palette_array(palette: Union[np.ndarray, Sequence[Sequence[int]]]) -> np.nd
 
 def colorize(
     labels: np.ndarray,
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     *,
     ignore_color: Sequence[int] = (0, 0, 0),
 ) -> np.ndarray:
@@ -57,7 +58,7 @@ def colorize(
 def overlay(
     frame: np.ndarray,
     labels: np.ndarray,
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     *,
     alpha: float = 0.5,
 ) -> np.ndarray:
@@ -78,9 +79,9 @@ def overlay(
 
 def draw_legend(
     image: np.ndarray,
-    class_ids: Sequence[int],
+    class_ids: Iterable[int],
     class_names: Sequence[str],
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     *,
     max_entries: int = 12,
 ) -> np.ndarray:
@@ -105,9 +106,9 @@ def draw_legend(
 
 def with_legend(
     image: np.ndarray,
-    class_ids: Sequence[int],
+    class_ids: Iterable[int],
     class_names: Sequence[str],
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
 ) -> np.ndarray:
     """(H, W, 3) image → (H, W + L, 3): the legend in a black panel to its right, so it never
     covers the picture; L fits the longest of ``class_names`` (the same for every frame)."""
@@ -121,7 +122,7 @@ def with_legend(
 def save_label_png(
     labels: np.ndarray,
     path: PathLike,
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
 ) -> None:
     """Write (H, W) train ids (0 … K−1, < 256) as a palettised 'P' PNG (VSPW prediction format)."""
     labels = np.asarray(labels)
@@ -144,7 +145,7 @@ def fit_into(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     factor = min(height / frame.shape[0], width / frame.shape[1])
     new_w = max(1, min(width, round(frame.shape[1] * factor)))
     new_h = max(1, min(height, round(frame.shape[0] * factor)))
-    scaled = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BILINEAR))
+    scaled = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BILINEAR))
     out = np.zeros((height, width, 3), dtype=np.uint8)
     top, left = (height - new_h) // 2, (width - new_w) // 2
     out[top : top + new_h, left : left + new_w] = scaled
@@ -162,12 +163,12 @@ class OverlayVideoWriter:
     def __init__(self, path: PathLike, *, fps: float = 15.0) -> None:
         self.path = Path(path)
         self.fps = fps
-        self._container: Optional[av.container.OutputContainer] = None
-        self._stream = None
-        self._size: Optional[tuple] = None
+        self._container: av.container.OutputContainer | None = None
+        self._stream: VideoStream | None = None
+        self._size: tuple[int, int] | None = None
         self.frames_written = 0
 
-    def __enter__(self) -> "OverlayVideoWriter":
+    def __enter__(self) -> OverlayVideoWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -175,7 +176,9 @@ class OverlayVideoWriter:
 
     def _open(self, height: int, width: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        codec: Literal["libx264", "mpeg4"] = (
+            "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        )
         self._container = av.open(str(self.path), mode="w")
         rate = Fraction(self.fps).limit_denominator(1001)
         self._stream = self._container.add_stream(codec, rate=rate)
@@ -191,6 +194,7 @@ class OverlayVideoWriter:
             raise ValueError(f"OverlayVideoWriter: expected (H, W, 3) frames, got {frame.shape}")
         if self._container is None:
             self._open(frame.shape[0], frame.shape[1])
+        assert self._container is not None and self._stream is not None and self._size is not None
         if frame.shape[:2] != self._size:
             frame = fit_into(frame, self._size)
         height, width = frame.shape[:2]
@@ -203,6 +207,7 @@ class OverlayVideoWriter:
     def close(self) -> None:
         if self._container is None:
             return
+        assert self._stream is not None
         for packet in self._stream.encode():
             self._container.mux(packet)
         self._container.close()
@@ -218,7 +223,7 @@ def write_predictions(
     segment: Segmenter,
     *,
     class_names: Sequence[str],
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     fps: float | None = None,
     alpha: float = 0.5,
 ) -> int:
@@ -261,7 +266,7 @@ def comparison_panel(
     gt: np.ndarray,
     pred: np.ndarray,
     class_names: Sequence[str],
-    palette: Union[np.ndarray, Sequence[Sequence[int]]],
+    palette: np.ndarray | Sequence[Sequence[int]],
     *,
     scale: int = 2,
 ) -> np.ndarray:
@@ -270,7 +275,7 @@ def comparison_panel(
     gap = np.full((frame.shape[0], 4, 3), 255, dtype=np.uint8)
     pair = Image.fromarray(np.concatenate([overlay(frame, gt, palette), gap,
                                            overlay(frame, pred, palette)], axis=1))
-    pair = pair.resize((pair.width * scale, pair.height * scale), Image.NEAREST)
+    pair = pair.resize((pair.width * scale, pair.height * scale), Image.Resampling.NEAREST)
     shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
     return with_legend(np.asarray(pair), shown, class_names, palette)
 

@@ -1,4 +1,5 @@
 """Training objective: targets, two-round matching, hierarchical loss (docs/DESIGN.md §5)."""
+from __future__ import annotations
 
 from themask.loss.api import training_loss
 from themask.loss.config import LossConfig

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Tuple
+from typing import Literal
 
 
 @dataclass
@@ -17,7 +17,7 @@ class LossConfig:
     num_rounds: int = 2  # 1: one-to-one Hungarian only; 2: add the secondary round
     second_round_loss: Literal["soft", "hard"] = "soft"  # soft = hierarchical (paper)
     second_round_cost: Literal["full", "bce"] = "full"  # official single-frame: "bce"
-    round_weights: Tuple[float, float] = (1.0, 0.5)
+    round_weights: tuple[float, float] = (1.0, 0.5)
     warmup_steps: int = 0  # one round while step < warmup_steps, then num_rounds
     # loss weights
     class_weight: float = 2.0

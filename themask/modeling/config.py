@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Literal, Optional
 
 from themask.data.vspw import NUM_CLASSES
 
@@ -17,9 +17,11 @@ class ModelConfig:
     """
 
     backbone: str = "mit_b1"
-    backbone_embed_dims: Optional[Tuple[int, int, int, int]] = None
-    backbone_depths: Optional[Tuple[int, int, int, int]] = None
-    backbone_num_heads: Optional[Tuple[int, int, int, int]] = None
+    # Optional, not X | None: typing.get_type_hints resolves config fields, and Python 3.9
+    # cannot evaluate X | None.
+    backbone_embed_dims: Optional[tuple[int, int, int, int]] = None  # noqa: UP045
+    backbone_depths: Optional[tuple[int, int, int, int]] = None  # noqa: UP045
+    backbone_num_heads: Optional[tuple[int, int, int, int]] = None  # noqa: UP045
     drop_path_rate: float = 0.1
     decoder: Literal["single", "temporal"] = "temporal"  # single = Mask2Former decoder (§4.1)
     num_classes: int = NUM_CLASSES

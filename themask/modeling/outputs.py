@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 from torch import Tensor
 
@@ -34,8 +33,8 @@ class Predictions:
     can be regrouped into (B, T) by ``THEMask.semantic_scores``.
     """
 
-    clip: List[PredictionSet]
-    frame: Optional[List[PredictionSet]] = None
+    clip: list[PredictionSet]
+    frame: list[PredictionSet] | None = None
     frames_per_clip: int = 1
 
     @property

@@ -9,7 +9,7 @@ final 1×1 conv gives the per-pixel ``mask_features`` that the mask heads read.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -165,16 +165,20 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def reset_parameters(self) -> None:
         """Mask2Former initialisation: xavier for the projections and encoder, Caffe2-style
         xavier (kaiming-uniform, a=1) for the FPN convs, N(0, 1) level embeddings."""
+        # torch types the items of ModuleList / Sequential as plain Module (and attributes of a
+        # Module as Tensor | Module), so mypy cannot see the convs and layers built above.
         for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight)
-            nn.init.zeros_(proj[0].bias)
+            nn.init.xavier_uniform_(proj[0].weight)  # type: ignore[index]
+            nn.init.zeros_(proj[0].bias)  # type: ignore[index]
         for param in self.encoder_layers.parameters():
             if param.dim() > 1:
                 nn.init.xavier_uniform_(param)
         for layer in self.encoder_layers:
-            layer.self_attn.reset_parameters()
+            layer.self_attn.reset_parameters()  # type: ignore[union-attr, operator]
         nn.init.normal_(self.level_embed)
-        for conv in (self.lateral[0], self.fpn_output[0], self.mask_features):
+        for conv in cast(
+            "tuple[nn.Conv2d, ...]", (self.lateral[0], self.fpn_output[0], self.mask_features)
+        ):
             nn.init.kaiming_uniform_(conv.weight, a=1)
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from themask.modeling.config import ModelConfig
 from themask.modeling.outputs import Predictions
+from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from themask.modeling.transformer import QueryDecoder
 
 
@@ -81,7 +82,7 @@ class THEMask(nn.Module):
         *,
         config: ModelConfig,
         backbone: nn.Module,
-        pixel_decoder: nn.Module,
+        pixel_decoder: MSDeformAttnPixelDecoder,
         decoder: QueryDecoder,
     ):
         super().__init__()

@@ -178,7 +178,12 @@ def _count_evaluation(tmp_path, num_frames):
     from themask.modeling.build import build_model
 
     root = make_toy_dataset(
-        tmp_path / str(num_frames), num_train=1, num_val=2, num_frames=num_frames, size=(32, 48)
+        tmp_path / str(num_frames),
+        num_train=1,
+        num_val=2,
+        num_frames=num_frames,
+        val_frames=num_frames,
+        size=(32, 48),
     )
     torch.manual_seed(0)
     model = build_model("themask_tiny_t2", num_classes=8)

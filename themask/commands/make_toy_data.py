@@ -24,7 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="default 200 (with a few dozen the tiny demo model memorises the videos)",
     )
     parser.add_argument("--val-videos", type=int, default=6, help="default 6")
-    parser.add_argument("--frames", type=int, default=16, help="max frames per video (default 16)")
+    parser.add_argument(
+        "--frames", type=int, default=16, help="max frames per training video (default 16)"
+    )
+    parser.add_argument(
+        "--val-frames", type=int, default=24, help="max frames per validation video (default 24)"
+    )
     parser.add_argument("--height", type=int, default=96, help="frame height (default 96)")
     parser.add_argument("--width", type=int, default=128, help="frame width (default 128)")
     parser.add_argument(
@@ -48,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         num_train=args.train_videos,
         num_val=args.val_videos,
         num_frames=args.frames,
+        val_frames=args.val_frames,
         size=(args.height, args.width),
     )
     print(

@@ -308,24 +308,28 @@ def make_toy_dataset(
     num_train: int = 200,
     num_val: int = 6,
     num_frames: int = 16,
+    val_frames: int = 24,
     size: tuple[int, int] = (96, 128),
     jpeg_quality: int = 92,
 ) -> Path:
     """Write the toy dataset under ``root`` (VSPW layout) and return ``root``.
 
-    Videos have ``num_frames - 3 .. num_frames`` frames of ``size`` = (H, W); frame numbers
-    start at a random offset, as in VSPW. Existing files of the same names are overwritten.
+    Training videos have ``num_frames - 3 .. num_frames`` frames of ``size`` = (H, W),
+    validation videos ``val_frames - 3 .. val_frames`` (by default more than 16, so that both
+    mVC8 and mVC16 are defined under the published rule); frame numbers start at a random
+    offset, as in VSPW. Existing files of the same names are overwritten.
     """
-    if num_frames < 4:
-        raise ValueError(f"num_frames must be >= 4, got {num_frames}")
+    if min(num_frames, val_frames) < 4:
+        raise ValueError(f"num_frames and val_frames must be >= 4, got {num_frames}, {val_frames}")
     root = Path(root)
     rng = np.random.default_rng(seed)
     total = num_train + num_val
     plans = _class_plans(rng, total)
     names = [f"{i:04d}_toy{seed}" for i in range(total)]
-    for name, (stuff, objects) in zip(names, plans):
+    for index, (name, (stuff, objects)) in enumerate(zip(names, plans)):
         video_rng = np.random.default_rng([seed, int(name[:4])])
-        length = int(video_rng.integers(num_frames - 3, num_frames + 1))
+        most = num_frames if index < num_train else val_frames
+        length = int(video_rng.integers(most - 3, most + 1))
         start = int(video_rng.integers(0, 300))
         scene = _Scene(video_rng, stuff, objects, size, length)
         frame_dir = TOY_DESCRIPTION.frame_dir(root, name)

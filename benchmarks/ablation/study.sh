@@ -1,8 +1,8 @@
 #!/bin/bash
 # the study, in sequence; each step reuses finished runs
-cd /work/wt_ablation
+cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD OMP_NUM_THREADS=1
-PY=/work/main/.venv/bin/python
+PY=${PY:-python}
 B="--out benchmarks/ablation --seeds 0 1 2 --steps 2000 --stage2-steps 500 --eval-every 250 --threads 1"
 start=$(date +%s)
 echo "start $(date)"

@@ -14,11 +14,12 @@ The layer loop and the parameters shared with the single-frame decoder live in
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from themask.data.vspw import NUM_CLASSES
 from themask.modeling.outputs import PredictionSet
 from themask.modeling.transformer import (
     CrossAttentionLayer,
@@ -86,33 +87,15 @@ class TemporalDecoder(QueryDecoder):
 
     is_temporal = True
 
-    def __init__(
-        self,
-        *,
-        num_classes: int = NUM_CLASSES,
-        num_queries: int = 100,
-        dim: int = 256,
-        mask_dim: int = 256,
-        num_heads: int = 8,
-        ffn_dim: int = 2048,
-        num_layers: int = 9,
-        num_levels: int = 3,
-        tad_ffn_dim: int = 2048,
-        tad_dropout: float = 0.1,
-    ):
-        super().__init__(
-            num_classes=num_classes,
-            num_queries=num_queries,
-            dim=dim,
-            mask_dim=mask_dim,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            num_layers=num_layers,
-            num_levels=num_levels,
-        )
-        self.frame_head = PredictionHead(dim=dim, num_classes=num_classes, mask_dim=mask_dim)
+    def __init__(self, *, tad_ffn_dim: int = 2048, tad_dropout: float = 0.1, **decoder_args: Any):
+        """``decoder_args``: those of ``QueryDecoder``; ``tad_*`` size the temporal aggregation."""
+        super().__init__(**decoder_args)
+        self.frame_head = PredictionHead(**self.head_sizes)
         self.temporal = TemporalAggregation(
-            dim=dim, num_heads=num_heads, ffn_dim=tad_ffn_dim, dropout=tad_dropout
+            dim=self.head_sizes["dim"],
+            num_heads=self.num_heads,
+            ffn_dim=tad_ffn_dim,
+            dropout=tad_dropout,
         )
 
     def _start(

@@ -317,7 +317,9 @@ class QueryDecoder(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim) for _ in range(num_layers)
         )
-        self.clip_head = PredictionHead(dim=dim, num_classes=num_classes, mask_dim=mask_dim)
+        self.head_sizes = dict(dim=dim, num_classes=num_classes, mask_dim=mask_dim)
+        self.num_heads = num_heads
+        self.clip_head = PredictionHead(**self.head_sizes)
         self.checkpoint_layers = False  # recompute the layers in backward (see run_layer)
 
     def forward(

@@ -1,8 +1,4 @@
-"""Single-frame masked-attention decoder (Mask2Former, docs/DESIGN.md §4.1).
-
-Every frame is decoded as its own one-frame clip: B·T clips, T = 1. The layer loop and the
-parameters shared with the temporal decoder live in ``QueryDecoder``.
-"""
+"""Single-frame masked-attention decoder (Mask2Former, docs/DESIGN.md §4.1)."""
 
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ from themask.modeling.transformer import DecoderMemory, DecodingState, QueryDeco
 
 
 class MaskDecoder(QueryDecoder):
-    """Learned queries refined per frame → ``Predictions`` of B·T one-frame clips:
+    """Every frame decoded as its own clip → ``Predictions`` of B·T one-frame clips:
     class (B·T, N, K+1), masks (B·T, N, 1, H/4, W/4)."""
 
     is_temporal = False

@@ -1,9 +1,9 @@
 """Training objective: targets, two-round matching, hierarchical loss (docs/DESIGN.md §5)."""
+
 from __future__ import annotations
 
-from themask.loss.api import training_loss
 from themask.loss.config import LossConfig
-from themask.loss.criterion import LossOutput, SetCriterion
+from themask.loss.criterion import LossOutput, SetCriterion, training_loss
 from themask.loss.matcher import HungarianMatcher, MatchIndices, match_two_rounds
 from themask.loss.targets import BatchTargets, build_targets
 

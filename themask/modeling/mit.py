@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch.nn.functional as F
@@ -140,7 +141,6 @@ class MiTStage(nn.Module):
         *,
         in_channels: int,
         dim: int,
-        depth: int,
         num_heads: int,
         sr_ratio: int,
         mlp_ratio: float,
@@ -158,7 +158,7 @@ class MiTStage(nn.Module):
             MiTBlock(
                 dim=dim, num_heads=num_heads, sr_ratio=sr_ratio, mlp_ratio=mlp_ratio, drop_path=rate
             )
-            for rate in drop_path_rates[:depth]
+            for rate in drop_path_rates
         )
         self.norm = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
 
@@ -201,16 +201,15 @@ class MixTransformer(nn.Module):
         self.depths: tuple[int, ...] = tuple(int(d) for d in depths)
         total = sum(self.depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear 0 → rate
-        starts = [sum(self.depths[:index]) for index in range(len(self.depths))]
+        bounds = [0, *accumulate(self.depths)]  # each stage's blocks
         self.stages = nn.ModuleList(
             MiTStage(
                 in_channels=in_channels if index == 0 else self.out_channels[index - 1],
                 dim=self.out_channels[index],
-                depth=self.depths[index],
                 num_heads=num_heads[index],
                 sr_ratio=sr_ratios[index],
                 mlp_ratio=mlp_ratio,
-                drop_path_rates=rates[starts[index] :],
+                drop_path_rates=rates[bounds[index] : bounds[index + 1]],
                 first=index == 0,
             )
             for index in range(len(self.depths))

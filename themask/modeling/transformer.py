@@ -51,15 +51,10 @@ class MultiHeadAttention(nn.MultiheadAttention):
             k = F.linear(key, w_k, b_k)
         v = F.linear(value, w_v, b_v)
         mask = None if allowed is None else allowed.unsqueeze(1)  # (B, 1, N, S), all heads
-        out = F.scaled_dot_product_attention(
-            self._split_heads(q),
-            self._split_heads(k),
-            self._split_heads(v),
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, heads, N, C/heads)
-        out = out.transpose(1, 2).flatten(2)
-        return self.out_proj(out)
+        heads = [self._split_heads(x) for x in (q, k, v)]
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(*heads, attn_mask=mask, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, heads, N, C/heads) → (B, N, C)
 
 
 class _AttentionLayer(nn.Module):

@@ -1,8 +1,6 @@
-"""Hierarchical THE-Mask loss over all prediction sets (docs/DESIGN.md §5, §8): class CE over
-both rounds, the hard mask loss (point-sampled BCE + dice) for primary queries, the soft or
-hard one for secondary queries, the TAD frame head scaled by ``frame_head_weight``. All sets
-are matched in one call (one host transfer) and their assignments uploaded at once.
-"""
+"""Hierarchical THE-Mask loss over all prediction sets (docs/DESIGN.md §5, §8): class CE,
+the hard mask loss for primary queries, the soft or hard one for secondary queries; all sets
+matched in one call and their assignments uploaded at once."""
 
 from __future__ import annotations
 

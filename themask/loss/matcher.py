@@ -1,9 +1,6 @@
 """Two-round Hungarian matching of queries to GT classes (docs/DESIGN.md §5): cost
-``w_cls·(−p_q(class)) + w_bce·BCE + w_dice·dice`` on random points shared by the masks and
-labelled frames of a clip; round 2 re-solves over the queries round 1 left free. All sets are
-costed on the device and reach the host in one transfer (columns: the classes present on CPU,
-all K elsewhere, so no shape depends on the data there).
-"""
+``w_cls·(−p_q(class)) + w_bce·BCE + w_dice·dice`` on random points; round 2 re-solves over
+the queries round 1 left free. All sets are costed on the device, read in one transfer."""
 
 from __future__ import annotations
 

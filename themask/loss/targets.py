@@ -1,7 +1,5 @@
-"""Training targets from label maps (docs/DESIGN.md §5, §8), on the labels' device with fixed
-shapes. A clip's targets are the classes in any of its frames, each with the mask
-``labels == class`` per frame (ignore pixels 0); an all-ignore frame is unlabelled.
-"""
+"""Training targets (docs/DESIGN.md §5, §8), on the labels' device with fixed shapes: the
+classes of a clip, each with the mask ``labels == class`` per frame."""
 
 from __future__ import annotations
 

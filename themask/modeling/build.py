@@ -1,10 +1,6 @@
 """Presets and builders, the only place that reads a ``ModelConfig`` (docs/DESIGN.md §4–§7).
-
-``PRESETS``: name → ``ModelConfig`` diff (the network); ``PRESET_LOSSES``: name → ``LossConfig``
-diff (its default objective). ``themask_mit_b{0..5}_t1``: single-frame decoder, stage-1
-objective; ``*_t2``: TAD on 2-frame clips; ``mask2former_mit_b{0..5}``: single-frame decoder,
-one-round objective; ``*_tiny*``: small widths for tests and the CPU demo.
-"""
+``PRESETS``: name → ``ModelConfig`` diff (the network: ``*_t1`` and ``mask2former_*`` the
+single-frame decoder, ``*_t2`` the TAD); ``PRESET_LOSSES``: name → ``LossConfig`` diff."""
 
 from __future__ import annotations
 
@@ -14,11 +10,11 @@ from typing import Any
 from themask.data.vspw import NUM_CLASSES
 from themask.loss.config import LossConfig
 from themask.modeling.config import ModelConfig
-from themask.modeling.mask_decoder import MaskDecoder
 from themask.modeling.mit import build_mit
 from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from themask.modeling.temporal_decoder import TemporalDecoder
 from themask.modeling.themask import THEMask
+from themask.modeling.transformer import MaskDecoder
 
 _T1: dict[str, Any] = dict(decoder="single", num_frames=1)
 _T2: dict[str, Any] = dict(decoder="temporal", num_frames=2)

@@ -1,6 +1,5 @@
-"""Mix Transformer (MiT), the SegFormer encoder (docs/DESIGN.md §2): four stages of strides
-4, 8, 16, 32, each an overlapping patch embedding, pre-norm blocks (spatial-reduction
-attention, Mix-FFN) and a LayerNorm. ``themask.weights.mit`` maps public layouts to our names.
+"""Mix Transformer (MiT), the SegFormer encoder (docs/DESIGN.md §2): four stages, each an
+overlapping patch embedding, pre-norm blocks (spatial-reduction attention, Mix-FFN), LayerNorm.
 """
 
 from __future__ import annotations

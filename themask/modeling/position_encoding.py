@@ -1,7 +1,5 @@
-"""DETR-style sine position encodings of 2-D maps and 3-D clips, computed in float32 (in the
-published arithmetic order) and cast to ``dtype``. Position p = 1..L of an axis becomes
-p / (L + 1e-6) · 2π; feature i divides it by 10000^(2·⌊i/2⌋/F); channels [sin, cos, …].
-"""
+"""DETR-style sine position encodings of 2-D maps and 3-D clips, in float32 cast to ``dtype``:
+position p = 1..L → p / (L + 1e-6) · 2π / 10000^(2·⌊i/2⌋/F) for feature i; [sin, cos, …]."""
 
 from __future__ import annotations
 

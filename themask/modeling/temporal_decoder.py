@@ -1,9 +1,6 @@
-"""Temporal Aggregation Decoder (TAD, docs/DESIGN.md §4.2).
-
-Frame queries (B·T, N, C) run the §4.1 layers per frame, masked by the clip head's masks;
-after every layer ``TemporalAggregation`` folds them into the clip queries (B, N, C). Heads:
-``clip_head`` (one embedding per clip query, masks for every frame) and ``frame_head``.
-"""
+"""Temporal Aggregation Decoder (TAD, docs/DESIGN.md §4.2): frame queries run the §4.1 layers
+per frame, masked by the clip head; after every layer ``TemporalAggregation`` folds them into
+the clip queries."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ class FrameFeatures:
         return self.mask_features.shape[0]
 
     def select(self, indices: Sequence[int] | Tensor) -> FrameFeatures:
-        """The features of the frames at ``indices`` (positions on the B·T axis), in that order."""
+        """The features of the frames at ``indices`` (positions on the B·T axis), in order."""
         index = torch.as_tensor(indices, dtype=torch.long, device=self.mask_features.device)
         return FrameFeatures(
             mask_features=self.mask_features.index_select(0, index),

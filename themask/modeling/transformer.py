@@ -1,9 +1,5 @@
-"""Decoder building blocks and ``QueryDecoder``, the one masked-attention layer loop of both
-decoders (docs/DESIGN.md §4).
-
-Layers are post-norm and batch-first: queries (B, N, C), memory (B, S, C). Attention keeps the
-parameters of ``nn.MultiheadAttention`` and runs on ``F.scaled_dot_product_attention``.
-"""
+"""Post-norm, batch-first decoder layers; ``QueryDecoder``, the one masked-attention layer
+loop of both decoders (docs/DESIGN.md §4); ``MaskDecoder``, the single-frame decoder (§4.1)."""
 
 from __future__ import annotations
 
@@ -51,9 +47,9 @@ class MultiHeadAttention(nn.MultiheadAttention):
             k = F.linear(key, w_k, b_k)
         v = F.linear(value, w_v, b_v)
         mask = None if allowed is None else allowed.unsqueeze(1)  # (B, 1, N, S), all heads
-        heads = [self._split_heads(x) for x in (q, k, v)]
+        q, k, v = (self._split_heads(x) for x in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(*heads, attn_mask=mask, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, heads, N, C/heads) → (B, N, C)
 
 
@@ -74,11 +70,8 @@ class SelfAttentionLayer(_AttentionLayer):
 
 
 class CrossAttentionLayer(_AttentionLayer):
-    """x = LN(x + Dropout(Attn(q = x + query_pos, k = keys, v = values))).
-
-    x (B, N, C), keys/values (B, S, C) (see ``DecoderMemory``), allowed (B, N, S) bool or None
-    → (B, N, C).
-    """
+    """x = LN(x + Dropout(Attn(q = x + query_pos, k = keys, v = values))); x (B, N, C),
+    keys/values (B, S, C), allowed (B, N, S) bool or None → (B, N, C)."""
 
     def forward(
         self,
@@ -174,10 +167,8 @@ def allowed_positions(mask_logits: Tensor) -> Tensor:
 
 
 def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-    """features (B, C, H, W) → [(B, C, h, w) for (h, w) in sizes], bilinear, contiguous.
-
-    Resizing is linear, so masks from resized features equal resized masks (§4.1).
-    """
+    """features (B, C, H, W) → [(B, C, h, w) for (h, w) in sizes], bilinear (linear, so
+    masks from resized features equal resized masks, §4.1)."""
     source = features.contiguous(memory_format=torch.channels_last)  # faster CPU kernel
     return [
         features
@@ -342,3 +333,26 @@ class QueryDecoder(nn.Module):
         """Mask logits (B·T, N, h·w) from the clip head's ``embeddings`` and the mask features
         at one memory level (B·T, D, h, w)."""
         raise NotImplementedError
+
+
+class MaskDecoder(QueryDecoder):
+    """Every frame decoded as its own clip → ``Predictions`` of B·T one-frame clips:
+    class (B·T, N, K+1), masks (B·T, N, 1, H/4, W/4)."""
+
+    def _start(
+        self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
+    ) -> DecodingState:
+        queries = self.query_feat.weight.unsqueeze(0).expand(mask_features.shape[0], -1, -1)
+        return DecodingState(queries=queries, mask_features=mask_features, frames=frames)
+
+    def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
+        class_logits, embeddings = self.clip_head(state.queries)  # (B·T, N, K+1), (B·T, N, D)
+        if not full:
+            return [], embeddings
+        masks = torch.einsum("fnc,fchw->fnhw", embeddings, state.mask_features)
+        return [PredictionSet(class_logits, masks.unsqueeze(2))], embeddings
+
+    def _attention_logits(
+        self, embeddings: Tensor, features: Tensor, state: DecodingState
+    ) -> Tensor:
+        return torch.einsum("fnc,fchw->fnhw", embeddings, features).flatten(2)

@@ -124,31 +124,24 @@ class BatchMatch:
     labelled: np.ndarray
 
 
+@dataclass
 class HungarianMatcher:
     """Two-round matcher with the point-sampled Mask2Former cost. ``second_round_cost``: "full"
     or "bce"; ``all_class_columns``: cost all K classes, not the present ones (default: not
     on CPU)."""
 
-    def __init__(
-        self,
-        *,
-        cost_class: float = 2.0,
-        cost_mask: float = 5.0,
-        cost_dice: float = 5.0,
-        num_points: int = 12544,
-        second_round_cost: Literal["full", "bce"] = "full",
-        all_class_columns: bool | None = None,
-    ) -> None:
-        if second_round_cost not in ("full", "bce"):
+    cost_class: float = 2.0
+    cost_mask: float = 5.0
+    cost_dice: float = 5.0
+    num_points: int = 12544
+    second_round_cost: Literal["full", "bce"] = "full"
+    all_class_columns: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.second_round_cost not in ("full", "bce"):
             raise ValueError(
-                f"second_round_cost must be 'full' or 'bce', got {second_round_cost!r}"
+                f"second_round_cost must be 'full' or 'bce', got {self.second_round_cost!r}"
             )
-        self.cost_class = cost_class
-        self.cost_mask = cost_mask
-        self.cost_dice = cost_dice
-        self.num_points = num_points
-        self.second_round_cost = second_round_cost
-        self.all_class_columns = all_class_columns
 
     def _columns(self, present: Tensor) -> tuple[Tensor, Tensor]:
         """Cost columns (B, C) class ids and their validity (B, C) from ``present`` (B, K)."""

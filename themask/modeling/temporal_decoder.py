@@ -111,17 +111,12 @@ class TemporalDecoder(QueryDecoder):
             return [], embeddings
         batch, frames = state.clip.shape[0], state.frames
         mask_dim, height, width = state.mask_features.shape[1:]
-        masks = torch.bmm(embeddings, state.clip_features).view(
-            batch, -1, frames, height, width
-        )  # (B, N, T, H/4, W/4)
+        masks = torch.bmm(embeddings, state.clip_features).view(batch, -1, frames, height, width)
         frame_class, frame_embeddings = self.frame_head(
             state.queries.view(batch, frames, *state.queries.shape[1:])
         )  # (B, T, N, K+1), (B, T, N, D)
-        frame_masks = torch.einsum(
-            "btnd,btdhw->bnthw",
-            frame_embeddings,
-            state.mask_features.view(batch, frames, mask_dim, height, width),
-        )
+        per_frame = state.mask_features.view(batch, frames, mask_dim, height, width)
+        frame_masks = torch.einsum("btnd,btdhw->bnthw", frame_embeddings, per_frame)
         sets = [PredictionSet(class_logits, masks), PredictionSet(frame_class, frame_masks)]
         return sets, embeddings
 

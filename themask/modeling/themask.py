@@ -42,10 +42,7 @@ class FrameFeatures:
             raise ValueError("FrameFeatures.cat: nothing to concatenate")
         return cls(
             mask_features=torch.cat([item.mask_features for item in items]),
-            multi_scale=[
-                torch.cat([item.multi_scale[level] for item in items])
-                for level in range(len(items[0].multi_scale))
-            ],
+            multi_scale=[torch.cat(level) for level in zip(*(item.multi_scale for item in items))],
         )
 
 
@@ -54,9 +51,8 @@ def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
     mask_logits (B, N, T, h, w) → Σ_q softmax(class)[..., :K] · sigmoid(mask) (B, T, K, h, w)."""
     probs = class_logits.softmax(dim=-1)[..., :-1]
     masks = mask_logits.sigmoid()
-    if probs.dim() == 3:
-        return torch.einsum("bnk,bnthw->btkhw", probs, masks)
-    return torch.einsum("btnk,bnthw->btkhw", probs, masks)
+    per_clip = probs.dim() == 3  # one class per clip query, else per frame
+    return torch.einsum("bnk,bnthw->btkhw" if per_clip else "btnk,bnthw->btkhw", probs, masks)
 
 
 class THEMask(nn.Module):
@@ -114,8 +110,7 @@ class THEMask(nn.Module):
         return self._encode_images(images)
 
     def _encode_images(self, images: Tensor) -> FrameFeatures:
-        mask_features, multi_scale = self.pixel_decoder(self.backbone(images))
-        return FrameFeatures(mask_features=mask_features, multi_scale=list(multi_scale))
+        return FrameFeatures(*self.pixel_decoder(self.backbone(images)))
 
     def decode(self, features: FrameFeatures, batch: int, frames: int) -> Predictions:
         """Decoder on the features of B clips of T frames (frame t of clip b at b·T + t); all

@@ -316,11 +316,7 @@ class SetCriterion:
         masks, classes = prediction_set.mask_logits, prediction_set.class_logits
         if labels.dim() != 4:
             raise ValueError(f"labels must have shape (B, T, H, W), got {tuple(labels.shape)}")
-        if (
-            masks.dim() != 5
-            or masks.shape[0] != labels.shape[0]
-            or masks.shape[2] != labels.shape[1]
-        ):
+        if masks.dim() != 5 or (masks.shape[0], masks.shape[2]) != labels.shape[:2]:
             raise ValueError(
                 f"mask_logits {tuple(masks.shape)} must be (B, N, T, h, w) with B, T of the "
                 f"labels {tuple(labels.shape)}"

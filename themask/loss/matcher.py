@@ -238,16 +238,3 @@ class HungarianMatcher:
         ]
         labelled = labelled.reshape(targets.labelled.shape) > 0.5
         return BatchMatch(matches=matches, classes=classes, labelled=labelled)
-
-    def __call__(
-        self,
-        class_logits: Tensor,
-        mask_logits: Tensor,
-        targets: BatchTargets,
-        *,
-        num_rounds: int = 2,
-    ) -> list[MatchIndices]:
-        """Match one prediction set; returns one ``MatchIndices`` per clip."""
-        return self.match_sets(
-            [(class_logits, mask_logits)], targets, num_rounds=num_rounds
-        ).matches[0]

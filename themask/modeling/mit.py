@@ -1,6 +1,5 @@
 """Mix Transformer (MiT), the SegFormer encoder (docs/DESIGN.md §2): four stages, each an
-overlapping patch embedding, pre-norm blocks (spatial-reduction attention, Mix-FFN), LayerNorm.
-"""
+overlapping patch embedding, pre-norm blocks (spatial-reduction attention, Mix-FFN), LayerNorm."""
 
 from __future__ import annotations
 

@@ -34,19 +34,15 @@ class BatchTargets:
         num_classes = self.present.shape[1]
         device = self.labels.device
         cells = torch.arange(height * width, device=device, dtype=torch.float32)
-        cell_of_pixel = (
-            F.interpolate(cells.view(1, 1, height, width), size=(big_h, big_w), mode="nearest")
-            .long()
-            .view(-1)
-        )  # (H·W,) the low-resolution cell each pixel copies
+        cell_map = F.interpolate(cells.view(1, 1, height, width), (big_h, big_w), mode="nearest")
+        cell_of_pixel = cell_map.long().view(-1)  # (H·W,) the low-resolution cell of each pixel
         labels = self.labels.long().flatten(2)  # (B, T, H·W)
         classes = torch.where(labels < num_classes, labels, num_classes)
         index = classes * (height * width) + cell_of_pixel  # (B, T, H·W)
         counts = torch.zeros(batch, frames, (num_classes + 1) * height * width, device=device)
         counts.scatter_add_(2, index, torch.ones_like(index, dtype=torch.float32))
-        sizes = torch.zeros(height * width, device=device).index_add_(
-            0, cell_of_pixel, torch.ones_like(cell_of_pixel, dtype=torch.float32)
-        )
+        ones = torch.ones_like(cell_of_pixel, dtype=torch.float32)
+        sizes = torch.zeros(height * width, device=device).index_add_(0, cell_of_pixel, ones)
         return counts.view(batch, frames, -1, height, width), sizes.view(height, width)
 
 

@@ -47,11 +47,6 @@ class MatchedRows:
     frame: Tensor
     cls: Tensor
 
-    def split(self) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """(clip, query, frame) index tensors per set."""
-        parts = [index.split(self.sizes) for index in (self.clip, self.query, self.frame)]
-        return list(zip(*parts))
-
 
 @dataclass
 class Assignment:
@@ -105,10 +100,8 @@ def assign(
 
 def gather(mask_logits: Sequence[Tensor], rows: MatchedRows) -> Tensor:
     """Matched predictions of S sets' mask_logits (B, N, T, h, w): (R, h, w) float32."""
-    picked = [
-        logits[clip, query, frame]
-        for logits, (clip, query, frame) in zip(mask_logits, rows.split())
-    ]
+    per_set = [index.split(rows.sizes) for index in (rows.clip, rows.query, rows.frame)]
+    picked = [logits[c, q, f] for logits, c, q, f in zip(mask_logits, *per_set)]
     return torch.cat(picked).float()
 
 

@@ -41,9 +41,7 @@ def _assign(cost: np.ndarray, rows: np.ndarray) -> IndexPair:
     if rows.size == 0 or cost.shape[1] == 0:
         return _empty_pair()
     sub_rows, cols = linear_sum_assignment(cost[rows])
-    return torch.as_tensor(rows[sub_rows], dtype=torch.long), torch.as_tensor(
-        cols, dtype=torch.long
-    )
+    return torch.as_tensor(rows[sub_rows]).long(), torch.as_tensor(cols).long()
 
 
 def match_two_rounds(

@@ -4,7 +4,6 @@ the queries round 1 left free. All sets are costed on the device, read in one tr
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,8 +16,6 @@ from torch import Tensor
 
 from themask.loss.point_sample import bilinear_taps, point_sample
 from themask.loss.targets import BatchTargets, check_invalid
-
-logger = logging.getLogger(__name__)
 
 IndexPair = tuple[Tensor, Tensor]
 
@@ -65,13 +62,6 @@ def match_two_rounds(
     if second_np.shape != cost_np.shape:
         raise ValueError(f"second_round_cost has shape {second_np.shape}, expected {cost_np.shape}")
     free_rows = np.setdiff1d(all_rows, primary[0].numpy())
-    if free_rows.size < cost_np.shape[1]:
-        logger.debug(
-            "round 2: %d classes but only %d free queries; %d classes get no secondary query",
-            cost_np.shape[1],
-            free_rows.size,
-            cost_np.shape[1] - free_rows.size,
-        )
     return MatchIndices(primary=primary, secondary=_assign(second_np, free_rows))
 
 

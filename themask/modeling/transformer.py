@@ -36,16 +36,13 @@ class MultiHeadAttention(nn.MultiheadAttention):
     ) -> Tensor:
         """query (B, N, C), key/value (B, S, C), allowed (B, N, S) bool (True = may attend)
         → (B, N, C)."""
-        dim = query.shape[-1]
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        weight, bias, dim = self.in_proj_weight, self.in_proj_bias, query.shape[-1]
         if key is query:  # self-attention: one matmul for queries and keys
-            qk = F.linear(query, self.in_proj_weight[: 2 * dim], self.in_proj_bias[: 2 * dim])
-            q, k = qk.chunk(2, dim=-1)
+            q, k = F.linear(query, weight[: 2 * dim], bias[: 2 * dim]).chunk(2, dim=-1)
         else:
-            q = F.linear(query, w_q, b_q)
-            k = F.linear(key, w_k, b_k)
-        v = F.linear(value, w_v, b_v)
+            q = F.linear(query, weight[:dim], bias[:dim])
+            k = F.linear(key, weight[dim : 2 * dim], bias[dim : 2 * dim])
+        v = F.linear(value, weight[2 * dim :], bias[2 * dim :])
         mask = None if allowed is None else allowed.unsqueeze(1)  # (B, 1, N, S), all heads
         q, k, v = (self._split_heads(x) for x in (q, k, v))
         dropout = self.dropout if self.training else 0.0

@@ -1,9 +1,8 @@
 """``DataConfig``: where the data lives and how clips are built and augmented.
 
-Defaults are the official VSPW 480p recipe for the THE-Mask second stage (T = 2, dilation
-[-3]); the first stage uses ``dilation=(0,)``. The clip length is derived from ``dilation``
-(``num_frames``), so the two can never disagree. Classes, label encoding and folder layout
-come from the dataset's own description (``<root>/dataset.yaml``; VSPW when absent).
+Defaults: the official VSPW 480p recipe of the THE-Mask second stage (T = 2, dilation [-3]);
+the first stage uses ``dilation=(0,)``. The clip length follows from ``dilation``; classes,
+label encoding and layout come from ``<root>/dataset.yaml`` (VSPW when absent).
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """``dataset.yaml``: the description of a video dataset (classes, label encoding, layout).
 
-A dataset root holds a ``dataset.yaml`` (keys below); a root without one is read as VSPW
-(``VSPW_DESCRIPTION``), and the toy dataset writes its own (``themask.data.toy``)::
+A root without one is read as VSPW (``VSPW_DESCRIPTION``); the toy dataset writes its own::
 
     classes: [background, cat, dog]      # train ids 0..K-1, in this order (required)
     palette: [[0, 0, 0], ...]            # optional, K RGB triples
@@ -12,15 +11,14 @@ A dataset root holds a ``dataset.yaml`` (keys below); a root without one is read
     splits: {train: "ImageSets/train.txt", val: "ImageSets/val.txt"}
     sparse: false                        # true: masks may exist for only some frames
 
-Every field but ``classes`` defaults to the VSPW layout and encoding. A malformed field is a
-``DescriptionError`` naming the file, the field and what was expected.
+Every field but ``classes`` defaults to VSPW's; a malformed one is a ``DescriptionError``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +108,12 @@ class DatasetDescription:
     def mask_dir(self, root: PathLike, video: str) -> Path:
         return Path(root) / self.masks.format(video=video)
 
-    def to_yaml(self) -> str:
+    def to_yaml(self, *, palette: bool = True) -> str:
         """The description as ``dataset.yaml`` text (every field written out)."""
-        values: dict[str, Any] = {
-            "classes": list(self.classes),
-            "palette": self.palette.tolist(),
+        values: dict[str, Any] = {"classes": list(self.classes)}
+        if palette:
+            values["palette"] = self.palette.tolist()
+        values |= {
             "ignore_values": list(self.ignore_values),
             "label_offset": self.label_offset,
             "frames": self.frames,
@@ -142,16 +141,7 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
     """Validate the mapping read from a ``dataset.yaml``; ``source`` names it in errors."""
     if not isinstance(values, Mapping):
         raise DescriptionError(f"{source}: expected a mapping of fields, got {values!r}")
-    known = {
-        "classes",
-        "palette",
-        "ignore_values",
-        "label_offset",
-        "frames",
-        "masks",
-        "splits",
-        "sparse",
-    }
+    known = {f.name for f in fields(DatasetDescription)} - {"source"}
     unknown = sorted(str(k) for k in values if k not in known)
     if unknown:
         raise DescriptionError(

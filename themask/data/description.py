@@ -128,11 +128,6 @@ class DatasetDescription:
 VSPW_DESCRIPTION = DatasetDescription(classes=CLASS_NAMES, palette=PALETTE)
 
 
-def _expect(ok: bool, source: str, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise DescriptionError(f"{source}: field '{key}': expected {expected}, got {value!r}")
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -149,55 +144,48 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
         )
     if "classes" not in values:
         raise DescriptionError(f"{source}: field 'classes' is missing (a list of class names)")
-    classes = values["classes"]
+    defaults = DatasetDescription(classes=())
+    given = {f: getattr(defaults, f) for f in known - {"palette"}} | {"palette": None, **values}
+
+    def expect(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            got = given.get(key)
+            raise DescriptionError(f"{source}: field '{key}': expected {expected}, got {got!r}")
+
+    classes, ignore, offset = given["classes"], given["ignore_values"], given["label_offset"]
     names_ok = isinstance(classes, list) and 0 < len(classes) <= 255
     names_ok = names_ok and all(isinstance(c, str) and c.strip() for c in classes)
-    _expect(names_ok, source, "classes", "a list of 1..255 non-empty names", classes)
-    _expect(len(set(classes)) == len(classes), source, "classes", "unique names", classes)
+    expect(names_ok, "classes", "a list of 1..255 non-empty names")
+    expect(len(set(classes)) == len(classes), "classes", "unique names")
     k = len(classes)
-    kwargs: dict[str, Any] = {"classes": tuple(classes), "source": source}
-    if values.get("palette") is not None:
-        palette = values["palette"]
+    palette = given.get("palette")
+    if palette is not None:
         ok = isinstance(palette, list) and len(palette) == k
         ok = ok and all(
             isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c)
             for c in palette
         )
-        _expect(ok, source, "palette", f"{k} [R, G, B] triples of 0..255 (one per class)", palette)
-        kwargs["palette"] = np.array(palette, dtype=np.uint8)
-    ignore = values.get("ignore_values", [0, 255])
-    ok = isinstance(ignore, list) and all(_is_int(v) and 0 <= v <= 255 for v in ignore)
-    _expect(ok, source, "ignore_values", "a list of stored values in 0..255", ignore)
-    offset = values.get("label_offset", 1)
-    _expect(_is_int(offset), source, "label_offset", "an integer", offset)
-    _expect(
-        0 <= offset and offset + k - 1 <= 255,
-        source,
-        "label_offset",
-        f"0..{256 - k} so that the {k} class values fit in 0..255",
-        offset,
-    )
-    clash = sorted(set(ignore) & set(range(offset, offset + k)))
-    _expect(
-        not clash, source, "ignore_values", f"no class value ({offset}..{offset + k - 1})", ignore
-    )
-    kwargs.update(ignore_values=tuple(ignore), label_offset=offset)
+        expect(ok, "palette", f"{k} [R, G, B] triples of 0..255 (one per class)")
+        given["palette"] = np.array(palette, dtype=np.uint8)
+    ok = isinstance(ignore, (list, tuple)) and all(_is_int(v) and 0 <= v <= 255 for v in ignore)
+    expect(ok, "ignore_values", "a list of stored values in 0..255")
+    expect(_is_int(offset), "label_offset", "an integer")
+    fits = f"0..{256 - k} so that the {k} class values fit in 0..255"
+    expect(0 <= offset <= 256 - k, "label_offset", fits)
+    clash = set(ignore) & set(range(offset, offset + k))
+    expect(not clash, "ignore_values", f"no class value ({offset}..{offset + k - 1})")
     for key in ("frames", "masks"):
-        if key in values:
-            pattern = values[key]
-            ok = isinstance(pattern, str) and "{video}" in pattern
-            _expect(ok, source, key, "a folder pattern containing {video}", pattern)
-            kwargs[key] = pattern
-    if values.get("splits") is not None:
-        splits = values["splits"]
+        ok = isinstance(given[key], str) and "{video}" in given[key]
+        expect(ok, key, "a folder pattern containing {video}")
+    splits = given["splits"]
+    if splits is not None:
         ok = isinstance(splits, Mapping) and bool(splits)
         ok = ok and all(isinstance(s, str) and isinstance(p, str) for s, p in splits.items())
-        _expect(ok, source, "splits", "a mapping split name -> split file", splits)
-        kwargs["splits"] = dict(splits)
-    sparse = values.get("sparse", False)
-    _expect(isinstance(sparse, bool), source, "sparse", "true or false", sparse)
-    kwargs["sparse"] = sparse
-    return DatasetDescription(**kwargs)
+        expect(ok, "splits", "a mapping split name -> split file")
+        given["splits"] = dict(splits)
+    expect(isinstance(given["sparse"], bool), "sparse", "true or false")
+    given.update(classes=tuple(classes), ignore_values=tuple(ignore), source=source)
+    return DatasetDescription(**given)
 
 
 _CACHE: dict[tuple[str, int], DatasetDescription] = {}

@@ -4,7 +4,6 @@ every bad file), never raised on the first one."""
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -31,8 +30,6 @@ from themask.data.vspw import (
     read_split,
     scan_video,
 )
-
-logger = logging.getLogger(__name__)
 
 # (frames, masks) folder patterns tried by ``draft_description``: VSPW, then DAVIS
 KNOWN_LAYOUTS = ((VSPW_FRAMES, VSPW_MASKS), ("JPEGImages/{video}", "Annotations/{video}"))
@@ -192,10 +189,8 @@ def format_report(report: CheckReport) -> str:
         width = max(12, *(len(c) for c in description.classes))
         header = f"{'id':>3}  {'class':<{width}}  {'value':>5}  {'frames':>7}  {'pixels':>12}"
         lines.append(f"{header}  {'share':>7}")
-        rows = [
-            (str(i), c, v)
-            for i, (c, v) in enumerate(zip(description.classes, description.class_values))
-        ]
+        classes = list(zip(description.classes, description.class_values))
+        rows = [(str(i), c, v) for i, (c, v) in enumerate(classes)]
         rows += [("-", "(ignored)", v) for v in description.ignore_values]
         rows += [
             ("-", "(INVALID)", int(v))
@@ -208,7 +203,6 @@ def format_report(report: CheckReport) -> str:
                 f"{ident:>3}  {name:<{width}}  {value:>5}  {int(report.mask_counts[value]):>7}  "
                 f"{pixels:>12}  {100.0 * pixels / total:6.2f}%"
             )
-        classes = zip(description.classes, description.class_values)
         absent = [c for c, v in classes if report.histogram[v] == 0]
         if absent:
             more = " ..." if len(absent) > 10 else ""
@@ -223,13 +217,8 @@ def format_report(report: CheckReport) -> str:
 
 def _video_names(root: Path, frames: str) -> list[str]:
     """Names of the videos whose frame folder matches ``frames`` (one ``{video}`` component)."""
-    parts = Path(frames).parts
-    at = parts.index("{video}")
-    return sorted(
-        p.parts[len(root.parts) + at]
-        for p in root.glob(frames.replace("{video}", "*"))
-        if p.is_dir()
-    )
+    at = len(root.parts) + Path(frames).parts.index("{video}")
+    return sorted(p.parts[at] for p in root.glob(frames.replace("{video}", "*")) if p.is_dir())
 
 
 def draft_description(

@@ -11,7 +11,6 @@ other ``DataError`` stops training.
 from __future__ import annotations
 
 import logging
-import random
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -278,14 +277,11 @@ class InfiniteClipSampler(Sampler):
             k += 1
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed a worker's Python/NumPy RNGs from its torch seed; ignore SIGINT/SIGTERM (the trainer
-    finishes its step first; workers end with the loader's iterator or their parent)."""
+def _ignore_signals(worker_id: int) -> None:
+    """Workers ignore SIGINT/SIGTERM: the trainer finishes its step first; they end with the
+    loader's iterator or their parent. (torch seeds their Python and NumPy RNGs.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def build_train_loader(
@@ -328,7 +324,7 @@ def build_train_loader(
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=_ignore_signals,
         generator=generator,
         persistent_workers=workers > 0,
         drop_last=True,

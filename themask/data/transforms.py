@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from themask.data.config import DataConfig
+from themask.data.config import AugmentConfig
 from themask.data.resize import MEAN, STD, aligned_size, keep_ratio_size, resize_frame
 from themask.data.vspw import IGNORE_INDEX, TEST_SCALE
 
@@ -132,30 +132,24 @@ def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 @dataclass
-class TrainTransform:
+class TrainTransform(AugmentConfig):
     """Clip-consistent training augmentation: resize ratio, crop box (checked on the target
     frame, the last) and flip drawn once per clip, photometric distortion per frame.
 
-    ``scale`` is (long, short), ``crop_size`` (H, W). Output: frames (T, 3, H, W) float32
-    normalised and labels (T, H, W) int64 padded to ``crop_size``; ``normalize=False``: uint8
-    frames and labels at the crop's size, unpadded (the loader pads, the trainer normalises).
+    Output: frames (T, 3, H, W) float32 normalised and labels (T, H, W) int64 padded to
+    ``crop_size``; ``normalize=False``: uint8 frames and labels at the crop's size, unpadded
+    (the loader pads, the trainer normalises on its device).
     """
 
-    scale: tuple[int, int] = TEST_SCALE
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    crop_size: tuple[int, int] = (480, 480)
-    cat_max_ratio: float = 0.75
-    crop_retries: int = 10
-    flip_prob: float = 0.5
-    photometric: bool = True
-    ignore_index: int = IGNORE_INDEX
     normalize: bool = True
 
     @classmethod
-    def from_config(cls, data_cfg: DataConfig, *, normalize: bool = True) -> TrainTransform:
-        """The augmentation ``data_cfg`` sets (the fields of the same names)."""
-        names = [f.name for f in fields(cls) if f.name != "normalize"]
-        return cls(**{n: getattr(data_cfg, n) for n in names}, normalize=normalize)
+    def from_config(cls, data_cfg: AugmentConfig, *, normalize: bool = True) -> TrainTransform:
+        """The augmentation that ``data_cfg`` sets."""
+        return cls(
+            **{f.name: getattr(data_cfg, f.name) for f in fields(AugmentConfig)},
+            normalize=normalize,
+        )
 
     def __call__(
         self, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], rng: np.random.Generator

@@ -24,7 +24,6 @@ from themask.data.config import DataConfig
 from themask.data.description import VSPW_DESCRIPTION, DatasetDescription
 from themask.data.transforms import TrainTransform, normalize_frames, pad_clip
 from themask.data.vspw import (
-    IGNORE_INDEX,
     CorruptFileError,
     DataError,
     Video,
@@ -126,7 +125,6 @@ class VSPWTrainDataset(Dataset):
         reverse_prob: float = 0.5,
         seed: int = 0,
         description: DatasetDescription = VSPW_DESCRIPTION,
-        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if not videos:
             raise DataError("no training videos")
@@ -140,7 +138,9 @@ class VSPWTrainDataset(Dataset):
             )
         if any(v.mask_paths is None for v in videos):
             raise DataError("training videos need masks (index built with labelled=False)")
-        unusable = [v.name for v in videos if not _has_target(v, span)]
+        # a clip ends on a masked frame, read forwards or backwards
+        ends = [[max(i, len(v) - 1 - i) for i in v.labelled_indices] for v in videos]
+        unusable = [v.name for v, e in zip(videos, ends) if max(e, default=-1) < span - 1]
         if unusable:
             logger.warning(
                 "%d training video(s) left out: no masked frame can be a clip target "
@@ -158,7 +158,7 @@ class VSPWTrainDataset(Dataset):
         self.reverse_prob = reverse_prob
         self.seed = seed
         self.description = description
-        self.ignore_index = ignore_index
+        self.ignore_index = transform.ignore_index
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -233,12 +233,6 @@ class VSPWTrainDataset(Dataset):
         return sample
 
 
-def _has_target(video: Video, span: int) -> bool:
-    """Whether some masked frame of ``video`` can end a clip of ``span`` frames (either way)."""
-    n = len(video)
-    return any(i >= span - 1 or n - 1 - i >= span - 1 for i in video.labelled_indices)
-
-
 class InfiniteClipSampler(Sampler):
     """Endless ``(video_index, sample_id)`` keys: epochs of video permutations drawn from
     ``(seed, epoch)``; rank ``r`` takes global positions ``r, r + W, ...`` and skips the
@@ -305,7 +299,6 @@ def build_train_loader(
         reverse_prob=data_cfg.reverse_prob,
         seed=seed,
         description=index.description,
-        ignore_index=data_cfg.ignore_index,
     )
     sampler = InfiniteClipSampler(
         len(dataset),

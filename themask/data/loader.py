@@ -208,6 +208,8 @@ class VSPWTrainDataset(Dataset):
         for _ in range(MAX_REDRAWS + 1):
             try:
                 sample = self._load(video_index, rng)
+                if bool((sample.labels != self.ignore_index).any()):
+                    return sample
             except CorruptFileError as err:
                 self.skipped += 1
                 logger.warning(
@@ -216,11 +218,7 @@ class VSPWTrainDataset(Dataset):
                     err,
                     self.skipped,
                 )
-                video_index = int(rng.integers(len(self.videos)))
-                continue
-            if bool((sample.labels != self.ignore_index).any()):
-                return sample
-            video_index = int(rng.integers(len(self.videos)))
+            video_index = int(rng.integers(len(self.videos)))  # redraw from another video
         if sample is None:
             raise DataError(
                 f"{MAX_REDRAWS + 1} clips in a row could not be decoded; see the warnings above"

@@ -1,14 +1,10 @@
 """Videos on disk: split files, video folders, frame/label readers; VSPW class names and palette.
 
-A dataset's layout and label encoding come from its ``dataset.yaml``
-(``themask.data.description``); the defaults are VSPW's (``docs/VSPW.md`` §1)::
-
-    <root>/{train,val,test}.txt          one video folder name per line
-    <root>/data/<video>/origin/<frame>.jpg
-    <root>/data/<video>/mask/<frame>.png  single-channel raw labels, same stem as the frame
-
-VSPW masks: ``0`` ("others") and ``255`` (void) are ignored, ``1..K`` become train ids
-``0..K-1``. Any other stored value is an error, never a silent label.
+Layout and label encoding come from a dataset's ``dataset.yaml``; VSPW's by default
+(``docs/VSPW.md`` §1): ``<root>/<split>.txt`` lists the videos, ``data/<video>/origin/*.jpg``
+their frames, ``data/<video>/mask/*.png`` single-channel masks of the same stems, where ``0``
+("others") and ``255`` (void) are ignored and ``1..K`` are train ids ``0..K-1``. Any other
+stored value is an error, never a silent label.
 """
 
 from __future__ import annotations
@@ -236,10 +232,6 @@ class Video:
     def __len__(self) -> int:
         return len(self.frame_paths)
 
-    @property
-    def frame_names(self) -> list[str]:
-        return [p.stem for p in self.frame_paths]
-
     def mask_path(self, index: int) -> Path | None:
         """The mask of frame ``index``, ``None`` when it has none."""
         return None if self.mask_paths is None else self.mask_paths[index]
@@ -317,15 +309,16 @@ class VSPWIndex:
                 f"{self.root} split '{split}': {len(problems)} problem(s):\n  {shown}{more}"
             )
         logger.info(
-            "%s split '%s': %d videos, %d frames", self.root, split, len(self), self.num_frames
+            "%s split '%s': %d videos, %d frames",
+            self.root,
+            split,
+            len(self.videos),
+            self.num_frames,
         )
 
     @property
     def num_frames(self) -> int:
         return sum(len(v) for v in self.videos)
-
-    def __len__(self) -> int:
-        return len(self.videos)
 
     def __getitem__(self, index: int) -> Video:
         return self.videos[index]

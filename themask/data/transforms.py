@@ -189,6 +189,7 @@ class TrainTransform(AugmentConfig):
         )
 
 
+@dataclass
 class TestTransform:
     """Test resize: fit ``scale`` = (long, short) keeping the ratio, then stretch each side up
     to a multiple of ``size_divisor`` (853x480 -> 864x480); ``__call__``: T frames (H, W, 3)
@@ -196,9 +197,8 @@ class TestTransform:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, *, scale: tuple[int, int] = TEST_SCALE, size_divisor: int = 32) -> None:
-        self.scale = (scale[0], scale[1])
-        self.size_divisor = size_divisor
+    scale: tuple[int, int] = TEST_SCALE
+    size_divisor: int = 32
 
     def input_size(self, original_hw: tuple[int, int]) -> tuple[int, int]:
         return aligned_size(original_hw, self.scale, self.size_divisor)

@@ -109,20 +109,13 @@ class DatasetDescription:
         return Path(root) / self.masks.format(video=video)
 
     def to_yaml(self, *, palette: bool = True) -> str:
-        """The description as ``dataset.yaml`` text (every field written out)."""
-        values: dict[str, Any] = {"classes": list(self.classes)}
-        if palette:
-            values["palette"] = self.palette.tolist()
-        values |= {
-            "ignore_values": list(self.ignore_values),
-            "label_offset": self.label_offset,
-            "frames": self.frames,
-            "masks": self.masks,
-        }
-        if self.splits is not None:
-            values["splits"] = dict(self.splits)
-        values["sparse"] = self.sparse
-        return yaml.safe_dump(values, sort_keys=False, default_flow_style=None, width=100)
+        """The description as ``dataset.yaml`` text (every field but ``source``; ``palette``
+        optional, ``splits`` when set)."""
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(classes=list(self.classes), ignore_values=list(self.ignore_values))
+        values["palette"] = self.palette.tolist() if palette else None
+        kept = {k: v for k, v in values.items() if v is not None and k != "source"}
+        return yaml.safe_dump(kept, sort_keys=False, default_flow_style=None, width=100)
 
 
 VSPW_DESCRIPTION = DatasetDescription(classes=CLASS_NAMES, palette=PALETTE)

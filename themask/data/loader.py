@@ -97,10 +97,7 @@ def collate(samples: Sequence[ClipSample]) -> Batch:
     shapes = {(tuple(s.frames.shape), tuple(s.labels.shape)) for s in samples}
     if len(shapes) > 1:
         videos = ", ".join(s.meta.video for s in samples)
-        raise ValueError(
-            f"clips of different sizes cannot share a batch ({videos}: {sorted(shapes)}); "
-            "use batch_size=1 for evaluation of videos of different sizes"
-        )
+        raise ValueError(f"clips of different sizes cannot share a batch ({videos}: {shapes})")
     return Batch(
         torch.stack([s.frames for s in samples]),
         torch.stack([s.labels for s in samples]),

@@ -308,13 +308,8 @@ class VSPWIndex:
             raise DataError(
                 f"{self.root} split '{split}': {len(problems)} problem(s):\n  {shown}{more}"
             )
-        logger.info(
-            "%s split '%s': %d videos, %d frames",
-            self.root,
-            split,
-            len(self.videos),
-            self.num_frames,
-        )
+        counts = f"{len(self.videos)} videos, {self.num_frames} frames"
+        logger.info("%s split '%s': %s", self.root, split, counts)
 
     @property
     def num_frames(self) -> int:

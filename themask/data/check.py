@@ -118,11 +118,11 @@ def check_video(
         counts = np.bincount(raw.astype(np.int64).ravel(), minlength=256)
         report.histogram += counts
         report.mask_counts += counts > 0
-        try:
-            if frame_hw is not None:
+        if frame_hw is not None:
+            try:
                 check_mask_size(mask_path, raw.shape, frame_path, frame_hw)
-        except DataError as err:
-            report.problems.append(str(err))
+            except DataError as err:
+                report.problems.append(str(err))
     return report
 
 

@@ -81,7 +81,6 @@ _PALETTE_ROWS: tuple[tuple[int, int, int], ...] = (
 
 PALETTE: np.ndarray = np.array(_PALETTE_ROWS, dtype=np.uint8)
 """(124, 3) uint8 RGB colour of each train id (first 124 ADE20K colours; ids 6 and 48 share one)."""
-"""(124, 3) uint8 RGB colour of each train id (first 124 ADE20K colours; ids 6 and 48 share one)."""
 
 
 class DataError(ValueError):

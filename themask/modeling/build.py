@@ -103,8 +103,7 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
         raise ValueError(
             f"ModelConfig.decoder: expected 'single' or 'temporal', got {config.decoder!r}"
         )
-    tad: dict[str, Any] = dict(tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout)
-    decoder = decoders[config.decoder](
+    decoder_args: dict[str, Any] = dict(
         num_classes=config.num_classes,
         num_queries=config.num_queries,
         dim=config.hidden_dim,
@@ -112,8 +111,10 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
         num_heads=config.decoder_heads,
         ffn_dim=config.decoder_ffn_dim,
         num_layers=config.decoder_layers,
-        **(tad if config.decoder == "temporal" else {}),
     )
+    if config.decoder == "temporal":
+        decoder_args.update(tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout)
+    decoder = decoders[config.decoder](**decoder_args)
     return THEMask(config=config, backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder)
 
 

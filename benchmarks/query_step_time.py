@@ -14,7 +14,7 @@ import time
 import torch
 
 from themask import build_model
-from themask.loss.api import training_loss
+from themask.loss import training_loss
 from themask.loss.criterion import SetCriterion
 from themask.modeling.build import preset_loss_config
 

@@ -26,3 +26,8 @@ def naive_sliding_windows(num_frames, clip_len, step=3):
             window.append(max(0, t - back * step))
         windows.append(window)
     return windows
+
+
+def match_one_set(matcher, class_logits, mask_logits, targets):
+    """``HungarianMatcher.match_sets`` on one prediction set: one ``MatchIndices`` per clip."""
+    return matcher.match_sets([(class_logits, mask_logits)], targets).matches[0]

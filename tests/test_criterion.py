@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from naive import naive_bilinear
+from naive import match_one_set, naive_bilinear
 from transfers import TransferCounter
 
 import themask.loss.criterion as criterion_module
@@ -561,7 +561,8 @@ def test_gradients_reach_secondary_queries_through_soft_and_class_loss():
     mask_logits.requires_grad_(True)
     criterion = SetCriterion(LossConfig(num_points=64), num_classes=2)
     torch.manual_seed(0)
-    (match,) = criterion.matcher(class_logits, mask_logits, build_targets(labels, 2))
+    targets = build_targets(labels, 2)
+    (match,) = match_one_set(criterion.matcher, class_logits, mask_logits, targets)
     secondary, secondary_targets = match.secondary
     unmatched = sorted(set(range(6)) - set(secondary.tolist()) - set(match.primary[0].tolist()))
     assignment = assigned([match], labels, queries=6, num_classes=2)

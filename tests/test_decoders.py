@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from themask.modeling.mask_decoder import MaskDecoder
 from themask.modeling.temporal_decoder import TemporalAggregation, TemporalDecoder
 from themask.modeling.transformer import (
     CrossAttentionLayer,
+    MaskDecoder,
     MultiHeadAttention,
     allowed_positions,
     resize_features,

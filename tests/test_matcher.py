@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from naive import naive_bilinear
+from naive import match_one_set, naive_bilinear
 
 from themask.loss.matcher import HungarianMatcher, match_two_rounds, pairwise_bce_dice
 from themask.loss.targets import build_targets
@@ -192,7 +192,8 @@ def test_invalid_label_is_reported_by_the_matching():
     labels[0, 0, 2, 3] = 9
     targets = build_targets(labels, 3)
     with pytest.raises(ValueError, match="value 9"):
-        HungarianMatcher(num_points=8)(torch.randn(1, 4, 4), torch.randn(1, 4, 1, 2, 2), targets)
+        class_logits, mask_logits = torch.randn(1, 4, 4), torch.randn(1, 4, 1, 2, 2)
+        match_one_set(HungarianMatcher(num_points=8), class_logits, mask_logits, targets)
 
 
 def test_costs_are_float32_under_autocast():
@@ -221,7 +222,7 @@ def test_matcher_finds_the_obvious_assignment_in_both_rounds():
     class_logits[0, [3, 0], 0] = 5.0
     class_logits[0, [1, 2], 1] = 5.0
     torch.manual_seed(0)
-    (match,) = HungarianMatcher(num_points=256)(class_logits, mask_logits, targets)
+    (match,) = match_one_set(HungarianMatcher(num_points=256), class_logits, mask_logits, targets)
     assert pairs_of(match.primary) == {(3, 0), (1, 1)}
     assert pairs_of(match.secondary) == {(0, 0), (2, 1)}
 
@@ -234,7 +235,7 @@ def test_bce_second_round_cost_uses_the_bce_matrix():
     mask_logits = torch.randn(2, 6, 1, 4, 4)
     matcher = HungarianMatcher(num_points=32, second_round_cost="bce")
     torch.manual_seed(5)
-    matches = matcher(class_logits, mask_logits, targets)
+    matches = match_one_set(matcher, class_logits, mask_logits, targets)
     torch.manual_seed(5)
     costs = matcher.costs([(class_logits, mask_logits)], targets)
     differs = False

@@ -19,7 +19,7 @@ _EXPORTS = {
     "SetCriterion": "loss.criterion",
     "load_model": "weights",
     "save_model": "weights",
-    "training_loss": "loss.api",
+    "training_loss": "loss.criterion",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,11 +8,8 @@ from typing import Literal
 
 @dataclass
 class LossConfig:
-    """Two-round matching and hierarchical loss.
-
-    THE-Mask: ``num_rounds=2, second_round_loss="soft"``.
-    Mask2Former baseline: ``num_rounds=1, second_round_loss="hard"``.
-    """
+    """Two-round matching and hierarchical loss; the Mask2Former baseline is
+    ``num_rounds=1, second_round_loss="hard"``."""
 
     num_rounds: int = 2  # 1: one-to-one Hungarian only; 2: add the secondary round
     second_round_loss: Literal["soft", "hard"] = "soft"  # soft = hierarchical (paper)

@@ -1,37 +1,23 @@
-"""Hierarchical THE-Mask loss over all prediction sets (docs/DESIGN.md §5, §8).
-
-Per prediction set (each matched separately, two rounds):
-- class: cross-entropy over K+1 for all N queries; primary and secondary queries get their GT
-  class, the others "no object" (class weight ``no_object_weight``);
-- hard mask loss (primary queries): sigmoid BCE + dice on uncertainty-sampled points;
-- secondary queries: soft mask loss (target = GT ∧ σ(prediction) > 0.5, dense at GT resolution,
-  prediction upsampled with nearest interpolation) or, with ``second_round_loss="hard"``, the
-  hard mask loss on the full GT masks.
-Mask terms are summed over (mask, frame) pairs of labelled frames (a frame whose labels are all
-ignore is left out) and divided by the number of such pairs (averaged over processes under DDP,
-at least T): GT masks × T for densely labelled clips. The TAD frame head is supervised with the
-frame targets and the same assignments, scaled by ``frame_head_weight``.
-
-The prediction sets are handled together: one matching call for all of them (one transfer to
-the host), one upload of all assignments, and each loss computed once over the matched rows of
-every set; nothing in between waits for the device.
-"""
+"""Hierarchical THE-Mask loss over all prediction sets (docs/DESIGN.md §5, §8): class CE,
+the hard mask loss for primary queries, the soft or hard one for secondary queries; all sets
+matched in one call and their assignments uploaded at once."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from themask.distributed import all_reduce, is_initialized
 from themask.loss.config import LossConfig
-from themask.loss.matcher import BatchMatch, HungarianMatcher, MatchIndices
+from themask.loss.matcher import BatchMatch, HungarianMatcher, MatchIndices, dice_loss
 from themask.loss.point_sample import point_sample, uncertain_point_coords
-from themask.loss.targets import BatchTargets, build_targets
+from themask.loss.targets import IGNORE_INDEX, BatchTargets, build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
 
 CHUNK_VALUES = 1 << 21  # hard loss: candidate coordinates per chunk of rows (8 MiB)
@@ -40,42 +26,20 @@ GT_CHUNK_PIXELS = 1 << 22  # GT mask pixels built at once for the point losses (
 
 @dataclass
 class LossOutput:
-    """total: scalar loss to call ``backward()`` on.
-
-    terms: for logging. Weighted loss terms summed over prediction sets (their sum is
-    ``total``), detached 0-d tensors on the loss device (``float()`` waits for the device: read
-    them at log intervals only): ``loss_class``, ``loss_mask``, ``loss_dice`` and, with two
-    rounds, ``loss_mask_secondary``, ``loss_dice_secondary``; the same with a ``frame_`` prefix
-    for the TAD frame head. Also, as floats (0-d tensors under DDP for ``num_masks``),
-    ``matched_fraction_round1/2`` (fraction of the N queries with mask supervision in each
-    round, mean over the clips of the final set) and ``num_masks`` (GT masks of the batch,
-    averaged over processes, at least 1).
+    """total: the scalar loss. terms: the weighted terms summing to ``total`` (``loss_class``,
+    ``loss_mask``, ``loss_dice``, ``loss_{mask,dice}_secondary``, ``frame_``-prefixed for the
+    frame head) as detached 0-d device tensors; ``matched_fraction_round1/2`` (final set) and
+    ``num_masks`` (averaged over processes, >= 1) as floats (``num_masks`` a tensor under DDP).
     """
 
     total: Tensor
     terms: dict[str, Tensor | float]
 
 
-def sigmoid_bce_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean sigmoid BCE per row. logits, targets: (R, L). Returns (R,)."""
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
-
-
-def dice_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
-    """Dice loss 1 − (2·Σσ(x)·y + 1) / (Σσ(x) + Σy + 1) per row. logits, targets: (R, L)."""
-    probs = logits.sigmoid()
-    numerator = 2.0 * (probs * targets).sum(1)
-    denominator = probs.sum(1) + targets.sum(1)
-    return 1.0 - (numerator + 1.0) / (denominator + 1.0)
-
-
 @dataclass
 class MatchedRows:
-    """Matched (mask, labelled frame) pairs of one round over all sets, index tensors (R,).
-
-    query: the prediction ``mask_logits[clip, query, frame]`` of its set; cls: the GT class.
-    Rows are grouped by set (``sizes`` rows each, host ints), then by clip, query and frame.
-    """
+    """Matched (mask, labelled frame) pairs of one round, index tensors (R,): the prediction
+    ``mask_logits[clip, query, frame]`` and GT class ``cls``; grouped by set (``sizes``)."""
 
     sizes: list[int]
     clip: Tensor
@@ -83,19 +47,11 @@ class MatchedRows:
     frame: Tensor
     cls: Tensor
 
-    def split(self) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """(clip, query, frame) index tensors per set."""
-        parts = [index.split(self.sizes) for index in (self.clip, self.query, self.frame)]
-        return list(zip(*parts))
-
 
 @dataclass
 class Assignment:
-    """Everything the losses need from the matching of S prediction sets.
-
-    class_target: (S, B, N) int64; the GT class of primary and secondary queries, K elsewhere.
-    counts: (2,) float32, the (mask, labelled frame) pairs and the GT masks of the batch.
-    """
+    """class_target (S, B, N): GT class of matched queries, K elsewhere; counts (2,): the
+    (mask, labelled frame) pairs and GT masks of the batch."""
 
     class_target: Tensor
     primary: MatchedRows
@@ -106,8 +62,7 @@ class Assignment:
 def assign(
     result: BatchMatch, *, queries: int, num_classes: int, device: torch.device
 ) -> Assignment:
-    """Turn the host-side matches of S sets into index tensors on ``device``: one upload
-    (from pinned memory, not waited for, on CUDA)."""
+    """The host-side matches of S sets as index tensors on ``device``, in one upload."""
     sets = len(result.matches)
     frames = [np.flatnonzero(row) for row in result.labelled]  # labelled frames per clip
     class_target = np.full((sets, len(result.classes), queries), num_classes, dtype=np.int64)
@@ -145,10 +100,8 @@ def assign(
 
 def gather(mask_logits: Sequence[Tensor], rows: MatchedRows) -> Tensor:
     """Matched predictions of S sets' mask_logits (B, N, T, h, w): (R, h, w) float32."""
-    picked = [
-        logits[clip, query, frame]
-        for logits, (clip, query, frame) in zip(mask_logits, rows.split())
-    ]
+    per_set = [index.split(rows.sizes) for index in (rows.clip, rows.query, rows.frame)]
+    picked = [logits[c, q, f] for logits, c, q, f in zip(mask_logits, *per_set)]
     return torch.cat(picked).float()
 
 
@@ -159,13 +112,8 @@ def class_loss(
     no_object_weight: float,
     labelled: Tensor | None = None,
 ) -> Tensor:
-    """Weighted-mean cross-entropy over K+1 for all queries of each set, summed over S sets.
-
-    class_logits: S × (B, N, K+1), or S × (B, T, N, K+1) for the frame head (every frame gets
-    the clip's targets); class_target: (S, B, N) with K = no object (class weight
-    ``no_object_weight``); labelled: (B, T) bool, frames without labels are left out (of the
-    frame head; the clip head leaves out clips without any labelled frame).
-    """
+    """Weighted-mean CE over K+1 per set, summed: class_logits S × (B, N, K+1) or, frame head,
+    S × (B, T, N, K+1); class_target (S, B, N), K = no object; labelled (B, T) bool."""
     logits = torch.stack([c.float() for c in class_logits])  # (S, B, [T,] N, K+1)
     if logits.dim() == 4:
         logits = logits.unsqueeze(2)  # (S, B, 1, N, K+1)
@@ -192,17 +140,12 @@ def hard_mask_loss(
     oversample_ratio: float,
     importance_sample_ratio: float,
 ) -> tuple[Tensor, Tensor]:
-    """Point-sampled sigmoid BCE and dice, summed over rows (not normalised).
-
-    predicted: (R, h, w) logits; ``gt_at(coords (r, P, 2), rows)`` reads the GT masks of
-    ``rows`` (a slice of the R rows) at points: (r, P) in [0, 1] (``mask_reader``). Points per
-    row come from uncertainty sampling on the prediction. Returns (bce_sum, dice_sum).
-    """
+    """Sigmoid BCE and dice at uncertainty-sampled points, summed over the rows of
+    ``predicted`` (R, h, w); ``gt_at(coords (r, P, 2), rows)`` reads the GT (``mask_reader``)."""
     if predicted.shape[0] == 0:
         zero = predicted.sum() * 0.0  # keeps the graph connected
         return zero, zero
-    # rows in chunks of bounded temporaries (on CPU over twice as fast as one for all rows),
-    # the same on every device so that equal random draws give equal points
+    # row chunks of bounded size (faster on CPU), the same on every device
     chunk = max(1, CHUNK_VALUES // int(2 * oversample_ratio * num_points))
     bce = dice = predicted.new_zeros(())
     start = 0
@@ -218,14 +161,16 @@ def hard_mask_loss(
             )  # (r, P, 2)
             gt_points = gt_at(coords, rows)  # (r, P)
         logit_points = point_sample(part.unsqueeze(1), coords)[:, 0]  # (r, P)
-        bce = bce + sigmoid_bce_per_mask(logit_points, gt_points).sum()
-        dice = dice + dice_per_mask(logit_points, gt_points).sum()
+        losses = F.binary_cross_entropy_with_logits(logit_points, gt_points, reduction="none")
+        bce = bce + losses.mean(1).sum()
+        probs = logit_points.sigmoid()
+        intersection = (probs * gt_points).sum(1)
+        dice = dice + dice_loss(intersection, probs.sum(1), gt_points.sum(1)).sum()
     return bce, dice
 
 
 def mask_reader(targets: BatchTargets, rows: MatchedRows) -> Callable[[Tensor, slice], Tensor]:
-    """``gt_at`` for ``hard_mask_loss``: reads the GT masks of a slice of ``rows`` bilinearly
-    at points (r, P, 2), building at most ``GT_CHUNK_PIXELS`` mask pixels at once."""
+    """``gt_at`` for ``hard_mask_loss``: the GT masks of a slice of ``rows`` read at points."""
     height, width = targets.labels.shape[-2:]
     chunk = max(1, GT_CHUNK_PIXELS // (height * width))
 
@@ -243,15 +188,9 @@ def mask_reader(targets: BatchTargets, rows: MatchedRows) -> Callable[[Tensor, s
 def soft_mask_loss(
     predicted: Tensor, gt_cells: Tensor, cell_sizes: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Soft (round-2) loss: dense sigmoid BCE and dice at the GT resolution against the GT
-    mask where the prediction already fires (σ > 0.5), summed over rows (not normalised).
-
-    The prediction is upsampled to the GT size by nearest interpolation, so every GT pixel
-    of a cell sees the same logit: the dense sums are computed per cell from the count of
-    GT pixels in it, exactly, without building (R, H, W) maps.
-    predicted: (R, h, w) logits; gt_cells: (R, h, w) GT pixels per cell (``cell_counts``);
-    cell_sizes: (h, w) pixels per cell. Returns (bce_sum, dice_sum).
-    """
+    """Soft loss: dense BCE and dice at GT resolution (nearest upsampling) against GT ∧ σ > 0.5,
+    summed over rows, computed per cell. predicted (R, h, w) logits, gt_cells (R, h, w) GT
+    pixels per cell (``cell_counts``), cell_sizes (h, w) pixels per cell."""
     if predicted.shape[0] == 0:
         zero = predicted.sum() * 0.0
         return zero, zero
@@ -262,18 +201,13 @@ def soft_mask_loss(
     # BCE(x, y) = softplus(x) − x·y, summed over the pixels of each cell
     bce = (sizes * F.softplus(logits) - logits * target).sum(1) / sizes.sum()
     probs = logits.sigmoid()
-    numerator = 2.0 * (probs * target).sum(1) + 1.0
-    dice = 1.0 - numerator / ((probs * sizes).sum(1) + target.sum(1) + 1.0)
+    dice = dice_loss((probs * target).sum(1), (probs * sizes).sum(1), target.sum(1))
     return bce.sum(), dice.sum()
 
 
 class SetCriterion:
-    """THE-Mask training objective (``LossConfig`` holds every switch and weight).
-
-    ``criterion(predictions, labels, *, step=0) -> LossOutput`` with labels (B, T, H, W) of B
-    clips of T frames; for a single-frame decoder's B·T one-frame clips
-    (``predictions.frames_per_clip`` = T) they are regrouped to (B·T, 1, H, W) here.
-    """
+    """``criterion(predictions, labels (B, T, H, W), *, step) -> LossOutput``; labels of a
+    single-frame decoder's B·T one-frame clips are regrouped here."""
 
     def __init__(self, loss_config: LossConfig, num_classes: int) -> None:
         if loss_config.num_rounds not in (1, 2):
@@ -295,6 +229,12 @@ class SetCriterion:
             cost_dice=loss_config.cost_dice,
             num_points=loss_config.num_points,
             second_round_cost=loss_config.second_round_cost,
+        )
+        self._hard = partial(
+            hard_mask_loss,
+            num_points=loss_config.num_points,
+            oversample_ratio=loss_config.oversample_ratio,
+            importance_sample_ratio=loss_config.importance_sample_ratio,
         )
 
     def rounds_at(self, step: int) -> int:
@@ -369,11 +309,7 @@ class SetCriterion:
         masks, classes = prediction_set.mask_logits, prediction_set.class_logits
         if labels.dim() != 4:
             raise ValueError(f"labels must have shape (B, T, H, W), got {tuple(labels.shape)}")
-        if (
-            masks.dim() != 5
-            or masks.shape[0] != labels.shape[0]
-            or masks.shape[2] != labels.shape[1]
-        ):
+        if masks.dim() != 5 or (masks.shape[0], masks.shape[2]) != labels.shape[:2]:
             raise ValueError(
                 f"mask_logits {tuple(masks.shape)} must be (B, N, T, h, w) with B, T of the "
                 f"labels {tuple(labels.shape)}"
@@ -394,12 +330,7 @@ class SetCriterion:
         normaliser: Tensor,
         labelled: Tensor,
     ) -> dict[str, Tensor]:
-        """Weighted loss terms of one head summed over its S sets.
-
-        rows, readers: matched rows and their GT readers per round; soft_gt: GT pixels per
-        cell of the round-2 rows and the cell sizes, for the soft loss; normaliser: () divides
-        the mask terms; labelled: (B, T) bool, frames with labels.
-        """
+        """Weighted loss terms of one head summed over its sets (per round: rows, readers)."""
         cfg = self.config
         class_term = class_loss(
             [s.class_logits for s in sets],
@@ -425,21 +356,41 @@ class SetCriterion:
             terms["loss_dice_secondary"] = second_weight * dice_weight * dice
         return terms
 
-    def _hard(
-        self, predicted: Tensor, gt_at: Callable[[Tensor, slice], Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        cfg = self.config
-        return hard_mask_loss(
-            predicted,
-            gt_at,
-            num_points=cfg.num_points,
-            oversample_ratio=cfg.oversample_ratio,
-            importance_sample_ratio=cfg.importance_sample_ratio,
-        )
-
 
 def _matched_fraction(matches: Sequence[MatchIndices], queries: int, which: str) -> float:
     if not matches:
         return 0.0
     counts = [getattr(m, which)[0].numel() for m in matches]
     return sum(counts) / (queries * len(matches))
+
+
+def training_loss(
+    model: nn.Module,
+    frames: Tensor,
+    labels: Tensor,
+    criterion: SetCriterion,
+    *,
+    size_divisor: int = 32,
+    step: int = 0,
+) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """``criterion(model(frames), labels)`` for ``model`` in train mode (plain or DDP-wrapped)
+    → (total, ``LossOutput.terms``). frames (B, T, 3, H, W) normalised; labels (B, T, H, W)
+    long, 255 = ignore, padded here to a multiple of ``size_divisor``."""
+    if frames.dim() != 5 or labels.dim() != 4 or frames.shape[:2] != labels.shape[:2]:
+        raise ValueError(
+            f"expected frames (B, T, 3, H, W) and labels (B, T, H, W), got "
+            f"{tuple(frames.shape)} and {tuple(labels.shape)}"
+        )
+    if frames.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(
+            f"frames {tuple(frames.shape)} and labels {tuple(labels.shape)} differ in size"
+        )
+    predictions = model(frames)
+    if not isinstance(predictions, Predictions):
+        raise TypeError(
+            "model(frames) did not return Predictions; call model.train() before training_loss"
+        )
+    height, width = labels.shape[-2:]
+    padding = (0, (-width) % size_divisor, 0, (-height) % size_divisor)
+    output = criterion(predictions, F.pad(labels, padding, value=IGNORE_INDEX), step=step)
+    return output.total, output.terms

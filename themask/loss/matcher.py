@@ -1,22 +1,9 @@
-"""Two-round Hungarian matching of queries to ground-truth classes (docs/DESIGN.md §5).
-
-Cost per clip: ``C = w_cls·C_cls + w_bce·C_bce + w_dice·C_dice`` with C_cls = −p_q(class),
-and BCE / dice on ``num_points`` uniform random points shared by every mask and every labelled
-frame of the clip (unlabelled frames are left out). Round 1 is a Hungarian assignment (one
-primary query per class); round 2 solves the assignment again over the queries round 1 left free
-(one secondary query per class, as many as there are free queries). Costs are computed in
-float32 without gradients; the assignment runs on CPU with ``scipy.optimize.linear_sum_assignment``.
-
-All prediction sets are costed with device work only (one point draw for every set and clip,
-batched matrix products over the clips) and everything the assignment needs reaches the host in
-one transfer. On CPU the cost columns are the classes present in each clip (padded to the
-largest clip); on an accelerator they are all K classes, so that no shape depends on the data
-and nothing waits for the device before that one transfer.
-"""
+"""Two-round Hungarian matching of queries to GT classes (docs/DESIGN.md §5): cost
+``w_cls·(−p_q(class)) + w_bce·BCE + w_dice·dice`` on random points; round 2 re-solves over
+the queries round 1 left free. All sets are costed on the device, read in one transfer."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,8 +17,6 @@ from torch import Tensor
 from themask.loss.point_sample import bilinear_taps, point_sample
 from themask.loss.targets import BatchTargets, check_invalid
 
-logger = logging.getLogger(__name__)
-
 IndexPair = tuple[Tensor, Tensor]
 
 
@@ -41,9 +26,8 @@ def _empty_pair() -> IndexPair:
 
 @dataclass
 class MatchIndices:
-    """Assignment of one clip: each round is (query_idx, target_idx), int64 CPU tensors of
-    equal length, sorted by query index; target_idx indexes the clip's classes (ascending).
-    ``secondary`` is empty for one-round matching."""
+    """One clip's matches per round: (query_idx, target_idx) int64 CPU tensors sorted by query;
+    target_idx indexes the clip's classes (ascending). ``secondary`` is empty with one round."""
 
     primary: IndexPair = field(default_factory=_empty_pair)
     secondary: IndexPair = field(default_factory=_empty_pair)
@@ -54,9 +38,7 @@ def _assign(cost: np.ndarray, rows: np.ndarray) -> IndexPair:
     if rows.size == 0 or cost.shape[1] == 0:
         return _empty_pair()
     sub_rows, cols = linear_sum_assignment(cost[rows])
-    return torch.as_tensor(rows[sub_rows], dtype=torch.long), torch.as_tensor(
-        cols, dtype=torch.long
-    )
+    return torch.as_tensor(rows[sub_rows]).long(), torch.as_tensor(cols).long()
 
 
 def match_two_rounds(
@@ -65,11 +47,8 @@ def match_two_rounds(
     second_round_cost: Tensor | np.ndarray | None = None,
     num_rounds: int = 2,
 ) -> MatchIndices:
-    """Round 1 on ``cost`` (N, M); round 2 on the rows round 1 left free.
-
-    second_round_cost: (N, M) cost used by round 2 (default: ``cost``).
-    With fewer free queries than targets, round 2 matches as many targets as it can.
-    """
+    """Round 1 on ``cost`` (N, M); round 2 on the rows left free, with ``second_round_cost``
+    (N, M) (default ``cost``), matching as many targets as there are free rows."""
     if num_rounds not in (1, 2):
         raise ValueError(f"num_rounds must be 1 or 2, got {num_rounds}")
     cost_np = _as_numpy(cost)
@@ -83,13 +62,6 @@ def match_two_rounds(
     if second_np.shape != cost_np.shape:
         raise ValueError(f"second_round_cost has shape {second_np.shape}, expected {cost_np.shape}")
     free_rows = np.setdiff1d(all_rows, primary[0].numpy())
-    if free_rows.size < cost_np.shape[1]:
-        logger.debug(
-            "round 2: %d classes but only %d free queries; %d classes get no secondary query",
-            cost_np.shape[1],
-            free_rows.size,
-            cost_np.shape[1] - free_rows.size,
-        )
     return MatchIndices(primary=primary, secondary=_assign(second_np, free_rows))
 
 
@@ -99,34 +71,30 @@ def _as_numpy(cost: Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(cost, dtype=np.float64)
 
 
+def dice_loss(intersection: Tensor, predicted: Tensor, target: Tensor) -> Tensor:
+    """1 − (2·Σσ(x)·y + 1) / (Σσ(x) + Σy + 1) from the three sums."""
+    return 1.0 - (2.0 * intersection + 1.0) / (predicted + target + 1.0)
+
+
 def pairwise_bce_dice(
     logits: Tensor, targets: Tensor, weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Mean sigmoid BCE and dice cost 1 − (2·Σσ(x)·y + 1) / (Σσ(x) + Σy + 1) for every pair.
-
-    logits: (B, N, L) predictions at L points; targets: (B, L, M) in [0, 1]; weight: (B, L)
-    in {0, 1}, points with weight 0 are left out (their targets must be 0). Returns (B, N, M)
-    each; the BCE is the mean over the points kept.
-    """
+    """Mean sigmoid BCE and dice cost of every pair → (B, N, M) each. logits (B, N, L) at L
+    points, targets (B, L, M) in [0, 1], weight (B, L) in {0, 1} (0: left out, target 0)."""
     if weight is None:
         weight = torch.ones_like(logits[:, 0])
     kept = weight.unsqueeze(-1)  # (B, L, 1)
-    # BCE(x, y) = softplus(x) − x·y: one softplus, and Σ over kept points of softplus(x)
+    # BCE(x, y) = softplus(x) − x·y
     bce = F.softplus(logits) @ kept - logits @ targets
     bce = bce / weight.sum(-1).clamp(min=1.0)[:, None, None]
     products = logits.sigmoid() @ torch.cat([targets, kept], -1)  # (B, N, M+1): Σσ·y, Σσ
-    numerator = 2.0 * products[..., :-1] + 1.0
-    return bce, 1.0 - numerator / (products[..., -1:] + targets.sum(1)[:, None, :] + 1.0)
+    return bce, dice_loss(products[..., :-1], products[..., -1:], targets.sum(1)[:, None, :])
 
 
 @dataclass
 class SetCosts:
-    """Cost matrices of S prediction sets, on the predictions' device.
-
-    full: (S, B, N, C) class + BCE + dice; bce: (S, B, N, C) the weighted BCE part alone.
-    columns: (B, C) class id of each column; valid: (B, C) whether that class is in the clip
-    (only valid columns are matched).
-    """
+    """full (S, B, N, C) class + BCE + dice cost; bce (S, B, N, C) its BCE part; columns
+    (B, C) the class of each column; valid (B, C) whether it is in the clip (matched)."""
 
     full: Tensor
     bce: Tensor
@@ -136,45 +104,32 @@ class SetCosts:
 
 @dataclass
 class BatchMatch:
-    """Matches of S prediction sets of B clips, on the host.
-
-    matches: ``matches[set][clip]``; classes: per clip, its class ids (M_b,) ascending (the
-    targets of ``MatchIndices``); labelled: (B, T) bool, frames with labels.
-    """
+    """Host-side ``matches[set][clip]``; classes: per clip its class ids (M_b,) ascending;
+    labelled (B, T) bool."""
 
     matches: list[list[MatchIndices]]
     classes: list[np.ndarray]
     labelled: np.ndarray
 
 
+@dataclass
 class HungarianMatcher:
-    """Two-round matcher with the point-sampled Mask2Former cost.
+    """Two-round matcher with the point-sampled Mask2Former cost. ``second_round_cost``: "full"
+    or "bce"; ``all_class_columns``: cost all K classes, not the present ones (default: not
+    on CPU)."""
 
-    ``second_round_cost``: "full" (video variant) or "bce" (official single-frame variant).
-    ``all_class_columns``: cost every class (no data-dependent shapes, no wait for the device)
-    instead of the classes present; default: all classes except on CPU.
-    """
+    cost_class: float = 2.0
+    cost_mask: float = 5.0
+    cost_dice: float = 5.0
+    num_points: int = 12544
+    second_round_cost: Literal["full", "bce"] = "full"
+    all_class_columns: bool | None = None
 
-    def __init__(
-        self,
-        *,
-        cost_class: float = 2.0,
-        cost_mask: float = 5.0,
-        cost_dice: float = 5.0,
-        num_points: int = 12544,
-        second_round_cost: Literal["full", "bce"] = "full",
-        all_class_columns: bool | None = None,
-    ) -> None:
-        if second_round_cost not in ("full", "bce"):
+    def __post_init__(self) -> None:
+        if self.second_round_cost not in ("full", "bce"):
             raise ValueError(
-                f"second_round_cost must be 'full' or 'bce', got {second_round_cost!r}"
+                f"second_round_cost must be 'full' or 'bce', got {self.second_round_cost!r}"
             )
-        self.cost_class = cost_class
-        self.cost_mask = cost_mask
-        self.cost_dice = cost_dice
-        self.num_points = num_points
-        self.second_round_cost = second_round_cost
-        self.all_class_columns = all_class_columns
 
     def _columns(self, present: Tensor) -> tuple[Tensor, Tensor]:
         """Cost columns (B, C) class ids and their validity (B, C) from ``present`` (B, K)."""
@@ -192,12 +147,8 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def costs(self, sets: Sequence[tuple[Tensor, Tensor]], targets: BatchTargets) -> SetCosts:
-        """Cost matrices of S prediction sets, float32.
-
-        sets: (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)) per set. One uniform
-        point set (P points) per set and clip, shared by all masks and frames of the clip,
-        so each mask is compared on (labelled frames)·P points.
-        """
+        """Float32 costs of S sets (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)) on
+        P uniform points per set and clip, shared by its masks and labelled frames."""
         labels = targets.labels.long()
         batch, frames, height, width = labels.shape
         num_classes = targets.present.shape[1]
@@ -247,11 +198,8 @@ class HungarianMatcher:
         *,
         num_rounds: int = 2,
     ) -> BatchMatch:
-        """Match S prediction sets (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)).
-
-        Everything the host needs (costs, classes, labelled frames, the label check) comes
-        back in one device-to-host transfer.
-        """
+        """Match S sets (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)) with one
+        device-to-host transfer."""
         costs = self.costs(sets, targets)
         second_is_bce = self.second_round_cost == "bce" and num_rounds == 2
         parts = [costs.full] + ([costs.bce] if second_is_bce else [])
@@ -278,16 +226,3 @@ class HungarianMatcher:
         ]
         labelled = labelled.reshape(targets.labelled.shape) > 0.5
         return BatchMatch(matches=matches, classes=classes, labelled=labelled)
-
-    def __call__(
-        self,
-        class_logits: Tensor,
-        mask_logits: Tensor,
-        targets: BatchTargets,
-        *,
-        num_rounds: int = 2,
-    ) -> list[MatchIndices]:
-        """Match one prediction set; returns one ``MatchIndices`` per clip."""
-        return self.match_sets(
-            [(class_logits, mask_logits)], targets, num_rounds=num_rounds
-        ).matches[0]

@@ -1,16 +1,5 @@
-"""Training targets from label maps (docs/DESIGN.md §5 "Targets", §8), built without host syncs.
-
-A clip's targets are the classes present in any of its frames (ignore = 255 excluded), each with
-a binary mask over the T frames: ``labels == class``. Ignore pixels are 0 in every mask, so the
-point-sampled losses treat them as background. The frame-head targets keep the clip's class list
-in every frame; a class absent from a frame simply has an empty mask there.
-
-A frame whose label map is entirely ignore is *unlabelled* (sparse datasets): its (mask, frame)
-pairs are left out of the matching costs and of every mask loss.
-
-Everything here is computed on the labels' device with fixed shapes, so nothing waits for the
-device; the matcher reads ``present``, ``labelled`` and the label check back in its one transfer.
-"""
+"""Training targets (docs/DESIGN.md §5, §8), on the labels' device with fixed shapes: the
+classes of a clip, each with the mask ``labels == class`` per frame."""
 
 from __future__ import annotations
 
@@ -25,14 +14,9 @@ from themask.data.vspw import IGNORE_INDEX
 
 @dataclass
 class BatchTargets:
-    """Targets of B clips of T frames, K classes.
-
-    labels:   (B, T, H, W) class ids (uint8 for K < 255), 255 = ignore; the mask of class k is
-              ``labels == k``.
-    present:  (B, K) bool, class k occurs in clip b.
-    labelled: (B, T) bool, frame t of clip b holds at least one non-ignore pixel.
-    invalid:  (2,) int64: the number of values neither ignore nor in [0, K), and one such value.
-    """
+    """labels (B, T, H, W) class ids (uint8 for K < 255), 255 = ignore; present (B, K) bool;
+    labelled (B, T) bool, frames with a non-ignore pixel; invalid (2,) int64: the count of
+    values neither ignore nor in [0, K), and one of them."""
 
     labels: Tensor
     present: Tensor
@@ -44,38 +28,27 @@ class BatchTargets:
         return (self.labels[clip, frame] == classes.view(-1, 1, 1).to(self.labels.dtype)).float()
 
     def cell_counts(self, height: int, width: int) -> tuple[Tensor, Tensor]:
-        """GT pixels per class in the cells of a (h, w) map upsampled to the labels' size by
-        nearest interpolation (the pixels that copy one low-resolution value).
-
-        Returns counts (B, T, K+1, h, w) float32 (last class: ignore and invalid values) and
-        the cells' sizes in pixels (h, w).
-        """
+        """GT pixels per class in each cell of an (h, w) map upsampled by nearest
+        interpolation → (B, T, K+1, h, w) (last: ignore, invalid) and cell sizes (h, w)."""
         batch, frames, big_h, big_w = self.labels.shape
         num_classes = self.present.shape[1]
         device = self.labels.device
         cells = torch.arange(height * width, device=device, dtype=torch.float32)
-        cell_of_pixel = (
-            F.interpolate(cells.view(1, 1, height, width), size=(big_h, big_w), mode="nearest")
-            .long()
-            .view(-1)
-        )  # (H·W,) the low-resolution cell each pixel copies
+        cell_map = F.interpolate(cells.view(1, 1, height, width), (big_h, big_w), mode="nearest")
+        cell_of_pixel = cell_map.long().view(-1)  # (H·W,) the low-resolution cell of each pixel
         labels = self.labels.long().flatten(2)  # (B, T, H·W)
         classes = torch.where(labels < num_classes, labels, num_classes)
         index = classes * (height * width) + cell_of_pixel  # (B, T, H·W)
         counts = torch.zeros(batch, frames, (num_classes + 1) * height * width, device=device)
         counts.scatter_add_(2, index, torch.ones_like(index, dtype=torch.float32))
-        sizes = torch.zeros(height * width, device=device).index_add_(
-            0, cell_of_pixel, torch.ones_like(cell_of_pixel, dtype=torch.float32)
-        )
+        ones = torch.ones_like(cell_of_pixel, dtype=torch.float32)
+        sizes = torch.zeros(height * width, device=device).index_add_(0, cell_of_pixel, ones)
         return counts.view(batch, frames, -1, height, width), sizes.view(height, width)
 
 
 def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
-    """Targets of label maps (B, T, H, W) holding class ids in [0, K) or 255 (ignore).
-
-    Invalid values are counted, not raised here (that would wait for the device): see
-    ``check_invalid``.
-    """
+    """Targets of label maps (B, T, H, W) of class ids in [0, K) or 255; invalid values are
+    counted for ``check_invalid``, not raised (that would wait for the device)."""
     if labels.dim() != 4:
         raise ValueError(f"labels must have shape (B, T, H, W), got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
@@ -91,8 +64,7 @@ def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
     columns = torch.where(valid & ~bad, labels, num_classes).flatten(1)  # (B, T·H·W)
     present = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=labels.device)
     present.scatter_(1, columns, True)
-    # masks are compared against a compact copy (1 byte a pixel where K < 255; invalid values
-    # may wrap, but they stop the step at the matching)
+    # a compact copy (invalid values may wrap; they stop the step at the matching)
     compact = torch.uint8 if num_classes < IGNORE_INDEX else torch.int32
     return BatchTargets(
         labels=labels.to(compact),

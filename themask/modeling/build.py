@@ -1,17 +1,6 @@
-"""Presets and builders: the only place that reads a ``ModelConfig``.
-
-``PRESETS`` maps a name to a diff of ``ModelConfig`` fields (the network) and
-``PRESET_LOSSES`` to a diff of ``LossConfig`` fields (its default training objective).
-Families (docs/DESIGN.md §4–§7):
-
-* ``themask_mit_b{0..5}_t1``: single-frame decoder, two-round hierarchical loss with the
-  BCE-only second-round cost of the official single-frame variant (stage 1);
-* ``themask_mit_b{0..5}_t2``: Temporal Aggregation Decoder, 2-frame clips, full second-round
-  cost (stage 2);
-* ``mask2former_mit_b{0..5}``: single-frame decoder with the baseline's one-round objective;
-* ``themask_tiny_t1``, ``themask_tiny_t2``, ``mask2former_tiny``: small widths for tests and
-  the CPU demo.
-"""
+"""Presets and builders, the only place that reads a ``ModelConfig`` (docs/DESIGN.md §4–§7).
+``PRESETS``: name → ``ModelConfig`` diff (the network: ``*_t1`` and ``mask2former_*`` the
+single-frame decoder, ``*_t2`` the TAD); ``PRESET_LOSSES``: name → ``LossConfig`` diff."""
 
 from __future__ import annotations
 
@@ -21,12 +10,11 @@ from typing import Any
 from themask.data.vspw import NUM_CLASSES
 from themask.loss.config import LossConfig
 from themask.modeling.config import ModelConfig
-from themask.modeling.mask_decoder import MaskDecoder
 from themask.modeling.mit import build_mit
 from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from themask.modeling.temporal_decoder import TemporalDecoder
 from themask.modeling.themask import THEMask
-from themask.modeling.transformer import QueryDecoder
+from themask.modeling.transformer import MaskDecoder
 
 _T1: dict[str, Any] = dict(decoder="single", num_frames=1)
 _T2: dict[str, Any] = dict(decoder="temporal", num_frames=2)
@@ -110,7 +98,12 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
         num_points=config.deform_points,
         ffn_dim=config.pixel_decoder_ffn_dim,
     )
-    decoder_args = dict(
+    decoders = {"single": MaskDecoder, "temporal": TemporalDecoder}
+    if config.decoder not in decoders:
+        raise ValueError(
+            f"ModelConfig.decoder: expected 'single' or 'temporal', got {config.decoder!r}"
+        )
+    decoder_args: dict[str, Any] = dict(
         num_classes=config.num_classes,
         num_queries=config.num_queries,
         dim=config.hidden_dim,
@@ -119,17 +112,9 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
         ffn_dim=config.decoder_ffn_dim,
         num_layers=config.decoder_layers,
     )
-    decoder: QueryDecoder
     if config.decoder == "temporal":
-        decoder = TemporalDecoder(
-            **decoder_args, tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout
-        )
-    elif config.decoder == "single":
-        decoder = MaskDecoder(**decoder_args)
-    else:
-        raise ValueError(
-            f"ModelConfig.decoder: expected 'single' or 'temporal', got {config.decoder!r}"
-        )
+        decoder_args.update(tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout)
+    decoder = decoders[config.decoder](**decoder_args)
     return THEMask(config=config, backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder)
 
 

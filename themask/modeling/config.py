@@ -10,15 +10,11 @@ from themask.data.vspw import NUM_CLASSES
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a THE-Mask network (the objective is ``LossConfig``).
-
-    ``backbone`` names an MiT variant (``mit_b0`` … ``mit_b5``); the ``backbone_*`` fields
-    override that variant's widths/depths/heads (tiny test configurations).
-    """
+    """Everything needed to rebuild a network; ``backbone_*`` override the widths, depths and
+    heads of the MiT variant ``backbone`` (``mit_b0`` … ``mit_b5``)."""
 
     backbone: str = "mit_b1"
-    # Optional, not X | None: typing.get_type_hints resolves config fields, and Python 3.9
-    # cannot evaluate X | None.
+    # Optional: typing.get_type_hints evaluates these, and Python 3.9 cannot evaluate X | None
     backbone_embed_dims: Optional[tuple[int, int, int, int]] = None  # noqa: UP045
     backbone_depths: Optional[tuple[int, int, int, int]] = None  # noqa: UP045
     backbone_num_heads: Optional[tuple[int, int, int, int]] = None  # noqa: UP045

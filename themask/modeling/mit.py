@@ -1,20 +1,11 @@
-"""Mix Transformer (MiT), the SegFormer encoder (docs/DESIGN.md §2).
-
-Four stages with strides 4, 8, 16, 32. Each stage: overlapping patch embedding (strided conv +
-LayerNorm), ``depth`` pre-norm blocks (spatial-reduction attention, Mix-FFN), final LayerNorm.
-
-Parameter names follow the original release closely (``q``, ``kv``, ``sr``, ``fc1``, ``dwconv``,
-``fc2``), grouped per stage: ``stages.{s}.patch_embed``, ``stages.{s}.blocks.{j}``,
-``stages.{s}.norm``; ``themask.weights.mit`` maps the public layouts onto these names.
-
-LayerNorm eps follows the original exactly: 1e-6 for block and stage-final norms, the PyTorch
-default 1e-5 for the patch-embedding norm and the spatial-reduction norm.
-"""
+"""Mix Transformer (MiT), the SegFormer encoder (docs/DESIGN.md §2): four stages, each an
+overlapping patch embedding, pre-norm blocks (spatial-reduction attention, Mix-FFN), LayerNorm."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch.nn.functional as F
@@ -22,7 +13,6 @@ from torch import Tensor, nn
 
 __all__ = ["MIT_VARIANTS", "MixTransformer", "build_mit"]
 
-# Block norm1/norm2 and stage-final norms; patch-embedding and reduction norms keep 1e-5.
 BLOCK_NORM_EPS = 1e-6
 
 _WIDE = (64, 128, 320, 512)
@@ -58,10 +48,8 @@ def _map_to_tokens(x: Tensor) -> Tensor:
 
 
 class OverlapPatchEmbed(nn.Module):
-    """Strided convolution with overlapping windows, then LayerNorm (eps 1e-5).
-
-    (N, C_in, H, W) → tokens (N, h·w, C) and (h, w) with h = ⌊(H + 2p − k) / s⌋ + 1.
-    """
+    """Strided conv with overlapping windows, then LayerNorm (eps 1e-5):
+    (N, C_in, H, W) → tokens (N, h·w, C), h, w."""
 
     def __init__(self, *, in_channels: int, embed_dim: int, kernel_size: int, stride: int):
         super().__init__()
@@ -77,12 +65,8 @@ class OverlapPatchEmbed(nn.Module):
 
 
 class SpatialReductionAttention(nn.Module):
-    """Multi-head self-attention whose keys/values come from a spatially reduced map.
-
-    When ``sr_ratio > 1``: conv (kernel = stride = sr_ratio) then LayerNorm (eps 1e-5) on the
-    2-D map before the key/value projection. ``kv`` is one Linear(C → 2C): rows [0, C) are the
-    keys, [C, 2C) the values (the original layout).
-    """
+    """Self-attention with keys/values from the map reduced by a conv of stride ``sr_ratio``
+    and LayerNorm (eps 1e-5); ``kv`` rows [0, C) are the keys, [C, 2C) the values."""
 
     def __init__(self, *, dim: int, num_heads: int, sr_ratio: int):
         super().__init__()
@@ -155,7 +139,6 @@ class MiTStage(nn.Module):
         *,
         in_channels: int,
         dim: int,
-        depth: int,
         num_heads: int,
         sr_ratio: int,
         mlp_ratio: float,
@@ -173,7 +156,7 @@ class MiTStage(nn.Module):
             MiTBlock(
                 dim=dim, num_heads=num_heads, sr_ratio=sr_ratio, mlp_ratio=mlp_ratio, drop_path=rate
             )
-            for rate in drop_path_rates[:depth]
+            for rate in drop_path_rates
         )
         self.norm = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
 
@@ -186,12 +169,8 @@ class MiTStage(nn.Module):
 
 
 class MixTransformer(nn.Module):
-    """MiT encoder: (N, 3, H, W) → 4 maps [(N, C1, H/4, W/4), …, (N, C4, H/32, W/32)].
-
-    Odd sizes round up at every stage (conv arithmetic: stride 4 pad 3 kernel 7, then stride 2
-    pad 1 kernel 3). ``out_channels`` and ``strides`` describe the four outputs.
-    Stochastic depth increases linearly from 0 to ``drop_path_rate`` over all blocks.
-    """
+    """MiT encoder: (N, 3, H, W) → 4 maps (N, C_s, ⌈H/s⌉, ⌈W/s⌉), s = 4, 8, 16, 32
+    (``out_channels``, ``strides``); stochastic depth rises linearly to ``drop_path_rate``."""
 
     strides: tuple[int, ...] = (4, 8, 16, 32)
 
@@ -220,25 +199,19 @@ class MixTransformer(nn.Module):
         self.depths: tuple[int, ...] = tuple(int(d) for d in depths)
         total = sum(self.depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear 0 → rate
-        stages = []
-        start = 0
-        previous = in_channels
-        for index, (dim, depth) in enumerate(zip(self.out_channels, self.depths)):
-            stages.append(
-                MiTStage(
-                    in_channels=previous,
-                    dim=dim,
-                    depth=depth,
-                    num_heads=num_heads[index],
-                    sr_ratio=sr_ratios[index],
-                    mlp_ratio=mlp_ratio,
-                    drop_path_rates=rates[start : start + depth],
-                    first=index == 0,
-                )
+        bounds = [0, *accumulate(self.depths)]  # each stage's blocks
+        self.stages = nn.ModuleList(
+            MiTStage(
+                in_channels=in_channels if index == 0 else self.out_channels[index - 1],
+                dim=self.out_channels[index],
+                num_heads=num_heads[index],
+                sr_ratio=sr_ratios[index],
+                mlp_ratio=mlp_ratio,
+                drop_path_rates=rates[bounds[index] : bounds[index + 1]],
+                first=index == 0,
             )
-            start += depth
-            previous = dim
-        self.stages = nn.ModuleList(stages)
+            for index in range(len(self.depths))
+        )
         self.apply(_init_weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -256,9 +229,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Conv2d):
         fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
         fan_out //= module.groups
@@ -268,11 +238,8 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def build_mit(name: str, **overrides: Any) -> MixTransformer:
-    """Build ``mit_b0`` … ``mit_b5``; keyword overrides replace constructor arguments.
-
-    An override whose value is ``None`` keeps the variant's value (so callers can pass
-    optional config fields straight through).
-    """
+    """Build ``mit_b0`` … ``mit_b5``; ``overrides`` replace constructor arguments (``None``
+    keeps the variant's value)."""
     if name not in MIT_VARIANTS:
         raise ValueError(f"unknown MiT variant {name!r}; expected one of {sorted(MIT_VARIANTS)}")
     kwargs = dict(MIT_VARIANTS[name])

@@ -1,11 +1,6 @@
-"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch.
-
-Every query looks at P sampling points per head and per level. The points are the query's
-reference point plus learned offsets (in pixels of that level); the sampled values are bilinear
-interpolations (zero padding, ``align_corners=False``) weighted by a softmax over the L·P points of
-each head. Sampling runs as one ``F.grid_sample`` call per level over all B·M (batch, head) pairs;
-no compiled extension is needed, and the same code runs on any device.
-"""
+"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch: each query reads P
+points per head and level (its reference point + learned offsets in pixels of the level),
+bilinearly with zero padding, weighted by a softmax over the L·P points of each head."""
 
 from __future__ import annotations
 
@@ -24,8 +19,7 @@ SpatialShapes = Sequence[tuple[int, int]]
 def offset_normaliser(
     spatial_shapes: SpatialShapes, *, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """(L, 2) rows (W_l, H_l). Filled with Python numbers on the device: no host-to-device copy
-    (``torch.tensor(list, device=cuda)`` would block on one). Build it once per pass."""
+    """(L, 2) rows (W_l, H_l), filled on the device (no blocking host-to-device copy)."""
     normaliser = torch.empty(len(spatial_shapes), 2, device=device, dtype=dtype)
     for level, (height, width) in enumerate(spatial_shapes):
         normaliser[level, 0].fill_(width)
@@ -39,18 +33,11 @@ def ms_deform_attn_pytorch(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """Weighted sum of bilinearly sampled values.
+    """Weighted sum of bilinearly sampled values → (B, Q, M·D), heads concatenated.
 
-    Args:
-        value: (B, S, M, D) per-head values of all levels, concatenated in the order of
-            ``spatial_shapes``, each level flattened row-major; S = Σ H_l·W_l.
-        spatial_shapes: L pairs (H_l, W_l).
-        sampling_locations: (B, Q, M, L, P, 2) points as (x, y) normalised to the map: 0 is the
-            left/top edge and 1 the right/bottom edge; points outside read zeros.
-        attention_weights: (B, Q, M, L, P).
-
-    Returns:
-        (B, Q, M·D), heads concatenated.
+    value (B, S, M, D): the levels of ``spatial_shapes`` (L pairs (H_l, W_l)) flattened
+    row-major and concatenated; sampling_locations (B, Q, M, L, P, 2): (x, y) in [0, 1] over
+    each map (points outside read zeros); attention_weights (B, Q, M, L, P).
     """
     batch, num_tokens, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
@@ -65,9 +52,7 @@ def ms_deform_attn_pytorch(
             f"{list(spatial_shapes)} hold {sum(level_sizes)}"
         )
     bm = batch * num_heads
-    # Copies into the grid_sample layouts; the per-level slices below are views. Points come
-    # before queries so that Q, the long axis, is the innermost axis of the sampled output:
-    # the CPU kernel vectorises along it, and the weighted sum over P becomes a plain add.
+    # Q innermost in the grid_sample layouts: the CPU kernel vectorises along it
     value = value.permute(0, 2, 3, 1).reshape(bm, head_dim, num_tokens)
     grids = 2 * sampling_locations - 1  # grid_sample coordinates in [-1, 1]
     grids = grids.permute(0, 2, 3, 4, 1, 5).contiguous()  # (B, M, L, P, Q, 2)
@@ -79,8 +64,6 @@ def ms_deform_attn_pytorch(
         sampled = F.grid_sample(
             value_l.view(bm, head_dim, height, width),
             grids[:, :, level].reshape(bm, num_points, num_queries, 2),
-            mode="bilinear",
-            padding_mode="zeros",
             align_corners=False,
         )  # (B·M, D, P, Q)
         weights_l = weights[:, :, level].reshape(bm, 1, num_points, num_queries)
@@ -90,16 +73,12 @@ def ms_deform_attn_pytorch(
             contribution = sampled.mul_(weights_l).sum(dim=2)
         output = contribution if output is None else output + contribution
     assert output is not None
-    # (B·M, D, Q) -> (B, Q, M·D)
-    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
+    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)  # (B, Q, M·D)
 
 
 class MSDeformAttn(nn.Module):
-    """Multi-scale deformable attention with learned offsets and weights.
-
-    Parameter names follow Deformable DETR: ``sampling_offsets`` (C -> M·L·P·2),
-    ``attention_weights`` (C -> M·L·P), ``value_proj`` and ``output_proj`` (C -> C).
-    """
+    """Multi-scale deformable attention with learned offsets (C → M·L·P·2) and weights
+    (C → M·L·P)."""
 
     def __init__(
         self, *, dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4
@@ -118,11 +97,8 @@ class MSDeformAttn(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Deformable-DETR initialisation.
-
-        Offsets start on a ring of directions (head m points at angle 2π·m/M, scaled so the
-        larger coordinate is 1) with point p at distance p+1; attention starts uniform.
-        """
+        """Deformable-DETR initialisation: head m's point p starts at (p+1) times direction
+        2π·m/M (larger coordinate 1); attention starts uniform."""
         nn.init.zeros_(self.sampling_offsets.weight)
         angles = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)
         directions = torch.stack((angles.cos(), angles.sin()), dim=-1)  # (M, 2)
@@ -146,19 +122,9 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: SpatialShapes,
         normaliser: Tensor | None = None,
     ) -> Tensor:
-        """Attend from queries to the multi-level value map.
-
-        Args:
-            query: (B, Q, C), positional encodings already added.
-            reference_points: (B, Q, 2) or (1, Q, 2), (x, y) normalised to [0, 1]; the same
-                normalised point is used on every level.
-            value: (B, S, C) tokens of all levels (no positional encoding).
-            spatial_shapes: L pairs (H_l, W_l) describing how ``value`` is split into levels.
-            normaliser: ``offset_normaliser(spatial_shapes)``, built here when not given.
-
-        Returns:
-            (B, Q, C).
-        """
+        """query (B, Q, C) with positions added, reference_points (B or 1, Q, 2) (x, y) in
+        [0, 1] on every level, value (B, S, C) of the levels ``spatial_shapes`` (L × (H_l, W_l)),
+        normaliser ``offset_normaliser(spatial_shapes)`` or None → (B, Q, C)."""
         batch, num_queries, _ = query.shape
         num_tokens = value.shape[1]
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
@@ -171,7 +137,6 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(dim=-1).view(batch, num_queries, heads, levels, points)
-        # Offsets are in pixels of each level: divide by (W_l, H_l) to normalise.
         if normaliser is None:
             normaliser = offset_normaliser(spatial_shapes, device=query.device, dtype=query.dtype)
         locations = (

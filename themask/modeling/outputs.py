@@ -9,11 +9,8 @@ from torch import Tensor
 
 @dataclass
 class PredictionSet:
-    """One prediction set of one head.
-
-    class_logits: (B, N, K+1) for the clip head; (B, T, N, K+1) for the frame head.
-    mask_logits:  (B, N, T, H/4, W/4) for both heads (frame-head masks stacked over time).
-    """
+    """One head's prediction set: class_logits (B, N, K+1) (clip head) or (B, T, N, K+1)
+    (frame head); mask_logits (B, N, T, H/4, W/4) for both."""
 
     class_logits: Tensor
     mask_logits: Tensor
@@ -21,17 +18,9 @@ class PredictionSet:
 
 @dataclass
 class Predictions:
-    """All prediction sets of a forward pass in train mode.
-
-    clip:  L+1 sets (10 for 9 decoder layers), before layer 1 and after each layer;
-           ``clip[-1]`` is the final output, the others are for deep supervision.
-    frame: the TAD frame head, same length, or ``None`` for the single-frame decoder.
-
-    For the single-frame decoder every frame is its own clip: B here is B·T of the input
-    and T = 1 (``THEMask.is_temporal`` tells which layout a model uses).
-    frames_per_clip: T of the input clips, so the single-frame layout (B·T one-frame clips)
-    can be regrouped into (B, T) by ``THEMask.semantic_scores``.
-    """
+    """The prediction sets of a forward pass: ``clip`` before layer 1 and after each layer
+    (``clip[-1]`` final), ``frame`` the TAD frame head's or None. The single-frame decoder
+    gives B·T one-frame clips; ``frames_per_clip`` = T of the input clips regroups them."""
 
     clip: list[PredictionSet]
     frame: list[PredictionSet] | None = None

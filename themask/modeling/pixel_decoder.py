@@ -1,10 +1,5 @@
-"""Mask2Former pixel decoder: a multi-scale deformable-attention encoder plus one FPN step.
-
-Inputs are the four backbone maps res2..res5 (strides 4, 8, 16, 32). res5, res4 and res3 are
-projected to ``conv_dim`` channels and refined together by ``num_layers`` deformable encoder
-layers; res2 joins through a lateral 1×1 conv and the upsampled stride-8 encoder output, and a
-final 1×1 conv gives the per-pixel ``mask_features`` that the mask heads read.
-"""
+"""Mask2Former pixel decoder (docs/DESIGN.md §3): a deformable-attention encoder over res5,
+res4, res3 and one FPN step onto res2 that gives the per-pixel ``mask_features``."""
 
 from __future__ import annotations
 
@@ -25,12 +20,8 @@ NUM_ENCODER_LEVELS = 3
 
 
 class PixelDecoderOutput(NamedTuple):
-    """Outputs of the pixel decoder (unpacks as ``mask_features, multi_scale_features``).
-
-    mask_features:        (N, mask_dim, H/4, W/4).
-    multi_scale_features: the encoder maps from the lowest resolution to the highest:
-                          [(N, C, H/32, W/32), (N, C, H/16, W/16), (N, C, H/8, W/8)].
-    """
+    """mask_features (N, mask_dim, H/4, W/4); multi_scale_features [(N, C, H/32, W/32),
+    (N, C, H/16, W/16), (N, C, H/8, W/8)]."""
 
     mask_features: Tensor
     multi_scale_features: list[Tensor]
@@ -75,7 +66,7 @@ class DeformableEncoderLayer(nn.Module):
 def _pixel_centres(
     spatial_shapes: SpatialShapes, *, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """(1, S, 2) pixel centres ((j+0.5)/W_l, (i+0.5)/H_l) of every level, row-major, in order."""
+    """(1, S, 2) pixel centres ((j+0.5)/W_l, (i+0.5)/H_l) of every level, row-major."""
     work_dtype = torch.promote_types(dtype, torch.float32)  # never coarser than float32
     centres = []
     for height, width in spatial_shapes:
@@ -87,25 +78,14 @@ def _pixel_centres(
 
 
 def _without_autocast(projection: nn.Module, x: Tensor) -> Tensor:
-    """``projection(x)`` (1×1 conv + GroupNorm) in at least float32 under any autocast.
-
-    In bf16 the rounded conv output and the group statistics flip the final argmax of
-    near-tied pixels (on a trained toy model the worst frame agreed on 94 % of pixels with
-    float32, 98 % with these in float32); the 1×1 convs cost well under 1 % of the FLOPs.
-    """
+    """``projection(x)`` in at least float32 under any autocast (in bf16 these 1×1 convs and
+    group statistics flip the argmax of near-tied pixels; they cost < 1 % of the FLOPs)."""
     with torch.autocast(x.device.type, enabled=False):
         return projection(x.to(torch.promote_types(x.dtype, torch.float32)))
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
-    """Pixel decoder of Mask2Former (docs/DESIGN.md §3).
-
-    Submodules (their official names: ``themask.weights.official``):
-      ``input_proj[i]``: 1×1 conv (bias) + GroupNorm for res5, res4, res3;
-      ``level_embed``: (3, C); ``encoder_layers[k]``: :class:`DeformableEncoderLayer`;
-      ``lateral``: 1×1 conv (no bias) + GroupNorm on res2;
-      ``fpn_output``: 3×3 conv (no bias) + GroupNorm + ReLU; ``mask_features``: 1×1 conv (bias).
-    """
+    """Pixel decoder of Mask2Former: backbone maps res2..res5 → ``PixelDecoderOutput``."""
 
     def __init__(
         self,
@@ -134,10 +114,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             raise ValueError(f"MSDeformAttnPixelDecoder: conv_dim must be even, got {conv_dim}")
         self.in_channels = tuple(in_channels)
         self.conv_dim = conv_dim
-        self.mask_dim = mask_dim
-        self.num_feature_levels = NUM_ENCODER_LEVELS
-
-        # res5, res4, res3: lowest resolution first, the encoder's level order.
+        # res5, res4, res3: lowest resolution first, the encoder's level order
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, conv_dim, 1), nn.GroupNorm(norm_groups, conv_dim))
             for channels in reversed(self.in_channels[1:])
@@ -165,8 +142,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def reset_parameters(self) -> None:
         """Mask2Former initialisation: xavier for the projections and encoder, Caffe2-style
         xavier (kaiming-uniform, a=1) for the FPN convs, N(0, 1) level embeddings."""
-        # torch types the items of ModuleList / Sequential as plain Module (and attributes of a
-        # Module as Tensor | Module), so mypy cannot see the convs and layers built above.
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight)  # type: ignore[index]
             nn.init.zeros_(proj[0].bias)  # type: ignore[index]
@@ -217,17 +192,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
             ],
             dim=1,
         )  # (1, S, C), shared by the batch
-        reference_points = _pixel_centres(spatial_shapes, device=src.device, dtype=src.dtype)
+        centres = _pixel_centres(spatial_shapes, device=src.device, dtype=src.dtype)
         normaliser = offset_normaliser(spatial_shapes, device=src.device, dtype=src.dtype)
         for layer in self.encoder_layers:
             src = run_layer(
-                layer,
-                self.checkpoint_layers,
-                src,
-                pos,
-                reference_points,
-                spatial_shapes,
-                normaliser,
+                layer, self.checkpoint_layers, src, pos, centres, spatial_shapes, normaliser
             )
 
         multi_scale = [

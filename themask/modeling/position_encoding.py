@@ -1,13 +1,5 @@
-"""Sine positional encodings (DETR style, normalised to (0, 2π]) for 2-D maps and 3-D clips.
-
-Both encodings are pure functions of the sizes: nothing is cached in modules. They are computed
-in float32 (the arithmetic order follows the published formulas, so values match the reference
-implementation bit for bit) and cast to ``dtype`` at the end.
-
-Position p along an axis of length L (p = 1..L) is normalised as p / (L + 1e-6) · 2π. For F
-features, feature i uses the divisor 10000^(2·⌊i/2⌋/F); even features hold the sine, odd features
-the cosine, so channels read [sin, cos, sin, cos, …].
-"""
+"""DETR-style sine position encodings of 2-D maps and 3-D clips, in float32 cast to ``dtype``:
+position p = 1..L → p / (L + 1e-6) · 2π / 10000^(2·⌊i/2⌋/F) for feature i; [sin, cos, …]."""
 
 from __future__ import annotations
 
@@ -47,21 +39,6 @@ def _sine_features(positions: Tensor, num_feats: int) -> Tensor:
     return torch.stack((angles[:, 0::2].sin(), angles[:, 1::2].cos()), dim=2).flatten(1)
 
 
-def _spatial_encoding(
-    height: int, width: int, num_feats: int, device: torch.device | None
-) -> Tensor:
-    """(2F, H, W) float32: channels [y features (F), x features (F)]."""
-    pos_y = _sine_features(_normalised_positions(height, device), num_feats).t()  # (F, H)
-    pos_x = _sine_features(_normalised_positions(width, device), num_feats).t()  # (F, W)
-    return torch.cat(
-        (
-            pos_y[:, :, None].expand(num_feats, height, width),
-            pos_x[:, None, :].expand(num_feats, height, width),
-        ),
-        dim=0,
-    )
-
-
 def sine_position_encoding_2d(
     batch: int,
     height: int,
@@ -71,13 +48,13 @@ def sine_position_encoding_2d(
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """2-D sine encoding of an H×W map (no padding mask).
-
-    Returns (B, 2·num_feats, H, W): channels 0..F-1 encode the row (y), F..2F-1 the column (x).
-    """
+    """(B, 2·num_feats, H, W): channels 0..F-1 encode the row (y), F..2F-1 the column (x)."""
     _check_sizes(num_feats, batch=batch, height=height, width=width)
-    pos = _spatial_encoding(height, width, num_feats, device).to(dtype)
-    return pos.unsqueeze(0).repeat(batch, 1, 1, 1)
+    pos_y = _sine_features(_normalised_positions(height, device), num_feats).t()  # (F, H)
+    pos_x = _sine_features(_normalised_positions(width, device), num_feats).t()  # (F, W)
+    size = (num_feats, height, width)
+    pos = torch.cat((pos_y[:, :, None].expand(size), pos_x[:, None, :].expand(size)))
+    return pos.to(dtype).unsqueeze(0).repeat(batch, 1, 1, 1)
 
 
 def sine_position_encoding_3d(
@@ -90,15 +67,10 @@ def sine_position_encoding_3d(
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """3-D sine encoding of a clip of T frames of H×W (no padding mask).
-
-    The spatial part is the 2-D encoding; the temporal part encodes t = 1..T, normalised by T,
-    with 2·num_feats features, and is added to every channel. Outputs therefore depend on T.
-
-    Returns (B, T, 2·num_feats, H, W).
-    """
-    _check_sizes(num_feats, batch=batch, frames=frames, height=height, width=width)
-    spatial = _spatial_encoding(height, width, num_feats, device)  # (2F, H, W)
+    """(B, T, 2·num_feats, H, W): the 2-D encoding plus an encoding of t = 1..T (2·num_feats
+    features, normalised by T) added to every channel."""
+    _check_sizes(num_feats, batch=batch, frames=frames)
+    spatial = sine_position_encoding_2d(1, height, width, num_feats=num_feats, device=device)[0]
     pos_t = _sine_features(_normalised_positions(frames, device), 2 * num_feats)  # (T, 2F)
     pos = spatial[None] + pos_t[:, :, None, None]  # (T, 2F, H, W)
     return pos.to(dtype).unsqueeze(0).repeat(batch, 1, 1, 1, 1)

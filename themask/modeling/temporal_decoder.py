@@ -1,16 +1,6 @@
-"""Temporal Aggregation Decoder (TAD, docs/DESIGN.md §4.2).
-
-Clip queries Qc (B, N, C) and frame queries Qf (B, T, N, C). The frame queries run the
-Mask2Former layers of §4.1 per frame (frames folded into the batch: B·T rows, frame t of clip b
-at row b·T + t), masked by the *clip* head's mask for that frame; after every layer the shared
-``TemporalAggregation`` module folds them into the clip queries. Two heads: ``clip_head``
-(masks for every frame from one embedding per clip query) and ``frame_head`` (per frame).
-
-The layer loop and the parameters shared with the single-frame decoder live in
-``QueryDecoder`` (same names, so a stage-1 state dict loads by name); the TAD-only parts are
-``temporal`` and ``frame_head``. The official parameter names of each part are in
-``themask.weights.official``.
-"""
+"""Temporal Aggregation Decoder (TAD, docs/DESIGN.md §4.2): frame queries run the §4.1 layers
+per frame, masked by the clip head; after every layer ``TemporalAggregation`` folds them into
+the clip queries."""
 
 from __future__ import annotations
 
@@ -34,11 +24,8 @@ from themask.modeling.transformer import (
 
 
 class TemporalAggregation(nn.Module):
-    """The TAD's one shared module: starts both query sets (``start``) and, after every decoder
-    layer, aggregates the frame queries into the clip queries (``forward``).
-
-    Dropout ``dropout`` on attention weights and residual branches, FFN width ``ffn_dim``.
-    """
+    """Starts both query sets (``start``) and, after every decoder layer, aggregates the frame
+    queries into the clip queries (``forward``)."""
 
     def __init__(
         self, *, dim: int = 256, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1
@@ -59,12 +46,8 @@ class TemporalAggregation(nn.Module):
     def start(
         self, queries: Tensor, query_pos: Tensor, keys: Tensor, values: Tensor, frames: int
     ) -> tuple[Tensor, Tensor]:
-        """Initial clip and frame queries.
-
-        queries (B, N, C) learned query features, query_pos (1, N, C), keys/values
-        (B·T, S, C): all tokens of all levels of each frame → clip queries (B, N, C),
-        frame queries (B·T, N, C).
-        """
+        """queries (B, N, C), query_pos (1, N, C), keys/values (B·T, S, C) (all levels of each
+        frame) → clip queries (B, N, C), frame queries (B·T, N, C)."""
         clip = self.clip_self_attn(queries, query_pos)
         frame = self.frame_self_attn(queries, query_pos)
         frame = frame.repeat_interleave(frames, dim=0)  # (B·T, N, C), one copy per frame
@@ -88,7 +71,6 @@ class TemporalDecoder(QueryDecoder):
     is_temporal = True
 
     def __init__(self, *, tad_ffn_dim: int = 2048, tad_dropout: float = 0.1, **decoder_args: Any):
-        """``decoder_args``: those of ``QueryDecoder``; ``tad_*`` size the temporal aggregation."""
         super().__init__(**decoder_args)
         self.frame_head = PredictionHead(**self.head_sizes)
         self.temporal = TemporalAggregation(
@@ -104,38 +86,23 @@ class TemporalDecoder(QueryDecoder):
         total, mask_dim = mask_features.shape[:2]
         batch = total // frames
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
+        keys, values = torch.cat(memory.keys, dim=1), torch.cat(memory.values, dim=1)
         clip, frame = run_layer(
-            self.temporal.start,
-            self.checkpoint_layers,
-            queries,
-            query_pos,
-            torch.cat(memory.keys, dim=1),
-            torch.cat(memory.values, dim=1),
-            frames,
+            self.temporal.start, self.checkpoint_layers, queries, query_pos, keys, values, frames
         )  # (B, N, C), (B·T, N, C)
-        # (B, D, T·H·W) once, so each clip-head mask prediction is one bmm without a copy
+        # (B, D, T·H·W) once: each clip-head mask prediction is one bmm
         clip_features = (
             mask_features.view(batch, frames, mask_dim, *mask_features.shape[-2:])
             .transpose(1, 2)
             .reshape(batch, mask_dim, -1)
         )
-        return DecodingState(
-            queries=frame,
-            mask_features=mask_features,
-            frames=frames,
-            clip=clip,
-            clip_features=clip_features,
-        )
+        return DecodingState(frame, mask_features, frames, clip, clip_features)
 
     def _after_layer(self, state: DecodingState) -> None:
         assert state.clip is not None
         batch = state.clip.shape[0]
-        state.clip = run_layer(
-            self.temporal,
-            self.checkpoint_layers,
-            state.clip,
-            state.queries.view(batch, state.frames, -1, state.queries.shape[-1]),
-        )
+        frame = state.queries.view(batch, state.frames, -1, state.queries.shape[-1])
+        state.clip = run_layer(self.temporal, self.checkpoint_layers, state.clip, frame)
 
     def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
         assert state.clip is not None and state.clip_features is not None
@@ -144,17 +111,12 @@ class TemporalDecoder(QueryDecoder):
             return [], embeddings
         batch, frames = state.clip.shape[0], state.frames
         mask_dim, height, width = state.mask_features.shape[1:]
-        masks = torch.bmm(embeddings, state.clip_features).view(
-            batch, -1, frames, height, width
-        )  # (B, N, T, H/4, W/4)
+        masks = torch.bmm(embeddings, state.clip_features).view(batch, -1, frames, height, width)
         frame_class, frame_embeddings = self.frame_head(
             state.queries.view(batch, frames, *state.queries.shape[1:])
         )  # (B, T, N, K+1), (B, T, N, D)
-        frame_masks = torch.einsum(
-            "btnd,btdhw->bnthw",
-            frame_embeddings,
-            state.mask_features.view(batch, frames, mask_dim, height, width),
-        )
+        per_frame = state.mask_features.view(batch, frames, mask_dim, height, width)
+        frame_masks = torch.einsum("btnd,btdhw->bnthw", frame_embeddings, per_frame)
         sets = [PredictionSet(class_logits, masks), PredictionSet(frame_class, frame_masks)]
         return sets, embeddings
 

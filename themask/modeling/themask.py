@@ -1,10 +1,5 @@
-"""The THE-Mask network: MiT backbone → pixel decoder → transformer decoder
-(docs/DESIGN.md §1–4).
-
-Inputs are already normalised (docs/DESIGN.md §1); the model pads them with zeros to a multiple
-of ``size_divisor`` (the training pipeline pads normalised images with 0 as well; test-time
-sizes are already multiples of 32) and crops the scores back.
-"""
+"""The THE-Mask network: MiT backbone → pixel decoder → transformer decoder (docs/DESIGN.md
+§1–4). Normalised inputs are zero-padded to a multiple of ``size_divisor``; scores are cropped."""
 
 from __future__ import annotations
 
@@ -23,11 +18,8 @@ from themask.modeling.transformer import QueryDecoder
 
 @dataclass
 class FrameFeatures:
-    """Per-frame outputs of backbone + pixel decoder, frames stacked on the first axis (B·T).
-
-    mask_features: (B·T, mask_dim, H'/4, W'/4) with H', W' the padded input size;
-    multi_scale:   3 × (B·T, C, h, w), strides 32, 16, 8.
-    """
+    """Per-frame backbone + pixel-decoder outputs: mask_features (B·T, mask_dim, H'/4, W'/4)
+    (H', W' padded), multi_scale 3 × (B·T, C, h, w) of strides 32, 16, 8."""
 
     mask_features: Tensor
     multi_scale: list[Tensor]
@@ -36,7 +28,7 @@ class FrameFeatures:
         return self.mask_features.shape[0]
 
     def select(self, indices: Sequence[int] | Tensor) -> FrameFeatures:
-        """The features of the frames at ``indices`` (positions on the B·T axis), in that order."""
+        """The features of the frames at ``indices`` (positions on the B·T axis), in order."""
         index = torch.as_tensor(indices, dtype=torch.long, device=self.mask_features.device)
         return FrameFeatures(
             mask_features=self.mask_features.index_select(0, index),
@@ -50,32 +42,22 @@ class FrameFeatures:
             raise ValueError("FrameFeatures.cat: nothing to concatenate")
         return cls(
             mask_features=torch.cat([item.mask_features for item in items]),
-            multi_scale=[
-                torch.cat([item.multi_scale[level] for item in items])
-                for level in range(len(items[0].multi_scale))
-            ],
+            multi_scale=[torch.cat(level) for level in zip(*(item.multi_scale for item in items))],
         )
 
 
 def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
-    """Semantic inference of one prediction set (docs/DESIGN.md §4.3).
-
-    class_logits (B, N, K+1) (one class per clip query) or (B, T, N, K+1) (per frame),
-    mask_logits (B, N, T, h, w) → Σ_q softmax(class)[..., :K] · sigmoid(mask): (B, T, K, h, w).
-    """
+    """Semantic inference (docs/DESIGN.md §4.3): class_logits (B, N, K+1) or (B, T, N, K+1),
+    mask_logits (B, N, T, h, w) → Σ_q softmax(class)[..., :K] · sigmoid(mask) (B, T, K, h, w)."""
     probs = class_logits.softmax(dim=-1)[..., :-1]
     masks = mask_logits.sigmoid()
-    if probs.dim() == 3:
-        return torch.einsum("bnk,bnthw->btkhw", probs, masks)
-    return torch.einsum("btnk,bnthw->btkhw", probs, masks)
+    per_clip = probs.dim() == 3  # one class per clip query, else per frame
+    return torch.einsum("bnk,bnthw->btkhw" if per_clip else "btnk,bnthw->btkhw", probs, masks)
 
 
 class THEMask(nn.Module):
-    """THE-Mask (or its single-frame Mask2Former decoder) on clips (B, T, 3, H, W).
-
-    ``forward``: train mode → ``Predictions``; eval mode → class scores (B, T, K, H, W).
-    Built by ``themask.modeling.build``; ``config`` is the ``ModelConfig`` it was built from.
-    """
+    """THE-Mask (or Mask2Former's single-frame decoder) on clips (B, T, 3, H, W); built by
+    ``themask.modeling.build`` from ``config``."""
 
     def __init__(
         self,
@@ -101,10 +83,7 @@ class THEMask(nn.Module):
         return self.config.num_classes
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Training memory for time (``train.checkpoint_activations``): the pixel decoder's
-        encoder layers, the transformer decoder's layers and the TAD's temporal aggregation
-        keep no activations for the backward pass but recompute them there. Values and
-        gradients are unchanged."""
+        """Recompute the decoders' layer activations in the backward pass (less memory)."""
         self.pixel_decoder.checkpoint_layers = enabled
         self.decoder.checkpoint_layers = enabled
 
@@ -125,40 +104,29 @@ class THEMask(nn.Module):
         if (padded_h, padded_w) != (height, width):
             images = F.pad(images, (0, padded_w - width, 0, padded_h - height))
         if images.device.type == "cpu" and not torch.is_grad_enabled():
-            # CPU inference: one frame per pass. Frames are independent here, and a batch of
-            # frames overflows the CPU caches in the memory-bound ops (grid_sample, copies):
-            # measured 2 × 664 ms instead of 1653 ms for two 480×480 frames.
+            # CPU inference one frame at a time: a batch overflows the caches (2 × 664 ms
+            # instead of 1653 ms for two 480×480 frames)
             return FrameFeatures.cat([self._encode_images(image[None]) for image in images])
         return self._encode_images(images)
 
     def _encode_images(self, images: Tensor) -> FrameFeatures:
-        """Backbone + pixel decoder on padded images (N, 3, H', W')."""
-        mask_features, multi_scale = self.pixel_decoder(self.backbone(images))
-        return FrameFeatures(mask_features=mask_features, multi_scale=list(multi_scale))
+        return FrameFeatures(*self.pixel_decoder(self.backbone(images)))
 
     def decode(self, features: FrameFeatures, batch: int, frames: int) -> Predictions:
-        """Transformer decoder on the features of B clips of T frames (frame t of clip b at
-        position b·T + t). Train mode: all prediction sets; eval mode: the final set only."""
+        """Decoder on the features of B clips of T frames (frame t of clip b at b·T + t); all
+        prediction sets in train mode, the final one in eval mode."""
         if len(features) != batch * frames:
             raise ValueError(
                 f"THEMask.decode: features hold {len(features)} frames, expected "
                 f"batch × frames = {batch} × {frames}"
             )
-        return self.decoder(
-            features.mask_features,
-            features.multi_scale,
-            frames=frames,
-            return_all=self.training,
-        )
+        mask_features, multi_scale = features.mask_features, features.multi_scale
+        return self.decoder(mask_features, multi_scale, frames=frames, return_all=self.training)
 
     @staticmethod
     def stride4_scores(predictions: Predictions) -> Tensor:
-        """Class scores (B, T, K, H'/4, W'/4) at the mask resolution (docs/DESIGN.md §4.3).
-
-        Uses the final prediction set; with a frame head the result is 0.5 · clip + 0.5 · frame.
-        Always float32, autocast or not: summed over the queries in bf16, near-equal classes
-        swap places in the argmax (benchmarks/README.md).
-        """
+        """Class scores (B, T, K, H'/4, W'/4) of the final set, 0.5 · clip + 0.5 · frame head
+        with a frame head (docs/DESIGN.md §4.3); float32 under autocast (bf16 flips argmaxes)."""
         heads = [predictions.final] + ([predictions.frame[-1]] if predictions.frame else [])
         with torch.autocast(heads[0].mask_logits.device.type, enabled=False):
             maps = [semantic_map(s.class_logits.float(), s.mask_logits.float()) for s in heads]
@@ -169,10 +137,8 @@ class THEMask(nn.Module):
         return scores.reshape(clips, clip_len, *scores.shape[2:])
 
     def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
-        """Class scores (B, T, K, H, W) at the input size ``image_size`` = (H, W):
-        ``stride4_scores`` upsampled bilinearly to the padded input size, then cropped. The
-        result is stored with the class axis innermost (a channels-last view).
-        """
+        """Class scores (B, T, K, H, W) at ``image_size`` = (H, W): ``stride4_scores`` upsampled
+        bilinearly to the padded size and cropped; a channels-last view (classes innermost)."""
         scores = self.stride4_scores(predictions)
         clips, clip_len, classes, low_h, low_w = scores.shape
         height, width = image_size
@@ -182,8 +148,7 @@ class THEMask(nn.Module):
                 f"THEMask.semantic_scores: masks of {low_h}×{low_w} (stride 4) do not come from "
                 f"an input of {height}×{width} (padded {padded[0]}×{padded[1]})"
             )
-        # channels-last (classes innermost): bilinear upsampling and the caller's argmax over
-        # K both run about 1.5-3× faster on CPU than on the (K, H, W) layout; values unchanged.
+        # classes innermost: upsampling and the caller's argmax 1.5-3× faster on CPU
         low = scores.reshape(-1, classes, low_h, low_w).contiguous(
             memory_format=torch.channels_last
         )

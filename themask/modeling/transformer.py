@@ -1,12 +1,5 @@
-"""Building blocks shared by the two transformer decoders (docs/DESIGN.md §4), and their
-common base ``QueryDecoder``, which owns the one masked-attention layer loop.
-
-All layers are post-norm (``x = LN(x + Dropout(f(x)))``) and batch-first: queries (B, N, C),
-memory (B, S, C). Attention parameters have the shapes of ``nn.MultiheadAttention``
-(``in_proj_weight`` (3C, C), ``in_proj_bias`` (3C,), ``out_proj`` C→C), so checkpoints map one
-to one; the forward pass calls ``F.scaled_dot_product_attention`` directly, which takes a
-boolean mask shared by all heads without repeating it per head.
-"""
+"""Post-norm, batch-first decoder layers; ``QueryDecoder``, the one masked-attention layer
+loop of both decoders (docs/DESIGN.md §4); ``MaskDecoder``, the single-frame decoder (§4.1)."""
 
 from __future__ import annotations
 
@@ -25,11 +18,8 @@ from themask.modeling.position_encoding import sine_position_encoding_3d
 
 
 class MultiHeadAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` (same parameters, so optimiser rules and checkpoints treat it
-    alike) with a batch-first forward on ``F.scaled_dot_product_attention``.
-
-    ``dropout`` is applied to the attention weights in train mode.
-    """
+    """``nn.MultiheadAttention`` parameters with a batch-first forward on
+    ``F.scaled_dot_product_attention`` (``dropout`` on the attention weights in train mode)."""
 
     def __init__(self, *, dim: int = 256, num_heads: int = 8, dropout: float = 0.0):
         if dim % num_heads != 0:
@@ -46,55 +36,39 @@ class MultiHeadAttention(nn.MultiheadAttention):
     ) -> Tensor:
         """query (B, N, C), key/value (B, S, C), allowed (B, N, S) bool (True = may attend)
         → (B, N, C)."""
-        dim = query.shape[-1]
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        weight, bias, dim = self.in_proj_weight, self.in_proj_bias, query.shape[-1]
         if key is query:  # self-attention: one matmul for queries and keys
-            qk = F.linear(query, self.in_proj_weight[: 2 * dim], self.in_proj_bias[: 2 * dim])
-            q, k = qk.chunk(2, dim=-1)
+            q, k = F.linear(query, weight[: 2 * dim], bias[: 2 * dim]).chunk(2, dim=-1)
         else:
-            q = F.linear(query, w_q, b_q)
-            k = F.linear(key, w_k, b_k)
-        v = F.linear(value, w_v, b_v)
+            q = F.linear(query, weight[:dim], bias[:dim])
+            k = F.linear(key, weight[dim : 2 * dim], bias[dim : 2 * dim])
+        v = F.linear(value, weight[2 * dim :], bias[2 * dim :])
         mask = None if allowed is None else allowed.unsqueeze(1)  # (B, 1, N, S), all heads
-        out = F.scaled_dot_product_attention(
-            self._split_heads(q),
-            self._split_heads(k),
-            self._split_heads(v),
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, heads, N, C/heads)
-        out = out.transpose(1, 2).flatten(2)
-        return self.out_proj(out)
+        q, k, v = (self._split_heads(x) for x in (q, k, v))
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, heads, N, C/heads) → (B, N, C)
 
 
-class SelfAttentionLayer(nn.Module):
-    """x = LN(x + Dropout(SelfAttn(q = k = x + pos, v = x)))."""
-
+class _AttentionLayer(nn.Module):
     def __init__(self, *, dim: int = 256, num_heads: int = 8, dropout: float = 0.0):
         super().__init__()
         self.attn = MultiHeadAttention(dim=dim, num_heads=num_heads, dropout=dropout)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
+
+class SelfAttentionLayer(_AttentionLayer):
+    """x = LN(x + Dropout(SelfAttn(q = k = x + pos, v = x))); x (B, N, C) → (B, N, C)."""
+
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
-        """x (B, N, C), pos broadcastable to x → (B, N, C)."""
         qk = x + pos
         return self.norm(x + self.dropout(self.attn(qk, qk, x)))
 
 
-class CrossAttentionLayer(nn.Module):
-    """x = LN(x + Dropout(Attn(q = x + query_pos, k = keys, v = values))).
-
-    ``keys`` are the memory with its positional encoding added, ``values`` the memory alone
-    (see ``DecoderMemory``); they are built once per forward pass and shared by all layers.
-    """
-
-    def __init__(self, *, dim: int = 256, num_heads: int = 8, dropout: float = 0.0):
-        super().__init__()
-        self.attn = MultiHeadAttention(dim=dim, num_heads=num_heads, dropout=dropout)
-        self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+class CrossAttentionLayer(_AttentionLayer):
+    """x = LN(x + Dropout(Attn(q = x + query_pos, k = keys, v = values))); x (B, N, C),
+    keys/values (B, S, C), allowed (B, N, S) bool or None → (B, N, C)."""
 
     def forward(
         self,
@@ -105,14 +79,12 @@ class CrossAttentionLayer(nn.Module):
         query_pos: Tensor,
         allowed: Tensor | None = None,
     ) -> Tensor:
-        """x (B, N, C), keys/values (B, S, C), query_pos broadcastable to x,
-        allowed (B, N, S) bool or None → (B, N, C)."""
         out = self.attn(x + query_pos, keys, values, allowed)
         return self.norm(x + self.dropout(out))
 
 
 class FFNLayer(nn.Module):
-    """x = LN(x + Dropout(Linear(Dropout(ReLU(Linear(x))))))."""
+    """x = LN(x + Dropout(Linear(Dropout(ReLU(Linear(x)))))); (..., C) → (..., C)."""
 
     def __init__(self, *, dim: int = 256, ffn_dim: int = 2048, dropout: float = 0.0):
         super().__init__()
@@ -124,13 +96,13 @@ class FFNLayer(nn.Module):
         nn.init.xavier_uniform_(self.linear2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., C) → (..., C)."""
         hidden = self.dropout(F.relu(self.linear1(x)))
         return self.norm(x + self.dropout(self.linear2(hidden)))
 
 
 class DecoderLayer(nn.Module):
-    """One Mask2Former decoder layer: masked cross-attention → self-attention → FFN (§4.1)."""
+    """Masked cross-attention → self-attention → FFN (§4.1): x (B, N, C), keys/values
+    (B, S, C), allowed (B, N, S) → (B, N, C)."""
 
     def __init__(self, *, dim: int = 256, num_heads: int = 8, ffn_dim: int = 2048):
         super().__init__()
@@ -141,14 +113,13 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, keys: Tensor, values: Tensor, *, query_pos: Tensor, allowed: Tensor
     ) -> Tensor:
-        """x (B, N, C), keys/values (B, S, C), allowed (B, N, S) → (B, N, C)."""
         x = self.cross_attn(x, keys, values, query_pos=query_pos, allowed=allowed)
         x = self.self_attn(x, query_pos)
         return self.ffn(x)
 
 
 class MLP(nn.Module):
-    """Linear layers with ReLU between them (none after the last)."""
+    """Linear layers with ReLU between them: (..., in_dim) → (..., out_dim)."""
 
     def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3):
         super().__init__()
@@ -156,16 +127,14 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., in_dim) → (..., out_dim)."""
-        for index, layer in enumerate(self.layers):
-            x = layer(x)
-            if index < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
 
 
 class PredictionHead(nn.Module):
-    """LayerNorm → class logits (K+1) and mask embeddings (mask_dim) per query."""
+    """LayerNorm → class logits and mask embeddings: queries (..., N, C) →
+    (..., N, K+1), (..., N, mask_dim)."""
 
     def __init__(self, *, dim: int = 256, num_classes: int = NUM_CLASSES, mask_dim: int = 256):
         super().__init__()
@@ -174,41 +143,30 @@ class PredictionHead(nn.Module):
         self.mask_embed = MLP(in_dim=dim, hidden_dim=dim, out_dim=mask_dim, num_layers=3)
 
     def forward(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        """queries (..., N, C) → class logits (..., N, K+1), mask embeddings (..., N, mask_dim)."""
         x = self.norm(queries)
         return self.class_embed(x), self.mask_embed(x)
 
 
 def run_layer(layer: Callable[..., Any], checkpointed: bool, *args: Any, **kwargs: Any) -> Any:
-    """``layer(*args, **kwargs)``; with ``checkpointed`` and autograd recording, its
-    activations are not kept but recomputed in the backward pass (``torch.utils.checkpoint``,
-    non-reentrant, dropout masks replayed): same values and gradients, less memory."""
+    """``layer(*args, **kwargs)``, under activation checkpointing (non-reentrant) when
+    ``checkpointed`` and autograd records: same values and gradients, less memory."""
     if checkpointed and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False, **kwargs)
     return layer(*args, **kwargs)
 
 
 def allowed_positions(mask_logits: Tensor) -> Tensor:
-    """Masked-attention mask from mask logits at the memory's resolution (§4.1).
-
-    mask_logits (B, N, S) → allowed (B, N, S) bool, detached: a position is blocked where
-    ``sigmoid(logit) < 0.5``; a query whose whole row would be blocked may attend everywhere.
-    """
+    """Masked-attention mask (§4.1): mask_logits (B, N, S) → (B, N, S) bool, detached, False
+    where ``sigmoid(logit) < 0.5``; a query blocked everywhere may attend everywhere."""
     allowed = mask_logits.detach().sigmoid() >= 0.5
     empty = ~allowed.any(dim=-1, keepdim=True)
     return allowed | empty
 
 
 def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-    """features (B, C, H, W) → [(B, C, h, w) for (h, w) in sizes], bilinear, align_corners False.
-
-    Bilinear resizing is linear per channel, so resizing the mask features and then taking the
-    einsum with the mask embeddings equals resizing the mask logits themselves (as
-    docs/DESIGN.md §4.1 describes); it just avoids full-resolution masks for every layer.
-    The source is converted to channels-last once (the CPU kernel is about twice as fast there);
-    the results are contiguous.
-    """
-    source = features.contiguous(memory_format=torch.channels_last)
+    """features (B, C, H, W) → [(B, C, h, w) for (h, w) in sizes], bilinear (linear, so
+    masks from resized features equal resized masks, §4.1)."""
+    source = features.contiguous(memory_format=torch.channels_last)  # faster CPU kernel
     return [
         features
         if tuple(features.shape[-2:]) == tuple(size)
@@ -219,12 +177,8 @@ def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[
 
 @dataclass
 class DecoderMemory:
-    """The pixel decoder's levels flattened into attention memory, per frame.
-
-    values: per level (B·T, h·w, C), features + level embedding (attention values);
-    keys:   per level (B·T, h·w, C), values + the clip's 3-D sine position encoding;
-    sizes:  per level (h, w).
-    """
+    """Attention memory per level: values (B·T, h·w, C) = features + level embedding; keys =
+    values + the clip's 3-D sine position encoding; sizes (h, w)."""
 
     values: list[Tensor]
     keys: list[Tensor]
@@ -234,28 +188,14 @@ class DecoderMemory:
 def decoder_memory(
     multi_scale: Sequence[Tensor], level_embed: Tensor, frames: int
 ) -> DecoderMemory:
-    """multi_scale: L maps (B·T, C, h, w) (frames of a clip consecutive), level_embed (L, C).
-
-    The position encoding is the 3-D sine encoding over (t, y, x) of a T-frame clip
-    (normalised over T, docs/DESIGN.md §8); it is computed once per level and broadcast over
-    clips.
-    """
+    """multi_scale: L maps (B·T, C, h, w), frames of a clip consecutive; level_embed (L, C).
+    The position encoding spans the T frames of a clip (§8)."""
     values, keys, sizes = [], [], []
     for level, features in enumerate(multi_scale):
-        frames_total, channels, height, width = features.shape
-        if frames_total % frames != 0:
-            raise ValueError(
-                f"decoder_memory: {frames_total} frames is not a multiple of T={frames}"
-            )
+        _, channels, height, width = features.shape
         pos = sine_position_encoding_3d(
-            1,
-            frames,
-            height,
-            width,
-            num_feats=channels // 2,
-            device=features.device,
-            dtype=features.dtype,
-        )  # (1, T, C, h, w)
+            1, frames, height, width, num_feats=channels // 2, device=features.device
+        ).to(features.dtype)  # (1, T, C, h, w)
         pos = pos.flatten(3).transpose(2, 3)  # (1, T, h·w, C)
         value = features.flatten(2).transpose(1, 2) + level_embed[level]  # (B·T, h·w, C)
         key = (value.view(-1, frames, height * width, channels) + pos).flatten(0, 1)
@@ -267,14 +207,9 @@ def decoder_memory(
 
 @dataclass
 class DecodingState:
-    """What a decoder carries through its layers in one forward pass.
-
-    queries:       (B·T, N, C) per-frame queries, refined by the masked-attention layers;
-    mask_features: (B·T, D, H/4, W/4), the frames of a clip consecutive;
-    frames:        T, the frames decoded jointly (1 for the single-frame decoder);
-    clip:          (B, N, C) clip queries (TAD only);
-    clip_features: (B, D, T·H/4·W/4) the mask features per clip, flattened once (TAD only).
-    """
+    """What a decoder carries through its layers: queries (B·T, N, C); mask_features
+    (B·T, D, H/4, W/4); frames T decoded jointly (1 for the single-frame decoder); TAD only:
+    clip (B, N, C) clip queries, clip_features (B, D, T·H/4·W/4)."""
 
     queries: Tensor
     mask_features: Tensor
@@ -284,16 +219,10 @@ class DecodingState:
 
 
 class QueryDecoder(nn.Module):
-    """Base of the two sibling decoders (``MaskDecoder``, ``TemporalDecoder``): learned queries
-    refined by ``num_layers`` masked-attention layers; layer i reads memory level
-    ``i mod num_levels`` (levels ordered stride 32, 16, 8).
-
-    Both share one call signature and the layer loop in ``forward``; a subclass says how the
-    queries start (``_start``), what follows each layer (``_after_layer``), how its heads read
-    out a prediction set (``_heads``) and how the next attention mask is predicted
-    (``_attention_logits``). Parameter names: ``query_feat``, ``query_pos``, ``level_embed``,
-    ``layers``, ``clip_head`` in both, so a stage-1 state dict loads into a TAD model by name.
-    """
+    """Base of ``MaskDecoder`` and ``TemporalDecoder``: learned queries refined by
+    ``num_layers`` masked-attention layers; layer i reads memory level ``i mod num_levels``
+    (strides 32, 16, 8). Subclasses supply the hooks ``_start``, ``_after_layer``, ``_heads``
+    and ``_attention_logits`` (docs/ARCHITECTURE.md)."""
 
     is_temporal = False  # True: B clips of T frames decoded jointly; False: B·T one-frame clips
 
@@ -330,12 +259,10 @@ class QueryDecoder(nn.Module):
         frames: int,
         return_all: bool = True,
     ) -> Predictions:
-        """mask_features (B·T, mask_dim, H/4, W/4) and multi_scale L × (B·T, C, h, w) of B clips
-        of T = ``frames`` frames (frame t of clip b at row b·T + t) → ``Predictions`` in the
-        subclass's layout, ``frames_per_clip`` = T.
+        """mask_features (B·T, mask_dim, H/4, W/4), multi_scale L × (B·T, C, h, w) of B clips
+        of T = ``frames`` frames (frame t of clip b at row b·T + t) → ``Predictions``.
 
-        ``return_all``: all ``num_layers + 1`` prediction sets per head (training); otherwise
-        only the final ones (inference skips the full-resolution masks of the others).
+        ``return_all``: all ``num_layers + 1`` prediction sets (training), else the final one.
         """
         name = type(self).__name__
         if len(multi_scale) != self.num_levels:
@@ -386,20 +313,43 @@ class QueryDecoder(nn.Module):
     def _start(
         self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
     ) -> DecodingState:
-        """The state before layer 1 (``frames``: T decoded jointly, 1 if not temporal)."""
+        """The state before layer 1."""
         raise NotImplementedError
 
     def _after_layer(self, state: DecodingState) -> None:
-        """Hook run after every masked-attention layer (the TAD aggregates over time here)."""
+        """Run after every layer (the TAD aggregates over time here)."""
 
     def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
-        """One read-out: the prediction set of each head (none unless ``full``), and the clip
-        head's mask embeddings for ``_attention_logits``."""
+        """One read-out: each head's prediction set (none unless ``full``) and the clip
+        head's mask embeddings."""
         raise NotImplementedError
 
     def _attention_logits(
         self, embeddings: Tensor, features: Tensor, state: DecodingState
     ) -> Tensor:
-        """Mask logits (B·T, N, h·w) at one memory level from the clip head's ``embeddings``
-        and the mask features resized to that level, ``features`` (B·T, D, h, w)."""
+        """Mask logits (B·T, N, h·w) from the clip head's ``embeddings`` and the mask features
+        at one memory level (B·T, D, h, w)."""
         raise NotImplementedError
+
+
+class MaskDecoder(QueryDecoder):
+    """Every frame decoded as its own clip → ``Predictions`` of B·T one-frame clips:
+    class (B·T, N, K+1), masks (B·T, N, 1, H/4, W/4)."""
+
+    def _start(
+        self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
+    ) -> DecodingState:
+        queries = self.query_feat.weight.unsqueeze(0).expand(mask_features.shape[0], -1, -1)
+        return DecodingState(queries=queries, mask_features=mask_features, frames=frames)
+
+    def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
+        class_logits, embeddings = self.clip_head(state.queries)  # (B·T, N, K+1), (B·T, N, D)
+        if not full:
+            return [], embeddings
+        masks = torch.einsum("fnc,fchw->fnhw", embeddings, state.mask_features)
+        return [PredictionSet(class_logits, masks.unsqueeze(2))], embeddings
+
+    def _attention_logits(
+        self, embeddings: Tensor, features: Tensor, state: DecodingState
+    ) -> Tensor:
+        return torch.einsum("fnc,fchw->fnhw", embeddings, features).flatten(2)

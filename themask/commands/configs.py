@@ -9,10 +9,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "configs",
         help="list the shipped run configs (pass one by name as CONFIG, from any folder)",
-        description="List the run configs shipped inside the themask package. Every command "
-        "that takes CONFIG accepts one of these names (with or without .yaml), e.g. "
-        "`themask train toy/themask_toy data.root=DIR`, from any folder; a file of that name, "
-        "when one exists, takes precedence.",
+        description="List the shipped run configs; every CONFIG argument accepts these names "
+        "(a file of that name takes precedence).",
     )
     parser.set_defaults(func=run)
 
@@ -20,6 +18,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from themask.config import list_shipped_configs
 
-    for name in list_shipped_configs():
-        print(name)
+    print("\n".join(list_shipped_configs()))
     return 0

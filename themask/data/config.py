@@ -9,7 +9,6 @@ come from the dataset's own description (``<root>/dataset.yaml``; VSPW when abse
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from themask.data.clips import clip_offsets
 from themask.data.description import DatasetDescription, load_description
@@ -24,8 +23,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     dilation: tuple[int, ...] = (-3,)  # training clip = target + these offsets (target last)
-    # None = the training clip length (Optional: get_type_hints cannot read X | None on 3.9)
-    test_clip_len: Optional[int] = None  # noqa: UP045
+    test_clip_len: int | None = None  # None = the training clip length
     scale: tuple[int, int] = TEST_SCALE
     ratio_range: tuple[float, float] = (0.5, 2.0)
     crop_size: tuple[int, int] = (480, 480)

@@ -360,13 +360,13 @@ class Trainer:
         logger.info("git revision %s; run dir %s", info["git_revision"], self.run_dir)
         logger.debug("config:\n%s", json.dumps(to_dict(self.cfg), indent=1))
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The full training state after ``self.step`` steps (a collective under DDP)."""
+    def save(self) -> None:
+        """Write the full training state after ``self.step`` steps (a collective under DDP)."""
         rng: list[Any] = [get_rng_state()]
         if self.dist.world_size > 1:
             rng = [None] * self.dist.world_size
             dist.all_gather_object(rng, get_rng_state())
-        return {
+        state = {
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -376,9 +376,6 @@ class Trainer:
             "world_size": self.dist.world_size,
             "config": to_dict(self.cfg),
         }
-
-    def save(self) -> None:
-        state = self.checkpoint_state()
         if self.is_main:
             save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
             logger.info("checkpoint at step %d", self.step)

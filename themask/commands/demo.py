@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from themask.data.toy import make_toy_dataset
+    from themask.evaluation.metrics import summarize_metrics
 
     if args.device == "cuda":
         import torch
@@ -65,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
         results["Mask2Former"] = _train_and_report(
             BASELINE_CONFIG, args, data_root, out / "baseline"
         )
-        print("\n" + _comparison(results))
+        print()
+        for name, report in results.items():
+            keys: tuple[str, ...] = ("mIoU", "WIoU", "aAcc", "mVC8")
+            compared = {k: report[k] for k in keys if k in report}
+            print(f"{name:<12} {summarize_metrics(compared)}")
     print(f"\nall outputs in {out}/")
     return 0
 
@@ -144,14 +149,3 @@ def _write_overlays(model: Any, cfg: Any, out: Path, device: Any) -> str:
             Image.fromarray(panel).save(folder / f"{path.stem}.png")
             writer.write(panel)
     return video.name
-
-
-def _comparison(results: dict[str, dict[str, Any]]) -> str:
-    from themask.evaluation.metrics import format_percent
-
-    keys = ("mIoU", "WIoU", "aAcc", "mVC8")
-    lines = [f"{'model':<12}" + "".join(f"{k:>8}" for k in keys)]
-    for name, report in results.items():
-        values = "".join(format_percent(report[k], 8) for k in keys if k in report)
-        lines.append(f"{name:<12}{values}")
-    return "\n".join(lines)

@@ -4,7 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    doc: str | None,
+) -> argparse.ArgumentParser:
+    """The parser of ``themask <name>`` calling ``run``: ``doc``'s first line is its summary,
+    all of ``doc`` its description (line breaks kept)."""
+    parser = subparsers.add_parser(
+        name,
+        help=(doc or "").split("\n", 1)[0],
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=run)
+    return parser
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = None) -> None:

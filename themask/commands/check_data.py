@@ -1,19 +1,19 @@
-"""``themask check-data ROOT``: validate a dataset folder against its ``dataset.yaml``, or
-draft that description (``--init-description``)."""
+"""Validate a dataset folder against its dataset.yaml (or draft one).
+
+Decode every frame and mask of ROOT as its dataset.yaml (else the VSPW layout) describes
+them; print videos, frames, sizes and a class table; exit with status 1 naming every bad file.
+--init-description drafts ROOT/dataset.yaml from the masks of a folder without one.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from themask.commands import add_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "check-data",
-        help="validate a dataset folder against its dataset.yaml (or draft one)",
-        description="Decode every frame and mask of ROOT as its dataset.yaml (else VSPW) "
-        "describes it; print videos, frames, sizes and a class table; exit 1 naming every bad "
-        "file. --init-description drafts dataset.yaml from the masks of a folder without one.",
-    )
+    parser = add_command(subparsers, "check-data", run, __doc__)
     parser.add_argument("root", metavar="ROOT", help="dataset folder")
     parser.add_argument(
         "--split", action="append", metavar="NAME", help="split to check (repeatable; default: all)"
@@ -36,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "or DAVIS layout)",
     )
     parser.add_argument("--masks", metavar="PATTERN", help="with --init-description: mask folder")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,18 +1,17 @@
-"""``themask configs``: list the run configs shipped in the package (usable by name)."""
+"""List the shipped run configs (pass one by name as CONFIG, from any folder).
+
+A file of the same name takes precedence.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from themask.commands import add_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "configs",
-        help="list the shipped run configs (pass one by name as CONFIG, from any folder)",
-        description="List the shipped run configs; every CONFIG argument accepts these names "
-        "(a file of that name takes precedence).",
-    )
-    parser.set_defaults(func=run)
+    add_command(subparsers, "configs", run, __doc__)
 
 
 def run(args: argparse.Namespace) -> int:

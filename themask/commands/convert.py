@@ -1,4 +1,10 @@
-"""``themask convert SRC DST [--preset NAME]``: any supported weights → our safetensors format."""
+"""Convert official THE-Mask checkpoints or MiT ImageNet weights to a themask model.
+
+Write DST (.safetensors with the model config inside) from SRC: an official THE-Mask
+checkpoint (preset and class count inferred unless given), a themask training checkpoint, or
+MiT ImageNet weights (original SegFormer, Hugging Face file or directory, mmseg 1.x), which
+become the backbone of a fresh --preset model.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,17 @@ import argparse
 import dataclasses
 from typing import Any
 
+from themask.commands import add_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert official THE-Mask checkpoints or MiT ImageNet weights to a themask model",
-        description="Write DST (.safetensors with the model config inside) from SRC: an "
-        "official THE-Mask checkpoint (preset and class count inferred unless given), a themask "
-        "training checkpoint, or MiT ImageNet weights (original SegFormer, Hugging Face file or "
-        "directory, mmseg 1.x), which become the backbone of a fresh --preset model.",
-    )
+    parser = add_command(subparsers, "convert", run, __doc__)
     parser.add_argument("src", metavar="SRC", help="weights file (.pth/.pt/.bin/.safetensors)")
     parser.add_argument("dst", metavar="DST", help="output .safetensors file")
     parser.add_argument("--preset", help="model preset (inferred if omitted)")
     parser.add_argument(
         "--num-classes", type=int, help="classes K (default: inferred, or 124 for MiT weights)"
     )
-    parser.set_defaults(func=run)
 
 
 def preset_of(config: Any) -> str:

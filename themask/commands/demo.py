@@ -1,7 +1,10 @@
-"""``themask demo``: the embedded end-to-end run: toy data (``OUT/toy_data``) → training for
-a fixed number of steps (``OUT/run``) → metric table and ``OUT/metrics.json`` → GT |
-prediction overlays of a validation video (PNGs, ``OUT/overlay.mp4``) and
-``OUT/loss_curve.png``; ``--baseline`` adds Mask2Former with the same budget."""
+"""Train and evaluate THE-Mask on the embedded toy videos (CPU, a few minutes).
+
+The embedded end-to-end run: write the toy dataset (OUT/toy_data), train the toy THE-Mask
+config for its fixed number of steps (OUT/run), print the metric table (OUT/metrics.json),
+write GT | prediction overlays of a validation video (OUT/overlays, OUT/overlay.mp4) and the
+loss curve (OUT/loss_curve.png). --baseline also trains Mask2Former with the same budget.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from themask.commands import add_threads_argument, report_metrics
+from themask.commands import add_command, add_threads_argument, report_metrics
 
 THEMASK_CONFIG = "toy/themask_toy"  # shipped configs, used by name
 BASELINE_CONFIG = "toy/mask2former_toy"
@@ -20,12 +23,7 @@ VAL_VIDEOS = 6
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="train and evaluate THE-Mask on the embedded toy videos (CPU, a few minutes)",
-        description="Generate the toy dataset, train the toy THE-Mask config, evaluate it "
-        "(table + JSON), write overlays, an overlay MP4 and the loss curve.",
-    )
+    parser = add_command(subparsers, "demo", run, __doc__)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="toy config overrides")
     parser.add_argument("--out", default="demo_out", metavar="DIR", help="output folder")
     parser.add_argument("--config", metavar="CONFIG", help=f"default: {THEMASK_CONFIG}")
@@ -39,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_threads_argument(parser, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,32 +1,24 @@
-"""``themask eval``: score saved weights on a split (mIoU, WIoU, accuracy, mVC)."""
+"""Evaluate weights on a split (mIoU, WIoU, accuracy, mVC8/16).
+
+Every frame is predicted once with the official test clips; the report adds both mIoU variants,
+per-class IoU and class accuracy (docs/VSPW.md). Under torchrun the ranks share the videos.
+Example:
+  themask eval vspw/themask_mit_b1_t2 --weights run/model.safetensors --clip-len 2 \\
+      --json metrics.json data.root=/data/VSPW_480p
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from themask.commands import add_inference_arguments, add_overrides_argument, report_metrics
+from themask.commands import add_command, add_inference_arguments, add_overrides_argument
 
 logger = logging.getLogger(__name__)
 
-DESCRIPTION = """\
-Predict every frame of a split once with the official test clips and report mIoU (two
-variants), Weighted IoU, accuracy, per-class IoU and mVC8/16 (docs/VSPW.md). Under torchrun
-the videos are split over the ranks.
-
-Example:
-  themask eval vspw/themask_mit_b1_t2 --weights run/model.safetensors --clip-len 2 \\
-      --json metrics.json data.root=/data/VSPW_480p
-"""
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="evaluate weights on a split (mIoU, WIoU, accuracy, mVC8/16)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "eval", run, __doc__)
     parser.add_argument("config", metavar="CONFIG", help="run config (its data and eval sections)")
     add_overrides_argument(parser, "data.root=DIR")
     parser.add_argument("--weights", required=True, help="themask .safetensors or official .pth")
@@ -46,11 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="mVC leaves out videos of <= 16 frames or of <= n (default: eval.vc_rule)",
     )
     add_inference_arguments(parser, amp_default=None)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from themask import distributed
+    from themask.commands import report_metrics
     from themask.config import ConfigError, load_config
     from themask.evaluation.evaluate import evaluate_config
     from themask.precision import configure_cuda_math

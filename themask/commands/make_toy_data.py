@@ -1,19 +1,20 @@
-"""``themask make-toy-data DIR``: write the embedded synthetic dataset and its description."""
+"""Write the small synthetic toy dataset used by the demo and the tests.
+
+Write a deterministic synthetic video dataset (VSPW layout, 8 textured classes, moving and
+occluding objects, 'others' and void pixels) and its dataset.yaml; train on it with
+data.root=DIR.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from themask.commands import add_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "make-toy-data",
-        help="write the small synthetic toy dataset used by the demo and the tests",
-        description="Write a deterministic synthetic video dataset (VSPW layout, 8 textured "
-        "classes, moving and occluding objects, 'others' and void pixels) and its dataset.yaml; "
-        "train on it with data.root=DIR.",
-    )
+    parser = add_command(subparsers, "make-toy-data", run, __doc__)
     parser.add_argument("out", metavar="DIR", help="output folder (new or empty)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--train-videos", type=int, default=200, help="default 200")
@@ -23,7 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--height", type=int, default=96, help="frame height (default 96)")
     parser.add_argument("--width", type=int, default=128, help="frame width (default 128)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty DIR")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

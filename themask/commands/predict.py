@@ -1,4 +1,11 @@
-"""``themask predict``: segment a video file or a folder of frames with saved weights."""
+"""Segment a video or a frame folder; write label PNGs, overlays and an MP4.
+
+Frame t is predicted from the causal window t-(T-1)*STEP, ..., t-STEP, t; each frame's features
+are computed once. Writes to OUT labels/<frame>.png (train ids), overlays/<frame>.png (with a
+legend) and overlay.mp4. Examples:
+  themask predict --weights run/model.safetensors clip.mp4 --out pred/ --clip-len 2
+  themask predict --onnx exported/ clip.mp4 --out pred/    # after `themask export`
+"""
 
 from __future__ import annotations
 
@@ -7,28 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from themask.commands import add_inference_arguments
+from themask.commands import add_command, add_inference_arguments
 
 logger = logging.getLogger(__name__)
 
-DESCRIPTION = """\
-Segment every frame of INPUT (a video or a folder of frames) with causal windows: frame t from
-frames t-(T-1)*STEP, ..., t-STEP, t, each frame's features computed once. Writes to OUT
-labels/<frame>.png (train ids), overlays/<frame>.png (with a legend) and overlay.mp4.
-
-Example:
-  themask predict --weights run/model.safetensors clip.mp4 --out pred/ --clip-len 2
-  themask predict --onnx exported/ clip.mp4 --out pred/    # after `themask export`
-"""
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "predict",
-        help="segment a video or a frame folder; write label PNGs, overlays and an MP4",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "predict", run, __doc__)
     parser.add_argument("input", help="video file or folder of frames")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="a themask .safetensors file or an official .pth")
@@ -39,7 +31,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fps", type=float, help="overlay.mp4 frame rate (default: the input's)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     add_inference_arguments(parser, amp_default="auto")
-    parser.set_defaults(func=run)
 
 
 def add_window_arguments(parser: argparse.ArgumentParser) -> None:

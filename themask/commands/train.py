@@ -1,4 +1,17 @@
-"""``themask train CONFIG [key=value ...]``: iteration-based training, 1 process or torchrun."""
+"""Train THE-Mask (or the Mask2Former baseline) from a YAML run config.
+
+Writes config.yaml, metrics.jsonl, tensorboard/, checkpoint.pt and model.safetensors into the
+run folder. CONFIG: a YAML file or a shipped config name (see `themask configs`), e.g.
+  themask train toy/themask_toy data.root=toy_data train.max_steps=100 --out runs/toy
+  themask train vspw/themask_mit_b1_t1 pretrained_backbone=mit_b1.pth
+  torchrun --nproc-per-node 4 -m themask train vspw/themask_mit_b1_t2
+  themask train vspw/themask_mit_b1_t1 --resume   (continue runs/themask_mit_b1_t1)
+
+train.batch_size is the global batch (all processes). Ctrl-C or SIGTERM finishes the step,
+writes checkpoint.pt and exits with 128 + the signal number; a second Ctrl-C stops at once.
+--resume continues exactly; it allows only intervals, a longer train.max_steps,
+data.num_workers, data.root and eval.* to change.
+"""
 
 from __future__ import annotations
 
@@ -12,31 +25,11 @@ import signal
 import sys
 from pathlib import Path
 
-from themask.commands import add_overrides_argument, add_threads_argument
-
-EPILOG = """\
-examples (CONFIG: a YAML file or a shipped config name, see `themask configs`):
-  themask train toy/themask_toy data.root=toy_data train.max_steps=100 --out runs/toy
-  themask train vspw/themask_mit_b1_t1 pretrained_backbone=mit_b1.pth
-  torchrun --nproc-per-node 4 -m themask train vspw/themask_mit_b1_t2
-  themask train vspw/themask_mit_b1_t1 --resume   (continue runs/themask_mit_b1_t1)
-
-train.batch_size is the global batch (all processes). Ctrl-C or SIGTERM finishes the step,
-writes checkpoint.pt and exits with 128 + the signal number; a second Ctrl-C stops at once.
---resume continues exactly; it allows only intervals, a longer train.max_steps,
-data.num_workers, data.root and eval.* to change.
-"""
+from themask.commands import add_command, add_overrides_argument, add_threads_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        help="train a model from a YAML run config",
-        description="Train THE-Mask (or the Mask2Former baseline). Writes config.yaml, "
-        "metrics.jsonl, tensorboard/, checkpoint.pt and model.safetensors into the run folder.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "train", run, __doc__)
     parser.add_argument("config", metavar="CONFIG", help="YAML run config or shipped name")
     add_overrides_argument(parser, "train.lr=2e-4 data.dilation=[-3]")
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config name>)")
@@ -49,7 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--no-eval", action="store_true", help="skip periodic and final eval")
     add_threads_argument(parser)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -465,10 +465,9 @@ class Trainer:
                 seed_everything(distributed.rank_seed(tcfg.seed + self.step, self.dist.rank))
             self._resume_state = None
         bar = None
-        if self.is_main and self.progress:  # in a log file redraw every 30 s at most
-            interval = 0.1 if sys.stderr.isatty() else 30.0
+        if self.is_main and self.progress:
             bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-            bar.mininterval = interval
+            bar.mininterval = 0.1 if sys.stderr.isatty() else 30.0  # 30 s in a log file
         self._set_train_mode()
         self._saved_step = -1
         try:

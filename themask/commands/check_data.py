@@ -2,7 +2,8 @@
 
 Decode every frame and mask of ROOT as its dataset.yaml (else the VSPW layout) describes
 them; print videos, frames, sizes and a class table; exit with status 1 naming every bad file.
---init-description drafts ROOT/dataset.yaml from the masks of a folder without one.
+--init-description drafts ROOT/dataset.yaml from the masks of a folder without one, finding
+frames and masks in the VSPW or DAVIS layout unless --frames / --masks give folder patterns.
 """
 
 from __future__ import annotations
@@ -23,19 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="split whose videos may lack masks",
+        help="a split that may lack masks",
     )
     parser.add_argument("--jobs", type=int, default=1, metavar="N", help="processes (default 1)")
     parser.add_argument(
         "--init-description", action="store_true", help="write a draft ROOT/dataset.yaml"
     )
-    parser.add_argument(
-        "--frames",
-        metavar="PATTERN",
-        help="with --init-description: frame folder, e.g. 'JPEGImages/{video}' (default: VSPW "
-        "or DAVIS layout)",
-    )
-    parser.add_argument("--masks", metavar="PATTERN", help="with --init-description: mask folder")
+    parser.add_argument("--frames", metavar="PATTERN", help="e.g. 'JPEGImages/{video}'")
+    parser.add_argument("--masks", metavar="PATTERN", help="e.g. 'Annotations/{video}'")
 
 
 def run(args: argparse.Namespace) -> int:

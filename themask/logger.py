@@ -37,7 +37,7 @@ def setup_logging(
     to ``log_file``, whose handler is returned."""
     level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
     root = logging.getLogger()
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+    if not any(getattr(h, "_themask", False) for h in root.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)

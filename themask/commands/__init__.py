@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from themask.io import PathLike
+
 
 def add_command(
     subparsers: argparse._SubParsersAction,
@@ -63,7 +65,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser, amp_default: str | 
     add_threads_argument(parser)
 
 
-def report_metrics(report: dict[str, Any], names: list[str], json_path: Any, **fields: Any) -> None:
+def report_metrics(
+    report: dict[str, Any], names: list[str], json_path: PathLike | None, **fields: Any
+) -> None:
     """Print the metric table; with ``json_path`` also write ``fields`` and the metrics there."""
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
     from themask.io import atomic_write

@@ -1,7 +1,6 @@
 """themask: THE-Mask video semantic segmentation in plain PyTorch.
 
-Public names are imported lazily (PEP 562), so ``import themask`` (and ``themask --help``)
-stays fast; ``from themask import build_model`` loads torch and the model on first use.
+Public names are imported lazily (PEP 562): ``import themask`` does not load torch.
 """
 
 from __future__ import annotations
@@ -27,5 +26,5 @@ __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports("themask", _EXPORTS)
 
 
-def __dir__() -> list:
+def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)

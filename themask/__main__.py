@@ -1,4 +1,5 @@
 """``python -m themask`` (and ``torchrun -m themask``) entry point."""
+
 from __future__ import annotations
 
 from themask.cli import main

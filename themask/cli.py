@@ -1,12 +1,8 @@
 """``themask`` command line: one sub-command per module in ``themask.commands``.
 
-Each command module defines ``register(subparsers)``, which adds its parser and sets
-``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
-Command modules import heavy dependencies inside their ``func`` so ``--help`` stays fast.
-
-Every command reports a user error (``ConfigError``, ``DataError``, ``WeightsError``, a
-missing or existing file) as one line ``themask <command>: ...`` on stderr with exit status
-2; ``-v`` also shows the traceback. ``key=value`` overrides may stand anywhere on the line.
+Each command module's ``register(subparsers)`` adds its parser with ``func`` (args -> exit
+code) and imports heavy dependencies inside ``func``. A user error (``ConfigError``,
+``DataError``, ``WeightsError``, a file error) becomes one stderr line and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,19 +14,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-# Order = order in ``themask --help``.
+# the order of ``themask --help``
 COMMAND_MODULES: tuple = (
-    "demo",
-    "train",
-    "check_data",
-    "make_toy_data",
-    "eval",
-    "predict",
-    "convert",
-    "export",
-    "bench",
-    "configs",
+    *("demo", "train", "check_data", "make_toy_data", "eval", "predict", "convert", "export"),
+    *("bench", "configs"),
 )
+USER_ERRORS = ("ConfigError", "DataError", "WeightsError")  # themask's own, all ValueError
+FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +51,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
-USER_ERRORS = ("ConfigError", "DataError", "WeightsError")  # themask's own, all ValueError
-FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
-
-
 def is_user_error(err: BaseException) -> bool:
-    """Bad input (reported in one line), not a bug: themask's ``ConfigError``, ``DataError``,
-    ``WeightsError`` or a file error. Matched by name, so no module (nor torch) is imported."""
+    """Bad input, not a bug; matched by class name so that nothing (torch) is imported."""
     if isinstance(err, (*FILE_ERRORS, NotADirectoryError)):
         return True
     return any(
@@ -77,15 +62,14 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def one_line(err: BaseException) -> str:
-    """The message of ``err`` as one line; an error re-raised from a DataLoader worker
-    (message + "Original Traceback ...") is reduced to the original error's own message."""
+    """``err``'s message in one line; a DataLoader worker's error keeps only its own message."""
     text = str(err).strip()
     if "Original Traceback" in text:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if last.startswith(type(err).__module__) else last
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(err, OSError) and err.filename and err.strerror:
         return f"{err.filename}: {err.strerror}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return "; ".join(lines) if lines else type(err).__name__
 
 
@@ -96,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torchrun sets RANK: only rank 0 logs below WARNING
     setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
     if getattr(args, "threads", None) and not getattr(args, "onnx", None):
-        import torch  # (predict --onnx: torch-free; ONNX Runtime takes args.threads itself)
+        import torch  # predict --onnx stays torch-free (ONNX Runtime takes args.threads)
 
         torch.set_num_threads(args.threads)
     prog = f"themask {args.command}"

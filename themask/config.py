@@ -1,30 +1,21 @@
 """Run configuration: model + loss + data + train + eval as nested dataclasses.
 
-A run file (YAML) holds only the values that differ from the defaults. Loading order:
-
-1. ``RunConfig()`` defaults;
-2. the preset named by ``preset`` (top level; see ``themask.modeling.build``) fills
-   ``model`` (the network), with the class count of the dataset (``<data.root>/dataset.yaml``,
-   VSPW when the root has none), and ``loss`` (its default objective);
-3. the YAML file's sections override fields;
-4. dotted ``key=value`` overrides from the command line (values parsed as YAML scalars,
-   e.g. ``train.lr=2e-4``, ``data.dilation=[-3]``, ``loss.num_rounds=1``).
-
-Unknown keys, wrong types and inconsistent sections (a model whose class count or clip
-length does not fit the data) raise a ``ConfigError`` naming the key and the valid values.
-The resolved config is written to the run directory (``save_config``) and can be loaded
-again unchanged.
+Resolution order: ``RunConfig()`` defaults; the ``preset`` (``themask.modeling.build``) fills
+``model`` (with the dataset's class count) and ``loss`` (its default objective); the YAML
+file's sections; dotted ``key=value`` overrides parsed as YAML (``train.lr=2e-4``). Bad keys,
+types and inconsistent sections raise ``ConfigError`` naming the key and the valid values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 
@@ -34,9 +25,7 @@ from themask.loss.config import LossConfig
 from themask.modeling.config import ModelConfig
 
 FREEZABLE_MODULES = ("backbone", "pixel_decoder")
-
-
-_UnionType = getattr(types, "UnionType", None)  # ``X | Y`` annotations (Python 3.10+)
+_SCALARS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
 class ConfigError(ValueError):
@@ -45,11 +34,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (docs/DESIGN.md §6). Defaults are stage 1 on VSPW.
-
-    ``batch_size`` is the *global* batch (clips per optimizer step over all processes); each
-    process loads ``batch_size / (world_size * grad_accum)`` clips per forward pass.
-    """
+    """Optimisation recipe (docs/DESIGN.md §6), stage 1 on VSPW by default. ``batch_size``
+    is global: each process loads ``batch_size / (world_size * grad_accum)`` clips a pass."""
 
     max_steps: int = 160_000
     batch_size: int = 8
@@ -60,7 +46,6 @@ class TrainConfig:
     poly_power: float = 0.9
     clip_grad_norm: float = 0.01  # L2 norm; 0 disables clipping
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # themask.precision
-    # recompute the pixel-decoder and decoder layers in backward: less memory, a slower step
     checkpoint_activations: bool = False
     seed: int = 0
     log_interval: int = 50
@@ -68,11 +53,10 @@ class TrainConfig:
     eval_interval: int = 16_000  # 0: evaluate only at the end
     eval_at_end: bool = True
     freeze: list[str] = field(default_factory=list)  # subset of FREEZABLE_MODULES
-    init_from: Optional[str] = None  # noqa: UP045 (get_type_hints on Python 3.9)
+    init_from: str | None = None
     head_init: Literal["official", "copy"] = "official"
 
     def per_process_batch(self, world_size: int) -> int:
-        """Clips per forward pass on one process for ``world_size`` processes."""
         split = world_size * self.grad_accum
         if self.batch_size % split:
             raise ConfigError(
@@ -84,26 +68,20 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings (docs/VSPW.md §2-3).
+    """Evaluation settings (docs/VSPW.md §2-3); the split and clip length are in ``data``."""
 
-    The split and the test clip length live in ``data`` (``data.val_split``,
-    ``data.test_clip_len``), shared with the data pipeline.
-    """
-
-    max_videos: Optional[int] = None  # noqa: UP045 (first videos only: quick checks)
+    max_videos: int | None = None  # first videos only: quick checks
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # themask.precision
-    # mVC: "published" skips videos of <= 16 frames for mVC8 and mVC16 (VSS-CFFM VC_perclip.py,
-    # the published tables); "per_length" skips videos of <= n frames for mVC_n
+    # mVC leaves out videos of <= 16 frames ("published" tables) or of <= n ("per_length")
     vc_rule: Literal["published", "per_length"] = "published"
 
 
 @dataclass
 class RunConfig:
-    """Everything a training run needs. ``model`` (the network) and ``loss`` (the objective)
-    are the resolved preset + overrides."""
+    """Everything a run needs; ``model`` and ``loss`` are the resolved preset + overrides."""
 
     preset: str = "themask_mit_b1_t1"
-    pretrained_backbone: Optional[str] = None  # noqa: UP045 (MiT ImageNet weights)
+    pretrained_backbone: str | None = None  # MiT ImageNet weights
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,34 +89,15 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# ---------------------------------------------------------------------------------------------
-# dict <-> dataclass with type checks
-
-
-def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "")
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a YAML value to the annotated type ``tp``; ``key`` is for messages."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin is Union or (_UnionType is not None and origin is _UnionType):
-        if value is None and type(None) in args:
+    if origin is types.UnionType:  # X | None
+        if value is None:
             return None
-        options = [arg for arg in args if arg is not type(None)]
-        if len(options) == 1:  # Optional[X]: report X's own error
-            return _coerce(value, options[0], key)
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner, key)
     if origin is Literal:
         if isinstance(value, bool) and ("on" if value else "off") in args:
             value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a bool
@@ -152,8 +111,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -161,50 +119,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
         return update_dataclass(tp(), value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    if tp is float and isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in _SCALARS:
+        accepted = (int, float) if tp is float else tp
+        if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+            raise ConfigError(f"{key}: expected {_SCALARS[tp]}, got {value!r}")
+        return float(value) if tp is float else value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
 def update_dataclass(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """Return a copy of dataclass ``obj`` with ``values`` (a nested mapping, e.g. from YAML or
-    JSON) applied, each value checked against its annotation (lists become tuples where the
-    field is a tuple); ``ConfigError`` names the key (``prefix`` first) of a bad value."""
-    types = _field_types(type(obj))
+    """A copy of dataclass ``obj`` with the nested mapping ``values`` applied, each value
+    checked against its annotation; ``ConfigError`` names the key (after ``prefix``)."""
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(obj)}
     changes = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in types:
-            raise ConfigError(f"unknown config key '{key}'; valid keys here: {sorted(types)}")
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{key}'; valid keys here: {sorted(fields)}")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
             changes[name] = update_dataclass(current, value, key)
         else:
-            changes[name] = _coerce(value, types[name], key)
+            changes[name] = _coerce(value, fields[name], key)
     try:
         return dataclasses.replace(obj, **changes)
     except ConfigError:
@@ -214,21 +156,13 @@ def update_dataclass(obj: Any, values: Mapping[str, Any], prefix: str = "") -> A
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict (lists instead of tuples) of a dataclass config, YAML/JSON ready."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(cfg)
+    """Nested plain dict (lists for tuples) of a dataclass config, YAML/JSON ready."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def from_dict(values: Mapping[str, Any]) -> RunConfig:
-    """``RunConfig`` from a (possibly partial) nested dict, preset applied first. A ``model.loss``
-    section (configs saved before the objective left the network config) becomes ``loss``."""
+    """``RunConfig`` from a partial nested dict, preset first; an old ``model.loss`` section
+    becomes ``loss``."""
     values = dict(values)
     model = values.get("model")
     if isinstance(model, Mapping) and isinstance(model.get("loss"), Mapping):
@@ -252,7 +186,7 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
 
 
 def check_consistency(cfg: RunConfig) -> None:
-    """Cross-section checks: the model must fit the data it is trained on."""
+    """The model must fit the data it is trained on."""
     if cfg.model.num_classes != cfg.data.num_classes:
         raise ConfigError(
             f"model.num_classes={cfg.model.num_classes} but the dataset "
@@ -266,11 +200,9 @@ def check_consistency(cfg: RunConfig) -> None:
     unknown = [name for name in cfg.train.freeze if name not in FREEZABLE_MODULES]
     if unknown:
         raise ConfigError(f"train.freeze: unknown modules {unknown}; valid: {FREEZABLE_MODULES}")
+    if cfg.train.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     cfg.train.per_process_batch(1)  # batch_size divisible by grad_accum
-
-
-# ---------------------------------------------------------------------------------------------
-# overrides and files
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -320,8 +252,8 @@ def list_shipped_configs() -> list[str]:
 
 
 def resolve_config_path(path: PathLike) -> Path:
-    """``path`` if it is a file, else the shipped config of that name (``.yaml`` optional,
-    a leading ``configs/`` ignored); ``ConfigError`` listing the shipped names otherwise."""
+    """``path`` if it is a file, else the shipped config of that name (``.yaml`` and a leading
+    ``configs/`` optional)."""
     given = Path(path)
     if given.is_file():
         return given
@@ -336,8 +268,7 @@ def resolve_config_path(path: PathLike) -> Path:
 
 
 def load_config(path: PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run file or shipped config name (``None``: defaults only) and apply dotted
-    overrides."""
+    """A YAML run file or shipped config name (``None``: defaults) with dotted overrides."""
     values: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)

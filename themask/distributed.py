@@ -1,9 +1,5 @@
-"""Thin DDP helpers: set-up from the torchrun environment, rank queries, reductions.
-
-``torchrun --nproc-per-node N -m themask train ...`` sets ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; without them everything runs as a single
-process and the helpers below are no-ops.
-"""
+"""DDP helpers: set-up from the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_*``), rank queries, the one reduction helper; no-ops in a single process."""
 
 from __future__ import annotations
 
@@ -21,7 +17,6 @@ logger = logging.getLogger(__name__)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -41,39 +36,30 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def get_rank_from_env() -> int:
-    """This process's rank as set by torchrun (0 without torchrun), before any set-up."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def is_main() -> bool:
-    """True on rank 0 (and in a single-process run): only this process writes files."""
+    """Rank 0 (or a single process): the one that writes files."""
     return get_rank() == 0
 
 
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
-    """Initialise the process group from the torchrun environment (if present).
+    """Join the torchrun process group if there is one; ``device`` None: CUDA when available.
 
-    ``device``: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). The backend is NCCL
-    on CUDA and gloo on CPU; on CUDA each process uses ``cuda:LOCAL_RANK``, also passed to
-    NCCL as ``device_id`` so it binds to that device at once.
+    NCCL on CUDA (each process on ``cuda:LOCAL_RANK``, bound at once), gloo on CPU.
     """
     use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
     if world_size > 1 and not is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world_size, device_id=dev if use_cuda else None
         )
         logger.info("process group: %s, rank %d of %d", backend, rank, world_size)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return DistInfo(rank=rank, world_size=world_size, device=dev)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -87,9 +73,8 @@ def barrier() -> None:
 
 
 def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
-    """Sum (``mean``: average) of ``value`` over the processes, as a new detached tensor on
-    its device (a copy in a single-process run); nothing waits for the device. NCCL reduces
-    CUDA tensors only, so a CPU tensor travels through the current CUDA device."""
+    """Sum (``mean``: average) over the processes as a new detached tensor on ``value``'s
+    device, without waiting for it; NCCL gets CPU tensors through the current CUDA device."""
     out = value.detach().clone()
     if get_world_size() == 1:
         return out
@@ -103,11 +88,6 @@ def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Destroy the process group (safe to call when none exists).
-
-    No barrier: commands call this in ``finally``, and after a failure on one rank a barrier
-    would keep the others waiting for it until the NCCL timeout. Successful runs synchronise
-    before (the trainer's final barrier, the evaluation's reductions).
-    """
+    """Destroy the process group, without a barrier (a failed rank would hang the others)."""
     if is_initialized():
         dist.destroy_process_group()

@@ -1,30 +1,12 @@
 """Iteration-based training loop (docs/DESIGN.md §6): one ``Trainer`` for 1 process or DDP.
 
-A run directory holds:
-
-* ``config.yaml`` (resolved config) and ``run_info.json`` (git revision, world size);
-* ``checkpoint.pt``: the latest full training state, written atomically every
-  ``train.checkpoint_interval`` steps (model, optimizer, grad scaler, per-rank RNG states,
-  step, data position); it loads with ``torch.load(weights_only=True)``;
-* ``metrics.jsonl`` and ``tensorboard/``: train terms every ``log_interval`` steps (means
-  over the steps since the previous record; with fp16, steps the grad scaler skipped for
-  inf/NaN gradients are left out of the means and counted in ``skipped_steps``), eval metrics
-  after each evaluation; ``train.log``;
-* ``model.safetensors``: the final weights (``themask.weights.save_model``), with the
-  class names, palette and test scale (``data.scale``) in its metadata.
-
-``--resume`` reloads ``checkpoint.pt`` and continues so that the remaining losses and the
-final weights equal those of an uninterrupted run (bit for bit on CPU; on CUDA see
-docs/GPU.md). The config may change only where that stays true (``RESUMABLE_KEYS``:
-intervals, a longer ``max_steps``, workers, ...); such changes are appended to
-``resume_changes.jsonl``, ``config.yaml`` keeps the original.
-
-SIGINT/SIGTERM: the current step finishes, a checkpoint is written and ``train`` returns
-with ``stopped_by`` set (a second signal stops at once). Temporary files left by a killed
-write are removed when the run directory is opened.
-
-The step keeps its scalars (loss terms, grad norm) on the device and reads them back once
-per ``log_interval`` steps, so a CUDA step does not wait for the host.
+A run directory holds ``config.yaml``, ``run_info.json``, ``checkpoint.pt`` (the full training
+state, written atomically every ``train.checkpoint_interval`` steps; loads with
+``weights_only=True``), ``metrics.jsonl`` + ``tensorboard/`` (means over each
+``log_interval``; fp16 steps the grad scaler skipped are counted in ``skipped_steps``),
+``train.log`` and the final ``model.safetensors``. ``--resume`` continues bit for bit on CPU
+(docs/GPU.md for CUDA); only ``RESUMABLE_KEYS`` may change, logged to
+``resume_changes.jsonl``. SIGINT/SIGTERM finish the step and write a checkpoint.
 """
 
 from __future__ import annotations
@@ -36,12 +18,12 @@ import random
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -50,7 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from themask import distributed
-from themask.config import FREEZABLE_MODULES, ConfigError, RunConfig, save_config, to_dict
+from themask.config import ConfigError, RunConfig, save_config, to_dict
 from themask.data.loader import batch_to_device, build_train_loader
 from themask.evaluation.evaluate import evaluate_config
 from themask.evaluation.metrics import scalar_metrics, summarize_metrics
@@ -60,33 +42,24 @@ from themask.loss import SetCriterion, training_loss
 from themask.modeling.build import build_model_from_config
 from themask.modeling.themask import THEMask
 from themask.optim import build_optimizer, poly_lr, set_learning_rate
-from themask.precision import autocast_context, configure_cuda_math, grad_scaler, resolve_amp
+from themask.precision import autocast_context, configure_cuda_math, resolve_amp
 from themask.warm_start import init_from_weights
 from themask.weights import load_backbone_weights, save_model
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FINAL_WEIGHTS_NAME = "model.safetensors"
 RESUME_CHANGES_NAME = "resume_changes.jsonl"
-# Under DDP the ranks agree on a stop request (all-reduce) every train.log_interval steps,
-# at least every this many.
-STOP_CHECK_INTERVAL = 10
-# Config keys a resumed run may change: they do not alter the optimisation (data.root: a
-# dataset moved to another place is assumed to be the same dataset).
+STOP_CHECK_INTERVAL = 10  # DDP ranks agree on a stop request at least this often
+# keys a resumed run may change without altering the optimisation
 RESUMABLE_KEYS = (
     *(f"train.{k}" for k in ("max_steps", "log_interval", "checkpoint_interval", "init_from")),
     *("train.eval_interval", "train.eval_at_end", "pretrained_backbone", "eval."),
     *(f"data.{k}" for k in ("num_workers", "root", "val_split", "test_clip_len")),
 )
 
-# (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, terms); the terms
-# are floats or 0-d tensors
+# (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, {name: float | 0-d})
 LossFn = Callable[..., tuple[Tensor, dict[str, Any]]]
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG state as plain Python values (loadable with weights_only=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -96,49 +69,40 @@ def seed_everything(seed: int) -> None:
 
 
 def get_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) generator states; NumPy's as lists and ints."""
+    """Python, NumPy, torch (and CUDA) generator states as plain values."""
     py_version, py_state, py_gauss = random.getstate()
-    # the global RandomState is an MT19937, whose legacy state is this tuple (never a dict)
     np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
-    state: dict[str, Any] = {
+    return {
         "python": [py_version, list(py_state), py_gauss],
         "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     py_version, py_state, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state(
-        (np_name, np.asarray(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss)
-    )
+    np_keys = np.asarray(np_keys, dtype=np.uint32)
+    np.random.set_state((np_name, np_keys, np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-
-
 def save_checkpoint(state: dict[str, Any], path: PathLike) -> None:
-    """Write a training state atomically: a crash mid-write keeps the previous file."""
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
-    """Read a training state written by ``save_checkpoint`` (tensors and plain values only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the ``.<name>.*.tmp`` files an interrupted ``atomic_write`` (a SIGKILL) left."""
+    """Delete the ``.<name>.*.tmp`` files a killed ``atomic_write`` left."""
     stale = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
     for path in stale:
         path.unlink()
@@ -157,11 +121,8 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resume_changes(stored: dict[str, Any], new: dict[str, Any], step: int) -> dict[str, list]:
-    """``{key: [stored value, new value]}`` of the config keys a resumed run changes.
-
-    Raises ``ConfigError`` naming the keys when a change would break exact resumption (any
-    key outside ``RESUMABLE_KEYS``, or ``train.max_steps`` below the checkpoint's step).
-    """
+    """``{key: [stored, new]}`` of the changed config keys; ``ConfigError`` for a change that
+    breaks exact resumption (outside ``RESUMABLE_KEYS``, or ``max_steps`` not above ``step``)."""
     old_flat, new_flat = _flatten(stored), _flatten(new)
     changes = {
         key: [old_flat.get(key), new_flat.get(key)]
@@ -185,9 +146,8 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], step: int) -> di
 
 
 class StopRequest:
-    """SIGINT/SIGTERM handling while training: the first signal asks the loop to stop after
-    the current step (``signum`` is set); a second one stops at once (``KeyboardInterrupt``).
-    Handlers are installed on entering and restored on exit (main thread only)."""
+    """SIGINT/SIGTERM handlers (main thread): the first signal sets ``signum`` (stop after
+    this step), a second raises ``KeyboardInterrupt``."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -216,25 +176,8 @@ class StopRequest:
         self._previous = {}
 
 
-# ---------------------------------------------------------------------------------------------
-# model set-up helpers
-
-
-def freeze_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
-    """Stop gradients of ``model.<name>`` for each name; returns the frozen modules."""
-    frozen = []
-    for name in names:
-        if name not in FREEZABLE_MODULES or not hasattr(model, name):
-            raise ValueError(f"train.freeze: cannot freeze '{name}'; valid: {FREEZABLE_MODULES}")
-        module = getattr(model, name)
-        module.requires_grad_(False)
-        frozen.append(module)
-    return frozen
-
-
 class StepWindow:
-    """Per-step scalars since the last log record, kept where they were made (0-d device
-    tensors stay on the device) and read back in one transfer by ``read``."""
+    """Per-step scalars since the last log record, left on their device until ``read``."""
 
     def __init__(self) -> None:
         self.tensor_names: list[str] = []
@@ -254,7 +197,7 @@ class StepWindow:
         self.float_rows.append([float(values[k]) for k in self.float_names])
 
     def read(self, *, reduce: bool = False) -> list[dict[str, float]]:
-        """The rows as floats (``reduce``: averaged over processes, a collective) and clear."""
+        """The rows as floats in one transfer (``reduce``: averaged over processes) and clear."""
         values = torch.stack(self.tensor_rows).double()  # (S, n) on the device
         names = self.tensor_names + self.float_names
         if reduce:
@@ -268,8 +211,8 @@ class StepWindow:
 
 
 def window_means(rows: list[dict[str, float]], *, count_skipped: bool) -> dict[str, float]:
-    """Means of ``rows`` per name. ``count_skipped`` (fp16): rows with a non-finite
-    ``grad_norm`` (steps the grad scaler skipped) are left out and counted in ``skipped_steps``."""
+    """Means per name; ``count_skipped`` (fp16) leaves out rows with a non-finite
+    ``grad_norm`` and counts them in ``skipped_steps``."""
     kept = rows
     means: dict[str, float] = {}
     if count_skipped:
@@ -280,28 +223,22 @@ def window_means(rows: list[dict[str, float]], *, count_skipped: bool) -> dict[s
     return means
 
 
-# ---------------------------------------------------------------------------------------------
-# the trainer
-
-
 @dataclass
 class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)  # mean total loss of each step run here
     eval_metrics: dict[str, float] | None = None
     weights_path: Path | None = None
-    stopped_by: int | None = None  # signal number when a SIGINT/SIGTERM stopped the run early
+    stopped_by: int | None = None  # the signal that stopped the run early
 
 
 class Trainer:
     """Trains ``cfg`` into ``run_dir``.
 
-    ``model``/``loss_fn``/``batches`` default to those built from ``cfg`` (preset model,
-    ``training_loss`` with a ``SetCriterion`` of ``cfg.loss`` built once, the data module's
-    infinite train loader);
-    passing them in is for tests and custom runs. ``batches(start_batch)`` must return an
-    iterator of ``Batch`` for this process that starts after ``start_batch`` consumed batches.
-    A new run refuses a directory that holds a checkpoint unless ``overwrite``.
+    ``model``, ``loss_fn`` (default: ``training_loss`` with a ``SetCriterion`` of ``cfg.loss``)
+    and ``batches(start_batch)`` (an iterator of this process's ``Batch`` after ``start_batch``
+    consumed ones; default: the data module's train loader) are for tests and custom runs. A
+    new run refuses a directory holding a checkpoint unless ``overwrite``.
     """
 
     def __init__(
@@ -318,51 +255,61 @@ class Trainer:
         progress: bool = True,
         overwrite: bool = False,
     ) -> None:
-        self.cfg = cfg
+        self.cfg, tcfg = cfg, cfg.train
         self.run_dir = Path(run_dir)
-        if not resume and not overwrite and (self.run_dir / CHECKPOINT_NAME).exists():
+        checkpoint = self.run_dir / CHECKPOINT_NAME
+        if not resume and not overwrite and checkpoint.exists():
             raise FileExistsError(
                 f"{self.run_dir} already holds a training run ({CHECKPOINT_NAME}); resume it "
                 "(--resume) or choose another run directory (--out)"
             )
-        stored = self._read_checkpoint(cfg) if resume else None  # refuse early, create nothing
+        state, changes = None, {}
+        if resume:  # refuse early, create nothing
+            if not checkpoint.exists():
+                raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} in {self.run_dir}")
+            state = load_checkpoint(checkpoint)
+            changes = resume_changes(state["config"], to_dict(cfg), int(state["step"]))
         self.dist = distributed.init_distributed(device)
         self.device = self.dist.device
         self.is_main = self.dist.is_main
-        self.per_process_batch = cfg.train.per_process_batch(self.dist.world_size)
+        self.per_process_batch = tcfg.per_process_batch(self.dist.world_size)
         self.evaluate_enabled = evaluate
         self.progress = progress
-        if cfg.train.max_steps <= 0:
-            raise ValueError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
 
-        seed_everything(distributed.rank_seed(cfg.train.seed, 0))  # same init on every rank
-        self.model = model if model is not None else self._build_model()
-        if cfg.train.checkpoint_activations:
-            self.model.set_activation_checkpointing(True)
-        if cfg.train.init_from and not resume:
-            init_from_weights(self.model, cfg.train.init_from, head_init=cfg.train.head_init)
-            logger.info(
-                "initialised from %s (head_init=%s)", cfg.train.init_from, cfg.train.head_init
-            )
-        self.frozen = freeze_modules(self.model, list(cfg.train.freeze))
-        self.model.to(self.device)
+        seed_everything(distributed.rank_seed(tcfg.seed, 0))  # same init on every rank
+        if model is None:
+            model = build_model_from_config(cfg.model)
+            if cfg.pretrained_backbone:
+                load_backbone_weights(model.backbone, cfg.pretrained_backbone)
+                logger.info("backbone weights from %s", cfg.pretrained_backbone)
+        self.model = model
+        if tcfg.checkpoint_activations:
+            model.set_activation_checkpointing(True)
+        if tcfg.init_from and not resume:
+            init_from_weights(model, tcfg.init_from, head_init=tcfg.head_init)
+            logger.info("initialised from %s (head_init=%s)", tcfg.init_from, tcfg.head_init)
+        # names checked by the config
+        self.frozen = [getattr(model, name).requires_grad_(False) for name in tcfg.freeze]
+        model.to(self.device)
         self.optimizer = build_optimizer(
-            self.model,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            backbone_lr_mult=cfg.train.backbone_lr_mult,
+            model,
+            lr=tcfg.lr,
+            weight_decay=tcfg.weight_decay,
+            backbone_lr_mult=tcfg.backbone_lr_mult,
         )
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         try:
-            self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
+            self.amp_dtype = resolve_amp(tcfg.amp, self.device)
         except ValueError as err:
             raise ConfigError(f"train.amp: {err}") from None
         configure_cuda_math(self.device)
-        self.scaler = grad_scaler(self.device) if self.amp_dtype == torch.float16 else None
-        self.ddp_model: nn.Module = self.model
+        self.scaler = None  # fp16: a dynamic loss scaler
+        if self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.ddp_model: nn.Module = model
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if loss_fn is None:
             self.criterion = SetCriterion(cfg.loss, cfg.model.num_classes)
             loss_fn = partial(
@@ -370,103 +317,65 @@ class Trainer:
             )
         self.loss_fn = loss_fn
         self._batches_fn = batches
-        seed_everything(distributed.rank_seed(cfg.train.seed, self.dist.rank))
+        seed_everything(distributed.rank_seed(tcfg.seed, self.dist.rank))
 
         self.step = 0
-        self._resume_state: dict[str, Any] | None = None
-        changes: dict[str, list] = {}
-        if stored is not None:
-            self._resume_state, changes = stored
-            self._apply_resume_state(self._resume_state)
-        # the data before the run directory: a run that cannot start leaves nothing behind
-        self._loader = self._build_loader() if batches is None else None
-
+        self._resume_state = state
+        if state is not None:
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.step = int(state["step"])
+            logger.info("resumed from %s at step %d", checkpoint, self.step)
+        self._loader = None  # the data before the run directory: a failed start leaves nothing
+        if batches is None:
+            self._loader = build_train_loader(
+                cfg.data,
+                batch_size=self.per_process_batch,
+                seed=tcfg.seed,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                start_batch=self.step * tcfg.grad_accum,
+                pin_memory=self.device.type == "cuda",
+            )
         self.writer: MetricWriter | None = None
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.run_dir)
-            if not (self.run_dir / "config.yaml").exists() or not resume:
-                save_config(cfg, self.run_dir / "config.yaml")
-            if changes:  # config.yaml keeps the original; each resume's changes are appended
-                with open(self.run_dir / RESUME_CHANGES_NAME, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"step": self.step, "changes": changes}) + "\n")
-                logger.info("resumed with changes %s (see %s)", changes, RESUME_CHANGES_NAME)
-            info = {"git_revision": git_revision(), "world_size": self.dist.world_size}
-            with atomic_write(self.run_dir / "run_info.json") as tmp:
-                tmp.write_text(json.dumps(info, indent=2))
-            self.writer = MetricWriter(self.run_dir)
-            self.writer.truncate_after(self.step)  # a new run (step 0) starts a new log
-            logger.info(
-                "git revision %s; run dir %s (resolved config in config.yaml)",
-                info["git_revision"],
-                self.run_dir,
-            )
-            logger.debug("config:\n%s", json.dumps(to_dict(cfg), indent=1))
+            self._open_run_dir(resume, changes)
 
-    # -- construction ------------------------------------------------------------------------
+    def _open_run_dir(self, resume: bool, changes: dict[str, list]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.run_dir)
+        if not (self.run_dir / "config.yaml").exists() or not resume:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        if changes:  # config.yaml keeps the original
+            with open(self.run_dir / RESUME_CHANGES_NAME, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": self.step, "changes": changes}) + "\n")
+            logger.info("resumed with changes %s (see %s)", changes, RESUME_CHANGES_NAME)
+        info = {"git_revision": git_revision(), "world_size": self.dist.world_size}
+        with atomic_write(self.run_dir / "run_info.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=2))
+        self.writer = MetricWriter(self.run_dir)
+        self.writer.truncate_after(self.step)  # a new run (step 0) starts a new log
+        logger.info("git revision %s; run dir %s", info["git_revision"], self.run_dir)
+        logger.debug("config:\n%s", json.dumps(to_dict(self.cfg), indent=1))
 
-    def _build_model(self) -> THEMask:
-        model = build_model_from_config(self.cfg.model)
-        if self.cfg.pretrained_backbone:
-            load_backbone_weights(model.backbone, self.cfg.pretrained_backbone)
-            logger.info("backbone weights from %s", self.cfg.pretrained_backbone)
-        return model
-
-    def _build_loader(self) -> Any:
-        """The train loader of this rank, from the current step (no worker started yet)."""
-        return build_train_loader(
-            self.cfg.data,
-            batch_size=self.per_process_batch,
-            seed=self.cfg.train.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            start_batch=self.step * self.cfg.train.grad_accum,  # grad_accum batches per step
-            pin_memory=self.device.type == "cuda",
-        )
-
-    def _read_checkpoint(self, cfg: RunConfig) -> tuple[dict[str, Any], dict[str, list]]:
-        """The checkpoint to resume and the (harmless) config changes since it was written."""
-        path = self.run_dir / CHECKPOINT_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} in {self.run_dir}")
-        state = load_checkpoint(path)
-        changes = resume_changes(state["config"], to_dict(cfg), int(state["step"]))
-        return state, changes
-
-    def _apply_resume_state(self, state: dict[str, Any]) -> None:
-        path = self.run_dir / CHECKPOINT_NAME
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        logger.info("resumed from %s at step %d", path, self.step)
-
-    # -- state -------------------------------------------------------------------------------
-
-    def _gather_rng_states(self) -> list[dict[str, Any]]:
-        local = get_rng_state()
-        if self.dist.world_size == 1:
-            return [local]
-        gathered: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(gathered, local)
-        return gathered
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The full training state after ``self.step`` optimizer steps (call on every rank)."""
-        return {
+    def save(self) -> None:
+        """Write the full training state after ``self.step`` steps (a collective under DDP)."""
+        rng: list[Any] = [get_rng_state()]
+        if self.dist.world_size > 1:
+            rng = [None] * self.dist.world_size
+            dist.all_gather_object(rng, get_rng_state())
+        state = {
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "rng": self._gather_rng_states(),
+            "rng": rng,
             "data": {"batches_consumed": self.step * self.cfg.train.grad_accum},
             "world_size": self.dist.world_size,
             "config": to_dict(self.cfg),
         }
-
-    def save(self) -> None:
-        state = self.checkpoint_state()  # collective: every rank takes part
         if self.is_main:
             save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
             logger.info("checkpoint at step %d", self.step)
@@ -474,12 +383,8 @@ class Trainer:
         self._saved_step = self.step
 
     def _stop_requested(self, stop: StopRequest) -> int | None:
-        """The signal number when the run must stop after this step, the same on every rank.
-
-        One process: the handler's flag (no cost). DDP: the ranks all-reduce (max) their
-        flags every ``min(train.log_interval, STOP_CHECK_INTERVAL)`` steps, so they stop
-        together.
-        """
+        """The stopping signal, the same on every rank (DDP: a max over the ranks every
+        ``min(log_interval, STOP_CHECK_INTERVAL)`` steps)."""
         if self.dist.world_size == 1:
             return stop.signum
         if self.step % min(self.cfg.train.log_interval, STOP_CHECK_INTERVAL):
@@ -487,8 +392,6 @@ class Trainer:
         flag = torch.tensor([stop.signum or 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
-
-    # -- training ----------------------------------------------------------------------------
 
     def _set_train_mode(self) -> None:
         """Train mode; frozen modules stay in eval mode (no stochastic depth in them)."""
@@ -506,9 +409,8 @@ class Trainer:
                 total, terms = self.loss_fn(self.ddp_model, frames, labels, step=step)
             loss = total / self.cfg.train.grad_accum
             if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+                loss = self.scaler.scale(loss)
+            loss.backward()
         values = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
         values["loss"] = total.detach()
         return values
@@ -527,7 +429,6 @@ class Trainer:
         return norm.detach()
 
     def _log_window(self, window: StepWindow, result: TrainResult, bar: Any) -> None:
-        """Read the window's scalars back (one transfer; a collective under DDP) and log them."""
         rows = window.read(reduce=self.dist.world_size > 1)
         result.losses.extend(row["loss"] for row in rows)
         means = window_means(rows, count_skipped=self.scaler is not None)
@@ -543,15 +444,15 @@ class Trainer:
             )
 
     def train(self) -> TrainResult:
-        """Run until ``train.max_steps``; returns the losses of the steps run here."""
+        """Run until ``train.max_steps`` (or a signal); returns the losses of the steps run."""
         tcfg = self.cfg.train
         result = TrainResult(step=self.step)
+        batches: Iterator[Any]
         if self._loader is not None:
             batches = iter(self._loader)
         else:
             batches = self._batches_fn(self.step * tcfg.grad_accum)  # type: ignore[misc]
-        if self._resume_state is not None:
-            # after the loader exists (creating it may draw from the RNGs)
+        if self._resume_state is not None:  # after the loader, which may draw from the RNGs
             rng = self._resume_state["rng"]
             if len(rng) == self.dist.world_size:
                 set_rng_state(rng[self.dist.rank])
@@ -565,14 +466,8 @@ class Trainer:
             self._resume_state = None
         bar = None
         if self.is_main and self.progress:
-            # In a log file (no terminal) redraw at most every 30 s instead of every step.
-            bar = tqdm(
-                total=tcfg.max_steps,
-                initial=self.step,
-                desc="train",
-                dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 30.0,
-            )
+            bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            bar.mininterval = 0.1 if sys.stderr.isatty() else 30.0  # 30 s in a log file
         self._set_train_mode()
         self._saved_step = -1
         try:
@@ -581,8 +476,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            # end the loader's workers now, whatever still refers to the iterator (a traceback):
-            # they ignore SIGTERM, so the interpreter's exit could not stop them
+            # the workers ignore SIGTERM: end them now, whatever still refers to the iterator
             getattr(batches, "_shutdown_workers", lambda: None)()
             self._loader = None
         result.step = self.step
@@ -594,26 +488,19 @@ class Trainer:
         return result
 
     def _loop(
-        self,
-        batches: Iterator[Any],
-        bar: Any,
-        result: TrainResult,
-        stop: StopRequest,
+        self, batches: Iterator[Any], bar: Any, result: TrainResult, stop: StopRequest
     ) -> int | None:
-        """The steps up to ``train.max_steps``; returns the signal number if one stopped it
-        early (after a checkpoint of the last finished step)."""
+        """The steps up to ``max_steps``; the signal number if one stopped it early."""
         tcfg = self.cfg.train
-        window = StepWindow()  # per-step scalars since the last log record
+        window = StepWindow()
         while self.step < tcfg.max_steps:
             lr = poly_lr(self.step, tcfg.lr, tcfg.max_steps, tcfg.poly_power)
             set_learning_rate(self.optimizer, lr)
             self.optimizer.zero_grad(set_to_none=True)
             sums: dict[str, Any] = {}
             for micro in range(tcfg.grad_accum):
-                terms = self._forward_backward(
-                    next(batches), self.step, micro == tcfg.grad_accum - 1
-                )
-                for k, v in terms.items():
+                last = micro == tcfg.grad_accum - 1
+                for k, v in self._forward_backward(next(batches), self.step, last).items():
                     v = v / tcfg.grad_accum if tcfg.grad_accum > 1 else v
                     sums[k] = sums[k] + v if k in sums else v
             sums["grad_norm"] = self._optimizer_step()
@@ -621,24 +508,24 @@ class Trainer:
             window.add({**sums, "lr": lr})
             if bar is not None:
                 bar.update(1)
-            if self.step % tcfg.log_interval == 0 or self.step == tcfg.max_steps:
+            end = self.step == tcfg.max_steps
+            if self.step % tcfg.log_interval == 0 or end:
                 self._log_window(window, result, bar)
-            if self.step % tcfg.checkpoint_interval == 0 or self.step == tcfg.max_steps:
+            if self.step % tcfg.checkpoint_interval == 0 or end:
                 self.save()
             periodic = tcfg.eval_interval > 0 and self.step % tcfg.eval_interval == 0
-            final = self.step == tcfg.max_steps and tcfg.eval_at_end
-            if self.evaluate_enabled and (periodic or final):
+            if self.evaluate_enabled and (periodic or (end and tcfg.eval_at_end)):
                 result.eval_metrics = self.run_evaluation()
                 self._set_train_mode()
             stopped_by = self._stop_requested(stop)
-            if stopped_by is not None and self.step < tcfg.max_steps:
+            if stopped_by is not None and not end:
                 if self._saved_step != self.step:
                     self.save()
                 return stopped_by
         return None
 
     def save_final_weights(self) -> Path:
-        path = self.run_dir / FINAL_WEIGHTS_NAME
+        path = self.run_dir / "model.safetensors"
         description = self.cfg.data.description
         save_model(
             self.model,
@@ -650,14 +537,11 @@ class Trainer:
         logger.info("final weights: %s", path)
         return path
 
-    # -- evaluation --------------------------------------------------------------------------
-
-    def run_evaluation(self) -> dict[str, float] | None:
+    def run_evaluation(self) -> dict[str, float]:
         """Evaluate on ``data.val_split`` (all ranks take part) and log the scalar metrics."""
         rng = get_rng_state()  # evaluation must not change the training random stream
-        results = evaluate_config(
-            self.model, self.cfg, device=self.device, progress=self.progress and self.is_main
-        )
+        progress = self.progress and self.is_main
+        results = evaluate_config(self.model, self.cfg, device=self.device, progress=progress)
         set_rng_state(rng)
         metrics = scalar_metrics(results)
         if self.writer is not None:

@@ -1,32 +1,22 @@
-"""Small helpers shared by checkpoints, configs and prediction writers; lazy package exports."""
+"""File helpers shared by the writers (``PathLike``, ``atomic_write``) and lazy package exports."""
 
 from __future__ import annotations
 
 import importlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _new_file_mode() -> int:
-    """Permissions ``open(path, "w")`` would give a new file (0o666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+PathLike = str | os.PathLike[str]
 
 
 @contextmanager
 def atomic_write(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only on success.
-
-    A crash (or exception) while writing leaves any previous file at ``path`` untouched. The
-    result gets the permissions a plain ``open`` would give it (not ``mkstemp``'s private 0o600).
-    """
+    """Yield a temporary path next to ``path``, moved onto it only on success (a crash keeps
+    the previous file); it gets a plain ``open``'s permissions, not ``mkstemp``'s 0o600."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -36,7 +26,9 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, _new_file_mode())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -44,8 +36,8 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` (PEP 562) for ``package`` that imports name ``n`` from
-    ``<package>.<exports[n]>`` on first use, so importing the package stays light."""
+    """A module ``__getattr__`` (PEP 562) importing ``name`` from ``package.<exports[name]>``
+    on first use, so that importing the package stays light."""
 
     def __getattr__(name: str) -> Any:
         if name in exports:

@@ -1,4 +1,4 @@
-"""Logging set-up and metric writers (JSON lines + TensorBoard), used on rank 0 only."""
+"""Logging set-up and the metric writer (JSON lines + TensorBoard), used on rank 0 only."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now (it may be replaced after set-up)."""
 
+    _themask = True  # marks our handler (tests remove it)
+
     @property
     def stream(self) -> Any:
         return sys.stderr
@@ -31,39 +33,31 @@ class _StderrHandler(logging.StreamHandler):
 def setup_logging(
     *, verbose: bool = False, rank: int = 0, log_file: PathLike | None = None
 ) -> logging.Handler | None:
-    """Configure the root logger once: INFO (DEBUG if ``verbose``) on rank 0, WARNING elsewhere.
-
-    ``log_file`` additionally receives the same records (rank 0 only); its handler is returned.
-    """
+    """Root logger: INFO (``verbose``: DEBUG) on rank 0, WARNING elsewhere; on rank 0 also
+    to ``log_file``, whose handler is returned."""
     level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
     root = logging.getLogger()
     if not any(getattr(h, "_themask", False) for h in root.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
-        handler._themask = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
-    if log_file is not None and rank == 0:
-        path = Path(log_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(path, encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(file_handler)
-        return file_handler
-    return None
+    if log_file is None or rank != 0:
+        return None
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(file_handler)
+    return file_handler
 
 
-def git_revision(cwd: PathLike | None = None) -> str:
+def git_revision() -> str:
     """``git describe --always --dirty`` of the source tree, or ``"unknown"``."""
-    where = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
+    command = ["git", "describe", "--always", "--dirty", "--abbrev=12"]
+    where = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
+            command, cwd=where, capture_output=True, text=True, timeout=10, check=True
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -71,11 +65,8 @@ def git_revision(cwd: PathLike | None = None) -> str:
 
 
 class MetricWriter:
-    """Appends scalar records to ``metrics.jsonl`` and TensorBoard event files in ``run_dir``.
-
-    Each JSON line is ``{"step": int, "tag": str, <name>: float, ...}``; ``tag`` groups the
-    records ("train", "eval"). Non-finite numbers are written as ``null``.
-    """
+    """Appends ``{"step", "tag", <name>: float | null}`` lines to ``run_dir/metrics.jsonl``
+    (tags "train", "eval") and the same scalars to TensorBoard."""
 
     def __init__(self, run_dir: PathLike, *, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
@@ -98,12 +89,11 @@ class MetricWriter:
             handle.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """Drop JSON records with ``step > step`` (a resumed run rewrites those steps)."""
-        if not self.jsonl_path.exists():
-            return
-        kept = [r for r in read_metrics(self.jsonl_path) if r["step"] <= step]
-        with open(self.jsonl_path, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in kept)
+        """Drop records after ``step`` (a resumed run writes those steps again)."""
+        if self.jsonl_path.exists():
+            kept = [r for r in read_metrics(self.jsonl_path) if r["step"] <= step]
+            with open(self.jsonl_path, "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in kept)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -112,12 +102,7 @@ class MetricWriter:
 
 
 def read_metrics(path: PathLike, tag: str | None = None) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file (optionally only those with ``tag``)."""
-    records = []
+    """The records of a ``metrics.jsonl`` file (only those of ``tag`` if given)."""
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                record = json.loads(line)
-                if tag is None or record.get("tag") == tag:
-                    records.append(record)
-    return records
+        records = [json.loads(line) for line in handle if line.strip()]
+    return [r for r in records if tag is None or r.get("tag") == tag]

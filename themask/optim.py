@@ -1,11 +1,8 @@
-"""Optimiser parameter groups and the poly learning-rate schedule (docs/DESIGN.md §6).
+"""AdamW parameter groups and the poly learning-rate schedule (docs/DESIGN.md §6).
 
-The rules are code, not name patterns:
-
-* learning rate: parameters of ``model.backbone`` get ``lr × backbone_lr_mult``;
-* weight decay: only the weight matrices/kernels of linear, convolution and multi-head
-  attention layers decay. Norm layers, biases, embeddings (``nn.Embedding``) and free
-  parameters such as level embeddings do not.
+``model.backbone`` gets ``lr × backbone_lr_mult``; only the weight matrices and kernels of
+linear, convolution and multi-head attention layers decay (not norms, biases, embeddings or
+free parameters such as level embeddings).
 """
 
 from __future__ import annotations
@@ -16,26 +13,11 @@ from torch import nn
 DECAYING_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
 
 
-def parameter_decays(module: nn.Module, param: torch.Tensor) -> bool:
-    """Whether ``param`` (owned directly by ``module``) gets weight decay."""
-    return isinstance(module, DECAYING_MODULES) and param.ndim >= 2
-
-
 def build_param_groups(
-    model: nn.Module,
-    *,
-    lr: float,
-    weight_decay: float,
-    backbone_lr_mult: float,
-    backbone: nn.Module | None = None,
+    model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float
 ) -> list[dict]:
-    """AdamW parameter groups; frozen parameters (``requires_grad=False``) are left out.
-
-    Each group carries ``lr_scale`` (1 or ``backbone_lr_mult``) so the schedule can set
-    ``lr = poly_lr(step, ...) * lr_scale``. ``backbone`` defaults to ``model.backbone``.
-    """
-    if backbone is None:
-        backbone = getattr(model, "backbone", None)
+    """Groups of the trainable parameters, each with ``lr_scale`` (1 or ``backbone_lr_mult``)."""
+    backbone = getattr(model, "backbone", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     groups: dict[tuple, dict] = {}
     seen = set()
@@ -45,11 +27,10 @@ def build_param_groups(
                 continue
             seen.add(id(param))
             in_backbone = id(param) in backbone_ids
-            decays = parameter_decays(module, param)
-            key = (in_backbone, decays)
-            if key not in groups:
+            decays = isinstance(module, DECAYING_MODULES) and param.ndim >= 2
+            if (in_backbone, decays) not in groups:
                 scale = backbone_lr_mult if in_backbone else 1.0
-                groups[key] = {
+                groups[in_backbone, decays] = {
                     "params": [],
                     "lr": lr * scale,
                     "lr_scale": scale,
@@ -57,16 +38,12 @@ def build_param_groups(
                     "name": f"{'backbone' if in_backbone else 'head'}_"
                     f"{'decay' if decays else 'no_decay'}",
                 }
-            groups[key]["params"].append(param)
+            groups[in_backbone, decays]["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
 
 def poly_lr(step: int, base_lr: float, max_steps: int, power: float) -> float:
-    """Poly schedule without warm-up: ``base_lr · (1 − step / max_steps) ** power``.
-
-    ``step`` is the 0-based index of the optimizer step about to be taken; the rate reaches 0
-    at ``max_steps``.
-    """
+    """``base_lr · (1 − step / max_steps) ** power`` for the 0-based step about to be taken."""
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
     progress = min(max(step, 0), max_steps) / max_steps
@@ -82,7 +59,7 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def build_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float
 ) -> torch.optim.AdamW:
-    """AdamW over ``build_param_groups`` (betas and eps are PyTorch defaults, as official)."""
+    """AdamW (PyTorch's betas and eps, as official) over ``build_param_groups``."""
     groups = build_param_groups(
         model, lr=lr, weight_decay=weight_decay, backbone_lr_mult=backbone_lr_mult
     )

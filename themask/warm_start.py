@@ -1,6 +1,5 @@
-"""Starting a training run from trained weights (``train.init_from``): the same network, one
-for another class count, or a stage-1 (single-frame) model into a TAD model (docs/DESIGN.md §6).
-"""
+"""``train.init_from``: start training from trained weights of the same network, of another
+class count, or of a stage-1 (single-frame) model for a TAD model (docs/DESIGN.md §6)."""
 
 from __future__ import annotations
 
@@ -30,10 +29,8 @@ _TAD_ONLY = ("decoder.temporal.", "decoder.frame_head.")
 def replace_class_layers(
     state_dict: Mapping[str, Tensor], model: nn.Module
 ) -> tuple[StateDict, list[str]]:
-    """Our-layout ``state_dict`` with every class-prediction tensor (``decoder.*.class_embed``)
-    whose shape differs from ``model``'s replaced by the model's own (fresh) tensor, so
-    weights trained for another class count K load into ``model``. Returns the new state
-    dict and the names of the replaced tensors."""
+    """``state_dict`` in our layout with each ``decoder.*.class_embed`` tensor whose shape
+    differs from ``model``'s replaced by the model's own; also the replaced names."""
     target = model.state_dict()
     ours = as_ours(state_dict)
     replaced = sorted(
@@ -48,21 +45,12 @@ def replace_class_layers(
 def load_stage1_into_temporal(
     model: nn.Module, state_dict: Mapping[str, Tensor], *, head_init: str = "official"
 ) -> None:
-    """Initialise a TAD model (``model.is_temporal``) from a single-frame (stage-1) state dict,
-    ours or official.
+    """Initialise a TAD model from a stage-1 state dict (ours or official), which must fit it
+    by name and shape (``WeightsError`` otherwise).
 
-    Every stage-1 weight must fit the model by name and shape (backbone, pixel decoder, queries,
-    decoder layers, clip head); otherwise ``WeightsError`` lists the offending keys.
-
-    ``head_init="official"`` reproduces the official stage-2 start (docs/DESIGN.md §6): the
-    TAD-only parts keep their fresh initialisation — the shared ``decoder.temporal`` module, both
-    head norms (``clip_head.norm`` and ``frame_head.norm``; the official names differ between
-    the stages) and the frame head's class and mask layers. Everything else, including the clip
-    head's class and mask layers, comes from stage 1.
-
-    ``head_init="copy"``: as "official", and in addition the stage-1 head (norm, class layer,
-    mask MLP) is copied into the frame head, and the stage-1 norm into the clip head's norm,
-    so both heads start as the stage-1 head. Only ``decoder.temporal`` stays fresh.
+    ``official``: the official stage-2 start; ``decoder.temporal``, both head norms and the
+    frame head's class and mask layers stay fresh. ``copy``: both heads (norm, class layer,
+    mask MLP) start as the stage-1 head; only ``decoder.temporal`` stays fresh.
     """
     if head_init not in HEAD_INITS:
         raise WeightsError(f"head_init: expected one of {HEAD_INITS}, got {head_init!r}")
@@ -81,38 +69,27 @@ def load_stage1_into_temporal(
     shared = {key: value for key, value in target.items() if not key.startswith(_TAD_ONLY)}
     check_state_dict(shared, stage1, what="stage-1 checkpoint → temporal model")
     new_state = dict(target)
+    head = "decoder.clip_head."
     if head_init == "official":
-        new_state.update(
-            {k: v for k, v in stage1.items() if not k.startswith("decoder.clip_head.norm.")}
-        )
+        new_state.update({k: v for k, v in stage1.items() if not k.startswith(f"{head}norm.")})
         fresh = "decoder.temporal, clip_head.norm, frame_head (norm, class_embed, mask_embed)"
     else:
-        head = "decoder.clip_head."
         new_state.update(stage1)
-        new_state.update(
-            {
-                f"decoder.frame_head.{k[len(head) :]}": v
-                for k, v in stage1.items()
-                if k.startswith(head)
-            }
-        )
+        heads = {k[len(head) :]: v for k, v in stage1.items() if k.startswith(head)}
+        new_state.update({f"decoder.frame_head.{k}": v for k, v in heads.items()})
         fresh = "decoder.temporal"
     model.load_state_dict(new_state, strict=True)
     logger.info("stage-1 weights loaded (head_init=%s); freshly initialised: %s", head_init, fresh)
 
 
 def init_from_weights(model: nn.Module, path: PathLike, *, head_init: str = "official") -> None:
-    """Load the weights at ``path`` into ``model`` to start training: a stage-1 model into a
-    TAD model (``head_init``), otherwise the same network strictly; class layers of another
-    class count are re-initialised."""
+    """Load ``path`` into ``model`` to start training: stage 1 into a TAD model (``head_init``),
+    else the same network strictly; class layers of another class count start fresh."""
     state_dict, fresh = replace_class_layers(read_state_dict(path), model)
     if fresh:
-        logger.info(
-            "%s: class layers re-initialised for %d classes: %s",
-            path,
-            model.num_classes,
-            ", ".join(fresh),
-        )
+        count = model.num_classes
+        names = ", ".join(fresh)
+        logger.info("%s: class layers re-initialised for %d classes: %s", path, count, names)
     has_tad = any(key.startswith("decoder.temporal.") for key in state_dict)
     if getattr(model, "is_temporal", False) and not has_tad:
         load_stage1_into_temporal(model, state_dict, head_init=head_init)

@@ -3,18 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from themask.io import PathLike
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    doc: str | None,
+) -> argparse.ArgumentParser:
+    """The parser of ``themask <name>`` calling ``run``: ``doc``'s first line is its summary,
+    all of ``doc`` its description (line breaks kept)."""
+    parser = subparsers.add_parser(
+        name,
+        help=(doc or "").split("\n", 1)[0],
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=run)
+    return parser
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = None) -> None:
     """``--threads N``: torch CPU threads, set by ``themask.cli.main`` before the command runs."""
+    where = "torch's default, one per core" if default is None else str(default)
     parser.add_argument(
         "--threads",
         type=int,
         default=default,
         metavar="N",
-        help="torch CPU threads (default: "
-        + ("torch's default, one per core" if default is None else str(default))
-        + "; on a busy machine 1 is often much faster)",
+        help=f"torch CPU threads (default: {where}; on a busy machine 1 is often much faster)",
     )
 
 
@@ -24,6 +46,34 @@ def add_overrides_argument(parser: argparse.ArgumentParser, example: str) -> Non
         "overrides",
         nargs="*",
         metavar="key=value",
-        help=f"dotted config overrides parsed as YAML scalars, e.g. {example} (anywhere on "
-        "the line)",
+        help=f"dotted config overrides parsed as YAML, e.g. {example} (anywhere on the line)",
     )
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser, amp_default: str | None) -> None:
+    """``--amp``, ``--device`` and ``--threads`` (``eval`` and ``predict``)."""
+    from themask.precision import AMP_MODES
+
+    parser.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default=amp_default,
+        help=f"inference autocast (default: {amp_default or 'eval.amp'}; auto: bf16 on CUDA "
+        "where supported)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    add_threads_argument(parser)
+
+
+def report_metrics(
+    report: dict[str, Any], names: list[str], json_path: PathLike | None, **fields: Any
+) -> None:
+    """Print the metric table; with ``json_path`` also write ``fields`` and the metrics there."""
+    from themask.evaluation.metrics import format_metrics_table, metrics_to_json
+    from themask.io import atomic_write
+
+    print(format_metrics_table(report, names))
+    if json_path:
+        payload = {**fields, "metrics": metrics_to_json(report, names)}
+        with atomic_write(json_path) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1, allow_nan=False))

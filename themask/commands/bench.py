@@ -27,8 +27,9 @@ import multiprocessing
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_PRESETS = (
     "themask_mit_b0_t1",

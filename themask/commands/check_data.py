@@ -1,61 +1,45 @@
-"""``themask check-data ROOT``: validate a dataset folder against its ``dataset.yaml``, or
-draft that description (``--init-description``)."""
+"""Validate a dataset folder against its dataset.yaml (or draft one).
+
+Decode every frame and mask of ROOT as its dataset.yaml (else the VSPW layout) describes
+them; print videos, frames, sizes and a class table; exit with status 1 naming every bad file.
+--init-description drafts ROOT/dataset.yaml from the masks of a folder without one, finding
+frames and masks in the VSPW or DAVIS layout unless --frames / --masks give folder patterns.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from themask.commands import add_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "check-data",
-        help="validate a dataset folder against its dataset.yaml (or draft one)",
-        description="Decode every frame and mask of the dataset at ROOT as its dataset.yaml "
-        "describes it (a root without one is read as VSPW): split files, video folders, "
-        "frames of one size per video, a mask for every frame unless the dataset is sparse, "
-        "single-channel masks of their frame's size holding only class or ignored values. "
-        "Prints videos, frames, frame sizes and a class table (masks and pixels per class); "
-        "exits with status 1 naming every bad file. --init-description scans the masks of a "
-        "folder without dataset.yaml and writes a draft to edit.",
-    )
+    parser = add_command(subparsers, "check-data", run, __doc__)
     parser.add_argument("root", metavar="ROOT", help="dataset folder")
     parser.add_argument(
-        "--split",
-        action="append",
-        metavar="NAME",
-        help="split to check (repeatable; default: every split of the description)",
+        "--split", action="append", metavar="NAME", help="split to check (repeatable; default: all)"
     )
     parser.add_argument(
         "--unlabelled",
         action="append",
         default=[],
         metavar="NAME",
-        help="split whose videos may lack masks (e.g. --unlabelled test)",
+        help="a split that may lack masks",
     )
     parser.add_argument("--jobs", type=int, default=1, metavar="N", help="processes (default 1)")
     parser.add_argument(
-        "--init-description",
-        action="store_true",
-        help="write a draft ROOT/dataset.yaml from the masks found (placeholder class names)",
+        "--init-description", action="store_true", help="write a draft ROOT/dataset.yaml"
     )
-    parser.add_argument(
-        "--frames",
-        metavar="PATTERN",
-        help="with --init-description: frame folder pattern, e.g. 'JPEGImages/{video}' "
-        "(default: the VSPW or the DAVIS layout, whichever is found)",
-    )
-    parser.add_argument("--masks", metavar="PATTERN", help="with --init-description: mask folder")
-    parser.set_defaults(func=run)
+    parser.add_argument("--frames", metavar="PATTERN", help="e.g. 'JPEGImages/{video}'")
+    parser.add_argument("--masks", metavar="PATTERN", help="e.g. 'Annotations/{video}'")
 
 
 def run(args: argparse.Namespace) -> int:
     from themask.data.check import check_dataset, format_report, write_draft_description
 
-    # a DataError becomes one line on stderr and exit status 2 (themask.cli)
     if args.init_description:
         path = write_draft_description(args.root, frames=args.frames, masks=args.masks)
-        print(f"draft description written to {path}; edit the class names, then run "
-              f"`themask check-data {args.root}`")  # fmt: skip
+        print(f"draft written to {path}; edit the class names, then run themask check-data")
         return 0
     report = check_dataset(
         args.root, splits=args.split, unlabelled_splits=args.unlabelled, jobs=args.jobs

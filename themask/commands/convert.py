@@ -1,41 +1,32 @@
-"""``themask convert SRC DST [--preset NAME]``: any supported weights → our safetensors format."""
+"""Convert official THE-Mask checkpoints or MiT ImageNet weights to a themask model.
+
+Write DST (.safetensors with the model config inside) from SRC: an official THE-Mask
+checkpoint (preset and class count inferred unless given), a themask training checkpoint, or
+MiT ImageNet weights (original SegFormer, Hugging Face file or directory, mmseg 1.x), which
+become the backbone of a fresh --preset model.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
+
+from themask.commands import add_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert official THE-Mask checkpoints or MiT ImageNet weights to a themask model",
-        description="Write DST (.safetensors, with the model config inside, loadable by "
-        "themask.load_model) from SRC: a checkpoint of the official THE-Mask code (mmseg "
-        "layout; preset and class count inferred from the shapes unless given), a themask "
-        "training checkpoint, or MiT ImageNet weights in the original SegFormer, Hugging Face "
-        "(file or nvidia/mit-b* directory) or mmseg 1.x layout, which become the backbone of "
-        "a fresh model of --preset (required then).",
-    )
-    parser.add_argument(
-        "src", metavar="SRC", help="weights file (.pth/.pt/.bin/.safetensors) or HF dir"
-    )
+    parser = add_command(subparsers, "convert", run, __doc__)
+    parser.add_argument("src", metavar="SRC", help="weights file (.pth/.pt/.bin/.safetensors)")
     parser.add_argument("dst", metavar="DST", help="output .safetensors file")
+    parser.add_argument("--preset", help="model preset (inferred if omitted)")
     parser.add_argument(
-        "--preset", help="model preset (see themask.list_presets()); inferred if omitted"
+        "--num-classes", type=int, help="classes K (default: inferred, or 124 for MiT weights)"
     )
-    parser.add_argument(
-        "--num-classes",
-        type=int,
-        help="number of classes K (default: inferred, or 124 for MiT weights)",
-    )
-    parser.set_defaults(func=run)
 
 
-def preset_of(config) -> str:
-    """The presets whose network ``config`` (a ``ModelConfig``) is, dropout rates aside (e.g.
-    ``mask2former_tiny / themask_tiny_t1``: they share one), else ``"custom <backbone>-based"``."""
-    import dataclasses
-
+def preset_of(config: Any) -> str:
+    """The presets of network ``config`` (dropout rates aside), else ``custom <backbone>-based``."""
     from themask.modeling.build import list_presets, preset_config
 
     names = []

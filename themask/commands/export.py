@@ -1,45 +1,35 @@
-"""``themask export``: saved weights → ONNX graphs + manifest for ``themask predict --onnx``."""
+"""Export weights to ONNX (encoder + decoder graphs, manifest).
+
+Writes to OUT:
+  encoder.onnx    a normalised frame (1, 3, H, W), H and W multiples of 32 -> its features
+  decoder.onnx    the features of a window of T frames -> class scores (T, K, H/4, W/4)
+  manifest.json   classes, palette, T, normalisation, resize and padding rule, opset, version
+`themask predict --onnx OUT VIDEO --out PRED` then needs only onnxruntime, numpy and av
+(pip install 'themask[onnx]'). Example:
+  themask export --weights run/model.safetensors --out exported/ --clip-len 2
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from themask.commands import add_command
 from themask.commands.predict import add_window_arguments, window_settings
-
-DESCRIPTION = """\
-Export a model for ONNX Runtime. Writes to OUT:
-  encoder.onnx    one normalised frame (1, 3, H, W), H and W any multiples of 32 -> its
-                  features (mask features at stride 4, multi-scale maps at strides 32, 16, 8)
-  decoder.onnx    the features of a window of T frames -> class scores (T, K, H/4, W/4)
-  manifest.json   classes, palette, T, normalisation, resize and padding rule, opset, version
-
-Then `themask predict --onnx OUT VIDEO --out PRED` segments videos with onnxruntime, numpy and
-av only (pip install 'themask[onnx]'), reusing each frame's features across windows.
-
-Example:
-  themask export --weights run/model.safetensors --out exported/ --clip-len 2
-"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "export",
-        help="export weights to ONNX (encoder + decoder graphs, manifest)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "export", run, __doc__)
     parser.add_argument("--weights", required=True, help="themask .safetensors or official .pth")
     parser.add_argument("--out", required=True, help="output folder")
     add_window_arguments(parser)  # --scale: the test resize recorded in the manifest
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from themask.deploy.export import export_onnx
     from themask.weights import model_from_weights
 
-    model = model_from_weights(args.weights)  # bad weights: one line, exit 2 (themask.cli)
+    model = model_from_weights(args.weights)
     scale, clip_len, names, palette = window_settings(args, model)
     manifest = export_onnx(
         model,

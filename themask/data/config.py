@@ -8,7 +8,6 @@ label encoding and layout come from ``<root>/dataset.yaml`` (VSPW when absent).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from themask.data.clips import clip_offsets
 from themask.data.description import DatasetDescription, load_description
@@ -53,8 +52,7 @@ class DataConfig(AugmentConfig):
     train_split: str = "train"
     val_split: str = "val"
     dilation: tuple[int, ...] = (-3,)  # training clip = target + these offsets (target last)
-    # None = the training clip length (Optional: get_type_hints cannot read X | None on 3.9)
-    test_clip_len: Optional[int] = None  # noqa: UP045
+    test_clip_len: int | None = None  # None = the training clip length
     reverse_prob: float = 0.5
     size_divisor: int = 32
     num_workers: int = 4

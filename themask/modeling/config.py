@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from themask.data.vspw import NUM_CLASSES
 
@@ -14,10 +14,10 @@ class ModelConfig:
     heads of the MiT variant ``backbone`` (``mit_b0`` … ``mit_b5``)."""
 
     backbone: str = "mit_b1"
-    # Optional: typing.get_type_hints evaluates these, and Python 3.9 cannot evaluate X | None
-    backbone_embed_dims: Optional[tuple[int, int, int, int]] = None  # noqa: UP045
-    backbone_depths: Optional[tuple[int, int, int, int]] = None  # noqa: UP045
-    backbone_num_heads: Optional[tuple[int, int, int, int]] = None  # noqa: UP045
+    # None: the variant's (MIT_VARIANTS)
+    backbone_embed_dims: tuple[int, int, int, int] | None = None
+    backbone_depths: tuple[int, int, int, int] | None = None
+    backbone_num_heads: tuple[int, int, int, int] | None = None
     drop_path_rate: float = 0.1
     decoder: Literal["single", "temporal"] = "temporal"  # single = Mask2Former decoder (§4.1)
     num_classes: int = NUM_CLASSES

@@ -28,7 +28,6 @@ COMMAND_MODULES: tuple = (
     "predict",
     "convert",
     "export",
-    "bench",
     "configs",
 )
 

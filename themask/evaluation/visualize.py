@@ -17,18 +17,6 @@ from themask.io import PathLike
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "colorize",
-    "overlay",
-    "draw_legend",
-    "with_legend",
-    "save_label_png",
-    "OverlayVideoWriter",
-    "write_predictions",
-    "comparison_panel",
-    "plot_loss_curve",
-]
-
 LEGEND_ROW, LEGEND_BOX, LEGEND_PAD = 14, 10, 3
 FOLDER_FPS = 15.0  # overlay.mp4 of a frame folder (VSPW's frame rate)
 
@@ -62,17 +50,16 @@ def overlay(
     *,
     alpha: float = 0.5,
 ) -> np.ndarray:
-    """Blend coloured labels onto an RGB frame: (1 − alpha)·frame + alpha·colour.
-
-    frame: (H, W, 3) uint8; labels: (H, W). Pixels with labels outside [0, K) keep the frame.
-    """
-    if frame.shape[:2] != np.asarray(labels).shape:
+    """(H, W, 3) uint8 frame blended with coloured (H, W) labels, (1 − alpha)·frame + alpha·colour;
+    labels outside [0, K) keep the frame."""
+    labels = np.asarray(labels)
+    if frame.shape[:2] != labels.shape:
         raise ValueError(
-            f"overlay: frame {frame.shape[:2]} and labels {np.asarray(labels).shape} differ in size"
+            f"overlay: frame {frame.shape[:2]} and labels {labels.shape} differ in size"
         )
     colours = colorize(labels, palette).astype(np.float32)
     blended = (1.0 - alpha) * frame.astype(np.float32) + alpha * colours
-    valid = (np.asarray(labels) >= 0) & (np.asarray(labels) < len(_palette_array(palette)))
+    valid = (labels >= 0) & (labels < len(_palette_array(palette)))
     out = np.where(valid[..., None], blended, frame.astype(np.float32))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -85,8 +72,8 @@ def draw_legend(
     *,
     max_entries: int = 12,
 ) -> np.ndarray:
-    """Draw a legend (colour box + name per class) in the top-left corner of a copy of the
-    (H, W, 3) image; at most ``max_entries`` rows and as many as fit in H."""
+    """A copy of the (H, W, 3) image with a legend (colour box + name per class) top left; at
+    most ``max_entries`` rows and as many as fit in H."""
     pal = _palette_array(palette)
     fit = max(0, (image.shape[0] - LEGEND_PAD) // LEGEND_ROW)
     ids = [int(c) for c in class_ids if 0 <= int(c) < len(pal)][: min(max_entries, fit)]
@@ -110,8 +97,8 @@ def with_legend(
     class_names: Sequence[str],
     palette: np.ndarray | Sequence[Sequence[int]],
 ) -> np.ndarray:
-    """(H, W, 3) image → (H, W + L, 3): the legend in a black panel to its right, so it never
-    covers the picture; L fits the longest of ``class_names`` (the same for every frame)."""
+    """(H, W, 3) image → (H, W + L, 3): the legend in a black panel to its right, L fitting the
+    longest of ``class_names``."""
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     width = int(max(draw.textlength(name) for name in class_names)) + LEGEND_BOX + 4 * LEGEND_PAD
     canvas = np.zeros((image.shape[0], width, 3), dtype=np.uint8)
@@ -127,8 +114,10 @@ def save_label_png(
     """Write (H, W) train ids (0 … K−1, < 256) as a palettised 'P' PNG (VSPW prediction format)."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise ValueError(f"save_label_png: labels must fit in uint8, got range "
-                         f"[{labels.min()}, {labels.max()}] for {path}")
+        raise ValueError(
+            f"save_label_png: labels must fit in uint8, got range "
+            f"[{labels.min()}, {labels.max()}] for {path}"
+        )
     pal = _palette_array(palette)
     flat = np.zeros((256, 3), dtype=np.uint8)
     flat[: min(256, len(pal))] = pal[:256]
@@ -139,8 +128,7 @@ def save_label_png(
 
 
 def fit_into(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w, 3) frame scaled to fit inside ``size`` (H, W), keeping its aspect ratio,
-    centred on black."""
+    """(h, w, 3) frame scaled into ``size`` (H, W) keeping its aspect ratio, centred on black."""
     height, width = size
     factor = min(height / frame.shape[0], width / frame.shape[1])
     new_w = max(1, min(width, round(frame.shape[1] * factor)))
@@ -153,12 +141,8 @@ def fit_into(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class OverlayVideoWriter:
-    """Write RGB frames to an MP4 with PyAV (H.264 when available, else MPEG-4 part 2).
-
-    The video has the size of the first frame (odd width/height padded by one edge pixel:
-    yuv420p needs even sizes); a later frame of another size is scaled to fit inside it,
-    keeping its aspect ratio, on black. Use as a context manager.
-    """
+    """Context manager writing RGB frames to an MP4 with PyAV (H.264, else MPEG-4 part 2) at
+    the first frame's size (odd sides padded for yuv420p; other sizes scaled to fit)."""
 
     def __init__(self, path: PathLike, *, fps: float = 15.0) -> None:
         self.path = Path(path)
@@ -166,7 +150,6 @@ class OverlayVideoWriter:
         self._container: av.container.OutputContainer | None = None
         self._stream: VideoStream | None = None
         self._size: tuple[int, int] | None = None
-        self.frames_written = 0
 
     def __enter__(self) -> OverlayVideoWriter:
         return self
@@ -202,7 +185,6 @@ class OverlayVideoWriter:
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         for packet in self._stream.encode(video_frame):
             self._container.mux(packet)
-        self.frames_written += 1
 
     def close(self) -> None:
         if self._container is None:
@@ -227,14 +209,10 @@ def write_predictions(
     fps: float | None = None,
     alpha: float = 0.5,
 ) -> int:
-    """Segment the frames of a video file or frame folder and write ``out/labels/<frame>.png``
-    (train ids), ``out/overlays/<frame>.png`` (overlay, legend in a panel to its right) and
-    ``out/overlay.mp4`` at ``fps`` (default: the input video's rate; 15 for a frame folder).
-
-    ``segment`` maps the (H, W, 3) uint8 frames, in order, to ``(frame, labels (H, W))``, one
-    pair per frame as it arrives (the PyTorch or the ONNX Runtime predictor). Returns the
-    number of frames.
-    """
+    """Write ``out/labels/<frame>.png`` (train ids), ``out/overlays/<frame>.png`` (with legend)
+    and ``out/overlay.mp4`` (``fps`` default: the video's, 15 for a frame folder) of a video file
+    or frame folder; ``segment`` maps the frames to ``(frame, labels (H, W))`` pairs in order.
+    Returns the number of frames."""
     from tqdm import tqdm
 
     from themask.data.video_io import iter_input_frames, video_frame_rate
@@ -273,8 +251,9 @@ def comparison_panel(
     """Ground truth | prediction overlays of one (H, W, 3) frame side by side, upscaled
     ``scale`` times (nearest), with a legend of the classes of both on the right."""
     gap = np.full((frame.shape[0], 4, 3), 255, dtype=np.uint8)
-    pair = Image.fromarray(np.concatenate([overlay(frame, gt, palette), gap,
-                                           overlay(frame, pred, palette)], axis=1))
+    pair = Image.fromarray(
+        np.concatenate([overlay(frame, gt, palette), gap, overlay(frame, pred, palette)], axis=1)
+    )
     pair = pair.resize((pair.width * scale, pair.height * scale), Image.Resampling.NEAREST)
     shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
     return with_legend(np.asarray(pair), shown, class_names, palette)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from themask.data.vspw import IGNORE_INDEX
 from themask.distributed import all_reduce
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -92,7 +93,7 @@ class SegmentationAccumulator:
         self,
         *,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         device: str | torch.device = "cpu",
     ) -> None:
         self.num_classes = num_classes

@@ -1,8 +1,5 @@
-"""Reading weight files safely and loading them strictly.
-
-Nothing here unpickles arbitrary objects (``torch.load(..., weights_only=True)``); every
-problem is a ``WeightsError`` (a ``ValueError``) naming the file or the offending keys.
-"""
+"""Reading weight files safely (nothing is unpickled) and loading them strictly; every problem
+is a ``WeightsError`` naming the file or the offending keys."""
 
 from __future__ import annotations
 
@@ -32,13 +29,8 @@ class WeightsError(ValueError):
 
 
 def read_state_dict(path: PathLike) -> StateDict:
-    """Read a weights file or a Hugging Face model directory into a flat ``{name: tensor}``.
-
-    ``.safetensors`` through safetensors; ``.pth/.pt/.bin`` through
-    ``torch.load(map_location="cpu", weights_only=True)``; a directory must hold
-    ``model.safetensors`` or ``pytorch_model.bin``. ``state_dict``/``model`` wrappers and a
-    ``module.`` prefix (DDP) are removed.
-    """
+    """A weights file (``.safetensors``; ``.pth/.pt/.bin`` loaded weights-only) or a Hugging Face
+    model directory as a flat ``{name: tensor}`` (wrappers and a ``module.`` prefix removed)."""
     source = Path(path)
     if source.is_dir():
         source = next((source / n for n in _HF_FILES if (source / n).is_file()), source)
@@ -46,42 +38,29 @@ def read_state_dict(path: PathLike) -> StateDict:
             raise FileNotFoundError(f"{path}: directory holds none of {list(_HF_FILES)}")
     if not source.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
-    if source.suffix == ".safetensors":
-        try:
+    if source.suffix not in (".safetensors", *_TORCH_SUFFIXES):
+        raise WeightsError(
+            f"{path}: unknown weights format {source.suffix!r}; expected .safetensors, "
+            f"{', '.join(_TORCH_SUFFIXES)} or a Hugging Face directory"
+        )
+    try:
+        if source.suffix == ".safetensors":
             loaded: object = load_file(str(source), device="cpu")
-        except Exception as error:  # safetensors raises its own error types
-            raise WeightsError(
-                f"{path}: not a readable .safetensors file ({_first_line(error)})"
-            ) from error
-    elif source.suffix in _TORCH_SUFFIXES:
-        try:
+        else:
             loaded = torch.load(source, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-            if found is None:
-                raise WeightsError(
-                    f"{path}: not a readable PyTorch weights file ({_first_line(error)})"
-                ) from error
+    except Exception as error:  # safetensors and torch raise many kinds
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and found is not None:
             raise WeightsError(
                 f"{path}: holds {found.group(1)}, which a safe (weights-only) load refuses. If "
                 "you trust the file, re-save just its state dict: "
                 "torch.save(torch.load(SRC, weights_only=False)['state_dict'], DST)"
             ) from None
-        except Exception as error:  # not a zip/pickle file: torch raises many kinds
-            raise WeightsError(
-                f"{path}: not a readable PyTorch weights file ({_first_line(error)})"
-            ) from error
-    else:
-        raise WeightsError(
-            f"{path}: unknown weights format {source.suffix!r}; expected .safetensors, "
-            f"{', '.join(_TORCH_SUFFIXES)} or a Hugging Face directory"
-        )
+        kind = ".safetensors" if source.suffix == ".safetensors" else "PyTorch weights"
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+        raise WeightsError(f"{path}: not a readable {kind} file ({reason})") from error
     return unwrap_state_dict(loaded, source=str(path))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
@@ -106,8 +85,7 @@ def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
 def check_state_dict(
     expected: Mapping[str, Tensor], given: Mapping[str, Tensor], *, what: str
 ) -> None:
-    """Raise ``WeightsError`` listing missing, unexpected and mis-shaped keys (``what`` names
-    the source)."""
+    """Raise ``WeightsError`` listing missing, unexpected and mis-shaped keys of ``what``."""
     mis_shaped = sorted(
         f"{key}: expected {tuple(expected[key].shape)}, got {tuple(given[key].shape)}"
         for key in set(expected) & set(given)

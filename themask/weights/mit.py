@@ -1,10 +1,5 @@
-"""MiT ImageNet weights in the three public layouts → our backbone names (one way).
-
-Layouts (docs/WEIGHTS.md): the original SegFormer release (``patch_embed1.proj.weight`` …),
-Hugging Face ``nvidia/mit-b*`` (``segformer.encoder.`` …, key and value separate) and mmseg 1.x
-(``layers.0.0.projection.weight`` …, fused q/k/v, 1×1-conv FFN). Hugging Face and mmseg are
-first turned into the original names, which are then renamed to ours (``stages.{s}.…``).
-"""
+"""MiT ImageNet weights → our backbone names (one way): the original SegFormer layout, and
+Hugging Face and mmseg 1.x through the original names (docs/WEIGHTS.md)."""
 
 from __future__ import annotations
 
@@ -82,10 +77,8 @@ _RE_HF = re.compile(
 
 
 def mit_hf_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Hugging Face ``SegformerModel`` names (``encoder.…``) → original; key/value are fused.
-
-    Expects the ``segformer.`` prefix already removed and ``classifier.*`` dropped.
-    """
+    """Hugging Face ``SegformerModel`` names (``encoder.…``, no ``segformer.`` prefix) →
+    original; key and value are fused into kv."""
     out: StateDict = {}
     pending: dict[str, dict[str, Tensor]] = {}
     for key, value in state_dict.items():
@@ -129,8 +122,8 @@ _RE_MMSEG_IN_PROJ = re.compile(r"layers\.(\d+)\.1\.(\d+)\.attn\.attn\.in_proj_(w
 
 
 def mit_mmseg_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """mmseg 1.x names (``layers.{s}.{0,1,2}``) → original; splits ``in_proj`` into q and kv and
-    turns the 1×1-conv FFN weights back into linear weights."""
+    """mmseg 1.x names (``layers.{s}.{0,1,2}``) → original: ``in_proj`` split into q and kv,
+    1×1-conv FFN weights made linear."""
     out: StateDict = {}
     for key, value in state_dict.items():
         in_proj = _RE_MMSEG_IN_PROJ.fullmatch(key)
@@ -171,7 +164,7 @@ _TO_ORIGINAL = {"huggingface": mit_hf_to_original, "mmseg": mit_mmseg_to_origina
 
 
 def detect_mit_layout(state_dict: Mapping[str, Tensor]) -> str:
-    """Identify the MiT layout by a sentinel key (after ``backbone.``/``segformer.`` removal)."""
+    """The MiT layout of a backbone state dict, by a sentinel key."""
     for layout, sentinel in _SENTINELS.items():
         if sentinel in state_dict:
             return layout
@@ -202,11 +195,7 @@ def _select_backbone_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
 
 
 def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Any supported MiT layout → our backbone names (``stages.{s}.…``).
-
-    Prefixes ``backbone.`` (mmseg 0.x) and ``segformer.`` (HF) are removed; ImageNet heads
-    (``head.*``, ``classifier.*``) and other non-backbone parts of a checkpoint are dropped.
-    """
+    """Any supported MiT layout → our backbone names; non-backbone keys are dropped."""
     state_dict = _select_backbone_keys(state_dict)
     layout = detect_mit_layout(state_dict)
     if layout == "themask":
@@ -230,6 +219,5 @@ def load_backbone_state_dict(
 
 
 def load_backbone_weights(backbone: nn.Module, path: PathLike) -> None:
-    """Load MiT weights from ``path`` (file or Hugging Face directory, any supported layout)
-    into ``backbone``, strictly."""
+    """Load MiT weights (a file or Hugging Face directory, any layout) into ``backbone``."""
     load_backbone_state_dict(backbone, read_state_dict(path), source=str(path))

@@ -1,6 +1,6 @@
 """Time per frame, counted FLOPs, efficiency and peak memory of presets (benchmarks/README.md).
 
-    python benchmarks/bench.py [--mode infer|train|stream] [--presets ...] [--sizes HxW ...]
+python benchmarks/bench.py [--mode infer|train|stream] [--presets ...] [--sizes HxW ...]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import av
 import numpy as np
@@ -19,9 +19,10 @@ logger = logging.getLogger(__name__)
 
 LEGEND_ROW, LEGEND_BOX, LEGEND_PAD = 14, 10, 3
 FOLDER_FPS = 15.0  # overlay.mp4 of a frame folder (VSPW's frame rate)
+Palette = Union[np.ndarray, Sequence[Sequence[int]]]  # (K, 3) RGB
 
 
-def _palette_array(palette: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+def _palette_array(palette: Palette) -> np.ndarray:
     arr = np.asarray(palette, dtype=np.uint8)
     if arr.ndim != 2 or arr.shape[1] != 3:
         raise ValueError(f"palette must be (K, 3) RGB values, got shape {arr.shape}")
@@ -29,10 +30,7 @@ def _palette_array(palette: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def colorize(
-    labels: np.ndarray,
-    palette: np.ndarray | Sequence[Sequence[int]],
-    *,
-    ignore_color: Sequence[int] = (0, 0, 0),
+    labels: np.ndarray, palette: Palette, *, ignore_color: Sequence[int] = (0, 0, 0)
 ) -> np.ndarray:
     """(H, W) integer labels → (H, W, 3) uint8 RGB; labels outside [0, K) get ``ignore_color``."""
     pal = _palette_array(palette)
@@ -44,11 +42,7 @@ def colorize(
 
 
 def overlay(
-    frame: np.ndarray,
-    labels: np.ndarray,
-    palette: np.ndarray | Sequence[Sequence[int]],
-    *,
-    alpha: float = 0.5,
+    frame: np.ndarray, labels: np.ndarray, palette: Palette, *, alpha: float = 0.5
 ) -> np.ndarray:
     """(H, W, 3) uint8 frame blended with coloured (H, W) labels, (1 − alpha)·frame + alpha·colour;
     labels outside [0, K) keep the frame."""
@@ -68,7 +62,7 @@ def draw_legend(
     image: np.ndarray,
     class_ids: Iterable[int],
     class_names: Sequence[str],
-    palette: np.ndarray | Sequence[Sequence[int]],
+    palette: Palette,
     *,
     max_entries: int = 12,
 ) -> np.ndarray:
@@ -92,10 +86,7 @@ def draw_legend(
 
 
 def with_legend(
-    image: np.ndarray,
-    class_ids: Iterable[int],
-    class_names: Sequence[str],
-    palette: np.ndarray | Sequence[Sequence[int]],
+    image: np.ndarray, class_ids: Iterable[int], class_names: Sequence[str], palette: Palette
 ) -> np.ndarray:
     """(H, W, 3) image → (H, W + L, 3): the legend in a black panel to its right, L fitting the
     longest of ``class_names``."""
@@ -106,11 +97,7 @@ def with_legend(
     return np.concatenate([image, legend], axis=1)
 
 
-def save_label_png(
-    labels: np.ndarray,
-    path: PathLike,
-    palette: np.ndarray | Sequence[Sequence[int]],
-) -> None:
+def save_label_png(labels: np.ndarray, path: PathLike, palette: Palette) -> None:
     """Write (H, W) train ids (0 … K−1, < 256) as a palettised 'P' PNG (VSPW prediction format)."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() > 255):
@@ -149,7 +136,7 @@ class OverlayVideoWriter:
         self.fps = fps
         self._container: av.container.OutputContainer | None = None
         self._stream: VideoStream | None = None
-        self._size: tuple[int, int] | None = None
+        self._size = (0, 0)  # (H, W) of the first frame
 
     def __enter__(self) -> OverlayVideoWriter:
         return self
@@ -157,27 +144,22 @@ class OverlayVideoWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _open(self, height: int, width: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        codec: Literal["libx264", "mpeg4"] = (
-            "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        )
-        self._container = av.open(str(self.path), mode="w")
-        rate = Fraction(self.fps).limit_denominator(1001)
-        self._stream = self._container.add_stream(codec, rate=rate)
-        self._stream.width = width + width % 2
-        self._stream.height = height + height % 2
-        self._stream.pix_fmt = "yuv420p"
-        self._size = (height, width)
-        logger.debug("writing %s with codec %s at %s fps", self.path, codec, rate)
-
     def write(self, frame: np.ndarray) -> None:
         """Append one (H, W, 3) uint8 RGB frame."""
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"OverlayVideoWriter: expected (H, W, 3) frames, got {frame.shape}")
-        if self._container is None:
-            self._open(frame.shape[0], frame.shape[1])
-        assert self._container is not None and self._stream is not None and self._size is not None
+        if self._container is None or self._stream is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            codec: Literal["libx264", "mpeg4"] = (
+                "libx264" if "libx264" in av.codecs_available else "mpeg4"
+            )
+            rate = Fraction(self.fps).limit_denominator(1001)
+            self._container = av.open(str(self.path), mode="w")
+            self._stream = self._container.add_stream(codec, rate=rate)
+            self._size = (frame.shape[0], frame.shape[1])
+            self._stream.height, self._stream.width = (side + side % 2 for side in self._size)
+            self._stream.pix_fmt = "yuv420p"
+            logger.debug("writing %s with codec %s at %s fps", self.path, codec, rate)
         if frame.shape[:2] != self._size:
             frame = fit_into(frame, self._size)
         height, width = frame.shape[:2]
@@ -187,25 +169,21 @@ class OverlayVideoWriter:
             self._container.mux(packet)
 
     def close(self) -> None:
-        if self._container is None:
+        if self._container is None or self._stream is None:
             return
-        assert self._stream is not None
         for packet in self._stream.encode():
             self._container.mux(packet)
         self._container.close()
         self._container = None
 
 
-Segmenter = Callable[[Iterator[np.ndarray]], Iterable[tuple[np.ndarray, np.ndarray]]]
-
-
 def write_predictions(
     input_path: PathLike,
     out: PathLike,
-    segment: Segmenter,
+    segment: Callable[[Iterator[np.ndarray]], Iterable[tuple[np.ndarray, np.ndarray]]],
     *,
     class_names: Sequence[str],
-    palette: np.ndarray | Sequence[Sequence[int]],
+    palette: Palette,
     fps: float | None = None,
     alpha: float = 0.5,
 ) -> int:
@@ -244,7 +222,7 @@ def comparison_panel(
     gt: np.ndarray,
     pred: np.ndarray,
     class_names: Sequence[str],
-    palette: np.ndarray | Sequence[Sequence[int]],
+    palette: Palette,
     *,
     scale: int = 2,
 ) -> np.ndarray:

@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,15 +80,20 @@ def _metadata(path: PathLike) -> dict[str, str]:
         return {}
 
 
+def _stored(path: PathLike, key: str) -> Any:
+    """The JSON value under ``key`` in a .safetensors file's metadata (None if absent)."""
+    text = _metadata(path).get(key)
+    return None if text is None else json.loads(text)
+
+
 def read_model_config(path: PathLike) -> ModelConfig:
     """The ``ModelConfig`` stored in a file written by :func:`save_model`."""
-    stored = _metadata(path).get(CONFIG_METADATA_KEY)
-    if stored is None:
+    values = _stored(path, CONFIG_METADATA_KEY)
+    if values is None:
         raise WeightsError(
             f"{path}: no '{CONFIG_METADATA_KEY}' metadata; not a themask model file "
             "(convert other checkpoints with `themask convert`)"
         )
-    values = json.loads(stored)
     values.pop("loss", None)  # files from before the objective left the network config
     try:
         return update_dataclass(ModelConfig(), values, CONFIG_METADATA_KEY)
@@ -97,21 +103,17 @@ def read_model_config(path: PathLike) -> ModelConfig:
 
 def read_class_info(path: PathLike) -> tuple[list[str], np.ndarray | None] | None:
     """(class names, (K, 3) uint8 palette or None) stored by :func:`save_model`, else None."""
-    stored = _metadata(path).get(CLASSES_METADATA_KEY)
-    if stored is None:
+    values = _stored(path, CLASSES_METADATA_KEY)
+    if values is None:
         return None
-    values = json.loads(stored)
     palette = values.get("palette")
     return list(values["names"]), None if palette is None else np.array(palette, dtype=np.uint8)
 
 
 def read_test_scale(path: PathLike) -> tuple[int, int] | None:
     """The (long, short) test resize stored by :func:`save_model`, else None."""
-    stored = _metadata(path).get(TEST_METADATA_KEY)
-    if stored is None:
-        return None
-    long_side, short_side = json.loads(stored)["scale"]
-    return int(long_side), int(short_side)
+    values = _stored(path, TEST_METADATA_KEY)
+    return None if values is None else (int(values["scale"][0]), int(values["scale"][1]))
 
 
 def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> THEMask:
@@ -147,13 +149,7 @@ def model_from_weights(
             raise WeightsError(f"{path}: MiT backbone weights only; name the model with a preset")
         model = build_model(preset, num_classes=NUM_CLASSES if num_classes is None else num_classes)
         layout = "MiT " + load_backbone_state_dict(model.backbone, state_dict, source=str(path))
-    logger.info(
-        "%s: %s weights → %s %s decoder, %d classes, %.2f M parameters",
-        path,
-        layout,
-        model.config.backbone,
-        model.config.decoder,
-        model.num_classes,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-    )
+    network = f"{model.config.backbone} {model.config.decoder} decoder, {model.num_classes} classes"
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    logger.info("%s: %s weights → %s, %.2f M parameters", path, layout, network, size)
     return model

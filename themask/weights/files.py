@@ -1,5 +1,5 @@
-"""Reading weight files safely (nothing is unpickled) and loading them strictly; every problem
-is a ``WeightsError`` naming the file or the offending keys."""
+"""Reading weight files safely (nothing is unpickled), loading them strictly, renaming keys by
+prefix tables; every problem is a ``WeightsError`` naming the file or the offending keys."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from themask.io import PathLike
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, Tensor]
+NameTable = tuple[tuple[str, str], ...]  # (source prefix, target prefix) pairs
 
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -108,3 +109,15 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, what: st
     """``module.load_state_dict(strict=True)`` after a readable key/shape check."""
     check_state_dict(module.state_dict(), state_dict, what=what)
     module.load_state_dict(dict(state_dict), strict=True)
+
+
+def rename(key: str, table: NameTable) -> str | None:
+    """``key`` renamed by the first matching (source, target) prefix pair, else None; ``{i}``
+    in a pair stands for an index."""
+    for source, target in table:
+        pattern = re.escape(source).replace(re.escape("{i}"), r"(\d+)")
+        match = re.match(pattern, key)
+        if match is not None:
+            new = target.replace("{i}", match.group(1)) if match.groups() else target
+            return new + key[match.end() :]
+    return None

@@ -14,7 +14,7 @@ from torch import Tensor
 from themask.modeling.build import list_presets, preset_config
 from themask.modeling.config import ModelConfig
 from themask.modeling.mit import MIT_VARIANTS
-from themask.weights.files import StateDict, WeightsError
+from themask.weights.files import NameTable, StateDict, WeightsError, rename
 from themask.weights.mit import mit_original_to_ours
 
 logger = logging.getLogger(__name__)
@@ -72,18 +72,6 @@ _OFFICIAL_UNUSED = re.compile(
     r"decode_head\.(?:conv_seg\..*|criterion\.empty_weight"
     r"|predictor\.deformabel_transformer_cross_attention_layers\.reference_points\..*)"
 )
-NameTable = tuple[tuple[str, str], ...]
-
-
-def rename(key: str, table: NameTable) -> str | None:
-    """``key`` renamed by the first matching (source, target) prefix pair, else None."""
-    for source, target in table:
-        pattern = re.escape(source).replace(re.escape("{i}"), r"(\d+)")
-        match = re.match(pattern, key)
-        if match is not None:
-            new = target.replace("{i}", match.group(1)) if match.groups() else target
-            return new + key[match.end() :]
-    return None
 
 
 def official_table(temporal: bool) -> NameTable:

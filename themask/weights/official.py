@@ -123,21 +123,17 @@ def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
         regex = re.compile(pattern)
         return len({m.group(1) for key in ours if (m := regex.match(key))})
 
-    widths = []
-    for stage in range(4):
-        weight = ours.get(f"backbone.stages.{stage}.patch_embed.proj.weight")
-        if weight is None:
-            raise WeightsError(f"no backbone stage {stage} in the state dict (not a full model?)")
-        widths.append(int(weight.shape[0]))
-    queries = ours.get("decoder.query_feat.weight")
-    if queries is None:
-        raise WeightsError("no decoder.query_feat.weight in the state dict (not a full model?)")
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in ours:
+            raise WeightsError(f"no {key} in the state dict (not a full model?)")
+        return tuple(ours[key].shape)
+
     return dict(
-        widths=tuple(widths),
+        widths=tuple(shape(f"backbone.stages.{s}.patch_embed.proj.weight")[0] for s in range(4)),
         depths=tuple(count(rf"backbone\.stages\.{s}\.blocks\.(\d+)\.") for s in range(4)),
         temporal=any(key.startswith("decoder.temporal.") for key in ours),
-        num_queries=int(queries.shape[0]),
-        hidden_dim=int(queries.shape[1]),
+        num_queries=shape("decoder.query_feat.weight")[0],
+        hidden_dim=shape("decoder.query_feat.weight")[1],
         decoder_layers=count(r"decoder\.layers\.(\d+)\."),
         pixel_decoder_layers=count(r"pixel_decoder\.encoder_layers\.(\d+)\."),
     )

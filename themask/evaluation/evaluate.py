@@ -119,11 +119,8 @@ def evaluate_split(
             vc.all_reduce()
         counts = dist_utils.all_reduce(counts)
     results: dict[str, object] = dict(seg.compute())
-    for n, vc in vcs.items():
-        results[f"mVC{n}"] = vc.compute()
-    results["num_videos"] = int(counts[0])
-    results["num_frames"] = int(counts[1])
-    return results
+    results.update({f"mVC{n}": vc.compute() for n, vc in vcs.items()})
+    return dict(results, num_videos=int(counts[0]), num_frames=int(counts[1]))
 
 
 def evaluate_config(

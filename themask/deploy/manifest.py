@@ -61,12 +61,12 @@ def read_manifest(directory: PathLike) -> Manifest:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not a readable JSON manifest ({err})") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        version = data.get("themask_version", "?") if isinstance(data, dict) else "?"
+    data = data if isinstance(data, dict) else {}
+    if data.get("format") != FORMAT:
         raise DataError(
-            f"{path}: manifest format {found!r} (themask {version}); this themask reads format "
-            f"{FORMAT}: export the model again"
+            f"{path}: manifest format {data.get('format')!r} (themask "
+            f"{data.get('themask_version', '?')}); this themask reads format {FORMAT}: export the "
+            "model again"
         )
     names = {f.name for f in dataclasses.fields(Manifest)}
     try:

@@ -1,8 +1,5 @@
-"""``export_onnx``: a THEMask as ``encoder.onnx`` + ``decoder.onnx`` + ``manifest.json``.
-
-``torch.export`` graphs with dynamic H and W; deformable attention becomes plain
-``GridSample`` nodes (docs/ARCHITECTURE.md, Deployment).
-"""
+"""``export_onnx``: a THEMask as ``encoder.onnx`` + ``decoder.onnx`` (``torch.export``, dynamic
+H and W, plain ``GridSample`` nodes) + ``manifest.json``."""
 
 from __future__ import annotations
 

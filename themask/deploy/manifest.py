@@ -1,7 +1,4 @@
-"""``manifest.json``: what the (torch-free) ONNX Runtime predictor needs to run an export.
-
-``FORMAT`` changes whenever the graphs' I/O or a field change meaning; other formats are refused.
-"""
+"""``manifest.json``: what the (torch-free) ONNX Runtime predictor needs to run an export."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ from typing import Any
 from themask.data.vspw import TEST_SCALE, DataError
 from themask.io import PathLike, atomic_write
 
-FORMAT = 1
+FORMAT = 1  # changes whenever the graphs' I/O or a field change meaning
 # the encoder maps IMAGE to FEATURES; the decoder maps T frames' FEATURES (stacked) to SCORES
 IMAGE = "image"
 FEATURES = ("mask_features", "multi_scale_32", "multi_scale_16", "multi_scale_8")

@@ -1,8 +1,5 @@
-"""VSPW metrics (docs/VSPW.md §3): confusion matrix → mIoU, WIoU, accuracies; mVC_n.
-
-Streaming accumulators whose updates stay on the device; ``compute`` reads the sums once.
-Values are fractions in [0, 1] (the CLI prints them ×100); ``nan`` marks an undefined value.
-"""
+"""VSPW metrics (docs/VSPW.md §3) as fractions (``nan``: undefined): mIoU, WIoU, accuracies,
+mVC_n. The accumulators' updates stay on the device; ``compute`` reads the sums once."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Our own weights format and the one loader of every weights layout.
-
-A ``.safetensors`` file whose metadata holds the ``ModelConfig`` (``themask_config``), and
-optionally the class names and (K, 3) palette (``themask_classes``) and the test resize
-(``themask_test``), so ``load_model`` needs no preset.
-"""
+"""Our weights format, a ``.safetensors`` file whose metadata holds the ``ModelConfig`` and
+optionally class names, palette and test resize; and the one loader of every layout."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """Official THE-Mask checkpoints (mmseg 0.x names) → ours; the network of a full state dict.
-
-The tables below are the only copy of the official names (docs/DESIGN.md §9).
-"""
+The tables below are the only copy of the official names (docs/DESIGN.md §9)."""
 
 from __future__ import annotations
 

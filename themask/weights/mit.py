@@ -201,8 +201,9 @@ def load_backbone_state_dict(
     backbone: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "state dict"
 ) -> str:
     """Load MiT weights (any supported layout) into ``backbone`` strictly; returns the layout."""
-    layout = detect_mit_layout(_select_backbone_keys(state_dict))
-    converted = convert_mit_state_dict(state_dict)
+    selected = _select_backbone_keys(state_dict)  # (selecting again is a no-op)
+    layout = detect_mit_layout(selected)
+    converted = convert_mit_state_dict(selected)
     load_strict(backbone, converted, what=f"MiT weights {source} ({layout} layout)")
     logger.info(
         "loaded MiT weights from %s (%s layout, %d tensors)", source, layout, len(converted)

@@ -184,7 +184,7 @@ def test_video_file_and_frame_folder_readers(toy_root, tmp_path):
 
     video = VSPWIndex(toy_root, "val").videos[0]
     folder = list(iter_input_frames(video.frame_paths[0].parent))
-    assert [n for n, _ in folder] == video.frame_names
+    assert [n for n, _ in folder] == [p.stem for p in video.frame_paths]
     assert len(folder) == len(video) and folder[0][1].shape == (32, 48, 3)
 
     path = tmp_path / "clip.mp4"

@@ -97,7 +97,7 @@ def test_index_sorts_frames_by_name_and_pairs_masks_by_stem(tmp_path):
     index = VSPWIndex(tmp_path, "train")
     assert [v.name for v in index.videos] == ["v1", "v0"]
     video = index.videos[0]
-    assert video.frame_names == ["00000166", "00000200", "00000302"]
+    assert [p.stem for p in video.frame_paths] == ["00000166", "00000200", "00000302"]
     assert [p.name for p in video.mask_paths] == ["00000166.png", "00000200.png", "00000302.png"]
     assert all(p.parent.name == "mask" for p in video.mask_paths)
     assert index.num_frames == 4

@@ -1,16 +1,9 @@
-"""Validate a dataset folder against its description and summarise it (``themask check-data``),
-and draft a description for a folder that has none.
-
-Every problem is collected, never raised on the first one, so one run lists every bad file:
-unreadable split files, missing video folders, frames that cannot be decoded, videos whose
-frames differ in size, missing masks (unless the dataset is sparse), masks that are not
-single-channel, masks of another size than their frame and stored values that are neither
-ignored nor a class.
-"""
+"""``themask check-data``: validate a dataset folder against its description and summarise it;
+draft a description for a folder that has none. Every problem is collected (one run lists
+every bad file), never raised on the first one."""
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -18,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from themask.data.description import (
     DESCRIPTION_FILE,
@@ -29,17 +21,15 @@ from themask.data.description import (
     load_description,
 )
 from themask.data.vspw import (
-    MASK_SUFFIX,
     DataError,
     PathLike,
-    list_frames,
+    check_mask_size,
     map_raw_labels,
     read_frame,
     read_raw_label,
     read_split,
+    scan_video,
 )
-
-logger = logging.getLogger(__name__)
 
 # (frames, masks) folder patterns tried by ``draft_description``: VSPW, then DAVIS
 KNOWN_LAYOUTS = ((VSPW_FRAMES, VSPW_MASKS), ("JPEGImages/{video}", "Annotations/{video}"))
@@ -81,20 +71,15 @@ class CheckReport:
 
 
 def check_video(
-    root: PathLike, name: str, description: DatasetDescription, *, require_masks: bool = True
+    root: PathLike, name: str, description: DatasetDescription, require_masks: bool = True
 ) -> VideoReport:
     """Decode every frame and mask of one video and record every problem found."""
-    report = VideoReport()
-    frame_dir = description.frame_dir(root, name)
-    if not frame_dir.is_dir():
-        report.problems.append(f"{frame_dir}: video folder listed in the split does not exist")
+    video, problems = scan_video(root, name, description, require_masks=require_masks)
+    report = VideoReport(problems=problems)
+    if video is None or video.mask_paths is None:
         return report
-    frames = list_frames(frame_dir)
-    if not frames:
-        report.problems.append(f"{frame_dir}: no frames (*.jpg) in the video folder")
-    mask_dir = description.mask_dir(root, name)
     first: tuple[tuple[int, int], str] | None = None
-    for frame_path in frames:
+    for frame_path, mask_path in zip(video.frame_paths, video.mask_paths):
         report.frames += 1
         try:
             frame_hw: tuple[int, int] | None = read_frame(frame_path).shape[:2]
@@ -107,15 +92,10 @@ def check_video(
         elif first is not None and frame_hw not in (None, first[0]) and len(report.sizes) == 2:
             (h0, w0), name0 = first
             report.problems.append(
-                f"{frame_dir}: video {name} has frames of different sizes: {w0}x{h0} (WxH, "
-                f"{name0}) and {frame_hw[1]}x{frame_hw[0]} ({frame_path.name})"
+                f"{frame_path.parent}: video {name} has frames of different sizes: {w0}x{h0} "
+                f"(WxH, {name0}) and {frame_hw[1]}x{frame_hw[0]} ({frame_path.name})"
             )
-        mask_path = mask_dir / (frame_path.stem + MASK_SUFFIX)
-        if not mask_path.is_file():
-            if require_masks and not description.sparse:
-                report.problems.append(
-                    f"{mask_path}: mask missing for frame {frame_path.name} (dataset is not sparse)"
-                )
+        if mask_path is None:
             continue
         try:
             raw = read_raw_label(mask_path)
@@ -138,16 +118,12 @@ def check_video(
         counts = np.bincount(raw.astype(np.int64).ravel(), minlength=256)
         report.histogram += counts
         report.mask_counts += counts > 0
-        if frame_hw is not None and raw.shape != frame_hw:
-            report.problems.append(
-                f"{mask_path}: mask size {raw.shape[1]}x{raw.shape[0]} (WxH) differs from frame "
-                f"{frame_path.name} size {frame_hw[1]}x{frame_hw[0]}"
-            )
+        if frame_hw is not None:
+            try:
+                check_mask_size(mask_path, raw.shape, frame_path, frame_hw)
+            except DataError as err:
+                report.problems.append(str(err))
     return report
-
-
-def _check_video_args(args: tuple[str, str, DatasetDescription, bool]) -> VideoReport:
-    return check_video(args[0], args[1], args[2], require_masks=args[3])
 
 
 def check_dataset(
@@ -157,12 +133,8 @@ def check_dataset(
     unlabelled_splits: Sequence[str] = (),
     jobs: int = 1,
 ) -> CheckReport:
-    """Check the given splits (default: every split of the description, or those of
-    train/val/test present) of the dataset at ``root`` against its description.
-
-    Videos of ``unlabelled_splits`` may lack masks (masks found there are still checked).
-    ``jobs > 1`` checks videos in that many processes.
-    """
+    """Check ``splits`` (default: the description's, or those of train/val/test present) of the
+    dataset at ``root``; videos of ``unlabelled_splits`` may lack masks. ``jobs`` processes."""
     root = Path(root)
     description = load_description(root)
     report = CheckReport(description)
@@ -182,16 +154,15 @@ def check_dataset(
             report.problems.append(str(err))
             continue
         report.splits[split] = len(names)
-        report.frames[split] = 0
-        report.masks[split] = 0
+        report.frames[split] = report.masks[split] = 0
         labelled = split not in unlabelled_splits
-        tasks.extend((split, (str(root), n, description, labelled)) for n in names)
+        tasks += [(split, (str(root), n, description, labelled)) for n in names]
     arguments = [t[1] for t in tasks]
     if jobs > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(_check_video_args, arguments, chunksize=4))
+            results = list(pool.map(check_video, *zip(*arguments), chunksize=4))
     else:
-        results = [_check_video_args(a) for a in arguments]
+        results = [check_video(*a) for a in arguments]
     for (split, _), video in zip(tasks, results):
         report.frames[split] += video.frames
         report.masks[split] += video.masks
@@ -218,10 +189,8 @@ def format_report(report: CheckReport) -> str:
         width = max(12, *(len(c) for c in description.classes))
         header = f"{'id':>3}  {'class':<{width}}  {'value':>5}  {'frames':>7}  {'pixels':>12}"
         lines.append(f"{header}  {'share':>7}")
-        rows = [
-            (str(i), c, v)
-            for i, (c, v) in enumerate(zip(description.classes, description.class_values))
-        ]
+        classes = list(zip(description.classes, description.class_values))
+        rows = [(str(i), c, v) for i, (c, v) in enumerate(classes)]
         rows += [("-", "(ignored)", v) for v in description.ignore_values]
         rows += [
             ("-", "(INVALID)", int(v))
@@ -234,11 +203,7 @@ def format_report(report: CheckReport) -> str:
                 f"{ident:>3}  {name:<{width}}  {value:>5}  {int(report.mask_counts[value]):>7}  "
                 f"{pixels:>12}  {100.0 * pixels / total:6.2f}%"
             )
-        absent = [
-            c
-            for c, v in zip(description.classes, description.class_values)
-            if report.histogram[v] == 0
-        ]
+        absent = [c for c, v in classes if report.histogram[v] == 0]
         if absent:
             more = " ..." if len(absent) > 10 else ""
             lines.append(f"classes never present: {len(absent)} ({', '.join(absent[:10])}{more})")
@@ -252,13 +217,8 @@ def format_report(report: CheckReport) -> str:
 
 def _video_names(root: Path, frames: str) -> list[str]:
     """Names of the videos whose frame folder matches ``frames`` (one ``{video}`` component)."""
-    parts = Path(frames).parts
-    at = parts.index("{video}")
-    return sorted(
-        p.parts[len(root.parts) + at]
-        for p in root.glob(frames.replace("{video}", "*"))
-        if p.is_dir()
-    )
+    at = len(root.parts) + Path(frames).parts.index("{video}")
+    return sorted(p.parts[at] for p in root.glob(frames.replace("{video}", "*")) if p.is_dir())
 
 
 def draft_description(
@@ -279,14 +239,12 @@ def draft_description(
     else:
         tried = "; ".join(f"{f} + {m}" for f, m in layouts)
         raise DataError(f"{root}: no video folders found (layouts tried: {tried})")
+    layout = DatasetDescription(classes=("?",), frames=frames, masks=masks)
     histogram, sparse = _zeros(), False
     for name in videos:
-        stems = [p.stem for p in list_frames(root / frames.format(video=name))]
-        mask_dir = root / masks.format(video=name)
-        found = [
-            mask_dir / (s + MASK_SUFFIX) for s in stems if (mask_dir / (s + MASK_SUFFIX)).is_file()
-        ]
-        sparse = sparse or len(found) < len(stems)
+        video, _ = scan_video(root, name, layout, require_masks=False)
+        found = [m for m in video.mask_paths or () if m is not None] if video else []
+        sparse = sparse or video is None or len(found) < len(video)
         for path in found:
             histogram += np.bincount(read_raw_label(path).astype(np.int64).ravel(), minlength=256)
     values = [int(v) for v in np.flatnonzero(histogram)]
@@ -295,16 +253,15 @@ def draft_description(
     ignore = [255] if 255 in values else []
     top = max([v for v in values if v not in ignore], default=0)
     split_files = sorted(root.glob("*.txt")) + sorted(root.glob("ImageSets/*.txt"))
-    fields = {
-        "classes": [f"class_{v}" for v in range(top + 1)],
-        "ignore_values": ignore,
-        "label_offset": 0,
-        "frames": frames,
-        "masks": masks,
-    }
-    if split_files:
-        fields["splits"] = {p.stem: p.relative_to(root).as_posix() for p in split_files}
-    fields["sparse"] = sparse
+    draft = DatasetDescription(
+        classes=tuple(f"class_{v}" for v in range(top + 1)),
+        ignore_values=tuple(ignore),
+        label_offset=0,
+        frames=frames,
+        masks=masks,
+        splits={p.stem: p.relative_to(root).as_posix() for p in split_files} or None,
+        sparse=sparse,
+    )
     listed = ", ".join(f"{v} ({histogram[v]} px)" for v in values)
     header = (
         f"# Draft written by `themask check-data --init-description` for {len(videos)} videos.\n"
@@ -314,7 +271,7 @@ def draft_description(
     )
     if not split_files:
         header += "# No split files found: add splits: {train: FILE, val: FILE}\n"
-    return header + yaml.safe_dump(fields, sort_keys=False, default_flow_style=None, width=100)
+    return header + draft.to_yaml(palette=False)
 
 
 def write_draft_description(root: PathLike, **layout: str | None) -> Path:

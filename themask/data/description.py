@@ -1,7 +1,6 @@
 """``dataset.yaml``: the description of a video dataset (classes, label encoding, layout).
 
-A dataset root holds a ``dataset.yaml`` (keys below); a root without one is read as VSPW
-(``VSPW_DESCRIPTION``), and the toy dataset writes its own (``themask.data.toy``)::
+A root without one is read as VSPW (``VSPW_DESCRIPTION``); the toy dataset writes its own::
 
     classes: [background, cat, dog]      # train ids 0..K-1, in this order (required)
     palette: [[0, 0, 0], ...]            # optional, K RGB triples
@@ -12,15 +11,14 @@ A dataset root holds a ``dataset.yaml`` (keys below); a root without one is read
     splits: {train: "ImageSets/train.txt", val: "ImageSets/val.txt"}
     sparse: false                        # true: masks may exist for only some frames
 
-Every field but ``classes`` defaults to the VSPW layout and encoding. A malformed field is a
-``DescriptionError`` naming the file, the field and what was expected.
+Every field but ``classes`` defaults to VSPW's; a malformed one is a ``DescriptionError``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,28 +108,17 @@ class DatasetDescription:
     def mask_dir(self, root: PathLike, video: str) -> Path:
         return Path(root) / self.masks.format(video=video)
 
-    def to_yaml(self) -> str:
-        """The description as ``dataset.yaml`` text (every field written out)."""
-        values: dict[str, Any] = {
-            "classes": list(self.classes),
-            "palette": self.palette.tolist(),
-            "ignore_values": list(self.ignore_values),
-            "label_offset": self.label_offset,
-            "frames": self.frames,
-            "masks": self.masks,
-        }
-        if self.splits is not None:
-            values["splits"] = dict(self.splits)
-        values["sparse"] = self.sparse
-        return yaml.safe_dump(values, sort_keys=False, default_flow_style=None, width=100)
+    def to_yaml(self, *, palette: bool = True) -> str:
+        """The description as ``dataset.yaml`` text (every field but ``source``; ``palette``
+        optional, ``splits`` when set)."""
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(classes=list(self.classes), ignore_values=list(self.ignore_values))
+        values["palette"] = self.palette.tolist() if palette else None
+        kept = {k: v for k, v in values.items() if v is not None and k != "source"}
+        return yaml.safe_dump(kept, sort_keys=False, default_flow_style=None, width=100)
 
 
 VSPW_DESCRIPTION = DatasetDescription(classes=CLASS_NAMES, palette=PALETTE)
-
-
-def _expect(ok: bool, source: str, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise DescriptionError(f"{source}: field '{key}': expected {expected}, got {value!r}")
 
 
 def _is_int(value: Any) -> bool:
@@ -142,16 +129,7 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
     """Validate the mapping read from a ``dataset.yaml``; ``source`` names it in errors."""
     if not isinstance(values, Mapping):
         raise DescriptionError(f"{source}: expected a mapping of fields, got {values!r}")
-    known = {
-        "classes",
-        "palette",
-        "ignore_values",
-        "label_offset",
-        "frames",
-        "masks",
-        "splits",
-        "sparse",
-    }
+    known = {f.name for f in fields(DatasetDescription)} - {"source"}
     unknown = sorted(str(k) for k in values if k not in known)
     if unknown:
         raise DescriptionError(
@@ -159,55 +137,48 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
         )
     if "classes" not in values:
         raise DescriptionError(f"{source}: field 'classes' is missing (a list of class names)")
-    classes = values["classes"]
+    defaults = DatasetDescription(classes=())
+    given = {f: getattr(defaults, f) for f in known - {"palette"}} | {"palette": None, **values}
+
+    def expect(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            got = given.get(key)
+            raise DescriptionError(f"{source}: field '{key}': expected {expected}, got {got!r}")
+
+    classes, ignore, offset = given["classes"], given["ignore_values"], given["label_offset"]
     names_ok = isinstance(classes, list) and 0 < len(classes) <= 255
     names_ok = names_ok and all(isinstance(c, str) and c.strip() for c in classes)
-    _expect(names_ok, source, "classes", "a list of 1..255 non-empty names", classes)
-    _expect(len(set(classes)) == len(classes), source, "classes", "unique names", classes)
+    expect(names_ok, "classes", "a list of 1..255 non-empty names")
+    expect(len(set(classes)) == len(classes), "classes", "unique names")
     k = len(classes)
-    kwargs: dict[str, Any] = {"classes": tuple(classes), "source": source}
-    if values.get("palette") is not None:
-        palette = values["palette"]
+    palette = given.get("palette")
+    if palette is not None:
         ok = isinstance(palette, list) and len(palette) == k
         ok = ok and all(
             isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c)
             for c in palette
         )
-        _expect(ok, source, "palette", f"{k} [R, G, B] triples of 0..255 (one per class)", palette)
-        kwargs["palette"] = np.array(palette, dtype=np.uint8)
-    ignore = values.get("ignore_values", [0, 255])
-    ok = isinstance(ignore, list) and all(_is_int(v) and 0 <= v <= 255 for v in ignore)
-    _expect(ok, source, "ignore_values", "a list of stored values in 0..255", ignore)
-    offset = values.get("label_offset", 1)
-    _expect(_is_int(offset), source, "label_offset", "an integer", offset)
-    _expect(
-        0 <= offset and offset + k - 1 <= 255,
-        source,
-        "label_offset",
-        f"0..{256 - k} so that the {k} class values fit in 0..255",
-        offset,
-    )
-    clash = sorted(set(ignore) & set(range(offset, offset + k)))
-    _expect(
-        not clash, source, "ignore_values", f"no class value ({offset}..{offset + k - 1})", ignore
-    )
-    kwargs.update(ignore_values=tuple(ignore), label_offset=offset)
+        expect(ok, "palette", f"{k} [R, G, B] triples of 0..255 (one per class)")
+        given["palette"] = np.array(palette, dtype=np.uint8)
+    ok = isinstance(ignore, (list, tuple)) and all(_is_int(v) and 0 <= v <= 255 for v in ignore)
+    expect(ok, "ignore_values", "a list of stored values in 0..255")
+    expect(_is_int(offset), "label_offset", "an integer")
+    fits = f"0..{256 - k} so that the {k} class values fit in 0..255"
+    expect(0 <= offset <= 256 - k, "label_offset", fits)
+    clash = set(ignore) & set(range(offset, offset + k))
+    expect(not clash, "ignore_values", f"no class value ({offset}..{offset + k - 1})")
     for key in ("frames", "masks"):
-        if key in values:
-            pattern = values[key]
-            ok = isinstance(pattern, str) and "{video}" in pattern
-            _expect(ok, source, key, "a folder pattern containing {video}", pattern)
-            kwargs[key] = pattern
-    if values.get("splits") is not None:
-        splits = values["splits"]
+        ok = isinstance(given[key], str) and "{video}" in given[key]
+        expect(ok, key, "a folder pattern containing {video}")
+    splits = given["splits"]
+    if splits is not None:
         ok = isinstance(splits, Mapping) and bool(splits)
         ok = ok and all(isinstance(s, str) and isinstance(p, str) for s, p in splits.items())
-        _expect(ok, source, "splits", "a mapping split name -> split file", splits)
-        kwargs["splits"] = dict(splits)
-    sparse = values.get("sparse", False)
-    _expect(isinstance(sparse, bool), source, "sparse", "true or false", sparse)
-    kwargs["sparse"] = sparse
-    return DatasetDescription(**kwargs)
+        expect(ok, "splits", "a mapping split name -> split file")
+        given["splits"] = dict(splits)
+    expect(isinstance(given["sparse"], bool), "sparse", "true or false")
+    given.update(classes=tuple(classes), ignore_values=tuple(ignore), source=source)
+    return DatasetDescription(**given)
 
 
 _CACHE: dict[tuple[str, int], DatasetDescription] = {}

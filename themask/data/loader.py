@@ -1,27 +1,16 @@
-"""Datasets, the resumable infinite sampler, ``Batch``/``collate`` and the loader builders.
+"""Training data: clip dataset, resumable infinite sampler, ``Batch``/``collate``, loader.
 
-Reproducibility: the training stream is a pure function of ``(seed, batch, rank)``. The sampler
-yields keys ``(video_index, sample_id)`` where ``sample_id`` is the sample's global position in
-the stream; the dataset derives every random choice of that sample (reversal, target frame,
-augmentation, redraws) from ``(seed, sample_id)``. Augmentations therefore do not depend on the
-number of workers or on which worker handles a sample, and resuming at ``start_batch``
-(batches already consumed by this process: optimizer step x gradient-accumulation count)
-continues the exact same stream.
-
-Sparse datasets: a frame without a mask is still a frame of its clip; its label map is all
-``ignore_index`` (the criterion treats such a frame as unlabelled), and training clips are drawn
-so that their target frame is a labelled one.
-
-Bad files during training: a frame or mask that cannot be decoded (``CorruptFileError``) is
-skipped — the clip is redrawn from another video, a warning names the file and the running
-skip count (per process). Every other ``DataError`` (mask of the wrong size, label values out
-of range, RGB mask) stops training: those point at a wrong dataset, never at a silent label.
+The training stream is a pure function of ``(seed, batch, rank)``: the sampler yields keys
+``(video_index, sample_id)`` (``sample_id`` = the sample's global position) and the dataset
+draws every random choice of a sample from ``(seed, sample_id)``, so neither the worker count
+nor resuming at ``start_batch`` changes it. A frame or mask that cannot be decoded
+(``CorruptFileError``) is skipped with a warning (the clip is redrawn from another video); any
+other ``DataError`` stops training.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,11 +24,11 @@ from themask.data.config import DataConfig
 from themask.data.description import VSPW_DESCRIPTION, DatasetDescription
 from themask.data.transforms import TrainTransform, normalize_frames, pad_clip
 from themask.data.vspw import (
-    IGNORE_INDEX,
     CorruptFileError,
     DataError,
     Video,
     VSPWIndex,
+    check_mask_size,
     read_frame,
 )
 
@@ -50,12 +39,9 @@ MAX_REDRAWS = 10
 
 @dataclass
 class ClipMeta:
-    """Where a clip came from.
-
-    ``original_size`` is the stored frame size (H, W); ``frame_indices`` index the video's
-    sorted frames. ``image_size`` (h, w): the
-    image fills the top-left h x w of the frames, the rest is padding (None: no padding).
-    """
+    """Where a clip came from: ``original_size`` (H, W) stored, ``frame_indices`` into the
+    video's sorted frames, ``image_size`` (h, w) the unpadded image at the top left (None: no
+    padding)."""
 
     video: str
     frame_names: list[str]
@@ -66,8 +52,7 @@ class ClipMeta:
 
 @dataclass
 class ClipSample:
-    """One clip: frames (T, 3, H, W) uint8 RGB (or float32 normalised), labels (T, H', W')
-    int64, meta."""
+    """One clip: frames (T, 3, H, W) uint8 RGB (or float32 normalised), labels (T, H, W) int64."""
 
     frames: torch.Tensor
     labels: torch.Tensor
@@ -76,22 +61,12 @@ class ClipSample:
 
 @dataclass
 class Batch:
-    """frames (B, T, 3, H, W) uint8 RGB (or float32 normalised); labels (B, T, H', W') int64
-    (255 = ignore). ``batch_to_device`` gives the network input.
-
-    For training H' = H (the crop). For evaluation labels stay at the original frame size.
-    """
+    """frames (B, T, 3, H, W) uint8 RGB (or float32 normalised); labels (B, T, H, W) int64
+    (255 = ignore). ``batch_to_device`` gives the network input."""
 
     frames: torch.Tensor
     labels: torch.Tensor
     meta: list[ClipMeta]
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        return Batch(
-            self.frames.to(device, non_blocking=non_blocking),
-            self.labels.to(device, non_blocking=non_blocking),
-            self.meta,
-        )
 
     def pin_memory(self) -> Batch:
         return Batch(self.frames.pin_memory(), self.labels.pin_memory(), self.meta)
@@ -100,8 +75,8 @@ class Batch:
 def batch_to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(frames (B, T, 3, H, W) float32 normalised, labels) on ``device`` (non-blocking copies).
 
-    uint8 frames are normalised there, and their padding (``ClipMeta.image_size``) set to 0,
-    which equals normalising before padding; float frames are taken as already normalised.
+    uint8 frames are normalised there and their padding (``ClipMeta.image_size``) set to 0,
+    which equals normalising before padding; float frames are taken as normalised.
     """
     frames = batch.frames.to(device, non_blocking=True)
     labels = batch.labels.to(device, non_blocking=True)
@@ -122,10 +97,7 @@ def collate(samples: Sequence[ClipSample]) -> Batch:
     shapes = {(tuple(s.frames.shape), tuple(s.labels.shape)) for s in samples}
     if len(shapes) > 1:
         videos = ", ".join(s.meta.video for s in samples)
-        raise ValueError(
-            f"clips of different sizes cannot share a batch ({videos}: {sorted(shapes)}); "
-            "use batch_size=1 for evaluation of videos of different sizes"
-        )
+        raise ValueError(f"clips of different sizes cannot share a batch ({videos}: {shapes})")
     return Batch(
         torch.stack([s.frames for s in samples]),
         torch.stack([s.labels for s in samples]),
@@ -133,39 +105,12 @@ def collate(samples: Sequence[ClipSample]) -> Batch:
     )
 
 
-def _read_clip_labels(
-    video: Video,
-    indices: Sequence[int],
-    frames: Sequence[np.ndarray],
-    description: DatasetDescription,
-    ignore_index: int,
-) -> list[np.ndarray]:
-    """Train-id maps of the clip's frames; all ``ignore_index`` for a frame without a mask."""
-    assert video.mask_paths is not None
-    labels = []
-    for i, frame in zip(indices, frames):
-        mask_path = video.mask_path(i)
-        if mask_path is None:
-            labels.append(np.full(frame.shape[:2], ignore_index, dtype=np.uint8))
-            continue
-        label = description.read_label(mask_path, ignore_index=ignore_index)
-        if label.shape != frame.shape[:2]:
-            raise DataError(
-                f"{video.mask_paths[i]}: mask size {label.shape[1]}x{label.shape[0]} (WxH) differs "
-                f"from frame {video.frame_paths[i].name} size {frame.shape[1]}x{frame.shape[0]}"
-            )
-        labels.append(label)
-    return labels
-
-
 class VSPWTrainDataset(Dataset):
-    """Training clips (``docs/VSPW.md`` §2.1): item = one clip of one video.
+    """Training clips (``docs/VSPW.md`` §2.1): key ``(video_index, sample_id)`` (an ``int`` key
+    ``i`` means ``(i % num_videos, i)``) -> ``ClipSample`` at the crop size.
 
-    Keys are ``(video_index, sample_id)`` from ``InfiniteClipSampler``; an ``int`` key ``i``
-    means ``(i % num_videos, i)``. Returns a ``ClipSample`` with frames (T, 3, h, w) and labels
-    (T, h, w) at the crop size. Raises ``DataError`` at construction naming every video shorter
-    than the clip span; a video none of whose masked frames can be a clip target is left out
-    (with a warning).
+    ``DataError`` at construction names every video shorter than the clip span; a video none of
+    whose masked frames can end a clip is left out with a warning.
     """
 
     def __init__(
@@ -177,7 +122,6 @@ class VSPWTrainDataset(Dataset):
         reverse_prob: float = 0.5,
         seed: int = 0,
         description: DatasetDescription = VSPW_DESCRIPTION,
-        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if not videos:
             raise DataError("no training videos")
@@ -191,7 +135,9 @@ class VSPWTrainDataset(Dataset):
             )
         if any(v.mask_paths is None for v in videos):
             raise DataError("training videos need masks (index built with labelled=False)")
-        unusable = [v.name for v in videos if not _has_target(v, span)]
+        # a clip ends on a masked frame, read forwards or backwards
+        ends = [[max(i, len(v) - 1 - i) for i in v.labelled_indices] for v in videos]
+        unusable = [v.name for v, e in zip(videos, ends) if max(e, default=-1) < span - 1]
         if unusable:
             logger.warning(
                 "%d training video(s) left out: no masked frame can be a clip target "
@@ -209,7 +155,7 @@ class VSPWTrainDataset(Dataset):
         self.reverse_prob = reverse_prob
         self.seed = seed
         self.description = description
-        self.ignore_index = ignore_index
+        self.ignore_index = transform.ignore_index
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -217,26 +163,28 @@ class VSPWTrainDataset(Dataset):
 
     def _load(self, video_index: int, rng: np.random.Generator) -> ClipSample:
         video = self.videos[video_index]
-        labelled = video.labelled_indices
+        targets = video.labelled_indices
         indices = sample_train_clip(
-            len(video),
-            self.dilation,
-            rng,
-            reverse_prob=self.reverse_prob,
-            targets=None if len(labelled) == len(video) else labelled,
+            len(video), self.dilation, rng, reverse_prob=self.reverse_prob, targets=targets
         )
         frames = [read_frame(video.frame_paths[i]) for i in indices]
-        for i, f in zip(indices, frames):
-            if f.shape != frames[0].shape:
+        labels = []
+        for i, frame in zip(indices, frames):
+            if frame.shape != frames[0].shape:
                 raise DataError(
-                    f"{video.frame_paths[i]}: frame size {f.shape} differs from {frames[0].shape}"
+                    f"{video.frame_paths[i]}: frame size {frame.shape} differs from "
+                    f"{frames[0].shape}"
                 )
-        labels = _read_clip_labels(video, indices, frames, self.description, self.ignore_index)
+            mask_path = video.mask_path(i)
+            if mask_path is None:  # sparse dataset: an unlabelled frame
+                labels.append(np.full(frame.shape[:2], self.ignore_index, dtype=np.uint8))
+                continue
+            labels.append(self.description.read_label(mask_path, ignore_index=self.ignore_index))
+            check_mask_size(mask_path, labels[-1].shape, video.frame_paths[i], frame.shape[:2])
         frame_t, label_t = self.transform(frames, labels, rng)
         image_size = (int(frame_t.shape[-2]), int(frame_t.shape[-1]))
-        crop_h, crop_w = self.transform.crop_size
         frame_t, label_t = pad_clip(  # no-op for a transform that pads itself
-            frame_t, label_t, (crop_h, crop_w), ignore_index=self.ignore_index
+            frame_t, label_t, self.transform.crop_size, ignore_index=self.ignore_index
         )
         meta = ClipMeta(
             video=video.name,
@@ -247,7 +195,7 @@ class VSPWTrainDataset(Dataset):
         )
         return ClipSample(frame_t, label_t, meta)
 
-    def __getitem__(self, key) -> ClipSample:
+    def __getitem__(self, key: tuple[int, int] | int) -> ClipSample:
         if isinstance(key, (tuple, list)):
             video_index, sample_id = int(key[0]), int(key[1])
         else:
@@ -257,6 +205,8 @@ class VSPWTrainDataset(Dataset):
         for _ in range(MAX_REDRAWS + 1):
             try:
                 sample = self._load(video_index, rng)
+                if bool((sample.labels != self.ignore_index).any()):
+                    return sample
             except CorruptFileError as err:
                 self.skipped += 1
                 logger.warning(
@@ -265,11 +215,7 @@ class VSPWTrainDataset(Dataset):
                     err,
                     self.skipped,
                 )
-                video_index = int(rng.integers(len(self.videos)))
-                continue
-            if bool((sample.labels != self.ignore_index).any()):
-                return sample
-            video_index = int(rng.integers(len(self.videos)))
+            video_index = int(rng.integers(len(self.videos)))  # redraw from another video
         if sample is None:
             raise DataError(
                 f"{MAX_REDRAWS + 1} clips in a row could not be decoded; see the warnings above"
@@ -282,21 +228,10 @@ class VSPWTrainDataset(Dataset):
         return sample
 
 
-def _has_target(video: Video, span: int) -> bool:
-    """Whether some masked frame of ``video`` can end a clip of ``span`` frames (either way)."""
-    n = len(video)
-    return any(i >= span - 1 or n - 1 - i >= span - 1 for i in video.labelled_indices)
-
-
 class InfiniteClipSampler(Sampler):
-    """Endless stream of ``(video_index, sample_id)`` keys, sharded over ranks.
-
-    The global stream is a sequence of epochs, each a permutation of all videos drawn from
-    ``(seed, epoch)``. Rank ``r`` of ``world_size`` takes global positions
-    ``r, r + W, r + 2W, ...`` (like ``DistributedSampler``), and its k-th sample belongs to
-    loader batch ``k // batch_size``; ``start_batch`` skips the samples of earlier batches.
-    The key at a position depends only on ``(seed, position)``.
-    """
+    """Endless ``(video_index, sample_id)`` keys: epochs of video permutations drawn from
+    ``(seed, epoch)``; rank ``r`` takes global positions ``r, r + W, ...`` and skips the
+    samples of the first ``start_batch`` batches."""
 
     def __init__(
         self,
@@ -308,20 +243,15 @@ class InfiniteClipSampler(Sampler):
         world_size: int = 1,
         start_batch: int = 0,
     ) -> None:
-        if num_videos < 1 or batch_size < 1:
+        if num_videos < 1 or batch_size < 1 or start_batch < 0:
             raise ValueError(
-                f"need num_videos >= 1 and batch_size >= 1, got {num_videos}, {batch_size}"
+                "need num_videos >= 1, batch_size >= 1 and start_batch >= 0, "
+                f"got {num_videos}, {batch_size}, {start_batch}"
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.num_videos = num_videos
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        self.start_batch = start_batch
+        self.num_videos, self.batch_size, self.seed = num_videos, batch_size, seed
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         k = self.start_batch * self.batch_size
@@ -336,42 +266,11 @@ class InfiniteClipSampler(Sampler):
             k += 1
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed Python/NumPy global RNGs of a worker from its torch seed (set by the loader).
-
-    Workers ignore SIGINT and SIGTERM: Ctrl-C (and a scheduler's SIGTERM) may reach the whole
-    process group, and the trainer finishes its step (which may need more batches) before it
-    stops; the workers end when the loader's iterator is deleted (or when their parent dies)."""
+def _ignore_signals(worker_id: int) -> None:
+    """Workers ignore SIGINT/SIGTERM: the trainer finishes its step first; they end with the
+    loader's iterator or their parent. (torch seeds their Python and NumPy RNGs.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def build_train_dataset(data_cfg: DataConfig, *, seed: int = 0) -> VSPWTrainDataset:
-    """The training clip dataset described by ``data_cfg``."""
-    index = VSPWIndex(data_cfg.root, data_cfg.train_split)
-    transform = TrainTransform(
-        scale=data_cfg.scale,
-        ratio_range=data_cfg.ratio_range,
-        crop_size=data_cfg.crop_size,
-        cat_max_ratio=data_cfg.cat_max_ratio,
-        crop_retries=data_cfg.crop_retries,
-        flip_prob=data_cfg.flip_prob,
-        photometric=data_cfg.photometric,
-        ignore_index=data_cfg.ignore_index,
-        normalize=False,  # uint8 to the device, normalised there
-    )
-    return VSPWTrainDataset(
-        index.videos,
-        dilation=data_cfg.dilation,
-        transform=transform,
-        reverse_prob=data_cfg.reverse_prob,
-        seed=seed,
-        description=index.description,
-        ignore_index=data_cfg.ignore_index,
-    )
 
 
 def build_train_loader(
@@ -385,14 +284,17 @@ def build_train_loader(
     start_batch: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Endless loader of training ``Batch``es for one rank, starting after ``start_batch``
-    batches (to resume: optimizer step x gradient-accumulation count).
-
-    ``num_workers=None`` uses ``data_cfg.num_workers``; ``pin_memory`` (for a CUDA trainer)
-    lets the non-blocking copies of ``batch_to_device`` overlap with compute. The stream is a
-    pure function of ``(seed, batch index, rank)`` (see the module docstring).
-    """
-    dataset = build_train_dataset(data_cfg, seed=seed)
+    """Endless loader of training ``Batch``es (uint8 frames) for one rank, starting after
+    ``start_batch`` batches; ``num_workers=None`` uses ``data_cfg.num_workers``."""
+    index = VSPWIndex(data_cfg.root, data_cfg.train_split)
+    dataset = VSPWTrainDataset(
+        index.videos,
+        dilation=data_cfg.dilation,
+        transform=TrainTransform.from_config(data_cfg, normalize=False),  # normalised on the device
+        reverse_prob=data_cfg.reverse_prob,
+        seed=seed,
+        description=index.description,
+    )
     sampler = InfiniteClipSampler(
         len(dataset),
         batch_size=batch_size,
@@ -410,10 +312,9 @@ def build_train_loader(
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=_ignore_signals,
         generator=generator,
         persistent_workers=workers > 0,
         drop_last=True,
         pin_memory=pin_memory,
     )
-

@@ -1,7 +1,5 @@
-"""Torch-free parts of the test-time input pipeline: normalisation constants and the resize.
-
-Shared by ``themask.data.transforms`` and the ONNX Runtime predictor (``themask.deploy``).
-"""
+"""Torch-free test-time input pipeline: normalisation constants and the resize (shared by
+``themask.data.transforms`` and the ONNX Runtime predictor)."""
 
 from __future__ import annotations
 
@@ -16,22 +14,22 @@ STD = (58.395, 57.12, 57.375)
 
 
 def keep_ratio_size(size_hw: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
-    """Size (h, w) after rescaling ``size_hw`` to fit ``scale`` = (long, short) keeping the ratio.
-
-    factor = min(long / long_side, short / short_side); sides are rounded to nearest.
-    """
+    """Size (h, w) of ``size_hw`` rescaled by min(long / long side, short / short side) for
+    ``scale`` = (long, short), rounded to nearest."""
     h, w = size_hw
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(h, w), short_edge / min(h, w))
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
-def resize_frame(frame: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an (H, W, 3) uint8 frame to ``size_hw``."""
-    if frame.shape[:2] == tuple(size_hw):
-        return frame
-    resized = Image.fromarray(frame).resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR)
-    return np.asarray(resized)
+def resize_frame(
+    image: np.ndarray,
+    size_hw: tuple[int, int],
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+) -> np.ndarray:
+    """Resize an (H, W, 3) or (H, W) uint8 image to ``size_hw`` (nearest for label maps)."""
+    if image.shape[:2] == tuple(size_hw):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size_hw[1], size_hw[0]), resample))
 
 
 def aligned_size(
@@ -39,7 +37,4 @@ def aligned_size(
 ) -> tuple[int, int]:
     """Network input size of the test transform: keep-ratio fit, each side up to a multiple."""
     h, w = keep_ratio_size(size_hw, scale)
-    return (
-        int(math.ceil(h / size_divisor)) * size_divisor,
-        int(math.ceil(w / size_divisor)) * size_divisor,
-    )
+    return math.ceil(h / size_divisor) * size_divisor, math.ceil(w / size_divisor) * size_divisor

@@ -1,20 +1,11 @@
 """The embedded offline dataset: small synthetic videos in the VSPW layout and encoding.
 
-``make_toy_dataset(root)`` writes ``train.txt``/``val.txt``,
-``data/<video>/origin/*.jpg`` + ``mask/*.png`` with raw labels ``0`` (others), ``1..8`` (the
-classes of ``TOY_CLASS_NAMES``) and ``255`` (void), and its ``dataset.yaml``
-(``TOY_DESCRIPTION``: the VSPW layout and encoding with these 8 classes).
-
-What makes it a video segmentation task rather than a colour lookup:
-- classes differ by texture (stuff) and by shape plus texture (objects); colours are random
-  and vary smoothly across every region (a dark and a light colour field per region), so
-  neither a colour nor a colour pair identifies a class;
-- the camera pans over a larger world, objects move independently, bounce and occlude each
-  other (drawn in depth order);
-- each video holds 2 of the 4 stuff classes and 1-3 of the 4 object classes, so classes are
-  absent from some clips; a smooth "others" patch (0) and a void band (255) around every
-  object are present too.
-Output is a pure function of the arguments (same seed -> byte-identical files).
+``make_toy_dataset(root)`` writes the split files, frames, masks (raw ``0`` others, ``1..8``
+the classes of ``TOY_CLASS_NAMES``, ``255`` void) and ``dataset.yaml`` (``TOY_DESCRIPTION``).
+Classes differ by texture (stuff) and by shape plus texture (objects), with random colours
+varying smoothly over every region; the camera pans, objects move, bounce and occlude each
+other; each video holds 2 of the 4 stuff and 1-3 of the 4 object classes. The output is a
+pure function of the arguments (same seed -> byte-identical files).
 """
 
 from __future__ import annotations
@@ -23,7 +14,6 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -33,29 +23,14 @@ from themask.data.vspw import PathLike
 
 logger = logging.getLogger(__name__)
 
-TOY_CLASS_NAMES: tuple[str, ...] = (
-    "stripes",
-    "checker",
-    "dots",
-    "grain",  # stuff: textures over the background
-    "disc",
-    "box",
-    "triangle",
-    "cross",  # objects: shapes with their own textures
-)
-TOY_PALETTE: np.ndarray = np.array(
-    [
-        (230, 25, 75),
-        (60, 180, 75),
-        (255, 225, 25),
-        (0, 130, 200),
-        (245, 130, 48),
-        (145, 30, 180),
-        (70, 240, 240),
-        (240, 50, 230),
-    ],
-    dtype=np.uint8,
-)
+# stuff (textures over the background), then objects (shapes with their own textures)
+TOY_CLASS_NAMES = ("stripes", "checker", "dots", "grain", "disc", "box", "triangle", "cross")
+# fmt: off
+TOY_PALETTE: np.ndarray = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230),
+], dtype=np.uint8)
+# fmt: on
 """(8, 3) uint8 display colour of each toy train id (not the colours of the rendered frames)."""
 
 TOY_DESCRIPTION = DatasetDescription(
@@ -71,11 +46,8 @@ _CONTRAST = (60.0, 120.0)
 
 
 class _ColourField:
-    """A dark and a light colour, each interpolated bilinearly between random corner colours.
-
-    ``__call__(u, v, pattern)`` with u, v in [0, 1] (region coordinates) and pattern in [0, 1]
-    gives (n, 3) RGB floats; which of the two colours pattern 1 selects is random.
-    """
+    """A dark and a light colour, each bilinear between random corner colours: ``(u, v,
+    pattern)`` in [0, 1] -> (n, 3) RGB floats, pattern 1 picking one of the two at random."""
 
     def __init__(self, rng: np.random.Generator) -> None:
         dark = rng.uniform(0.0, 150.0, size=(2, 2, 3))
@@ -97,40 +69,23 @@ class _ColourField:
         return (c0 * (1 - p) + c1 * p).astype(np.float32)
 
 
-Pattern = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def _stripes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (np.floor(y / 4) % 2).astype(np.float32)
-
-
-def _checker(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return ((np.floor(x / 6) + np.floor(y / 6)) % 2).astype(np.float32)
-
-
-def _dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (((x % 8) - 4) ** 2 + ((y % 8) - 4) ** 2 <= 5).astype(np.float32)
-
-
-def _rings(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (np.floor(np.hypot(x, y) / 3) % 2).astype(np.float32)
-
-
-def _diagonal(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (np.floor((x + y) / 4) % 2).astype(np.float32)
-
-
-def _vertical(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (np.floor(x / 3) % 2).astype(np.float32)
-
-
-def _anti_diagonal(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (np.floor((x - y) / 4) % 2).astype(np.float32)
-
-
-# "grain" (raw id 4) is a per-video random field, not a formula; see ``_Scene``.
-_STUFF_PATTERNS: dict[int, Pattern] = {1: _stripes, 2: _checker, 3: _dots}
-_OBJECT_PATTERNS: dict[int, Pattern] = {5: _rings, 6: _diagonal, 7: _vertical, 8: _anti_diagonal}
+def _texture(class_id: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The 0/1 texture of a class at coordinates (x, y) ("grain", 4, is a per-video field)."""
+    if class_id == 1:  # stripes
+        on = np.floor(y / 4) % 2
+    elif class_id == 2:  # checker
+        on = (np.floor(x / 6) + np.floor(y / 6)) % 2
+    elif class_id == 3:  # dots
+        on = ((x % 8) - 4) ** 2 + ((y % 8) - 4) ** 2 <= 5
+    elif class_id == 5:  # rings
+        on = np.floor(np.hypot(x, y) / 3) % 2
+    elif class_id == 6:  # diagonal
+        on = np.floor((x + y) / 4) % 2
+    elif class_id == 7:  # vertical
+        on = np.floor(x / 3) % 2
+    else:  # 8: anti-diagonal
+        on = np.floor((x - y) / 4) % 2
+    return on.astype(np.float32)
 
 
 def _object_shape(class_id: int, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
@@ -198,12 +153,8 @@ class _Scene:
                 rng.uniform(w * 0.15, w * 0.3),
                 _ColourField(rng),
             )
-        self.camera_start = np.array(
-            [rng.uniform(0, self.world[0] - h), rng.uniform(0, self.world[1] - w)]
-        )
-        self.camera_end = np.array(
-            [rng.uniform(0, self.world[0] - h), rng.uniform(0, self.world[1] - w)]
-        )
+        corner = (self.world[0] - h, self.world[1] - w)  # the camera's top-left: start, end
+        self.camera = [np.array([rng.uniform(0, c) for c in corner]) for _ in range(2)]
         self.objects = [self._new_object(c) for c in objects]
 
     def _new_object(self, class_id: int) -> _Object:
@@ -227,7 +178,7 @@ class _Scene:
         """Frame t -> (H, W, 3) uint8 RGB image and (H, W) uint8 raw labels."""
         h, w = self.size
         alpha = t / max(self.num_frames - 1, 1)
-        cam_y, cam_x = self.camera_start + alpha * (self.camera_end - self.camera_start)
+        cam_y, cam_x = self.camera[0] + alpha * (self.camera[1] - self.camera[0])
         y, x = np.mgrid[0:h, 0:w].astype(np.float32)
         wy, wx = y + np.float32(cam_y), x + np.float32(cam_x)
         image = np.zeros((h, w, 3), dtype=np.float32)
@@ -237,17 +188,21 @@ class _Scene:
         lower = wy > base + amp * np.sin(wx * freq + phase)
         wu, wv = wx / self.world[1], wy / self.world[0]
         for region, class_id, colours in zip((~lower, lower), self.stuff, self.stuff_colours):
-            pattern = self._stuff_pattern(class_id, wx, wy)
-            self._paint(
-                image, label, region, class_id, colours(wu[region], wv[region], pattern[region])
-            )
+            if class_id == 4:  # grain
+                pattern = self.grain[(wy // 2).astype(int), (wx // 2).astype(int)]
+            else:
+                pattern = _texture(class_id, wx, wy)
+            pattern = pattern[region].astype(np.float32)
+            image[region] = colours(wu[region], wv[region], pattern)
+            label[region] = class_id
 
         if self.others is not None:
             oy, ox, ry, rx, colours = self.others
             region = ((wy - oy) / ry) ** 2 + ((wx - ox) / rx) ** 2 <= 1.0
             u, v = (wx[region] - ox + rx) / (2 * rx), (wy[region] - oy + ry) / (2 * ry)
             # No texture: a smooth blend between the two colour fields.
-            self._paint(image, label, region, OTHERS_ID, colours(u, v, np.clip(u, 0, 1)))
+            image[region] = colours(u, v, np.clip(u, 0, 1))
+            label[region] = OTHERS_ID
 
         void = np.zeros((h, w), dtype=bool)
         for obj in self.objects:  # later objects are in front
@@ -255,26 +210,15 @@ class _Scene:
             lx, ly = wx - np.float32(px), wy - np.float32(py)
             region = _object_shape(obj.class_id, lx, ly, obj.radius)
             lx, ly = lx[region], ly[region]
-            pattern = _OBJECT_PATTERNS[obj.class_id](lx, ly)
+            pattern = _texture(obj.class_id, lx, ly)
             u, v = (lx + obj.radius) / (2 * obj.radius), (ly + obj.radius) / (2 * obj.radius)
-            self._paint(image, label, region, obj.class_id, obj.colours(u, v, pattern))
+            image[region] = obj.colours(u, v, pattern)
+            label[region] = obj.class_id
             void &= ~region
             void |= region & ~_erode(region)
         label[void] = VOID_ID
         image += self.rng.normal(0.0, 5.0, size=image.shape).astype(np.float32)
         return np.clip(image, 0, 255).astype(np.uint8), label
-
-    def _stuff_pattern(self, class_id: int, wx: np.ndarray, wy: np.ndarray) -> np.ndarray:
-        if class_id == 4:
-            return self.grain[(wy // 2).astype(int), (wx // 2).astype(int)].astype(np.float32)
-        return _STUFF_PATTERNS[class_id](wx, wy)
-
-    @staticmethod
-    def _paint(
-        image: np.ndarray, label: np.ndarray, region: np.ndarray, class_id: int, rgb: np.ndarray
-    ) -> None:
-        image[region] = rgb
-        label[region] = class_id
 
 
 def _class_plans(
@@ -297,10 +241,6 @@ def _class_plans(
     return plans
 
 
-def _write_split(root: Path, split: str, names: list[str]) -> None:
-    (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
-
-
 def make_toy_dataset(
     root: PathLike,
     *,
@@ -312,13 +252,10 @@ def make_toy_dataset(
     size: tuple[int, int] = (96, 128),
     jpeg_quality: int = 92,
 ) -> Path:
-    """Write the toy dataset under ``root`` (VSPW layout) and return ``root``.
-
-    Training videos have ``num_frames - 3 .. num_frames`` frames of ``size`` = (H, W),
-    validation videos ``val_frames - 3 .. val_frames`` (by default more than 16, so that both
-    mVC8 and mVC16 are defined under the published rule); frame numbers start at a random
-    offset, as in VSPW. Existing files of the same names are overwritten.
-    """
+    """Write the toy dataset under ``root`` and return ``root``: training videos of
+    ``num_frames - 3 .. num_frames`` frames of ``size`` (H, W), validation videos of
+    ``val_frames - 3 .. val_frames`` (> 16 by default: mVC8 and mVC16 defined under the
+    published rule), frame numbers from a random offset as in VSPW; files are overwritten."""
     if min(num_frames, val_frames) < 4:
         raise ValueError(f"num_frames and val_frames must be >= 4, got {num_frames}, {val_frames}")
     root = Path(root)
@@ -334,15 +271,15 @@ def make_toy_dataset(
         scene = _Scene(video_rng, stuff, objects, size, length)
         frame_dir = TOY_DESCRIPTION.frame_dir(root, name)
         mask_dir = TOY_DESCRIPTION.mask_dir(root, name)
-        frame_dir.mkdir(parents=True, exist_ok=True)
-        mask_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (frame_dir, mask_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         for t in range(length):
             image, label = scene.render(t)
             stem = f"{start + t:08d}"
             Image.fromarray(image).save(frame_dir / f"{stem}.jpg", quality=jpeg_quality)
             Image.fromarray(label).save(mask_dir / f"{stem}.png")
-    _write_split(root, "train", names[:num_train])
-    _write_split(root, "val", names[num_train:])
+    for split, listed in (("train", names[:num_train]), ("val", names[num_train:])):
+        (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in listed), encoding="utf-8")
     save_description(TOY_DESCRIPTION, root)
     logger.info("wrote toy dataset to %s: %d train and %d val videos", root, num_train, num_val)
     return root

@@ -1,19 +1,18 @@
-"""Clip transforms: training augmentation with one geometry per clip, and the test resize.
-
-A clip is a list of T frames (H, W, 3) uint8 RGB and T label maps (H, W) uint8 train ids of
-equal size. ``TrainTransform`` follows docs/DESIGN.md §6 / ``docs/VSPW.md`` §2.1; sizes are
-parameters so tiny CPU configurations work. ``TestTransform`` follows §2.3.
-"""
+"""Clip transforms: training augmentation with one geometry per clip (docs/DESIGN.md §6,
+``docs/VSPW.md`` §2.1), and the test resize (``docs/VSPW.md`` §2.3). A clip is T frames
+(H, W, 3) uint8 RGB and T label maps (H, W) uint8 train ids of one size."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from themask.data.config import AugmentConfig
 from themask.data.resize import MEAN, STD, aligned_size, keep_ratio_size, resize_frame
 from themask.data.vspw import IGNORE_INDEX, TEST_SCALE
 
@@ -23,32 +22,22 @@ CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18  # in OpenCV's 0..180 hue units
 
-
 _STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def to_chw(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) uint8 (a copy in channel-first layout)."""
+    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) uint8 (a contiguous copy)."""
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
 
 
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) RGB 0..255 (uint8 or float) -> float32 normalised with ``MEAN``/``STD``,
-    on the device of ``frames`` (mean and std are uploaded once per device)."""
+    """(..., 3, H, W) RGB 0..255 -> float32 normalised with ``MEAN``/``STD`` on their device."""
     if frames.device not in _STATS:
         stats = torch.tensor([MEAN, STD], dtype=torch.float32)
         mean, std = stats.to(frames.device).view(2, 3, 1, 1).unbind(0)
         _STATS[frames.device] = (mean, std)
     mean, std = _STATS[frames.device]
     return (frames.float() - mean) / std
-
-
-def resize_label(label: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an (H, W) uint8 label map to ``size_hw``."""
-    if label.shape[:2] == tuple(size_hw):
-        return label
-    resized = Image.fromarray(label).resize((size_hw[1], size_hw[0]), Image.Resampling.NEAREST)
-    return np.asarray(resized)
 
 
 def crop_is_acceptable(
@@ -69,11 +58,10 @@ def choose_crop(
     retries: int = 10,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[int, int]:
-    """Top-left corner (y, x) of a crop box of the target frame's ``label`` (H, W).
+    """Top-left corner (y, x) of a crop box of ``label`` (H, W), sides clipped to the map.
 
-    A box is drawn uniformly; it is checked with ``crop_is_acceptable`` and redrawn after each
-    failed check, at most ``retries`` times — the last draw is kept unchecked (mmseg's rule).
-    ``cat_max_ratio >= 1`` disables the check. A crop side larger than the map is clipped.
+    A uniform draw is redrawn after each failed ``crop_is_acceptable``, at most ``retries``
+    times, the last draw kept unchecked (mmseg's rule); ``cat_max_ratio >= 1``: no check.
     """
     h, w = label.shape
     ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
@@ -84,11 +72,8 @@ def choose_crop(
     y, x = draw()
     if cat_max_ratio < 1.0:
         for _ in range(retries):
-            if crop_is_acceptable(
-                label[y : y + ch, x : x + cw],
-                cat_max_ratio=cat_max_ratio,
-                ignore_index=ignore_index,
-            ):
+            crop = label[y : y + ch, x : x + cw]
+            if crop_is_acceptable(crop, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index):
                 break
             y, x = draw()
     return y, x
@@ -101,26 +86,23 @@ def pad_clip(
     *,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad frames (T, 3, h, w) with 0 and labels (T, h, w) with ``ignore_index`` bottom/right.
-
-    Returns (T, 3, H, W) and (T, H, W) with (H, W) = ``size_hw`` (must be >= the input size).
-    """
+    """Pad frames (T, 3, h, w) with 0 and labels (T, h, w) with ``ignore_index`` at the bottom
+    and right to (T, 3, H, W), (T, H, W) with (H, W) = ``size_hw`` >= (h, w)."""
     h, w = frames.shape[-2:]
     ph, pw = size_hw[0] - h, size_hw[1] - w
     if ph < 0 or pw < 0:
         raise ValueError(f"cannot pad {h}x{w} to the smaller size {size_hw[0]}x{size_hw[1]}")
     if ph == 0 and pw == 0:
         return frames, labels
-    frames = F.pad(frames, (0, pw, 0, ph), value=0.0)
-    labels = F.pad(labels, (0, pw, 0, ph), value=ignore_index)
-    return frames, labels
+    return F.pad(frames, (0, pw, 0, ph), value=0.0), F.pad(
+        labels, (0, pw, 0, ph), value=ignore_index
+    )
 
 
 def _adjust_hsv(frame: np.ndarray, saturation: float, hue_shift: int) -> np.ndarray:
     """Scale saturation and rotate hue of an (H, W, 3) uint8 RGB frame (hue in 0..180 units)."""
     hsv = np.asarray(Image.fromarray(frame).convert("HSV")).astype(np.int32)
-    if hue_shift:
-        # PIL hue is 0..255 for a full turn; OpenCV's is 0..180.
+    if hue_shift:  # PIL hue is 0..255 for a full turn; OpenCV's is 0..180.
         hsv[..., 0] = (hsv[..., 0] + round(hue_shift * 256 / 180)) % 256
     if saturation != 1.0:
         hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
@@ -130,10 +112,8 @@ def _adjust_hsv(frame: np.ndarray, saturation: float, hue_shift: int) -> np.ndar
 
 
 def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random brightness, contrast, saturation and hue of one (H, W, 3) uint8 frame (each p=0.5).
-
-    Contrast goes before or after the colour changes at random, as in mmseg.
-    """
+    """Random brightness, contrast, saturation and hue of one (H, W, 3) uint8 frame (each
+    p=0.5); contrast before or after the colour changes at random, as in mmseg."""
     out = frame.astype(np.float32)
     if rng.random() < 0.5:
         out = np.clip(out + rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA), 0, 255)
@@ -151,40 +131,25 @@ def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.nd
     return result
 
 
-class TrainTransform:
-    """Clip-consistent training augmentation (docs/DESIGN.md §6).
+@dataclass
+class TrainTransform(AugmentConfig):
+    """Clip-consistent training augmentation: resize ratio, crop box (checked on the target
+    frame, the last) and flip drawn once per clip, photometric distortion per frame.
 
-    Geometry — resize ratio, crop box (checked on the target frame, the last one), flip — is
-    drawn once per clip; the photometric distortion is drawn per frame. Output: frames
-    (T, 3, H, W) float32 normalised and labels (T, H, W) int64, padded to ``crop_size`` (image 0,
-    label ``ignore_index``). ``scale`` is (long, short) of the base size; ``crop_size`` is (H, W).
-    ``normalize=False`` returns uint8 RGB frames and labels at the crop's size, unpadded: the
-    training dataset pads them and the trainer normalises on its device (4x less traffic;
-    ``themask.data.loader.batch_to_device``).
+    Output: frames (T, 3, H, W) float32 normalised and labels (T, H, W) int64 padded to
+    ``crop_size``; ``normalize=False``: uint8 frames and labels at the crop's size, unpadded
+    (the loader pads, the trainer normalises on its device).
     """
 
-    def __init__(
-        self,
-        *,
-        scale: tuple[int, int] = TEST_SCALE,
-        ratio_range: tuple[float, float] = (0.5, 2.0),
-        crop_size: tuple[int, int] = (480, 480),
-        cat_max_ratio: float = 0.75,
-        crop_retries: int = 10,
-        flip_prob: float = 0.5,
-        photometric: bool = True,
-        ignore_index: int = IGNORE_INDEX,
-        normalize: bool = True,
-    ) -> None:
-        self.scale = (scale[0], scale[1])
-        self.normalize = normalize
-        self.ratio_range = (ratio_range[0], ratio_range[1])
-        self.crop_size = (crop_size[0], crop_size[1])
-        self.cat_max_ratio = cat_max_ratio
-        self.crop_retries = crop_retries
-        self.flip_prob = flip_prob
-        self.photometric = photometric
-        self.ignore_index = ignore_index
+    normalize: bool = True
+
+    @classmethod
+    def from_config(cls, data_cfg: AugmentConfig, *, normalize: bool = True) -> TrainTransform:
+        """The augmentation that ``data_cfg`` sets."""
+        return cls(
+            **{f.name: getattr(data_cfg, f.name) for f in fields(AugmentConfig)},
+            normalize=normalize,
+        )
 
     def __call__(
         self, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], rng: np.random.Generator
@@ -194,12 +159,11 @@ class TrainTransform:
                 "need the same positive number of frames and labels, "
                 f"got {len(frames)} and {len(labels)}"
             )
-        h, w = frames[0].shape[:2]
         ratio = rng.uniform(*self.ratio_range)
         target_scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
-        size = keep_ratio_size((h, w), target_scale)
+        size = keep_ratio_size(frames[0].shape[:2], target_scale)
         imgs = [resize_frame(f, size) for f in frames]
-        segs = [resize_label(s, size) for s in labels]
+        segs = [resize_frame(s, size, Image.Resampling.NEAREST) for s in labels]
         y, x = choose_crop(
             segs[-1],
             self.crop_size,
@@ -218,24 +182,23 @@ class TrainTransform:
             imgs = [photometric_distortion(np.ascontiguousarray(f), rng) for f in imgs]
         frame_t = to_chw(np.stack(imgs))
         label_t = torch.from_numpy(np.ascontiguousarray(np.stack(segs))).long()
-        if not self.normalize:  # the caller pads (and normalises on its device)
+        if not self.normalize:
             return frame_t, label_t
-        frame_t = normalize_frames(frame_t)
-        return pad_clip(frame_t, label_t, self.crop_size, ignore_index=self.ignore_index)
+        return pad_clip(
+            normalize_frames(frame_t), label_t, self.crop_size, ignore_index=self.ignore_index
+        )
 
 
+@dataclass
 class TestTransform:
-    """Test-time resize (``docs/VSPW.md`` §2.3): fit ``scale`` = (long, short) keeping the
-    ratio, then stretch each side up to a multiple of ``size_divisor`` (853x480 -> 864x480).
-
-    ``__call__`` maps T frames (H, W, 3) uint8 of one size to (T, 3, h, w) float32 normalised.
-    """
+    """Test resize: fit ``scale`` = (long, short) keeping the ratio, then stretch each side up
+    to a multiple of ``size_divisor`` (853x480 -> 864x480); ``__call__``: T frames (H, W, 3)
+    uint8 of one size -> (T, 3, h, w) float32 normalised."""
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, *, scale: tuple[int, int] = TEST_SCALE, size_divisor: int = 32) -> None:
-        self.scale = (scale[0], scale[1])
-        self.size_divisor = size_divisor
+    scale: tuple[int, int] = TEST_SCALE
+    size_divisor: int = 32
 
     def input_size(self, original_hw: tuple[int, int]) -> tuple[int, int]:
         return aligned_size(original_hw, self.scale, self.size_divisor)

@@ -1,10 +1,5 @@
 """Frame sources for prediction: a video file or a folder of frames, read lazily as RGB uint8.
-
-Video files are decoded with PyAV (FFmpeg bindings): its wheels bundle FFmpeg, so every
-common container/codec works after ``pip install av`` without a system FFmpeg or OpenCV
-build, it is actively maintained, and it decodes frame by frame straight to RGB arrays, so a
-long video never has to fit in memory.
-"""
+Video files are decoded frame by frame with PyAV (its wheels bundle FFmpeg)."""
 
 from __future__ import annotations
 
@@ -32,9 +27,8 @@ def read_video_frames(path: PathLike) -> Iterator[np.ndarray]:
     with container:
         if not container.streams.video:
             raise DataError(f"{path}: the file holds no video stream")
-        stream = container.streams.video[0]
         try:
-            for frame in container.decode(stream):
+            for frame in container.decode(container.streams.video[0]):
                 yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as err:
             raise DataError(f"{path}: video decoding failed ({err})") from err
@@ -53,25 +47,15 @@ def video_frame_rate(path: PathLike) -> float | None:
     return float(rate) if rate else None
 
 
-def list_input_frames(folder: PathLike) -> list[Path]:
-    """Image files of a frame folder sorted by name; ``DataError`` if there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: frame folder does not exist")
-    frames = list_frames(folder)
-    if not frames:
-        raise DataError(f"{folder}: no images ({', '.join(FRAME_SUFFIXES)}) in the frame folder")
-    return frames
-
-
 def iter_input_frames(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(frame_name, frame)`` of a frame folder or a video file.
-
-    Folder frames are named by their file stem; video frames by their 8-digit position.
-    """
+    """Yield ``(frame_name, frame)`` of a frame folder (names: file stems) or a video file
+    (names: 8-digit positions)."""
     path = Path(path)
     if path.is_dir():
-        for frame_path in list_input_frames(path):
+        frames = list_frames(path)
+        if not frames:
+            raise DataError(f"{path}: no images ({', '.join(FRAME_SUFFIXES)}) in the frame folder")
+        for frame_path in frames:
             yield frame_path.stem, read_frame(frame_path)
     elif path.suffix.lower() in VIDEO_SUFFIXES or path.is_file():
         for i, frame in enumerate(read_video_frames(path)):

@@ -1,15 +1,10 @@
 """Videos on disk: split files, video folders, frame/label readers; VSPW class names and palette.
 
-The folder layout and label encoding of a dataset come from its ``dataset.yaml``
-(``themask.data.description``); the defaults are VSPW's (``docs/VSPW.md`` §1.1)::
-
-    <root>/{train,val,test}.txt          one video folder name per line
-    <root>/data/<video>/origin/<frame>.jpg
-    <root>/data/<video>/mask/<frame>.png  single-channel raw labels, same stem as the frame
-
-VSPW label encoding (§1.4-1.5): raw PNG values ``0`` ("others") and ``255`` (void) are
-ignored, ``1..K`` become train ids ``0..K-1``; a description may set other ignored values and
-another offset. Any other stored value is an error, never a silent label.
+Layout and label encoding come from a dataset's ``dataset.yaml``; VSPW's by default
+(``docs/VSPW.md`` §1): ``<root>/<split>.txt`` lists the videos, ``data/<video>/origin/*.jpg``
+their frames, ``data/<video>/mask/*.png`` single-channel masks of the same stems, where ``0``
+("others") and ``255`` (void) are ignored and ``1..K`` are train ids ``0..K-1``. Any other
+stored value is an error, never a silent label.
 """
 
 from __future__ import annotations
@@ -96,33 +91,6 @@ class CorruptFileError(DataError):
     """An image or mask file exists but cannot be decoded (0-byte, truncated, not an image)."""
 
 
-def label_lookup_table(
-    num_classes: int = NUM_CLASSES,
-    ignore_index: int = IGNORE_INDEX,
-    *,
-    offset: int = 1,
-    ignore_values: tuple[int, ...] = (0, 255),
-) -> np.ndarray:
-    """(256,) int16 table stored value -> train id; ``-1`` marks values that are not allowed.
-
-    ``ignore_values`` -> ``ignore_index``; ``offset..offset+K-1`` -> ``0..K-1``; the rest -> -1.
-    VSPW: offset 1, ignore 0 and 255.
-    """
-    if not 1 <= num_classes <= 256 - offset:
-        raise ValueError(
-            f"num_classes must be in 1..{256 - offset} to fit the uint8 encoding, got {num_classes}"
-        )
-    table = np.full(256, -1, dtype=np.int16)
-    table[list(ignore_values)] = ignore_index
-    table[offset : offset + num_classes] = np.arange(num_classes, dtype=np.int16)
-    return table
-
-
-def _expected_values(num_classes: int, offset: int, ignore_values: tuple[int, ...]) -> str:
-    ignored = ", ".join(str(v) for v in ignore_values) or "none"
-    return f"classes {offset}..{offset + num_classes - 1} or ignored values ({ignored})"
-
-
 def map_raw_labels(
     raw: np.ndarray,
     *,
@@ -132,12 +100,18 @@ def map_raw_labels(
     ignore_values: tuple[int, ...] = (0, 255),
     source: str = "<array>",
 ) -> np.ndarray:
-    """Stored label values (H, W) -> train ids (H, W) uint8; ``DataError`` on bad values."""
+    """Stored label values (H, W) -> train ids (H, W) uint8: ``ignore_values`` ->
+    ``ignore_index``, ``offset..offset+K-1`` -> ``0..K-1``; ``DataError`` on any other value."""
     if raw.ndim != 2:
         raise DataError(
             f"{source}: expected a single-channel label map (H, W), got shape {raw.shape}"
         )
-    expected = _expected_values(num_classes, offset, ignore_values)
+    if not 1 <= num_classes <= 256 - offset:
+        raise ValueError(
+            f"num_classes must be in 1..{256 - offset} to fit the uint8 encoding, got {num_classes}"
+        )
+    ignored = ", ".join(str(v) for v in ignore_values) or "none"
+    expected = f"classes {offset}..{offset + num_classes - 1} or ignored values ({ignored})"
     if raw.dtype != np.uint8:
         if raw.size and (raw.min() < 0 or raw.max() > 255):
             raise DataError(
@@ -145,9 +119,10 @@ def map_raw_labels(
                 f"found range {int(raw.min())}..{int(raw.max())}"
             )
         raw = raw.astype(np.uint8)
-    mapped = label_lookup_table(
-        num_classes, ignore_index, offset=offset, ignore_values=ignore_values
-    )[raw]
+    table = np.full(256, -1, dtype=np.int16)  # stored value -> train id, -1: not allowed
+    table[list(ignore_values)] = ignore_index
+    table[offset : offset + num_classes] = np.arange(num_classes, dtype=np.int16)
+    mapped = table[raw]
     if (mapped < 0).any():
         bad = np.unique(raw[mapped < 0])
         shown = ", ".join(str(int(v)) for v in bad[:10])
@@ -158,39 +133,35 @@ def map_raw_labels(
     return mapped.astype(np.uint8)
 
 
-def read_frame(path: PathLike) -> np.ndarray:
-    """Decode an image file -> (H, W, 3) uint8 RGB; ``DataError`` if unreadable or truncated."""
+def _decode(path: PathLike, kind: str) -> Image.Image:
+    """The loaded PIL image of a frame or mask file; ``DataError`` if missing or undecodable."""
     try:
         with Image.open(path) as image:
             image.load()
-            return np.asarray(image.convert("RGB"))
+            return image
     except FileNotFoundError as err:
-        raise DataError(f"{path}: frame file does not exist") from err
+        raise DataError(f"{path}: {kind} file does not exist") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CorruptFileError(
-            f"{path}: cannot decode image ({err}); the file is corrupt or truncated"
+            f"{path}: cannot decode {'image' if kind == 'frame' else kind} ({err}); "
+            "the file is corrupt or truncated"
         ) from err
+
+
+def read_frame(path: PathLike) -> np.ndarray:
+    """Decode an image file -> (H, W, 3) uint8 RGB; ``DataError`` if unreadable or truncated."""
+    return np.asarray(_decode(path, "frame").convert("RGB"))
 
 
 def read_raw_label(path: PathLike) -> np.ndarray:
-    """Read a label PNG's raw pixel values (H, W) without any mapping or palette conversion."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            raw = np.asarray(image)
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: mask file does not exist") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CorruptFileError(
-            f"{path}: cannot decode mask ({err}); the file is corrupt or truncated"
-        ) from err
-    if mode not in _LABEL_MODES:
+    """A label PNG's raw pixel values (H, W), without any mapping or palette conversion."""
+    image = _decode(path, "mask")
+    if image.mode not in _LABEL_MODES:
         raise DataError(
-            f"{path}: expected a single-channel label PNG (mode L or P), got mode {mode}; "
+            f"{path}: expected a single-channel label PNG (mode L or P), got mode {image.mode}; "
             "colour-coded (RGB) masks are not supported"
         )
-    return raw
+    return np.asarray(image)
 
 
 def read_label(
@@ -213,9 +184,19 @@ def read_label(
     )
 
 
+def check_mask_size(
+    mask_path: Path, mask_hw: tuple[int, ...], frame_path: Path, frame_hw: tuple[int, ...]
+) -> None:
+    """``DataError`` naming the mask when its size (H, W) differs from its frame's."""
+    if tuple(mask_hw) != tuple(frame_hw):
+        raise DataError(
+            f"{mask_path}: mask size {mask_hw[1]}x{mask_hw[0]} (WxH) differs from frame "
+            f"{frame_path.name} size {frame_hw[1]}x{frame_hw[0]}"
+        )
+
+
 def read_split(path: PathLike) -> list[str]:
-    """Video names listed in the split file ``path`` (stripped; CRLF and blank lines
-    tolerated)."""
+    """Video names listed in the split file ``path`` (CRLF and blank lines tolerated)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split file not found (expected one video folder name per line)")
@@ -231,10 +212,9 @@ def read_split(path: PathLike) -> list[str]:
 
 def list_frames(folder: PathLike) -> list[Path]:
     """Image files of ``folder`` sorted by name (hidden files such as macOS ``._*`` skipped)."""
-    folder = Path(folder)
     return sorted(
         p
-        for p in folder.iterdir()
+        for p in Path(folder).iterdir()
         if p.suffix.lower() in FRAME_SUFFIXES and not p.name.startswith(".") and p.is_file()
     )
 
@@ -251,10 +231,6 @@ class Video:
     def __len__(self) -> int:
         return len(self.frame_paths)
 
-    @property
-    def frame_names(self) -> list[str]:
-        return [p.stem for p in self.frame_paths]
-
     def mask_path(self, index: int) -> Path | None:
         """The mask of frame ``index``, ``None`` when it has none."""
         return None if self.mask_paths is None else self.mask_paths[index]
@@ -265,34 +241,39 @@ class Video:
         return [i for i in range(len(self)) if self.mask_path(i) is not None]
 
 
-def _read_video(
-    root: Path, name: str, labelled: bool, description: DatasetDescription
+def scan_video(
+    root: PathLike,
+    name: str,
+    description: DatasetDescription,
+    *,
+    masks: bool = True,
+    require_masks: bool = True,
 ) -> tuple[Video | None, list[str]]:
-    """Build one ``Video``; returns ``(None, problems)`` when the folder is unusable."""
+    """One video's files and the problems found (``None`` when the folder is unusable);
+    ``masks=False``: no mask paths; a missing mask is a problem when ``require_masks`` and
+    the dataset is not sparse."""
     frame_dir = description.frame_dir(root, name)
     if not frame_dir.is_dir():
         return None, [f"{frame_dir}: video folder listed in the split does not exist"]
-    frames = list_frames(frame_dir)
-    if not frames:
-        return None, [f"{frame_dir}: no frames (*.jpg) in the video folder"]
-    if not labelled:
-        return Video(name, tuple(frames), None), []
+    frames = tuple(list_frames(frame_dir))
+    problems = [] if frames else [f"{frame_dir}: no frames (*.jpg) in the video folder"]
+    if not masks:
+        return Video(name, frames, None), problems
     mask_dir = description.mask_dir(root, name)
-    masks = [mask_dir / (p.stem + MASK_SUFFIX) for p in frames]
-    found = tuple(m if m.is_file() else None for m in masks)
-    if description.sparse:
-        return Video(name, tuple(frames), found), []
-    problems = [
-        f"{m}: mask missing for frame {f.name} (dataset is not sparse)"
-        for f, m, ok in zip(frames, masks, found)
-        if ok is None
-    ]
-    return Video(name, tuple(frames), found), problems
+    paths = [mask_dir / (p.stem + MASK_SUFFIX) for p in frames]
+    found = tuple(m if m.is_file() else None for m in paths)
+    if require_masks and not description.sparse:
+        problems += [
+            f"{m}: mask missing for frame {f.name} (dataset is not sparse)"
+            for f, m, ok in zip(frames, paths, found)
+            if ok is None
+        ]
+    return Video(name, frames, found), problems
 
 
 class VSPWIndex:
     """Videos of one split of a dataset described by ``description`` (default: the root's
-    ``dataset.yaml``, else the VSPW layout, ``docs/VSPW.md`` §1.1-1.2).
+    ``dataset.yaml``, else the VSPW layout).
 
     Every listed video must exist with at least one frame and, when ``labelled`` and the
     dataset is not sparse, a mask for every frame; otherwise ``DataError`` names every
@@ -309,36 +290,29 @@ class VSPWIndex:
     ) -> None:
         from themask.data.description import load_description
 
-        self.root = Path(root)
-        self.split = split
-        self.labelled = labelled
+        self.root, self.split, self.labelled = Path(root), split, labelled
         if not self.root.is_dir():
             raise DataError(f"{self.root}: dataset root does not exist")
         self.description = description or load_description(self.root)
-        videos: list[Video] = []
+        self.videos: list[Video] = []
         problems: list[str] = []
         for name in read_split(self.description.split_file(self.root, split)):
-            video, found = _read_video(self.root, name, labelled, self.description)
-            problems.extend(found)
+            video, found = scan_video(self.root, name, self.description, masks=labelled)
+            problems += found
             if video is not None:
-                videos.append(video)
+                self.videos.append(video)
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise DataError(
                 f"{self.root} split '{split}': {len(problems)} problem(s):\n  {shown}{more}"
             )
-        self.videos: list[Video] = videos
-        logger.info(
-            "%s split '%s': %d videos, %d frames", self.root, split, len(videos), self.num_frames
-        )
+        counts = f"{len(self.videos)} videos, {self.num_frames} frames"
+        logger.info("%s split '%s': %s", self.root, split, counts)
 
     @property
     def num_frames(self) -> int:
         return sum(len(v) for v in self.videos)
-
-    def __len__(self) -> int:
-        return len(self.videos)
 
     def __getitem__(self, index: int) -> Video:
         return self.videos[index]

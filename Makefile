@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(PY) -m mypy themask
 
 bench: $(STAMP)
-	$(VENV)/bin/themask bench
+	$(PY) benchmarks/bench.py
 
 # Every CUDA path in one command, for whoever has a GPU (needs a CUDA build of torch in the
 # venv): tests/test_cuda.py (no host syncs in forward and loss with amp off/bf16/fp16, CUDA vs
@@ -39,11 +39,7 @@ gpu-check: $(STAMP)
 	print(f'torch {torch.__version__}, CUDA {torch.version.cuda}: ' + \
 	(torch.cuda.get_device_name(0) if ok else 'no CUDA device')); sys.exit(0 if ok else 1)"
 	$(PY) -m pytest -v -rs tests/test_cuda.py
-	@if $(VENV)/bin/themask bench --help | grep -q -- "--device"; then \
-		$(VENV)/bin/themask bench --device cuda; \
-	else \
-		echo "themask bench has no --device in this version: CUDA benchmark skipped"; \
-	fi
+	$(PY) benchmarks/bench.py --device cuda
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

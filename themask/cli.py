@@ -17,7 +17,7 @@ from collections.abc import Sequence
 # the order of ``themask --help``
 COMMAND_MODULES: tuple = (
     *("demo", "train", "check_data", "make_toy_data", "eval", "predict", "convert", "export"),
-    *("bench", "configs"),
+    "configs",
 )
 USER_ERRORS = ("ConfigError", "DataError", "WeightsError")  # themask's own, all ValueError
 FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)

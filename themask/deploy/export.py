@@ -1,11 +1,5 @@
-"""``export_onnx``: a THEMask as two ONNX graphs plus ``manifest.json`` (see ``manifest.py``).
-
-``encoder.onnx``: one normalised frame (1, 3, H, W), H and W any multiples of ``size_divisor``
-→ its ``FrameFeatures`` (mask features at stride 4, multi-scale maps at strides 32, 16, 8).
-``decoder.onnx``: the features of a T-frame window stacked on the first axis → class scores
-(T, K, H/4, W/4). Graphs come from ``torch.export`` with dynamic H and W; the deformable
-attention becomes plain ``GridSample`` nodes (opset ≥ 16), no custom operator.
-"""
+"""``export_onnx``: a THEMask as ``encoder.onnx`` + ``decoder.onnx`` (``torch.export``, dynamic
+H and W, plain ``GridSample`` nodes) + ``manifest.json``."""
 
 from __future__ import annotations
 
@@ -30,8 +24,7 @@ from themask.modeling.themask import FrameFeatures, THEMask
 
 logger = logging.getLogger(__name__)
 
-MIN_OPSET = 18  # GridSample needs 16; the torch.export-based exporter emits >= 18
-DEFAULT_OPSET = 18
+OPSET = 18  # the lowest the torch.export-based exporter emits (GridSample needs 16)
 
 
 class _EncoderGraph(nn.Module):
@@ -56,8 +49,7 @@ class _DecoderGraph(nn.Module):
         return self.model.stride4_scores(predictions)[0]
 
 
-def check_clip_len(model: THEMask, clip_len: int) -> None:
-    """``ConfigError`` unless the model's decoder takes windows of ``clip_len`` frames."""
+def _check_clip_len(model: THEMask, clip_len: int) -> None:
     if clip_len < 1:
         raise ConfigError(f"--clip-len must be >= 1, got {clip_len}")
     if clip_len > 1 and not model.is_temporal:
@@ -74,15 +66,14 @@ def export_onnx(
     clip_len: int,
     class_names: Sequence[str],
     palette: np.ndarray | Sequence[Sequence[int]],
-    opset: int = DEFAULT_OPSET,
+    opset: int = OPSET,
     scale: tuple[int, int] = TEST_SCALE,
 ) -> Manifest:
-    """Write ``encoder.onnx``, ``decoder.onnx`` and ``manifest.json`` of ``model`` to
-    ``out_dir``; return the manifest. ``ConfigError`` for a clip length or opset the model
-    cannot be exported with."""
-    check_clip_len(model, clip_len)
-    if opset < MIN_OPSET:
-        raise ConfigError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+    """Write both graphs and the manifest of ``model`` to ``out_dir``; return the manifest.
+    ``ConfigError`` for a clip length or opset the model cannot be exported with."""
+    _check_clip_len(model, clip_len)
+    if opset < OPSET:
+        raise ConfigError(f"--opset must be >= {OPSET}, got {opset}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
@@ -99,7 +90,15 @@ def export_onnx(
         size_divisor=model.config.size_divisor,
         themask_version=__version__,
     )
-    export_encoder(model, out / manifest.encoder, opset=opset)
+    _export(
+        _EncoderGraph(model),
+        (_sample_image(model),),
+        out / manifest.encoder,
+        opset,
+        input_names=[IMAGE],
+        output_names=list(FEATURES),
+        dynamic_shapes={"image": _size_dims(model, 1)},
+    )
     export_decoder(model, out / manifest.decoder, clip_len=clip_len, opset=opset)
     manifest.write(out)
     return manifest
@@ -117,24 +116,9 @@ def _size_dims(model: THEMask, stride: int) -> dict[int, object]:
     return {2: unit * torch.export.Dim("height"), 3: unit * torch.export.Dim("width")}
 
 
-def export_encoder(model: THEMask, path: PathLike, *, opset: int = DEFAULT_OPSET) -> None:
-    """``encoder.onnx``: image (1, 3, H, W) → the four ``FEATURES`` maps, H and W dynamic."""
-    _export(
-        _EncoderGraph(model.eval()),
-        (_sample_image(model),),
-        Path(path),
-        opset,
-        input_names=[IMAGE],
-        output_names=list(FEATURES),
-        dynamic_shapes={"image": _size_dims(model, 1)},
-    )
-
-
-def export_decoder(
-    model: THEMask, path: PathLike, *, clip_len: int, opset: int = DEFAULT_OPSET
-) -> None:
+def export_decoder(model: THEMask, path: PathLike, *, clip_len: int, opset: int = OPSET) -> None:
     """``decoder.onnx``: ``FEATURES`` of ``clip_len`` frames → scores (T, K, H/4, W/4)."""
-    check_clip_len(model, clip_len)
+    _check_clip_len(model, clip_len)
     with torch.no_grad():
         features = _EncoderGraph(model.eval())(_sample_image(model))
     _export(
@@ -152,11 +136,16 @@ def export_decoder(
 
 
 def _export(module: nn.Module, args: tuple, path: Path, opset: int, **options) -> None:
-    module.eval()
     logger.info("exporting %s (opset %d)", path, opset)
-    progress = io.StringIO()  # the exporter prints its steps on stdout: keep them for -v
+    progress = io.StringIO()  # the exporter prints its steps on stdout: kept for -v
     with torch.no_grad(), contextlib.redirect_stdout(progress):
         torch.onnx.export(
-            module, args, str(path), dynamo=True, opset_version=opset, verbose=False, **options
+            module.eval(),
+            args,
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            **options,
         )
     logger.debug("%s", progress.getvalue())

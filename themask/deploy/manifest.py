@@ -1,8 +1,4 @@
-"""``manifest.json``: everything the ONNX Runtime predictor needs to run an exported model.
-
-Torch-free. ``FORMAT`` changes whenever the graphs' inputs/outputs or a manifest field change
-meaning; a runtime refuses a manifest of another format instead of guessing.
-"""
+"""``manifest.json``: what the (torch-free) ONNX Runtime predictor needs to run an export."""
 
 from __future__ import annotations
 
@@ -15,12 +11,8 @@ from typing import Any
 from themask.data.vspw import TEST_SCALE, DataError
 from themask.io import PathLike, atomic_write
 
-FORMAT = 1
-MANIFEST_NAME = "manifest.json"
-ENCODER_NAME = "encoder.onnx"
-DECODER_NAME = "decoder.onnx"
-# Graph I/O names: the encoder maps IMAGE to FEATURES; the decoder maps T frames' FEATURES
-# (stacked on the first axis) to SCORES.
+FORMAT = 1  # changes whenever the graphs' I/O or a field change meaning
+# the encoder maps IMAGE to FEATURES; the decoder maps T frames' FEATURES (stacked) to SCORES
 IMAGE = "image"
 FEATURES = ("mask_features", "multi_scale_32", "multi_scale_16", "multi_scale_8")
 SCORES = "scores"
@@ -28,14 +20,9 @@ SCORES = "scores"
 
 @dataclass
 class Manifest:
-    """Contents of ``manifest.json``.
-
-    Inputs: an RGB frame resized to fit ``scale`` = (long, short) keeping its ratio, each side
-    stretched up to a multiple of ``size_divisor``, normalised as (x − mean) / std, laid out
-    (1, 3, H, W); any remaining padding is zeros on the bottom/right. Outputs: scores
-    (T, K, H/``mask_stride``, W/``mask_stride``); upsample bilinearly (half-pixel centres) to the
-    padded size, crop, resize to the frame and take the argmax over K.
-    """
+    """Contents of ``manifest.json``. Input: an RGB frame resized to fit ``scale`` (long, short),
+    sides stretched to multiples of ``size_divisor``, (x − mean) / std, (1, 3, H, W). Output:
+    scores (T, K, H/``mask_stride``, W/``mask_stride``), to upsample bilinearly and argmax."""
 
     num_classes: int
     clip_len: int
@@ -49,34 +36,34 @@ class Manifest:
     size_divisor: int = 32
     mask_stride: int = 4
     padding: str = "zeros, bottom/right, to a multiple of size_divisor"
-    encoder: str = ENCODER_NAME
-    decoder: str = DECODER_NAME
+    encoder: str = "encoder.onnx"
+    decoder: str = "decoder.onnx"
     format: int = FORMAT
     themask_version: str = ""
 
     def write(self, directory: PathLike) -> Path:
-        path = Path(directory) / MANIFEST_NAME
+        path = Path(directory) / "manifest.json"
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
         return path
 
 
 def read_manifest(directory: PathLike) -> Manifest:
-    """The manifest of an export folder; ``DataError`` naming the file when it is missing,
-    unreadable, of another format or incomplete, or when a graph it names is missing."""
-    path = Path(directory) / MANIFEST_NAME
+    """The manifest of an export folder; ``DataError`` naming the file when it or a graph it
+    names is missing, or it is unreadable, incomplete or of another format."""
+    path = Path(directory) / "manifest.json"
     if not path.is_file():
         raise DataError(f"{path}: no ONNX export manifest here (write one with themask export)")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not a readable JSON manifest ({err})") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        version = data.get("themask_version", "?") if isinstance(data, dict) else "?"
+    data = data if isinstance(data, dict) else {}
+    if data.get("format") != FORMAT:
         raise DataError(
-            f"{path}: manifest format {found!r} (themask {version}); this themask reads format "
-            f"{FORMAT}: export the model again"
+            f"{path}: manifest format {data.get('format')!r} (themask "
+            f"{data.get('themask_version', '?')}); this themask reads format {FORMAT}: export the "
+            "model again"
         )
     names = {f.name for f in dataclasses.fields(Manifest)}
     try:

@@ -1,12 +1,5 @@
-"""Video prediction with an exported model on ONNX Runtime: numpy, onnxruntime, av and pillow
-only; torch is never imported on this path.
-
-``OnnxStreamingPredictor`` runs the causal sliding windows of the PyTorch
-``StreamingPredictor`` (``themask.data.clips.causal_window``): every frame is encoded once by
-``encoder.onnx`` and its features are reused by each window that holds it; ``decoder.onnx``
-turns a window's features into stride-4 scores, which are resized and argmax'ed here exactly
-as ``THEMask.semantic_scores`` and ``scores_to_labels`` do (bilinear, half-pixel centres).
-"""
+"""Video prediction with an exported model on ONNX Runtime, without torch: the causal sliding
+windows of ``StreamingPredictor``, each frame encoded once, scores resized as PyTorch does."""
 
 from __future__ import annotations
 
@@ -40,12 +33,8 @@ def resize_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class OnnxStreamingPredictor:
-    """Causal sliding windows of ``manifest.clip_len`` frames ``step`` apart on ONNX Runtime.
-
-    ``push(image)`` takes the next normalised frame (3, H, W) float32 and returns its class
-    scores (K, H, W); only the last (T−1)·step + 1 frames' features are held. ``threads``:
-    ONNX Runtime intra-op threads (default: ``OMP_NUM_THREADS`` if set, else its own choice).
-    """
+    """Causal sliding windows of ``manifest.clip_len`` frames ``step`` apart on ONNX Runtime;
+    ``threads``: intra-op threads (default: ``OMP_NUM_THREADS`` if set, else ONNX Runtime's)."""
 
     def __init__(
         self, model_dir: PathLike, *, step: int = TEST_CLIP_STRIDE, threads: int | None = None
@@ -71,21 +60,19 @@ class OnnxStreamingPredictor:
             for name in (self.manifest.encoder, self.manifest.decoder)
         )
         self.windows = CausalWindows(self.manifest.clip_len, step)
+        self._padded: tuple[int, int] | None = None  # the stream's network input size
 
     def push(self, image: np.ndarray) -> np.ndarray:
         """Next frame (3, H, W) float32, normalised → its class scores (K, H, W) float32."""
         height, width = image.shape[-2:]
         divisor = self.manifest.size_divisor
         padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
-        stride = self.manifest.mask_stride
-        if self.windows.history and self.windows.history[-1][0].shape[-2:] != (
-            padded[0] // stride,
-            padded[1] // stride,
-        ):
+        if self._padded not in (None, padded):
             raise DataError(
                 f"frame {self.windows.count}: network input {height}×{width} differs from the "
                 "earlier frames' in its window; all frames of a stream must share one size"
             )
+        self._padded = padded
         batch = np.zeros((1, 3, *padded), dtype=np.float32)
         batch[0, :, :height, :width] = image
         window = self.windows.push(self.encoder.run(list(FEATURES), {IMAGE: batch}))
@@ -107,8 +94,8 @@ def predict_frames(
     *,
     scale: tuple[int, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(frame, labels (H, W) int64)`` for each (H, W, 3) uint8 RGB frame of a stream, in
-    order. Frames are resized as ``TestTransform(scale)`` does (default: the manifest's)."""
+    """``(frame, labels (H, W) int64)`` per (H, W, 3) uint8 RGB frame, in order, resized as
+    ``TestTransform(scale)`` does (default: the manifest's scale)."""
     manifest = predictor.manifest
     scale = scale or (manifest.scale[0], manifest.scale[1])
     for frame in frames:

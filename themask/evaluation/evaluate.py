@@ -1,11 +1,4 @@
-"""Split evaluation: the test-clip protocol over every video of a split, metrics streamed.
-
-``evaluate_split`` walks every video of a ``VSPWIndex`` with the test clips of
-``themask.data.clips.test_clips`` (docs/VSPW.md §2.2–2.3, every frame predicted once),
-scores each frame at its stored resolution and feeds the metric accumulators in frame order;
-nothing but the frames of the current clip (and those waiting for an earlier frame) is kept.
-``evaluate_config`` runs it with the settings of a run config.
-"""
+"""Split evaluation: the test clips of docs/VSPW.md §2.2–2.3 over every video, metrics streamed."""
 
 from __future__ import annotations
 
@@ -20,16 +13,8 @@ from tqdm import tqdm
 
 from themask import distributed as dist_utils
 from themask.data.clips import test_clips
-from themask.data.description import DatasetDescription
 from themask.data.transforms import TestTransform
-from themask.data.vspw import (
-    IGNORE_INDEX,
-    DataError,
-    Video,
-    VSPWIndex,
-    read_frame,
-    read_raw_label,
-)
+from themask.data.vspw import IGNORE_INDEX, DataError, Video, VSPWIndex, read_frame, read_raw_label
 from themask.evaluation.metrics import (
     PUBLISHED_VC_SKIP,
     SegmentationAccumulator,
@@ -42,8 +27,6 @@ from themask.precision import AmpSpec, autocast_context
 
 if TYPE_CHECKING:
     from themask.config import RunConfig
-
-__all__ = ["evaluate_config", "evaluate_split"]
 
 
 def evaluate_split(
@@ -64,28 +47,15 @@ def evaluate_split(
     distributed: bool = False,
     progress: bool = True,
 ) -> dict[str, object]:
-    """Predict every frame of ``index`` with test clips of ``clip_len`` frames and score it.
+    """Score every frame of ``index``, predicted once by test clips of ``clip_len`` frames.
 
-    ``model(frames (1, T, 3, h, w))`` in eval mode must return class scores (1, T, K, h, w);
-    ``transform`` maps the clip's original frames to the network input (T, 3, h, w).
-    Scores are resized to each frame's stored size, argmax'ed and compared with the GT.
-    Frames without a mask (sparse datasets) are predicted as context but not scored, and
-    mVC sees only the masked frames, as the published scripts (they list the mask folder).
-    ``num_classes`` defaults to the index's dataset description.
-
-    ``vc_gt`` picks the GT encoding of mVC (see ``VideoConsistencyAccumulator``):
-    ``"train_id"`` (0 and 255 both ignore; the CFFM script, default) or ``"raw"`` (raw PNG
-    values; the VSPW authors' script). ``vc_rule``: ``"published"`` skips videos of at most
-    16 (masked) frames for every mVC_n (VSS-CFFM ``VC_perclip.py``, the published tables);
-    ``"per_length"`` skips those of at most n frames for mVC_n. ``write_dir``: also write
-    ``<dir>/<video>/<stem>.png`` ('P' mode, train ids, ``palette``).
-    ``distributed=True`` (all ranks must call): the videos are split over the processes and
-    the metric sums reduced, so every rank returns the same result; with ``False`` the calling
-    process evaluates everything alone (e.g. rank 0 during training).
-
-    Returns the dict of :func:`themask.evaluation.metrics.segmentation_metrics` plus
-    ``mVC<n>`` per window length, ``num_videos`` and ``num_frames`` (frames scored); fractions
-    in [0, 1], ``nan`` = undefined.
+    ``model`` maps (1, T, 3, h, w) to scores (1, T, K, h, w); ``transform`` maps the original
+    frames to (T, 3, h, w). Frames without a mask are context only (mVC skips them too).
+    ``vc_gt``: mVC's GT, ``"train_id"`` (CFFM script) or ``"raw"`` PNG values (VSPW authors');
+    ``vc_rule``: ``"published"`` (skip videos of <= 16 frames) or ``"per_length"`` (<= n).
+    ``write_dir``: also ``<dir>/<video>/<stem>.png`` with ``palette``. ``distributed=True``
+    (every rank calls): videos split over the ranks, sums reduced. Returns
+    :func:`segmentation_metrics` plus ``mVC<n>``, ``num_videos``, ``num_frames`` (scored).
     """
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
@@ -120,7 +90,18 @@ def evaluate_split(
             for frame, pred in predictions:  # pred: (H, W) int64
                 mask_path = video.mask_path(frame)
                 if mask_path is not None:
-                    _score_frame(mask_path, pred, seg, vcs, description, vc_gt)
+                    target = upload(torch.from_numpy(description.read_label(mask_path)), device)
+                    if target.shape != pred.shape:
+                        raise DataError(
+                            f"{mask_path}: mask size {tuple(target.shape)} differs from its "
+                            f"frame's {tuple(pred.shape)}"
+                        )
+                    seg.update(pred, target)
+                    if vc_gt == "raw" and vcs:
+                        raw = np.array(read_raw_label(mask_path))
+                        target = upload(torch.from_numpy(raw), device)
+                    for vc in vcs.values():
+                        vc.update(pred, target)
                     num_scored += 1
                 if write_dir is not None and palette is not None:  # checked above
                     save_label_png(
@@ -138,11 +119,8 @@ def evaluate_split(
             vc.all_reduce()
         counts = dist_utils.all_reduce(counts)
     results: dict[str, object] = dict(seg.compute())
-    for n, vc in vcs.items():
-        results[f"mVC{n}"] = vc.compute()
-    results["num_videos"] = int(counts[0])
-    results["num_frames"] = int(counts[1])
-    return results
+    results.update({f"mVC{n}": vc.compute() for n, vc in vcs.items()})
+    return dict(results, num_videos=int(counts[0]), num_frames=int(counts[1]))
 
 
 def evaluate_config(
@@ -158,13 +136,8 @@ def evaluate_config(
     vc_rule: str | None = None,
     progress: bool = True,
 ) -> dict[str, object]:
-    """:func:`evaluate_split` on ``<data.root>/<split>`` (default ``data.val_split``) with the
-    settings of a run config: test transform from ``data.scale`` / ``data.size_divisor``,
-    class count and palette from the dataset description, test clips of ``clip_len``
-    (default ``data.eval_clip_len``) frames, ``eval.max_videos`` and (unless given)
-    ``eval.amp`` / ``eval.vc_rule``. Under torch.distributed every rank must call it (videos
-    are split over the ranks) and every rank gets the same result.
-    """
+    """:func:`evaluate_split` on ``<data.root>/<split>`` (default ``data.val_split``) with a
+    run config's data and eval settings; under torch.distributed every rank must call it."""
     data, description = cfg.data, cfg.data.description
     return evaluate_split(
         model,
@@ -192,11 +165,8 @@ def _predict_in_frame_order(
     device: torch.device,
     amp: AmpSpec,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(frame index, labels (H, W))`` of every frame of ``video`` in frame order.
-
-    Test clips may come out of frame order (T = 2: {0, 3}, {1, 4}, {2, 5}); a frame waits
-    only until all earlier frames are predicted.
-    """
+    """``(frame index, labels (H, W))`` of every frame in order (clips may not be: a frame
+    waits until all earlier frames are predicted)."""
     pending: dict[int, Tensor] = {}
     next_frame = 0
     size = None  # (H, W) of the video's first frame read
@@ -219,26 +189,3 @@ def _predict_in_frame_order(
             next_frame += 1
     if pending or next_frame != len(video):
         raise RuntimeError(f"test clips of {video.name} did not cover every frame once")
-
-
-def _score_frame(
-    mask_path: Path,
-    pred: Tensor,
-    seg: SegmentationAccumulator,
-    vcs: dict[int, VideoConsistencyAccumulator],
-    description: DatasetDescription,
-    vc_gt: str,
-) -> None:
-    target = upload(torch.from_numpy(description.read_label(mask_path)), pred.device)
-    if target.shape != pred.shape:
-        raise DataError(
-            f"{mask_path}: mask size {tuple(target.shape)} differs from its frame's "
-            f"{tuple(pred.shape)}"
-        )
-    seg.update(pred, target)
-    if vcs:
-        vc_target = target
-        if vc_gt == "raw":
-            vc_target = upload(torch.from_numpy(np.array(read_raw_label(mask_path))), pred.device)
-        for vc in vcs.values():
-            vc.update(pred, vc_target)

@@ -1,11 +1,5 @@
-"""VSPW metrics (docs/VSPW.md §3): confusion matrix → mIoU, WIoU, accuracies; mVC_n.
-
-Everything is streaming: the accumulators hold one K×K matrix, resp. two counters plus a
-few per-pixel maps of the current video, never a whole split of predictions. Updates never
-wait for the device (no host reads per frame): range checks and sums stay on the device and
-are read once, by ``compute``.
-Values are fractions in [0, 1] (the CLI prints them ×100); ``nan`` marks an undefined value.
-"""
+"""VSPW metrics (docs/VSPW.md §3) as fractions (``nan``: undefined): mIoU, WIoU, accuracies,
+mVC_n. The accumulators' updates stay on the device; ``compute`` reads the sums once."""
 
 from __future__ import annotations
 
@@ -17,18 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from themask.data.vspw import IGNORE_INDEX
 from themask.distributed import all_reduce
 
 ArrayLike = Tensor | np.ndarray
 
-__all__ = [
-    "segmentation_metrics",
-    "SegmentationAccumulator",
-    "VideoConsistencyAccumulator",
-    "format_metrics_table",
-    "metrics_to_json",
-    "per_class_table",
-]
+PUBLISHED_VC_SKIP = 16  # VSS-CFFM VC_perclip.py: clip_num = 16, checked before both n
 
 
 def _as_tensor(x: ArrayLike) -> Tensor:
@@ -36,9 +24,8 @@ def _as_tensor(x: ArrayLike) -> Tensor:
 
 
 def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """(K·K + 3,) int64 on pred's device, without a host sync: the row-major confusion matrix,
-    then the pixels with an out-of-range target, those with an out-of-range prediction (of
-    the others) and the ignored ones."""
+    """(K·K + 3,) int64: the row-major confusion matrix, then the pixels with an out-of-range
+    target, those with an out-of-range prediction (of the others) and the ignored ones."""
     if pred.shape != target.shape:
         raise ValueError(
             f"confusion matrix: pred shape {tuple(pred.shape)} != target shape "
@@ -57,40 +44,16 @@ def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int, ignore_ind
     return counts.index_add_(0, index, torch.ones_like(index))
 
 
-def _check_ranges(counts: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise if ``_confusion_counts`` saw out-of-range values (reads two numbers back)."""
-    k2 = num_classes * num_classes
-    bad_target, bad_pred = counts[k2 : k2 + 2].tolist()
-    if bad_target:
-        raise ValueError(
-            f"confusion matrix: target values must be in [0, {num_classes}) or {ignore_index}; "
-            f"{bad_target} pixel(s) are not"
-        )
-    if bad_pred:
-        raise ValueError(
-            f"confusion matrix: predicted values must be in [0, {num_classes}); "
-            f"{bad_pred} pixel(s) are not"
-        )
-
-
 def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
-    """Metrics of a (K, K) confusion matrix (rows = GT), docs/VSPW.md §3.1–3.2.
-
-    Returns a dict of
-      ``mIoU``          mmseg variant: mean IoU over classes with union > 0;
-      ``mIoU_present``  Evaluator variant: mean IoU over classes present in the GT;
-      ``WIoU``          frequency-weighted IoU, Σ_c (g_c / Σ g) · IoU_c;
-      ``aAcc``          pixel accuracy Σ I_c / Σ g_c;
-      ``mAcc``          mean over classes present in the GT of I_c / g_c;
-      ``IoU``, ``Acc``  per-class lists (``nan`` where undefined).
-    """
+    """Metrics of a (K, K) confusion matrix (rows = GT), docs/VSPW.md §3.1–3.2: ``mIoU``
+    (classes with union > 0, mmseg), ``mIoU_present`` (classes in the GT), ``WIoU``, ``aAcc``,
+    ``mAcc`` and the per-class lists ``IoU``, ``Acc`` (``nan`` where undefined)."""
     m = _as_tensor(conf).detach().to("cpu", torch.float64)
     if m.dim() != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"segmentation_metrics: expected a square matrix, got {tuple(m.shape)}")
     inter = m.diagonal()
     gt = m.sum(dim=1)
-    predicted = m.sum(dim=0)
-    union = gt + predicted - inter
+    union = gt + m.sum(dim=0) - inter
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     iou = torch.where(union > 0, inter / union.clamp(min=1), nan)
     acc = torch.where(gt > 0, inter / gt.clamp(min=1), nan)
@@ -111,7 +74,7 @@ def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
     }
 
 
-def scalar_metrics(results: dict[str, object]) -> dict[str, float]:
+def scalar_metrics(results: Mapping[str, object]) -> dict[str, float]:
     """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
     return {
         k: float(v)
@@ -127,60 +90,52 @@ class SegmentationAccumulator:
         self,
         *,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         device: str | torch.device = "cpu",
     ) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.device = torch.device(device)
         k2 = num_classes * num_classes
-        # the matrix, then out-of-range and ignored pixel counts (see _confusion_counts)
         self.counts = torch.zeros(k2 + 3, dtype=torch.int64, device=self.device)
         self.matrix = self.counts[:k2].view(num_classes, num_classes)
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:
-        """Add the pixels of ``pred`` / ``target`` (same shape, e.g. (H, W) or (T, H, W)).
-        Values out of range are counted here and reported by ``compute``."""
+        """Add the pixels of ``pred`` / ``target`` (one shape); ``compute`` checks the ranges."""
         pred_t = _as_tensor(pred).to(self.device)
         self.counts += _confusion_counts(
             pred_t, _as_tensor(target), self.num_classes, self.ignore_index
         )
 
     def all_reduce(self) -> None:
-        """Sum the counts over all processes (call once, on every rank, before ``compute``)."""
+        """Sum the counts over all processes (every rank, before ``compute``)."""
         self.counts.copy_(all_reduce(self.counts))
 
     def compute(self) -> dict[str, object]:
-        _check_ranges(self.counts, self.num_classes, self.ignore_index)
+        k2 = self.num_classes * self.num_classes
+        bad_target, bad_pred = self.counts[k2 : k2 + 2].tolist()
+        if bad_target:
+            raise ValueError(
+                f"confusion matrix: target values must be in [0, {self.num_classes}) or "
+                f"{self.ignore_index}; {bad_target} pixel(s) are not"
+            )
+        if bad_pred:
+            raise ValueError(
+                f"confusion matrix: predicted values must be in [0, {self.num_classes}); "
+                f"{bad_pred} pixel(s) are not"
+            )
         return segmentation_metrics(self.matrix)
 
 
-PUBLISHED_VC_SKIP = 16  # VSS-CFFM VC_perclip.py: clip_num = 16, checked before both n
-
-
 class VideoConsistencyAccumulator:
-    """mVC_n exactly as docs/VSPW.md §3.3 (official VSPW / CFFM scripts), streaming.
+    """mVC_n of docs/VSPW.md §3.3 (the official scripts), streaming; ``compute()`` → fraction.
 
-    Per video of N frames, windows start at i = 0 … N−n−1 (N − n windows: the window that
-    ends on the last frame is not counted, as in the official script) and a video with
-    N ≤ ``skip_up_to`` contributes none. ``skip_up_to=PUBLISHED_VC_SKIP`` (16, for every n) is
-    the rule of VSS-CFFM ``VC_perclip.py``, whose numbers THE-Mask and its lineage publish;
-    ``skip_up_to=None`` (= n) is the per-length rule of the VSPW authors' script.
-    VC of a window = |S ∩ T| / |S|, S the pixels whose GT is equal in all n frames of the
-    window and T those whose prediction is; windows with empty S are dropped; mVC_n = mean
-    over all windows of all videos (window-weighted, not per video).
-
-    Feed frames in temporal order: ``start_video()``, ``update(pred, gt)`` per frame,
-    ``end_video()``. Memory does not grow with the video: instead of keeping the last n
-    frames, each pixel keeps the length of its current run of equal values (one previous
-    frame plus two run-length maps), which decides window stability in O(H·W) per frame.
-    A window's value is committed only when the frame after it arrives, which drops the
-    last window of each video.
-
-    GT encoding: equality is all that matters. Feeding train ids (VSPW 0 "others" and 255
-    "void" both → 255) reproduces the CFFM script that THE-Mask's lineage uses; feeding raw
-    PNG values reproduces the dataset authors' script (0 ↔ 255 flips count as unstable).
-    ``themask.evaluation.inference.evaluate_split`` lets the caller choose.
+    Windows of n frames start at 0 … N−n−1 in a video of N frames (the last one is not
+    counted); videos of N ≤ ``skip_up_to`` frames add none (default n, the VSPW authors'
+    rule; ``PUBLISHED_VC_SKIP`` is VSS-CFFM's, the published one). VC = |S ∩ T| / |S| with S
+    (T) the pixels whose GT (prediction) is equal in all n frames, averaged over the windows
+    with non-empty S. Call ``start_video()``, ``update(pred, gt)`` per frame in order,
+    ``end_video()``; each pixel keeps the length of its run of equal values, not n frames.
     """
 
     def __init__(
@@ -195,19 +150,14 @@ class VideoConsistencyAccumulator:
         self.n = n
         self.skip_up_to = n if skip_up_to is None else skip_up_to
         self.device = torch.device(device)
-        # [sum of window VC values, number of windows with non-empty S]
-        self.totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [Σ VC, windows]
         self._in_video = False
         self._reset_video()
 
     def _reset_video(self) -> None:
-        self._prev_gt: Tensor | None = None
-        self._prev_pred: Tensor | None = None
-        self._run_gt: Tensor | None = None  # (H, W) frames since the GT value last changed
-        self._run_pred: Tensor | None = None
-        # [VC, 1] of the window ending on the previous frame ([0, 0] if its S is empty)
-        self._pending: Tensor | None = None
-        # this video's [sum of VC, windows], added to ``totals`` when the video is long enough
+        self._prev: Tensor | None = None  # (2, H, W): the last frame's GT and prediction
+        self._runs = torch.zeros(0)  # (2, H, W): frames since each value last changed
+        self._pending: Tensor | None = None  # [VC, 1] of the window ending on the last frame
         self._video_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.frames_seen = 0
 
@@ -231,31 +181,27 @@ class VideoConsistencyAccumulator:
         if self._pending is not None:  # a later frame exists, so that window is counted
             self._video_totals += self._pending
             self._pending = None
-        if self._prev_gt is None:
-            self._run_gt = torch.zeros(gt_t.shape, dtype=torch.int32, device=self.device)
-            self._run_pred = torch.zeros_like(self._run_gt)
+        current = torch.stack([gt_t.long(), pred_t.long()])
+        if self._prev is None:
+            self._runs = torch.zeros(current.shape, dtype=torch.int32, device=self.device)
+        elif self._prev.shape != current.shape:
+            raise ValueError(
+                f"VideoConsistencyAccumulator: frame size changed within a video: "
+                f"{tuple(self._prev.shape[1:])} -> {tuple(gt_t.shape)}"
+            )
         else:
-            assert self._run_gt is not None and self._run_pred is not None  # set with _prev_gt
-            assert self._prev_pred is not None
-            if self._prev_gt.shape != gt_t.shape:
-                raise ValueError(
-                    f"VideoConsistencyAccumulator: frame size changed within a video: "
-                    f"{tuple(self._prev_gt.shape)} -> {tuple(gt_t.shape)}"
-                )
-            self._run_gt = torch.where(gt_t == self._prev_gt, self._run_gt + 1, 0)
-            self._run_pred = torch.where(pred_t == self._prev_pred, self._run_pred + 1, 0)
-        self._prev_gt, self._prev_pred = gt_t, pred_t
+            self._runs = torch.where(current == self._prev, self._runs + 1, 0)
+        self._prev = current
         self.frames_seen += 1
         if self.frames_seen >= self.n:
-            # The window of the last n frames is stable where the run spans n−1 equalities.
-            stable_gt = self._run_gt >= self.n - 1
-            stable_pred = self._run_pred >= self.n - 1
+            # the last n frames are stable where the run spans n − 1 equalities
+            stable_gt, stable_pred = self._runs >= self.n - 1
             size = stable_gt.sum().double()  # stays on the device: no sync per frame
             value = (stable_gt & stable_pred).sum().double() / size.clamp(min=1)
             self._pending = torch.stack([value, (size > 0).double()])
 
     def end_video(self) -> None:
-        """Close the current video (its last window is dropped, see the class docstring)."""
+        """Close the current video (its last window is dropped)."""
         if not self._in_video:
             raise RuntimeError("VideoConsistencyAccumulator: end_video() without start_video()")
         if self.frames_seen > self.skip_up_to:
@@ -264,11 +210,10 @@ class VideoConsistencyAccumulator:
         self._reset_video()
 
     def all_reduce(self) -> None:
-        """Sum the window totals over all processes (call on every rank before ``compute``)."""
+        """Sum the window totals over all processes (every rank, before ``compute``)."""
         self.totals.copy_(all_reduce(self.totals))
 
     def compute(self) -> float:
-        """mVC_n as a fraction; ``nan`` when no window was counted."""
         total, count = self.totals.tolist()
         return total / count if count > 0 else math.nan
 
@@ -277,8 +222,7 @@ def per_class_table(
     metrics: Mapping[str, Any], class_names: list[str] | None = None
 ) -> list[dict[str, object]]:
     """Rows ``{"class", "name", "IoU", "Acc"}`` of the per-class results of a metrics dict."""
-    ious = list(metrics["IoU"])
-    accs = list(metrics["Acc"])
+    ious, accs = list(metrics["IoU"]), list(metrics["Acc"])
     names = class_names if class_names is not None else [str(i) for i in range(len(ious))]
     if len(names) != len(ious):
         raise ValueError(f"per_class_table: {len(names)} class names for {len(ious)} classes")
@@ -294,25 +238,16 @@ def format_percent(value: object, width: int = 6) -> str:
 
 
 def summarize_metrics(metrics: Mapping[str, object]) -> str:
-    """One line of the scalar metrics in percent, e.g. ``mIoU 41.20, aAcc 80.03, mVC16 -``
-    (the form of the train log and the train command; the eval table uses the same units)."""
+    """One line of the scalar metrics in percent, e.g. ``mIoU 41.20, aAcc 80.03, mVC16 -``."""
     return ", ".join(
         f"{key} {format_percent(value, 0)}"
-        for key, value in metrics.items()
-        if isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and not key.startswith("num_")
+        for key, value in scalar_metrics(metrics).items()
+        if not key.startswith("num_")
     )
 
 
-def format_metrics_table(
-    metrics: dict[str, object], class_names: list[str] | None = None
-) -> str:
-    """Printable text: summary lines (×100) then the per-class IoU / accuracy table.
-
-    Reads ``mIoU``, ``mIoU_present``, ``WIoU``, ``aAcc``, ``mAcc``, any ``mVC<n>`` and the
-    per-class ``IoU`` / ``Acc`` lists; ``-`` marks undefined values.
-    """
+def format_metrics_table(metrics: dict[str, object], class_names: list[str] | None = None) -> str:
+    """Printable text: the summary metrics (×100, ``-`` = undefined), then per-class IoU / Acc."""
     labels = {
         "mIoU": "mIoU (mmseg: classes predicted or present)",
         "mIoU_present": "mIoU (Evaluator: classes present in GT)",
@@ -320,8 +255,7 @@ def format_metrics_table(
         "aAcc": "pixel accuracy (aAcc)",
         "mAcc": "mean class accuracy (mAcc)",
     }
-    vc_keys = sorted((k for k in metrics if k.startswith("mVC")), key=lambda k: int(k[3:]))
-    for key in vc_keys:
+    for key in sorted((k for k in metrics if k.startswith("mVC")), key=lambda k: int(k[3:])):
         labels[key] = f"{key} (video consistency, {key[3:]} frames)"
     width = max(len(v) for v in labels.values())
     lines = [f"{labels[k]:<{width}}  {format_percent(metrics[k])}" for k in labels if k in metrics]

@@ -1,10 +1,5 @@
-"""Streaming prediction: causal sliding windows over a frame stream, each frame encoded once.
-
-``StreamingPredictor`` keeps the backbone + pixel-decoder features of the recent frames
-(``themask.data.clips.CausalWindows``, shared with the ONNX Runtime predictor) and decodes
-the window of every new frame; ``predict_video`` turns (H, W, 3) uint8 frames into labels.
-The helpers below (network input, scores → labels, eval mode) serve split evaluation too.
-"""
+"""Streaming prediction over causal sliding windows, each frame encoded once; helpers shared
+with split evaluation (network input, scores → labels, eval mode)."""
 
 from __future__ import annotations
 
@@ -35,19 +30,15 @@ def upload(x: Tensor, device: torch.device) -> Tensor:
 
 
 def network_input(transform: Transform, frames: list[np.ndarray], device: torch.device) -> Tensor:
-    """``transform(frames)`` (T, 3, h, w) on ``device``; a ``TestTransform``'s frames travel as
-    uint8 and are normalised there (4x less traffic)."""
+    """``transform(frames)`` (T, 3, h, w) on ``device`` (a ``TestTransform``'s as uint8, then
+    normalised there)."""
     if isinstance(transform, TestTransform):
         return normalize_frames(upload(transform.resize(frames), device))
     return upload(transform(frames), device)
 
 
 def scores_to_labels(scores: Tensor, size: tuple[int, int]) -> Tensor:
-    """Class scores (T, K, h, w) → labels (T, H, W) int64 at ``size`` = (H, W).
-
-    Scores are resized bilinearly (align_corners False) one frame at a time, so a K×H×W
-    float map of one frame is the largest temporary.
-    """
+    """Class scores (T, K, h, w) → labels (T, H, W) int64, resized bilinearly frame by frame."""
     labels = []
     for frame_scores in scores:
         resized = frame_scores.float()[None]
@@ -59,8 +50,7 @@ def scores_to_labels(scores: Tensor, size: tuple[int, int]) -> Tensor:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; afterwards every submodule gets its own previous mode back
-    (a trainer may keep frozen parts in eval mode while the rest trains)."""
+    """Eval mode inside the block; afterwards every submodule gets its own mode back."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -71,14 +61,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 class StreamingPredictor:
-    """Causal sliding-window prediction with per-frame feature reuse.
-
-    The window of frame t is ``[t − (T−1)·step, …, t − step, t]`` (indices below 0 clamped
-    to 0), as ``themask.data.clips.causal_window``; the scores of its last frame are kept.
-    Each pushed frame is encoded once (``model.encode``); the decoder runs on the concatenated
-    features of the window (``FrameFeatures.cat``). A single-frame model uses T = 1.
-    Put the model (not a DDP wrapper) in eval mode first (``predict_video`` does).
-    """
+    """Causal sliding windows (``themask.data.clips.causal_window``) of ``clip_len`` frames
+    (1 for a single-frame model); each pushed frame is encoded once, its window decoded from
+    the cached features. The model (not a DDP wrapper) must be in eval mode."""
 
     def __init__(self, model: THEMask, *, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
         self.model = model
@@ -88,7 +73,6 @@ class StreamingPredictor:
         self.windows = CausalWindows(clip_len, step)
 
     def reset(self) -> None:
-        """Start a new stream (forget the cached features)."""
         self.windows.reset()
 
     @torch.no_grad()
@@ -111,10 +95,7 @@ def predict_video(
     amp: AmpSpec = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(frame, labels (H, W) int64)`` for each (H, W, 3) uint8 RGB frame of a stream, in
-    order: ``StreamingPredictor`` windows of ``clip_len`` frames ``step`` apart, scores
-    resized to the frame's size and argmax'ed. Frames may differ in size: where the network
-    input size changes, the windows start afresh (as at the first frame), so every frame is
-    segmented at its own size."""
+    order (``StreamingPredictor``); where the input size changes, the windows start afresh."""
     device = torch.device(device)
     predictor = StreamingPredictor(model, clip_len=clip_len, step=step)
     input_size = None

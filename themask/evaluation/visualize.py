@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import av
 import numpy as np
@@ -17,23 +17,12 @@ from themask.io import PathLike
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "colorize",
-    "overlay",
-    "draw_legend",
-    "with_legend",
-    "save_label_png",
-    "OverlayVideoWriter",
-    "write_predictions",
-    "comparison_panel",
-    "plot_loss_curve",
-]
-
 LEGEND_ROW, LEGEND_BOX, LEGEND_PAD = 14, 10, 3
 FOLDER_FPS = 15.0  # overlay.mp4 of a frame folder (VSPW's frame rate)
+Palette = Union[np.ndarray, Sequence[Sequence[int]]]  # (K, 3) RGB
 
 
-def _palette_array(palette: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+def _palette_array(palette: Palette) -> np.ndarray:
     arr = np.asarray(palette, dtype=np.uint8)
     if arr.ndim != 2 or arr.shape[1] != 3:
         raise ValueError(f"palette must be (K, 3) RGB values, got shape {arr.shape}")
@@ -41,10 +30,7 @@ def _palette_array(palette: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def colorize(
-    labels: np.ndarray,
-    palette: np.ndarray | Sequence[Sequence[int]],
-    *,
-    ignore_color: Sequence[int] = (0, 0, 0),
+    labels: np.ndarray, palette: Palette, *, ignore_color: Sequence[int] = (0, 0, 0)
 ) -> np.ndarray:
     """(H, W) integer labels → (H, W, 3) uint8 RGB; labels outside [0, K) get ``ignore_color``."""
     pal = _palette_array(palette)
@@ -56,23 +42,18 @@ def colorize(
 
 
 def overlay(
-    frame: np.ndarray,
-    labels: np.ndarray,
-    palette: np.ndarray | Sequence[Sequence[int]],
-    *,
-    alpha: float = 0.5,
+    frame: np.ndarray, labels: np.ndarray, palette: Palette, *, alpha: float = 0.5
 ) -> np.ndarray:
-    """Blend coloured labels onto an RGB frame: (1 − alpha)·frame + alpha·colour.
-
-    frame: (H, W, 3) uint8; labels: (H, W). Pixels with labels outside [0, K) keep the frame.
-    """
-    if frame.shape[:2] != np.asarray(labels).shape:
+    """(H, W, 3) uint8 frame blended with coloured (H, W) labels, (1 − alpha)·frame + alpha·colour;
+    labels outside [0, K) keep the frame."""
+    labels = np.asarray(labels)
+    if frame.shape[:2] != labels.shape:
         raise ValueError(
-            f"overlay: frame {frame.shape[:2]} and labels {np.asarray(labels).shape} differ in size"
+            f"overlay: frame {frame.shape[:2]} and labels {labels.shape} differ in size"
         )
     colours = colorize(labels, palette).astype(np.float32)
     blended = (1.0 - alpha) * frame.astype(np.float32) + alpha * colours
-    valid = (np.asarray(labels) >= 0) & (np.asarray(labels) < len(_palette_array(palette)))
+    valid = (labels >= 0) & (labels < len(_palette_array(palette)))
     out = np.where(valid[..., None], blended, frame.astype(np.float32))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -81,12 +62,12 @@ def draw_legend(
     image: np.ndarray,
     class_ids: Iterable[int],
     class_names: Sequence[str],
-    palette: np.ndarray | Sequence[Sequence[int]],
+    palette: Palette,
     *,
     max_entries: int = 12,
 ) -> np.ndarray:
-    """Draw a legend (colour box + name per class) in the top-left corner of a copy of the
-    (H, W, 3) image; at most ``max_entries`` rows and as many as fit in H."""
+    """A copy of the (H, W, 3) image with a legend (colour box + name per class) top left; at
+    most ``max_entries`` rows and as many as fit in H."""
     pal = _palette_array(palette)
     fit = max(0, (image.shape[0] - LEGEND_PAD) // LEGEND_ROW)
     ids = [int(c) for c in class_ids if 0 <= int(c) < len(pal)][: min(max_entries, fit)]
@@ -105,13 +86,10 @@ def draw_legend(
 
 
 def with_legend(
-    image: np.ndarray,
-    class_ids: Iterable[int],
-    class_names: Sequence[str],
-    palette: np.ndarray | Sequence[Sequence[int]],
+    image: np.ndarray, class_ids: Iterable[int], class_names: Sequence[str], palette: Palette
 ) -> np.ndarray:
-    """(H, W, 3) image → (H, W + L, 3): the legend in a black panel to its right, so it never
-    covers the picture; L fits the longest of ``class_names`` (the same for every frame)."""
+    """(H, W, 3) image → (H, W + L, 3): the legend in a black panel to its right, L fitting the
+    longest of ``class_names``."""
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     width = int(max(draw.textlength(name) for name in class_names)) + LEGEND_BOX + 4 * LEGEND_PAD
     canvas = np.zeros((image.shape[0], width, 3), dtype=np.uint8)
@@ -119,16 +97,14 @@ def with_legend(
     return np.concatenate([image, legend], axis=1)
 
 
-def save_label_png(
-    labels: np.ndarray,
-    path: PathLike,
-    palette: np.ndarray | Sequence[Sequence[int]],
-) -> None:
+def save_label_png(labels: np.ndarray, path: PathLike, palette: Palette) -> None:
     """Write (H, W) train ids (0 … K−1, < 256) as a palettised 'P' PNG (VSPW prediction format)."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise ValueError(f"save_label_png: labels must fit in uint8, got range "
-                         f"[{labels.min()}, {labels.max()}] for {path}")
+        raise ValueError(
+            f"save_label_png: labels must fit in uint8, got range "
+            f"[{labels.min()}, {labels.max()}] for {path}"
+        )
     pal = _palette_array(palette)
     flat = np.zeros((256, 3), dtype=np.uint8)
     flat[: min(256, len(pal))] = pal[:256]
@@ -139,8 +115,7 @@ def save_label_png(
 
 
 def fit_into(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w, 3) frame scaled to fit inside ``size`` (H, W), keeping its aspect ratio,
-    centred on black."""
+    """(h, w, 3) frame scaled into ``size`` (H, W) keeping its aspect ratio, centred on black."""
     height, width = size
     factor = min(height / frame.shape[0], width / frame.shape[1])
     new_w = max(1, min(width, round(frame.shape[1] * factor)))
@@ -153,20 +128,15 @@ def fit_into(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class OverlayVideoWriter:
-    """Write RGB frames to an MP4 with PyAV (H.264 when available, else MPEG-4 part 2).
-
-    The video has the size of the first frame (odd width/height padded by one edge pixel:
-    yuv420p needs even sizes); a later frame of another size is scaled to fit inside it,
-    keeping its aspect ratio, on black. Use as a context manager.
-    """
+    """Context manager writing RGB frames to an MP4 with PyAV (H.264, else MPEG-4 part 2) at
+    the first frame's size (odd sides padded for yuv420p; other sizes scaled to fit)."""
 
     def __init__(self, path: PathLike, *, fps: float = 15.0) -> None:
         self.path = Path(path)
         self.fps = fps
         self._container: av.container.OutputContainer | None = None
         self._stream: VideoStream | None = None
-        self._size: tuple[int, int] | None = None
-        self.frames_written = 0
+        self._size = (0, 0)  # (H, W) of the first frame
 
     def __enter__(self) -> OverlayVideoWriter:
         return self
@@ -174,27 +144,22 @@ class OverlayVideoWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _open(self, height: int, width: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        codec: Literal["libx264", "mpeg4"] = (
-            "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        )
-        self._container = av.open(str(self.path), mode="w")
-        rate = Fraction(self.fps).limit_denominator(1001)
-        self._stream = self._container.add_stream(codec, rate=rate)
-        self._stream.width = width + width % 2
-        self._stream.height = height + height % 2
-        self._stream.pix_fmt = "yuv420p"
-        self._size = (height, width)
-        logger.debug("writing %s with codec %s at %s fps", self.path, codec, rate)
-
     def write(self, frame: np.ndarray) -> None:
         """Append one (H, W, 3) uint8 RGB frame."""
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"OverlayVideoWriter: expected (H, W, 3) frames, got {frame.shape}")
-        if self._container is None:
-            self._open(frame.shape[0], frame.shape[1])
-        assert self._container is not None and self._stream is not None and self._size is not None
+        if self._container is None or self._stream is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            codec: Literal["libx264", "mpeg4"] = (
+                "libx264" if "libx264" in av.codecs_available else "mpeg4"
+            )
+            rate = Fraction(self.fps).limit_denominator(1001)
+            self._container = av.open(str(self.path), mode="w")
+            self._stream = self._container.add_stream(codec, rate=rate)
+            self._size = (frame.shape[0], frame.shape[1])
+            self._stream.height, self._stream.width = (side + side % 2 for side in self._size)
+            self._stream.pix_fmt = "yuv420p"
+            logger.debug("writing %s with codec %s at %s fps", self.path, codec, rate)
         if frame.shape[:2] != self._size:
             frame = fit_into(frame, self._size)
         height, width = frame.shape[:2]
@@ -202,39 +167,30 @@ class OverlayVideoWriter:
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         for packet in self._stream.encode(video_frame):
             self._container.mux(packet)
-        self.frames_written += 1
 
     def close(self) -> None:
-        if self._container is None:
+        if self._container is None or self._stream is None:
             return
-        assert self._stream is not None
         for packet in self._stream.encode():
             self._container.mux(packet)
         self._container.close()
         self._container = None
 
 
-Segmenter = Callable[[Iterator[np.ndarray]], Iterable[tuple[np.ndarray, np.ndarray]]]
-
-
 def write_predictions(
     input_path: PathLike,
     out: PathLike,
-    segment: Segmenter,
+    segment: Callable[[Iterator[np.ndarray]], Iterable[tuple[np.ndarray, np.ndarray]]],
     *,
     class_names: Sequence[str],
-    palette: np.ndarray | Sequence[Sequence[int]],
+    palette: Palette,
     fps: float | None = None,
     alpha: float = 0.5,
 ) -> int:
-    """Segment the frames of a video file or frame folder and write ``out/labels/<frame>.png``
-    (train ids), ``out/overlays/<frame>.png`` (overlay, legend in a panel to its right) and
-    ``out/overlay.mp4`` at ``fps`` (default: the input video's rate; 15 for a frame folder).
-
-    ``segment`` maps the (H, W, 3) uint8 frames, in order, to ``(frame, labels (H, W))``, one
-    pair per frame as it arrives (the PyTorch or the ONNX Runtime predictor). Returns the
-    number of frames.
-    """
+    """Write ``out/labels/<frame>.png`` (train ids), ``out/overlays/<frame>.png`` (with legend)
+    and ``out/overlay.mp4`` (``fps`` default: the video's, 15 for a frame folder) of a video file
+    or frame folder; ``segment`` maps the frames to ``(frame, labels (H, W))`` pairs in order.
+    Returns the number of frames."""
     from tqdm import tqdm
 
     from themask.data.video_io import iter_input_frames, video_frame_rate
@@ -266,15 +222,16 @@ def comparison_panel(
     gt: np.ndarray,
     pred: np.ndarray,
     class_names: Sequence[str],
-    palette: np.ndarray | Sequence[Sequence[int]],
+    palette: Palette,
     *,
     scale: int = 2,
 ) -> np.ndarray:
     """Ground truth | prediction overlays of one (H, W, 3) frame side by side, upscaled
     ``scale`` times (nearest), with a legend of the classes of both on the right."""
     gap = np.full((frame.shape[0], 4, 3), 255, dtype=np.uint8)
-    pair = Image.fromarray(np.concatenate([overlay(frame, gt, palette), gap,
-                                           overlay(frame, pred, palette)], axis=1))
+    pair = Image.fromarray(
+        np.concatenate([overlay(frame, gt, palette), gap, overlay(frame, pred, palette)], axis=1)
+    )
     pair = pair.resize((pair.width * scale, pair.height * scale), Image.Resampling.NEAREST)
     shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
     return with_legend(np.asarray(pair), shown, class_names, palette)

@@ -1,5 +1,5 @@
-"""Weight files: safe reading and strict loading (``files``), MiT ImageNet layouts (``mit``),
-official THE-Mask checkpoints (``official``) and our own safetensors format (``format``)."""
+"""Weight files: reading (``files``), MiT (``mit``) and official (``official``) layouts, ours."""
+
 from __future__ import annotations
 
 from themask.weights.files import WeightsError, read_state_dict

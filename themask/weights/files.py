@@ -1,8 +1,5 @@
-"""Reading weight files safely and loading them strictly.
-
-Nothing here unpickles arbitrary objects (``torch.load(..., weights_only=True)``); every
-problem is a ``WeightsError`` (a ``ValueError``) naming the file or the offending keys.
-"""
+"""Reading weight files safely (nothing is unpickled), loading them strictly, renaming keys by
+prefix tables; every problem is a ``WeightsError`` naming the file or the offending keys."""
 
 from __future__ import annotations
 
@@ -21,6 +18,7 @@ from themask.io import PathLike
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, Tensor]
+NameTable = tuple[tuple[str, str], ...]  # (source prefix, target prefix) pairs
 
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -32,13 +30,8 @@ class WeightsError(ValueError):
 
 
 def read_state_dict(path: PathLike) -> StateDict:
-    """Read a weights file or a Hugging Face model directory into a flat ``{name: tensor}``.
-
-    ``.safetensors`` through safetensors; ``.pth/.pt/.bin`` through
-    ``torch.load(map_location="cpu", weights_only=True)``; a directory must hold
-    ``model.safetensors`` or ``pytorch_model.bin``. ``state_dict``/``model`` wrappers and a
-    ``module.`` prefix (DDP) are removed.
-    """
+    """A weights file (``.safetensors``; ``.pth/.pt/.bin`` loaded weights-only) or a Hugging Face
+    model directory as a flat ``{name: tensor}`` (wrappers and a ``module.`` prefix removed)."""
     source = Path(path)
     if source.is_dir():
         source = next((source / n for n in _HF_FILES if (source / n).is_file()), source)
@@ -46,42 +39,29 @@ def read_state_dict(path: PathLike) -> StateDict:
             raise FileNotFoundError(f"{path}: directory holds none of {list(_HF_FILES)}")
     if not source.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
-    if source.suffix == ".safetensors":
-        try:
+    if source.suffix not in (".safetensors", *_TORCH_SUFFIXES):
+        raise WeightsError(
+            f"{path}: unknown weights format {source.suffix!r}; expected .safetensors, "
+            f"{', '.join(_TORCH_SUFFIXES)} or a Hugging Face directory"
+        )
+    try:
+        if source.suffix == ".safetensors":
             loaded: object = load_file(str(source), device="cpu")
-        except Exception as error:  # safetensors raises its own error types
-            raise WeightsError(
-                f"{path}: not a readable .safetensors file ({_first_line(error)})"
-            ) from error
-    elif source.suffix in _TORCH_SUFFIXES:
-        try:
+        else:
             loaded = torch.load(source, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-            if found is None:
-                raise WeightsError(
-                    f"{path}: not a readable PyTorch weights file ({_first_line(error)})"
-                ) from error
+    except Exception as error:  # safetensors and torch raise many kinds
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and found is not None:
             raise WeightsError(
                 f"{path}: holds {found.group(1)}, which a safe (weights-only) load refuses. If "
                 "you trust the file, re-save just its state dict: "
                 "torch.save(torch.load(SRC, weights_only=False)['state_dict'], DST)"
             ) from None
-        except Exception as error:  # not a zip/pickle file: torch raises many kinds
-            raise WeightsError(
-                f"{path}: not a readable PyTorch weights file ({_first_line(error)})"
-            ) from error
-    else:
-        raise WeightsError(
-            f"{path}: unknown weights format {source.suffix!r}; expected .safetensors, "
-            f"{', '.join(_TORCH_SUFFIXES)} or a Hugging Face directory"
-        )
+        kind = ".safetensors" if source.suffix == ".safetensors" else "PyTorch weights"
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+        raise WeightsError(f"{path}: not a readable {kind} file ({reason})") from error
     return unwrap_state_dict(loaded, source=str(path))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
@@ -106,8 +86,7 @@ def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
 def check_state_dict(
     expected: Mapping[str, Tensor], given: Mapping[str, Tensor], *, what: str
 ) -> None:
-    """Raise ``WeightsError`` listing missing, unexpected and mis-shaped keys (``what`` names
-    the source)."""
+    """Raise ``WeightsError`` listing missing, unexpected and mis-shaped keys of ``what``."""
     mis_shaped = sorted(
         f"{key}: expected {tuple(expected[key].shape)}, got {tuple(given[key].shape)}"
         for key in set(expected) & set(given)
@@ -130,3 +109,15 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, what: st
     """``module.load_state_dict(strict=True)`` after a readable key/shape check."""
     check_state_dict(module.state_dict(), state_dict, what=what)
     module.load_state_dict(dict(state_dict), strict=True)
+
+
+def rename(key: str, table: NameTable) -> str | None:
+    """``key`` renamed by the first matching (source, target) prefix pair, else None; ``{i}``
+    in a pair stands for an index."""
+    for source, target in table:
+        pattern = re.escape(source).replace(re.escape("{i}"), r"(\d+)")
+        match = re.match(pattern, key)
+        if match is not None:
+            new = target.replace("{i}", match.group(1)) if match.groups() else target
+            return new + key[match.end() :]
+    return None

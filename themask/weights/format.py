@@ -1,11 +1,5 @@
-"""Our own weights format and the one loader of every weights layout.
-
-A ``.safetensors`` file (``save_model``) holds the state dict and, in its metadata: the
-network's ``ModelConfig`` as JSON (``themask_config``), optionally the class names and
-(K, 3) palette (``themask_classes``) and the test resize of the training data
-(``themask_test``), so ``load_model`` needs no preset. Files written before the training
-objective left the model config (a ``loss`` entry in ``themask_config``) still load.
-"""
+"""Our weights format, a ``.safetensors`` file whose metadata holds the ``ModelConfig`` and
+optionally class names, palette and test resize; and the one loader of every layout."""
 
 from __future__ import annotations
 
@@ -14,6 +8,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from themask.config import ConfigError, update_dataclass
+from themask.data.vspw import NUM_CLASSES
 from themask.io import PathLike, atomic_write
 from themask.modeling.build import build_model, build_model_from_config, preset_config
 from themask.modeling.config import ModelConfig
@@ -44,8 +40,7 @@ def save_model(
     palette: np.ndarray | None = None,
     test_scale: tuple[int, int] | None = None,
 ) -> None:
-    """Write ``model``'s weights and metadata (see the module docstring); atomic (no partial
-    file on failure). ``test_scale``: (long, short) test resize for ``themask predict``."""
+    """Write ``model``'s weights and metadata atomically; ``test_scale``: (long, short)."""
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise WeightsError("save_model: the model has no ModelConfig `config` (use build_model)")
@@ -71,7 +66,7 @@ def save_model(
 
 
 def _metadata(path: PathLike) -> dict[str, str]:
-    """The metadata of a .safetensors file ({} when it is no readable safetensors file)."""
+    """The metadata of a .safetensors file ({} for any other file)."""
     if Path(path).suffix != ".safetensors" or not Path(path).is_file():
         return {}
     try:
@@ -81,15 +76,20 @@ def _metadata(path: PathLike) -> dict[str, str]:
         return {}
 
 
+def _stored(path: PathLike, key: str) -> Any:
+    """The JSON value under ``key`` in a .safetensors file's metadata (None if absent)."""
+    text = _metadata(path).get(key)
+    return None if text is None else json.loads(text)
+
+
 def read_model_config(path: PathLike) -> ModelConfig:
     """The ``ModelConfig`` stored in a file written by :func:`save_model`."""
-    stored = _metadata(path).get(CONFIG_METADATA_KEY)
-    if stored is None:
+    values = _stored(path, CONFIG_METADATA_KEY)
+    if values is None:
         raise WeightsError(
             f"{path}: no '{CONFIG_METADATA_KEY}' metadata; not a themask model file "
             "(convert other checkpoints with `themask convert`)"
         )
-    values = json.loads(stored)
     values.pop("loss", None)  # files from before the objective left the network config
     try:
         return update_dataclass(ModelConfig(), values, CONFIG_METADATA_KEY)
@@ -98,28 +98,22 @@ def read_model_config(path: PathLike) -> ModelConfig:
 
 
 def read_class_info(path: PathLike) -> tuple[list[str], np.ndarray | None] | None:
-    """(class names, (K, 3) uint8 palette or None) stored by :func:`save_model`, or ``None``
-    for a file without them (any other weights format included)."""
-    stored = _metadata(path).get(CLASSES_METADATA_KEY)
-    if stored is None:
+    """(class names, (K, 3) uint8 palette or None) stored by :func:`save_model`, else None."""
+    values = _stored(path, CLASSES_METADATA_KEY)
+    if values is None:
         return None
-    values = json.loads(stored)
     palette = values.get("palette")
     return list(values["names"]), None if palette is None else np.array(palette, dtype=np.uint8)
 
 
 def read_test_scale(path: PathLike) -> tuple[int, int] | None:
-    """The (long, short) test resize stored by :func:`save_model`, or ``None``."""
-    stored = _metadata(path).get(TEST_METADATA_KEY)
-    if stored is None:
-        return None
-    long_side, short_side = json.loads(stored)["scale"]
-    return int(long_side), int(short_side)
+    """The (long, short) test resize stored by :func:`save_model`, else None."""
+    values = _stored(path, TEST_METADATA_KEY)
+    return None if values is None else (int(values["scale"][0]), int(values["scale"][1]))
 
 
 def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> THEMask:
-    """Rebuild a ``THEMask`` from a file written by :func:`save_model` (no preset needed),
-    load its weights strictly and move it to ``map_location``."""
+    """The ``THEMask`` of a file written by :func:`save_model`, on ``map_location``."""
     model = build_model_from_config(read_model_config(path))
     load_strict(model, read_state_dict(path), what=str(path))
     return model.to(map_location)
@@ -128,15 +122,9 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> T
 def model_from_weights(
     path: PathLike, *, preset: str | None = None, num_classes: int | None = None
 ) -> THEMask:
-    """A ``THEMask`` holding the weights at ``path``, whatever their layout:
-
-    - our own file (``save_model``): rebuilt from its config (``preset``/``num_classes`` must
-      then be left out);
-    - a full-model state dict, official THE-Mask names or ours (e.g. a training checkpoint):
-      the network (and K) is inferred from the shapes unless ``preset`` (``num_classes``) is given;
-    - MiT ImageNet weights (original / Hugging Face / mmseg 1.x): a fresh model of ``preset``
-      (required) with ``num_classes`` (default 124) and these backbone weights.
-    """
+    """A ``THEMask`` holding the weights at ``path``: our own file (no ``preset`` or
+    ``num_classes`` then), a full state dict, ours or official (network and K inferred unless
+    given), or MiT ImageNet weights (``preset`` required, K default VSPW's 124)."""
     if CONFIG_METADATA_KEY in _metadata(path):
         if preset is not None or num_classes is not None:
             raise WeightsError(f"{path} is a themask model file; it fixes its own preset")
@@ -155,15 +143,9 @@ def model_from_weights(
     else:
         if preset is None:
             raise WeightsError(f"{path}: MiT backbone weights only; name the model with a preset")
-        model = build_model(preset, num_classes=124 if num_classes is None else num_classes)
+        model = build_model(preset, num_classes=NUM_CLASSES if num_classes is None else num_classes)
         layout = "MiT " + load_backbone_state_dict(model.backbone, state_dict, source=str(path))
-    logger.info(
-        "%s: %s weights → %s %s decoder, %d classes, %.2f M parameters",
-        path,
-        layout,
-        model.config.backbone,
-        model.config.decoder,
-        model.num_classes,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-    )
+    network = f"{model.config.backbone} {model.config.decoder} decoder, {model.num_classes} classes"
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    logger.info("%s: %s weights → %s, %.2f M parameters", path, layout, network, size)
     return model

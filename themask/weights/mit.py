@@ -1,22 +1,23 @@
-"""MiT ImageNet weights in the three public layouts → our backbone names (one way).
-
-Layouts (docs/WEIGHTS.md): the original SegFormer release (``patch_embed1.proj.weight`` …),
-Hugging Face ``nvidia/mit-b*`` (``segformer.encoder.`` …, key and value separate) and mmseg 1.x
-(``layers.0.0.projection.weight`` …, fused q/k/v, 1×1-conv FFN). Hugging Face and mmseg are
-first turned into the original names, which are then renamed to ours (``stages.{s}.…``).
-"""
+"""MiT ImageNet weights → our backbone names (one way): the original SegFormer layout, and
+Hugging Face and mmseg 1.x through the original names (docs/WEIGHTS.md)."""
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from themask.io import PathLike
-from themask.weights.files import StateDict, WeightsError, load_strict, read_state_dict
+from themask.weights.files import (
+    NameTable,
+    StateDict,
+    WeightsError,
+    load_strict,
+    read_state_dict,
+    rename,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,40 +34,12 @@ ORIGINAL_BLOCK_TO_OURS = {
     "mlp.dwconv.dwconv": "mlp.dwconv",
     "mlp.fc2": "mlp.fc2",
 }
-_RE_ORIGINAL = re.compile(
-    r"(?:patch_embed(\d+)\.(proj|norm)|block(\d+)\.(\d+)\.(.+)|norm(\d+))\.(weight|bias)"
-)
-
-
-def _unknown(key: str, layout: str) -> WeightsError:
-    return WeightsError(f"MiT weights ({layout} layout): unexpected key {key!r}")
-
-
-def mit_original_to_ours(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Original SegFormer names → ours; the ImageNet classifier ``head.*`` is dropped."""
-    out: StateDict = {}
-    for key, value in state_dict.items():
-        if key.startswith("head."):
-            continue
-        match = _RE_ORIGINAL.fullmatch(key)
-        if match is None:
-            raise _unknown(key, "original")
-        patch_stage, patch_part, block_stage, block, inner, norm_stage, param = match.groups()
-        if patch_stage is not None:
-            new = f"stages.{int(patch_stage) - 1}.patch_embed.{patch_part}"
-        elif norm_stage is not None:
-            new = f"stages.{int(norm_stage) - 1}.norm"
-        elif inner in ORIGINAL_BLOCK_TO_OURS:
-            new = f"stages.{int(block_stage) - 1}.blocks.{block}.{ORIGINAL_BLOCK_TO_OURS[inner]}"
-        else:
-            raise _unknown(key, "original")
-        out[f"{new}.{param}"] = value
-    return out
-
-
+# inside a block, Hugging Face → original; key and value are fused into kv afterwards
 _HF_BLOCK_TO_ORIGINAL = {
     "layer_norm_1": "norm1",
     "attention.self.query": "attn.q",
+    "attention.self.key": "attn.key",
+    "attention.self.value": "attn.value",
     "attention.self.sr": "attn.sr",
     "attention.self.layer_norm": "attn.norm",
     "attention.output.dense": "attn.proj",
@@ -75,45 +48,7 @@ _HF_BLOCK_TO_ORIGINAL = {
     "mlp.dwconv.dwconv": "mlp.dwconv.dwconv",
     "mlp.dense2": "mlp.fc2",
 }
-_RE_HF = re.compile(
-    r"encoder\.(?:patch_embeddings\.(\d+)\.(proj|layer_norm)|block\.(\d+)\.(\d+)\.(.+)"
-    r"|layer_norm\.(\d+))\.(weight|bias)"
-)
-
-
-def mit_hf_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Hugging Face ``SegformerModel`` names (``encoder.…``) → original; key/value are fused.
-
-    Expects the ``segformer.`` prefix already removed and ``classifier.*`` dropped.
-    """
-    out: StateDict = {}
-    pending: dict[str, dict[str, Tensor]] = {}
-    for key, value in state_dict.items():
-        match = _RE_HF.fullmatch(key)
-        if match is None:
-            raise _unknown(key, "Hugging Face")
-        patch_stage, patch_part, block_stage, block, inner, norm_stage, param = match.groups()
-        if patch_stage is not None:
-            part = "proj" if patch_part == "proj" else "norm"
-            out[f"patch_embed{int(patch_stage) + 1}.{part}.{param}"] = value
-        elif norm_stage is not None:
-            out[f"norm{int(norm_stage) + 1}.{param}"] = value
-        else:
-            prefix = f"block{int(block_stage) + 1}.{block}"
-            if inner in ("attention.self.key", "attention.self.value"):
-                pending.setdefault(f"{prefix}.attn.kv.{param}", {})[inner.rsplit(".", 1)[1]] = value
-            elif inner in _HF_BLOCK_TO_ORIGINAL:
-                out[f"{prefix}.{_HF_BLOCK_TO_ORIGINAL[inner]}.{param}"] = value
-            else:
-                raise _unknown(key, "Hugging Face")
-    for key, parts in pending.items():
-        if set(parts) != {"key", "value"}:
-            missing = "value" if "key" in parts else "key"
-            raise WeightsError(f"MiT weights (Hugging Face layout): {key} lacks its {missing} half")
-        out[key] = torch.cat((parts["key"], parts["value"]), dim=0)  # rows [0,C)=k, [C,2C)=v
-    return out
-
-
+# inside a block, mmseg 1.x → original; in_proj is split into q and kv afterwards
 _MMSEG_BLOCK_TO_ORIGINAL = {
     "norm1": "norm1",
     "attn.attn.out_proj": "attn.proj",
@@ -124,40 +59,90 @@ _MMSEG_BLOCK_TO_ORIGINAL = {
     "ffn.layers.1": "mlp.dwconv.dwconv",
     "ffn.layers.4": "mlp.fc2",
 }
-_RE_MMSEG = re.compile(r"layers\.(\d+)\.(?:0\.(projection|norm)|1\.(\d+)\.(.+)|2)\.(weight|bias)")
-_RE_MMSEG_IN_PROJ = re.compile(r"layers\.(\d+)\.1\.(\d+)\.attn\.attn\.in_proj_(weight|bias)")
+
+
+def _expand(
+    pairs: list[tuple[str, str]], block: tuple[str, str], names: Mapping[str, str]
+) -> NameTable:
+    """The (source, target) prefix pairs of stages 0–3 (``{s}``: the stage counted from 0,
+    ``{S}``: from 1), with the ``block`` pair joined to each pair of ``names`` in a block."""
+    pairs = pairs + [(f"{block[0]}{a}.", f"{block[1]}{b}.") for a, b in names.items()]
+    return tuple(
+        (source.format(s=s, S=s + 1, i="{i}"), target.format(s=s, S=s + 1, i="{i}"))
+        for s in range(4)
+        for source, target in pairs
+    )
+
+
+_TABLES = {
+    "original": _expand(
+        [("patch_embed{S}.", "stages.{s}.patch_embed."), ("norm{S}.", "stages.{s}.norm.")],
+        ("block{S}.{i}.", "stages.{s}.blocks.{i}."),
+        ORIGINAL_BLOCK_TO_OURS,
+    ),
+    "huggingface": _expand(
+        [
+            ("encoder.patch_embeddings.{s}.proj.", "patch_embed{S}.proj."),
+            ("encoder.patch_embeddings.{s}.layer_norm.", "patch_embed{S}.norm."),
+            ("encoder.layer_norm.{s}.", "norm{S}."),
+        ],
+        ("encoder.block.{s}.{i}.", "block{S}.{i}."),
+        _HF_BLOCK_TO_ORIGINAL,
+    ),
+    "mmseg": _expand(
+        [
+            ("layers.{s}.0.projection.", "patch_embed{S}.proj."),
+            ("layers.{s}.0.norm.", "patch_embed{S}.norm."),
+            ("layers.{s}.2.", "norm{S}."),
+            ("layers.{s}.1.{i}.attn.attn.in_proj_", "block{S}.{i}.attn.in_proj_"),
+        ],
+        ("layers.{s}.1.{i}.", "block{S}.{i}."),
+        _MMSEG_BLOCK_TO_ORIGINAL,
+    ),
+}
+
+
+def _renamed(state_dict: Mapping[str, Tensor], layout: str) -> StateDict:
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        new = rename(key, _TABLES[layout])
+        if new is None:
+            raise WeightsError(f"MiT weights ({layout} layout): unexpected key {key!r}")
+        out[new] = value
+    return out
+
+
+def mit_original_to_ours(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Original SegFormer names → ours; the ImageNet classifier ``head.*`` is dropped."""
+    return _renamed({k: v for k, v in state_dict.items() if not k.startswith("head.")}, "original")
+
+
+def mit_hf_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Hugging Face ``SegformerModel`` names (``encoder.…``) → original; key and value fused."""
+    out = _renamed(state_dict, "huggingface")
+    for key in [k for k in out if ".attn.key." in k]:
+        fused, value = key.replace(".key.", ".kv."), key.replace(".key.", ".value.")
+        if value not in out:
+            raise WeightsError(f"MiT weights (Hugging Face layout): {fused} lacks its value half")
+        out[fused] = torch.cat((out.pop(key), out.pop(value)))  # rows [0, C) k, [C, 2C) v
+    orphans = [k.replace(".value.", ".kv.") for k in out if ".attn.value." in k]
+    if orphans:
+        raise WeightsError(f"MiT weights (Hugging Face layout): {orphans[0]} lacks its key half")
+    return out
 
 
 def mit_mmseg_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """mmseg 1.x names (``layers.{s}.{0,1,2}``) → original; splits ``in_proj`` into q and kv and
-    turns the 1×1-conv FFN weights back into linear weights."""
-    out: StateDict = {}
-    for key, value in state_dict.items():
-        in_proj = _RE_MMSEG_IN_PROJ.fullmatch(key)
-        if in_proj is not None:
-            stage, block, param = in_proj.groups()
-            prefix = f"block{int(stage) + 1}.{block}.attn"
-            dim = value.shape[0] // 3  # rows [q; k; v]
-            out[f"{prefix}.q.{param}"] = value[:dim]
-            out[f"{prefix}.kv.{param}"] = value[dim:]
-            continue
-        match = _RE_MMSEG.fullmatch(key)
-        if match is None:
-            raise _unknown(key, "mmseg 1.x")
-        stage, patch_part, block, inner, param = match.groups()
-        s = int(stage) + 1
-        if patch_part is not None:
-            part = "proj" if patch_part == "projection" else "norm"
-            out[f"patch_embed{s}.{part}.{param}"] = value
-        elif block is None:
-            out[f"norm{s}.{param}"] = value
-        elif inner in _MMSEG_BLOCK_TO_ORIGINAL:
-            name = _MMSEG_BLOCK_TO_ORIGINAL[inner]
-            if name in ("mlp.fc1", "mlp.fc2") and param == "weight":
-                value = value.flatten(1)  # (out, in, 1, 1) → (out, in)
-            out[f"block{s}.{block}.{name}.{param}"] = value
-        else:
-            raise _unknown(key, "mmseg 1.x")
+    """mmseg 1.x names (``layers.{s}.{0,1,2}``) → original: ``in_proj`` split into q and kv,
+    1×1-conv FFN weights made linear."""
+    out = _renamed(state_dict, "mmseg")
+    for key in [k for k in out if ".attn.in_proj_" in k]:
+        prefix, param = key.split(".in_proj_")
+        qkv = out.pop(key)
+        dim = qkv.shape[0] // 3  # rows [q; k; v]
+        out[f"{prefix}.q.{param}"] = qkv[:dim]
+        out[f"{prefix}.kv.{param}"] = qkv[dim:]
+    for key in [k for k in out if k.endswith((".mlp.fc1.weight", ".mlp.fc2.weight"))]:
+        out[key] = out[key].flatten(1)  # (out, in, 1, 1) → (out, in)
     return out
 
 
@@ -171,7 +156,7 @@ _TO_ORIGINAL = {"huggingface": mit_hf_to_original, "mmseg": mit_mmseg_to_origina
 
 
 def detect_mit_layout(state_dict: Mapping[str, Tensor]) -> str:
-    """Identify the MiT layout by a sentinel key (after ``backbone.``/``segformer.`` removal)."""
+    """The MiT layout of a backbone state dict, by a sentinel key."""
     for layout, sentinel in _SENTINELS.items():
         if sentinel in state_dict:
             return layout
@@ -202,11 +187,7 @@ def _select_backbone_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
 
 
 def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Any supported MiT layout → our backbone names (``stages.{s}.…``).
-
-    Prefixes ``backbone.`` (mmseg 0.x) and ``segformer.`` (HF) are removed; ImageNet heads
-    (``head.*``, ``classifier.*``) and other non-backbone parts of a checkpoint are dropped.
-    """
+    """Any supported MiT layout → our backbone names; non-backbone keys are dropped."""
     state_dict = _select_backbone_keys(state_dict)
     layout = detect_mit_layout(state_dict)
     if layout == "themask":
@@ -220,8 +201,9 @@ def load_backbone_state_dict(
     backbone: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "state dict"
 ) -> str:
     """Load MiT weights (any supported layout) into ``backbone`` strictly; returns the layout."""
-    layout = detect_mit_layout(_select_backbone_keys(state_dict))
-    converted = convert_mit_state_dict(state_dict)
+    selected = _select_backbone_keys(state_dict)  # (selecting again is a no-op)
+    layout = detect_mit_layout(selected)
+    converted = convert_mit_state_dict(selected)
     load_strict(backbone, converted, what=f"MiT weights {source} ({layout} layout)")
     logger.info(
         "loaded MiT weights from %s (%s layout, %d tensors)", source, layout, len(converted)
@@ -230,6 +212,5 @@ def load_backbone_state_dict(
 
 
 def load_backbone_weights(backbone: nn.Module, path: PathLike) -> None:
-    """Load MiT weights from ``path`` (file or Hugging Face directory, any supported layout)
-    into ``backbone``, strictly."""
+    """Load MiT weights (a file or Hugging Face directory, any layout) into ``backbone``."""
     load_backbone_state_dict(backbone, read_state_dict(path), source=str(path))

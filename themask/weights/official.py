@@ -1,10 +1,5 @@
-"""Checkpoints of the official THE-Mask code (mmseg 0.x names) → ours, and the network
-configuration a full-model state dict was built with.
-
-``OFFICIAL_COMMON`` / ``OFFICIAL_SINGLE`` / ``OFFICIAL_TEMPORAL`` are the only copy of the
-official parameter names (docs/DESIGN.md §9); ``tests/data/official_keys_mit_b1_t{1,2}.txt``
-pin them.
-"""
+"""Official THE-Mask checkpoints (mmseg 0.x names) → ours; the network of a full state dict.
+The tables below are the only copy of the official names (docs/DESIGN.md §9)."""
 
 from __future__ import annotations
 
@@ -17,13 +12,15 @@ from torch import Tensor
 from themask.modeling.build import list_presets, preset_config
 from themask.modeling.config import ModelConfig
 from themask.modeling.mit import MIT_VARIANTS
-from themask.weights.files import StateDict, WeightsError
+from themask.weights.files import NameTable, StateDict, WeightsError, rename
 from themask.weights.mit import mit_original_to_ours
 
 logger = logging.getLogger(__name__)
 
 # (official name after ``decode_head.``, our name); ``{i}`` stands for a layer index. Prefixes
 # end with a dot or are full parameter names, so no entry is a prefix of another's match.
+_CROSS = "predictor.transformer_cross_attention_layers.{i}."
+_SELF = "predictor.transformer_self_attention_layers.{i}."
 OFFICIAL_COMMON = (
     ("pixel_decoder.input_proj.", "pixel_decoder.input_proj."),
     ("pixel_decoder.transformer.level_embed", "pixel_decoder.level_embed"),
@@ -36,19 +33,10 @@ OFFICIAL_COMMON = (
     ("predictor.query_feat.", "decoder.query_feat."),
     ("predictor.query_embed.", "decoder.query_pos."),
     ("predictor.level_embed.", "decoder.level_embed."),
-    (
-        "predictor.transformer_cross_attention_layers.{i}.multihead_attn.",
-        "decoder.layers.{i}.cross_attn.attn.",
-    ),
-    (
-        "predictor.transformer_cross_attention_layers.{i}.norm.",
-        "decoder.layers.{i}.cross_attn.norm.",
-    ),
-    (
-        "predictor.transformer_self_attention_layers.{i}.self_attn.",
-        "decoder.layers.{i}.self_attn.attn.",
-    ),
-    ("predictor.transformer_self_attention_layers.{i}.norm.", "decoder.layers.{i}.self_attn.norm."),
+    (f"{_CROSS}multihead_attn.", "decoder.layers.{i}.cross_attn.attn."),
+    (f"{_CROSS}norm.", "decoder.layers.{i}.cross_attn.norm."),
+    (f"{_SELF}self_attn.", "decoder.layers.{i}.self_attn.attn."),
+    (f"{_SELF}norm.", "decoder.layers.{i}.self_attn.norm."),
     ("predictor.transformer_ffn_layers.{i}.", "decoder.layers.{i}.ffn."),
     ("predictor.class_embed.", "decoder.clip_head.class_embed."),
     ("predictor.mask_embed.", "decoder.clip_head.mask_embed."),
@@ -82,19 +70,6 @@ _OFFICIAL_UNUSED = re.compile(
     r"decode_head\.(?:conv_seg\..*|criterion\.empty_weight"
     r"|predictor\.deformabel_transformer_cross_attention_layers\.reference_points\..*)"
 )
-NameTable = tuple[tuple[str, str], ...]
-
-
-def rename(key: str, table: NameTable) -> str | None:
-    """Rename ``key`` by the first matching (source, target) prefix pair; None if none match.
-    ``{i}`` in a prefix stands for a layer index."""
-    for source, target in table:
-        pattern = re.escape(source).replace(re.escape("{i}"), r"(\d+)")
-        match = re.match(pattern, key)
-        if match is not None:
-            new = target.replace("{i}", match.group(1)) if match.groups() else target
-            return new + key[match.end() :]
-    return None
 
 
 def official_table(temporal: bool) -> NameTable:
@@ -107,13 +82,8 @@ def is_official(state_dict: Mapping[str, Tensor]) -> bool:
 
 
 def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Official THE-Mask (mmseg) state dict → our ``THEMask`` names.
-
-    ``backbone.*`` (original MiT names) → ``backbone.stages.…``; ``decode_head.pixel_decoder``
-    → ``pixel_decoder``; ``decode_head.predictor`` → ``decoder``. Keys the official forward
-    never reads (``decode_head.conv_seg.*``, the TAD module's ``reference_points.*``,
-    ``decode_head.criterion.empty_weight``) are dropped. Unknown keys raise ``WeightsError``.
-    """
+    """Official THE-Mask state dict → our names; keys its forward never reads are dropped,
+    unknown keys raise ``WeightsError``."""
     table = official_table(f"decode_head.{TAD}time_attention.weight" in state_dict)
     backbone: StateDict = {}
     out: StateDict = {}
@@ -145,27 +115,23 @@ def as_ours(state_dict: Mapping[str, Tensor]) -> StateDict:
 
 
 def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
-    """The shape facts of a full-model state dict (our names) that network presets differ in."""
+    """The shape facts of a full state dict (our names) that network presets differ in."""
 
     def count(pattern: str) -> int:
         regex = re.compile(pattern)
         return len({m.group(1) for key in ours if (m := regex.match(key))})
 
-    widths = []
-    for stage in range(4):
-        weight = ours.get(f"backbone.stages.{stage}.patch_embed.proj.weight")
-        if weight is None:
-            raise WeightsError(f"no backbone stage {stage} in the state dict (not a full model?)")
-        widths.append(int(weight.shape[0]))
-    queries = ours.get("decoder.query_feat.weight")
-    if queries is None:
-        raise WeightsError("no decoder.query_feat.weight in the state dict (not a full model?)")
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in ours:
+            raise WeightsError(f"no {key} in the state dict (not a full model?)")
+        return tuple(ours[key].shape)
+
     return dict(
-        widths=tuple(widths),
+        widths=tuple(shape(f"backbone.stages.{s}.patch_embed.proj.weight")[0] for s in range(4)),
         depths=tuple(count(rf"backbone\.stages\.{s}\.blocks\.(\d+)\.") for s in range(4)),
         temporal=any(key.startswith("decoder.temporal.") for key in ours),
-        num_queries=int(queries.shape[0]),
-        hidden_dim=int(queries.shape[1]),
+        num_queries=shape("decoder.query_feat.weight")[0],
+        hidden_dim=shape("decoder.query_feat.weight")[1],
         decoder_layers=count(r"decoder\.layers\.(\d+)\."),
         pixel_decoder_layers=count(r"pixel_decoder\.encoder_layers\.(\d+)\."),
     )
@@ -185,9 +151,8 @@ def _architecture_of_config(config: ModelConfig) -> dict:
 
 
 def infer_model_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
-    """The network configuration of a full-model state dict (ours or official): the preset
-    network whose backbone widths and block counts, decoder kind, queries, hidden width and
-    layer counts it has, with its class count K."""
+    """The preset network (with K classes) whose shape facts a full state dict (ours or
+    official) has."""
     ours = as_ours(state_dict)
     found = _architecture_of_state(ours)
     num_classes = infer_num_classes(ours)
@@ -199,8 +164,7 @@ def infer_model_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
 
 
 def infer_num_classes(state_dict: Mapping[str, Tensor]) -> int:
-    """K of a full-model state dict (ours or official) from the clip head's class layer (K + 1
-    outputs, the last one is "no object")."""
+    """K of a full state dict (ours or official): the clip head's class outputs − no-object."""
     weight = as_ours(state_dict).get("decoder.clip_head.class_embed.weight")
     if weight is None:
         raise WeightsError("no decoder.clip_head.class_embed.weight in the state dict")

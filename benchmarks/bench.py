@@ -1,22 +1,6 @@
-"""``themask bench``: time per frame, counted FLOPs, efficiency and peak memory of presets.
+"""Time per frame, counted FLOPs, efficiency and peak memory of presets (benchmarks/README.md).
 
-``--mode infer`` (default) times ``model(clip)`` in eval mode; ``--mode train`` times one
-training step (``training_loss`` + backward + AdamW step) on one clip whose labels hold 8
-classes in vertical bands; ``--mode stream`` times streaming prediction (one frame pushed into
-causal sliding windows, features reused) with PyTorch and, on CPU, with ONNX Runtime on the
-exported graphs (``themask export``), in the same run.
-
-Figures that transfer across machines: each row counts the FLOPs of what it times
-(``torch.utils.flop_counter``: matrix products, convolutions, attention; forward in infer and
-stream mode, forward + backward in train mode) and divides the achieved FLOP/s by this
-machine's own matrix-multiply throughput, measured in the same process (square fp32 matmuls,
-and bf16 where the device has bf16 matrix units).
-
-Each row runs in a fresh child process so its peak memory is its own: on CPU the child's
-maximum resident set size (``ru_maxrss``) and its increase over the resident size right after
-building the model; on CUDA ``torch.cuda.max_memory_allocated``. Time: median of ``--runs``
-timed calls after ``--warmup`` calls, on random normalised input; one clip of T = the preset's
-``num_frames`` frames (stream mode: windows of T frames, 3 frames apart).
+python benchmarks/bench.py [--mode infer|train|stream] [--presets ...] [--sizes HxW ...]
 """
 
 from __future__ import annotations
@@ -60,10 +44,9 @@ runs, on random input; one clip of T frames (the preset's clip length unless --f
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="time per frame, counted FLOPs, matmul efficiency and peak memory of presets",
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bench.py",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -98,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch (and ONNX Runtime) intra-op threads (default: torch's default)",
     )
     parser.add_argument("--json", dest="json_path", default=None, help="also write results here")
-    parser.set_defaults(func=run)
+    return parser
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -352,7 +335,7 @@ def _run_child(context, target, job: dict[str, Any]) -> dict[str, Any] | None:
     row = queue.get() if child.join() is None and child.exitcode == 0 else None
     if row is None:
         print(
-            f"themask bench: {job['preset']} at {job['size']} failed (exit code {child.exitcode})",
+            f"bench: {job['preset']} at {job['size']} failed (exit code {child.exitcode})",
             file=sys.stderr,
         )
     return row
@@ -372,15 +355,22 @@ def _print_row(row: dict[str, Any]) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     import torch
 
+    from themask.config import ConfigError
+
+    args = build_parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("themask bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        print("bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    sizes = [parse_size(text) for text in args.sizes]
+    try:
+        sizes = [parse_size(text) for text in args.sizes]
+    except ConfigError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 2
     threads = args.threads or torch.get_num_threads()
     header = dict(
         torch=torch.__version__,
@@ -408,7 +398,6 @@ def run(args: argparse.Namespace) -> int:
         for preset in args.presets:
             for index, size in enumerate(sizes):
                 job = dict(vars(args), preset=preset, size=size, threads_used=threads)
-                job.pop("func", None)
                 job["onnx_dir"] = str(Path(scratch) / f"{preset}-{index}")
                 rows = [_run_child(context, _measure, job)]
                 if rows[0] is not None and "onnx_dir" in rows[0]:
@@ -424,3 +413,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(dict(header, results=results), indent=2) + "\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

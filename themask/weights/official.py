@@ -17,6 +17,7 @@ from themask.weights.mit import mit_original_to_ours
 
 logger = logging.getLogger(__name__)
 
+TAD = "predictor.deformabel_transformer_cross_attention_layers."  # (sic)
 _OFFICIAL_UNUSED = re.compile(r"decode_head\.(?:" + "|".join(NAME_TABLES["official_unused"]) + ")")
 
 
@@ -32,7 +33,7 @@ def is_official(state_dict: Mapping[str, Tensor]) -> bool:
 
 def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Official THE-Mask state dict → ours; unread keys dropped, unknown ones a ``WeightsError``."""
-    table = official_table(any(".deformabel_transformer" in key for key in state_dict))
+    table = official_table(f"decode_head.{TAD}time_attention.weight" in state_dict)
     backbone: StateDict = {}
     out: StateDict = {}
     unknown = []

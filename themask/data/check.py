@@ -78,42 +78,24 @@ def check_video(
     report = VideoReport(problems=problems)
     if video is None or video.mask_paths is None:
         return report
-    first: tuple[tuple[int, int], str] | None = None
     for frame_path, mask_path in zip(video.frame_paths, video.mask_paths):
         report.frames += 1
         try:
             frame_hw: tuple[int, int] | None = read_frame(frame_path).shape[:2]
             report.sizes[frame_hw] += 1
         except DataError as err:
-            report.problems.append(str(err))
+            problems.append(str(err))
             frame_hw = None
-        if frame_hw is not None and first is None:
-            first = (frame_hw, frame_path.name)
-        elif first is not None and frame_hw not in (None, first[0]) and len(report.sizes) == 2:
-            (h0, w0), name0 = first
-            report.problems.append(
-                f"{frame_path.parent}: video {name} has frames of different sizes: {w0}x{h0} "
-                f"(WxH, {name0}) and {frame_hw[1]}x{frame_hw[0]} ({frame_path.name})"
-            )
         if mask_path is None:
             continue
+        raw = None
         try:
             raw = read_raw_label(mask_path)
-        except DataError as err:
-            report.problems.append(str(err))
+            map_raw_labels(raw, source=str(mask_path), **description.encoding)
+        except DataError as err:  # names the file (and the bad values)
+            problems.append(str(err))
+        if raw is None or raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
             continue
-        try:
-            map_raw_labels(
-                raw,
-                num_classes=description.num_classes,
-                offset=description.label_offset,
-                ignore_values=description.ignore_values,
-                source=str(mask_path),
-            )
-        except DataError as err:  # names the file and the bad values
-            report.problems.append(str(err))
-            if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
-                continue
         report.masks += 1
         counts = np.bincount(raw.astype(np.int64).ravel(), minlength=256)
         report.histogram += counts
@@ -122,7 +104,13 @@ def check_video(
             try:
                 check_mask_size(mask_path, raw.shape, frame_path, frame_hw)
             except DataError as err:
-                report.problems.append(str(err))
+                problems.append(str(err))
+    if len(report.sizes) > 1:
+        sizes = ", ".join(f"{w}x{h} ({n})" for (h, w), n in report.sizes.items())
+        problems.append(
+            f"{video.frame_paths[0].parent}: video {name} has frames of different sizes: "
+            f"{sizes} (WxH, frames)"
+        )
     return report
 
 

@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from themask.data.vspw import CLASS_NAMES, PALETTE, DataError, PathLike, read_label
+from themask.data.vspw import (
+    CLASS_NAMES,
+    PALETTE,
+    DataError,
+    PathLike,
+    map_raw_labels,
+    read_raw_label,
+)
 
 DESCRIPTION_FILE = "dataset.yaml"
 VSPW_FRAMES = "data/{video}/origin"
@@ -38,15 +45,11 @@ class DescriptionError(DataError):
 
 def default_palette(num_classes: int) -> np.ndarray:
     """(K, 3) uint8 distinct colours: the bit-interleaving colour map of PASCAL VOC."""
-    palette = np.zeros((num_classes, 3), dtype=np.uint8)
-    for index in range(num_classes):
-        value, colour = index, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                colour[channel] |= ((value >> channel) & 1) << bit
-            value >>= 3
-        palette[index] = colour
-    return palette
+    ids, palette = np.arange(num_classes), np.zeros((num_classes, 3), dtype=np.int64)
+    for bit in range(8):
+        for channel in range(3):
+            palette[:, channel] |= ((ids >> (3 * bit + channel)) & 1) << (7 - bit)
+    return palette.astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -76,16 +79,17 @@ class DatasetDescription:
         """Stored mask values of the classes 0..K-1."""
         return range(self.label_offset, self.label_offset + self.num_classes)
 
+    @property
+    def encoding(self) -> dict[str, Any]:
+        """The label encoding as ``map_raw_labels`` keywords."""
+        k, offset, ignore = self.num_classes, self.label_offset, self.ignore_values
+        return {"num_classes": k, "offset": offset, "ignore_values": ignore}
+
     def read_label(self, path: PathLike, *, ignore_index: int = 255) -> np.ndarray:
         """A mask file -> (H, W) uint8 train ids (``ignore_index`` = ignore); ``DataError``
         naming the file and the value for a stored value that is neither ignored nor a class."""
-        return read_label(
-            path,
-            num_classes=self.num_classes,
-            ignore_index=ignore_index,
-            offset=self.label_offset,
-            ignore_values=self.ignore_values,
-        )
+        raw = read_raw_label(path)
+        return map_raw_labels(raw, ignore_index=ignore_index, source=str(path), **self.encoding)
 
     def split_file(self, root: PathLike, split: str) -> Path:
         if self.splits is None:
@@ -199,10 +203,3 @@ def load_description(root: PathLike) -> DatasetDescription:
             raise DescriptionError(f"{path}: cannot read the YAML: {err}") from None
         _CACHE[key] = parse_description(values, str(path))
     return _CACHE[key]
-
-
-def save_description(description: DatasetDescription, root: PathLike) -> Path:
-    """Write ``ROOT/dataset.yaml``; returns its path."""
-    path = Path(root) / DESCRIPTION_FILE
-    path.write_text(description.to_yaml(), encoding="utf-8")
-    return path

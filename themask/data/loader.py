@@ -106,8 +106,8 @@ def collate(samples: Sequence[ClipSample]) -> Batch:
 
 
 class VSPWTrainDataset(Dataset):
-    """Training clips (``docs/VSPW.md`` §2.1): key ``(video_index, sample_id)`` (an ``int`` key
-    ``i`` means ``(i % num_videos, i)``) -> ``ClipSample`` at the crop size.
+    """Training clips (``docs/VSPW.md`` §2.1): key ``(video_index, sample_id)`` -> ``ClipSample``
+    at the crop size.
 
     ``DataError`` at construction names every video shorter than the clip span; a video none of
     whose masked frames can end a clip is left out with a warning.
@@ -195,11 +195,8 @@ class VSPWTrainDataset(Dataset):
         )
         return ClipSample(frame_t, label_t, meta)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> ClipSample:
-        if isinstance(key, (tuple, list)):
-            video_index, sample_id = int(key[0]), int(key[1])
-        else:
-            video_index, sample_id = int(key) % len(self.videos), int(key)
+    def __getitem__(self, key: tuple[int, int]) -> ClipSample:
+        video_index, sample_id = key
         rng = np.random.default_rng([self.seed, sample_id])
         sample: ClipSample | None = None
         for _ in range(MAX_REDRAWS + 1):

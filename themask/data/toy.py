@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from themask.data.description import DatasetDescription, save_description
+from themask.data.description import DESCRIPTION_FILE, DatasetDescription
 from themask.data.vspw import PathLike
 
 logger = logging.getLogger(__name__)
@@ -69,38 +69,25 @@ class _ColourField:
         return (c0 * (1 - p) + c1 * p).astype(np.float32)
 
 
-def _texture(class_id: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The 0/1 texture of a class at coordinates (x, y) ("grain", 4, is a per-video field)."""
-    if class_id == 1:  # stripes
-        on = np.floor(y / 4) % 2
-    elif class_id == 2:  # checker
-        on = (np.floor(x / 6) + np.floor(y / 6)) % 2
-    elif class_id == 3:  # dots
-        on = ((x % 8) - 4) ** 2 + ((y % 8) - 4) ** 2 <= 5
-    elif class_id == 5:  # rings
-        on = np.floor(np.hypot(x, y) / 3) % 2
-    elif class_id == 6:  # diagonal
-        on = np.floor((x + y) / 4) % 2
-    elif class_id == 7:  # vertical
-        on = np.floor(x / 3) % 2
-    else:  # 8: anti-diagonal
-        on = np.floor((x - y) / 4) % 2
-    return on.astype(np.float32)
-
-
-def _object_shape(class_id: int, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
-    """Boolean mask of an object centred at the origin of the local coordinates (x, y)."""
-    if class_id == 5:  # disc
-        return x**2 + y**2 <= radius**2
-    if class_id == 6:  # box
-        return (np.abs(x) <= radius * 0.85) & (np.abs(y) <= radius * 0.85)
-    if class_id == 7:  # triangle, apex up
-        return (y <= radius * 0.8) & (y >= -radius) & (np.abs(x) <= (y + radius) * 0.6)
-    if class_id == 8:  # cross
-        arm = radius * 0.35
-        inside = (np.abs(x) <= radius) & (np.abs(y) <= radius)
-        return inside & ((np.abs(x) <= arm) | (np.abs(y) <= arm))
-    raise ValueError(f"not an object class id: {class_id}")
+# The 0/1 texture of a class at coordinates (x, y) ("grain", 4, is a per-video field).
+_TEXTURES = {
+    1: lambda x, y: np.floor(y / 4) % 2,  # stripes
+    2: lambda x, y: (np.floor(x / 6) + np.floor(y / 6)) % 2,  # checker
+    3: lambda x, y: ((x % 8) - 4) ** 2 + ((y % 8) - 4) ** 2 <= 5,  # dots
+    5: lambda x, y: np.floor(np.hypot(x, y) / 3) % 2,  # rings
+    6: lambda x, y: np.floor((x + y) / 4) % 2,  # diagonal
+    7: lambda x, y: np.floor(x / 3) % 2,  # vertical
+    8: lambda x, y: np.floor((x - y) / 4) % 2,  # anti-diagonal
+}
+# Boolean mask of an object of radius r centred at the origin of the local coordinates (x, y).
+_SHAPES = {
+    5: lambda x, y, r: x**2 + y**2 <= r**2,  # disc
+    6: lambda x, y, r: (np.abs(x) <= r * 0.85) & (np.abs(y) <= r * 0.85),  # box
+    7: lambda x, y, r: (y <= r * 0.8) & (y >= -r) & (np.abs(x) <= (y + r) * 0.6),  # triangle
+    8: lambda x, y, r: (  # cross
+        (np.abs(x) <= r) & (np.abs(y) <= r) & ((np.abs(x) <= r * 0.35) | (np.abs(y) <= r * 0.35))
+    ),
+}
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -191,7 +178,7 @@ class _Scene:
             if class_id == 4:  # grain
                 pattern = self.grain[(wy // 2).astype(int), (wx // 2).astype(int)]
             else:
-                pattern = _texture(class_id, wx, wy)
+                pattern = _TEXTURES[class_id](wx, wy)
             pattern = pattern[region].astype(np.float32)
             image[region] = colours(wu[region], wv[region], pattern)
             label[region] = class_id
@@ -208,9 +195,9 @@ class _Scene:
         for obj in self.objects:  # later objects are in front
             py, px = self._object_position(obj, t)
             lx, ly = wx - np.float32(px), wy - np.float32(py)
-            region = _object_shape(obj.class_id, lx, ly, obj.radius)
+            region = _SHAPES[obj.class_id](lx, ly, obj.radius)
             lx, ly = lx[region], ly[region]
-            pattern = _texture(obj.class_id, lx, ly)
+            pattern = _TEXTURES[obj.class_id](lx, ly).astype(np.float32)
             u, v = (lx + obj.radius) / (2 * obj.radius), (ly + obj.radius) / (2 * obj.radius)
             image[region] = obj.colours(u, v, pattern)
             label[region] = obj.class_id
@@ -280,6 +267,6 @@ def make_toy_dataset(
             Image.fromarray(label).save(mask_dir / f"{stem}.png")
     for split, listed in (("train", names[:num_train]), ("val", names[num_train:])):
         (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in listed), encoding="utf-8")
-    save_description(TOY_DESCRIPTION, root)
+    (root / DESCRIPTION_FILE).write_text(TOY_DESCRIPTION.to_yaml(), encoding="utf-8")
     logger.info("wrote toy dataset to %s: %d train and %d val videos", root, num_train, num_val)
     return root

@@ -40,26 +40,13 @@ def _zeros() -> np.ndarray:
 
 
 @dataclass
-class VideoReport:
-    """Findings for one video: frame count, frame sizes (H, W), per stored value the pixels and
-    the masks it occurs in, problems."""
-
-    frames: int = 0
-    sizes: Counter = field(default_factory=Counter)
-    histogram: np.ndarray = field(default_factory=_zeros)
-    mask_counts: np.ndarray = field(default_factory=_zeros)
-    masks: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-@dataclass
 class CheckReport:
-    """Summary of a dataset check; ``ok`` is False when any problem was found."""
+    """Findings of a dataset check, or of one of its videos; ``ok``: no problem found."""
 
     description: DatasetDescription
     splits: dict[str, int] = field(default_factory=dict)  # split -> number of videos
-    frames: dict[str, int] = field(default_factory=dict)  # split -> number of frames
-    masks: dict[str, int] = field(default_factory=dict)  # split -> number of masks read
+    frames: Counter = field(default_factory=Counter)  # split -> number of frames
+    masks: Counter = field(default_factory=Counter)  # split -> number of masks read
     sizes: Counter = field(default_factory=Counter)  # (H, W) -> number of frames
     histogram: np.ndarray = field(default_factory=_zeros)  # stored value -> pixels
     mask_counts: np.ndarray = field(default_factory=_zeros)  # stored value -> masks with it
@@ -69,17 +56,25 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def add(self, other: CheckReport) -> None:
+        """Count ``other``'s findings (a video's) in this report."""
+        for counter in ("frames", "masks", "sizes"):
+            getattr(self, counter).update(getattr(other, counter))
+        self.histogram += other.histogram
+        self.mask_counts += other.mask_counts
+        self.problems += other.problems
+
 
 def check_video(
-    root: PathLike, name: str, description: DatasetDescription, require_masks: bool = True
-) -> VideoReport:
-    """Decode every frame and mask of one video and record every problem found."""
+    root: PathLike, split: str, name: str, description: DatasetDescription, require_masks: bool
+) -> CheckReport:
+    """Decode every frame and mask of one video of ``split``; record every problem found."""
     video, problems = scan_video(root, name, description, require_masks=require_masks)
-    report = VideoReport(problems=problems)
+    report = CheckReport(description, problems=problems)
     if video is None or video.mask_paths is None:
         return report
     for frame_path, mask_path in zip(video.frame_paths, video.mask_paths):
-        report.frames += 1
+        report.frames[split] += 1
         try:
             frame_hw: tuple[int, int] | None = read_frame(frame_path).shape[:2]
             report.sizes[frame_hw] += 1
@@ -96,7 +91,7 @@ def check_video(
             problems.append(str(err))
         if raw is None or raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
             continue
-        report.masks += 1
+        report.masks[split] += 1
         counts = np.bincount(raw.astype(np.int64).ravel(), minlength=256)
         report.histogram += counts
         report.mask_counts += counts > 0
@@ -134,7 +129,7 @@ def check_dataset(
         if not splits:
             report.problems.append(f"{root}: no split files (train.txt, val.txt, test.txt) found")
             return report
-    tasks: list[tuple[str, tuple[str, str, DatasetDescription, bool]]] = []
+    tasks: list[tuple[str, str, str, DatasetDescription, bool]] = []
     for split in splits:
         try:
             names = read_split(description.split_file(root, split))
@@ -142,22 +137,15 @@ def check_dataset(
             report.problems.append(str(err))
             continue
         report.splits[split] = len(names)
-        report.frames[split] = report.masks[split] = 0
         labelled = split not in unlabelled_splits
-        tasks += [(split, (str(root), n, description, labelled)) for n in names]
-    arguments = [t[1] for t in tasks]
+        tasks += [(str(root), split, name, description, labelled) for name in names]
     if jobs > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(check_video, *zip(*arguments), chunksize=4))
+            videos = list(pool.map(check_video, *zip(*tasks), chunksize=4))
     else:
-        results = [check_video(*a) for a in arguments]
-    for (split, _), video in zip(tasks, results):
-        report.frames[split] += video.frames
-        report.masks[split] += video.masks
-        report.sizes.update(video.sizes)
-        report.histogram += video.histogram
-        report.mask_counts += video.mask_counts
-        report.problems.extend(video.problems)
+        videos = [check_video(*task) for task in tasks]
+    for video in videos:
+        report.add(video)
     return report
 
 

@@ -1,18 +1,5 @@
-"""``dataset.yaml``: the description of a video dataset (classes, label encoding, layout).
-
-A root without one is read as VSPW (``VSPW_DESCRIPTION``); the toy dataset writes its own::
-
-    classes: [background, cat, dog]      # train ids 0..K-1, in this order (required)
-    palette: [[0, 0, 0], ...]            # optional, K RGB triples
-    ignore_values: [255]                 # stored mask values never scored
-    label_offset: 0                      # train id = stored value - label_offset
-    frames: "JPEGImages/{video}"         # a video's frame folder, relative to the root
-    masks: "Annotations/{video}"         # its mask folder; masks match frames by file stem
-    splits: {train: "ImageSets/train.txt", val: "ImageSets/val.txt"}
-    sparse: false                        # true: masks may exist for only some frames
-
-Every field but ``classes`` defaults to VSPW's; a malformed one is a ``DescriptionError``.
-"""
+"""``dataset.yaml``: the description of a video dataset (classes, label encoding, layout; see
+README.md "Your own dataset"). A root without one is read as VSPW (``VSPW_DESCRIPTION``)."""
 
 from __future__ import annotations
 
@@ -54,19 +41,19 @@ def default_palette(num_classes: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DatasetDescription:
-    """Classes, label encoding and folder layout of one dataset (see the module docstring)."""
+    """Classes, label encoding and folder layout of one dataset; malformed: ``DescriptionError``."""
 
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # train ids 0..K-1 in this order; the one required field
     palette: np.ndarray = field(default=None, compare=False)  # type: ignore[arg-type]
-    ignore_values: tuple[int, ...] = (0, 255)
-    label_offset: int = 1
-    frames: str = VSPW_FRAMES
-    masks: str = VSPW_MASKS
-    splits: dict[str, str] | None = None  # None: "<split>.txt" at the root
-    sparse: bool = False
-    source: str = "built-in VSPW description"
+    ignore_values: tuple[int, ...] = (0, 255)  # stored mask values never scored
+    label_offset: int = 1  # train id = stored value - label_offset
+    frames: str = VSPW_FRAMES  # a video's frame folder, relative to the root
+    masks: str = VSPW_MASKS  # its mask folder; masks match frames by file stem
+    splits: dict[str, str] | None = None  # split -> split file; None: "<split>.txt" at the root
+    sparse: bool = False  # True: masks may exist for only some frames
+    source: str = "built-in VSPW description"  # names the description in errors
 
-    def __post_init__(self) -> None:  # palette (K, 3) uint8; None: ``default_palette``
+    def __post_init__(self) -> None:  # palette (K, 3) uint8 RGB; None: ``default_palette``
         if self.palette is None:
             object.__setattr__(self, "palette", default_palette(len(self.classes)))
 

@@ -1,11 +1,6 @@
-"""Videos on disk: split files, video folders, frame/label readers; VSPW class names and palette.
-
-Layout and label encoding come from a dataset's ``dataset.yaml``; VSPW's by default
-(``docs/VSPW.md`` §1): ``<root>/<split>.txt`` lists the videos, ``data/<video>/origin/*.jpg``
-their frames, ``data/<video>/mask/*.png`` single-channel masks of the same stems, where ``0``
-("others") and ``255`` (void) are ignored and ``1..K`` are train ids ``0..K-1``. Any other
-stored value is an error, never a silent label.
-"""
+"""Videos on disk: split files, video folders, frame and mask readers; VSPW's class table.
+Layout and label encoding come from a dataset's ``dataset.yaml``, VSPW's by default
+(``docs/VSPW.md`` §1); a stored mask value neither ignored nor a class is an error."""
 
 from __future__ import annotations
 
@@ -193,13 +188,9 @@ def scan_video(
 
 
 class VSPWIndex:
-    """Videos of one split of a dataset described by ``description`` (default: the root's
-    ``dataset.yaml``, else the VSPW layout).
-
-    Every listed video must exist with at least one frame and, when ``labelled`` and the
-    dataset is not sparse, a mask for every frame; otherwise ``DataError`` names every
-    offending path (first 20) and the count.
-    """
+    """Videos of one split (``description``: the root's ``dataset.yaml``, else VSPW's). Every
+    listed video must have frames and, when ``labelled`` and not sparse, a mask for each;
+    otherwise ``DataError`` names the offending paths (first 20) and their count."""
 
     def __init__(
         self,
@@ -228,8 +219,8 @@ class VSPWIndex:
             raise DataError(
                 f"{self.root} split '{split}': {len(problems)} problem(s):\n  {shown}{more}"
             )
-        counts = f"{len(self.videos)} videos, {self.num_frames} frames"
-        logger.info("%s split '%s': %s", self.root, split, counts)
+        videos, frames = len(self.videos), self.num_frames
+        logger.info("%s split '%s': %d videos, %d frames", self.root, split, videos, frames)
 
     @property
     def num_frames(self) -> int:

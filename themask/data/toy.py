@@ -1,12 +1,7 @@
-"""The embedded offline dataset: small synthetic videos in the VSPW layout and encoding.
-
-``make_toy_dataset(root)`` writes the split files, frames, masks (raw ``0`` others, ``1..8``
-the classes of ``TOY_CLASS_NAMES``, ``255`` void) and ``dataset.yaml`` (``TOY_DESCRIPTION``).
-Classes differ by texture (stuff) and by shape plus texture (objects), with random colours
-varying smoothly over every region; the camera pans, objects move, bounce and occlude each
-other; each video holds 2 of the 4 stuff and 1-3 of the 4 object classes. The output is a
-pure function of the arguments (same seed -> byte-identical files).
-"""
+"""The embedded offline dataset: small synthetic videos in the VSPW layout and encoding (raw 0
+others, 1..8 ``TOY_CLASS_NAMES``, 255 void; ``TOY_DESCRIPTION``). Stuff classes differ by
+texture, objects by shape and texture, under smoothly varying random colours; the camera pans,
+objects move and occlude each other. Same arguments -> byte-identical files."""
 
 from __future__ import annotations
 
@@ -25,13 +20,11 @@ logger = logging.getLogger(__name__)
 
 # stuff (textures over the background), then objects (shapes with their own textures)
 TOY_CLASS_NAMES = ("stripes", "checker", "dots", "grain", "disc", "box", "triangle", "cross")
-# fmt: off
+# (8, 3) uint8 display colour of each toy train id (not the colours of the rendered frames)
 TOY_PALETTE: np.ndarray = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230),
-], dtype=np.uint8)
-# fmt: on
-"""(8, 3) uint8 display colour of each toy train id (not the colours of the rendered frames)."""
+], dtype=np.uint8)  # fmt: skip
 
 TOY_DESCRIPTION = DatasetDescription(
     classes=TOY_CLASS_NAMES, palette=TOY_PALETTE, source="toy dataset description"

@@ -31,7 +31,7 @@ from themask.data.vspw import (
     scan_video,
 )
 
-# (frames, masks) folder patterns tried by ``draft_description``: VSPW, then DAVIS
+# (frames, masks) folder patterns tried by ``write_draft_description``: VSPW, then DAVIS
 KNOWN_LAYOUTS = ((VSPW_FRAMES, VSPW_MASKS), ("JPEGImages/{video}", "Annotations/{video}"))
 
 
@@ -197,14 +197,18 @@ def _video_names(root: Path, frames: str) -> list[str]:
     return sorted(p.parts[at] for p in root.glob(frames.replace("{video}", "*")) if p.is_dir())
 
 
-def draft_description(
+def write_draft_description(
     root: PathLike, *, frames: str | None = None, masks: str | None = None
-) -> str:
-    """Scan the masks under ``root`` and return a draft ``dataset.yaml`` (text, with comments):
-    placeholder class names for every stored value found, 255 ignored when present, the split
-    files found (``*.txt`` at the root or in ``ImageSets/``), ``sparse`` when some frame has no
-    mask. The layout is ``frames``/``masks`` or the first of ``KNOWN_LAYOUTS`` with videos."""
+) -> Path:
+    """Scan the masks under ``root`` and write a draft ``ROOT/dataset.yaml`` (with comments;
+    never over an existing one): placeholder class names for every stored value found, 255
+    ignored when present, the split files found (``*.txt`` at the root or in ``ImageSets/``),
+    ``sparse`` when some frame has no mask. The layout is ``frames``/``masks`` or the first of
+    ``KNOWN_LAYOUTS`` with videos."""
     root = Path(root)
+    out = root / DESCRIPTION_FILE
+    if out.exists():
+        raise DataError(f"{out} already exists; edit it or remove it to draft a new one")
     layouts = [(frames, masks)] if frames and masks else list(KNOWN_LAYOUTS)
     for frames, masks in layouts:
         if "{video}" not in f"{frames}" or "{video}" not in f"{masks}":
@@ -221,8 +225,8 @@ def draft_description(
         video, _ = scan_video(root, name, layout, require_masks=False)
         found = [m for m in video.mask_paths or () if m is not None] if video else []
         sparse = sparse or video is None or len(found) < len(video)
-        for path in found:
-            histogram += np.bincount(read_raw_label(path).astype(np.int64).ravel(), minlength=256)
+        for mask in found:
+            histogram += np.bincount(read_raw_label(mask).astype(np.int64).ravel(), minlength=256)
     values = [int(v) for v in np.flatnonzero(histogram)]
     if not values:
         raise DataError(f"{root}: no masks found under {masks}")
@@ -247,14 +251,5 @@ def draft_description(
     )
     if not split_files:
         header += "# No split files found: add splits: {train: FILE, val: FILE}\n"
-    return header + draft.to_yaml(palette=False)
-
-
-def write_draft_description(root: PathLike, **layout: str | None) -> Path:
-    """Write ``draft_description(root)`` to ``ROOT/dataset.yaml``; refuses to overwrite one."""
-    path = Path(root) / DESCRIPTION_FILE
-    if path.exists():
-        raise DataError(f"{path} already exists; edit it or remove it to draft a new one")
-    text = draft_description(root, **layout)
-    path.write_text(text, encoding="utf-8")
-    return path
+    out.write_text(header + draft.to_yaml(palette=False), encoding="utf-8")
+    return out

@@ -123,9 +123,7 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
     known = {f.name for f in fields(DatasetDescription)} - {"source"}
     unknown = sorted(str(k) for k in values if k not in known)
     if unknown:
-        raise DescriptionError(
-            f"{source}: unknown field(s) {unknown}; valid fields: {sorted(known)}"
-        )
+        raise DescriptionError(f"{source}: unknown field(s) {unknown}; valid: {sorted(known)}")
     if "classes" not in values:
         raise DescriptionError(f"{source}: field 'classes' is missing (a list of class names)")
     defaults = DatasetDescription(classes=())

@@ -200,11 +200,9 @@ def _video_names(root: Path, frames: str) -> list[str]:
 def write_draft_description(
     root: PathLike, *, frames: str | None = None, masks: str | None = None
 ) -> Path:
-    """Scan the masks under ``root`` and write a draft ``ROOT/dataset.yaml`` (with comments;
-    never over an existing one): placeholder class names for every stored value found, 255
-    ignored when present, the split files found (``*.txt`` at the root or in ``ImageSets/``),
-    ``sparse`` when some frame has no mask. The layout is ``frames``/``masks`` or the first of
-    ``KNOWN_LAYOUTS`` with videos."""
+    """Write a draft ``ROOT/dataset.yaml`` (never over one) from the masks of layout ``frames``/
+    ``masks`` (default: the first of ``KNOWN_LAYOUTS`` with videos): a class per stored value,
+    255 ignored if present, the split files (``*.txt``, ``ImageSets/*.txt``), ``sparse``."""
     root = Path(root)
     out = root / DESCRIPTION_FILE
     if out.exists():

@@ -100,8 +100,7 @@ class DatasetDescription:
         return Path(root) / self.masks.format(video=video)
 
     def to_yaml(self, *, palette: bool = True) -> str:
-        """The description as ``dataset.yaml`` text (every field but ``source``; ``palette``
-        optional, ``splits`` when set)."""
+        """``dataset.yaml`` text: every field set but ``source`` (``palette`` optional)."""
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(classes=list(self.classes), ignore_values=list(self.ignore_values))
         values["palette"] = self.palette.tolist() if palette else None

@@ -100,11 +100,8 @@ def collate(samples: Sequence[ClipSample]) -> Batch:
 
 class VSPWTrainDataset(Dataset):
     """Training clips (``docs/VSPW.md`` §2.1): key ``(video_index, sample_id)`` -> ``ClipSample``
-    at the crop size.
-
-    ``DataError`` at construction names every video shorter than the clip span; a video none of
-    whose masked frames can end a clip is left out with a warning.
-    """
+    at the crop size. ``DataError`` names the videos shorter than the clip span; a video none
+    of whose masked frames can end a clip is left out with a warning."""
 
     def __init__(
         self,
@@ -283,8 +280,6 @@ def build_train_loader(
         start_batch=start_batch,
     )
     workers = data_cfg.num_workers if num_workers is None else num_workers
-    generator = torch.Generator()
-    generator.manual_seed(seed * 1000003 + rank)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -292,7 +287,7 @@ def build_train_loader(
         num_workers=workers,
         collate_fn=collate,
         worker_init_fn=_ignore_signals,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed * 1000003 + rank),
         persistent_workers=workers > 0,
         drop_last=True,
         pin_memory=pin_memory,

@@ -1,6 +1,5 @@
-"""``themask check-data``: validate a dataset folder against its description and summarise it;
-draft a description for a folder that has none. Every problem is collected (one run lists
-every bad file), never raised on the first one."""
+"""``themask check-data``: check a dataset folder against its description, collecting every
+problem (never stopping at the first), and summarise it; draft a description for a new folder."""
 
 from __future__ import annotations
 

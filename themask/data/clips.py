@@ -60,10 +60,6 @@ def sample_train_clip(
     ``targets`` (default: every frame) that can end a clip, in the other direction when the drawn
     one has none; ``ClipTooShortError`` when the video or ``targets`` allow no clip."""
     span = clip_span(dilation)
-    if num_frames < span:
-        raise ClipTooShortError(
-            f"{num_frames} frames, but dilation {list(dilation)} needs at least {span}"
-        )
     reverse = bool(rng.random() < reverse_prob)
     frames = range(num_frames) if targets is None else targets
 
@@ -75,7 +71,10 @@ def sample_train_clip(
         reverse = not reverse
     choices = valid(reverse)
     if not choices:
-        raise ClipTooShortError(f"no frame of {list(frames)} can end a clip of dilation {dilation}")
+        raise ClipTooShortError(
+            f"no frame of {list(frames)} ({num_frames} frames) can end a clip: dilation "
+            f"{list(dilation)} needs at least {span} frames"
+        )
     target = choices[int(rng.integers(len(choices)))]
     return train_clip_indices(num_frames, dilation, target, reverse=reverse)
 
@@ -89,8 +88,6 @@ def test_clips(
     last block form consecutive chunks (unlike the official code, Q6 of docs/VSPW.md §4)."""
     if clip_len < 1 or stride < 1:
         raise ValueError(f"clip_len and stride must be >= 1, got {clip_len} and {stride}")
-    if num_frames < 0:
-        raise ValueError(f"num_frames must be >= 0, got {num_frames}")
     block = stride * clip_len
     end = num_frames // block * block
     clips = [
@@ -131,5 +128,4 @@ class CausalWindows:
         return [self.history[i - first] for i in causal_window(t, self.clip_len, step=self.step)]
 
 
-# ``test_clips`` is a library function, not a pytest test, even when imported into a test module.
-test_clips.__test__ = False  # type: ignore[attr-defined]
+test_clips.__test__ = False  # type: ignore[attr-defined]  # a library function, not a test

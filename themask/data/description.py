@@ -73,8 +73,7 @@ class DatasetDescription:
         return {"num_classes": k, "offset": offset, "ignore_values": ignore}
 
     def read_label(self, path: PathLike, *, ignore_index: int = 255) -> np.ndarray:
-        """A mask file -> (H, W) uint8 train ids (``ignore_index`` = ignore); ``DataError``
-        naming the file and the value for a stored value that is neither ignored nor a class."""
+        """A mask file -> (H, W) uint8 train ids; ``DataError`` names the file and a bad value."""
         raw = read_raw_label(path)
         return map_raw_labels(raw, ignore_index=ignore_index, source=str(path), **self.encoding)
 

@@ -1,10 +1,7 @@
-"""Training data: clip dataset, resumable infinite sampler, ``Batch``/``collate``, loader.
-
-The stream is a pure function of ``(seed, batch, rank)``: the sampler yields keys ``(video_index,
-sample_id)`` (the sample's global position) and the dataset draws a sample's random choices from
-``(seed, sample_id)``; neither the worker count nor resuming changes it. A clip with an
-undecodable file (``CorruptFileError``) is redrawn with a warning; other ``DataError``s stop.
-"""
+"""Training data: clip dataset, resumable infinite sampler, ``Batch``/``collate``, loader. The
+stream is a pure function of ``(seed, batch, rank)``: the sampler yields ``(video_index,
+sample_id)`` (the global position), the dataset draws from ``(seed, sample_id)``; neither the
+worker count nor resuming changes it. A clip with an undecodable file is redrawn (warning)."""
 
 from __future__ import annotations
 
@@ -37,9 +34,8 @@ MAX_REDRAWS = 10
 
 @dataclass
 class ClipMeta:
-    """Where a clip came from: ``original_size`` (H, W) stored, ``frame_indices`` into the
-    video's sorted frames, ``image_size`` (h, w) the unpadded image at the top left (None: no
-    padding)."""
+    """A clip's source: ``original_size`` (H, W), ``frame_indices`` into the sorted frames,
+    ``image_size`` (h, w) the unpadded image at the top left (None: no padding)."""
 
     video: str
     frame_names: list[str]

@@ -109,9 +109,7 @@ class _Scene:
         size: tuple[int, int],
         num_frames: int,
     ) -> None:
-        self.rng = rng
-        self.size = size
-        self.num_frames = num_frames
+        self.rng, self.size, self.num_frames = rng, size, num_frames
         h, w = size
         self.world = (h + h // 3, w + w // 2)
         self.stuff = stuff
@@ -208,8 +206,7 @@ def _class_plans(
     pairs = list(itertools.combinations(STUFF_IDS, 2))
     pair_order = rng.permutation(len(pairs))
     object_cycle = [int(c) for c in rng.permutation(OBJECT_IDS)]
-    plans = []
-    cursor = 0
+    plans, cursor = [], 0
     for v in range(num_videos):
         stuff = pairs[pair_order[v % len(pairs)]]
         if rng.random() < 0.5:
@@ -232,10 +229,9 @@ def make_toy_dataset(
     size: tuple[int, int] = (96, 128),
     jpeg_quality: int = 92,
 ) -> Path:
-    """Write the toy dataset under ``root`` and return ``root``: training videos of
-    ``num_frames - 3 .. num_frames`` frames of ``size`` (H, W), validation videos of
-    ``val_frames - 3 .. val_frames`` (> 16 by default: mVC8 and mVC16 defined under the
-    published rule), frame numbers from a random offset as in VSPW; files are overwritten."""
+    """Write (over) the toy dataset under ``root``, returned: videos of ``num_frames - 3 ..
+    num_frames`` (validation: ``val_frames``, > 16 so that mVC16 is defined under the published
+    rule) frames of ``size`` (H, W), numbered from a random offset as in VSPW."""
     if min(num_frames, val_frames) < 4:
         raise ValueError(f"num_frames and val_frames must be >= 4, got {num_frames}, {val_frames}")
     root = Path(root)

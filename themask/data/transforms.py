@@ -177,9 +177,8 @@ class TrainTransform(AugmentConfig):
 
 @dataclass
 class TestTransform:
-    """Test resize: fit ``scale`` = (long, short) keeping the ratio, then stretch each side up
-    to a multiple of ``size_divisor`` (853x480 -> 864x480); ``__call__``: T frames (H, W, 3)
-    uint8 of one size -> (T, 3, h, w) float32 normalised."""
+    """Test resize: fit ``scale`` (long, short) keeping the ratio, stretch each side up to a
+    multiple of ``size_divisor`` (853x480 -> 864x480); T frames -> (T, 3, h, w) normalised."""
 
     __test__ = False  # not a pytest class
 

@@ -165,9 +165,8 @@ def scan_video(
     masks: bool = True,
     require_masks: bool = True,
 ) -> tuple[Video | None, list[str]]:
-    """One video's files and the problems found (``None`` when the folder is unusable);
-    ``masks=False``: no mask paths; a missing mask is a problem when ``require_masks`` and
-    the dataset is not sparse."""
+    """One video's files (``None``: unusable folder; ``masks=False``: no mask paths) and the
+    problems found; a missing mask is one when ``require_masks`` and the data is not sparse."""
     frame_dir = description.frame_dir(root, name)
     if not frame_dir.is_dir():
         return None, [f"{frame_dir}: video folder listed in the split does not exist"]

@@ -194,9 +194,9 @@ def decoder_memory(
     for level, features in enumerate(multi_scale):
         _, channels, height, width = features.shape
         pos = sine_position_encoding_3d(
-            1, frames, height, width, num_feats=channels // 2, device=features.device
-        ).to(features.dtype)  # (1, T, C, h, w)
-        pos = pos.flatten(3).transpose(2, 3)  # (1, T, h·w, C)
+            frames, height, width, num_feats=channels // 2, device=features.device
+        ).to(features.dtype)  # (T, C, h, w)
+        pos = pos.flatten(2).transpose(1, 2)  # (T, h·w, C)
         value = features.flatten(2).transpose(1, 2) + level_embed[level]  # (B·T, h·w, C)
         key = (value.view(-1, frames, height * width, channels) + pos).flatten(0, 1)
         values.append(value)

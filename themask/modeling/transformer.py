@@ -34,8 +34,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
     def forward(  # type: ignore[override]
         self, query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None = None
     ) -> Tensor:
-        """query (B, N, C), key/value (B, S, C), allowed (B, N, S) bool (True = may attend)
-        → (B, N, C)."""
+        """query (B, N, C), key/value (B, S, C), allowed (B, N, S) bool → (B, N, C)."""
         weight, bias, dim = self.in_proj_weight, self.in_proj_bias, query.shape[-1]
         if key is query:  # self-attention: one matmul for queries and keys
             q, k = F.linear(query, weight[: 2 * dim], bias[: 2 * dim]).chunk(2, dim=-1)
@@ -148,19 +147,18 @@ class PredictionHead(nn.Module):
 
 
 def run_layer(layer: Callable[..., Any], checkpointed: bool, *args: Any, **kwargs: Any) -> Any:
-    """``layer(*args, **kwargs)``, under activation checkpointing (non-reentrant) when
-    ``checkpointed`` and autograd records: same values and gradients, less memory."""
+    """``layer(*args, **kwargs)``, under non-reentrant activation checkpointing when
+    ``checkpointed`` and autograd records."""
     if checkpointed and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False, **kwargs)
     return layer(*args, **kwargs)
 
 
 def allowed_positions(mask_logits: Tensor) -> Tensor:
-    """Masked-attention mask (§4.1): mask_logits (B, N, S) → (B, N, S) bool, detached, False
-    where ``sigmoid(logit) < 0.5``; a query blocked everywhere may attend everywhere."""
+    """Masked-attention mask (§4.1): mask_logits (B, N, S) → (B, N, S) bool, False where
+    ``sigmoid(logit) < 0.5``; a query blocked everywhere may attend everywhere."""
     allowed = mask_logits.detach().sigmoid() >= 0.5
-    empty = ~allowed.any(dim=-1, keepdim=True)
-    return allowed | empty
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
 def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
@@ -188,8 +186,7 @@ class DecoderMemory:
 def decoder_memory(
     multi_scale: Sequence[Tensor], level_embed: Tensor, frames: int
 ) -> DecoderMemory:
-    """multi_scale: L maps (B·T, C, h, w), frames of a clip consecutive; level_embed (L, C).
-    The position encoding spans the T frames of a clip (§8)."""
+    """multi_scale: L maps (B·T, C, h, w), frames of a clip consecutive; level_embed (L, C)."""
     values, keys, sizes = [], [], []
     for level, features in enumerate(multi_scale):
         _, channels, height, width = features.shape
@@ -207,9 +204,8 @@ def decoder_memory(
 
 @dataclass
 class DecodingState:
-    """What a decoder carries through its layers: queries (B·T, N, C); mask_features
-    (B·T, D, H/4, W/4); frames T decoded jointly (1 for the single-frame decoder); TAD only:
-    clip (B, N, C) clip queries, clip_features (B, D, T·H/4·W/4)."""
+    """queries (B·T, N, C); mask_features (B·T, D, H/4, W/4); frames T decoded jointly (1 for
+    the single-frame decoder); TAD only: clip queries (B, N, C), clip_features (B, D, T·H/4·W/4)."""
 
     queries: Tensor
     mask_features: Tensor
@@ -219,10 +215,8 @@ class DecodingState:
 
 
 class QueryDecoder(nn.Module):
-    """Base of ``MaskDecoder`` and ``TemporalDecoder``: learned queries refined by
-    ``num_layers`` masked-attention layers; layer i reads memory level ``i mod num_levels``
-    (strides 32, 16, 8). Subclasses supply the hooks ``_start``, ``_after_layer``, ``_heads``
-    and ``_attention_logits`` (docs/ARCHITECTURE.md)."""
+    """Learned queries refined by ``num_layers`` masked-attention layers, layer i reading memory
+    level ``i mod num_levels`` (strides 32, 16, 8); subclasses supply the hooks below."""
 
     is_temporal = False  # True: B clips of T frames decoded jointly; False: B·T one-frame clips
 
@@ -260,19 +254,8 @@ class QueryDecoder(nn.Module):
         return_all: bool = True,
     ) -> Predictions:
         """mask_features (B·T, mask_dim, H/4, W/4), multi_scale L × (B·T, C, h, w) of B clips
-        of T = ``frames`` frames (frame t of clip b at row b·T + t) → ``Predictions``.
-
-        ``return_all``: all ``num_layers + 1`` prediction sets (training), else the final one.
-        """
-        name = type(self).__name__
-        if len(multi_scale) != self.num_levels:
-            raise ValueError(
-                f"{name}: expected {self.num_levels} memory levels, got {len(multi_scale)}"
-            )
-        if mask_features.shape[0] % frames != 0:
-            raise ValueError(
-                f"{name}: {mask_features.shape[0]} frames is not a multiple of T={frames}"
-            )
+        of T = ``frames`` frames (frame t of clip b at row b·T + t) → ``Predictions``: all
+        ``num_layers + 1`` prediction sets if ``return_all``, else the final one."""
         clip_len = frames if self.is_temporal else 1
         memory = decoder_memory(multi_scale, self.level_embed.weight, frames=clip_len)
         resized = resize_features(mask_features, memory.sizes)
@@ -313,22 +296,19 @@ class QueryDecoder(nn.Module):
     def _start(
         self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
     ) -> DecodingState:
-        """The state before layer 1."""
-        raise NotImplementedError
+        raise NotImplementedError  # the state before layer 1
 
     def _after_layer(self, state: DecodingState) -> None:
         """Run after every layer (the TAD aggregates over time here)."""
 
     def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
-        """One read-out: each head's prediction set (none unless ``full``) and the clip
-        head's mask embeddings."""
+        """Each head's prediction set (none unless ``full``), the clip head's mask embeddings."""
         raise NotImplementedError
 
     def _attention_logits(
         self, embeddings: Tensor, features: Tensor, state: DecodingState
     ) -> Tensor:
-        """Mask logits (B·T, N, h·w) from the clip head's ``embeddings`` and the mask features
-        at one memory level (B·T, D, h, w)."""
+        """Mask logits (B·T, N, h·w) of a memory level's mask features (B·T, D, h, w)."""
         raise NotImplementedError
 
 

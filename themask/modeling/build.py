@@ -98,12 +98,9 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
         num_points=config.deform_points,
         ffn_dim=config.pixel_decoder_ffn_dim,
     )
-    decoders = {"single": MaskDecoder, "temporal": TemporalDecoder}
-    if config.decoder not in decoders:
-        raise ValueError(
-            f"ModelConfig.decoder: expected 'single' or 'temporal', got {config.decoder!r}"
-        )
-    decoder_args: dict[str, Any] = dict(
+    temporal = config.decoder == "temporal"
+    tad_args: dict[str, Any] = dict(tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout)
+    decoder = (TemporalDecoder if temporal else MaskDecoder)(
         num_classes=config.num_classes,
         num_queries=config.num_queries,
         dim=config.hidden_dim,
@@ -111,10 +108,8 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
         num_heads=config.decoder_heads,
         ffn_dim=config.decoder_ffn_dim,
         num_layers=config.decoder_layers,
+        **(tad_args if temporal else {}),
     )
-    if config.decoder == "temporal":
-        decoder_args.update(tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout)
-    decoder = decoders[config.decoder](**decoder_args)
     return THEMask(config=config, backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder)
 
 

@@ -11,8 +11,6 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MIT_VARIANTS", "MixTransformer", "build_mit"]
-
 BLOCK_NORM_EPS = 1e-6
 
 _WIDE = (64, 128, 320, 512)

@@ -49,20 +49,14 @@ def match_two_rounds(
 ) -> MatchIndices:
     """Round 1 on ``cost`` (N, M); round 2 on the rows left free, with ``second_round_cost``
     (N, M) (default ``cost``), matching as many targets as there are free rows."""
-    cost_np = _as_numpy(cost)
+    cost_np = np.asarray(cost, dtype=np.float64)
     all_rows = np.arange(cost_np.shape[0])
     primary = _assign(cost_np, all_rows)
     if num_rounds == 1:
         return MatchIndices(primary=primary)
-    second_np = cost_np if second_round_cost is None else _as_numpy(second_round_cost)
+    second_np = cost_np if second_round_cost is None else np.asarray(second_round_cost, np.float64)
     free_rows = np.setdiff1d(all_rows, primary[0].numpy())
     return MatchIndices(primary=primary, secondary=_assign(second_np, free_rows))
-
-
-def _as_numpy(cost: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(cost, Tensor):
-        return cost.detach().float().cpu().numpy()
-    return np.asarray(cost, dtype=np.float64)
 
 
 def dice_loss(intersection: Tensor, predicted: Tensor, target: Tensor) -> Tensor:

@@ -23,8 +23,7 @@ def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
 
 
 class THEMask(nn.Module):
-    """THE-Mask (or Mask2Former's single-frame decoder) on clips (B, T, 3, H, W); built by
-    ``themask.modeling.build`` from ``config``."""
+    """THE-Mask (or Mask2Former's single-frame decoder) on clips (B, T, 3, H, W)."""
 
     def __init__(
         self,
@@ -71,8 +70,7 @@ class THEMask(nn.Module):
         if (padded_h, padded_w) != (height, width):
             images = F.pad(images, (0, padded_w - width, 0, padded_h - height))
         if images.device.type == "cpu" and not torch.is_grad_enabled():
-            # CPU inference one frame at a time: a batch overflows the caches (2 × 664 ms
-            # instead of 1653 ms for two 480×480 frames)
+            # CPU inference one frame at a time: 2 × 664 ms instead of 1653 ms for two 480² frames
             return FrameFeatures.cat([self._encode_images(image[None]) for image in images])
         return self._encode_images(images)
 
@@ -81,7 +79,7 @@ class THEMask(nn.Module):
 
     def decode(self, features: FrameFeatures, batch: int, frames: int) -> Predictions:
         """Decoder on the features of B clips of T frames (frame t of clip b at b·T + t); all
-        prediction sets in train mode, the final one in eval mode."""
+        prediction sets in train mode, else the final one."""
         if len(features) != batch * frames:
             raise ValueError(
                 f"THEMask.decode: features hold {len(features)} frames, expected "

@@ -204,14 +204,15 @@ def decoder_memory(
 
 @dataclass
 class DecodingState:
-    """queries (B·T, N, C); mask_features (B·T, D, H/4, W/4); frames T decoded jointly (1 for
-    the single-frame decoder); TAD only: clip queries (B, N, C), clip_features (B, D, T·H/4·W/4)."""
+    """queries (B·T, N, C) per frame; clip (B, N, C) the clip queries (the single-frame
+    decoder's queries, T = 1); mask_features (B·T, D, H/4, W/4); clip_features (B, D, T·H/4·W/4);
+    frames T decoded jointly."""
 
     queries: Tensor
+    clip: Tensor
     mask_features: Tensor
+    clip_features: Tensor
     frames: int
-    clip: Tensor | None = None
-    clip_features: Tensor | None = None
 
 
 class QueryDecoder(nn.Module):
@@ -260,7 +261,16 @@ class QueryDecoder(nn.Module):
         memory = decoder_memory(multi_scale, self.level_embed.weight, frames=clip_len)
         resized = resize_features(mask_features, memory.sizes)
         query_pos = self.query_pos.weight.unsqueeze(0)  # (1, N, C)
-        state = self._start(mask_features, memory, query_pos, clip_len)
+        total, mask_dim, height, width = mask_features.shape
+        batch = total // clip_len
+        queries, clip = self._start(memory, query_pos, batch, clip_len)
+        # (B, D, T·H/4·W/4) once: each clip-head mask prediction is one bmm
+        clip_features = (
+            mask_features.view(batch, clip_len, mask_dim, height, width)
+            .transpose(1, 2)
+            .reshape(batch, mask_dim, -1)
+        )
+        state = DecodingState(queries, clip, mask_features, clip_features, clip_len)
 
         sets: list[list[PredictionSet]] = []  # per read-out: one set per head
         allowed: Tensor | None = None
@@ -294,22 +304,31 @@ class QueryDecoder(nn.Module):
         )
 
     def _start(
-        self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
-    ) -> DecodingState:
-        raise NotImplementedError  # the state before layer 1
+        self, memory: DecoderMemory, query_pos: Tensor, batch: int, frames: int
+    ) -> tuple[Tensor, Tensor]:
+        """The queries (B·T, N, C) and clip queries (B, N, C) before layer 1."""
+        raise NotImplementedError
 
     def _after_layer(self, state: DecodingState) -> None:
-        """Run after every layer (the TAD aggregates over time here)."""
+        """The clip queries after a layer has refined ``state.queries``."""
+        raise NotImplementedError
 
     def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
         """Each head's prediction set (none unless ``full``), the clip head's mask embeddings."""
-        raise NotImplementedError
+        class_logits, embeddings = self.clip_head(state.clip)  # (B, N, K+1), (B, N, D)
+        if not full:
+            return [], embeddings
+        height, width = state.mask_features.shape[-2:]
+        masks = torch.bmm(embeddings, state.clip_features)  # (B, N, T·H/4·W/4)
+        return [PredictionSet(class_logits, masks.unflatten(2, (-1, height, width)))], embeddings
 
     def _attention_logits(
         self, embeddings: Tensor, features: Tensor, state: DecodingState
     ) -> Tensor:
         """Mask logits (B·T, N, h·w) of a memory level's mask features (B·T, D, h, w)."""
-        raise NotImplementedError
+        per_clip = features.view(embeddings.shape[0], state.frames, *features.shape[1:])
+        low = torch.einsum("bnd,btdhw->btnhw", embeddings, per_clip)
+        return low.flatten(3).flatten(0, 1)
 
 
 class MaskDecoder(QueryDecoder):
@@ -317,19 +336,10 @@ class MaskDecoder(QueryDecoder):
     class (B·T, N, K+1), masks (B·T, N, 1, H/4, W/4)."""
 
     def _start(
-        self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
-    ) -> DecodingState:
-        queries = self.query_feat.weight.unsqueeze(0).expand(mask_features.shape[0], -1, -1)
-        return DecodingState(queries=queries, mask_features=mask_features, frames=frames)
+        self, memory: DecoderMemory, query_pos: Tensor, batch: int, frames: int
+    ) -> tuple[Tensor, Tensor]:
+        queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
+        return queries, queries
 
-    def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
-        class_logits, embeddings = self.clip_head(state.queries)  # (B·T, N, K+1), (B·T, N, D)
-        if not full:
-            return [], embeddings
-        masks = torch.einsum("fnc,fchw->fnhw", embeddings, state.mask_features)
-        return [PredictionSet(class_logits, masks.unsqueeze(2))], embeddings
-
-    def _attention_logits(
-        self, embeddings: Tensor, features: Tensor, state: DecodingState
-    ) -> Tensor:
-        return torch.einsum("fnc,fchw->fnhw", embeddings, features).flatten(2)
+    def _after_layer(self, state: DecodingState) -> None:
+        state.clip = state.queries

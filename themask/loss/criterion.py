@@ -201,8 +201,15 @@ class SetCriterion:
     single-frame decoder's B·T one-frame clips are regrouped here."""
 
     def __init__(self, loss_config: LossConfig, num_classes: int) -> None:
-        if loss_config.num_rounds not in (1, 2):
-            raise ValueError(f"LossConfig.num_rounds must be 1 or 2, got {loss_config.num_rounds}")
+        cfg = loss_config
+        if cfg.num_rounds not in (1, 2) or not (
+            cfg.oversample_ratio >= 1 and 0 <= cfg.importance_sample_ratio <= 1
+        ):
+            raise ValueError(
+                "LossConfig: expected num_rounds 1 or 2, oversample_ratio >= 1 and "
+                f"importance_sample_ratio in [0, 1], got {cfg.num_rounds}, "
+                f"{cfg.oversample_ratio}, {cfg.importance_sample_ratio}"
+            )
         self.config = loss_config
         self.num_classes = num_classes
         self.matcher = HungarianMatcher(
@@ -224,23 +231,30 @@ class SetCriterion:
         return 1 if step < self.config.warmup_steps else self.config.num_rounds
 
     def __call__(self, predictions: Predictions, labels: Tensor, *, step: int = 0) -> LossOutput:
-        final = predictions.clip[-1]
-        device = final.mask_logits.device
-        frames = predictions.frames_per_clip
-        if final.mask_logits.shape[2] == 1 < frames and labels.dim() == 4:
+        masks = predictions.clip[-1].mask_logits
+        if masks.shape[2] == 1 < predictions.frames_per_clip and labels.dim() == 4:
             labels = labels.flatten(0, 1).unsqueeze(1)  # single-frame decoder: (B·T, 1, H, W)
-        with torch.autocast(device_type=device.type, enabled=False):
+        with torch.autocast(device_type=masks.device.type, enabled=False):
             return self._compute(predictions, labels, step)
 
     def _compute(self, predictions: Predictions, labels: Tensor, step: int) -> LossOutput:
         cfg = self.config
-        clip_sets = list(predictions.clip)
-        frame_sets = list(predictions.frame) if predictions.frame is not None else None
-        if not cfg.deep_supervision:
-            clip_sets = clip_sets[-1:]
-            frame_sets = frame_sets[-1:] if frame_sets is not None else None
+        kept = slice(None) if cfg.deep_supervision else slice(-1, None)
+        clip_sets = predictions.clip[kept]
+        frame_sets = None if predictions.frame is None else predictions.frame[kept]
         for prediction_set in clip_sets + (frame_sets or []):
-            self._check_shapes(prediction_set, labels)
+            masks, classes = prediction_set.mask_logits, prediction_set.class_logits
+            if (
+                masks.dim() != 5
+                or masks.shape[:3:2] != labels.shape[:2]
+                or (classes.shape[-1] != self.num_classes + 1)
+            ):
+                raise ValueError(
+                    f"expected mask_logits (B, N, T, h, w) with B, T of the labels "
+                    f"{tuple(labels.shape)} and class_logits of num_classes + 1 = "
+                    f"{self.num_classes + 1} columns, got {tuple(masks.shape)}, "
+                    f"{tuple(classes.shape)}"
+                )
 
         device = clip_sets[-1].mask_logits.device
         targets = build_targets(labels.to(device), self.num_classes)
@@ -279,22 +293,9 @@ class SetCriterion:
         for index, which in enumerate(("primary", "secondary"), 1):
             matched = sum(getattr(m, which)[0].numel() for m in result.matches[-1])
             log[f"matched_fraction_round{index}"] = matched / (queries * len(result.classes))
-        masks = sum(len(c) for c in result.classes)
-        log["num_masks"] = counts[1].clamp(min=1.0) if is_initialized() else max(float(masks), 1.0)
+        num_masks = float(sum(len(c) for c in result.classes))
+        log["num_masks"] = counts[1].clamp(min=1.0) if is_initialized() else max(num_masks, 1.0)
         return LossOutput(total=total, terms=log)
-
-    def _check_shapes(self, prediction_set: PredictionSet, labels: Tensor) -> None:
-        masks, classes = prediction_set.mask_logits, prediction_set.class_logits
-        if masks.dim() != 5 or (masks.shape[0], masks.shape[2]) != labels.shape[:2]:
-            raise ValueError(
-                f"mask_logits {tuple(masks.shape)} must be (B, N, T, h, w) with B, T of the "
-                f"labels {tuple(labels.shape)}"
-            )
-        if classes.shape[-1] != self.num_classes + 1:
-            raise ValueError(
-                f"class_logits have {classes.shape[-1]} columns, expected num_classes + 1 = "
-                f"{self.num_classes + 1}"
-            )
 
     def _head_terms(
         self,
@@ -345,14 +346,11 @@ def training_loss(
     """``criterion(model(frames), labels)`` for ``model`` in train mode (plain or DDP-wrapped)
     → (total, ``LossOutput.terms``). frames (B, T, 3, H, W) normalised; labels (B, T, H, W)
     long, 255 = ignore, padded here to a multiple of ``size_divisor``."""
-    if frames.dim() != 5 or labels.dim() != 4 or frames.shape[:2] != labels.shape[:2]:
+    same = frames.shape[:2] + frames.shape[-2:] == labels.shape
+    if frames.dim() != 5 or not same:
         raise ValueError(
-            f"expected frames (B, T, 3, H, W) and labels (B, T, H, W), got "
-            f"{tuple(frames.shape)} and {tuple(labels.shape)}"
-        )
-    if frames.shape[-2:] != labels.shape[-2:]:
-        raise ValueError(
-            f"frames {tuple(frames.shape)} and labels {tuple(labels.shape)} differ in size"
+            f"expected frames (B, T, 3, H, W) and labels (B, T, H, W) of the same B, T, H, W, "
+            f"got {tuple(frames.shape)} and {tuple(labels.shape)}"
         )
     predictions = model(frames)
     if not isinstance(predictions, Predictions):

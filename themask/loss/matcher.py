@@ -149,10 +149,6 @@ class HungarianMatcher:
         full, bce_only = [], []
         with torch.autocast(device_type=device.type, enabled=False):
             for (class_logits, mask_logits), set_coords in zip(sets, coords):
-                if mask_logits.shape[2] != frames:
-                    raise ValueError(
-                        f"targets have {frames} frames, predictions {mask_logits.shape[2]}"
-                    )
                 queries = mask_logits.shape[1]
                 maps = mask_logits.detach().float().flatten(1, 2)  # (B, N·T, h, w)
                 pred_points = point_sample(maps, set_coords).reshape(batch, queries, -1)

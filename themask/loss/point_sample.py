@@ -51,12 +51,6 @@ def uncertain_point_coords(
 ) -> Tensor:
     """Points (R, num_points, 2) for logits (R, H, W): the ``importance_sample_ratio`` most
     uncertain of ``oversample_ratio · num_points`` uniform draws, filled up with fresh ones."""
-    if oversample_ratio < 1.0:
-        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
-    if not 0.0 <= importance_sample_ratio <= 1.0:
-        raise ValueError(
-            f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}"
-        )
     rows = logits.shape[0]
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)

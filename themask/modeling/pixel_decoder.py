@@ -147,23 +147,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
 
-    def _check_inputs(self, features: Sequence[Tensor]) -> None:
-        if len(features) != 4:
-            raise ValueError(
-                f"MSDeformAttnPixelDecoder: expected 4 feature maps res2..res5, got {len(features)}"
-            )
-        channels = tuple(f.shape[1] for f in features)
-        if channels != self.in_channels:
-            raise ValueError(
-                f"MSDeformAttnPixelDecoder: feature channels {channels} differ from the "
-                f"in_channels {self.in_channels} it was built with"
-            )
-
     def forward(self, features: Sequence[Tensor]) -> FrameFeatures:
         """features: [res2 (N, C2, H/4, W/4), res3 (N, C3, H/8, W/8), res4 (N, C4, H/16, W/16),
         res5 (N, C5, H/32, W/32)] → mask_features (N, mask_dim, H/4, W/4), multi_scale
         [(N, C, H/32, W/32), (N, C, H/16, W/16), (N, C, H/8, W/8)]."""
-        self._check_inputs(features)
+        channels = tuple(f.shape[1] for f in features)
+        if channels != self.in_channels:
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder: expected 4 feature maps res2..res5 of the in_channels "
+                f"{self.in_channels} it was built with, got channels {channels}"
+            )
         maps = [
             _without_autocast(proj, x) for proj, x in zip(self.input_proj, reversed(features[1:]))
         ]

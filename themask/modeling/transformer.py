@@ -27,10 +27,6 @@ class MultiHeadAttention(nn.MultiheadAttention):
         super().__init__(dim, num_heads, dropout=dropout, batch_first=True)
         nn.init.xavier_uniform_(self.out_proj.weight)
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        batch, length, dim = x.shape
-        return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
-
     def forward(  # type: ignore[override]
         self, query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None = None
     ) -> Tensor:
@@ -43,7 +39,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
             k = F.linear(key, weight[dim : 2 * dim], bias[dim : 2 * dim])
         v = F.linear(value, weight[2 * dim :], bias[2 * dim :])
         mask = None if allowed is None else allowed.unsqueeze(1)  # (B, 1, N, S), all heads
-        q, k, v = (self._split_heads(x) for x in (q, k, v))
+        q, k, v = (x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for x in (q, k, v))
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, heads, N, C/heads) → (B, N, C)

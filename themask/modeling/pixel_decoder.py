@@ -27,12 +27,11 @@ class DeformableEncoderLayer(nn.Module):
         dim: int = 256,
         ffn_dim: int = 1024,
         num_heads: int = 8,
-        num_levels: int = NUM_ENCODER_LEVELS,
         num_points: int = 4,
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(
-            dim=dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+            dim=dim, num_heads=num_heads, num_levels=NUM_ENCODER_LEVELS, num_points=num_points
         )
         self.norm1 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, ffn_dim)

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from themask.modeling.outputs import PredictionSet
 from themask.modeling.transformer import (
     CrossAttentionLayer,
-    DecoderMemory,
     DecodingState,
     FFNLayer,
     PredictionHead,
@@ -57,8 +56,7 @@ class TemporalAggregation(nn.Module):
         Qc = FFN(LN(Qc + Σ_t softmax_t(w·Qf_t + b) · (V·Qf_t + c)))  (B, N, C)."""
         weights = F.softmax(self.time_score(frame), dim=1)  # (B, T, N, 1)
         aggregated = (weights * self.time_value(frame)).sum(dim=1)  # (B, N, C)
-        clip = self.norm(clip + self.dropout(aggregated))
-        return self.ffn(clip)
+        return self.ffn(self.norm(clip + self.dropout(aggregated)))
 
 
 class TemporalDecoder(QueryDecoder):
@@ -78,12 +76,11 @@ class TemporalDecoder(QueryDecoder):
         )
 
     def _start(
-        self, memory: DecoderMemory, query_pos: Tensor, batch: int, frames: int
+        self, queries: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], frames: int
     ) -> tuple[Tensor, Tensor]:
-        queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
-        keys, values = torch.cat(memory.keys, dim=1), torch.cat(memory.values, dim=1)
+        every_level = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # (B·T, S, C)
         clip, frame = run_layer(
-            self.temporal.start, self.checkpoint_layers, queries, query_pos, keys, values, frames
+            self.temporal.start, self.checkpoint_layers, queries, pos, *every_level, frames
         )  # (B, N, C), (B·T, N, C)
         return frame, clip
 

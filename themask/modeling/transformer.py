@@ -169,21 +169,13 @@ def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[
     ]
 
 
-@dataclass
-class DecoderMemory:
-    """Attention memory per level: values (B·T, h·w, C) = features + level embedding; keys =
-    values + the clip's 3-D sine position encoding; sizes (h, w)."""
-
-    values: list[Tensor]
-    keys: list[Tensor]
-    sizes: list[tuple[int, int]]
-
-
 def decoder_memory(
     multi_scale: Sequence[Tensor], level_embed: Tensor, frames: int
-) -> DecoderMemory:
-    """multi_scale: L maps (B·T, C, h, w), frames of a clip consecutive; level_embed (L, C)."""
-    values, keys, sizes = [], [], []
+) -> tuple[list[Tensor], list[Tensor]]:
+    """multi_scale: L maps (B·T, C, h, w), frames of a clip consecutive; level_embed (L, C) →
+    keys and values (B·T, h·w, C) per level: values = features + level embedding, keys = values
+    + the clip's 3-D sine position encoding."""
+    keys, values = [], []
     for level, features in enumerate(multi_scale):
         _, channels, height, width = features.shape
         pos = sine_position_encoding_3d(
@@ -194,8 +186,7 @@ def decoder_memory(
         key = (value.view(-1, frames, height * width, channels) + pos).flatten(0, 1)
         values.append(value)
         keys.append(key)
-        sizes.append((height, width))
-    return DecoderMemory(values=values, keys=keys, sizes=sizes)
+    return keys, values
 
 
 @dataclass
@@ -254,18 +245,14 @@ class QueryDecoder(nn.Module):
         of T = ``frames`` frames (frame t of clip b at row b·T + t) → ``Predictions``: all
         ``num_layers + 1`` prediction sets if ``return_all``, else the final one."""
         clip_len = frames if self.is_temporal else 1
-        memory = decoder_memory(multi_scale, self.level_embed.weight, frames=clip_len)
-        resized = resize_features(mask_features, memory.sizes)
+        keys, values = decoder_memory(multi_scale, self.level_embed.weight, frames=clip_len)
+        resized = resize_features(mask_features, [(m.shape[-2], m.shape[-1]) for m in multi_scale])
         query_pos = self.query_pos.weight.unsqueeze(0)  # (1, N, C)
-        total, mask_dim, height, width = mask_features.shape
-        batch = total // clip_len
-        queries, clip = self._start(memory, query_pos, batch, clip_len)
+        batch = mask_features.shape[0] // clip_len
+        queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, N, C)
+        queries, clip = self._start(queries, query_pos, keys, values, clip_len)
         # (B, D, T·H/4·W/4) once: each clip-head mask prediction is one bmm
-        clip_features = (
-            mask_features.view(batch, clip_len, mask_dim, height, width)
-            .transpose(1, 2)
-            .reshape(batch, mask_dim, -1)
-        )
+        clip_features = mask_features.unflatten(0, (batch, clip_len)).transpose(1, 2).flatten(2)
         state = DecodingState(queries, clip, mask_features, clip_features, clip_len)
 
         sets: list[list[PredictionSet]] = []  # per read-out: one set per head
@@ -277,8 +264,8 @@ class QueryDecoder(nn.Module):
                     self.layers[index - 1],
                     self.checkpoint_layers,
                     state.queries,
-                    memory.keys[level],
-                    memory.values[level],
+                    keys[level],
+                    values[level],
                     query_pos=query_pos,
                     allowed=allowed,
                 )  # (B·T, N, C)
@@ -300,9 +287,9 @@ class QueryDecoder(nn.Module):
         )
 
     def _start(
-        self, memory: DecoderMemory, query_pos: Tensor, batch: int, frames: int
+        self, queries: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], frames: int
     ) -> tuple[Tensor, Tensor]:
-        """The queries (B·T, N, C) and clip queries (B, N, C) before layer 1."""
+        """Learned queries (B, N, C) → layer 1's queries (B·T, N, C) and clip queries (B, N, C)."""
         raise NotImplementedError
 
     def _after_layer(self, state: DecodingState) -> None:
@@ -332,9 +319,8 @@ class MaskDecoder(QueryDecoder):
     class (B·T, N, K+1), masks (B·T, N, 1, H/4, W/4)."""
 
     def _start(
-        self, memory: DecoderMemory, query_pos: Tensor, batch: int, frames: int
+        self, queries: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], frames: int
     ) -> tuple[Tensor, Tensor]:
-        queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
         return queries, queries
 
     def _after_layer(self, state: DecodingState) -> None:

@@ -102,9 +102,8 @@ class BatchMatch:
 
 @dataclass
 class HungarianMatcher:
-    """Two-round matcher with the point-sampled Mask2Former cost. ``second_round_cost``: "full"
-    or "bce"; ``all_class_columns``: cost all K classes, not the present ones (default: not
-    on CPU)."""
+    """Two-round matcher with the point-sampled Mask2Former cost; ``all_class_columns``: cost
+    all K classes, not the present ones (default: not on CPU)."""
 
     cost_class: float = 2.0
     cost_mask: float = 5.0

@@ -1,6 +1,5 @@
-"""Point sampling of mask maps and uncertainty-based point selection (docs/DESIGN.md §5).
-Points are (x, y) in [0, 1]² over the map (``align_corners=False``), read bilinearly with
-zero padding."""
+"""Point sampling of mask maps (docs/DESIGN.md §5): points (x, y) in [0, 1]² over the map
+(``align_corners=False``), read bilinearly with zero padding; uncertainty-based selection."""
 
 from __future__ import annotations
 
@@ -17,9 +16,8 @@ def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
 
 
 def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """The pixels a bilinear read of an (H, W) map at coords (..., P, 2) touches: flat indices
-    (..., P, 4) and weights (0 outside the map), so ``(map.flatten()[index] * weight).sum(-1)``
-    equals ``point_sample``."""
+    """Flat indices (..., P, 4) and weights (0 outside) of the pixels a bilinear read of an (H, W)
+    map at coords (..., P, 2) touches: ``(map.flatten()[index] * weight).sum(-1)``."""
     grid = coords.float() * 2.0 - 1.0
     x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0  # (..., P) pixel coordinates
     y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0

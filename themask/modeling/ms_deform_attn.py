@@ -1,6 +1,5 @@
-"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch: each query reads P
-points per head and level (its reference point + learned offsets in pixels of the level),
-bilinearly with zero padding, weighted by a softmax over the L·P points of each head."""
+"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch: each query reads P points
+per head and level (reference point + learned pixel offsets), weighted by a softmax over L·P."""
 
 from __future__ import annotations
 

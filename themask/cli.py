@@ -1,9 +1,5 @@
-"""``themask`` command line: one sub-command per module in ``themask.commands``.
-
-Each command module's ``register(subparsers)`` adds its parser with ``func`` (args -> exit
-code) and imports heavy dependencies inside ``func``. A user error (``ConfigError``,
-``DataError``, ``WeightsError``, a file error) becomes one stderr line and exit status 2.
-"""
+"""``themask`` command line: one sub-command per module in ``themask.commands`` (whose
+``register(subparsers)`` sets ``func``); a user error becomes one stderr line, exit status 2."""
 
 from __future__ import annotations
 
@@ -15,10 +11,7 @@ import sys
 from collections.abc import Sequence
 
 # the order of ``themask --help``
-COMMAND_MODULES: tuple = (
-    *("demo", "train", "check_data", "make_toy_data", "eval", "predict", "convert", "export"),
-    "configs",
-)
+COMMAND_MODULES = "demo train check_data make_toy_data eval predict convert export configs".split()
 USER_ERRORS = ("ConfigError", "DataError", "WeightsError")  # themask's own, all ValueError
 FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
 
@@ -53,16 +46,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 def is_user_error(err: BaseException) -> bool:
     """Bad input, not a bug; matched by class name so that nothing (torch) is imported."""
-    if isinstance(err, (*FILE_ERRORS, NotADirectoryError)):
-        return True
-    return any(
+    return isinstance(err, (*FILE_ERRORS, NotADirectoryError)) or any(
         cls.__name__ in USER_ERRORS and cls.__module__.startswith("themask.")
         for cls in type(err).__mro__
     )
 
 
 def one_line(err: BaseException) -> str:
-    """``err``'s message in one line; a DataLoader worker's error keeps only its own message."""
+    """``err``'s message in one line (a DataLoader worker's: its own message only)."""
     text = str(err).strip()
     if "Original Traceback" in text:
         last = text.splitlines()[-1]

@@ -1,9 +1,7 @@
 """Run configuration: model + loss + data + train + eval as nested dataclasses.
 
-Resolution order: ``RunConfig()`` defaults; the ``preset`` (``themask.modeling.build``) fills
-``model`` (with the dataset's class count) and ``loss`` (its default objective); the YAML
-file's sections; dotted ``key=value`` overrides parsed as YAML (``train.lr=2e-4``). Bad keys,
-types and inconsistent sections raise ``ConfigError`` naming the key and the valid values.
+Resolution order: defaults; the ``preset``'s network (with the dataset's class count) and
+objective; the YAML file; dotted ``key=value`` overrides parsed as YAML (``train.lr=2e-4``).
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from themask.io import PathLike, atomic_write
 from themask.loss.config import LossConfig
 from themask.modeling.config import ModelConfig
 
-FREEZABLE_MODULES = ("backbone", "pixel_decoder")
 _SCALARS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -34,8 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (docs/DESIGN.md §6), stage 1 on VSPW by default. ``batch_size``
-    is global: each process loads ``batch_size / (world_size * grad_accum)`` clips a pass."""
+    """Optimisation recipe (docs/DESIGN.md §6); ``batch_size`` is global (all processes)."""
 
     max_steps: int = 160_000
     batch_size: int = 8
@@ -52,7 +48,7 @@ class TrainConfig:
     checkpoint_interval: int = 4000
     eval_interval: int = 16_000  # 0: evaluate only at the end
     eval_at_end: bool = True
-    freeze: list[str] = field(default_factory=list)  # subset of FREEZABLE_MODULES
+    freeze: list[Literal["backbone", "pixel_decoder"]] = field(default_factory=list)
     init_from: str | None = None
     head_init: Literal["official", "copy"] = "official"
 
@@ -68,7 +64,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings (docs/VSPW.md §2-3); the split and clip length are in ``data``."""
+    """Evaluation settings (docs/VSPW.md §2-3); split and clip length are in ``data``."""
 
     max_videos: int | None = None  # first videos only: quick checks
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # themask.precision
@@ -78,7 +74,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; ``model`` and ``loss`` are the resolved preset + overrides."""
+    """Everything a run needs; ``model`` and ``loss``: the resolved preset + overrides."""
 
     preset: str = "themask_mit_b1_t1"
     pretrained_backbone: str | None = None  # MiT ImageNet weights
@@ -91,8 +87,7 @@ class RunConfig:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a YAML value to the annotated type ``tp``; ``key`` is for messages."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is types.UnionType:  # X | None
         if value is None:
             return None
@@ -133,8 +128,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def update_dataclass(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """A copy of dataclass ``obj`` with the nested mapping ``values`` applied, each value
-    checked against its annotation; ``ConfigError`` names the key (after ``prefix``)."""
+    """A copy of dataclass ``obj`` with the nested ``values`` checked and applied."""
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: hints[f.name] for f in dataclasses.fields(obj)}
     changes = {}
@@ -161,8 +155,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(values: Mapping[str, Any]) -> RunConfig:
-    """``RunConfig`` from a partial nested dict, preset first; an old ``model.loss`` section
-    becomes ``loss``."""
+    """``RunConfig`` from a partial nested dict (an old ``model.loss`` section is ``loss``)."""
     values = dict(values)
     model = values.get("model")
     if isinstance(model, Mapping) and isinstance(model.get("loss"), Mapping):
@@ -197,9 +190,6 @@ def check_consistency(cfg: RunConfig) -> None:
             f"model.num_frames={cfg.model.num_frames} but data.dilation={list(cfg.data.dilation)} "
             f"gives clips of {cfg.data.num_frames} frames"
         )
-    unknown = [name for name in cfg.train.freeze if name not in FREEZABLE_MODULES]
-    if unknown:
-        raise ConfigError(f"train.freeze: unknown modules {unknown}; valid: {FREEZABLE_MODULES}")
     if cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     cfg.train.per_process_batch(1)  # batch_size divisible by grad_accum
@@ -212,15 +202,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
+        parts = key.strip().split(".")
+        if "" in parts:
             raise ConfigError(f"override '{item}': empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': cannot parse value: {err}") from err
         node = nested
-        parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -252,8 +241,7 @@ def list_shipped_configs() -> list[str]:
 
 
 def resolve_config_path(path: PathLike) -> Path:
-    """``path`` if it is a file, else the shipped config of that name (``.yaml`` and a leading
-    ``configs/`` optional)."""
+    """``path`` if it is a file, else the shipped config of that name."""
     given = Path(path)
     if given.is_file():
         return given
@@ -273,8 +261,7 @@ def load_config(path: PathLike | None, overrides: Sequence[str] = ()) -> RunConf
     if path is not None:
         path = resolve_config_path(path)
         try:
-            with open(path, encoding="utf-8") as handle:
-                loaded = yaml.safe_load(handle)
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -289,7 +276,5 @@ def load_config(path: PathLike | None, overrides: Sequence[str] = ()) -> RunConf
 
 
 def save_config(cfg: RunConfig, path: PathLike) -> None:
-    """Write the full resolved config as YAML (atomically)."""
     with atomic_write(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -42,10 +42,8 @@ def is_main() -> bool:
 
 
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
-    """Join the torchrun process group if there is one; ``device`` None: CUDA when available.
-
-    NCCL on CUDA (each process on ``cuda:LOCAL_RANK``, bound at once), gloo on CPU.
-    """
+    """Join the torchrun process group if any (NCCL on ``cuda:LOCAL_RANK``, else gloo);
+    ``device`` None: CUDA when available."""
     use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -74,7 +72,7 @@ def barrier() -> None:
 
 def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
     """Sum (``mean``: average) over the processes as a new detached tensor on ``value``'s
-    device, without waiting for it; NCCL gets CPU tensors through the current CUDA device."""
+    device; NCCL gets CPU tensors through the current CUDA device."""
     out = value.detach().clone()
     if get_world_size() == 1:
         return out
@@ -88,6 +86,6 @@ def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Destroy the process group, without a barrier (a failed rank would hang the others)."""
+    """Destroy the process group, without a barrier (a failed rank would hang it)."""
     if is_initialized():
         dist.destroy_process_group()

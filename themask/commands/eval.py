@@ -26,17 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", help="split name (default: data.val_split)")
     parser.add_argument("--json", dest="json_path", help="write the metrics here")
     parser.add_argument("--save-predictions", metavar="DIR", help="write label PNGs there too")
-    parser.add_argument(
-        "--vc-gt",
-        choices=("train_id", "raw"),
-        default="train_id",
-        help="mVC compares train ids (CFFM's script) or raw PNG values (VSPW's)",
-    )
-    parser.add_argument(
-        "--vc-rule",
-        choices=("published", "per_length"),
-        help="mVC leaves out videos of <= 16 frames or of <= n (default: eval.vc_rule)",
-    )
+    text = "mVC compares train ids (CFFM's script) or raw PNG values (VSPW's)"
+    parser.add_argument("--vc-gt", choices=("train_id", "raw"), default="train_id", help=text)
+    text = "mVC leaves out videos of <= 16 frames or of <= n (default: eval.vc_rule)"
+    parser.add_argument("--vc-rule", choices=("published", "per_length"), help=text)
     add_inference_arguments(parser, amp_default=None)
 
 

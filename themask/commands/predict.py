@@ -37,13 +37,8 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
     """``--clip-len``, ``--config`` and ``--scale`` (``predict`` and ``export``)."""
     parser.add_argument("--clip-len", type=int, help="frames per window (default: the model's)")
     parser.add_argument("--config", help="run config: default scale, clip length and classes")
-    parser.add_argument(
-        "--scale",
-        type=int,
-        nargs=2,
-        metavar=("LONG", "SHORT"),
-        help="test resize (default: --config's, else the weights', else 853 480)",
-    )
+    text = "test resize (default: --config's, else the weights', else 853 480)"
+    parser.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help=text)
 
 
 def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, int], int, list, Any]:
@@ -67,8 +62,7 @@ def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, in
 
 
 def _class_info(weights: str, data: Any, num_classes: int) -> tuple[list[str], Any]:
-    """Names and palette stored in the weights, else the ``--config`` dataset's, else VSPW's
-    (124 classes), else numbers."""
+    """Names and palette of the weights, else of the ``--config`` data, else VSPW's or numbers."""
     from themask.config import ConfigError
     from themask.data.description import VSPW_DESCRIPTION, default_palette
     from themask.weights import read_class_info

@@ -33,14 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse ``argv``; ``key=value`` words after the options join ``args.overrides``."""
     args, extra = parser.parse_known_args(argv)
-    overrides = [word for word in extra if "=" in word and not word.startswith("-")]
-    unknown = [word for word in extra if word not in overrides]
-    if overrides and not hasattr(args, "overrides"):
-        unknown = extra  # this command takes no overrides
+    takes_overrides = hasattr(args, "overrides")
+    unknown = [w for w in extra if not (takes_overrides and "=" in w and not w.startswith("-"))]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides:
-        args.overrides = [*args.overrides, *overrides]
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     return args
 
 

@@ -76,12 +76,9 @@ def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
     out = value.detach().clone()
     if get_world_size() == 1:
         return out
-    staged = out
-    if dist.get_backend() == "nccl" and out.device.type != "cuda":
-        staged = out.to(torch.device("cuda", torch.cuda.current_device()))
+    staged = out.cuda() if dist.get_backend() == "nccl" and out.device.type != "cuda" else out
     dist.all_reduce(staged)
-    if staged is not out:
-        out.copy_(staged)
+    out = staged.to(value.device)
     return out / get_world_size() if mean else out
 
 

@@ -165,7 +165,6 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        self._previous = {}
 
 
 class StepWindow:

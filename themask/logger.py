@@ -60,7 +60,6 @@ class MetricWriter:
 
     def __init__(self, run_dir: PathLike, *, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self._tb = None
         if tensorboard:

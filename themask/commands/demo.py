@@ -94,15 +94,8 @@ def _train_and_report(
         f"{report['num_frames']} frames, test clips of {cfg.data.eval_clip_len}); "
         f"chance level mIoU ≈ {100 / len(names):.1f}"
     )
-    report_metrics(
-        report,
-        names,
-        out / "metrics.json",
-        config=str(config),
-        preset=cfg.preset,
-        steps=cfg.train.max_steps,
-        train_minutes=round(minutes, 2),
-    )
+    fields = {"config": str(config), "preset": cfg.preset, "steps": cfg.train.max_steps}
+    report_metrics(report, names, out / "metrics.json", train_minutes=round(minutes, 2), **fields)
     video = _write_overlays(trainer.model, cfg, out, trainer.device)
     plot_loss_curve(out / "run" / "metrics.jsonl", out / "loss_curve.png", title=cfg.preset)
     print(
@@ -126,14 +119,12 @@ def _write_overlays(model: Any, cfg: Any, out: Path, device: Any) -> str:
     transform = TestTransform(scale=cfg.data.scale, size_divisor=cfg.data.size_divisor)
     frames = (read_frame(p) for p in video.frame_paths)
     clip_len = cfg.data.eval_clip_len
-    predictions = predict_video(
-        model, frames, clip_len=clip_len, transform=transform, device=device
-    )
+    pairs = predict_video(model, frames, clip_len=clip_len, transform=transform, device=device)
     folder = out / "overlays" / video.name
     folder.mkdir(parents=True, exist_ok=True)
     assert video.mask_paths is not None  # a validation split is labelled
     with OverlayVideoWriter(out / "overlay.mp4", fps=5.0) as writer:
-        for path, mask, (frame, labels) in zip(video.frame_paths, video.mask_paths, predictions):
+        for path, mask, (frame, labels) in zip(video.frame_paths, video.mask_paths, pairs):
             gt = description.read_label(mask)
             panel = comparison_panel(frame, gt, labels, description.classes, description.palette)
             Image.fromarray(panel).save(folder / f"{path.stem}.png")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,7 @@ def _class_info(weights: str, data: Any, num_classes: int) -> tuple[list[str], A
 def run(args: argparse.Namespace) -> int:
     from themask.evaluation.visualize import write_predictions
 
+    predict: Callable[[Any], Any]
     if args.onnx:  # torch is never imported
         from themask.data.vspw import DataError
         from themask.deploy.runtime import OnnxStreamingPredictor, predict_frames
@@ -100,10 +103,7 @@ def run(args: argparse.Namespace) -> int:
             )
         names, palette, clip_len = manifest.class_names, manifest.palette, manifest.clip_len
         scale = tuple(args.scale or manifest.scale)
-
-        def predict(frames: Any) -> Any:
-            return predict_frames(predictor, frames, scale=scale)
-
+        predict = partial(predict_frames, predictor, scale=scale)
     else:
         import torch
 
@@ -117,29 +117,13 @@ def run(args: argparse.Namespace) -> int:
         model = model_from_weights(args.weights).to(device)
         scale, clip_len, names, palette = window_settings(args, model)
         transform = TestTransform(scale=scale, size_divisor=model.config.size_divisor)
-
-        def predict(frames: Any) -> Any:
-            return predict_video(
-                model,
-                frames,
-                clip_len=clip_len,
-                transform=transform,
-                device=device,
-                step=args.step,
-                amp=args.amp,
-            )
+        window = {"clip_len": clip_len, "transform": transform, "step": args.step}
+        predict = partial(predict_video, model, device=device, amp=args.amp, **window)
 
     what = (args.input, clip_len, args.step, scale)
     logger.info("predicting %s: windows of %d frames, step %d, test scale %s", *what)
-    count = write_predictions(
-        args.input,
-        args.out,
-        predict,
-        class_names=names,
-        palette=palette,
-        fps=args.fps,
-        alpha=args.alpha,
-    )
+    drawing = {"class_names": names, "palette": palette, "fps": args.fps, "alpha": args.alpha}
+    count = write_predictions(args.input, args.out, predict, **drawing)
     out = Path(args.out)
     print(f"{count} frames: {out / 'labels'}, {out / 'overlays'}, {out / 'overlay.mp4'}")
     return 0

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RESUME_CHANGES_NAME = "resume_changes.jsonl"
+BAR_FIELDS = {"loss": "loss", "m1": "matched_fraction_round1", "m2": "matched_fraction_round2"}
 STOP_CHECK_INTERVAL = 10  # DDP ranks agree on a stop request at least this often
 # keys a resumed run may change without altering the optimisation
 RESUMABLE_KEYS = (
@@ -401,12 +402,7 @@ class Trainer:
             self.writer.write(self.step, means)
             logger.debug("step %d loss %.4f lr %.3g", self.step, means["loss"], means["lr"])
         if bar is not None:
-            shown = {
-                "loss": "loss",
-                "m1": "matched_fraction_round1",
-                "m2": "matched_fraction_round2",
-            }
-            postfix = {k: f"{means.get(name, math.nan):.3f}" for k, name in shown.items()}
+            postfix = {k: f"{means.get(name, math.nan):.3f}" for k, name in BAR_FIELDS.items()}
             bar.set_postfix(postfix, refresh=False)
 
     def train(self) -> TrainResult:

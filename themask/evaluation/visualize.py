@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import av
 import numpy as np
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 LEGEND_ROW, LEGEND_BOX, LEGEND_PAD = 14, 10, 3
 FOLDER_FPS = 15.0  # overlay.mp4 of a frame folder (VSPW's frame rate)
-Palette = Union[np.ndarray, Sequence[Sequence[int]]]  # (K, 3) RGB
+Palette = np.ndarray | Sequence[Sequence[int]]  # (K, 3) RGB
 
 
 def _palette_array(palette: Palette) -> np.ndarray:

@@ -1,7 +1,4 @@
-"""themask: THE-Mask video semantic segmentation in plain PyTorch.
-
-Public names are imported lazily (PEP 562): ``import themask`` does not load torch.
-"""
+"""themask: THE-Mask video semantic segmentation in plain PyTorch (names load lazily: PEP 562)."""
 
 from __future__ import annotations
 

@@ -69,9 +69,7 @@ def seed_everything(seed: int) -> None:
 def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states as plain values."""
     py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, *np_rest = cast(
-        "tuple[str, np.ndarray, int, int, float]", np.random.get_state()
-    )
+    np_name, np_keys, *np_rest = cast(tuple, np.random.get_state())  # legacy: a tuple
     return {
         "python": [py_version, list(py_state), py_gauss],
         "numpy": [np_name, np_keys.tolist(), *np_rest],
@@ -152,10 +150,8 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        logger.warning(
-            "%s: stopping after this step and writing a checkpoint (again to stop at once)",
-            signal.Signals(signum).name,
-        )
+        name = signal.Signals(signum).name
+        logger.warning("%s: checkpoint and stop after this step (again: stop at once)", name)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -419,10 +415,9 @@ class Trainer:
             if len(rng) == self.dist.world_size:
                 set_rng_state(rng[self.dist.rank])
             else:
+                counts = (len(rng), self.dist.world_size)
                 logger.warning(
-                    "checkpoint has RNG states of %d processes, this run has %d: reseeding",
-                    len(rng),
-                    self.dist.world_size,
+                    "checkpoint has RNG states of %d processes, not %d: reseeding", *counts
                 )
                 seed_everything(distributed.rank_seed(tcfg.seed + self.step, self.dist.rank))
             self._resume_state = None

@@ -17,12 +17,8 @@ def add_command(
     doc: str | None,
 ) -> argparse.ArgumentParser:
     """The parser of ``themask <name>`` calling ``run``, described by ``doc``."""
-    parser = subparsers.add_parser(
-        name,
-        help=(doc or "").split("\n", 1)[0],
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    summary, formatter = (doc or "").split("\n", 1)[0], argparse.RawDescriptionHelpFormatter
+    parser = subparsers.add_parser(name, help=summary, description=doc, formatter_class=formatter)
     parser.set_defaults(func=run)
     return parser
 

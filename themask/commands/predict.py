@@ -73,16 +73,14 @@ def _class_info(weights: str, data: Any, num_classes: int) -> tuple[list[str], A
     if stored is not None:
         names, palette = stored
         return names, default_palette(len(names)) if palette is None else palette
-    if data is not None:
-        description = data.description
-        if description.num_classes != num_classes:
-            raise ConfigError(
-                f"{weights}: the model predicts {num_classes} classes but the --config dataset "
-                f"({description.source}) has {description.num_classes}"
-            )
+    description = VSPW_DESCRIPTION if data is None else data.description
+    if description.num_classes == num_classes:
         return list(description.classes), description.palette
-    if num_classes == VSPW_DESCRIPTION.num_classes:
-        return list(VSPW_DESCRIPTION.classes), VSPW_DESCRIPTION.palette
+    if data is not None:
+        raise ConfigError(
+            f"{weights}: the model predicts {num_classes} classes but the --config dataset "
+            f"({description.source}) has {description.num_classes}"
+        )
     return [str(i) for i in range(num_classes)], default_palette(num_classes)
 
 

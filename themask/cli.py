@@ -1,5 +1,4 @@
-"""``themask`` command line: one sub-command per module in ``themask.commands`` (whose
-``register(subparsers)`` sets ``func``); a user error becomes one stderr line, exit status 2."""
+"""``themask`` command line: one sub-command per module in ``themask.commands``."""
 
 from __future__ import annotations
 
@@ -66,7 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     from themask.logger import setup_logging
 
-    # torchrun sets RANK: only rank 0 logs below WARNING
     setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
     if getattr(args, "threads", None) and not getattr(args, "onnx", None):
         import torch  # predict --onnx stays torch-free (ONNX Runtime takes args.threads)

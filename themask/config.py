@@ -1,8 +1,5 @@
-"""Run configuration: model + loss + data + train + eval as nested dataclasses.
-
-Resolution order: defaults; the ``preset``'s network (with the dataset's class count) and
-objective; the YAML file; dotted ``key=value`` overrides parsed as YAML (``train.lr=2e-4``).
-"""
+"""Run configuration (model + loss + data + train + eval dataclasses): defaults, the preset's
+network and objective, the YAML file, then dotted ``key=value`` overrides parsed as YAML."""
 
 from __future__ import annotations
 
@@ -89,10 +86,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a YAML value to the annotated type ``tp``; ``key`` is for messages."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is types.UnionType:  # X | None
-        if value is None:
-            return None
         (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, key)
+        return None if value is None else _coerce(value, inner, key)
     if origin is Literal:
         if isinstance(value, bool) and ("on" if value else "off") in args:
             value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a bool
@@ -170,9 +165,8 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
     # the preset's class count follows the dataset description, unless model.num_classes is set
     data = update_dataclass(base.data, values.get("data") or {}, "data")
     model = build.preset_config(preset, num_classes=data.num_classes)
-    base = dataclasses.replace(
-        base, preset=preset, model=model, loss=build.preset_loss_config(preset)
-    )
+    loss = build.preset_loss_config(preset)
+    base = dataclasses.replace(base, preset=preset, model=model, loss=loss)
     cfg = update_dataclass(base, values)
     check_consistency(cfg)
     return cfg

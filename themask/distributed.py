@@ -1,5 +1,4 @@
-"""DDP helpers: set-up from the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_*``), rank queries, the one reduction helper; no-ops in a single process."""
+"""DDP helpers (torchrun environment, rank queries, the one reduction); no-ops in 1 process."""
 
 from __future__ import annotations
 
@@ -42,8 +41,7 @@ def is_main() -> bool:
 
 
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
-    """Join the torchrun process group if any (NCCL on ``cuda:LOCAL_RANK``, else gloo);
-    ``device`` None: CUDA when available."""
+    """Join the torchrun process group if any (NCCL on ``cuda:LOCAL_RANK``, else gloo)."""
     use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -71,8 +69,7 @@ def barrier() -> None:
 
 
 def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
-    """Sum (``mean``: average) over the processes as a new detached tensor on ``value``'s
-    device; NCCL gets CPU tensors through the current CUDA device."""
+    """Sum (``mean``: average) over the processes as a new detached tensor on ``value``'s device."""
     out = value.detach().clone()
     if get_world_size() == 1:
         return out

@@ -1,10 +1,5 @@
-"""Iteration-based training loop (docs/DESIGN.md §6): one ``Trainer`` for 1 process or DDP.
-
-A run directory holds ``config.yaml``, ``run_info.json``, ``checkpoint.pt`` (the full state,
-atomic, ``weights_only`` loadable), ``metrics.jsonl`` + ``tensorboard/``, ``train.log`` and
-``model.safetensors``. ``--resume`` continues bit for bit on CPU; only ``RESUMABLE_KEYS`` may
-change (logged to ``resume_changes.jsonl``).
-"""
+"""Iteration-based training loop (docs/DESIGN.md §6): one ``Trainer`` for 1 process or DDP; a
+``--resume`` continues bit for bit on CPU from ``checkpoint.pt`` (``weights_only`` loadable)."""
 
 from __future__ import annotations
 
@@ -49,12 +44,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 RESUME_CHANGES_NAME = "resume_changes.jsonl"
 BAR_FIELDS = {"loss": "loss", "m1": "matched_fraction_round1", "m2": "matched_fraction_round2"}
 STOP_CHECK_INTERVAL = 10  # DDP ranks agree on a stop request at least this often
-# keys a resumed run may change without altering the optimisation
-RESUMABLE_KEYS = (
-    *(f"train.{k}" for k in ("max_steps", "log_interval", "checkpoint_interval", "init_from")),
-    *("train.eval_interval", "train.eval_at_end", "pretrained_backbone", "eval."),
-    *(f"data.{k}" for k in ("num_workers", "root", "val_split", "test_clip_len")),
-)
+# keys a resumed run may change without altering the optimisation ("eval.": the section)
+RESUMABLE_KEYS = """train.max_steps train.log_interval train.checkpoint_interval train.init_from
+    train.eval_interval train.eval_at_end pretrained_backbone eval. data.num_workers data.root
+    data.val_split data.test_clip_len""".split()
 
 # (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, {name: float | 0-d})
 LossFn = Callable[..., tuple[Tensor, dict[str, Any]]]
@@ -164,28 +157,19 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-class StepWindow:
+class StepWindow(list[dict[str, Any]]):
     """Per-step scalars (floats, 0-d tensors) since the last log record, read in one transfer."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def add(self, values: dict[str, Any]) -> None:
-        self.rows.append(values)
 
     def read(self, *, reduce: bool = False) -> list[dict[str, float]]:
         """The rows as floats (``reduce``: averaged over processes) and clear."""
-        tensors = sorted(k for k, v in self.rows[0].items() if isinstance(v, Tensor))
-        floats = sorted(k for k in self.rows[0] if k not in tensors)
-        stacked = torch.stack([torch.stack([r[k].float() for k in tensors]) for r in self.rows])
-        host = torch.tensor([[float(r[k]) for k in floats] for r in self.rows], dtype=torch.float64)
-        table = torch.cat([stacked.double().cpu(), host.reshape(len(self.rows), -1)], dim=1)
+        tensors = sorted(k for k, v in self[0].items() if isinstance(v, Tensor))
+        floats = sorted(k for k in self[0] if k not in tensors)
+        stacked = torch.stack([torch.stack([r[k].float() for k in tensors]) for r in self])
+        host = torch.tensor([[float(r[k]) for k in floats] for r in self], dtype=torch.float64)
+        table = torch.cat([stacked.double().cpu(), host.reshape(len(self), -1)], dim=1)
         if reduce:
             table = distributed.all_reduce(table, mean=True)
-        self.rows = []
+        self.clear()
         return [dict(zip(tensors + floats, row)) for row in table.tolist()]
 
 
@@ -208,8 +192,7 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains ``cfg`` into ``run_dir``; ``model``, ``loss_fn`` and ``batches(start_batch)`` (this
-    process's ``Batch`` iterator) replace the configured ones in tests and custom runs."""
+    """Trains ``cfg`` into ``run_dir``; ``model``, ``loss_fn``, ``batches``: tests, custom runs."""
 
     def __init__(
         self,
@@ -275,9 +258,8 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if loss_fn is None:
             self.criterion = SetCriterion(cfg.loss, cfg.model.num_classes)
-            loss_fn = partial(
-                training_loss, criterion=self.criterion, size_divisor=cfg.model.size_divisor
-            )
+            divisor = cfg.model.size_divisor
+            loss_fn = partial(training_loss, criterion=self.criterion, size_divisor=divisor)
         self.loss_fn = loss_fn
         self._batches_fn = batches
         seed_everything(distributed.rank_seed(tcfg.seed, self.dist.rank))
@@ -321,7 +303,6 @@ class Trainer:
         self.writer = MetricWriter(self.run_dir)
         self.writer.truncate_after(self.step)  # a new run (step 0) starts a new log
         logger.info("git revision %s; run dir %s", info["git_revision"], self.run_dir)
-        logger.debug("config:\n%s", json.dumps(to_dict(self.cfg), indent=1))
 
     def save(self) -> None:
         """Write the full training state (a collective under DDP)."""
@@ -462,7 +443,7 @@ class Trainer:
                     sums[k] = sums[k] + v if k in sums else v
             sums["grad_norm"] = self._optimizer_step()
             self.step += 1
-            window.add({**sums, "lr": lr})
+            window.append({**sums, "lr": lr})
             if bar is not None:
                 bar.update(1)
             end = self.step == tcfg.max_steps

@@ -26,8 +26,7 @@ class _StderrHandler(logging.StreamHandler):
 def setup_logging(
     *, verbose: bool = False, rank: int = 0, log_file: PathLike | None = None
 ) -> logging.Handler | None:
-    """Root logger: INFO (``verbose``: DEBUG) on rank 0, WARNING elsewhere; rank 0 also logs to
-    ``log_file`` (its handler is returned)."""
+    """Root logger: INFO (``verbose``: DEBUG) on rank 0 (also to ``log_file``), else WARNING."""
     level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
     root = logging.getLogger()
     if not any(getattr(h, "_themask", False) for h in root.handlers):

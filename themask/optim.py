@@ -1,5 +1,4 @@
-"""AdamW parameter groups and the poly learning-rate schedule (docs/DESIGN.md §6): the
-backbone's lr × ``backbone_lr_mult``; only linear, convolution and attention weights decay."""
+"""AdamW groups (backbone lr × mult; only linear/conv/attention weights decay), poly lr."""
 
 from __future__ import annotations
 

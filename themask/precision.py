@@ -1,5 +1,4 @@
-"""``amp`` modes (``auto``: bf16 on CUDA where supported, else fp32; ``off``; ``bf16``; ``fp16``,
-CUDA only) and CUDA math settings (docs/GPU.md); torch is imported inside the functions."""
+"""``amp`` modes and CUDA math settings (docs/GPU.md); torch is imported inside the functions."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ AmpSpec = Union[str, "torch.dtype", None]
 
 
 def resolve_amp(amp: AmpSpec, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype of ``amp`` on ``device``; None (also for ``amp=None``): fp32."""
+    """Autocast dtype of ``amp`` (``auto``: bf16 on CUDA if supported) on ``device``; None: fp32."""
     import torch
 
     if isinstance(amp, torch.dtype):

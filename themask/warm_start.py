@@ -1,5 +1,4 @@
-"""``train.init_from``: start from weights of the same network, of another class count, or of
-a stage-1 model for a TAD model (docs/DESIGN.md §6)."""
+"""``train.init_from``: trained weights, of other classes or of stage 1 (docs/DESIGN.md §6)."""
 
 from __future__ import annotations
 
@@ -57,8 +56,7 @@ def load_stage1_into_temporal(
 
 
 def init_from_weights(model: nn.Module, path: PathLike, *, head_init: str = "official") -> None:
-    """Load ``path`` into ``model``: stage 1 into a TAD model (``head_init``), else the same
-    network strictly; ``decoder.*.class_embed`` of another class count start fresh."""
+    """Load ``path`` into ``model`` (stage 1 into a TAD model); other-K class layers start fresh."""
     state_dict = as_ours(read_state_dict(path))
     target = model.state_dict()
     fresh = [

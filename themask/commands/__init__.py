@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from themask.io import PathLike
+from themask.io import PathLike, atomic_write
 
 
 def add_command(
@@ -49,7 +49,6 @@ def report_metrics(
 ) -> None:
     """Print the metric table; ``json_path``: also write ``fields`` and the metrics there."""
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
-    from themask.io import atomic_write
 
     print(format_metrics_table(report, names))
     if json_path:

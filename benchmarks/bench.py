@@ -177,7 +177,7 @@ def _torch_step(job: dict[str, Any], model, clip) -> Callable[[], object]:
     import torch
 
     if job["mode"] == "train":
-        from themask.loss import SetCriterion, training_loss
+        from themask.loss.criterion import SetCriterion, training_loss
         from themask.modeling.build import preset_loss_config
 
         criterion = SetCriterion(preset_loss_config(job["preset"]), model.num_classes)

@@ -14,8 +14,7 @@ import time
 import torch
 
 from themask import build_model
-from themask.loss import training_loss
-from themask.loss.criterion import SetCriterion
+from themask.loss.criterion import SetCriterion, training_loss
 from themask.modeling.build import preset_loss_config
 
 

@@ -29,8 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from themask.data.loader import build_train_loader
     from themask.engine import seed_everything
-    from themask.loss import training_loss
-    from themask.loss.criterion import SetCriterion
+    from themask.loss.criterion import SetCriterion, training_loss
     from themask.modeling.build import build_model_from_config
     from themask.optim import build_optimizer, poly_lr, set_learning_rate
 

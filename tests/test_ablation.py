@@ -30,7 +30,8 @@ synthetic = _load("synthetic_videos")
 
 
 def test_synthetic_videos_layout_and_labels(tmp_path):
-    from themask.data.vspw import VSPWIndex, read_label
+    from themask.data.description import VSPW_DESCRIPTION
+    from themask.data.vspw import VSPWIndex
 
     synthetic.make_synthetic_videos(tmp_path, num_train=3, num_val=1, frames=(17, 19))
     index = VSPWIndex(tmp_path, "train")
@@ -39,7 +40,7 @@ def test_synthetic_videos_layout_and_labels(tmp_path):
     for video in index.videos:
         assert 17 <= len(video.frame_paths) == len(video.mask_paths) <= 19
         stored = np.asarray(Image.open(video.mask_paths[0]))
-        train_ids = read_label(video.mask_paths[0], num_classes=124)
+        train_ids = VSPW_DESCRIPTION.read_label(video.mask_paths[0])
         assert set(np.unique(stored)) <= set(range(13)) | {255}
         # stored value = train id + 1; 0 and 255 are ignored (255)
         np.testing.assert_array_equal(

@@ -11,14 +11,15 @@ from PIL import Image
 
 from themask.cli import main
 from themask.data.check import check_dataset
+from themask.data.description import VSPW_DESCRIPTION
 from themask.data.loader import VSPWTrainDataset
+from themask.data.toy import TOY_DESCRIPTION
 from themask.data.transforms import TrainTransform
 from themask.data.vspw import (
     CorruptFileError,
     DataError,
     VSPWIndex,
     read_frame,
-    read_label,
 )
 
 H, W = 24, 32
@@ -134,13 +135,13 @@ def test_mask_values_outside_the_encoding(tmp_path, bad_value):
         match=rf"{wrong}: stored values must be classes 1..124 or ignored values \(0, 255\), "
         rf"found {bad_value}",
     ):
-        read_label(wrong)
+        VSPW_DESCRIPTION.read_label(wrong)
     report = check_dataset(root)
     assert len(report.problems) == 1 and str(wrong) in report.problems[0]
     # A value valid for VSPW is invalid for the 8-class toy encoding.
     Image.fromarray(np.full((H, W), 9, np.uint8)).save(wrong)
     with pytest.raises(DataError, match=r"classes 1..8 or ignored values \(0, 255\), found 9"):
-        read_label(wrong, num_classes=8)
+        TOY_DESCRIPTION.read_label(wrong)  # 8 classes
 
 
 def test_rgb_mask(tmp_path):
@@ -150,7 +151,7 @@ def test_rgb_mask(tmp_path):
     with pytest.raises(
         DataError, match=rf"{wrong}: expected a single-channel label PNG .* got mode RGB"
     ):
-        read_label(wrong)
+        VSPW_DESCRIPTION.read_label(wrong)
     report = check_dataset(root)
     assert len(report.problems) == 1 and "mode RGB" in report.problems[0]
 
@@ -160,7 +161,7 @@ def test_corrupt_mask(tmp_path):
     wrong = _mask(root, "a", 4)
     wrong.write_bytes(wrong.read_bytes()[:20])
     with pytest.raises(CorruptFileError, match=str(wrong)):
-        read_label(wrong)
+        VSPW_DESCRIPTION.read_label(wrong)
 
 
 def test_empty_split_file(tmp_path):

@@ -138,7 +138,7 @@ def test_forward_pass_has_no_host_sync(tmp_path, amp):
 def test_forward_and_training_loss_sync_at_most_once(tmp_path, amp):
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("no bf16 on this GPU")
-    from themask.loss import SetCriterion, training_loss
+    from themask.loss.criterion import SetCriterion, training_loss
 
     per_step = []
     cfg = _cfg(f"train.amp={amp}")
@@ -210,7 +210,7 @@ def _to(obj, device):
 def test_criterion_matches_cpu_at_the_same_points(monkeypatch, exact_fp32):
     """The matcher and the point losses draw ``torch.rand`` points; both devices get the same
     points from one CPU generator, so the losses must agree."""
-    from themask.loss import SetCriterion
+    from themask.loss.criterion import SetCriterion
     from themask.modeling.build import build_model, preset_loss_config
 
     torch.manual_seed(0)

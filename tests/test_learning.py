@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from themask.loss import LossConfig, SetCriterion, training_loss
+from themask.loss.config import LossConfig
+from themask.loss.criterion import SetCriterion, training_loss
 from themask.modeling.build import build_model, preset_loss_config
 from themask.modeling.outputs import Predictions, PredictionSet
 

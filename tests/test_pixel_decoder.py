@@ -1,10 +1,12 @@
 """Pixel decoder: shapes, level order, FPN wiring and a token-by-token reference encoder."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from themask.modeling.outputs import FrameFeatures
 from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from themask.modeling.position_encoding import sine_position_encoding_2d
 
@@ -36,20 +38,19 @@ def test_output_shapes_on_odd_sizes():
     decoder = MSDeformAttnPixelDecoder(**{**TINY, "num_layers": 2})
     out = decoder(backbone_maps(3, ODD_SIZES))
     assert out.mask_features.shape == (3, 12, 25, 33)
-    assert [tuple(x.shape) for x in out.multi_scale_features] == [
+    assert [tuple(x.shape) for x in out.multi_scale] == [
         (3, 16, 4, 5),
         (3, 16, 7, 9),
         (3, 16, 13, 17),
     ]
-    mask_features, multi_scale = out  # unpacks like a tuple
-    assert mask_features is out.mask_features and len(multi_scale) == 3
+    assert isinstance(out, FrameFeatures) and len(out) == 3 and len(out.multi_scale) == 3
 
 
 def test_without_encoder_layers_levels_come_back_in_order_res5_res4_res3():
     decoder = MSDeformAttnPixelDecoder(**{**TINY, "num_layers": 0})
     maps = backbone_maps(2, ODD_SIZES)
     out = decoder(maps)
-    for proj, level_map, feature in zip(decoder.input_proj, out.multi_scale_features, maps[::-1]):
+    for proj, level_map, feature in zip(decoder.input_proj, out.multi_scale, maps[::-1]):
         torch.testing.assert_close(level_map, proj(feature))
 
 
@@ -62,7 +63,7 @@ def test_fpn_step_fuses_the_stride_8_map():
     lateral = decoder.lateral(maps[0])
     for level, should_match in ((2, True), (1, False), (0, False)):
         up = F.interpolate(
-            out.multi_scale_features[level], size=(25, 33), mode="bilinear", align_corners=False
+            out.multi_scale[level], size=(25, 33), mode="bilinear", align_corners=False
         )
         assert torch.allclose(seen["x"], lateral + up, atol=1e-6) == should_match
     torch.testing.assert_close(
@@ -88,7 +89,7 @@ def reference_encoder_layer(layer, level_maps, level_embed):
     tokens, queries, centres = [], [], []
     for lvl, fmap in enumerate(level_maps):
         _, h, w = fmap.shape
-        pos = sine_position_encoding_2d(1, h, w, num_feats=dim // 2, dtype=fmap.dtype)[0]
+        pos = sine_position_encoding_2d(h, w, num_feats=dim // 2, dtype=fmap.dtype)
         for i in range(h):
             for j in range(w):
                 tokens.append(fmap[:, i, j])
@@ -142,7 +143,7 @@ def test_encoder_and_fpn_match_token_by_token_reference():
         expected = reference_encoder_layer(
             decoder.encoder_layers[0], level_maps, decoder.level_embed
         )
-        for got, want in zip(out.multi_scale_features, expected):
+        for got, want in zip(out.multi_scale, expected):
             torch.testing.assert_close(got[0], want, rtol=1e-9, atol=1e-9)
         up = F.interpolate(expected[2][None], size=(10, 18), mode="bilinear", align_corners=False)
         fused = decoder.fpn_output(decoder.lateral(maps[0]) + up)
@@ -155,9 +156,7 @@ def test_gradients_reach_every_parameter_and_input():
     torch.nn.init.normal_(decoder.encoder_layers[0].self_attn.sampling_offsets.weight, std=0.1)
     maps = [m.requires_grad_() for m in backbone_maps(2, ODD_SIZES)]
     out = decoder(maps)
-    loss = out.mask_features.square().mean() + sum(
-        x.square().mean() for x in out.multi_scale_features
-    )
+    loss = out.mask_features.square().mean() + sum(x.square().mean() for x in out.multi_scale)
     loss.backward()
     for name, p in decoder.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
@@ -196,5 +195,5 @@ def test_frames_of_a_batch_are_decoded_independently():
     for b in range(3):
         alone = decoder([m[b : b + 1] for m in maps])
         torch.testing.assert_close(alone.mask_features, together.mask_features[b : b + 1])
-        for x, y in zip(alone.multi_scale_features, together.multi_scale_features):
+        for x, y in zip(alone.multi_scale, together.multi_scale):
             torch.testing.assert_close(x, y[b : b + 1])

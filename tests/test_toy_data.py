@@ -8,8 +8,8 @@ import pytest
 
 from themask.cli import main
 from themask.data.check import check_dataset
-from themask.data.toy import TOY_CLASS_NAMES, TOY_PALETTE, make_toy_dataset
-from themask.data.vspw import VSPWIndex, read_frame, read_label, read_raw_label
+from themask.data.toy import TOY_CLASS_NAMES, TOY_DESCRIPTION, TOY_PALETTE, make_toy_dataset
+from themask.data.vspw import VSPWIndex, read_frame, read_raw_label
 
 SMALL = dict(num_train=6, num_val=2, num_frames=12, val_frames=20, size=(48, 64))
 
@@ -41,7 +41,7 @@ def test_generator_output_passes_the_reader_and_the_check(toy_root):
         index = VSPWIndex(toy_root, split)
         for video in index.videos:
             assert most - 3 <= len(video) <= most
-            label = read_label(video.mask_paths[0], num_classes=8)
+            label = TOY_DESCRIPTION.read_label(video.mask_paths[0])
             assert label.shape == read_frame(video.frame_paths[0]).shape[:2]
     values = set(np.flatnonzero(report.histogram).tolist())
     assert values == set(range(0, 9)) | {255}  # every class, others (0) and void (255)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from themask.data.description import VSPW_DESCRIPTION
 from themask.data.vspw import (
     CLASS_NAMES,
     PALETTE,
@@ -14,7 +15,6 @@ from themask.data.vspw import (
     VSPWIndex,
     map_raw_labels,
     read_frame,
-    read_label,
     read_split,
 )
 
@@ -58,8 +58,8 @@ def test_read_label_uses_raw_palette_indices_not_colours(tmp_path):
     Image.fromarray(raw).save(tmp_path / "l.png")
     assert Image.open(tmp_path / "p.png").mode == "P"
     expected = _naive_map(raw, 124)
-    assert np.array_equal(read_label(tmp_path / "p.png"), expected)
-    assert np.array_equal(read_label(tmp_path / "l.png"), expected)
+    assert np.array_equal(VSPW_DESCRIPTION.read_label(tmp_path / "p.png"), expected)
+    assert np.array_equal(VSPW_DESCRIPTION.read_label(tmp_path / "l.png"), expected)
 
 
 def test_read_frame_returns_rgb_uint8(tmp_path):

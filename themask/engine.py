@@ -30,7 +30,7 @@ from themask.evaluation.evaluate import evaluate_config
 from themask.evaluation.metrics import scalar_metrics, summarize_metrics
 from themask.io import PathLike, atomic_write
 from themask.logger import MetricWriter, git_revision
-from themask.loss import SetCriterion, training_loss
+from themask.loss.criterion import SetCriterion, training_loss
 from themask.modeling.build import build_model_from_config
 from themask.modeling.themask import THEMask
 from themask.optim import build_optimizer, poly_lr, set_learning_rate

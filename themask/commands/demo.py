@@ -115,7 +115,7 @@ def _write_overlays(model: Any, cfg: Any, out: Path, device: Any) -> str:
     from themask.evaluation.visualize import OverlayVideoWriter, comparison_panel
 
     description = cfg.data.description
-    video = VSPWIndex(cfg.data.root, cfg.data.val_split)[0]
+    video = VSPWIndex(cfg.data.root, cfg.data.val_split).videos[0]
     transform = TestTransform(scale=cfg.data.scale, size_divisor=cfg.data.size_divisor)
     frames = (read_frame(p) for p in video.frame_paths)
     clip_len = cfg.data.eval_clip_len

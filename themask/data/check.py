@@ -1,6 +1,5 @@
-"""``themask check-data``: validate a dataset folder against its description and summarise it;
-draft a description for a folder that has none. Every problem is collected (one run lists
-every bad file), never raised on the first one."""
+"""``themask check-data``: check a dataset folder against its description, collecting every
+problem (never stopping at the first), and summarise it; draft a description for a new folder."""
 
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from themask.data.vspw import (
     scan_video,
 )
 
-# (frames, masks) folder patterns tried by ``draft_description``: VSPW, then DAVIS
+# (frames, masks) folder patterns tried by ``write_draft_description``: VSPW, then DAVIS
 KNOWN_LAYOUTS = ((VSPW_FRAMES, VSPW_MASKS), ("JPEGImages/{video}", "Annotations/{video}"))
 
 
@@ -40,26 +39,13 @@ def _zeros() -> np.ndarray:
 
 
 @dataclass
-class VideoReport:
-    """Findings for one video: frame count, frame sizes (H, W), per stored value the pixels and
-    the masks it occurs in, problems."""
-
-    frames: int = 0
-    sizes: Counter = field(default_factory=Counter)
-    histogram: np.ndarray = field(default_factory=_zeros)
-    mask_counts: np.ndarray = field(default_factory=_zeros)
-    masks: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-@dataclass
 class CheckReport:
-    """Summary of a dataset check; ``ok`` is False when any problem was found."""
+    """Findings of a dataset check, or of one of its videos; ``ok``: no problem found."""
 
     description: DatasetDescription
     splits: dict[str, int] = field(default_factory=dict)  # split -> number of videos
-    frames: dict[str, int] = field(default_factory=dict)  # split -> number of frames
-    masks: dict[str, int] = field(default_factory=dict)  # split -> number of masks read
+    frames: Counter = field(default_factory=Counter)  # split -> number of frames
+    masks: Counter = field(default_factory=Counter)  # split -> number of masks read
     sizes: Counter = field(default_factory=Counter)  # (H, W) -> number of frames
     histogram: np.ndarray = field(default_factory=_zeros)  # stored value -> pixels
     mask_counts: np.ndarray = field(default_factory=_zeros)  # stored value -> masks with it
@@ -69,52 +55,42 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def add(self, other: CheckReport) -> None:
+        """Count ``other``'s findings (a video's) in this report."""
+        for counter in ("frames", "masks", "sizes"):
+            getattr(self, counter).update(getattr(other, counter))
+        self.histogram += other.histogram
+        self.mask_counts += other.mask_counts
+        self.problems += other.problems
+
 
 def check_video(
-    root: PathLike, name: str, description: DatasetDescription, require_masks: bool = True
-) -> VideoReport:
-    """Decode every frame and mask of one video and record every problem found."""
+    root: PathLike, split: str, name: str, description: DatasetDescription, require_masks: bool
+) -> CheckReport:
+    """Decode every frame and mask of one video of ``split``; record every problem found."""
     video, problems = scan_video(root, name, description, require_masks=require_masks)
-    report = VideoReport(problems=problems)
+    report = CheckReport(description, problems=problems)
     if video is None or video.mask_paths is None:
         return report
-    first: tuple[tuple[int, int], str] | None = None
     for frame_path, mask_path in zip(video.frame_paths, video.mask_paths):
-        report.frames += 1
+        report.frames[split] += 1
         try:
             frame_hw: tuple[int, int] | None = read_frame(frame_path).shape[:2]
             report.sizes[frame_hw] += 1
         except DataError as err:
-            report.problems.append(str(err))
+            problems.append(str(err))
             frame_hw = None
-        if frame_hw is not None and first is None:
-            first = (frame_hw, frame_path.name)
-        elif first is not None and frame_hw not in (None, first[0]) and len(report.sizes) == 2:
-            (h0, w0), name0 = first
-            report.problems.append(
-                f"{frame_path.parent}: video {name} has frames of different sizes: {w0}x{h0} "
-                f"(WxH, {name0}) and {frame_hw[1]}x{frame_hw[0]} ({frame_path.name})"
-            )
         if mask_path is None:
             continue
+        raw = None
         try:
             raw = read_raw_label(mask_path)
-        except DataError as err:
-            report.problems.append(str(err))
+            map_raw_labels(raw, source=str(mask_path), **description.encoding)
+        except DataError as err:  # names the file (and the bad values)
+            problems.append(str(err))
+        if raw is None or raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
             continue
-        try:
-            map_raw_labels(
-                raw,
-                num_classes=description.num_classes,
-                offset=description.label_offset,
-                ignore_values=description.ignore_values,
-                source=str(mask_path),
-            )
-        except DataError as err:  # names the file and the bad values
-            report.problems.append(str(err))
-            if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
-                continue
-        report.masks += 1
+        report.masks[split] += 1
         counts = np.bincount(raw.astype(np.int64).ravel(), minlength=256)
         report.histogram += counts
         report.mask_counts += counts > 0
@@ -122,7 +98,13 @@ def check_video(
             try:
                 check_mask_size(mask_path, raw.shape, frame_path, frame_hw)
             except DataError as err:
-                report.problems.append(str(err))
+                problems.append(str(err))
+    if len(report.sizes) > 1:
+        sizes = ", ".join(f"{w}x{h} ({n})" for (h, w), n in report.sizes.items())
+        problems.append(
+            f"{video.frame_paths[0].parent}: video {name} has frames of different sizes: "
+            f"{sizes} (WxH, frames)"
+        )
     return report
 
 
@@ -146,7 +128,7 @@ def check_dataset(
         if not splits:
             report.problems.append(f"{root}: no split files (train.txt, val.txt, test.txt) found")
             return report
-    tasks: list[tuple[str, tuple[str, str, DatasetDescription, bool]]] = []
+    tasks: list[tuple[str, str, str, DatasetDescription, bool]] = []
     for split in splits:
         try:
             names = read_split(description.split_file(root, split))
@@ -154,22 +136,15 @@ def check_dataset(
             report.problems.append(str(err))
             continue
         report.splits[split] = len(names)
-        report.frames[split] = report.masks[split] = 0
         labelled = split not in unlabelled_splits
-        tasks += [(split, (str(root), n, description, labelled)) for n in names]
-    arguments = [t[1] for t in tasks]
+        tasks += [(str(root), split, name, description, labelled) for name in names]
     if jobs > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(check_video, *zip(*arguments), chunksize=4))
+            videos = list(pool.map(check_video, *zip(*tasks), chunksize=4))
     else:
-        results = [check_video(*a) for a in arguments]
-    for (split, _), video in zip(tasks, results):
-        report.frames[split] += video.frames
-        report.masks[split] += video.masks
-        report.sizes.update(video.sizes)
-        report.histogram += video.histogram
-        report.mask_counts += video.mask_counts
-        report.problems.extend(video.problems)
+        videos = [check_video(*task) for task in tasks]
+    for video in videos:
+        report.add(video)
     return report
 
 
@@ -221,14 +196,16 @@ def _video_names(root: Path, frames: str) -> list[str]:
     return sorted(p.parts[at] for p in root.glob(frames.replace("{video}", "*")) if p.is_dir())
 
 
-def draft_description(
+def write_draft_description(
     root: PathLike, *, frames: str | None = None, masks: str | None = None
-) -> str:
-    """Scan the masks under ``root`` and return a draft ``dataset.yaml`` (text, with comments):
-    placeholder class names for every stored value found, 255 ignored when present, the split
-    files found (``*.txt`` at the root or in ``ImageSets/``), ``sparse`` when some frame has no
-    mask. The layout is ``frames``/``masks`` or the first of ``KNOWN_LAYOUTS`` with videos."""
+) -> Path:
+    """Write a draft ``ROOT/dataset.yaml`` (never over one) from the masks of layout ``frames``/
+    ``masks`` (default: the first of ``KNOWN_LAYOUTS`` with videos): a class per stored value,
+    255 ignored if present, the split files (``*.txt``, ``ImageSets/*.txt``), ``sparse``."""
     root = Path(root)
+    out = root / DESCRIPTION_FILE
+    if out.exists():
+        raise DataError(f"{out} already exists; edit it or remove it to draft a new one")
     layouts = [(frames, masks)] if frames and masks else list(KNOWN_LAYOUTS)
     for frames, masks in layouts:
         if "{video}" not in f"{frames}" or "{video}" not in f"{masks}":
@@ -245,8 +222,8 @@ def draft_description(
         video, _ = scan_video(root, name, layout, require_masks=False)
         found = [m for m in video.mask_paths or () if m is not None] if video else []
         sparse = sparse or video is None or len(found) < len(video)
-        for path in found:
-            histogram += np.bincount(read_raw_label(path).astype(np.int64).ravel(), minlength=256)
+        for mask in found:
+            histogram += np.bincount(read_raw_label(mask).astype(np.int64).ravel(), minlength=256)
     values = [int(v) for v in np.flatnonzero(histogram)]
     if not values:
         raise DataError(f"{root}: no masks found under {masks}")
@@ -271,14 +248,5 @@ def draft_description(
     )
     if not split_files:
         header += "# No split files found: add splits: {train: FILE, val: FILE}\n"
-    return header + draft.to_yaml(palette=False)
-
-
-def write_draft_description(root: PathLike, **layout: str | None) -> Path:
-    """Write ``draft_description(root)`` to ``ROOT/dataset.yaml``; refuses to overwrite one."""
-    path = Path(root) / DESCRIPTION_FILE
-    if path.exists():
-        raise DataError(f"{path} already exists; edit it or remove it to draft a new one")
-    text = draft_description(root, **layout)
-    path.write_text(text, encoding="utf-8")
-    return path
+    out.write_text(header + draft.to_yaml(palette=False), encoding="utf-8")
+    return out

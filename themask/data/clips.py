@@ -18,16 +18,13 @@ class ClipTooShortError(ValueError):
 
 
 def clip_offsets(dilation: Sequence[int]) -> tuple[int, ...]:
-    """Offsets of a training clip relative to its target frame, target (0) last.
-
-    ``dilation`` holds non-positive, strictly increasing offsets (``[-9, -6, -3]``, ``[-3]``,
-    ``[0]``); the target is appended unless present (``docs/VSPW.md`` §2.1).
-    """
+    """Offsets of a training clip relative to its target, target (0) last (appended unless
+    present); ``dilation``: non-positive, strictly increasing (``[-9, -6, -3]``, ``[0]``)."""
     offsets = [int(d) for d in dilation]
-    if not offsets:
-        raise ValueError("dilation must hold at least one offset, e.g. [0] or [-3]")
-    if any(d > 0 for d in offsets) or any(b <= a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"dilation must be non-positive and strictly increasing, got {offsets}")
+    if not offsets or offsets[-1] > 0 or any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(
+            f"dilation must be non-positive, strictly increasing offsets (e.g. [-3]), got {offsets}"
+        )
     return tuple(offsets) if offsets[-1] == 0 else (*offsets, 0)
 
 
@@ -60,17 +57,9 @@ def sample_train_clip(
     targets: Sequence[int] | None = None,
 ) -> list[int]:
     """Draw one training clip: reversal with ``reverse_prob``, then a uniform target among
-    ``targets`` (default: every frame; e.g. the labelled frames of a sparse video) that can end
-    a clip, in the other direction when the drawn one has none.
-
-    Raises ``ClipTooShortError`` when ``num_frames < clip_span(dilation)`` or no frame of
-    ``targets`` can end a clip.
-    """
+    ``targets`` (default: every frame) that can end a clip, in the other direction when the drawn
+    one has none; ``ClipTooShortError`` when the video or ``targets`` allow no clip."""
     span = clip_span(dilation)
-    if num_frames < span:
-        raise ClipTooShortError(
-            f"{num_frames} frames, but dilation {list(dilation)} needs at least {span}"
-        )
     reverse = bool(rng.random() < reverse_prob)
     frames = range(num_frames) if targets is None else targets
 
@@ -82,7 +71,10 @@ def sample_train_clip(
         reverse = not reverse
     choices = valid(reverse)
     if not choices:
-        raise ClipTooShortError(f"no frame of {list(frames)} can end a clip of dilation {dilation}")
+        raise ClipTooShortError(
+            f"no frame of {list(frames)} ({num_frames} frames) can end a clip: dilation "
+            f"{list(dilation)} needs at least {span} frames"
+        )
     target = choices[int(rng.integers(len(choices)))]
     return train_clip_indices(num_frames, dilation, target, reverse=reverse)
 
@@ -90,18 +82,12 @@ def sample_train_clip(
 def test_clips(
     num_frames: int, clip_len: int, *, stride: int = TEST_CLIP_STRIDE
 ) -> list[list[int]]:
-    """Clips that predict every frame of a video exactly once (``docs/VSPW.md`` §2.2).
-
-    Blocks of ``stride * clip_len`` frames give the ``stride`` clips
-    ``{b + j + stride * i : i < clip_len}``, ``j < stride`` (T = 2: {b, b+3}, {b+1, b+4},
-    {b+2, b+5}): the official grouping for T = 1, 2, 4, the same rule for any T. Frames after
-    the last whole block are cut into consecutive chunks of ``clip_len``, so unlike the
-    official code (Q6 of docs/VSPW.md §4) a short video is still fully covered.
-    """
+    """Clips that predict every frame of a video once (``docs/VSPW.md`` §2.2): each block of
+    ``stride * clip_len`` frames gives the clips ``{b + j + stride * i : i < clip_len}``, ``j <
+    stride`` (T = 2: {b, b+3}, {b+1, b+4}, {b+2, b+5}; the official grouping); frames after the
+    last block form consecutive chunks (unlike the official code, Q6 of docs/VSPW.md §4)."""
     if clip_len < 1 or stride < 1:
         raise ValueError(f"clip_len and stride must be >= 1, got {clip_len} and {stride}")
-    if num_frames < 0:
-        raise ValueError(f"num_frames must be >= 0, got {num_frames}")
     block = stride * clip_len
     end = num_frames // block * block
     clips = [
@@ -142,5 +128,4 @@ class CausalWindows:
         return [self.history[i - first] for i in causal_window(t, self.clip_len, step=self.step)]
 
 
-# ``test_clips`` is a library function, not a pytest test, even when imported into a test module.
-test_clips.__test__ = False  # type: ignore[attr-defined]
+test_clips.__test__ = False  # type: ignore[attr-defined]  # a library function, not a test

@@ -1,9 +1,5 @@
-"""``DataConfig``: where the data lives and how clips are built and augmented.
-
-Defaults: the official VSPW 480p recipe of the THE-Mask second stage (T = 2, dilation [-3]);
-the first stage uses ``dilation=(0,)``. The clip length follows from ``dilation``; classes,
-label encoding and layout come from ``<root>/dataset.yaml`` (VSPW when absent).
-"""
+"""``DataConfig``: where the data lives, how clips are built and augmented. Defaults: the VSPW
+480p recipe of THE-Mask's second stage (T = 2, dilation [-3]; the first stage: ``(0,)``)."""
 
 from __future__ import annotations
 
@@ -16,12 +12,11 @@ from themask.data.vspw import IGNORE_INDEX, TEST_SCALE
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation settings (docs/DESIGN.md §6): ``scale`` (long, short) of the base
-    size, ``crop_size`` (H, W); ``TrainTransform`` applies them."""
+    """Training augmentation settings (docs/DESIGN.md §6), applied by ``TrainTransform``."""
 
-    scale: tuple[int, int] = TEST_SCALE
+    scale: tuple[int, int] = TEST_SCALE  # (long, short) side of the base size
     ratio_range: tuple[float, float] = (0.5, 2.0)
-    crop_size: tuple[int, int] = (480, 480)
+    crop_size: tuple[int, int] = (480, 480)  # (H, W)
     cat_max_ratio: float = 0.75
     crop_retries: int = 10
     flip_prob: float = 0.5
@@ -68,7 +63,7 @@ class DataConfig(AugmentConfig):
 
     @property
     def num_frames(self) -> int:
-        """Training clip length T = number of offsets including the target."""
+        """Training clip length T (the offsets and the target)."""
         return len(clip_offsets(self.dilation))
 
     @property

@@ -1,18 +1,5 @@
-"""``dataset.yaml``: the description of a video dataset (classes, label encoding, layout).
-
-A root without one is read as VSPW (``VSPW_DESCRIPTION``); the toy dataset writes its own::
-
-    classes: [background, cat, dog]      # train ids 0..K-1, in this order (required)
-    palette: [[0, 0, 0], ...]            # optional, K RGB triples
-    ignore_values: [255]                 # stored mask values never scored
-    label_offset: 0                      # train id = stored value - label_offset
-    frames: "JPEGImages/{video}"         # a video's frame folder, relative to the root
-    masks: "Annotations/{video}"         # its mask folder; masks match frames by file stem
-    splits: {train: "ImageSets/train.txt", val: "ImageSets/val.txt"}
-    sparse: false                        # true: masks may exist for only some frames
-
-Every field but ``classes`` defaults to VSPW's; a malformed one is a ``DescriptionError``.
-"""
+"""``dataset.yaml``: the description of a video dataset (classes, label encoding, layout; see
+README.md "Your own dataset"). A root without one is read as VSPW (``VSPW_DESCRIPTION``)."""
 
 from __future__ import annotations
 
@@ -25,7 +12,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from themask.data.vspw import CLASS_NAMES, PALETTE, DataError, PathLike, read_label
+from themask.data.vspw import (
+    CLASS_NAMES,
+    PALETTE,
+    DataError,
+    PathLike,
+    map_raw_labels,
+    read_raw_label,
+)
 
 DESCRIPTION_FILE = "dataset.yaml"
 VSPW_FRAMES = "data/{video}/origin"
@@ -38,32 +32,28 @@ class DescriptionError(DataError):
 
 def default_palette(num_classes: int) -> np.ndarray:
     """(K, 3) uint8 distinct colours: the bit-interleaving colour map of PASCAL VOC."""
-    palette = np.zeros((num_classes, 3), dtype=np.uint8)
-    for index in range(num_classes):
-        value, colour = index, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                colour[channel] |= ((value >> channel) & 1) << bit
-            value >>= 3
-        palette[index] = colour
-    return palette
+    ids, palette = np.arange(num_classes), np.zeros((num_classes, 3), dtype=np.int64)
+    for bit in range(8):
+        for channel in range(3):
+            palette[:, channel] |= ((ids >> (3 * bit + channel)) & 1) << (7 - bit)
+    return palette.astype(np.uint8)
 
 
 @dataclass(frozen=True)
 class DatasetDescription:
-    """Classes, label encoding and folder layout of one dataset (see the module docstring)."""
+    """Classes, label encoding and folder layout of one dataset; malformed: ``DescriptionError``."""
 
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # train ids 0..K-1 in this order; the one required field
     palette: np.ndarray = field(default=None, compare=False)  # type: ignore[arg-type]
-    ignore_values: tuple[int, ...] = (0, 255)
-    label_offset: int = 1
-    frames: str = VSPW_FRAMES
-    masks: str = VSPW_MASKS
-    splits: dict[str, str] | None = None  # None: "<split>.txt" at the root
-    sparse: bool = False
-    source: str = "built-in VSPW description"
+    ignore_values: tuple[int, ...] = (0, 255)  # stored mask values never scored
+    label_offset: int = 1  # train id = stored value - label_offset
+    frames: str = VSPW_FRAMES  # a video's frame folder, relative to the root
+    masks: str = VSPW_MASKS  # its mask folder; masks match frames by file stem
+    splits: dict[str, str] | None = None  # split -> split file; None: "<split>.txt" at the root
+    sparse: bool = False  # True: masks may exist for only some frames
+    source: str = "built-in VSPW description"  # names the description in errors
 
-    def __post_init__(self) -> None:  # palette (K, 3) uint8; None: ``default_palette``
+    def __post_init__(self) -> None:  # palette (K, 3) uint8 RGB; None: ``default_palette``
         if self.palette is None:
             object.__setattr__(self, "palette", default_palette(len(self.classes)))
 
@@ -76,16 +66,16 @@ class DatasetDescription:
         """Stored mask values of the classes 0..K-1."""
         return range(self.label_offset, self.label_offset + self.num_classes)
 
+    @property
+    def encoding(self) -> dict[str, Any]:
+        """The label encoding as ``map_raw_labels`` keywords."""
+        k, offset, ignore = self.num_classes, self.label_offset, self.ignore_values
+        return {"num_classes": k, "offset": offset, "ignore_values": ignore}
+
     def read_label(self, path: PathLike, *, ignore_index: int = 255) -> np.ndarray:
-        """A mask file -> (H, W) uint8 train ids (``ignore_index`` = ignore); ``DataError``
-        naming the file and the value for a stored value that is neither ignored nor a class."""
-        return read_label(
-            path,
-            num_classes=self.num_classes,
-            ignore_index=ignore_index,
-            offset=self.label_offset,
-            ignore_values=self.ignore_values,
-        )
+        """A mask file -> (H, W) uint8 train ids; ``DataError`` names the file and a bad value."""
+        raw = read_raw_label(path)
+        return map_raw_labels(raw, ignore_index=ignore_index, source=str(path), **self.encoding)
 
     def split_file(self, root: PathLike, split: str) -> Path:
         if self.splits is None:
@@ -109,8 +99,7 @@ class DatasetDescription:
         return Path(root) / self.masks.format(video=video)
 
     def to_yaml(self, *, palette: bool = True) -> str:
-        """The description as ``dataset.yaml`` text (every field but ``source``; ``palette``
-        optional, ``splits`` when set)."""
+        """``dataset.yaml`` text: every field set but ``source`` (``palette`` optional)."""
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(classes=list(self.classes), ignore_values=list(self.ignore_values))
         values["palette"] = self.palette.tolist() if palette else None
@@ -132,9 +121,7 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
     known = {f.name for f in fields(DatasetDescription)} - {"source"}
     unknown = sorted(str(k) for k in values if k not in known)
     if unknown:
-        raise DescriptionError(
-            f"{source}: unknown field(s) {unknown}; valid fields: {sorted(known)}"
-        )
+        raise DescriptionError(f"{source}: unknown field(s) {unknown}; valid: {sorted(known)}")
     if "classes" not in values:
         raise DescriptionError(f"{source}: field 'classes' is missing (a list of class names)")
     defaults = DatasetDescription(classes=())
@@ -199,10 +186,3 @@ def load_description(root: PathLike) -> DatasetDescription:
             raise DescriptionError(f"{path}: cannot read the YAML: {err}") from None
         _CACHE[key] = parse_description(values, str(path))
     return _CACHE[key]
-
-
-def save_description(description: DatasetDescription, root: PathLike) -> Path:
-    """Write ``ROOT/dataset.yaml``; returns its path."""
-    path = Path(root) / DESCRIPTION_FILE
-    path.write_text(description.to_yaml(), encoding="utf-8")
-    return path

@@ -1,12 +1,7 @@
-"""Training data: clip dataset, resumable infinite sampler, ``Batch``/``collate``, loader.
-
-The training stream is a pure function of ``(seed, batch, rank)``: the sampler yields keys
-``(video_index, sample_id)`` (``sample_id`` = the sample's global position) and the dataset
-draws every random choice of a sample from ``(seed, sample_id)``, so neither the worker count
-nor resuming at ``start_batch`` changes it. A frame or mask that cannot be decoded
-(``CorruptFileError``) is skipped with a warning (the clip is redrawn from another video); any
-other ``DataError`` stops training.
-"""
+"""Training data: clip dataset, resumable infinite sampler, ``Batch``/``collate``, loader. The
+stream is a pure function of ``(seed, batch, rank)``: the sampler yields ``(video_index,
+sample_id)`` (the global position), the dataset draws from ``(seed, sample_id)``; neither the
+worker count nor resuming changes it. A clip with an undecodable file is redrawn (warning)."""
 
 from __future__ import annotations
 
@@ -39,9 +34,8 @@ MAX_REDRAWS = 10
 
 @dataclass
 class ClipMeta:
-    """Where a clip came from: ``original_size`` (H, W) stored, ``frame_indices`` into the
-    video's sorted frames, ``image_size`` (h, w) the unpadded image at the top left (None: no
-    padding)."""
+    """A clip's source: ``original_size`` (H, W), ``frame_indices`` into the sorted frames,
+    ``image_size`` (h, w) the unpadded image at the top left (None: no padding)."""
 
     video: str
     frame_names: list[str]
@@ -73,11 +67,8 @@ class Batch:
 
 
 def batch_to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(frames (B, T, 3, H, W) float32 normalised, labels) on ``device`` (non-blocking copies).
-
-    uint8 frames are normalised there and their padding (``ClipMeta.image_size``) set to 0,
-    which equals normalising before padding; float frames are taken as normalised.
-    """
+    """(frames (B, T, 3, H, W) float32 normalised, labels) on ``device``; uint8 frames are
+    normalised there, their padding (``ClipMeta.image_size``) set to 0 as if padded after."""
     frames = batch.frames.to(device, non_blocking=True)
     labels = batch.labels.to(device, non_blocking=True)
     if frames.dtype == torch.uint8:
@@ -92,8 +83,6 @@ def batch_to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, t
 
 def collate(samples: Sequence[ClipSample]) -> Batch:
     """Stack ``ClipSample``s of equal shapes into a ``Batch``."""
-    if not samples:
-        raise ValueError("cannot collate an empty list of clips")
     shapes = {(tuple(s.frames.shape), tuple(s.labels.shape)) for s in samples}
     if len(shapes) > 1:
         videos = ", ".join(s.meta.video for s in samples)
@@ -106,12 +95,9 @@ def collate(samples: Sequence[ClipSample]) -> Batch:
 
 
 class VSPWTrainDataset(Dataset):
-    """Training clips (``docs/VSPW.md`` §2.1): key ``(video_index, sample_id)`` (an ``int`` key
-    ``i`` means ``(i % num_videos, i)``) -> ``ClipSample`` at the crop size.
-
-    ``DataError`` at construction names every video shorter than the clip span; a video none of
-    whose masked frames can end a clip is left out with a warning.
-    """
+    """Training clips (``docs/VSPW.md`` §2.1): key ``(video_index, sample_id)`` -> ``ClipSample``
+    at the crop size. ``DataError`` names the videos shorter than the clip span; a video none
+    of whose masked frames can end a clip is left out with a warning."""
 
     def __init__(
         self,
@@ -123,8 +109,6 @@ class VSPWTrainDataset(Dataset):
         seed: int = 0,
         description: DatasetDescription = VSPW_DESCRIPTION,
     ) -> None:
-        if not videos:
-            raise DataError("no training videos")
         span = clip_span(dilation)
         short = [v for v in videos if len(v) < span]
         if short:
@@ -133,8 +117,6 @@ class VSPWTrainDataset(Dataset):
                 f"{len(short)} video(s) shorter than the clip span: dilation {list(dilation)} "
                 f"needs at least {span} frames per video: {listed}"
             )
-        if any(v.mask_paths is None for v in videos):
-            raise DataError("training videos need masks (index built with labelled=False)")
         # a clip ends on a masked frame, read forwards or backwards
         ends = [[max(i, len(v) - 1 - i) for i in v.labelled_indices] for v in videos]
         unusable = [v.name for v, e in zip(videos, ends) if max(e, default=-1) < span - 1]
@@ -146,10 +128,9 @@ class VSPWTrainDataset(Dataset):
                 list(dilation),
                 ", ".join(unusable[:10]),
             )
-            videos = [v for v in videos if v.name not in set(unusable)]
-            if not videos:
-                raise DataError("no training video has a masked frame that can be a clip target")
-        self.videos = list(videos)
+        self.videos = [v for v in videos if v.name not in unusable]
+        if not self.videos:
+            raise DataError("no training video has a masked frame that can be a clip target")
         self.dilation = tuple(dilation)
         self.transform = transform
         self.reverse_prob = reverse_prob
@@ -195,11 +176,8 @@ class VSPWTrainDataset(Dataset):
         )
         return ClipSample(frame_t, label_t, meta)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> ClipSample:
-        if isinstance(key, (tuple, list)):
-            video_index, sample_id = int(key[0]), int(key[1])
-        else:
-            video_index, sample_id = int(key) % len(self.videos), int(key)
+    def __getitem__(self, key: tuple[int, int]) -> ClipSample:
+        video_index, sample_id = key
         rng = np.random.default_rng([self.seed, sample_id])
         sample: ClipSample | None = None
         for _ in range(MAX_REDRAWS + 1):
@@ -243,13 +221,8 @@ class InfiniteClipSampler(Sampler):
         world_size: int = 1,
         start_batch: int = 0,
     ) -> None:
-        if num_videos < 1 or batch_size < 1 or start_batch < 0:
-            raise ValueError(
-                "need num_videos >= 1, batch_size >= 1 and start_batch >= 0, "
-                f"got {num_videos}, {batch_size}, {start_batch}"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if batch_size < 1:
+            raise ValueError(f"train.batch_size: need >= 1 clip per process, got {batch_size}")
         self.num_videos, self.batch_size, self.seed = num_videos, batch_size, seed
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
 
@@ -267,8 +240,7 @@ class InfiniteClipSampler(Sampler):
 
 
 def _ignore_signals(worker_id: int) -> None:
-    """Workers ignore SIGINT/SIGTERM: the trainer finishes its step first; they end with the
-    loader's iterator or their parent. (torch seeds their Python and NumPy RNGs.)"""
+    """Workers ignore SIGINT/SIGTERM: the trainer finishes its step, they end with the loader."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -304,8 +276,6 @@ def build_train_loader(
         start_batch=start_batch,
     )
     workers = data_cfg.num_workers if num_workers is None else num_workers
-    generator = torch.Generator()
-    generator.manual_seed(seed * 1000003 + rank)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -313,7 +283,7 @@ def build_train_loader(
         num_workers=workers,
         collate_fn=collate,
         worker_init_fn=_ignore_signals,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed * 1000003 + rank),
         persistent_workers=workers > 0,
         drop_last=True,
         pin_memory=pin_memory,

@@ -1,12 +1,7 @@
-"""The embedded offline dataset: small synthetic videos in the VSPW layout and encoding.
-
-``make_toy_dataset(root)`` writes the split files, frames, masks (raw ``0`` others, ``1..8``
-the classes of ``TOY_CLASS_NAMES``, ``255`` void) and ``dataset.yaml`` (``TOY_DESCRIPTION``).
-Classes differ by texture (stuff) and by shape plus texture (objects), with random colours
-varying smoothly over every region; the camera pans, objects move, bounce and occlude each
-other; each video holds 2 of the 4 stuff and 1-3 of the 4 object classes. The output is a
-pure function of the arguments (same seed -> byte-identical files).
-"""
+"""The embedded offline dataset: small synthetic videos in the VSPW layout and encoding (raw 0
+others, 1..8 ``TOY_CLASS_NAMES``, 255 void; ``TOY_DESCRIPTION``). Stuff classes differ by
+texture, objects by shape and texture, under smoothly varying random colours; the camera pans,
+objects move and occlude each other. Same arguments -> byte-identical files."""
 
 from __future__ import annotations
 
@@ -18,20 +13,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from themask.data.description import DatasetDescription, save_description
+from themask.data.description import DESCRIPTION_FILE, DatasetDescription
 from themask.data.vspw import PathLike
 
 logger = logging.getLogger(__name__)
 
 # stuff (textures over the background), then objects (shapes with their own textures)
 TOY_CLASS_NAMES = ("stripes", "checker", "dots", "grain", "disc", "box", "triangle", "cross")
-# fmt: off
+# (8, 3) uint8 display colour of each toy train id (not the colours of the rendered frames)
 TOY_PALETTE: np.ndarray = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230),
-], dtype=np.uint8)
-# fmt: on
-"""(8, 3) uint8 display colour of each toy train id (not the colours of the rendered frames)."""
+], dtype=np.uint8)  # fmt: skip
 
 TOY_DESCRIPTION = DatasetDescription(
     classes=TOY_CLASS_NAMES, palette=TOY_PALETTE, source="toy dataset description"
@@ -69,38 +62,25 @@ class _ColourField:
         return (c0 * (1 - p) + c1 * p).astype(np.float32)
 
 
-def _texture(class_id: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The 0/1 texture of a class at coordinates (x, y) ("grain", 4, is a per-video field)."""
-    if class_id == 1:  # stripes
-        on = np.floor(y / 4) % 2
-    elif class_id == 2:  # checker
-        on = (np.floor(x / 6) + np.floor(y / 6)) % 2
-    elif class_id == 3:  # dots
-        on = ((x % 8) - 4) ** 2 + ((y % 8) - 4) ** 2 <= 5
-    elif class_id == 5:  # rings
-        on = np.floor(np.hypot(x, y) / 3) % 2
-    elif class_id == 6:  # diagonal
-        on = np.floor((x + y) / 4) % 2
-    elif class_id == 7:  # vertical
-        on = np.floor(x / 3) % 2
-    else:  # 8: anti-diagonal
-        on = np.floor((x - y) / 4) % 2
-    return on.astype(np.float32)
-
-
-def _object_shape(class_id: int, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
-    """Boolean mask of an object centred at the origin of the local coordinates (x, y)."""
-    if class_id == 5:  # disc
-        return x**2 + y**2 <= radius**2
-    if class_id == 6:  # box
-        return (np.abs(x) <= radius * 0.85) & (np.abs(y) <= radius * 0.85)
-    if class_id == 7:  # triangle, apex up
-        return (y <= radius * 0.8) & (y >= -radius) & (np.abs(x) <= (y + radius) * 0.6)
-    if class_id == 8:  # cross
-        arm = radius * 0.35
-        inside = (np.abs(x) <= radius) & (np.abs(y) <= radius)
-        return inside & ((np.abs(x) <= arm) | (np.abs(y) <= arm))
-    raise ValueError(f"not an object class id: {class_id}")
+# The 0/1 texture of a class at coordinates (x, y) ("grain", 4, is a per-video field).
+_TEXTURES = {
+    1: lambda x, y: np.floor(y / 4) % 2,  # stripes
+    2: lambda x, y: (np.floor(x / 6) + np.floor(y / 6)) % 2,  # checker
+    3: lambda x, y: ((x % 8) - 4) ** 2 + ((y % 8) - 4) ** 2 <= 5,  # dots
+    5: lambda x, y: np.floor(np.hypot(x, y) / 3) % 2,  # rings
+    6: lambda x, y: np.floor((x + y) / 4) % 2,  # diagonal
+    7: lambda x, y: np.floor(x / 3) % 2,  # vertical
+    8: lambda x, y: np.floor((x - y) / 4) % 2,  # anti-diagonal
+}
+# Boolean mask of an object of radius r centred at the origin of the local coordinates (x, y).
+_SHAPES = {
+    5: lambda x, y, r: x**2 + y**2 <= r**2,  # disc
+    6: lambda x, y, r: (np.abs(x) <= r * 0.85) & (np.abs(y) <= r * 0.85),  # box
+    7: lambda x, y, r: (y <= r * 0.8) & (y >= -r) & (np.abs(x) <= (y + r) * 0.6),  # triangle
+    8: lambda x, y, r: (  # cross
+        (np.abs(x) <= r) & (np.abs(y) <= r) & ((np.abs(x) <= r * 0.35) | (np.abs(y) <= r * 0.35))
+    ),
+}
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -129,9 +109,7 @@ class _Scene:
         size: tuple[int, int],
         num_frames: int,
     ) -> None:
-        self.rng = rng
-        self.size = size
-        self.num_frames = num_frames
+        self.rng, self.size, self.num_frames = rng, size, num_frames
         h, w = size
         self.world = (h + h // 3, w + w // 2)
         self.stuff = stuff
@@ -191,7 +169,7 @@ class _Scene:
             if class_id == 4:  # grain
                 pattern = self.grain[(wy // 2).astype(int), (wx // 2).astype(int)]
             else:
-                pattern = _texture(class_id, wx, wy)
+                pattern = _TEXTURES[class_id](wx, wy)
             pattern = pattern[region].astype(np.float32)
             image[region] = colours(wu[region], wv[region], pattern)
             label[region] = class_id
@@ -208,9 +186,9 @@ class _Scene:
         for obj in self.objects:  # later objects are in front
             py, px = self._object_position(obj, t)
             lx, ly = wx - np.float32(px), wy - np.float32(py)
-            region = _object_shape(obj.class_id, lx, ly, obj.radius)
+            region = _SHAPES[obj.class_id](lx, ly, obj.radius)
             lx, ly = lx[region], ly[region]
-            pattern = _texture(obj.class_id, lx, ly)
+            pattern = _TEXTURES[obj.class_id](lx, ly).astype(np.float32)
             u, v = (lx + obj.radius) / (2 * obj.radius), (ly + obj.radius) / (2 * obj.radius)
             image[region] = obj.colours(u, v, pattern)
             label[region] = obj.class_id
@@ -228,8 +206,7 @@ def _class_plans(
     pairs = list(itertools.combinations(STUFF_IDS, 2))
     pair_order = rng.permutation(len(pairs))
     object_cycle = [int(c) for c in rng.permutation(OBJECT_IDS)]
-    plans = []
-    cursor = 0
+    plans, cursor = [], 0
     for v in range(num_videos):
         stuff = pairs[pair_order[v % len(pairs)]]
         if rng.random() < 0.5:
@@ -252,10 +229,9 @@ def make_toy_dataset(
     size: tuple[int, int] = (96, 128),
     jpeg_quality: int = 92,
 ) -> Path:
-    """Write the toy dataset under ``root`` and return ``root``: training videos of
-    ``num_frames - 3 .. num_frames`` frames of ``size`` (H, W), validation videos of
-    ``val_frames - 3 .. val_frames`` (> 16 by default: mVC8 and mVC16 defined under the
-    published rule), frame numbers from a random offset as in VSPW; files are overwritten."""
+    """Write (over) the toy dataset under ``root``, returned: videos of ``num_frames - 3 ..
+    num_frames`` (validation: ``val_frames``, > 16 so that mVC16 is defined under the published
+    rule) frames of ``size`` (H, W), numbered from a random offset as in VSPW."""
     if min(num_frames, val_frames) < 4:
         raise ValueError(f"num_frames and val_frames must be >= 4, got {num_frames}, {val_frames}")
     root = Path(root)
@@ -280,6 +256,6 @@ def make_toy_dataset(
             Image.fromarray(label).save(mask_dir / f"{stem}.png")
     for split, listed in (("train", names[:num_train]), ("val", names[num_train:])):
         (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in listed), encoding="utf-8")
-    save_description(TOY_DESCRIPTION, root)
+    (root / DESCRIPTION_FILE).write_text(TOY_DESCRIPTION.to_yaml(), encoding="utf-8")
     logger.info("wrote toy dataset to %s: %d train and %d val videos", root, num_train, num_val)
     return root

@@ -58,11 +58,9 @@ def choose_crop(
     retries: int = 10,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[int, int]:
-    """Top-left corner (y, x) of a crop box of ``label`` (H, W), sides clipped to the map.
-
-    A uniform draw is redrawn after each failed ``crop_is_acceptable``, at most ``retries``
-    times, the last draw kept unchecked (mmseg's rule); ``cat_max_ratio >= 1``: no check.
-    """
+    """Top-left corner (y, x) of a crop box of ``label`` (H, W), sides clipped to the map: a
+    uniform draw, redrawn at most ``retries`` times while not ``crop_is_acceptable`` (the last
+    kept unchecked, mmseg's rule); ``cat_max_ratio >= 1``: no check."""
     h, w = label.shape
     ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
 
@@ -94,9 +92,8 @@ def pad_clip(
         raise ValueError(f"cannot pad {h}x{w} to the smaller size {size_hw[0]}x{size_hw[1]}")
     if ph == 0 and pw == 0:
         return frames, labels
-    return F.pad(frames, (0, pw, 0, ph), value=0.0), F.pad(
-        labels, (0, pw, 0, ph), value=ignore_index
-    )
+    pad = (0, pw, 0, ph)
+    return F.pad(frames, pad, value=0.0), F.pad(labels, pad, value=ignore_index)
 
 
 def _adjust_hsv(frame: np.ndarray, saturation: float, hue_shift: int) -> np.ndarray:
@@ -134,18 +131,14 @@ def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.nd
 @dataclass
 class TrainTransform(AugmentConfig):
     """Clip-consistent training augmentation: resize ratio, crop box (checked on the target
-    frame, the last) and flip drawn once per clip, photometric distortion per frame.
-
-    Output: frames (T, 3, H, W) float32 normalised and labels (T, H, W) int64 padded to
-    ``crop_size``; ``normalize=False``: uint8 frames and labels at the crop's size, unpadded
-    (the loader pads, the trainer normalises on its device).
-    """
+    frame, the last) and flip drawn once per clip, photometric distortion per frame. Output:
+    frames (T, 3, H, W) float32 normalised, labels (T, H, W) int64, padded to ``crop_size``;
+    ``normalize=False``: uint8 frames, both at the crop's size (the loader pads)."""
 
     normalize: bool = True
 
     @classmethod
     def from_config(cls, data_cfg: AugmentConfig, *, normalize: bool = True) -> TrainTransform:
-        """The augmentation that ``data_cfg`` sets."""
         return cls(
             **{f.name: getattr(data_cfg, f.name) for f in fields(AugmentConfig)},
             normalize=normalize,
@@ -154,16 +147,11 @@ class TrainTransform(AugmentConfig):
     def __call__(
         self, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(frames) != len(labels) or not frames:
-            raise ValueError(
-                "need the same positive number of frames and labels, "
-                f"got {len(frames)} and {len(labels)}"
-            )
         ratio = rng.uniform(*self.ratio_range)
         target_scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
         size = keep_ratio_size(frames[0].shape[:2], target_scale)
-        imgs = [resize_frame(f, size) for f in frames]
-        segs = [resize_frame(s, size, Image.Resampling.NEAREST) for s in labels]
+        imgs = np.stack([resize_frame(f, size) for f in frames])
+        segs = np.stack([resize_frame(s, size, Image.Resampling.NEAREST) for s in labels])
         y, x = choose_crop(
             segs[-1],
             self.crop_size,
@@ -173,15 +161,13 @@ class TrainTransform(AugmentConfig):
             ignore_index=self.ignore_index,
         )
         ch, cw = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
-        imgs = [f[y : y + ch, x : x + cw] for f in imgs]
-        segs = [s[y : y + ch, x : x + cw] for s in segs]
+        imgs, segs = imgs[:, y : y + ch, x : x + cw], segs[:, y : y + ch, x : x + cw]
         if rng.random() < self.flip_prob:
-            imgs = [f[:, ::-1] for f in imgs]
-            segs = [s[:, ::-1] for s in segs]
+            imgs, segs = imgs[:, :, ::-1], segs[:, :, ::-1]
         if self.photometric:
-            imgs = [photometric_distortion(np.ascontiguousarray(f), rng) for f in imgs]
-        frame_t = to_chw(np.stack(imgs))
-        label_t = torch.from_numpy(np.ascontiguousarray(np.stack(segs))).long()
+            imgs = np.stack([photometric_distortion(np.ascontiguousarray(f), rng) for f in imgs])
+        frame_t = to_chw(imgs)
+        label_t = torch.from_numpy(np.ascontiguousarray(segs)).long()
         if not self.normalize:
             return frame_t, label_t
         return pad_clip(
@@ -191,9 +177,8 @@ class TrainTransform(AugmentConfig):
 
 @dataclass
 class TestTransform:
-    """Test resize: fit ``scale`` = (long, short) keeping the ratio, then stretch each side up
-    to a multiple of ``size_divisor`` (853x480 -> 864x480); ``__call__``: T frames (H, W, 3)
-    uint8 of one size -> (T, 3, h, w) float32 normalised."""
+    """Test resize: fit ``scale`` (long, short) keeping the ratio, stretch each side up to a
+    multiple of ``size_divisor`` (853x480 -> 864x480); T frames -> (T, 3, h, w) normalised."""
 
     __test__ = False  # not a pytest class
 
@@ -208,13 +193,8 @@ class TestTransform:
 
     def resize(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
         """T frames (H, W, 3) uint8 of one size -> (T, 3, h, w) uint8, not yet normalised."""
-        if not frames:
-            raise ValueError("TestTransform needs at least one frame")
-        original = frames[0].shape[:2]
-        for f in frames:
-            if f.shape[:2] != original:
-                raise ValueError(
-                    f"all frames of a clip must share one size, got {f.shape[:2]} and {original}"
-                )
-        size = self.input_size(original)
+        sizes = {f.shape[:2] for f in frames}
+        if len(sizes) > 1:
+            raise ValueError(f"all frames of a clip must share one size, got {sorted(sizes)}")
+        size = self.input_size(frames[0].shape[:2])
         return to_chw(np.stack([resize_frame(f, size) for f in frames]))

@@ -10,16 +10,11 @@ import numpy as np
 
 from themask.data.vspw import FRAME_SUFFIXES, DataError, PathLike, list_frames, read_frame
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
-
 
 def read_video_frames(path: PathLike) -> Iterator[np.ndarray]:
     """Yield the frames of a video file one by one as (H, W, 3) uint8 RGB."""
     import av  # imported lazily: only prediction on video files needs it
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: video file does not exist")
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as err:
@@ -57,7 +52,7 @@ def iter_input_frames(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
             raise DataError(f"{path}: no images ({', '.join(FRAME_SUFFIXES)}) in the frame folder")
         for frame_path in frames:
             yield frame_path.stem, read_frame(frame_path)
-    elif path.suffix.lower() in VIDEO_SUFFIXES or path.is_file():
+    elif path.is_file():
         for i, frame in enumerate(read_video_frames(path)):
             yield f"{i:08d}", frame
     else:

@@ -1,6 +1,5 @@
-"""Hierarchical THE-Mask loss over all prediction sets (docs/DESIGN.md §5, §8): class CE,
-the hard mask loss for primary queries, the soft or hard one for secondary queries; all sets
-matched in one call and their assignments uploaded at once."""
+"""Hierarchical THE-Mask loss over all prediction sets (docs/DESIGN.md §5, §8): class CE, the
+hard mask loss for primary queries, the soft or hard one for secondary queries."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 
 from themask.distributed import all_reduce, is_initialized
 from themask.loss.config import LossConfig
-from themask.loss.matcher import BatchMatch, HungarianMatcher, MatchIndices, dice_loss
+from themask.loss.matcher import BatchMatch, HungarianMatcher, dice_loss
 from themask.loss.point_sample import point_sample, uncertain_point_coords
 from themask.loss.targets import IGNORE_INDEX, BatchTargets, build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
@@ -26,11 +25,9 @@ GT_CHUNK_PIXELS = 1 << 22  # GT mask pixels built at once for the point losses (
 
 @dataclass
 class LossOutput:
-    """total: the scalar loss. terms: the weighted terms summing to ``total`` (``loss_class``,
-    ``loss_mask``, ``loss_dice``, ``loss_{mask,dice}_secondary``, ``frame_``-prefixed for the
-    frame head) as detached 0-d device tensors; ``matched_fraction_round1/2`` (final set) and
-    ``num_masks`` (averaged over processes, >= 1) as floats (``num_masks`` a tensor under DDP).
-    """
+    """total: the scalar loss; terms: the weighted terms summing to it (detached 0-d device
+    tensors, ``frame_``-prefixed for the frame head), ``matched_fraction_round1/2`` (final set)
+    and ``num_masks`` (mean over processes, >= 1) as floats (``num_masks`` a tensor under DDP)."""
 
     total: Tensor
     terms: dict[str, Tensor | float]
@@ -142,12 +139,9 @@ def hard_mask_loss(
 ) -> tuple[Tensor, Tensor]:
     """Sigmoid BCE and dice at uncertainty-sampled points, summed over the rows of
     ``predicted`` (R, h, w); ``gt_at(coords (r, P, 2), rows)`` reads the GT (``mask_reader``)."""
-    if predicted.shape[0] == 0:
-        zero = predicted.sum() * 0.0  # keeps the graph connected
-        return zero, zero
     # row chunks of bounded size (faster on CPU), the same on every device
     chunk = max(1, CHUNK_VALUES // int(2 * oversample_ratio * num_points))
-    bce = dice = predicted.new_zeros(())
+    bce = dice = predicted.sum() * 0.0  # no rows: zero, the graph still connected
     start = 0
     for part in predicted.split(chunk):  # one backward for all parts (split, not slicing)
         rows = slice(start, start + part.shape[0])
@@ -191,9 +185,6 @@ def soft_mask_loss(
     """Soft loss: dense BCE and dice at GT resolution (nearest upsampling) against GT ∧ σ > 0.5,
     summed over rows, computed per cell. predicted (R, h, w) logits, gt_cells (R, h, w) GT
     pixels per cell (``cell_counts``), cell_sizes (h, w) pixels per cell."""
-    if predicted.shape[0] == 0:
-        zero = predicted.sum() * 0.0
-        return zero, zero
     fires = (predicted.detach().sigmoid() > 0.5).to(gt_cells.dtype)
     target = (gt_cells * fires).flatten(1)  # soft-target pixels per cell, no gradient
     logits = predicted.flatten(1)  # (R, h·w)
@@ -210,16 +201,14 @@ class SetCriterion:
     single-frame decoder's B·T one-frame clips are regrouped here."""
 
     def __init__(self, loss_config: LossConfig, num_classes: int) -> None:
-        if loss_config.num_rounds not in (1, 2):
-            raise ValueError(f"LossConfig.num_rounds must be 1 or 2, got {loss_config.num_rounds}")
-        if loss_config.second_round_loss not in ("soft", "hard"):
+        cfg = loss_config
+        if cfg.num_rounds not in (1, 2) or not (
+            cfg.oversample_ratio >= 1 and 0 <= cfg.importance_sample_ratio <= 1
+        ):
             raise ValueError(
-                "LossConfig.second_round_loss must be 'soft' or 'hard', "
-                f"got {loss_config.second_round_loss!r}"
-            )
-        if len(loss_config.round_weights) != 2:
-            raise ValueError(
-                f"LossConfig.round_weights must hold 2 weights, got {loss_config.round_weights}"
+                "LossConfig: expected num_rounds 1 or 2, oversample_ratio >= 1 and "
+                f"importance_sample_ratio in [0, 1], got {cfg.num_rounds}, "
+                f"{cfg.oversample_ratio}, {cfg.importance_sample_ratio}"
             )
         self.config = loss_config
         self.num_classes = num_classes
@@ -242,27 +231,30 @@ class SetCriterion:
         return 1 if step < self.config.warmup_steps else self.config.num_rounds
 
     def __call__(self, predictions: Predictions, labels: Tensor, *, step: int = 0) -> LossOutput:
-        final = predictions.clip[-1]
-        device = final.mask_logits.device
-        frames = predictions.frames_per_clip
-        if final.mask_logits.shape[2] == 1 < frames and labels.dim() == 4:
+        masks = predictions.clip[-1].mask_logits
+        if masks.shape[2] == 1 < predictions.frames_per_clip and labels.dim() == 4:
             labels = labels.flatten(0, 1).unsqueeze(1)  # single-frame decoder: (B·T, 1, H, W)
-        with torch.autocast(device_type=device.type, enabled=False):
+        with torch.autocast(device_type=masks.device.type, enabled=False):
             return self._compute(predictions, labels, step)
 
     def _compute(self, predictions: Predictions, labels: Tensor, step: int) -> LossOutput:
         cfg = self.config
-        clip_sets = list(predictions.clip)
-        frame_sets = list(predictions.frame) if predictions.frame is not None else None
-        if frame_sets is not None and len(frame_sets) != len(clip_sets):
-            raise ValueError(
-                f"predictions.frame has {len(frame_sets)} sets, predictions.clip {len(clip_sets)}"
-            )
-        if not cfg.deep_supervision:
-            clip_sets = clip_sets[-1:]
-            frame_sets = frame_sets[-1:] if frame_sets is not None else None
+        kept = slice(None) if cfg.deep_supervision else slice(-1, None)
+        clip_sets = predictions.clip[kept]
+        frame_sets = None if predictions.frame is None else predictions.frame[kept]
         for prediction_set in clip_sets + (frame_sets or []):
-            self._check_shapes(prediction_set, labels)
+            masks, classes = prediction_set.mask_logits, prediction_set.class_logits
+            if (
+                masks.dim() != 5
+                or masks.shape[:3:2] != labels.shape[:2]
+                or (classes.shape[-1] != self.num_classes + 1)
+            ):
+                raise ValueError(
+                    f"expected mask_logits (B, N, T, h, w) with B, T of the labels "
+                    f"{tuple(labels.shape)} and class_logits of num_classes + 1 = "
+                    f"{self.num_classes + 1} columns, got {tuple(masks.shape)}, "
+                    f"{tuple(classes.shape)}"
+                )
 
         device = clip_sets[-1].mask_logits.device
         targets = build_targets(labels.to(device), self.num_classes)
@@ -298,27 +290,12 @@ class SetCriterion:
 
         total = torch.stack(list(sums.values())).sum()
         log: dict[str, Tensor | float] = {name: value.detach() for name, value in sums.items()}
-        final_matches = result.matches[-1]
-        log["matched_fraction_round1"] = _matched_fraction(final_matches, queries, "primary")
-        log["matched_fraction_round2"] = _matched_fraction(final_matches, queries, "secondary")
-        masks = sum(len(c) for c in result.classes)
-        log["num_masks"] = counts[1].clamp(min=1.0) if is_initialized() else max(float(masks), 1.0)
+        for index, which in enumerate(("primary", "secondary"), 1):
+            matched = sum(getattr(m, which)[0].numel() for m in result.matches[-1])
+            log[f"matched_fraction_round{index}"] = matched / (queries * len(result.classes))
+        num_masks = float(sum(len(c) for c in result.classes))
+        log["num_masks"] = counts[1].clamp(min=1.0) if is_initialized() else max(num_masks, 1.0)
         return LossOutput(total=total, terms=log)
-
-    def _check_shapes(self, prediction_set: PredictionSet, labels: Tensor) -> None:
-        masks, classes = prediction_set.mask_logits, prediction_set.class_logits
-        if labels.dim() != 4:
-            raise ValueError(f"labels must have shape (B, T, H, W), got {tuple(labels.shape)}")
-        if masks.dim() != 5 or (masks.shape[0], masks.shape[2]) != labels.shape[:2]:
-            raise ValueError(
-                f"mask_logits {tuple(masks.shape)} must be (B, N, T, h, w) with B, T of the "
-                f"labels {tuple(labels.shape)}"
-            )
-        if classes.shape[-1] != self.num_classes + 1:
-            raise ValueError(
-                f"class_logits have {classes.shape[-1]} columns, expected num_classes + 1 = "
-                f"{self.num_classes + 1}"
-            )
 
     def _head_terms(
         self,
@@ -357,13 +334,6 @@ class SetCriterion:
         return terms
 
 
-def _matched_fraction(matches: Sequence[MatchIndices], queries: int, which: str) -> float:
-    if not matches:
-        return 0.0
-    counts = [getattr(m, which)[0].numel() for m in matches]
-    return sum(counts) / (queries * len(matches))
-
-
 def training_loss(
     model: nn.Module,
     frames: Tensor,
@@ -376,14 +346,11 @@ def training_loss(
     """``criterion(model(frames), labels)`` for ``model`` in train mode (plain or DDP-wrapped)
     → (total, ``LossOutput.terms``). frames (B, T, 3, H, W) normalised; labels (B, T, H, W)
     long, 255 = ignore, padded here to a multiple of ``size_divisor``."""
-    if frames.dim() != 5 or labels.dim() != 4 or frames.shape[:2] != labels.shape[:2]:
+    same = frames.shape[:2] + frames.shape[-2:] == labels.shape
+    if frames.dim() != 5 or not same:
         raise ValueError(
-            f"expected frames (B, T, 3, H, W) and labels (B, T, H, W), got "
-            f"{tuple(frames.shape)} and {tuple(labels.shape)}"
-        )
-    if frames.shape[-2:] != labels.shape[-2:]:
-        raise ValueError(
-            f"frames {tuple(frames.shape)} and labels {tuple(labels.shape)} differ in size"
+            f"expected frames (B, T, 3, H, W) and labels (B, T, H, W) of the same B, T, H, W, "
+            f"got {tuple(frames.shape)} and {tuple(labels.shape)}"
         )
     predictions = model(frames)
     if not isinstance(predictions, Predictions):

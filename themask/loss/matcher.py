@@ -1,6 +1,6 @@
 """Two-round Hungarian matching of queries to GT classes (docs/DESIGN.md §5): cost
 ``w_cls·(−p_q(class)) + w_bce·BCE + w_dice·dice`` on random points; round 2 re-solves over
-the queries round 1 left free. All sets are costed on the device, read in one transfer."""
+the queries round 1 left free."""
 
 from __future__ import annotations
 
@@ -49,26 +49,14 @@ def match_two_rounds(
 ) -> MatchIndices:
     """Round 1 on ``cost`` (N, M); round 2 on the rows left free, with ``second_round_cost``
     (N, M) (default ``cost``), matching as many targets as there are free rows."""
-    if num_rounds not in (1, 2):
-        raise ValueError(f"num_rounds must be 1 or 2, got {num_rounds}")
-    cost_np = _as_numpy(cost)
-    if cost_np.ndim != 2:
-        raise ValueError(f"cost must be a (N, M) matrix, got shape {cost_np.shape}")
+    cost_np = np.asarray(cost, dtype=np.float64)
     all_rows = np.arange(cost_np.shape[0])
     primary = _assign(cost_np, all_rows)
     if num_rounds == 1:
         return MatchIndices(primary=primary)
-    second_np = cost_np if second_round_cost is None else _as_numpy(second_round_cost)
-    if second_np.shape != cost_np.shape:
-        raise ValueError(f"second_round_cost has shape {second_np.shape}, expected {cost_np.shape}")
+    second_np = cost_np if second_round_cost is None else np.asarray(second_round_cost, np.float64)
     free_rows = np.setdiff1d(all_rows, primary[0].numpy())
     return MatchIndices(primary=primary, secondary=_assign(second_np, free_rows))
-
-
-def _as_numpy(cost: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(cost, Tensor):
-        return cost.detach().float().cpu().numpy()
-    return np.asarray(cost, dtype=np.float64)
 
 
 def dice_loss(intersection: Tensor, predicted: Tensor, target: Tensor) -> Tensor:
@@ -93,8 +81,8 @@ def pairwise_bce_dice(
 
 @dataclass
 class SetCosts:
-    """full (S, B, N, C) class + BCE + dice cost; bce (S, B, N, C) its BCE part; columns
-    (B, C) the class of each column; valid (B, C) whether it is in the clip (matched)."""
+    """full (S, B, N, C) class + BCE + dice cost, bce (S, B, N, C) its BCE part; columns (B, C)
+    the class of each column, valid (B, C) whether it is in the clip."""
 
     full: Tensor
     bce: Tensor
@@ -114,9 +102,8 @@ class BatchMatch:
 
 @dataclass
 class HungarianMatcher:
-    """Two-round matcher with the point-sampled Mask2Former cost. ``second_round_cost``: "full"
-    or "bce"; ``all_class_columns``: cost all K classes, not the present ones (default: not
-    on CPU)."""
+    """Two-round matcher with the point-sampled Mask2Former cost; ``all_class_columns``: cost
+    all K classes, not the present ones (default: not on CPU)."""
 
     cost_class: float = 2.0
     cost_mask: float = 5.0
@@ -124,12 +111,6 @@ class HungarianMatcher:
     num_points: int = 12544
     second_round_cost: Literal["full", "bce"] = "full"
     all_class_columns: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.second_round_cost not in ("full", "bce"):
-            raise ValueError(
-                f"second_round_cost must be 'full' or 'bce', got {self.second_round_cost!r}"
-            )
 
     def _columns(self, present: Tensor) -> tuple[Tensor, Tensor]:
         """Cost columns (B, C) class ids and their validity (B, C) from ``present`` (B, K)."""
@@ -167,10 +148,6 @@ class HungarianMatcher:
         full, bce_only = [], []
         with torch.autocast(device_type=device.type, enabled=False):
             for (class_logits, mask_logits), set_coords in zip(sets, coords):
-                if mask_logits.shape[2] != frames:
-                    raise ValueError(
-                        f"targets have {frames} frames, predictions {mask_logits.shape[2]}"
-                    )
                 queries = mask_logits.shape[1]
                 maps = mask_logits.detach().float().flatten(1, 2)  # (B, N·T, h, w)
                 pred_points = point_sample(maps, set_coords).reshape(batch, queries, -1)

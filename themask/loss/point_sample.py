@@ -1,6 +1,5 @@
-"""Point sampling of mask maps and uncertainty-based point selection (docs/DESIGN.md §5).
-Points are (x, y) in [0, 1]² over the map (``align_corners=False``), read bilinearly with
-zero padding."""
+"""Point sampling of mask maps (docs/DESIGN.md §5): points (x, y) in [0, 1]² over the map
+(``align_corners=False``), read bilinearly with zero padding; uncertainty-based selection."""
 
 from __future__ import annotations
 
@@ -17,9 +16,8 @@ def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
 
 
 def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """The pixels a bilinear read of an (H, W) map at coords (..., P, 2) touches: flat indices
-    (..., P, 4) and weights (0 outside the map), so ``(map.flatten()[index] * weight).sum(-1)``
-    equals ``point_sample``."""
+    """Flat indices (..., P, 4) and weights (0 outside) of the pixels a bilinear read of an (H, W)
+    map at coords (..., P, 2) touches: ``(map.flatten()[index] * weight).sum(-1)``."""
     grid = coords.float() * 2.0 - 1.0
     x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0  # (..., P) pixel coordinates
     y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0
@@ -51,12 +49,6 @@ def uncertain_point_coords(
 ) -> Tensor:
     """Points (R, num_points, 2) for logits (R, H, W): the ``importance_sample_ratio`` most
     uncertain of ``oversample_ratio · num_points`` uniform draws, filled up with fresh ones."""
-    if oversample_ratio < 1.0:
-        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
-    if not 0.0 <= importance_sample_ratio <= 1.0:
-        raise ValueError(
-            f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}"
-        )
     rows = logits.shape[0]
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)

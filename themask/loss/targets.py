@@ -54,7 +54,6 @@ def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     labels = labels.long()
-    batch = labels.shape[0]
     valid = labels != IGNORE_INDEX
     bad = valid & ((labels < 0) | (labels >= num_classes))
     flat_bad = bad.flatten()
@@ -62,7 +61,7 @@ def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
     invalid = torch.cat([flat_bad.sum().view(1), labels.flatten().gather(0, first)])
     # class ids, with ignore and invalid values sent to an extra column K
     columns = torch.where(valid & ~bad, labels, num_classes).flatten(1)  # (B, T·H·W)
-    present = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=labels.device)
+    present = torch.zeros(labels.shape[0], num_classes + 1, dtype=torch.bool, device=labels.device)
     present.scatter_(1, columns, True)
     # a compact copy (invalid values may wrap; they stop the step at the matching)
     compact = torch.uint8 if num_classes < IGNORE_INDEX else torch.int32

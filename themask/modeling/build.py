@@ -16,8 +16,6 @@ from themask.modeling.temporal_decoder import TemporalDecoder
 from themask.modeling.themask import THEMask
 from themask.modeling.transformer import MaskDecoder
 
-_T1: dict[str, Any] = dict(decoder="single", num_frames=1)
-_T2: dict[str, Any] = dict(decoder="temporal", num_frames=2)
 _TINY: dict[str, Any] = dict(
     backbone="mit_b0",
     backbone_embed_dims=(16, 32, 64, 128),
@@ -35,21 +33,19 @@ _TINY: dict[str, Any] = dict(
     decoder_ffn_dim=128,
     tad_ffn_dim=128,
 )
-# default objectives (LossConfig diffs) of the three families; tiny presets sample fewer points
-_T1_LOSS: dict[str, Any] = dict(second_round_cost="bce")
-_T2_LOSS: dict[str, Any] = dict(second_round_cost="full")
-_M2F_LOSS: dict[str, Any] = dict(num_rounds=1, second_round_loss="hard")
-_TINY_LOSS: dict[str, Any] = dict(num_points=1024)
 
 PRESETS: dict[str, dict[str, Any]] = {}
 PRESET_LOSSES: dict[str, dict[str, Any]] = {}
+_T1: dict[str, Any] = dict(decoder="single", num_frames=1)
+_T2: dict[str, Any] = dict(decoder="temporal", num_frames=2)
+# network and default objective (LossConfig diff) of the three families; tiny: fewer points
 for _size, _network, _loss in [(f"mit_b{i}", dict(backbone=f"mit_b{i}"), {}) for i in range(6)] + [
-    ("tiny", _TINY, _TINY_LOSS)
+    ("tiny", _TINY, dict(num_points=1024))
 ]:
     for _name, _decoder, _objective in (
-        (f"themask_{_size}_t1", _T1, _T1_LOSS),
-        (f"themask_{_size}_t2", _T2, _T2_LOSS),
-        (f"mask2former_{_size}", _T1, _M2F_LOSS),
+        (f"themask_{_size}_t1", _T1, dict(second_round_cost="bce")),
+        (f"themask_{_size}_t2", _T2, dict(second_round_cost="full")),
+        (f"mask2former_{_size}", _T1, dict(num_rounds=1, second_round_loss="hard")),
     ):
         PRESETS[_name] = {**_network, **_decoder}
         PRESET_LOSSES[_name] = {**_objective, **_loss}
@@ -98,12 +94,9 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
         num_points=config.deform_points,
         ffn_dim=config.pixel_decoder_ffn_dim,
     )
-    decoders = {"single": MaskDecoder, "temporal": TemporalDecoder}
-    if config.decoder not in decoders:
-        raise ValueError(
-            f"ModelConfig.decoder: expected 'single' or 'temporal', got {config.decoder!r}"
-        )
-    decoder_args: dict[str, Any] = dict(
+    temporal = config.decoder == "temporal"
+    tad_args: dict[str, Any] = dict(tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout)
+    decoder = (TemporalDecoder if temporal else MaskDecoder)(
         num_classes=config.num_classes,
         num_queries=config.num_queries,
         dim=config.hidden_dim,
@@ -111,10 +104,8 @@ def build_model_from_config(config: ModelConfig) -> THEMask:
         num_heads=config.decoder_heads,
         ffn_dim=config.decoder_ffn_dim,
         num_layers=config.decoder_layers,
+        **(tad_args if temporal else {}),
     )
-    if config.decoder == "temporal":
-        decoder_args.update(tad_ffn_dim=config.tad_ffn_dim, tad_dropout=config.tad_dropout)
-    decoder = decoders[config.decoder](**decoder_args)
     return THEMask(config=config, backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder)
 
 

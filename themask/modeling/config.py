@@ -14,8 +14,7 @@ class ModelConfig:
     heads of the MiT variant ``backbone`` (``mit_b0`` … ``mit_b5``)."""
 
     backbone: str = "mit_b1"
-    # None: the variant's (MIT_VARIANTS)
-    backbone_embed_dims: tuple[int, int, int, int] | None = None
+    backbone_embed_dims: tuple[int, int, int, int] | None = None  # None: MIT_VARIANTS' value
     backbone_depths: tuple[int, int, int, int] | None = None
     backbone_num_heads: tuple[int, int, int, int] | None = None
     drop_path_rate: float = 0.1

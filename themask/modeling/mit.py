@@ -11,8 +11,6 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MIT_VARIANTS", "MixTransformer", "build_mit"]
-
 BLOCK_NORM_EPS = 1e-6
 
 _WIDE = (64, 128, 320, 512)
@@ -186,15 +184,11 @@ class MixTransformer(nn.Module):
         in_channels: int = 3,
     ):
         super().__init__()
-        per_stage = (("depths", depths), ("num_heads", num_heads), ("sr_ratios", sr_ratios))
-        for name, values in per_stage:
-            if len(values) != len(embed_dims):
-                raise ValueError(
-                    f"MixTransformer: {name} has {len(values)} entries, expected one per stage "
-                    f"({len(embed_dims)})"
-                )
-        if len(embed_dims) != len(self.strides):
-            raise ValueError(f"MixTransformer: expected 4 stages, got embed_dims={embed_dims}")
+        if {len(embed_dims), len(depths), len(num_heads), len(sr_ratios)} != {4}:
+            raise ValueError(
+                f"MixTransformer: embed_dims {embed_dims}, depths {depths}, num_heads {num_heads} "
+                f"and sr_ratios {sr_ratios} need one entry per stage (4)"
+            )
         self.out_channels: tuple[int, ...] = tuple(int(c) for c in embed_dims)
         self.depths: tuple[int, ...] = tuple(int(d) for d in depths)
         total = sum(self.depths)
@@ -227,14 +221,13 @@ def _init_weights(module: nn.Module) -> None:
     """SegFormer initialisation: truncated normal (std 0.02) linears, He-style fan-out convs."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Conv2d):
         fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-        fan_out //= module.groups
-        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / (fan_out // module.groups)))
+    else:
+        return
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 def build_mit(name: str, **overrides: Any) -> MixTransformer:

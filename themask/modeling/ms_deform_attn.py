@@ -1,6 +1,5 @@
-"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch: each query reads P
-points per head and level (its reference point + learned offsets in pixels of the level),
-bilinearly with zero padding, weighted by a softmax over the L·P points of each head."""
+"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch: each query reads P points
+per head and level (reference point + learned pixel offsets), weighted by a softmax over L·P."""
 
 from __future__ import annotations
 
@@ -10,8 +9,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-__all__ = ["MSDeformAttn", "ms_deform_attn_pytorch", "offset_normaliser"]
 
 SpatialShapes = Sequence[tuple[int, int]]
 
@@ -33,12 +30,9 @@ def ms_deform_attn_pytorch(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """Weighted sum of bilinearly sampled values → (B, Q, M·D), heads concatenated.
-
-    value (B, S, M, D): the levels of ``spatial_shapes`` (L pairs (H_l, W_l)) flattened
-    row-major and concatenated; sampling_locations (B, Q, M, L, P, 2): (x, y) in [0, 1] over
-    each map (points outside read zeros); attention_weights (B, Q, M, L, P).
-    """
+    """value (B, S, M, D): the L levels of ``spatial_shapes`` ((H_l, W_l)) flattened row-major,
+    concatenated; sampling_locations (B, Q, M, L, P, 2): (x, y) in [0, 1] over each map (zeros
+    outside); attention_weights (B, Q, M, L, P) → weighted sum (B, Q, M·D), heads concatenated."""
     batch, num_tokens, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     if len(spatial_shapes) != num_levels:
@@ -128,11 +122,6 @@ class MSDeformAttn(nn.Module):
         batch, num_queries, _ = query.shape
         num_tokens = value.shape[1]
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
-        if len(spatial_shapes) != levels:
-            raise ValueError(
-                f"MSDeformAttn: built for {levels} levels, "
-                f"got spatial_shapes {list(spatial_shapes)}"
-            )
         projected = self.value_proj(value).view(batch, num_tokens, heads, self.dim // heads)
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)

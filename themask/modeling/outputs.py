@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -29,3 +31,31 @@ class Predictions:
     @property
     def final(self) -> PredictionSet:
         return self.clip[-1]
+
+
+@dataclass
+class FrameFeatures:
+    """Per-frame backbone + pixel-decoder outputs: mask_features (B·T, mask_dim, H'/4, W'/4)
+    (H', W' padded), multi_scale 3 × (B·T, C, h, w) of strides 32, 16, 8."""
+
+    mask_features: Tensor
+    multi_scale: list[Tensor]
+
+    def __len__(self) -> int:
+        return self.mask_features.shape[0]
+
+    def select(self, indices: Sequence[int] | Tensor) -> FrameFeatures:
+        """The features of the frames at ``indices`` (positions on the B·T axis), in order."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.mask_features.device)
+        return FrameFeatures(
+            mask_features=self.mask_features.index_select(0, index),
+            multi_scale=[level.index_select(0, index) for level in self.multi_scale],
+        )
+
+    @classmethod
+    def cat(cls, items: Sequence[FrameFeatures]) -> FrameFeatures:
+        """Concatenate along the B·T axis (all items must share the padded size)."""
+        return cls(
+            mask_features=torch.cat([item.mask_features for item in items]),
+            multi_scale=[torch.cat(level) for level in zip(*(item.multi_scale for item in items))],
+        )

@@ -4,27 +4,18 @@ res4, res3 and one FPN step onto res2 that gives the per-pixel ``mask_features``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from themask.modeling.ms_deform_attn import MSDeformAttn, SpatialShapes, offset_normaliser
+from themask.modeling.outputs import FrameFeatures
 from themask.modeling.position_encoding import sine_position_encoding_2d
 from themask.modeling.transformer import run_layer
 
-__all__ = ["DeformableEncoderLayer", "MSDeformAttnPixelDecoder", "PixelDecoderOutput"]
-
 NUM_ENCODER_LEVELS = 3
-
-
-class PixelDecoderOutput(NamedTuple):
-    """mask_features (N, mask_dim, H/4, W/4); multi_scale_features [(N, C, H/32, W/32),
-    (N, C, H/16, W/16), (N, C, H/8, W/8)]."""
-
-    mask_features: Tensor
-    multi_scale_features: list[Tensor]
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -36,12 +27,11 @@ class DeformableEncoderLayer(nn.Module):
         dim: int = 256,
         ffn_dim: int = 1024,
         num_heads: int = 8,
-        num_levels: int = NUM_ENCODER_LEVELS,
         num_points: int = 4,
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(
-            dim=dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+            dim=dim, num_heads=num_heads, num_levels=NUM_ENCODER_LEVELS, num_points=num_points
         )
         self.norm1 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, ffn_dim)
@@ -56,8 +46,8 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes: SpatialShapes,
         normaliser: Tensor | None = None,
     ) -> Tensor:
-        """src (N, S, C), pos (N or 1, S, C), reference_points (N or 1, S, 2) -> (N, S, C);
-        ``normaliser``: see ``MSDeformAttn.forward``."""
+        """src (N, S, C), pos (S, C), reference_points (1, S, 2) → (N, S, C); ``normaliser``:
+        see ``MSDeformAttn.forward``."""
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, normaliser)
         src = self.norm1(src + attended)
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
@@ -85,7 +75,7 @@ def _without_autocast(projection: nn.Module, x: Tensor) -> Tensor:
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
-    """Pixel decoder of Mask2Former: backbone maps res2..res5 → ``PixelDecoderOutput``."""
+    """Pixel decoder of Mask2Former: backbone maps res2..res5 → ``FrameFeatures``."""
 
     def __init__(
         self,
@@ -110,8 +100,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 f"MSDeformAttnPixelDecoder: conv_dim {conv_dim} is not divisible by "
                 f"norm_groups {norm_groups}"
             )
-        if conv_dim % 2:
-            raise ValueError(f"MSDeformAttnPixelDecoder: conv_dim must be even, got {conv_dim}")
         self.in_channels = tuple(in_channels)
         self.conv_dim = conv_dim
         # res5, res4, res3: lowest resolution first, the encoder's level order
@@ -158,22 +146,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
 
-    def _check_inputs(self, features: Sequence[Tensor]) -> None:
-        if len(features) != 4:
-            raise ValueError(
-                f"MSDeformAttnPixelDecoder: expected 4 feature maps res2..res5, got {len(features)}"
-            )
+    def forward(self, features: Sequence[Tensor]) -> FrameFeatures:
+        """features: [res2 (N, C2, H/4, W/4), res3 (N, C3, H/8, W/8), res4 (N, C4, H/16, W/16),
+        res5 (N, C5, H/32, W/32)] → mask_features (N, mask_dim, H/4, W/4), multi_scale
+        [(N, C, H/32, W/32), (N, C, H/16, W/16), (N, C, H/8, W/8)]."""
         channels = tuple(f.shape[1] for f in features)
         if channels != self.in_channels:
             raise ValueError(
-                f"MSDeformAttnPixelDecoder: feature channels {channels} differ from the "
-                f"in_channels {self.in_channels} it was built with"
+                f"MSDeformAttnPixelDecoder: expected 4 feature maps res2..res5 of the in_channels "
+                f"{self.in_channels} it was built with, got channels {channels}"
             )
-
-    def forward(self, features: Sequence[Tensor]) -> PixelDecoderOutput:
-        """features: [res2 (N, C2, H/4, W/4), res3 (N, C3, H/8, W/8), res4 (N, C4, H/16, W/16),
-        res5 (N, C5, H/32, W/32)] -> :class:`PixelDecoderOutput`."""
-        self._check_inputs(features)
         maps = [
             _without_autocast(proj, x) for proj, x in zip(self.input_proj, reversed(features[1:]))
         ]
@@ -183,15 +165,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         pos = torch.cat(
             [
                 sine_position_encoding_2d(
-                    1, h, w, num_feats=self.conv_dim // 2, device=src.device, dtype=src.dtype
+                    h, w, num_feats=self.conv_dim // 2, device=src.device, dtype=src.dtype
                 )
-                .flatten(2)
-                .transpose(1, 2)
+                .flatten(1)
+                .t()
                 + self.level_embed[level]
                 for level, (h, w) in enumerate(spatial_shapes)
-            ],
-            dim=1,
-        )  # (1, S, C), shared by the batch
+            ]
+        )  # (S, C), shared by the batch
         centres = _pixel_centres(spatial_shapes, device=src.device, dtype=src.dtype)
         normaliser = offset_normaliser(spatial_shapes, device=src.device, dtype=src.dtype)
         for layer in self.encoder_layers:
@@ -210,4 +191,4 @@ class MSDeformAttnPixelDecoder(nn.Module):
             multi_scale[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
         )
         fused = self.fpn_output(lateral + upsampled)
-        return PixelDecoderOutput(self.mask_features(fused), multi_scale)
+        return FrameFeatures(self.mask_features(fused), multi_scale)

@@ -1,6 +1,5 @@
 """Temporal Aggregation Decoder (TAD, docs/DESIGN.md §4.2): frame queries run the §4.1 layers
-per frame, masked by the clip head; after every layer ``TemporalAggregation`` folds them into
-the clip queries."""
+per frame, masked by the clip head, and are folded into the clip queries after every layer."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from torch import Tensor, nn
 from themask.modeling.outputs import PredictionSet
 from themask.modeling.transformer import (
     CrossAttentionLayer,
-    DecoderMemory,
     DecodingState,
     FFNLayer,
     PredictionHead,
@@ -24,8 +22,7 @@ from themask.modeling.transformer import (
 
 
 class TemporalAggregation(nn.Module):
-    """Starts both query sets (``start``) and, after every decoder layer, aggregates the frame
-    queries into the clip queries (``forward``)."""
+    """``start``: both query sets; ``forward``: frame queries aggregated into clip queries."""
 
     def __init__(
         self, *, dim: int = 256, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1
@@ -59,14 +56,12 @@ class TemporalAggregation(nn.Module):
         Qc = FFN(LN(Qc + Σ_t softmax_t(w·Qf_t + b) · (V·Qf_t + c)))  (B, N, C)."""
         weights = F.softmax(self.time_score(frame), dim=1)  # (B, T, N, 1)
         aggregated = (weights * self.time_value(frame)).sum(dim=1)  # (B, N, C)
-        clip = self.norm(clip + self.dropout(aggregated))
-        return self.ffn(clip)
+        return self.ffn(self.norm(clip + self.dropout(aggregated)))
 
 
 class TemporalDecoder(QueryDecoder):
-    """Clip and frame queries refined together over a T-frame clip (§4.2) → ``Predictions``
-    with clip head: class (B, N, K+1), masks (B, N, T, H/4, W/4);
-    frame head: class (B, T, N, K+1), masks (B, N, T, H/4, W/4)."""
+    """Clip and frame queries refined together over a T-frame clip → ``Predictions``: class
+    (B, N, K+1) (clip head) and (B, T, N, K+1) (frame head), masks (B, N, T, H/4, W/4) both."""
 
     is_temporal = True
 
@@ -81,49 +76,26 @@ class TemporalDecoder(QueryDecoder):
         )
 
     def _start(
-        self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
-    ) -> DecodingState:
-        total, mask_dim = mask_features.shape[:2]
-        batch = total // frames
-        queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
-        keys, values = torch.cat(memory.keys, dim=1), torch.cat(memory.values, dim=1)
+        self, queries: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], frames: int
+    ) -> tuple[Tensor, Tensor]:
+        every_level = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # (B·T, S, C)
         clip, frame = run_layer(
-            self.temporal.start, self.checkpoint_layers, queries, query_pos, keys, values, frames
+            self.temporal.start, self.checkpoint_layers, queries, pos, *every_level, frames
         )  # (B, N, C), (B·T, N, C)
-        # (B, D, T·H·W) once: each clip-head mask prediction is one bmm
-        clip_features = (
-            mask_features.view(batch, frames, mask_dim, *mask_features.shape[-2:])
-            .transpose(1, 2)
-            .reshape(batch, mask_dim, -1)
-        )
-        return DecodingState(frame, mask_features, frames, clip, clip_features)
+        return frame, clip
 
     def _after_layer(self, state: DecodingState) -> None:
-        assert state.clip is not None
-        batch = state.clip.shape[0]
-        frame = state.queries.view(batch, state.frames, -1, state.queries.shape[-1])
+        frame = state.queries.view(state.clip.shape[0], state.frames, *state.queries.shape[1:])
         state.clip = run_layer(self.temporal, self.checkpoint_layers, state.clip, frame)
 
     def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
-        assert state.clip is not None and state.clip_features is not None
-        class_logits, embeddings = self.clip_head(state.clip)  # (B, N, K+1), (B, N, D)
+        sets, embeddings = super()._heads(state, full=full)
         if not full:
-            return [], embeddings
+            return sets, embeddings
         batch, frames = state.clip.shape[0], state.frames
-        mask_dim, height, width = state.mask_features.shape[1:]
-        masks = torch.bmm(embeddings, state.clip_features).view(batch, -1, frames, height, width)
         frame_class, frame_embeddings = self.frame_head(
             state.queries.view(batch, frames, *state.queries.shape[1:])
         )  # (B, T, N, K+1), (B, T, N, D)
-        per_frame = state.mask_features.view(batch, frames, mask_dim, height, width)
+        per_frame = state.mask_features.view(batch, frames, *state.mask_features.shape[1:])
         frame_masks = torch.einsum("btnd,btdhw->bnthw", frame_embeddings, per_frame)
-        sets = [PredictionSet(class_logits, masks), PredictionSet(frame_class, frame_masks)]
-        return sets, embeddings
-
-    def _attention_logits(
-        self, embeddings: Tensor, features: Tensor, state: DecodingState
-    ) -> Tensor:
-        batch = embeddings.shape[0]
-        per_clip = features.view(batch, state.frames, *features.shape[1:])  # (B, T, D, h, w)
-        low = torch.einsum("bnd,btdhw->btnhw", embeddings, per_clip)
-        return low.flatten(3).flatten(0, 1)
+        return sets + [PredictionSet(frame_class, frame_masks)], embeddings

@@ -3,47 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from themask.modeling.config import ModelConfig
-from themask.modeling.outputs import Predictions
+from themask.modeling.outputs import FrameFeatures, Predictions
 from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from themask.modeling.transformer import QueryDecoder
-
-
-@dataclass
-class FrameFeatures:
-    """Per-frame backbone + pixel-decoder outputs: mask_features (B·T, mask_dim, H'/4, W'/4)
-    (H', W' padded), multi_scale 3 × (B·T, C, h, w) of strides 32, 16, 8."""
-
-    mask_features: Tensor
-    multi_scale: list[Tensor]
-
-    def __len__(self) -> int:
-        return self.mask_features.shape[0]
-
-    def select(self, indices: Sequence[int] | Tensor) -> FrameFeatures:
-        """The features of the frames at ``indices`` (positions on the B·T axis), in order."""
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.mask_features.device)
-        return FrameFeatures(
-            mask_features=self.mask_features.index_select(0, index),
-            multi_scale=[level.index_select(0, index) for level in self.multi_scale],
-        )
-
-    @classmethod
-    def cat(cls, items: Sequence[FrameFeatures]) -> FrameFeatures:
-        """Concatenate along the B·T axis (all items must share the padded size)."""
-        if not items:
-            raise ValueError("FrameFeatures.cat: nothing to concatenate")
-        return cls(
-            mask_features=torch.cat([item.mask_features for item in items]),
-            multi_scale=[torch.cat(level) for level in zip(*(item.multi_scale for item in items))],
-        )
 
 
 def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
@@ -56,8 +23,7 @@ def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
 
 
 class THEMask(nn.Module):
-    """THE-Mask (or Mask2Former's single-frame decoder) on clips (B, T, 3, H, W); built by
-    ``themask.modeling.build`` from ``config``."""
+    """THE-Mask (or Mask2Former's single-frame decoder) on clips (B, T, 3, H, W)."""
 
     def __init__(
         self,
@@ -104,17 +70,16 @@ class THEMask(nn.Module):
         if (padded_h, padded_w) != (height, width):
             images = F.pad(images, (0, padded_w - width, 0, padded_h - height))
         if images.device.type == "cpu" and not torch.is_grad_enabled():
-            # CPU inference one frame at a time: a batch overflows the caches (2 × 664 ms
-            # instead of 1653 ms for two 480×480 frames)
+            # CPU inference one frame at a time: 2 × 664 ms instead of 1653 ms for two 480² frames
             return FrameFeatures.cat([self._encode_images(image[None]) for image in images])
         return self._encode_images(images)
 
     def _encode_images(self, images: Tensor) -> FrameFeatures:
-        return FrameFeatures(*self.pixel_decoder(self.backbone(images)))
+        return self.pixel_decoder(self.backbone(images))
 
     def decode(self, features: FrameFeatures, batch: int, frames: int) -> Predictions:
         """Decoder on the features of B clips of T frames (frame t of clip b at b·T + t); all
-        prediction sets in train mode, the final one in eval mode."""
+        prediction sets in train mode, else the final one."""
         if len(features) != batch * frames:
             raise ValueError(
                 f"THEMask.decode: features hold {len(features)} frames, expected "

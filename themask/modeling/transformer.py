@@ -27,15 +27,10 @@ class MultiHeadAttention(nn.MultiheadAttention):
         super().__init__(dim, num_heads, dropout=dropout, batch_first=True)
         nn.init.xavier_uniform_(self.out_proj.weight)
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        batch, length, dim = x.shape
-        return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
-
     def forward(  # type: ignore[override]
         self, query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None = None
     ) -> Tensor:
-        """query (B, N, C), key/value (B, S, C), allowed (B, N, S) bool (True = may attend)
-        → (B, N, C)."""
+        """query (B, N, C), key/value (B, S, C), allowed (B, N, S) bool → (B, N, C)."""
         weight, bias, dim = self.in_proj_weight, self.in_proj_bias, query.shape[-1]
         if key is query:  # self-attention: one matmul for queries and keys
             q, k = F.linear(query, weight[: 2 * dim], bias[: 2 * dim]).chunk(2, dim=-1)
@@ -44,7 +39,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
             k = F.linear(key, weight[dim : 2 * dim], bias[dim : 2 * dim])
         v = F.linear(value, weight[2 * dim :], bias[2 * dim :])
         mask = None if allowed is None else allowed.unsqueeze(1)  # (B, 1, N, S), all heads
-        q, k, v = (self._split_heads(x) for x in (q, k, v))
+        q, k, v = (x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for x in (q, k, v))
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, heads, N, C/heads) → (B, N, C)
@@ -148,19 +143,18 @@ class PredictionHead(nn.Module):
 
 
 def run_layer(layer: Callable[..., Any], checkpointed: bool, *args: Any, **kwargs: Any) -> Any:
-    """``layer(*args, **kwargs)``, under activation checkpointing (non-reentrant) when
-    ``checkpointed`` and autograd records: same values and gradients, less memory."""
+    """``layer(*args, **kwargs)``, under non-reentrant activation checkpointing when
+    ``checkpointed`` and autograd records."""
     if checkpointed and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False, **kwargs)
     return layer(*args, **kwargs)
 
 
 def allowed_positions(mask_logits: Tensor) -> Tensor:
-    """Masked-attention mask (§4.1): mask_logits (B, N, S) → (B, N, S) bool, detached, False
-    where ``sigmoid(logit) < 0.5``; a query blocked everywhere may attend everywhere."""
+    """Masked-attention mask (§4.1): mask_logits (B, N, S) → (B, N, S) bool, False where
+    ``sigmoid(logit) < 0.5``; a query blocked everywhere may attend everywhere."""
     allowed = mask_logits.detach().sigmoid() >= 0.5
-    empty = ~allowed.any(dim=-1, keepdim=True)
-    return allowed | empty
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
 def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
@@ -175,54 +169,42 @@ def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[
     ]
 
 
-@dataclass
-class DecoderMemory:
-    """Attention memory per level: values (B·T, h·w, C) = features + level embedding; keys =
-    values + the clip's 3-D sine position encoding; sizes (h, w)."""
-
-    values: list[Tensor]
-    keys: list[Tensor]
-    sizes: list[tuple[int, int]]
-
-
 def decoder_memory(
     multi_scale: Sequence[Tensor], level_embed: Tensor, frames: int
-) -> DecoderMemory:
-    """multi_scale: L maps (B·T, C, h, w), frames of a clip consecutive; level_embed (L, C).
-    The position encoding spans the T frames of a clip (§8)."""
-    values, keys, sizes = [], [], []
+) -> tuple[list[Tensor], list[Tensor]]:
+    """multi_scale: L maps (B·T, C, h, w), frames of a clip consecutive; level_embed (L, C) →
+    keys and values (B·T, h·w, C) per level: values = features + level embedding, keys = values
+    + the clip's 3-D sine position encoding."""
+    keys, values = [], []
     for level, features in enumerate(multi_scale):
         _, channels, height, width = features.shape
         pos = sine_position_encoding_3d(
-            1, frames, height, width, num_feats=channels // 2, device=features.device
-        ).to(features.dtype)  # (1, T, C, h, w)
-        pos = pos.flatten(3).transpose(2, 3)  # (1, T, h·w, C)
+            frames, height, width, num_feats=channels // 2, device=features.device
+        ).to(features.dtype)  # (T, C, h, w)
+        pos = pos.flatten(2).transpose(1, 2)  # (T, h·w, C)
         value = features.flatten(2).transpose(1, 2) + level_embed[level]  # (B·T, h·w, C)
         key = (value.view(-1, frames, height * width, channels) + pos).flatten(0, 1)
         values.append(value)
         keys.append(key)
-        sizes.append((height, width))
-    return DecoderMemory(values=values, keys=keys, sizes=sizes)
+    return keys, values
 
 
 @dataclass
 class DecodingState:
-    """What a decoder carries through its layers: queries (B·T, N, C); mask_features
-    (B·T, D, H/4, W/4); frames T decoded jointly (1 for the single-frame decoder); TAD only:
-    clip (B, N, C) clip queries, clip_features (B, D, T·H/4·W/4)."""
+    """queries (B·T, N, C) per frame; clip (B, N, C) the clip queries (the single-frame
+    decoder's queries, T = 1); mask_features (B·T, D, H/4, W/4); clip_features (B, D, T·H/4·W/4);
+    frames T decoded jointly."""
 
     queries: Tensor
+    clip: Tensor
     mask_features: Tensor
+    clip_features: Tensor
     frames: int
-    clip: Tensor | None = None
-    clip_features: Tensor | None = None
 
 
 class QueryDecoder(nn.Module):
-    """Base of ``MaskDecoder`` and ``TemporalDecoder``: learned queries refined by
-    ``num_layers`` masked-attention layers; layer i reads memory level ``i mod num_levels``
-    (strides 32, 16, 8). Subclasses supply the hooks ``_start``, ``_after_layer``, ``_heads``
-    and ``_attention_logits`` (docs/ARCHITECTURE.md)."""
+    """Learned queries refined by ``num_layers`` masked-attention layers, layer i reading memory
+    level ``i mod num_levels`` (strides 32, 16, 8); subclasses supply the hooks below."""
 
     is_temporal = False  # True: B clips of T frames decoded jointly; False: B·T one-frame clips
 
@@ -260,24 +242,18 @@ class QueryDecoder(nn.Module):
         return_all: bool = True,
     ) -> Predictions:
         """mask_features (B·T, mask_dim, H/4, W/4), multi_scale L × (B·T, C, h, w) of B clips
-        of T = ``frames`` frames (frame t of clip b at row b·T + t) → ``Predictions``.
-
-        ``return_all``: all ``num_layers + 1`` prediction sets (training), else the final one.
-        """
-        name = type(self).__name__
-        if len(multi_scale) != self.num_levels:
-            raise ValueError(
-                f"{name}: expected {self.num_levels} memory levels, got {len(multi_scale)}"
-            )
-        if mask_features.shape[0] % frames != 0:
-            raise ValueError(
-                f"{name}: {mask_features.shape[0]} frames is not a multiple of T={frames}"
-            )
+        of T = ``frames`` frames (frame t of clip b at row b·T + t) → ``Predictions``: all
+        ``num_layers + 1`` prediction sets if ``return_all``, else the final one."""
         clip_len = frames if self.is_temporal else 1
-        memory = decoder_memory(multi_scale, self.level_embed.weight, frames=clip_len)
-        resized = resize_features(mask_features, memory.sizes)
+        keys, values = decoder_memory(multi_scale, self.level_embed.weight, frames=clip_len)
+        resized = resize_features(mask_features, [(m.shape[-2], m.shape[-1]) for m in multi_scale])
         query_pos = self.query_pos.weight.unsqueeze(0)  # (1, N, C)
-        state = self._start(mask_features, memory, query_pos, clip_len)
+        batch = mask_features.shape[0] // clip_len
+        queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, N, C)
+        queries, clip = self._start(queries, query_pos, keys, values, clip_len)
+        # (B, D, T·H/4·W/4) once: each clip-head mask prediction is one bmm
+        clip_features = mask_features.unflatten(0, (batch, clip_len)).transpose(1, 2).flatten(2)
+        state = DecodingState(queries, clip, mask_features, clip_features, clip_len)
 
         sets: list[list[PredictionSet]] = []  # per read-out: one set per head
         allowed: Tensor | None = None
@@ -288,8 +264,8 @@ class QueryDecoder(nn.Module):
                     self.layers[index - 1],
                     self.checkpoint_layers,
                     state.queries,
-                    memory.keys[level],
-                    memory.values[level],
+                    keys[level],
+                    values[level],
                     query_pos=query_pos,
                     allowed=allowed,
                 )  # (B·T, N, C)
@@ -311,25 +287,31 @@ class QueryDecoder(nn.Module):
         )
 
     def _start(
-        self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
-    ) -> DecodingState:
-        """The state before layer 1."""
+        self, queries: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], frames: int
+    ) -> tuple[Tensor, Tensor]:
+        """Learned queries (B, N, C) → layer 1's queries (B·T, N, C) and clip queries (B, N, C)."""
         raise NotImplementedError
 
     def _after_layer(self, state: DecodingState) -> None:
-        """Run after every layer (the TAD aggregates over time here)."""
+        """The clip queries after a layer has refined ``state.queries``."""
+        raise NotImplementedError
 
     def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
-        """One read-out: each head's prediction set (none unless ``full``) and the clip
-        head's mask embeddings."""
-        raise NotImplementedError
+        """Each head's prediction set (none unless ``full``), the clip head's mask embeddings."""
+        class_logits, embeddings = self.clip_head(state.clip)  # (B, N, K+1), (B, N, D)
+        if not full:
+            return [], embeddings
+        height, width = state.mask_features.shape[-2:]
+        masks = torch.bmm(embeddings, state.clip_features)  # (B, N, T·H/4·W/4)
+        return [PredictionSet(class_logits, masks.unflatten(2, (-1, height, width)))], embeddings
 
     def _attention_logits(
         self, embeddings: Tensor, features: Tensor, state: DecodingState
     ) -> Tensor:
-        """Mask logits (B·T, N, h·w) from the clip head's ``embeddings`` and the mask features
-        at one memory level (B·T, D, h, w)."""
-        raise NotImplementedError
+        """Mask logits (B·T, N, h·w) of a memory level's mask features (B·T, D, h, w)."""
+        per_clip = features.view(embeddings.shape[0], state.frames, *features.shape[1:])
+        low = torch.einsum("bnd,btdhw->btnhw", embeddings, per_clip)
+        return low.flatten(3).flatten(0, 1)
 
 
 class MaskDecoder(QueryDecoder):
@@ -337,19 +319,9 @@ class MaskDecoder(QueryDecoder):
     class (B·T, N, K+1), masks (B·T, N, 1, H/4, W/4)."""
 
     def _start(
-        self, mask_features: Tensor, memory: DecoderMemory, query_pos: Tensor, frames: int
-    ) -> DecodingState:
-        queries = self.query_feat.weight.unsqueeze(0).expand(mask_features.shape[0], -1, -1)
-        return DecodingState(queries=queries, mask_features=mask_features, frames=frames)
+        self, queries: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], frames: int
+    ) -> tuple[Tensor, Tensor]:
+        return queries, queries
 
-    def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
-        class_logits, embeddings = self.clip_head(state.queries)  # (B·T, N, K+1), (B·T, N, D)
-        if not full:
-            return [], embeddings
-        masks = torch.einsum("fnc,fchw->fnhw", embeddings, state.mask_features)
-        return [PredictionSet(class_logits, masks.unsqueeze(2))], embeddings
-
-    def _attention_logits(
-        self, embeddings: Tensor, features: Tensor, state: DecodingState
-    ) -> Tensor:
-        return torch.einsum("fnc,fchw->fnhw", embeddings, features).flatten(2)
+    def _after_layer(self, state: DecodingState) -> None:
+        state.clip = state.queries

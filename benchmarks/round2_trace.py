@@ -40,9 +40,7 @@ def main() -> None:
     seed_everything(args.seed)
     model = build_model_from_config(cfg.model).train()
     tcfg = cfg.train
-    optimizer = build_optimizer(
-        model, lr=tcfg.lr, weight_decay=tcfg.weight_decay, backbone_lr_mult=tcfg.backbone_lr_mult
-    )
+    optimizer = build_optimizer(model, tcfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loader = iter(build_train_loader(cfg.data, batch_size=tcfg.batch_size, seed=args.seed))
     criterion = SetCriterion(cfg.loss, cfg.model.num_classes)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from themask.config import TrainConfig
 from themask.optim import build_optimizer, build_param_groups, poly_lr, set_learning_rate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +40,9 @@ def _group_members(groups, model):
 
 def test_param_groups_lr_and_decay_by_module_type():
     model = _Model()
-    groups = build_param_groups(model, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1)
+    groups = build_param_groups(
+        model, TrainConfig(lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1)
+    )
     members = _group_members(groups, model)
     assert members == {
         "backbone_decay": ["backbone.conv.weight", "backbone.fc.weight"],
@@ -68,7 +71,7 @@ def test_param_groups_lr_and_decay_by_module_type():
 
 def test_set_learning_rate_keeps_backbone_ratio():
     model = _Model()
-    opt = build_optimizer(model, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1)
+    opt = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1))
     set_learning_rate(opt, 3e-5)
     for group in opt.param_groups:
         expected = 3e-6 if group["name"].startswith("backbone") else 3e-5

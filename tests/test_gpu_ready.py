@@ -64,8 +64,8 @@ def test_vspw_configs_say_their_precision():
 
 def test_step_window_reads_tensors_and_floats_per_step():
     window = StepWindow()
-    window.add({"loss": torch.tensor(2.0), "grad_norm": torch.tensor(0.5), "fraction": 0.25})
-    window.add({"loss": torch.tensor(4.0), "grad_norm": torch.tensor(1.5), "fraction": 0.75})
+    window.append({"loss": torch.tensor(2.0), "grad_norm": torch.tensor(0.5), "fraction": 0.25})
+    window.append({"loss": torch.tensor(4.0), "grad_norm": torch.tensor(1.5), "fraction": 0.75})
     rows = window.read()
     assert rows == [
         {"grad_norm": 0.5, "loss": 2.0, "fraction": 0.25},

@@ -1,11 +1,9 @@
-"""themask: THE-Mask video semantic segmentation in plain PyTorch.
-
-Public names are imported lazily (PEP 562): ``import themask`` does not load torch.
-"""
+"""themask: THE-Mask video semantic segmentation in plain PyTorch (names load lazily: PEP 562)."""
 
 from __future__ import annotations
 
-from themask.io import lazy_exports
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -23,7 +21,11 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-__getattr__ = lazy_exports("themask", _EXPORTS)
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'themask' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"themask.{_EXPORTS[name]}"), name)
 
 
 def __dir__() -> list[str]:

@@ -1,9 +1,4 @@
-"""``themask`` command line: one sub-command per module in ``themask.commands``.
-
-Each command module's ``register(subparsers)`` adds its parser with ``func`` (args -> exit
-code) and imports heavy dependencies inside ``func``. A user error (``ConfigError``,
-``DataError``, ``WeightsError``, a file error) becomes one stderr line and exit status 2.
-"""
+"""``themask`` command line: one sub-command per module in ``themask.commands``."""
 
 from __future__ import annotations
 
@@ -15,10 +10,7 @@ import sys
 from collections.abc import Sequence
 
 # the order of ``themask --help``
-COMMAND_MODULES: tuple = (
-    *("demo", "train", "check_data", "make_toy_data", "eval", "predict", "convert", "export"),
-    "configs",
-)
+COMMAND_MODULES = "demo train check_data make_toy_data eval predict convert export configs".split()
 USER_ERRORS = ("ConfigError", "DataError", "WeightsError")  # themask's own, all ValueError
 FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
 
@@ -40,29 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse ``argv``; ``key=value`` words after the options join ``args.overrides``."""
     args, extra = parser.parse_known_args(argv)
-    overrides = [word for word in extra if "=" in word and not word.startswith("-")]
-    unknown = [word for word in extra if word not in overrides]
-    if overrides and not hasattr(args, "overrides"):
-        unknown = extra  # this command takes no overrides
+    takes_overrides = hasattr(args, "overrides")
+    unknown = [w for w in extra if not (takes_overrides and "=" in w and not w.startswith("-"))]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides:
-        args.overrides = [*args.overrides, *overrides]
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     return args
 
 
 def is_user_error(err: BaseException) -> bool:
     """Bad input, not a bug; matched by class name so that nothing (torch) is imported."""
-    if isinstance(err, (*FILE_ERRORS, NotADirectoryError)):
-        return True
-    return any(
+    return isinstance(err, (*FILE_ERRORS, NotADirectoryError)) or any(
         cls.__name__ in USER_ERRORS and cls.__module__.startswith("themask.")
         for cls in type(err).__mro__
     )
 
 
 def one_line(err: BaseException) -> str:
-    """``err``'s message in one line; a DataLoader worker's error keeps only its own message."""
+    """``err``'s message in one line (a DataLoader worker's: its own message only)."""
     text = str(err).strip()
     if "Original Traceback" in text:
         last = text.splitlines()[-1]
@@ -77,7 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     from themask.logger import setup_logging
 
-    # torchrun sets RANK: only rank 0 logs below WARNING
     setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
     if getattr(args, "threads", None) and not getattr(args, "onnx", None):
         import torch  # predict --onnx stays torch-free (ONNX Runtime takes args.threads)

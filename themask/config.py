@@ -1,10 +1,5 @@
-"""Run configuration: model + loss + data + train + eval as nested dataclasses.
-
-Resolution order: ``RunConfig()`` defaults; the ``preset`` (``themask.modeling.build``) fills
-``model`` (with the dataset's class count) and ``loss`` (its default objective); the YAML
-file's sections; dotted ``key=value`` overrides parsed as YAML (``train.lr=2e-4``). Bad keys,
-types and inconsistent sections raise ``ConfigError`` naming the key and the valid values.
-"""
+"""Run configuration (model + loss + data + train + eval dataclasses): defaults, the preset's
+network and objective, the YAML file, then dotted ``key=value`` overrides parsed as YAML."""
 
 from __future__ import annotations
 
@@ -24,7 +19,6 @@ from themask.io import PathLike, atomic_write
 from themask.loss.config import LossConfig
 from themask.modeling.config import ModelConfig
 
-FREEZABLE_MODULES = ("backbone", "pixel_decoder")
 _SCALARS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -34,8 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (docs/DESIGN.md §6), stage 1 on VSPW by default. ``batch_size``
-    is global: each process loads ``batch_size / (world_size * grad_accum)`` clips a pass."""
+    """Optimisation recipe (docs/DESIGN.md §6); ``batch_size`` is global (all processes)."""
 
     max_steps: int = 160_000
     batch_size: int = 8
@@ -52,7 +45,7 @@ class TrainConfig:
     checkpoint_interval: int = 4000
     eval_interval: int = 16_000  # 0: evaluate only at the end
     eval_at_end: bool = True
-    freeze: list[str] = field(default_factory=list)  # subset of FREEZABLE_MODULES
+    freeze: list[Literal["backbone", "pixel_decoder"]] = field(default_factory=list)
     init_from: str | None = None
     head_init: Literal["official", "copy"] = "official"
 
@@ -68,7 +61,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings (docs/VSPW.md §2-3); the split and clip length are in ``data``."""
+    """Evaluation settings (docs/VSPW.md §2-3); split and clip length are in ``data``."""
 
     max_videos: int | None = None  # first videos only: quick checks
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # themask.precision
@@ -78,7 +71,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; ``model`` and ``loss`` are the resolved preset + overrides."""
+    """Everything a run needs; ``model`` and ``loss``: the resolved preset + overrides."""
 
     preset: str = "themask_mit_b1_t1"
     pretrained_backbone: str | None = None  # MiT ImageNet weights
@@ -91,13 +84,10 @@ class RunConfig:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a YAML value to the annotated type ``tp``; ``key`` is for messages."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is types.UnionType:  # X | None
-        if value is None:
-            return None
         (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, key)
+        return None if value is None else _coerce(value, inner, key)
     if origin is Literal:
         if isinstance(value, bool) and ("on" if value else "off") in args:
             value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a bool
@@ -107,11 +97,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        fixed = origin is tuple and args[-1] is not Ellipsis
+        if fixed and len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        kinds = args if fixed else args[:1] * len(value)
+        items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, kinds))]
         return tuple(items) if origin is tuple else items
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -133,8 +123,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def update_dataclass(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """A copy of dataclass ``obj`` with the nested mapping ``values`` applied, each value
-    checked against its annotation; ``ConfigError`` names the key (after ``prefix``)."""
+    """A copy of dataclass ``obj`` with the nested ``values`` checked and applied."""
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: hints[f.name] for f in dataclasses.fields(obj)}
     changes = {}
@@ -161,8 +150,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(values: Mapping[str, Any]) -> RunConfig:
-    """``RunConfig`` from a partial nested dict, preset first; an old ``model.loss`` section
-    becomes ``loss``."""
+    """``RunConfig`` from a partial nested dict (an old ``model.loss`` section is ``loss``)."""
     values = dict(values)
     model = values.get("model")
     if isinstance(model, Mapping) and isinstance(model.get("loss"), Mapping):
@@ -177,9 +165,8 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
     # the preset's class count follows the dataset description, unless model.num_classes is set
     data = update_dataclass(base.data, values.get("data") or {}, "data")
     model = build.preset_config(preset, num_classes=data.num_classes)
-    base = dataclasses.replace(
-        base, preset=preset, model=model, loss=build.preset_loss_config(preset)
-    )
+    loss = build.preset_loss_config(preset)
+    base = dataclasses.replace(base, preset=preset, model=model, loss=loss)
     cfg = update_dataclass(base, values)
     check_consistency(cfg)
     return cfg
@@ -197,9 +184,6 @@ def check_consistency(cfg: RunConfig) -> None:
             f"model.num_frames={cfg.model.num_frames} but data.dilation={list(cfg.data.dilation)} "
             f"gives clips of {cfg.data.num_frames} frames"
         )
-    unknown = [name for name in cfg.train.freeze if name not in FREEZABLE_MODULES]
-    if unknown:
-        raise ConfigError(f"train.freeze: unknown modules {unknown}; valid: {FREEZABLE_MODULES}")
     if cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     cfg.train.per_process_batch(1)  # batch_size divisible by grad_accum
@@ -212,15 +196,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
+        parts = key.strip().split(".")
+        if "" in parts:
             raise ConfigError(f"override '{item}': empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': cannot parse value: {err}") from err
         node = nested
-        parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -252,8 +235,7 @@ def list_shipped_configs() -> list[str]:
 
 
 def resolve_config_path(path: PathLike) -> Path:
-    """``path`` if it is a file, else the shipped config of that name (``.yaml`` and a leading
-    ``configs/`` optional)."""
+    """``path`` if it is a file, else the shipped config of that name."""
     given = Path(path)
     if given.is_file():
         return given
@@ -273,8 +255,7 @@ def load_config(path: PathLike | None, overrides: Sequence[str] = ()) -> RunConf
     if path is not None:
         path = resolve_config_path(path)
         try:
-            with open(path, encoding="utf-8") as handle:
-                loaded = yaml.safe_load(handle)
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -289,7 +270,5 @@ def load_config(path: PathLike | None, overrides: Sequence[str] = ()) -> RunConf
 
 
 def save_config(cfg: RunConfig, path: PathLike) -> None:
-    """Write the full resolved config as YAML (atomically)."""
     with atomic_write(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,5 +1,4 @@
-"""DDP helpers: set-up from the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_*``), rank queries, the one reduction helper; no-ops in a single process."""
+"""DDP helpers (torchrun environment, rank queries, the one reduction); no-ops in 1 process."""
 
 from __future__ import annotations
 
@@ -42,10 +41,7 @@ def is_main() -> bool:
 
 
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
-    """Join the torchrun process group if there is one; ``device`` None: CUDA when available.
-
-    NCCL on CUDA (each process on ``cuda:LOCAL_RANK``, bound at once), gloo on CPU.
-    """
+    """Join the torchrun process group if any (NCCL on ``cuda:LOCAL_RANK``, else gloo)."""
     use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -73,21 +69,17 @@ def barrier() -> None:
 
 
 def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
-    """Sum (``mean``: average) over the processes as a new detached tensor on ``value``'s
-    device, without waiting for it; NCCL gets CPU tensors through the current CUDA device."""
+    """Sum (``mean``: average) over the processes as a new detached tensor on ``value``'s device."""
     out = value.detach().clone()
     if get_world_size() == 1:
         return out
-    staged = out
-    if dist.get_backend() == "nccl" and out.device.type != "cuda":
-        staged = out.to(torch.device("cuda", torch.cuda.current_device()))
+    staged = out.cuda() if dist.get_backend() == "nccl" and out.device.type != "cuda" else out
     dist.all_reduce(staged)
-    if staged is not out:
-        out.copy_(staged)
+    out = staged.to(value.device)
     return out / get_world_size() if mean else out
 
 
 def cleanup() -> None:
-    """Destroy the process group, without a barrier (a failed rank would hang the others)."""
+    """Destroy the process group, without a barrier (a failed rank would hang it)."""
     if is_initialized():
         dist.destroy_process_group()

@@ -1,13 +1,5 @@
-"""Iteration-based training loop (docs/DESIGN.md §6): one ``Trainer`` for 1 process or DDP.
-
-A run directory holds ``config.yaml``, ``run_info.json``, ``checkpoint.pt`` (the full training
-state, written atomically every ``train.checkpoint_interval`` steps; loads with
-``weights_only=True``), ``metrics.jsonl`` + ``tensorboard/`` (means over each
-``log_interval``; fp16 steps the grad scaler skipped are counted in ``skipped_steps``),
-``train.log`` and the final ``model.safetensors``. ``--resume`` continues bit for bit on CPU
-(docs/GPU.md for CUDA); only ``RESUMABLE_KEYS`` may change, logged to
-``resume_changes.jsonl``. SIGINT/SIGTERM finish the step and write a checkpoint.
-"""
+"""Iteration-based training loop (docs/DESIGN.md §6): one ``Trainer`` for 1 process or DDP; a
+``--resume`` continues bit for bit on CPU from ``checkpoint.pt`` (``weights_only`` loadable)."""
 
 from __future__ import annotations
 
@@ -50,13 +42,12 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RESUME_CHANGES_NAME = "resume_changes.jsonl"
+BAR_FIELDS = {"loss": "loss", "m1": "matched_fraction_round1", "m2": "matched_fraction_round2"}
 STOP_CHECK_INTERVAL = 10  # DDP ranks agree on a stop request at least this often
-# keys a resumed run may change without altering the optimisation
-RESUMABLE_KEYS = (
-    *(f"train.{k}" for k in ("max_steps", "log_interval", "checkpoint_interval", "init_from")),
-    *("train.eval_interval", "train.eval_at_end", "pretrained_backbone", "eval."),
-    *(f"data.{k}" for k in ("num_workers", "root", "val_split", "test_clip_len")),
-)
+# keys a resumed run may change without altering the optimisation ("eval.": the section)
+RESUMABLE_KEYS = """train.max_steps train.log_interval train.checkpoint_interval train.init_from
+    train.eval_interval train.eval_at_end pretrained_backbone eval. data.num_workers data.root
+    data.val_split data.test_clip_len""".split()
 
 # (model, frames (B, T, 3, H, W), labels (B, T, H, W), *, step) -> (total, {name: float | 0-d})
 LossFn = Callable[..., tuple[Tensor, dict[str, Any]]]
@@ -71,11 +62,10 @@ def seed_everything(seed: int) -> None:
 def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states as plain values."""
     py_version, py_state, py_gauss = random.getstate()
-    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
+    np_name, np_keys, *np_rest = cast(tuple, np.random.get_state())  # legacy: a tuple
     return {
         "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "numpy": [np_name, np_keys.tolist(), *np_rest],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -84,9 +74,8 @@ def get_rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     py_version, py_state, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np_keys = np.asarray(np_keys, dtype=np.uint32)
-    np.random.set_state((np_name, np_keys, np_pos, np_has_gauss, np_gauss))
+    np_name, np_keys, *np_rest = state["numpy"]
+    np.random.set_state((np_name, np.asarray(np_keys, dtype=np.uint32), *np_rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -101,13 +90,12 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete the ``.<name>.*.tmp`` files a killed ``atomic_write`` left."""
-    stale = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink()
-        logger.info("removed %s, left by an interrupted write", path)
-    return stale
+    for path in run_dir.glob(".*.tmp"):
+        if path.is_file():
+            path.unlink()
+            logger.info("removed %s, left by an interrupted write", path)
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -121,8 +109,7 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resume_changes(stored: dict[str, Any], new: dict[str, Any], step: int) -> dict[str, list]:
-    """``{key: [stored, new]}`` of the changed config keys; ``ConfigError`` for a change that
-    breaks exact resumption (outside ``RESUMABLE_KEYS``, or ``max_steps`` not above ``step``)."""
+    """``{key: [stored, new]}`` of the changed keys; ``ConfigError`` if exactness breaks."""
     old_flat, new_flat = _flatten(stored), _flatten(new)
     changes = {
         key: [old_flat.get(key), new_flat.get(key)]
@@ -146,10 +133,7 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], step: int) -> di
 
 
 class StopRequest:
-    """SIGINT/SIGTERM handlers (main thread): the first signal sets ``signum`` (stop after
-    this step), a second raises ``KeyboardInterrupt``."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    """SIGINT/SIGTERM: the first sets ``signum`` (stop after this step), a second raises."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -159,67 +143,42 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        logger.warning(
-            "%s: stopping after this step and writing a checkpoint (again to stop at once)",
-            signal.Signals(signum).name,
-        )
+        name = signal.Signals(signum).name
+        logger.warning("%s: checkpoint and stop after this step (again: stop at once)", name)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
+            for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        self._previous = {}
 
 
-class StepWindow:
-    """Per-step scalars since the last log record, left on their device until ``read``."""
-
-    def __init__(self) -> None:
-        self.tensor_names: list[str] = []
-        self.float_names: list[str] = []
-        self.tensor_rows: list[Tensor] = []  # one (n,) float32 vector per step
-        self.float_rows: list[list[float]] = []
-
-    def __len__(self) -> int:
-        return len(self.tensor_rows)
-
-    def add(self, values: dict[str, Any]) -> None:
-        """One step's values (floats or 0-d tensors; the same names and kinds every step)."""
-        if not self.tensor_rows:
-            self.tensor_names = sorted(k for k, v in values.items() if isinstance(v, Tensor))
-            self.float_names = sorted(k for k in values if k not in self.tensor_names)
-        self.tensor_rows.append(torch.stack([values[k].float() for k in self.tensor_names]))
-        self.float_rows.append([float(values[k]) for k in self.float_names])
+class StepWindow(list[dict[str, Any]]):
+    """Per-step scalars (floats, 0-d tensors) since the last log record, read in one transfer."""
 
     def read(self, *, reduce: bool = False) -> list[dict[str, float]]:
-        """The rows as floats in one transfer (``reduce``: averaged over processes) and clear."""
-        values = torch.stack(self.tensor_rows).double()  # (S, n) on the device
-        names = self.tensor_names + self.float_names
+        """The rows as floats (``reduce``: averaged over processes) and clear."""
+        tensors = sorted(k for k, v in self[0].items() if isinstance(v, Tensor))
+        floats = sorted(k for k in self[0] if k not in tensors)
+        stacked = torch.stack([torch.stack([r[k].float() for k in tensors]) for r in self])
+        host = torch.tensor([[float(r[k]) for k in floats] for r in self], dtype=torch.float64)
+        table = torch.cat([stacked.double().cpu(), host.reshape(len(self), -1)], dim=1)
         if reduce:
-            floats = torch.tensor(self.float_rows, dtype=torch.float64).reshape(len(values), -1)
-            both = torch.cat([values, floats.to(values.device)], dim=1)
-            rows = distributed.all_reduce(both, mean=True).tolist()
-        else:
-            rows = [a + b for a, b in zip(values.tolist(), self.float_rows)]
-        self.tensor_rows, self.float_rows = [], []
-        return [dict(zip(names, row)) for row in rows]
+            table = distributed.all_reduce(table, mean=True)
+        self.clear()
+        return [dict(zip(tensors + floats, row)) for row in table.tolist()]
 
 
 def window_means(rows: list[dict[str, float]], *, count_skipped: bool) -> dict[str, float]:
-    """Means per name; ``count_skipped`` (fp16) leaves out rows with a non-finite
-    ``grad_norm`` and counts them in ``skipped_steps``."""
-    kept = rows
-    means: dict[str, float] = {}
+    """Means per name; ``count_skipped`` (fp16): rows of non-finite ``grad_norm`` only counted."""
+    kept = [r for r in rows if math.isfinite(r["grad_norm"])] if count_skipped else rows
+    means = {name: sum(r[name] for r in kept) / len(kept) if kept else math.nan for name in rows[0]}
     if count_skipped:
-        kept = [r for r in rows if math.isfinite(r["grad_norm"])]
         means["skipped_steps"] = float(len(rows) - len(kept))
-    for name in rows[0]:
-        means[name] = sum(r[name] for r in kept) / len(kept) if kept else math.nan
     return means
 
 
@@ -233,13 +192,7 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains ``cfg`` into ``run_dir``.
-
-    ``model``, ``loss_fn`` (default: ``training_loss`` with a ``SetCriterion`` of ``cfg.loss``)
-    and ``batches(start_batch)`` (an iterator of this process's ``Batch`` after ``start_batch``
-    consumed ones; default: the data module's train loader) are for tests and custom runs. A
-    new run refuses a directory holding a checkpoint unless ``overwrite``.
-    """
+    """Trains ``cfg`` into ``run_dir``; ``model``, ``loss_fn``, ``batches``: tests, custom runs."""
 
     def __init__(
         self,
@@ -288,33 +241,25 @@ class Trainer:
         if tcfg.init_from and not resume:
             init_from_weights(model, tcfg.init_from, head_init=tcfg.head_init)
             logger.info("initialised from %s (head_init=%s)", tcfg.init_from, tcfg.head_init)
-        # names checked by the config
         self.frozen = [getattr(model, name).requires_grad_(False) for name in tcfg.freeze]
         model.to(self.device)
-        self.optimizer = build_optimizer(
-            model,
-            lr=tcfg.lr,
-            weight_decay=tcfg.weight_decay,
-            backbone_lr_mult=tcfg.backbone_lr_mult,
-        )
+        self.optimizer = build_optimizer(model, tcfg)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         try:
             self.amp_dtype = resolve_amp(tcfg.amp, self.device)
         except ValueError as err:
             raise ConfigError(f"train.amp: {err}") from None
         configure_cuda_math(self.device)
-        self.scaler = None  # fp16: a dynamic loss scaler
-        if self.amp_dtype == torch.float16:
-            self.scaler = torch.amp.GradScaler(self.device.type)
+        fp16 = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         self.ddp_model: nn.Module = model
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if loss_fn is None:
             self.criterion = SetCriterion(cfg.loss, cfg.model.num_classes)
-            loss_fn = partial(
-                training_loss, criterion=self.criterion, size_divisor=cfg.model.size_divisor
-            )
+            divisor = cfg.model.size_divisor
+            loss_fn = partial(training_loss, criterion=self.criterion, size_divisor=divisor)
         self.loss_fn = loss_fn
         self._batches_fn = batches
         seed_everything(distributed.rank_seed(tcfg.seed, self.dist.rank))
@@ -358,10 +303,9 @@ class Trainer:
         self.writer = MetricWriter(self.run_dir)
         self.writer.truncate_after(self.step)  # a new run (step 0) starts a new log
         logger.info("git revision %s; run dir %s", info["git_revision"], self.run_dir)
-        logger.debug("config:\n%s", json.dumps(to_dict(self.cfg), indent=1))
 
     def save(self) -> None:
-        """Write the full training state after ``self.step`` steps (a collective under DDP)."""
+        """Write the full training state (a collective under DDP)."""
         rng: list[Any] = [get_rng_state()]
         if self.dist.world_size > 1:
             rng = [None] * self.dist.world_size
@@ -383,8 +327,7 @@ class Trainer:
         self._saved_step = self.step
 
     def _stop_requested(self, stop: StopRequest) -> int | None:
-        """The stopping signal, the same on every rank (DDP: a max over the ranks every
-        ``min(log_interval, STOP_CHECK_INTERVAL)`` steps)."""
+        """The stopping signal, the same on every rank (DDP: agreed every few steps)."""
         if self.dist.world_size == 1:
             return stop.signum
         if self.step % min(self.cfg.train.log_interval, STOP_CHECK_INTERVAL):
@@ -394,7 +337,7 @@ class Trainer:
         return int(flag.item()) or None
 
     def _set_train_mode(self) -> None:
-        """Train mode; frozen modules stay in eval mode (no stochastic depth in them)."""
+        """Train mode; frozen modules stay in eval mode."""
         self.model.train()
         for module in self.frozen:
             module.eval()
@@ -436,15 +379,11 @@ class Trainer:
             self.writer.write(self.step, means)
             logger.debug("step %d loss %.4f lr %.3g", self.step, means["loss"], means["lr"])
         if bar is not None:
-            bar.set_postfix(
-                loss=f"{means['loss']:.3f}",
-                m1=f"{means.get('matched_fraction_round1', math.nan):.3f}",
-                m2=f"{means.get('matched_fraction_round2', math.nan):.3f}",
-                refresh=False,
-            )
+            postfix = {k: f"{means.get(name, math.nan):.3f}" for k, name in BAR_FIELDS.items()}
+            bar.set_postfix(postfix, refresh=False)
 
     def train(self) -> TrainResult:
-        """Run until ``train.max_steps`` (or a signal); returns the losses of the steps run."""
+        """Run until ``train.max_steps`` or a signal."""
         tcfg = self.cfg.train
         result = TrainResult(step=self.step)
         batches: Iterator[Any]
@@ -457,10 +396,9 @@ class Trainer:
             if len(rng) == self.dist.world_size:
                 set_rng_state(rng[self.dist.rank])
             else:
+                counts = (len(rng), self.dist.world_size)
                 logger.warning(
-                    "checkpoint has RNG states of %d processes, this run has %d: reseeding",
-                    len(rng),
-                    self.dist.world_size,
+                    "checkpoint has RNG states of %d processes, not %d: reseeding", *counts
                 )
                 seed_everything(distributed.rank_seed(tcfg.seed + self.step, self.dist.rank))
             self._resume_state = None
@@ -490,7 +428,7 @@ class Trainer:
     def _loop(
         self, batches: Iterator[Any], bar: Any, result: TrainResult, stop: StopRequest
     ) -> int | None:
-        """The steps up to ``max_steps``; the signal number if one stopped it early."""
+        """The steps up to ``max_steps``; the signal that stopped it early, if any."""
         tcfg = self.cfg.train
         window = StepWindow()
         while self.step < tcfg.max_steps:
@@ -505,7 +443,7 @@ class Trainer:
                     sums[k] = sums[k] + v if k in sums else v
             sums["grad_norm"] = self._optimizer_step()
             self.step += 1
-            window.add({**sums, "lr": lr})
+            window.append({**sums, "lr": lr})
             if bar is not None:
                 bar.update(1)
             end = self.step == tcfg.max_steps
@@ -525,20 +463,14 @@ class Trainer:
         return None
 
     def save_final_weights(self) -> Path:
-        path = self.run_dir / "model.safetensors"
-        description = self.cfg.data.description
-        save_model(
-            self.model,
-            path,
-            class_names=description.classes,
-            palette=description.palette,
-            test_scale=self.cfg.data.scale,
-        )
+        path, data = self.run_dir / "model.safetensors", self.cfg.data
+        classes, palette = data.description.classes, data.description.palette
+        save_model(self.model, path, class_names=classes, palette=palette, test_scale=data.scale)
         logger.info("final weights: %s", path)
         return path
 
     def run_evaluation(self) -> dict[str, float]:
-        """Evaluate on ``data.val_split`` (all ranks take part) and log the scalar metrics."""
+        """Evaluate on ``data.val_split`` (all ranks) and log the scalar metrics."""
         rng = get_rng_state()  # evaluation must not change the training random stream
         progress = self.progress and self.is_main
         results = evaluate_config(self.model, self.cfg, device=self.device, progress=progress)

@@ -20,21 +20,13 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now (it may be replaced after set-up)."""
 
     _themask = True  # marks our handler (tests remove it)
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
 
 
 def setup_logging(
     *, verbose: bool = False, rank: int = 0, log_file: PathLike | None = None
 ) -> logging.Handler | None:
-    """Root logger: INFO (``verbose``: DEBUG) on rank 0, WARNING elsewhere; on rank 0 also
-    to ``log_file``, whose handler is returned."""
+    """Root logger: INFO (``verbose``: DEBUG) on rank 0 (also to ``log_file``), else WARNING."""
     level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
     root = logging.getLogger()
     if not any(getattr(h, "_themask", False) for h in root.handlers):
@@ -56,21 +48,17 @@ def git_revision() -> str:
     command = ["git", "describe", "--always", "--dirty", "--abbrev=12"]
     where = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            command, cwd=where, capture_output=True, text=True, timeout=10, check=True
-        )
+        out = subprocess.run(command, cwd=where, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() or "unknown"
 
 
 class MetricWriter:
-    """Appends ``{"step", "tag", <name>: float | null}`` lines to ``run_dir/metrics.jsonl``
-    (tags "train", "eval") and the same scalars to TensorBoard."""
+    """``{"step", "tag", <name>: float | null}`` lines in ``metrics.jsonl``, and TensorBoard."""
 
     def __init__(self, run_dir: PathLike, *, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self._tb = None
         if tensorboard:

@@ -1,22 +1,21 @@
-"""AdamW parameter groups and the poly learning-rate schedule (docs/DESIGN.md §6).
-
-``model.backbone`` gets ``lr × backbone_lr_mult``; only the weight matrices and kernels of
-linear, convolution and multi-head attention layers decay (not norms, biases, embeddings or
-free parameters such as level embeddings).
-"""
+"""AdamW groups (backbone lr × mult; only linear/conv/attention weights decay), poly lr."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from themask.config import TrainConfig
+
 DECAYING_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
 
 
-def build_param_groups(
-    model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float
-) -> list[dict]:
+def build_param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
     """Groups of the trainable parameters, each with ``lr_scale`` (1 or ``backbone_lr_mult``)."""
+    lr, weight_decay, backbone_lr_mult = train.lr, train.weight_decay, train.backbone_lr_mult
     backbone = getattr(model, "backbone", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     groups: dict[tuple, dict] = {}
@@ -43,7 +42,7 @@ def build_param_groups(
 
 
 def poly_lr(step: int, base_lr: float, max_steps: int, power: float) -> float:
-    """``base_lr · (1 − step / max_steps) ** power`` for the 0-based step about to be taken."""
+    """``base_lr · (1 − step / max_steps) ** power`` for the 0-based step to take."""
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
     progress = min(max(step, 0), max_steps) / max_steps
@@ -56,13 +55,9 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def build_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float
-) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW (PyTorch's betas and eps, as official) over ``build_param_groups``."""
-    groups = build_param_groups(
-        model, lr=lr, weight_decay=weight_decay, backbone_lr_mult=backbone_lr_mult
-    )
+    groups = build_param_groups(model, train)
     if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)

@@ -1,9 +1,4 @@
-"""Numeric precision per device (docs/GPU.md): ``amp`` modes and CUDA math settings.
-
-``amp`` (``train.amp``, ``eval.amp``, ``--amp``): ``auto`` = bf16 autocast on a CUDA device
-that supports it, else fp32; ``off``; ``bf16``; ``fp16`` (CUDA only; training adds a grad
-scaler). torch is imported inside the functions: ``predict --onnx`` runs without it.
-"""
+"""``amp`` modes and CUDA math settings (docs/GPU.md); torch is imported inside the functions."""
 
 from __future__ import annotations
 
@@ -18,23 +13,19 @@ AmpSpec = Union[str, "torch.dtype", None]
 
 
 def resolve_amp(amp: AmpSpec, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype of ``amp`` on ``device``; None (also for ``amp=None``): fp32."""
+    """Autocast dtype of ``amp`` (``auto``: bf16 on CUDA if supported) on ``device``; None: fp32."""
     import torch
 
     if isinstance(amp, torch.dtype):
         return amp
-    if amp is None or amp == "off":
-        return None
+    cuda = torch.device(device).type == "cuda"
     if amp == "auto":
-        cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if torch.device(device).type != "cuda":
-            raise ValueError("amp=fp16 needs a CUDA device; use bf16 or off on CPU")
-        return torch.float16
-    raise ValueError(f"amp must be one of {list(AMP_MODES)} or a torch dtype, got {amp!r}")
+        amp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "off"
+    if amp == "fp16" and not cuda:
+        raise ValueError("amp=fp16 needs a CUDA device; use bf16 or off on CPU")
+    if amp is not None and amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {list(AMP_MODES)} or a torch dtype, got {amp!r}")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "off")
 
 
 def autocast_context(amp: AmpSpec, device: torch.device | str) -> AbstractContextManager:

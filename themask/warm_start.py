@@ -1,5 +1,4 @@
-"""``train.init_from``: start training from trained weights of the same network, of another
-class count, or of a stage-1 (single-frame) model for a TAD model (docs/DESIGN.md §6)."""
+"""``train.init_from``: trained weights, of other classes or of stage 1 (docs/DESIGN.md §6)."""
 
 from __future__ import annotations
 
@@ -10,13 +9,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from themask.io import PathLike
-from themask.weights.files import (
-    StateDict,
-    WeightsError,
-    check_state_dict,
-    load_strict,
-    read_state_dict,
-)
+from themask.weights.files import WeightsError, check_state_dict, load_strict, read_state_dict
 from themask.weights.official import as_ours
 
 logger = logging.getLogger(__name__)
@@ -26,38 +19,18 @@ HEAD_INITS = ("official", "copy")
 _TAD_ONLY = ("decoder.temporal.", "decoder.frame_head.")
 
 
-def replace_class_layers(
-    state_dict: Mapping[str, Tensor], model: nn.Module
-) -> tuple[StateDict, list[str]]:
-    """``state_dict`` in our layout with each ``decoder.*.class_embed`` tensor whose shape
-    differs from ``model``'s replaced by the model's own; also the replaced names."""
-    target = model.state_dict()
-    ours = as_ours(state_dict)
-    replaced = sorted(
-        key
-        for key, value in ours.items()
-        if CLASS_LAYER_PATTERN.match(key) and key in target and value.shape != target[key].shape
-    )
-    ours.update({key: target[key] for key in replaced})
-    return ours, replaced
-
-
 def load_stage1_into_temporal(
     model: nn.Module, state_dict: Mapping[str, Tensor], *, head_init: str = "official"
 ) -> None:
-    """Initialise a TAD model from a stage-1 state dict (ours or official), which must fit it
-    by name and shape (``WeightsError`` otherwise).
+    """Initialise a TAD model from a fitting stage-1 state dict (ours or official).
 
-    ``official``: the official stage-2 start; ``decoder.temporal``, both head norms and the
-    frame head's class and mask layers stay fresh. ``copy``: both heads (norm, class layer,
-    mask MLP) start as the stage-1 head; only ``decoder.temporal`` stays fresh.
+    ``official``: ``decoder.temporal``, both head norms and the frame head stay fresh (the
+    official stage-2 start); ``copy``: both heads start as the stage-1 head.
     """
     if head_init not in HEAD_INITS:
         raise WeightsError(f"head_init: expected one of {HEAD_INITS}, got {head_init!r}")
     if not getattr(model, "is_temporal", False):
-        raise WeightsError(
-            "load_stage1_into_temporal: the model has no Temporal Aggregation Decoder"
-        )
+        raise WeightsError("load_stage1_into_temporal: no Temporal Aggregation Decoder")
     stage1 = as_ours(state_dict)
     temporal_keys = sorted(key for key in stage1 if key.startswith(_TAD_ONLY))
     if temporal_keys:
@@ -83,13 +56,20 @@ def load_stage1_into_temporal(
 
 
 def init_from_weights(model: nn.Module, path: PathLike, *, head_init: str = "official") -> None:
-    """Load ``path`` into ``model`` to start training: stage 1 into a TAD model (``head_init``),
-    else the same network strictly; class layers of another class count start fresh."""
-    state_dict, fresh = replace_class_layers(read_state_dict(path), model)
+    """Load ``path`` into ``model`` (stage 1 into a TAD model); other-K class layers start fresh."""
+    state_dict = as_ours(read_state_dict(path))
+    target = model.state_dict()
+    fresh = [
+        key
+        for key, value in sorted(state_dict.items())
+        if CLASS_LAYER_PATTERN.match(key) and key in target and value.shape != target[key].shape
+    ]
+    state_dict.update({key: target[key] for key in fresh})
     if fresh:
-        count = model.num_classes
         names = ", ".join(fresh)
-        logger.info("%s: class layers re-initialised for %d classes: %s", path, count, names)
+        logger.info(
+            "%s: class layers re-initialised for %d classes: %s", path, model.num_classes, names
+        )
     has_tad = any(key.startswith("decoder.temporal.") for key in state_dict)
     if getattr(model, "is_temporal", False) and not has_tad:
         load_stage1_into_temporal(model, state_dict, head_init=head_init)

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from themask.io import PathLike
+from themask.io import PathLike, atomic_write
 
 
 def add_command(
@@ -16,51 +16,30 @@ def add_command(
     run: Callable[[argparse.Namespace], int],
     doc: str | None,
 ) -> argparse.ArgumentParser:
-    """The parser of ``themask <name>`` calling ``run``: ``doc``'s first line is its summary,
-    all of ``doc`` its description (line breaks kept)."""
-    parser = subparsers.add_parser(
-        name,
-        help=(doc or "").split("\n", 1)[0],
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """The parser of ``themask <name>`` calling ``run``, described by ``doc``."""
+    summary, formatter = (doc or "").split("\n", 1)[0], argparse.RawDescriptionHelpFormatter
+    parser = subparsers.add_parser(name, help=summary, description=doc, formatter_class=formatter)
     parser.set_defaults(func=run)
     return parser
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = None) -> None:
-    """``--threads N``: torch CPU threads, set by ``themask.cli.main`` before the command runs."""
-    where = "torch's default, one per core" if default is None else str(default)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=default,
-        metavar="N",
-        help=f"torch CPU threads (default: {where}; on a busy machine 1 is often much faster)",
-    )
+    where = "one per core" if default is None else default
+    text = f"torch CPU threads (default: {where}; 1 is often faster on a busy machine)"
+    parser.add_argument("--threads", type=int, default=default, metavar="N", help=text)
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser, example: str) -> None:
-    """Positional ``key=value`` config overrides (accepted anywhere on the line)."""
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help=f"dotted config overrides parsed as YAML, e.g. {example} (anywhere on the line)",
-    )
+    text = f"dotted config overrides parsed as YAML, e.g. {example} (anywhere on the line)"
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=text)
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, amp_default: str | None) -> None:
     """``--amp``, ``--device`` and ``--threads`` (``eval`` and ``predict``)."""
     from themask.precision import AMP_MODES
 
-    parser.add_argument(
-        "--amp",
-        choices=AMP_MODES,
-        default=amp_default,
-        help=f"inference autocast (default: {amp_default or 'eval.amp'}; auto: bf16 on CUDA "
-        "where supported)",
-    )
+    text = f"inference autocast (default: {amp_default or 'eval.amp'}; auto: bf16 on CUDA)"
+    parser.add_argument("--amp", choices=AMP_MODES, default=amp_default, help=text)
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     add_threads_argument(parser)
 
@@ -68,9 +47,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser, amp_default: str | 
 def report_metrics(
     report: dict[str, Any], names: list[str], json_path: PathLike | None, **fields: Any
 ) -> None:
-    """Print the metric table; with ``json_path`` also write ``fields`` and the metrics there."""
+    """Print the metric table; ``json_path``: also write ``fields`` and the metrics there."""
     from themask.evaluation.metrics import format_metrics_table, metrics_to_json
-    from themask.io import atomic_write
 
     print(format_metrics_table(report, names))
     if json_path:

@@ -1,9 +1,8 @@
 """Validate a dataset folder against its dataset.yaml (or draft one).
 
-Decode every frame and mask of ROOT as its dataset.yaml (else the VSPW layout) describes
-them; print videos, frames, sizes and a class table; exit with status 1 naming every bad file.
---init-description drafts ROOT/dataset.yaml from the masks of a folder without one, finding
-frames and masks in the VSPW or DAVIS layout unless --frames / --masks give folder patterns.
+Decode every frame and mask of ROOT as its dataset.yaml (else the VSPW layout) describes them;
+print a summary and class table; exit with status 1 naming every bad file. --init-description
+drafts ROOT/dataset.yaml from the masks (VSPW or DAVIS layout, or --frames / --masks patterns).
 """
 
 from __future__ import annotations
@@ -16,20 +15,12 @@ from themask.commands import add_command
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "check-data", run, __doc__)
     parser.add_argument("root", metavar="ROOT", help="dataset folder")
-    parser.add_argument(
-        "--split", action="append", metavar="NAME", help="split to check (repeatable; default: all)"
-    )
-    parser.add_argument(
-        "--unlabelled",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a split that may lack masks",
-    )
+    text = "split to check (repeatable; default: all)"
+    parser.add_argument("--split", action="append", metavar="NAME", help=text)
+    text = "a split that may lack masks"
+    parser.add_argument("--unlabelled", action="append", default=[], metavar="NAME", help=text)
     parser.add_argument("--jobs", type=int, default=1, metavar="N", help="processes (default 1)")
-    parser.add_argument(
-        "--init-description", action="store_true", help="write a draft ROOT/dataset.yaml"
-    )
+    parser.add_argument("--init-description", action="store_true", help="draft ROOT/dataset.yaml")
     parser.add_argument("--frames", metavar="PATTERN", help="e.g. 'JPEGImages/{video}'")
     parser.add_argument("--masks", metavar="PATTERN", help="e.g. 'Annotations/{video}'")
 

@@ -1,7 +1,4 @@
-"""List the shipped run configs (pass one by name as CONFIG, from any folder).
-
-A file of the same name takes precedence.
-"""
+"""List the shipped run configs (pass one by name as CONFIG; a file of that name wins)."""
 
 from __future__ import annotations
 

@@ -20,13 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("src", metavar="SRC", help="weights file (.pth/.pt/.bin/.safetensors)")
     parser.add_argument("dst", metavar="DST", help="output .safetensors file")
     parser.add_argument("--preset", help="model preset (inferred if omitted)")
-    parser.add_argument(
-        "--num-classes", type=int, help="classes K (default: inferred, or 124 for MiT weights)"
-    )
+    parser.add_argument("--num-classes", type=int, help="default: inferred, or 124 for MiT")
 
 
 def preset_of(config: Any) -> str:
-    """The presets of network ``config`` (dropout rates aside), else ``custom <backbone>-based``."""
+    """The presets of network ``config`` (dropout aside), else ``custom <backbone>-based``."""
     from themask.modeling.build import list_presets, preset_config
 
     names = []

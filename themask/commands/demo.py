@@ -1,9 +1,8 @@
 """Train and evaluate THE-Mask on the embedded toy videos (CPU, a few minutes).
 
-The embedded end-to-end run: write the toy dataset (OUT/toy_data), train the toy THE-Mask
-config for its fixed number of steps (OUT/run), print the metric table (OUT/metrics.json),
-write GT | prediction overlays of a validation video (OUT/overlays, OUT/overlay.mp4) and the
-loss curve (OUT/loss_curve.png). --baseline also trains Mask2Former with the same budget.
+Writes the toy dataset (OUT/toy_data), the run (OUT/run), the metrics (OUT/metrics.json),
+GT | prediction overlays of a validation video (OUT/overlays, OUT/overlay.mp4) and the loss
+curve (OUT/loss_curve.png). --baseline also trains Mask2Former with the same budget.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ BASELINE_CONFIG = "toy/mask2former_toy"
 # with only a few dozen videos the tiny model memorises them instead of learning
 TRAIN_VIDEOS = 200
 VAL_VIDEOS = 6
+COMPARED = ("mIoU", "WIoU", "aAcc", "mVC8")  # the --baseline comparison
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,13 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="demo_out", metavar="DIR", help="output folder")
     parser.add_argument("--config", metavar="CONFIG", help=f"default: {THEMASK_CONFIG}")
     parser.add_argument("--baseline", action="store_true", help=f"also train {BASELINE_CONFIG}")
-    parser.add_argument(
-        "--train-videos",
-        type=int,
-        default=TRAIN_VIDEOS,
-        metavar="N",
-        help=f"generated training videos (default {TRAIN_VIDEOS})",
-    )
+    text = f"generated training videos (default {TRAIN_VIDEOS})"
+    parser.add_argument("--train-videos", type=int, default=TRAIN_VIDEOS, metavar="N", help=text)
     add_threads_argument(parser, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
 
@@ -60,13 +55,11 @@ def run(args: argparse.Namespace) -> int:
     config = args.config or THEMASK_CONFIG
     results = {"THE-Mask": _train_and_report(config, args, data_root, out)}
     if args.baseline:
-        results["Mask2Former"] = _train_and_report(
-            BASELINE_CONFIG, args, data_root, out / "baseline"
-        )
+        report = _train_and_report(BASELINE_CONFIG, args, data_root, out / "baseline")
+        results["Mask2Former"] = report
         print()
         for name, report in results.items():
-            keys: tuple[str, ...] = ("mIoU", "WIoU", "aAcc", "mVC8")
-            compared = {k: report[k] for k in keys if k in report}
+            compared = {k: report[k] for k in COMPARED if k in report}
             print(f"{name:<12} {summarize_metrics(compared)}")
     print(f"\nall outputs in {out}/")
     return 0
@@ -101,15 +94,8 @@ def _train_and_report(
         f"{report['num_frames']} frames, test clips of {cfg.data.eval_clip_len}); "
         f"chance level mIoU ≈ {100 / len(names):.1f}"
     )
-    report_metrics(
-        report,
-        names,
-        out / "metrics.json",
-        config=str(config),
-        preset=cfg.preset,
-        steps=cfg.train.max_steps,
-        train_minutes=round(minutes, 2),
-    )
+    fields = {"config": str(config), "preset": cfg.preset, "steps": cfg.train.max_steps}
+    report_metrics(report, names, out / "metrics.json", train_minutes=round(minutes, 2), **fields)
     video = _write_overlays(trainer.model, cfg, out, trainer.device)
     plot_loss_curve(out / "run" / "metrics.jsonl", out / "loss_curve.png", title=cfg.preset)
     print(
@@ -133,14 +119,12 @@ def _write_overlays(model: Any, cfg: Any, out: Path, device: Any) -> str:
     transform = TestTransform(scale=cfg.data.scale, size_divisor=cfg.data.size_divisor)
     frames = (read_frame(p) for p in video.frame_paths)
     clip_len = cfg.data.eval_clip_len
-    predictions = predict_video(
-        model, frames, clip_len=clip_len, transform=transform, device=device
-    )
+    pairs = predict_video(model, frames, clip_len=clip_len, transform=transform, device=device)
     folder = out / "overlays" / video.name
     folder.mkdir(parents=True, exist_ok=True)
     assert video.mask_paths is not None  # a validation split is labelled
     with OverlayVideoWriter(out / "overlay.mp4", fps=5.0) as writer:
-        for path, mask, (frame, labels) in zip(video.frame_paths, video.mask_paths, predictions):
+        for path, mask, (frame, labels) in zip(video.frame_paths, video.mask_paths, pairs):
             gt = description.read_label(mask)
             panel = comparison_panel(frame, gt, labels, description.classes, description.palette)
             Image.fromarray(panel).save(folder / f"{path.stem}.png")

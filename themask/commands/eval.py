@@ -26,17 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", help="split name (default: data.val_split)")
     parser.add_argument("--json", dest="json_path", help="write the metrics here")
     parser.add_argument("--save-predictions", metavar="DIR", help="write label PNGs there too")
-    parser.add_argument(
-        "--vc-gt",
-        choices=("train_id", "raw"),
-        default="train_id",
-        help="mVC compares train ids (CFFM's script) or raw PNG values (VSPW's)",
-    )
-    parser.add_argument(
-        "--vc-rule",
-        choices=("published", "per_length"),
-        help="mVC leaves out videos of <= 16 frames or of <= n (default: eval.vc_rule)",
-    )
+    text = "mVC compares train ids (CFFM's script) or raw PNG values (VSPW's)"
+    parser.add_argument("--vc-gt", choices=("train_id", "raw"), default="train_id", help=text)
+    text = "mVC leaves out videos of <= 16 frames or of <= n (default: eval.vc_rule)"
+    parser.add_argument("--vc-rule", choices=("published", "per_length"), help=text)
     add_inference_arguments(parser, amp_default=None)
 
 
@@ -63,34 +56,19 @@ def run(args: argparse.Namespace) -> int:
         vc_rule = args.vc_rule or cfg.eval.vc_rule
         split = args.split or cfg.data.val_split
         clip_len = args.clip_len or cfg.data.eval_clip_len
+        settings = {"split": split, "clip_len": clip_len, "vc_gt": args.vc_gt, "vc_rule": vc_rule}
         logger.info("evaluating %s on %s/%s, T = %d", args.weights, cfg.data.root, split, clip_len)
+        write_dir, amp = args.save_predictions, args.amp
         report = evaluate_config(
-            model,
-            cfg,
-            device=info.device,
-            split=split,
-            clip_len=clip_len,
-            write_dir=args.save_predictions,
-            amp=args.amp,
-            vc_gt=args.vc_gt,
-            vc_rule=vc_rule,
+            model, cfg, device=info.device, write_dir=write_dir, amp=amp, **settings
         )
         if info.is_main:
-            names = list(description.classes)
             print(
                 f"{report['num_videos']} videos, {report['num_frames']} frames scored of "
                 f"{cfg.data.root} / {split}, clip length {clip_len}, mVC rule {vc_rule}"
             )
-            report_metrics(
-                report,
-                names,
-                args.json_path,
-                weights=str(args.weights),
-                split=split,
-                clip_len=clip_len,
-                vc_gt=args.vc_gt,
-                vc_rule=vc_rule,
-            )
+            names = list(description.classes)
+            report_metrics(report, names, args.json_path, weights=str(args.weights), **settings)
             if args.json_path:
                 print(f"metrics written to {args.json_path}")
     finally:

@@ -12,6 +12,7 @@ Writes to OUT:
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from themask.commands import add_command
 from themask.commands.predict import add_window_arguments, window_settings
@@ -31,14 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = model_from_weights(args.weights)
     scale, clip_len, names, palette = window_settings(args, model)
-    manifest = export_onnx(
-        model,
-        args.out,
-        clip_len=clip_len,
-        class_names=names,
-        palette=palette,
-        opset=args.opset,
-        scale=scale,
-    )
+    options: dict[str, Any] = {"class_names": names, "palette": palette, "scale": scale}
+    manifest = export_onnx(model, args.out, clip_len=clip_len, opset=args.opset, **options)
     print(f"{args.out}: {manifest.encoder}, {manifest.decoder} (T = {clip_len}), manifest.json")
     return 0

@@ -1,8 +1,7 @@
 """Write the small synthetic toy dataset used by the demo and the tests.
 
-Write a deterministic synthetic video dataset (VSPW layout, 8 textured classes, moving and
-occluding objects, 'others' and void pixels) and its dataset.yaml; train on it with
-data.root=DIR.
+Deterministic videos in the VSPW layout (8 textured classes, moving and occluding objects,
+'others' and void pixels) and their dataset.yaml; train on it with data.root=DIR.
 """
 
 from __future__ import annotations

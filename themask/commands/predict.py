@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +39,8 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
     """``--clip-len``, ``--config`` and ``--scale`` (``predict`` and ``export``)."""
     parser.add_argument("--clip-len", type=int, help="frames per window (default: the model's)")
     parser.add_argument("--config", help="run config: default scale, clip length and classes")
-    parser.add_argument(
-        "--scale",
-        type=int,
-        nargs=2,
-        metavar=("LONG", "SHORT"),
-        help="test resize (default: --config's, else the weights', else 853 480)",
-    )
+    text = "test resize (default: --config's, else the weights', else 853 480)"
+    parser.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help=text)
 
 
 def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, int], int, list, Any]:
@@ -67,8 +64,7 @@ def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, in
 
 
 def _class_info(weights: str, data: Any, num_classes: int) -> tuple[list[str], Any]:
-    """Names and palette stored in the weights, else the ``--config`` dataset's, else VSPW's
-    (124 classes), else numbers."""
+    """Names and palette of the weights, else of the ``--config`` data, else VSPW's or numbers."""
     from themask.config import ConfigError
     from themask.data.description import VSPW_DESCRIPTION, default_palette
     from themask.weights import read_class_info
@@ -77,22 +73,21 @@ def _class_info(weights: str, data: Any, num_classes: int) -> tuple[list[str], A
     if stored is not None:
         names, palette = stored
         return names, default_palette(len(names)) if palette is None else palette
-    if data is not None:
-        description = data.description
-        if description.num_classes != num_classes:
-            raise ConfigError(
-                f"{weights}: the model predicts {num_classes} classes but the --config dataset "
-                f"({description.source}) has {description.num_classes}"
-            )
+    description = VSPW_DESCRIPTION if data is None else data.description
+    if description.num_classes == num_classes:
         return list(description.classes), description.palette
-    if num_classes == VSPW_DESCRIPTION.num_classes:
-        return list(VSPW_DESCRIPTION.classes), VSPW_DESCRIPTION.palette
+    if data is not None:
+        raise ConfigError(
+            f"{weights}: the model predicts {num_classes} classes but the --config dataset "
+            f"({description.source}) has {description.num_classes}"
+        )
     return [str(i) for i in range(num_classes)], default_palette(num_classes)
 
 
 def run(args: argparse.Namespace) -> int:
     from themask.evaluation.visualize import write_predictions
 
+    predict: Callable[[Any], Any]
     if args.onnx:  # torch is never imported
         from themask.data.vspw import DataError
         from themask.deploy.runtime import OnnxStreamingPredictor, predict_frames
@@ -106,10 +101,7 @@ def run(args: argparse.Namespace) -> int:
             )
         names, palette, clip_len = manifest.class_names, manifest.palette, manifest.clip_len
         scale = tuple(args.scale or manifest.scale)
-
-        def predict(frames: Any) -> Any:
-            return predict_frames(predictor, frames, scale=scale)
-
+        predict = partial(predict_frames, predictor, scale=scale)
     else:
         import torch
 
@@ -123,29 +115,13 @@ def run(args: argparse.Namespace) -> int:
         model = model_from_weights(args.weights).to(device)
         scale, clip_len, names, palette = window_settings(args, model)
         transform = TestTransform(scale=scale, size_divisor=model.config.size_divisor)
-
-        def predict(frames: Any) -> Any:
-            return predict_video(
-                model,
-                frames,
-                clip_len=clip_len,
-                transform=transform,
-                device=device,
-                step=args.step,
-                amp=args.amp,
-            )
+        window = {"clip_len": clip_len, "transform": transform, "step": args.step}
+        predict = partial(predict_video, model, device=device, amp=args.amp, **window)
 
     what = (args.input, clip_len, args.step, scale)
     logger.info("predicting %s: windows of %d frames, step %d, test scale %s", *what)
-    count = write_predictions(
-        args.input,
-        args.out,
-        predict,
-        class_names=names,
-        palette=palette,
-        fps=args.fps,
-        alpha=args.alpha,
-    )
+    drawing = {"class_names": names, "palette": palette, "fps": args.fps, "alpha": args.alpha}
+    count = write_predictions(args.input, args.out, predict, **drawing)
     out = Path(args.out)
     print(f"{count} frames: {out / 'labels'}, {out / 'overlays'}, {out / 'overlay.mp4'}")
     return 0

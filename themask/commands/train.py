@@ -6,11 +6,9 @@ run folder. CONFIG: a YAML file or a shipped config name (see `themask configs`)
   themask train vspw/themask_mit_b1_t1 pretrained_backbone=mit_b1.pth
   torchrun --nproc-per-node 4 -m themask train vspw/themask_mit_b1_t2
   themask train vspw/themask_mit_b1_t1 --resume   (continue runs/themask_mit_b1_t1)
-
-train.batch_size is the global batch (all processes). Ctrl-C or SIGTERM finishes the step,
-writes checkpoint.pt and exits with 128 + the signal number; a second Ctrl-C stops at once.
---resume continues exactly; it allows only intervals, a longer train.max_steps,
-data.num_workers, data.root and eval.* to change.
+train.batch_size is the global batch. Ctrl-C or SIGTERM writes checkpoint.pt after the step and
+exits with 128 + the signal number (a second Ctrl-C: at once). --resume continues exactly; only
+intervals, a longer train.max_steps, data.num_workers, data.root and eval.* may change.
 """
 
 from __future__ import annotations
@@ -34,11 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_overrides_argument(parser, "train.lr=2e-4 data.dilation=[-3]")
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
-    parser.add_argument(
-        "--init-from",
-        metavar="W",
-        help="train.init_from: a stage-1 model for a T = 2 run, or a model of other classes",
-    )
+    text = "train.init_from: a stage-1 model for a T = 2 run, or a model of other classes"
+    parser.add_argument("--init-from", metavar="W", help=text)
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--no-eval", action="store_true", help="skip periodic and final eval")
     add_threads_argument(parser)

@@ -24,8 +24,14 @@ from themask.cli import main  # noqa: E402
 from themask.data.resize import MEAN, STD  # noqa: E402
 from themask.data.vspw import DataError  # noqa: E402
 from themask.deploy.export import export_decoder  # noqa: E402
-from themask.deploy.manifest import FEATURES, FORMAT, IMAGE, read_manifest  # noqa: E402
-from themask.deploy.runtime import OnnxStreamingPredictor, resize_bilinear  # noqa: E402
+from themask.deploy.runtime import (  # noqa: E402  # noqa: E402
+    FEATURES,
+    FORMAT,
+    IMAGE,
+    OnnxStreamingPredictor,
+    read_manifest,
+    resize_bilinear,
+)
 from themask.evaluation.predict import StreamingPredictor  # noqa: E402
 from themask.evaluation.visualize import OverlayVideoWriter  # noqa: E402
 from themask.modeling.build import build_model  # noqa: E402

@@ -1,5 +1,4 @@
-"""``export_onnx``: a THEMask as ``encoder.onnx`` + ``decoder.onnx`` (``torch.export``, dynamic
-H and W, plain ``GridSample`` nodes) + ``manifest.json``."""
+"""A THEMask as ``encoder.onnx`` + ``decoder.onnx`` (``torch.export``, dynamic H, W) + manifest."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from themask import __version__
 from themask.config import ConfigError
 from themask.data.resize import MEAN, STD
 from themask.data.vspw import TEST_SCALE
-from themask.deploy.manifest import FEATURES, IMAGE, SCORES, Manifest
+from themask.deploy.runtime import FEATURES, IMAGE, SCORES, Manifest
 from themask.io import PathLike
 from themask.modeling.themask import FrameFeatures, THEMask
 
@@ -49,16 +48,6 @@ class _DecoderGraph(nn.Module):
         return self.model.stride4_scores(predictions)[0]
 
 
-def _check_clip_len(model: THEMask, clip_len: int) -> None:
-    if clip_len < 1:
-        raise ConfigError(f"--clip-len must be >= 1, got {clip_len}")
-    if clip_len > 1 and not model.is_temporal:
-        raise ConfigError(
-            f"--clip-len {clip_len}: a single-frame ({model.config.decoder}) decoder takes "
-            "one frame per window; use --clip-len 1"
-        )
-
-
 def export_onnx(
     model: THEMask,
     out_dir: PathLike,
@@ -71,11 +60,8 @@ def export_onnx(
 ) -> Manifest:
     """Write both graphs and the manifest of ``model`` to ``out_dir``; return the manifest.
     ``ConfigError`` for a clip length or opset the model cannot be exported with."""
-    _check_clip_len(model, clip_len)
     if opset < OPSET:
         raise ConfigError(f"--opset must be >= {OPSET}, got {opset}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     manifest = Manifest(
         num_classes=model.num_classes,
@@ -85,11 +71,13 @@ def export_onnx(
         mean=list(MEAN),
         std=list(STD),
         opset=opset,
-        model={k: v for k, v in dataclasses.asdict(model.config).items() if k != "loss"},
+        model=dataclasses.asdict(model.config),
         scale=[int(scale[0]), int(scale[1])],
         size_divisor=model.config.size_divisor,
         themask_version=__version__,
     )
+    out = Path(out_dir)
+    export_decoder(model, out / manifest.decoder, clip_len=clip_len, opset=opset)
     _export(
         _EncoderGraph(model),
         (_sample_image(model),),
@@ -99,7 +87,6 @@ def export_onnx(
         output_names=list(FEATURES),
         dynamic_shapes={"image": _size_dims(model, 1)},
     )
-    export_decoder(model, out / manifest.decoder, clip_len=clip_len, opset=opset)
     manifest.write(out)
     return manifest
 
@@ -118,7 +105,13 @@ def _size_dims(model: THEMask, stride: int) -> dict[int, object]:
 
 def export_decoder(model: THEMask, path: PathLike, *, clip_len: int, opset: int = OPSET) -> None:
     """``decoder.onnx``: ``FEATURES`` of ``clip_len`` frames → scores (T, K, H/4, W/4)."""
-    _check_clip_len(model, clip_len)
+    if clip_len < 1:
+        raise ConfigError(f"--clip-len must be >= 1, got {clip_len}")
+    if clip_len > 1 and not model.is_temporal:
+        raise ConfigError(
+            f"--clip-len {clip_len}: a single-frame ({model.config.decoder}) decoder takes "
+            "one frame per window; use --clip-len 1"
+        )
     with torch.no_grad():
         features = _EncoderGraph(model.eval())(_sample_image(model))
     _export(
@@ -137,6 +130,7 @@ def export_decoder(model: THEMask, path: PathLike, *, clip_len: int, opset: int 
 
 def _export(module: nn.Module, args: tuple, path: Path, opset: int, **options) -> None:
     logger.info("exporting %s (opset %d)", path, opset)
+    path.parent.mkdir(parents=True, exist_ok=True)
     progress = io.StringIO()  # the exporter prints its steps on stdout: kept for -v
     with torch.no_grad(), contextlib.redirect_stdout(progress):
         torch.onnx.export(

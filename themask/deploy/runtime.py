@@ -1,19 +1,85 @@
-"""Video prediction with an exported model on ONNX Runtime, without torch: the causal sliding
-windows of ``StreamingPredictor``, each frame encoded once, scores resized as PyTorch does."""
+"""Prediction with an exported model on ONNX Runtime, without torch: ``manifest.json`` and the
+causal sliding windows of ``StreamingPredictor``, each frame encoded once."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from themask.data.clips import TEST_CLIP_STRIDE, CausalWindows
 from themask.data.resize import aligned_size, resize_frame
-from themask.data.vspw import DataError
-from themask.deploy.manifest import FEATURES, IMAGE, Manifest, read_manifest
-from themask.io import PathLike
+from themask.data.vspw import TEST_SCALE, DataError
+from themask.io import PathLike, atomic_write
+
+FORMAT = 1  # changes whenever the graphs' I/O or a field change meaning
+# the encoder maps IMAGE to FEATURES; the decoder maps T frames' FEATURES (stacked) to SCORES
+IMAGE = "image"
+FEATURES = ("mask_features", "multi_scale_32", "multi_scale_16", "multi_scale_8")
+SCORES = "scores"
+
+
+@dataclass
+class Manifest:
+    """Contents of ``manifest.json``. Input: an RGB frame resized to fit ``scale`` (long, short),
+    sides stretched to multiples of ``size_divisor``, (x − mean) / std, (1, 3, H, W). Output:
+    scores (T, K, H/``mask_stride``, W/``mask_stride``), to upsample bilinearly and argmax."""
+
+    num_classes: int
+    clip_len: int
+    class_names: list[str]
+    palette: list[list[int]]
+    mean: list[float]
+    std: list[float]
+    opset: int
+    model: dict[str, Any]
+    scale: list[int] = field(default_factory=lambda: list(TEST_SCALE))
+    size_divisor: int = 32
+    mask_stride: int = 4
+    padding: str = "zeros, bottom/right, to a multiple of size_divisor"
+    encoder: str = "encoder.onnx"
+    decoder: str = "decoder.onnx"
+    format: int = FORMAT
+    themask_version: str = ""
+
+    def write(self, directory: PathLike) -> None:
+        with atomic_write(Path(directory) / "manifest.json") as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+
+def read_manifest(directory: PathLike) -> Manifest:
+    """The manifest of an export folder; ``DataError`` naming the file for any problem with it."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no ONNX export manifest here (write one with themask export)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a readable JSON manifest ({err})") from err
+    data = data if isinstance(data, dict) else {}
+    if data.get("format") != FORMAT:
+        raise DataError(
+            f"{path}: manifest format {data.get('format')!r} (themask "
+            f"{data.get('themask_version', '?')}); this themask reads format {FORMAT}: export the "
+            "model again"
+        )
+    names = {f.name for f in dataclasses.fields(Manifest)}
+    try:
+        manifest = Manifest(**{k: v for k, v in data.items() if k in names})
+    except TypeError as err:
+        raise DataError(f"{path}: incomplete manifest ({err})") from err
+    if not len(manifest.class_names) == manifest.num_classes == len(manifest.palette):
+        raise DataError(f"{path}: class_names and palette must hold num_classes entries")
+    for graph in (manifest.encoder, manifest.decoder):
+        if not (path.parent / graph).is_file():
+            raise DataError(f"{path.parent / graph}: graph named by {path} is missing")
+    return manifest
 
 
 def resize_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -81,13 +147,6 @@ class OnnxStreamingPredictor:
         return resize_bilinear(scores, padded)[:, :height, :width]
 
 
-def normalise(frame: np.ndarray, manifest: Manifest) -> np.ndarray:
-    """(H, W, 3) uint8 RGB → (3, H, W) float32, (x − mean) / std as in the manifest."""
-    mean = np.asarray(manifest.mean, dtype=np.float32)
-    std = np.asarray(manifest.std, dtype=np.float32)
-    return ((frame.astype(np.float32) - mean) / std).transpose(2, 0, 1)
-
-
 def predict_frames(
     predictor: OnnxStreamingPredictor,
     frames: Iterable[np.ndarray],
@@ -98,7 +157,9 @@ def predict_frames(
     ``TestTransform(scale)`` does (default: the manifest's scale)."""
     manifest = predictor.manifest
     scale = scale or (manifest.scale[0], manifest.scale[1])
+    mean, std = (np.asarray(values, dtype=np.float32) for values in (manifest.mean, manifest.std))
     for frame in frames:
         size = aligned_size(frame.shape[:2], scale, manifest.size_divisor)
-        scores = predictor.push(normalise(resize_frame(frame, size), manifest))
+        image = (resize_frame(frame, size).astype(np.float32) - mean) / std  # (h, w, 3)
+        scores = predictor.push(image.transpose(2, 0, 1))
         yield frame, resize_bilinear(scores, frame.shape[:2]).argmax(axis=0)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from themask import distributed as dist_utils
 from themask.data.clips import test_clips
 from themask.data.transforms import TestTransform
-from themask.data.vspw import IGNORE_INDEX, DataError, Video, VSPWIndex, read_frame, read_raw_label
+from themask.data.vspw import DataError, VSPWIndex, check_mask_size, read_frame, read_raw_label
 from themask.evaluation.metrics import (
     PUBLISHED_VC_SKIP,
     SegmentationAccumulator,
@@ -27,6 +27,7 @@ from themask.precision import AmpSpec, autocast_context
 
 if TYPE_CHECKING:
     from themask.config import RunConfig
+    from themask.data.vspw import Video
 
 
 def evaluate_split(
@@ -49,26 +50,23 @@ def evaluate_split(
 ) -> dict[str, object]:
     """Score every frame of ``index``, predicted once by test clips of ``clip_len`` frames.
 
-    ``model`` maps (1, T, 3, h, w) to scores (1, T, K, h, w); ``transform`` maps the original
-    frames to (T, 3, h, w). Frames without a mask are context only (mVC skips them too).
-    ``vc_gt``: mVC's GT, ``"train_id"`` (CFFM script) or ``"raw"`` PNG values (VSPW authors');
-    ``vc_rule``: ``"published"`` (skip videos of <= 16 frames) or ``"per_length"`` (<= n).
-    ``write_dir``: also ``<dir>/<video>/<stem>.png`` with ``palette``. ``distributed=True``
-    (every rank calls): videos split over the ranks, sums reduced. Returns
-    :func:`segmentation_metrics` plus ``mVC<n>``, ``num_videos``, ``num_frames`` (scored).
-    """
+    ``model``: (1, T, 3, h, w) → scores (1, T, K, h, w); ``transform``: frames → (T, 3, h, w).
+    Frames without a mask are context only. ``vc_gt``: mVC's GT, ``"train_id"`` (CFFM) or
+    ``"raw"`` PNG values (VSPW authors'); ``vc_rule``: ``"published"`` (skip videos of <= 16
+    frames) or ``"per_length"`` (<= n). ``write_dir``: also ``<dir>/<video>/<stem>.png``.
+    ``distributed=True`` (every rank calls): videos split over the ranks, sums reduced. Returns
+    :func:`segmentation_metrics` plus ``mVC<n>``, ``num_videos``, ``num_frames`` (scored)."""
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
     if vc_rule not in ("published", "per_length"):
         raise ValueError(f"vc_rule must be 'published' or 'per_length', got {vc_rule!r}")
     description = index.description
     num_classes = num_classes or description.num_classes
-    if write_dir is not None and palette is None:
-        raise ValueError("evaluate_split: write_dir needs a palette for the prediction PNGs")
+    palette = description.palette if palette is None else palette
     if not index.labelled:
         raise ValueError(f"evaluate_split: split '{index.split}' of {index.root} has no masks")
     device = torch.device(device)
-    seg = SegmentationAccumulator(num_classes=num_classes, ignore_index=IGNORE_INDEX, device=device)
+    seg = SegmentationAccumulator(num_classes=num_classes, device=device)
     skip = PUBLISHED_VC_SKIP if vc_rule == "published" else None
     vcs = {n: VideoConsistencyAccumulator(n, skip_up_to=skip, device=device) for n in vc_lengths}
     videos = index.videos[:max_videos] if max_videos is not None else index.videos
@@ -91,11 +89,7 @@ def evaluate_split(
                 mask_path = video.mask_path(frame)
                 if mask_path is not None:
                     target = upload(torch.from_numpy(description.read_label(mask_path)), device)
-                    if target.shape != pred.shape:
-                        raise DataError(
-                            f"{mask_path}: mask size {tuple(target.shape)} differs from its "
-                            f"frame's {tuple(pred.shape)}"
-                        )
+                    check_mask_size(mask_path, target.shape, video.frame_paths[frame], pred.shape)
                     seg.update(pred, target)
                     if vc_gt == "raw" and vcs:
                         raw = np.array(read_raw_label(mask_path))
@@ -103,7 +97,7 @@ def evaluate_split(
                     for vc in vcs.values():
                         vc.update(pred, target)
                     num_scored += 1
-                if write_dir is not None and palette is not None:  # checked above
+                if write_dir is not None:
                     save_label_png(
                         pred.to("cpu", torch.uint8).numpy(),
                         Path(write_dir) / video.name / f"{video.frame_paths[frame].stem}.png",
@@ -146,7 +140,6 @@ def evaluate_config(
         transform=TestTransform(scale=data.scale, size_divisor=data.size_divisor),
         device=device,
         write_dir=write_dir,
-        palette=description.palette,
         amp=amp or cfg.eval.amp,
         vc_gt=vc_gt,
         vc_rule=vc_rule or cfg.eval.vc_rule,
@@ -165,8 +158,7 @@ def _predict_in_frame_order(
     device: torch.device,
     amp: AmpSpec,
 ) -> Iterator[tuple[int, Tensor]]:
-    """``(frame index, labels (H, W))`` of every frame in order (clips may not be: a frame
-    waits until all earlier frames are predicted)."""
+    """``(frame index, labels (H, W))`` of every frame in order (a frame predicted early waits)."""
     pending: dict[int, Tensor] = {}
     next_frame = 0
     size = None  # (H, W) of the video's first frame read
@@ -187,5 +179,3 @@ def _predict_in_frame_order(
         while next_frame in pending:
             yield next_frame, pending.pop(next_frame)
             next_frame += 1
-    if pending or next_frame != len(video):
-        raise RuntimeError(f"test clips of {video.name} did not cover every frame once")

@@ -1,8 +1,8 @@
-"""VSPW metrics (docs/VSPW.md §3) as fractions (``nan``: undefined): mIoU, WIoU, accuracies,
-mVC_n. The accumulators' updates stay on the device; ``compute`` reads the sums once."""
+"""VSPW metrics (docs/VSPW.md §3) as fractions (``nan``: undefined), accumulated on the device."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -21,27 +21,6 @@ PUBLISHED_VC_SKIP = 16  # VSS-CFFM VC_perclip.py: clip_num = 16, checked before 
 
 def _as_tensor(x: ArrayLike) -> Tensor:
     return x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-
-
-def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """(K·K + 3,) int64: the row-major confusion matrix, then the pixels with an out-of-range
-    target, those with an out-of-range prediction (of the others) and the ignored ones."""
-    if pred.shape != target.shape:
-        raise ValueError(
-            f"confusion matrix: pred shape {tuple(pred.shape)} != target shape "
-            f"{tuple(target.shape)}"
-        )
-    k2 = num_classes * num_classes
-    target = target.to(pred.device).reshape(-1).long()
-    pred = pred.reshape(-1).long()
-    ignored = target == ignore_index
-    bad_target = ~ignored & ((target < 0) | (target >= num_classes))
-    bad_pred = ~ignored & ~bad_target & ((pred < 0) | (pred >= num_classes))
-    index = torch.where(bad_target, k2, target * num_classes + pred)
-    index = torch.where(bad_pred, k2 + 1, index)
-    index = torch.where(ignored, k2 + 2, index)
-    counts = torch.zeros(k2 + 3, dtype=torch.int64, device=pred.device)
-    return counts.index_add_(0, index, torch.ones_like(index))
 
 
 def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
@@ -102,10 +81,23 @@ class SegmentationAccumulator:
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:
         """Add the pixels of ``pred`` / ``target`` (one shape); ``compute`` checks the ranges."""
-        pred_t = _as_tensor(pred).to(self.device)
-        self.counts += _confusion_counts(
-            pred_t, _as_tensor(target), self.num_classes, self.ignore_index
-        )
+        pred_t, target_t = _as_tensor(pred).to(self.device), _as_tensor(target).to(self.device)
+        if pred_t.shape != target_t.shape:
+            raise ValueError(
+                f"confusion matrix: pred shape {tuple(pred_t.shape)} != target shape "
+                f"{tuple(target_t.shape)}"
+            )
+        # bins: the row-major K×K matrix, then out-of-range targets, out-of-range predictions
+        # (of the others) and ignored pixels
+        k, k2 = self.num_classes, self.num_classes * self.num_classes
+        pred_t, target_t = pred_t.reshape(-1).long(), target_t.reshape(-1).long()
+        ignored = target_t == self.ignore_index
+        bad_target = ~ignored & ((target_t < 0) | (target_t >= k))
+        bad_pred = ~ignored & ~bad_target & ((pred_t < 0) | (pred_t >= k))
+        index = torch.where(bad_target, k2, target_t * k + pred_t)
+        index = torch.where(bad_pred, k2 + 1, index)
+        index = torch.where(ignored, k2 + 2, index)
+        self.counts.index_add_(0, index, torch.ones_like(index))
 
     def all_reduce(self) -> None:
         """Sum the counts over all processes (every rank, before ``compute``)."""
@@ -128,22 +120,14 @@ class SegmentationAccumulator:
 
 
 class VideoConsistencyAccumulator:
-    """mVC_n of docs/VSPW.md §3.3 (the official scripts), streaming; ``compute()`` → fraction.
-
-    Windows of n frames start at 0 … N−n−1 in a video of N frames (the last one is not
-    counted); videos of N ≤ ``skip_up_to`` frames add none (default n, the VSPW authors'
-    rule; ``PUBLISHED_VC_SKIP`` is VSS-CFFM's, the published one). VC = |S ∩ T| / |S| with S
-    (T) the pixels whose GT (prediction) is equal in all n frames, averaged over the windows
-    with non-empty S. Call ``start_video()``, ``update(pred, gt)`` per frame in order,
-    ``end_video()``; each pixel keeps the length of its run of equal values, not n frames.
-    """
+    """mVC_n of docs/VSPW.md §3.3 (windows 0 … N−n−1; VC = |S ∩ T| / |S| averaged over those
+    with non-empty S), streaming: ``start_video()``, ``update(pred, gt)`` per frame in order,
+    ``end_video()``; ``compute()`` → fraction. Videos of N ≤ ``skip_up_to`` frames add none
+    (default n, the VSPW authors' rule; ``PUBLISHED_VC_SKIP`` is VSS-CFFM's, the published one).
+    Each pixel keeps the length of its run of equal values, not n frames."""
 
     def __init__(
-        self,
-        n: int,
-        *,
-        skip_up_to: int | None = None,
-        device: str | torch.device = "cpu",
+        self, n: int, *, skip_up_to: int | None = None, device: str | torch.device = "cpu"
     ) -> None:
         if n < 2:
             raise ValueError(f"VideoConsistencyAccumulator: window length n must be >= 2, got {n}")
@@ -151,25 +135,20 @@ class VideoConsistencyAccumulator:
         self.skip_up_to = n if skip_up_to is None else skip_up_to
         self.device = torch.device(device)
         self.totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [Σ VC, windows]
-        self._in_video = False
-        self._reset_video()
+        self._video_totals: Tensor | None = None  # the current video's; None between videos
 
-    def _reset_video(self) -> None:
+    def start_video(self) -> None:
+        if self._video_totals is not None:
+            raise RuntimeError("VideoConsistencyAccumulator: start_video() before end_video()")
+        self._video_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self._prev: Tensor | None = None  # (2, H, W): the last frame's GT and prediction
         self._runs = torch.zeros(0)  # (2, H, W): frames since each value last changed
         self._pending: Tensor | None = None  # [VC, 1] of the window ending on the last frame
-        self._video_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.frames_seen = 0
-
-    def start_video(self) -> None:
-        if self._in_video:
-            raise RuntimeError("VideoConsistencyAccumulator: start_video() before end_video()")
-        self._reset_video()
-        self._in_video = True
 
     def update(self, pred: ArrayLike, gt: ArrayLike) -> None:
         """Add the next frame of the current video. pred, gt: (H, W) integer maps."""
-        if not self._in_video:
+        if self._video_totals is None:
             raise RuntimeError("VideoConsistencyAccumulator: update() outside start/end_video()")
         pred_t = _as_tensor(pred).to(self.device)
         gt_t = _as_tensor(gt).to(self.device)
@@ -202,12 +181,11 @@ class VideoConsistencyAccumulator:
 
     def end_video(self) -> None:
         """Close the current video (its last window is dropped)."""
-        if not self._in_video:
+        if self._video_totals is None:
             raise RuntimeError("VideoConsistencyAccumulator: end_video() without start_video()")
         if self.frames_seen > self.skip_up_to:
             self.totals += self._video_totals
-        self._in_video = False
-        self._reset_video()
+        self._video_totals = None
 
     def all_reduce(self) -> None:
         """Sum the window totals over all processes (every rank, before ``compute``)."""
@@ -226,9 +204,7 @@ def per_class_table(
     names = class_names if class_names is not None else [str(i) for i in range(len(ious))]
     if len(names) != len(ious):
         raise ValueError(f"per_class_table: {len(names)} class names for {len(ious)} classes")
-    return [
-        {"class": i, "name": names[i], "IoU": ious[i], "Acc": accs[i]} for i in range(len(ious))
-    ]
+    return [{"class": i, "name": n, "IoU": ious[i], "Acc": accs[i]} for i, n in enumerate(names)]
 
 
 def format_percent(value: object, width: int = 6) -> str:
@@ -273,18 +249,8 @@ def metrics_to_json(
     metrics: dict[str, object], class_names: list[str] | None = None
 ) -> dict[str, object]:
     """A JSON-safe copy (``nan`` → ``None``); with names, per-class values become name maps."""
-
-    def clean(value: object) -> object:
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    out = {k: clean(v) for k, v in metrics.items()}
+    out: dict[str, object] = json.loads(json.dumps(metrics), parse_constant=lambda _: None)
     if class_names is not None and "IoU" in metrics:
-        out["per_class"] = {
-            str(r["name"]): {"IoU": clean(r["IoU"]), "Acc": clean(r["Acc"])}
-            for r in per_class_table(metrics, class_names)
-        }
+        rows = per_class_table(out, class_names)
+        out["per_class"] = {str(r["name"]): {"IoU": r["IoU"], "Acc": r["Acc"]} for r in rows}
     return out

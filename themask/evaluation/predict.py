@@ -1,5 +1,4 @@
-"""Streaming prediction over causal sliding windows, each frame encoded once; helpers shared
-with split evaluation (network input, scores → labels, eval mode)."""
+"""Streaming prediction (causal sliding windows, each frame encoded once); shared helpers."""
 
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ def upload(x: Tensor, device: torch.device) -> Tensor:
 
 
 def network_input(transform: Transform, frames: list[np.ndarray], device: torch.device) -> Tensor:
-    """``transform(frames)`` (T, 3, h, w) on ``device`` (a ``TestTransform``'s as uint8, then
-    normalised there)."""
+    """``transform(frames)`` (T, 3, h, w) on ``device`` (a ``TestTransform``'s normalised there)."""
     if isinstance(transform, TestTransform):
         return normalize_frames(upload(transform.resize(frames), device))
     return upload(transform(frames), device)
@@ -61,9 +59,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 class StreamingPredictor:
-    """Causal sliding windows (``themask.data.clips.causal_window``) of ``clip_len`` frames
-    (1 for a single-frame model); each pushed frame is encoded once, its window decoded from
-    the cached features. The model (not a DDP wrapper) must be in eval mode."""
+    """Causal sliding windows of ``clip_len`` frames (1 for a single-frame model), each frame
+    encoded once; the model (not a DDP wrapper) must be in eval mode."""
 
     def __init__(self, model: THEMask, *, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
         self.model = model

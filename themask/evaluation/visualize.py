@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -34,9 +35,7 @@ def colorize(
 ) -> np.ndarray:
     """(H, W) integer labels → (H, W, 3) uint8 RGB; labels outside [0, K) get ``ignore_color``."""
     pal = _palette_array(palette)
-    lookup = np.empty((len(pal) + 1, 3), dtype=np.uint8)
-    lookup[: len(pal)] = pal
-    lookup[len(pal)] = np.asarray(ignore_color, dtype=np.uint8)
+    lookup = np.concatenate([pal, np.asarray([ignore_color], dtype=np.uint8)])
     labels = np.asarray(labels).astype(np.int64)
     return lookup[np.where((labels >= 0) & (labels < len(pal)), labels, len(pal))]
 
@@ -53,7 +52,7 @@ def overlay(
         )
     colours = colorize(labels, palette).astype(np.float32)
     blended = (1.0 - alpha) * frame.astype(np.float32) + alpha * colours
-    valid = (labels >= 0) & (labels < len(_palette_array(palette)))
+    valid = (labels >= 0) & (labels < len(palette))
     out = np.where(valid[..., None], blended, frame.astype(np.float32))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -66,8 +65,7 @@ def draw_legend(
     *,
     max_entries: int = 12,
 ) -> np.ndarray:
-    """A copy of the (H, W, 3) image with a legend (colour box + name per class) top left; at
-    most ``max_entries`` rows and as many as fit in H."""
+    """A copy of the (H, W, 3) image with a legend top left: ≤ ``max_entries`` rows that fit."""
     pal = _palette_array(palette)
     fit = max(0, (image.shape[0] - LEGEND_PAD) // LEGEND_ROW)
     ids = [int(c) for c in class_ids if 0 <= int(c) < len(pal)][: min(max_entries, fit)]
@@ -88,8 +86,7 @@ def draw_legend(
 def with_legend(
     image: np.ndarray, class_ids: Iterable[int], class_names: Sequence[str], palette: Palette
 ) -> np.ndarray:
-    """(H, W, 3) image → (H, W + L, 3): the legend in a black panel to its right, L fitting the
-    longest of ``class_names``."""
+    """(H, W, 3) image → (H, W + L, 3): a legend panel on its right, L fitting the longest name."""
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     width = int(max(draw.textlength(name) for name in class_names)) + LEGEND_BOX + 4 * LEGEND_PAD
     canvas = np.zeros((image.shape[0], width, 3), dtype=np.uint8)
@@ -101,10 +98,7 @@ def save_label_png(labels: np.ndarray, path: PathLike, palette: Palette) -> None
     """Write (H, W) train ids (0 … K−1, < 256) as a palettised 'P' PNG (VSPW prediction format)."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise ValueError(
-            f"save_label_png: labels must fit in uint8, got range "
-            f"[{labels.min()}, {labels.max()}] for {path}"
-        )
+        raise ValueError(f"{path}: labels must fit in uint8, got {labels.min()} … {labels.max()}")
     pal = _palette_array(palette)
     flat = np.zeros((256, 3), dtype=np.uint8)
     flat[: min(256, len(pal))] = pal[:256]
@@ -127,7 +121,7 @@ def fit_into(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-class OverlayVideoWriter:
+class OverlayVideoWriter(AbstractContextManager):
     """Context manager writing RGB frames to an MP4 with PyAV (H.264, else MPEG-4 part 2) at
     the first frame's size (odd sides padded for yuv420p; other sizes scaled to fit)."""
 
@@ -137,9 +131,6 @@ class OverlayVideoWriter:
         self._container: av.container.OutputContainer | None = None
         self._stream: VideoStream | None = None
         self._size = (0, 0)  # (H, W) of the first frame
-
-    def __enter__(self) -> OverlayVideoWriter:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -189,8 +180,7 @@ def write_predictions(
 ) -> int:
     """Write ``out/labels/<frame>.png`` (train ids), ``out/overlays/<frame>.png`` (with legend)
     and ``out/overlay.mp4`` (``fps`` default: the video's, 15 for a frame folder) of a video file
-    or frame folder; ``segment`` maps the frames to ``(frame, labels (H, W))`` pairs in order.
-    Returns the number of frames."""
+    or frame folder; ``segment``: frames → ``(frame, labels (H, W))``. Returns the frame count."""
     from tqdm import tqdm
 
     from themask.data.video_io import iter_input_frames, video_frame_rate

@@ -1,5 +1,4 @@
-"""Reading weight files safely (nothing is unpickled), loading them strictly, renaming keys by
-prefix tables; every problem is a ``WeightsError`` naming the file or the offending keys."""
+"""Weight files read safely (nothing unpickled), loaded strictly, keys renamed by prefix tables."""
 
 from __future__ import annotations
 
@@ -8,8 +7,10 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -19,6 +20,10 @@ logger = logging.getLogger(__name__)
 
 StateDict = dict[str, Tensor]
 NameTable = tuple[tuple[str, str], ...]  # (source prefix, target prefix) pairs
+# the key-name tables of the MiT and official layouts, described in names.yaml
+NAME_TABLES: dict[str, Any] = yaml.safe_load(
+    (Path(__file__).parent / "names.yaml").read_text(encoding="utf-8")
+)
 
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -112,8 +117,7 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, what: st
 
 
 def rename(key: str, table: NameTable) -> str | None:
-    """``key`` renamed by the first matching (source, target) prefix pair, else None; ``{i}``
-    in a pair stands for an index."""
+    """``key`` renamed by the first matching (source, target) prefix pair (``{i}``: an index)."""
     for source, target in table:
         pattern = re.escape(source).replace(re.escape("{i}"), r"(\d+)")
         match = re.match(pattern, key)

@@ -1,5 +1,4 @@
-"""MiT ImageNet weights → our backbone names (one way): the original SegFormer layout, and
-Hugging Face and mmseg 1.x through the original names (docs/WEIGHTS.md)."""
+"""MiT ImageNet weights (original, Hugging Face, mmseg 1.x layouts) → ours (docs/WEIGHTS.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ from torch import Tensor, nn
 
 from themask.io import PathLike
 from themask.weights.files import (
+    NAME_TABLES,
     NameTable,
     StateDict,
     WeightsError,
@@ -21,85 +21,21 @@ from themask.weights.files import (
 
 logger = logging.getLogger(__name__)
 
-# original name inside block ``block{s}.{j}`` → ours inside ``stages.{s-1}.blocks.{j}``
-ORIGINAL_BLOCK_TO_OURS = {
-    "norm1": "norm1",
-    "attn.q": "attn.q",
-    "attn.kv": "attn.kv",
-    "attn.proj": "attn.proj",
-    "attn.sr": "attn.sr",
-    "attn.norm": "attn.sr_norm",
-    "norm2": "norm2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.dwconv.dwconv": "mlp.dwconv",
-    "mlp.fc2": "mlp.fc2",
-}
-# inside a block, Hugging Face → original; key and value are fused into kv afterwards
-_HF_BLOCK_TO_ORIGINAL = {
-    "layer_norm_1": "norm1",
-    "attention.self.query": "attn.q",
-    "attention.self.key": "attn.key",
-    "attention.self.value": "attn.value",
-    "attention.self.sr": "attn.sr",
-    "attention.self.layer_norm": "attn.norm",
-    "attention.output.dense": "attn.proj",
-    "layer_norm_2": "norm2",
-    "mlp.dense1": "mlp.fc1",
-    "mlp.dwconv.dwconv": "mlp.dwconv.dwconv",
-    "mlp.dense2": "mlp.fc2",
-}
-# inside a block, mmseg 1.x → original; in_proj is split into q and kv afterwards
-_MMSEG_BLOCK_TO_ORIGINAL = {
-    "norm1": "norm1",
-    "attn.attn.out_proj": "attn.proj",
-    "attn.sr": "attn.sr",
-    "attn.norm": "attn.norm",
-    "norm2": "norm2",
-    "ffn.layers.0": "mlp.fc1",
-    "ffn.layers.1": "mlp.dwconv.dwconv",
-    "ffn.layers.4": "mlp.fc2",
-}
+ORIGINAL_BLOCK_TO_OURS = NAME_TABLES["mit"]["original"]["in_block"]
 
 
-def _expand(
-    pairs: list[tuple[str, str]], block: tuple[str, str], names: Mapping[str, str]
-) -> NameTable:
-    """The (source, target) prefix pairs of stages 0–3 (``{s}``: the stage counted from 0,
-    ``{S}``: from 1), with the ``block`` pair joined to each pair of ``names`` in a block."""
-    pairs = pairs + [(f"{block[0]}{a}.", f"{block[1]}{b}.") for a, b in names.items()]
+def _expand(table: dict) -> NameTable:
+    """The (source, target) prefix pairs of stages 0–3 of a MiT layout in ``names.yaml``."""
+    source, target = table["block"]
+    block = [(f"{source}{a}.", f"{target}{b}.") for a, b in table["in_block"].items()]
     return tuple(
-        (source.format(s=s, S=s + 1, i="{i}"), target.format(s=s, S=s + 1, i="{i}"))
+        (old.format(s=s, S=s + 1, i="{i}"), new.format(s=s, S=s + 1, i="{i}"))
         for s in range(4)
-        for source, target in pairs
+        for old, new in [*table["stages"].items(), *block]
     )
 
 
-_TABLES = {
-    "original": _expand(
-        [("patch_embed{S}.", "stages.{s}.patch_embed."), ("norm{S}.", "stages.{s}.norm.")],
-        ("block{S}.{i}.", "stages.{s}.blocks.{i}."),
-        ORIGINAL_BLOCK_TO_OURS,
-    ),
-    "huggingface": _expand(
-        [
-            ("encoder.patch_embeddings.{s}.proj.", "patch_embed{S}.proj."),
-            ("encoder.patch_embeddings.{s}.layer_norm.", "patch_embed{S}.norm."),
-            ("encoder.layer_norm.{s}.", "norm{S}."),
-        ],
-        ("encoder.block.{s}.{i}.", "block{S}.{i}."),
-        _HF_BLOCK_TO_ORIGINAL,
-    ),
-    "mmseg": _expand(
-        [
-            ("layers.{s}.0.projection.", "patch_embed{S}.proj."),
-            ("layers.{s}.0.norm.", "patch_embed{S}.norm."),
-            ("layers.{s}.2.", "norm{S}."),
-            ("layers.{s}.1.{i}.attn.attn.in_proj_", "block{S}.{i}.attn.in_proj_"),
-        ],
-        ("layers.{s}.1.{i}.", "block{S}.{i}."),
-        _MMSEG_BLOCK_TO_ORIGINAL,
-    ),
-}
+_TABLES = {layout: _expand(table) for layout, table in NAME_TABLES["mit"].items()}
 
 
 def _renamed(state_dict: Mapping[str, Tensor], layout: str) -> StateDict:
@@ -132,8 +68,7 @@ def mit_hf_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
 
 
 def mit_mmseg_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """mmseg 1.x names (``layers.{s}.{0,1,2}``) → original: ``in_proj`` split into q and kv,
-    1×1-conv FFN weights made linear."""
+    """mmseg 1.x names → original: ``in_proj`` split into q and kv, 1×1-conv FFN made linear."""
     out = _renamed(state_dict, "mmseg")
     for key in [k for k in out if ".attn.in_proj_" in k]:
         prefix, param = key.split(".in_proj_")
@@ -167,50 +102,40 @@ def detect_mit_layout(state_dict: Mapping[str, Tensor]) -> str:
 
 
 def _select_backbone_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Keep the encoder part of a classification/segmentation checkpoint, drop the rest."""
+    """The encoder part of a classification/segmentation checkpoint, prefix removed."""
     keys = list(state_dict)
-    for prefix in ("backbone.", "segformer."):
-        if any(key.startswith(prefix) for key in keys):
-            renamed = {key: key[len(prefix) :] for key in keys if key.startswith(prefix)}
-            break
+    found = [p for p in ("backbone.", "segformer.") if any(k.startswith(p) for k in keys)]
+    if found:
+        selected = {k[len(found[0]) :]: state_dict[k] for k in keys if k.startswith(found[0])}
+    elif any(key.startswith("encoder.") for key in keys):  # a bare Hugging Face SegformerModel
+        selected = {k: state_dict[k] for k in keys if k.startswith("encoder.")}
     else:
-        if any(key.startswith("encoder.") for key in keys):  # a bare Hugging Face SegformerModel
-            renamed = {key: key for key in keys if key.startswith("encoder.")}
-        else:
-            renamed = {key: key for key in keys if not key.startswith(("head.", "classifier."))}
-    dropped = [key for key in keys if key not in renamed]
-    if dropped:
-        logger.info(
-            "MiT weights: ignoring %d non-backbone keys, e.g. %s", len(dropped), dropped[:3]
-        )
-    return {new: state_dict[old] for old, new in renamed.items()}
+        selected = {k: state_dict[k] for k in keys if not k.startswith(("head.", "classifier."))}
+    if len(selected) < len(keys):
+        logger.info("MiT weights: ignoring %d non-backbone keys", len(keys) - len(selected))
+    return selected
 
 
 def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Any supported MiT layout → our backbone names; non-backbone keys are dropped."""
     state_dict = _select_backbone_keys(state_dict)
     layout = detect_mit_layout(state_dict)
-    if layout == "themask":
-        return state_dict
     if layout in _TO_ORIGINAL:
         state_dict = _TO_ORIGINAL[layout](state_dict)
-    return mit_original_to_ours(state_dict)
+    return state_dict if layout == "themask" else mit_original_to_ours(state_dict)
 
 
-def load_backbone_state_dict(
-    backbone: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "state dict"
+def load_backbone_weights(
+    backbone: nn.Module, weights: PathLike | Mapping[str, Tensor], *, source: str = "state dict"
 ) -> str:
-    """Load MiT weights (any supported layout) into ``backbone`` strictly; returns the layout."""
-    selected = _select_backbone_keys(state_dict)  # (selecting again is a no-op)
+    """Load MiT weights (file, Hugging Face directory or state dict) strictly; → the layout."""
+    if not isinstance(weights, Mapping):
+        weights, source = read_state_dict(weights), str(weights)
+    selected = _select_backbone_keys(weights)
     layout = detect_mit_layout(selected)
-    converted = convert_mit_state_dict(selected)
+    converted = convert_mit_state_dict(selected)  # (selecting again is a no-op)
     load_strict(backbone, converted, what=f"MiT weights {source} ({layout} layout)")
     logger.info(
         "loaded MiT weights from %s (%s layout, %d tensors)", source, layout, len(converted)
     )
     return layout
-
-
-def load_backbone_weights(backbone: nn.Module, path: PathLike) -> None:
-    """Load MiT weights (a file or Hugging Face directory, any layout) into ``backbone``."""
-    load_backbone_state_dict(backbone, read_state_dict(path), source=str(path))

@@ -1,5 +1,5 @@
-"""Official THE-Mask checkpoints (mmseg 0.x names) → ours; the network of a full state dict.
-The tables below are the only copy of the official names (docs/DESIGN.md §9)."""
+"""Official THE-Mask checkpoints (mmseg 0.x names; the table in ``names.yaml``, docs/DESIGN.md
+§9) → ours; the network of a full state dict."""
 
 from __future__ import annotations
 
@@ -12,69 +12,19 @@ from torch import Tensor
 from themask.modeling.build import list_presets, preset_config
 from themask.modeling.config import ModelConfig
 from themask.modeling.mit import MIT_VARIANTS
-from themask.weights.files import NameTable, StateDict, WeightsError, rename
+from themask.weights.files import NAME_TABLES, NameTable, StateDict, WeightsError, rename
 from themask.weights.mit import mit_original_to_ours
 
 logger = logging.getLogger(__name__)
 
-# (official name after ``decode_head.``, our name); ``{i}`` stands for a layer index. Prefixes
-# end with a dot or are full parameter names, so no entry is a prefix of another's match.
-_CROSS = "predictor.transformer_cross_attention_layers.{i}."
-_SELF = "predictor.transformer_self_attention_layers.{i}."
-OFFICIAL_COMMON = (
-    ("pixel_decoder.input_proj.", "pixel_decoder.input_proj."),
-    ("pixel_decoder.transformer.level_embed", "pixel_decoder.level_embed"),
-    ("pixel_decoder.transformer.encoder.layers.", "pixel_decoder.encoder_layers."),
-    ("pixel_decoder.adapter_1.weight", "pixel_decoder.lateral.0.weight"),
-    ("pixel_decoder.adapter_1.norm.", "pixel_decoder.lateral.1."),
-    ("pixel_decoder.layer_1.weight", "pixel_decoder.fpn_output.0.weight"),
-    ("pixel_decoder.layer_1.norm.", "pixel_decoder.fpn_output.1."),
-    ("pixel_decoder.mask_features.", "pixel_decoder.mask_features."),
-    ("predictor.query_feat.", "decoder.query_feat."),
-    ("predictor.query_embed.", "decoder.query_pos."),
-    ("predictor.level_embed.", "decoder.level_embed."),
-    (f"{_CROSS}multihead_attn.", "decoder.layers.{i}.cross_attn.attn."),
-    (f"{_CROSS}norm.", "decoder.layers.{i}.cross_attn.norm."),
-    (f"{_SELF}self_attn.", "decoder.layers.{i}.self_attn.attn."),
-    (f"{_SELF}norm.", "decoder.layers.{i}.self_attn.norm."),
-    ("predictor.transformer_ffn_layers.{i}.", "decoder.layers.{i}.ffn."),
-    ("predictor.class_embed.", "decoder.clip_head.class_embed."),
-    ("predictor.mask_embed.", "decoder.clip_head.mask_embed."),
-)
-OFFICIAL_SINGLE = (("predictor.decoder_norm.", "decoder.clip_head.norm."),)
 TAD = "predictor.deformabel_transformer_cross_attention_layers."  # (sic)
-OFFICIAL_TEMPORAL = (
-    ("predictor.decoder_norm1.", "decoder.clip_head.norm."),
-    ("predictor.decoder_norm2.", "decoder.frame_head.norm."),
-    ("predictor.class_embed_aux.", "decoder.frame_head.class_embed."),
-    ("predictor.mask_embed_aux.", "decoder.frame_head.mask_embed."),
-    (f"{TAD}self_attn.", "decoder.temporal.clip_self_attn.attn."),
-    (f"{TAD}norm2.", "decoder.temporal.clip_self_attn.norm."),
-    (f"{TAD}self_attn_box.", "decoder.temporal.frame_self_attn.attn."),
-    (f"{TAD}norm2_box.", "decoder.temporal.frame_self_attn.norm."),
-    (f"{TAD}cross_attn.", "decoder.temporal.frame_cross_attn.attn."),
-    (f"{TAD}norm1_box.", "decoder.temporal.frame_cross_attn.norm."),
-    (f"{TAD}linear1_box.", "decoder.temporal.frame_ffn.linear1."),
-    (f"{TAD}linear2_box.", "decoder.temporal.frame_ffn.linear2."),
-    (f"{TAD}norm3_box.", "decoder.temporal.frame_ffn.norm."),
-    (f"{TAD}time_attention_weights.", "decoder.temporal.time_score."),
-    (f"{TAD}time_attention.", "decoder.temporal.time_value."),
-    (f"{TAD}norm1.", "decoder.temporal.norm."),
-    (f"{TAD}linear1.", "decoder.temporal.ffn.linear1."),
-    (f"{TAD}linear2.", "decoder.temporal.ffn.linear2."),
-    (f"{TAD}norm3.", "decoder.temporal.ffn.norm."),
-)
-# Keys the official forward pass never reads: an unused seg conv, an unused linear of the TAD
-# module and the criterion's no-object class weight (a loss buffer).
-_OFFICIAL_UNUSED = re.compile(
-    r"decode_head\.(?:conv_seg\..*|criterion\.empty_weight"
-    r"|predictor\.deformabel_transformer_cross_attention_layers\.reference_points\..*)"
-)
+_OFFICIAL_UNUSED = re.compile(r"decode_head\.(?:" + "|".join(NAME_TABLES["official_unused"]) + ")")
 
 
 def official_table(temporal: bool) -> NameTable:
     """(official name after ``decode_head.``, our name) pairs of a single-frame or TAD model."""
-    return OFFICIAL_COMMON + (OFFICIAL_TEMPORAL if temporal else OFFICIAL_SINGLE)
+    own = NAME_TABLES["official_temporal" if temporal else "official_single"]
+    return (*NAME_TABLES["official_common"].items(), *own.items())
 
 
 def is_official(state_dict: Mapping[str, Tensor]) -> bool:
@@ -82,8 +32,7 @@ def is_official(state_dict: Mapping[str, Tensor]) -> bool:
 
 
 def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Official THE-Mask state dict → our names; keys its forward never reads are dropped,
-    unknown keys raise ``WeightsError``."""
+    """Official THE-Mask state dict → ours; unread keys dropped, unknown ones a ``WeightsError``."""
     table = official_table(f"decode_head.{TAD}time_attention.weight" in state_dict)
     backbone: StateDict = {}
     out: StateDict = {}
@@ -151,8 +100,7 @@ def _architecture_of_config(config: ModelConfig) -> dict:
 
 
 def infer_model_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
-    """The preset network (with K classes) whose shape facts a full state dict (ours or
-    official) has."""
+    """The preset network (with K classes) of a full state dict, ours or official."""
     ours = as_ours(state_dict)
     found = _architecture_of_state(ours)
     num_classes = infer_num_classes(ours)

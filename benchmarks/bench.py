@@ -177,15 +177,19 @@ def _torch_step(job: dict[str, Any], model, clip) -> Callable[[], object]:
     import torch
 
     if job["mode"] == "train":
+        from themask.config import TrainConfig
         from themask.loss.criterion import SetCriterion, training_loss
         from themask.modeling.build import preset_loss_config
+        from themask.optim import build_optimizer
+        from themask.precision import keep_freed_memory
 
         criterion = SetCriterion(preset_loss_config(job["preset"]), model.num_classes)
         model.train()
         frames, height, width = clip.shape[1], clip.shape[-2], clip.shape[-1]
         bands = torch.arange(width, device=clip.device) * 8 // width  # 8 classes in bands
         labels = bands.expand(1, frames, height, width).clone()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-4))  # as `themask train`
+        keep_freed_memory()
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,10 @@ activation checkpointing (same loss and gradients)."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +186,65 @@ def test_predict_cli_amp_bf16_runs_the_network_under_a_bf16_autocast(tmp_path, m
         assert len(list((tmp_path / amp / "labels").glob("*.png"))) == 3
     assert seen[:3] == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 3
     assert seen[3:] == [(False, torch.float32, torch.float32)] * 3
+
+
+def test_fused_adamw_steps_like_the_plain_one():
+    """build_optimizer's fused AdamW against the plain per-parameter AdamW on the same groups:
+    three steps with the same gradients give the same parameters within fp32 round-off."""
+    from themask.config import TrainConfig
+    from themask.optim import build_optimizer
+
+    fast_model = _tiny()
+    plain_model = copy.deepcopy(fast_model)
+    start = {n: p.detach().clone() for n, p in fast_model.named_parameters()}
+    fast = build_optimizer(fast_model, TrainConfig(lr=1e-3, weight_decay=0.05))
+    name_of = {id(p): n for n, p in fast_model.named_parameters()}
+    plain_params = dict(plain_model.named_parameters())
+    groups = [
+        {**g, "params": [plain_params[name_of[id(p)]] for p in g["params"]]}
+        for g in fast.param_groups
+    ]
+    plain = torch.optim.AdamW(groups, foreach=False, fused=False)
+    assert fast.defaults["fused"]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        grads = {n: torch.randn(p.shape, generator=g) for n, p in start.items()}
+        for model, optimizer in ((fast_model, fast), (plain_model, plain)):
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone()
+            optimizer.step()
+    for name, p in fast_model.named_parameters():
+        assert (p - start[name]).abs().max() > 1e-4  # it moved
+        torch.testing.assert_close(p, plain_params[name], rtol=0, atol=5e-7)
+
+
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+MALLINFO = """
+import ctypes, sys, torch
+from themask.precision import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+x = torch.ones(6 << 20)  # 24 MiB
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_keep_freed_memory_serves_large_tensors_from_the_heap():
+    """glibc maps a 24 MiB tensor with its own mmap (returned at once when freed, to be faulted
+    in again next step); after ``keep_freed_memory`` it comes from the reusable heap."""
+    mapped = {}
+    for mode in ("plain", "keep"):
+        command = [sys.executable, "-c", MALLINFO, mode]
+        run = subprocess.run(command, capture_output=True, text=True, env=ENV)
+        if "mallinfo2" in run.stderr:
+            pytest.skip("glibc < 2.33: no mallinfo2")
+        assert run.returncode == 0, run.stderr
+        mapped[mode] = int(run.stdout)
+    assert mapped["plain"] >= 24 << 20 and mapped["keep"] == 0, mapped

@@ -34,7 +34,7 @@ from themask.loss.criterion import SetCriterion, training_loss
 from themask.modeling.build import build_model_from_config
 from themask.modeling.themask import THEMask
 from themask.optim import build_optimizer, poly_lr, set_learning_rate
-from themask.precision import autocast_context, configure_cuda_math, resolve_amp
+from themask.precision import autocast_context, configure_cuda_math, keep_freed_memory, resolve_amp
 from themask.warm_start import init_from_weights
 from themask.weights import load_backbone_weights, save_model
 
@@ -250,6 +250,7 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(f"train.amp: {err}") from None
         configure_cuda_math(self.device)
+        keep_freed_memory()
         fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         self.ddp_model: nn.Module = model

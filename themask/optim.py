@@ -27,17 +27,10 @@ def build_param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
             seen.add(id(param))
             in_backbone = id(param) in backbone_ids
             decays = isinstance(module, DECAYING_MODULES) and param.ndim >= 2
-            if (in_backbone, decays) not in groups:
-                scale = backbone_lr_mult if in_backbone else 1.0
-                groups[in_backbone, decays] = {
-                    "params": [],
-                    "lr": lr * scale,
-                    "lr_scale": scale,
-                    "weight_decay": weight_decay if decays else 0.0,
-                    "name": f"{'backbone' if in_backbone else 'head'}_"
-                    f"{'decay' if decays else 'no_decay'}",
-                }
-            groups[in_backbone, decays]["params"].append(param)
+            scale, decay = backbone_lr_mult if in_backbone else 1.0, weight_decay if decays else 0.0
+            name = f"{'backbone' if in_backbone else 'head'}_{'decay' if decays else 'no_decay'}"
+            new = dict(lr=lr * scale, lr_scale=scale, weight_decay=decay, name=name)
+            groups.setdefault((in_backbone, decays), dict(params=[], **new))["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
 
@@ -56,8 +49,8 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (PyTorch's betas and eps, as official) over ``build_param_groups``."""
+    """Fused AdamW (PyTorch's betas and eps, as official) over ``build_param_groups``."""
     groups = build_param_groups(model, train)
     if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
-    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=True)

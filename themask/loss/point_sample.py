@@ -10,7 +10,7 @@ from torch import Tensor
 
 def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
     """maps (R, C, H, W) read at coords (R, P, 2) → (R, C, P)."""
-    grid = coords.unsqueeze(2) * 2.0 - 1.0  # (R, P, 1, 2) in grid_sample's [-1, 1]
+    grid = (coords * 2.0).sub_(1.0).unsqueeze(2)  # (R, P, 1, 2) in [-1, 1]; one temporary
     sampled = F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", align_corners=False)
     return sampled.squeeze(3)
 
@@ -33,9 +33,8 @@ def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tens
 
 def most_uncertain(candidates: Tensor, logits: Tensor, count: int) -> Tensor:
     """The ``count`` candidates (R, S, 2) whose logits (R, S) are nearest 0 → (R, count, 2)."""
-    uncertainty = -logits.abs()  # (R, S): larger = more uncertain
     # unsorted top-k: the same set (the loss averages over points), faster on CPU
-    index = uncertainty.topk(count, dim=1, sorted=False).indices  # (R, count)
+    index = (-logits.abs()).topk(count, dim=1, sorted=False).indices  # (R, count)
     return torch.gather(candidates, 1, index.unsqueeze(-1).expand(-1, -1, 2))
 
 
@@ -49,11 +48,10 @@ def uncertain_point_coords(
 ) -> Tensor:
     """Points (R, num_points, 2) for logits (R, H, W): the ``importance_sample_ratio`` most
     uncertain of ``oversample_ratio · num_points`` uniform draws, filled up with fresh ones."""
-    rows = logits.shape[0]
+    rows, device = logits.shape[0], logits.device
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    device = logits.device
     candidates = torch.rand(rows, num_candidates, 2, device=device, generator=generator)
     values = point_sample(logits.unsqueeze(1).float(), candidates)[:, 0]  # (R, S)
     chosen = most_uncertain(candidates, values, num_uncertain)

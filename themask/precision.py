@@ -45,7 +45,8 @@ def configure_cuda_math(device: torch.device | str) -> None:
 
     if torch.device(device).type == "cuda":
         torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def keep_freed_memory() -> None:
@@ -53,4 +54,5 @@ def keep_freed_memory() -> None:
     most): a training step's large temporaries then fault in no fresh pages (no-op elsewhere)."""
     with suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20), libc.mallopt(-1, 1 << 30)  # M_MMAP_/M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD

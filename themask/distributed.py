@@ -68,6 +68,9 @@ def barrier() -> None:
         dist.barrier()
 
 
+_LAST_REDUCED: list[torch.Tensor] = []
+
+
 def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
     """Sum (``mean``: average) over the processes as a new detached tensor on ``value``'s device."""
     out = value.detach().clone()
@@ -75,6 +78,9 @@ def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
         return out
     staged = out.cuda() if dist.get_backend() == "nccl" and out.device.type != "cuda" else out
     dist.all_reduce(staged)
+    # gloo's worker threads may drop their reference after we return; were it the last, torch
+    # < 2.8 could deadlock in destroy_process_group (pytorch PR 154976): keep the latest ones
+    _LAST_REDUCED[:] = [*_LAST_REDUCED[-3:], staged]
     out = staged.to(value.device)
     return out / get_world_size() if mean else out
 

@@ -95,9 +95,20 @@ def agreement(args: argparse.Namespace) -> dict:
 
 def train_memory(args: argparse.Namespace) -> dict:
     if not args.child:  # measure in a fresh process: ru_maxrss only grows
-        command = [sys.executable, __file__, "--threads", str(args.threads), "train-memory",
-                   "--child", "--preset", args.preset, "--size", args.size,
-                   "--steps", str(args.steps)] + (["--checkpoint"] if args.checkpoint else [])
+        command = [
+            sys.executable,
+            __file__,
+            "--threads",
+            str(args.threads),
+            "train-memory",
+            "--child",
+            "--preset",
+            args.preset,
+            "--size",
+            args.size,
+            "--steps",
+            str(args.steps),
+        ] + (["--checkpoint"] if args.checkpoint else [])
         output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
         return json.loads(output.strip().splitlines()[-1])
     from themask import SetCriterion, build_model, training_loss
@@ -123,9 +134,12 @@ def train_memory(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "preset": args.preset, "size": args.size, "frames": frames,
+        "preset": args.preset,
+        "size": args.size,
+        "frames": frames,
         "checkpoint_activations": args.checkpoint,
-        "peak_rss_mib": round(peak, 1), "peak_over_built_mib": round(peak - rss_built, 1),
+        "peak_rss_mib": round(peak, 1),
+        "peak_over_built_mib": round(peak - rss_built, 1),
         "step_ms": round(1000 * statistics.median(times[1:] or times), 1),
         "runs_ms": [round(1000 * t, 1) for t in times],
     }
@@ -157,7 +171,9 @@ def train_time(args: argparse.Namespace) -> dict:
                 times[flag].append(time.perf_counter() - start)
     ratios = [c / p for p, c in zip(times[False], times[True])]
     return {
-        "preset": args.preset, "size": args.size, "frames": frames,
+        "preset": args.preset,
+        "size": args.size,
+        "frames": frames,
         "plain_ms": round(1000 * statistics.median(times[False]), 1),
         "checkpointed_ms": round(1000 * statistics.median(times[True]), 1),
         "ratio_median": round(statistics.median(ratios), 3),
@@ -194,7 +210,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = {
-        "speed": speed, "agreement": agreement, "train-memory": train_memory,
+        "speed": speed,
+        "agreement": agreement,
+        "train-memory": train_memory,
         "train-time": train_time,
     }[args.what]
     print(json.dumps({**work(args), "threads": args.threads, "torch": torch.__version__}))

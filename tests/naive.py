@@ -1,4 +1,5 @@
 """Obviously-correct reference computations shared by several test files."""
+
 from __future__ import annotations
 
 import math

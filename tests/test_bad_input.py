@@ -1,4 +1,5 @@
 """Every listed bad input gives an error naming the file and the expectation, or a logged skip."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Clip indices: training clips per dilation, test clips, sliding windows."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """DDP: 2 gloo processes on CPU train exactly like 1 process with the same global batch, and
 stop together on a signal that reaches one of them."""
+
 from __future__ import annotations
 
 import os

@@ -235,15 +235,29 @@ def test_eval_cli_reports_the_metrics_of_the_saved_model(tmp_path, capsys):
     save_model(build_model("themask_tiny_t2", num_classes=8), weights)
     out_json = tmp_path / "metrics.json"
     code = main(
-        ["eval", str(config), "--weights", str(weights), "--json", str(out_json), "--device",
-         "cpu", "--save-predictions", str(tmp_path / "preds")]
+        [
+            "eval",
+            str(config),
+            "--weights",
+            str(weights),
+            "--json",
+            str(out_json),
+            "--device",
+            "cpu",
+            "--save-predictions",
+            str(tmp_path / "preds"),
+        ]
     )
     assert code == 0
     printed = capsys.readouterr().out
     assert "Weighted IoU" in printed and "mVC8" in printed
 
     expected = evaluate_config(
-        load_model(weights), load_config(config), split="val", clip_len=2, device="cpu",
+        load_model(weights),
+        load_config(config),
+        split="val",
+        clip_len=2,
+        device="cpu",
         progress=False,
     )
     payload = json.loads(out_json.read_text())

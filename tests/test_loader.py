@@ -1,4 +1,5 @@
 """Sampler (resumable, sharded), dataset reproducibility, collate, evaluation clip datasets."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,9 +33,7 @@ def toy_root(tmp_path_factory) -> Path:
 
 
 def _cfg(root, **kw):
-    return DataConfig(
-        root=str(root), scale=(48, 32), crop_size=(32, 32), num_workers=0, **kw
-    )
+    return DataConfig(root=str(root), scale=(48, 32), crop_size=(32, 32), num_workers=0, **kw)
 
 
 def _take(iterator, n):

@@ -1,4 +1,5 @@
 """MiT backbone: parity with a naive re-implementation, shapes, variants."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Deformable attention against a slow, loop-based reference with manual bilinear sampling."""
+
 from __future__ import annotations
 
 import math

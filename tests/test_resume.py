@@ -1,4 +1,5 @@
 """Checkpoint state, atomic saves and exact resumption of a training run."""
+
 from __future__ import annotations
 
 import random

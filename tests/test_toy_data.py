@@ -1,4 +1,5 @@
 """The embedded toy dataset: deterministic, valid VSPW layout, and not solvable by colour."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Clip transforms: shared geometry, crop retry rule, resize sizes, pad/crop-back round trips."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """VSPW reader: label mapping, split parsing, folder index, class table."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -2,20 +2,10 @@
 # The longer key comparison: Mask2Former vs THE-Mask (T=1), 50 queries, 3 seeds, 7,000 steps.
 # Two runners in parallel (one thread each) into one folder: the data are generated first and
 # every run has its own run folder; the report step at the end tables all six runs.
-cd "$(dirname "$0")/../../.."
-export PYTHONPATH=$PWD OMP_NUM_THREADS=1
-PY=${PY:-python}
 OUT=benchmarks/ablation/long
 B="--out $OUT --data $OUT/data --queries 50 --steps 7000 --eval-every 250 --threads 1"
-start=$(date +%s)
-echo "start $(date)"
+source "$(dirname "$0")/../lanes.sh"
 $PY benchmarks/synthetic_videos.py $OUT/data --train-videos 150 --val-videos 8
-lane() {  # alternate the variants so both lanes do the same work
-    for job in "$@"; do
-        $PY benchmarks/ablation.py $B --variants "${job%:*}" --seeds "${job#*:}" >"$OUT/lane_${job%:*}_${job#*:}.log" 2>&1
-        echo "${job} done $(date) $(( ($(date +%s)-start)/60 )) min"
-    done
-}
 lane mask2former:0 themask:1 mask2former:2 &
 lane themask:0 mask2former:1 themask:2 &
 wait

@@ -63,24 +63,31 @@ def random_inputs(batch=2, heads=2, dim=3, queries=5, points=3, seed=0):
     return value.requires_grad_(), locations, weights.requires_grad_()
 
 
-def test_matches_loop_reference_including_points_outside():
-    value, locations, weights = random_inputs()
+@pytest.mark.parametrize("grad", [True, False], ids=["grid_sample", "embedding_bag"])
+def test_matches_loop_reference_including_points_outside(grad):
+    # With autograd the levels are read by grid_sample; without, by one embedding_bag.
+    value, locations, weights = random_inputs(queries=40)
+    locations = locations.detach() * 2 - 0.5  # some far outside, in every direction
     outside = ((locations < 0) | (locations > 1)).any(-1)
     assert outside.any() and (~outside).any()
-    got = ms_deform_attn_pytorch(value, SHAPES, locations, weights)
-    expected = reference_attention(value.detach(), SHAPES, locations.detach(), weights.detach())
-    assert got.shape == (2, 5, 2 * 3)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    with torch.set_grad_enabled(grad):
+        got = ms_deform_attn_pytorch(value, SHAPES, locations, weights)
+    assert got.requires_grad == grad
+    expected = reference_attention(value.detach(), SHAPES, locations, weights.detach())
+    assert got.shape == (2, 40, 2 * 3)
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_inference_path_equals_autograd_path():
-    # Without an autograd record the weighting runs in place; it must give the same numbers.
-    value, locations, weights = random_inputs(seed=3)
-    with_grad = ms_deform_attn_pytorch(value, SHAPES, locations, weights)
+def test_bag_path_under_bf16_autocast_samples_in_float32():
+    value, locations, weights = (t.detach().float() for t in random_inputs(dim=8, seed=2))
     with torch.no_grad():
-        without_grad = ms_deform_attn_pytorch(value, SHAPES, locations, weights)
-    assert with_grad.requires_grad and not without_grad.requires_grad
-    torch.testing.assert_close(without_grad, with_grad.detach(), rtol=0, atol=0)
+        exact = ms_deform_attn_pytorch(value, SHAPES, locations, weights)
+        # as in the model under autocast: bf16 value projection, float32 locations and weights
+        got = ms_deform_attn_pytorch(value.bfloat16(), SHAPES, locations, weights)
+        rounded = ms_deform_attn_pytorch(value.bfloat16().float(), SHAPES, locations, weights)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, rounded, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got, exact)  # the bf16 rounding of the values is all that differs
 
 
 def test_pixel_centre_reads_that_pixel_and_far_points_read_zero():

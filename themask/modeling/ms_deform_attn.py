@@ -45,13 +45,26 @@ def ms_deform_attn_pytorch(
             f"ms_deform_attn: value has {num_tokens} tokens but spatial_shapes "
             f"{list(spatial_shapes)} hold {sum(level_sizes)}"
         )
+    if torch.compiler.is_compiling() or (  # export: ONNX GridSample
+        torch.is_grad_enabled()  # training: grid_sample's backward is the faster
+        and any(t.requires_grad for t in (value, sampling_locations, attention_weights))
+    ):
+        return _sample_with_grid(value, spatial_shapes, sampling_locations, attention_weights)
+    return _sample_with_bags(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _sample_with_grid(
+    value: Tensor, spatial_shapes: SpatialShapes, locations: Tensor, weights: Tensor
+) -> Tensor:
+    """One ``grid_sample`` per level, Q innermost (the CPU kernel vectorises along it)."""
+    batch, num_tokens, num_heads, head_dim = value.shape
+    _, num_queries, _, _, num_points, _ = locations.shape
     bm = batch * num_heads
-    # Q innermost in the grid_sample layouts: the CPU kernel vectorises along it
     value = value.permute(0, 2, 3, 1).reshape(bm, head_dim, num_tokens)
-    grids = 2 * sampling_locations - 1  # grid_sample coordinates in [-1, 1]
-    grids = grids.permute(0, 2, 3, 4, 1, 5).contiguous()  # (B, M, L, P, Q, 2)
-    weights = attention_weights.permute(0, 2, 3, 4, 1).contiguous()  # (B, M, L, P, Q)
-    output = None
+    grids = (2 * locations - 1).permute(0, 2, 3, 4, 1, 5).contiguous()  # (B, M, L, P, Q, 2)
+    weights = weights.permute(0, 2, 3, 4, 1).contiguous()  # (B, M, L, P, Q)
+    output = 0
+    level_sizes = [h * w for h, w in spatial_shapes]
     for level, ((height, width), value_l) in enumerate(
         zip(spatial_shapes, value.split(level_sizes, dim=2))
     ):
@@ -61,13 +74,60 @@ def ms_deform_attn_pytorch(
             align_corners=False,
         )  # (B·M, D, P, Q)
         weights_l = weights[:, :, level].reshape(bm, 1, num_points, num_queries)
-        if sampled.requires_grad or weights_l.requires_grad:
-            contribution = (sampled * weights_l).sum(dim=2)  # (B·M, D, Q)
-        else:  # no autograd record: weight in place, saving a (B·M, D, P, Q) buffer
-            contribution = sampled.mul_(weights_l).sum(dim=2)
-        output = contribution if output is None else output + contribution
-    assert output is not None
+        output = output + (sampled * weights_l).sum(dim=2)  # (B·M, D, Q)
+    assert isinstance(output, Tensor)
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)  # (B, Q, M·D)
+
+
+def _sample_with_bags(
+    value: Tensor, spatial_shapes: SpatialShapes, locations: Tensor, weights: Tensor
+) -> Tensor:
+    """One ``embedding_bag`` over the rows (batch, token, head) of the value maps, each map given
+    a zero border (1 before, 2 after) so that clamped corners read 0: bag (b, q, m) sums its
+    4·L·P corners weighted by bilinear × attention weight. No (B·M, D, P, Q) buffer."""
+    batch, _, num_heads, head_dim = value.shape
+    num_levels, num_points = locations.shape[3:5]
+    dtype = torch.promote_types(value.dtype, locations.dtype)
+    work, device = torch.promote_types(dtype, torch.float32), value.device
+    padded = [
+        F.pad(v.unflatten(1, (h, w)), (0, 0, 0, 0, 1, 2, 1, 2)).flatten(1, 2)
+        for (h, w), v in zip(spatial_shapes, value.split([h * w for h, w in spatial_shapes], 1))
+    ]
+    table = torch.cat(padded, 1).to(dtype)  # (B, S', M, D)
+    # per-level constants as (L, P) rows, so that broadcasts run over L·P contiguous values
+    size = offset_normaliser(spatial_shapes, device=device, dtype=work).t()[..., None]
+    size = size.repeat(1, 1, num_points)  # (2, L, P): W, H
+    low, high_w, low_w = [], [], []
+    for axis in (0, 1):  # padded pixel coordinates (centres at integers), inside the border
+        pos = (locations[..., axis].to(work) * size[axis]).add_(0.5).clamp_(min=0)
+        torch.minimum(pos, size[axis] + 1, out=pos)
+        low.append(pos.int())  # floor, as pos >= 0
+        high_w.append(pos.sub_(low[-1]))
+        low_w.append(1 - pos)
+    padded_size = (size + 3).int()
+    area = padded_size[0] * padded_size[1]
+    offset = (area.cumsum(0) - area) * num_heads + torch.arange(
+        num_heads, dtype=torch.int32, device=device
+    )[:, None, None]  # (M, L, P): level start, head
+    offset = offset + torch.arange(batch, dtype=torch.int32, device=device).view(-1, 1, 1, 1, 1) * (
+        table.shape[1] * num_heads
+    )  # (B, 1, M, L, P)
+    row_step = padded_size[0] * num_heads
+    first = low[1].mul_(row_step).add_(low[0], alpha=num_heads).add_(offset)  # (B, Q, M, L, P)
+    corner_w = torch.empty(*first.shape[:3], 4, num_levels, num_points, dtype=work, device=device)
+    index = torch.empty(corner_w.shape, dtype=torch.int32, device=device)
+    weights = weights.to(work)
+    for dy, row in enumerate((low_w[1] * weights, high_w[1] * weights)):
+        for dx, column in enumerate((low_w[0], high_w[0])):
+            torch.mul(row, column, out=corner_w[:, :, :, 2 * dy + dx])
+            torch.add(first, row_step * dy + dx * num_heads, out=index[:, :, :, 2 * dy + dx])
+    output = F.embedding_bag(
+        index.flatten(3).flatten(0, 2),
+        table.view(-1, head_dim),
+        per_sample_weights=corner_w.flatten(3).flatten(0, 2).to(dtype),
+        mode="sum",
+    )  # (B·Q·M, D)
+    return output.view(batch, -1, num_heads * head_dim)
 
 
 class MSDeformAttn(nn.Module):

@@ -45,12 +45,19 @@ def ms_deform_attn_pytorch(
             f"ms_deform_attn: value has {num_tokens} tokens but spatial_shapes "
             f"{list(spatial_shapes)} hold {sum(level_sizes)}"
         )
-    if torch.compiler.is_compiling() or (  # export: ONNX GridSample
-        torch.is_grad_enabled()  # training: grid_sample's backward is the faster
-        and any(t.requires_grad for t in (value, sampling_locations, attention_weights))
-    ):
+    if _read_with_grid(value, sampling_locations, attention_weights):
         return _sample_with_grid(value, spatial_shapes, sampling_locations, attention_weights)
-    return _sample_with_bags(value, spatial_shapes, sampling_locations, attention_weights)
+    work = torch.promote_types(sampling_locations.dtype, torch.float32)
+    size = offset_normaliser(spatial_shapes, device=value.device, dtype=work)
+    positions = [sampling_locations[..., a] * size[:, None, a] + 0.5 for a in (0, 1)]
+    return _sample_with_bags(value, spatial_shapes, positions, attention_weights)
+
+
+def _read_with_grid(*tensors: Tensor) -> bool:
+    """grid_sample for export (ONNX GridSample) and under autograd (its backward is the faster
+    one); one embedding_bag otherwise."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return grad or torch.compiler.is_compiling()
 
 
 def _sample_with_grid(
@@ -80,14 +87,15 @@ def _sample_with_grid(
 
 
 def _sample_with_bags(
-    value: Tensor, spatial_shapes: SpatialShapes, locations: Tensor, weights: Tensor
+    value: Tensor, spatial_shapes: SpatialShapes, positions: list[Tensor], weights: Tensor
 ) -> Tensor:
-    """One ``embedding_bag`` over the rows (batch, token, head) of the value maps, each map given
-    a zero border (1 before, 2 after) so that clamped corners read 0: bag (b, q, m) sums its
-    4·L·P corners weighted by bilinear × attention weight. No (B·M, D, P, Q) buffer."""
+    """``positions``: x and y (B, Q, M, L, P) of the points in pixels + 0.5 (overwritten). One
+    ``embedding_bag`` over the rows (batch, token, head) of the value maps, each map given a zero
+    border (1 before, 2 after) so that clamped corners read 0: bag (b, q, m) sums its 4·L·P
+    corners weighted by bilinear × attention weight. No (B·M, D, P, Q) buffer."""
     batch, _, num_heads, head_dim = value.shape
-    num_levels, num_points = locations.shape[3:5]
-    dtype = torch.promote_types(value.dtype, locations.dtype)
+    num_levels, num_points = weights.shape[3:5]
+    dtype = torch.promote_types(value.dtype, positions[0].dtype)
     work, device = torch.promote_types(dtype, torch.float32), value.device
     padded = [
         F.pad(v.unflatten(1, (h, w)), (0, 0, 0, 0, 1, 2, 1, 2)).flatten(1, 2)
@@ -98,8 +106,8 @@ def _sample_with_bags(
     size = offset_normaliser(spatial_shapes, device=device, dtype=work).t()[..., None]
     size = size.repeat(1, 1, num_points)  # (2, L, P): W, H
     low, high_w, low_w = [], [], []
-    for axis in (0, 1):  # padded pixel coordinates (centres at integers), inside the border
-        pos = (locations[..., axis].to(work) * size[axis]).add_(0.5).clamp_(min=0)
+    for axis, pos in enumerate(positions):  # clamped to the zero border
+        pos = pos.to(work).clamp_(min=0)
         torch.minimum(pos, size[axis] + 1, out=pos)
         low.append(pos.int())  # floor, as pos >= 0
         high_w.append(pos.sub_(low[-1]))
@@ -184,13 +192,20 @@ class MSDeformAttn(nn.Module):
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         projected = self.value_proj(value).view(batch, num_tokens, heads, self.dim // heads)
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
-        weights = weights.softmax(dim=-1).view(batch, num_queries, heads, levels, points)
+        logits = self.attention_weights(query).view(batch, num_queries, heads, levels, points)
         if normaliser is None:
             normaliser = offset_normaliser(spatial_shapes, device=query.device, dtype=query.dtype)
-        locations = (
-            reference_points[:, :, None, None, None, :]
-            + offsets / normaliser[None, None, None, :, None, :]
-        )  # (B, Q, M, L, P, 2)
-        output = ms_deform_attn_pytorch(projected, spatial_shapes, locations, weights)
+        if _read_with_grid(projected, offsets, logits):
+            weights = logits.flatten(3).softmax(dim=-1).view_as(logits)
+            locations = (
+                reference_points[:, :, None, None, None, :]
+                + offsets / normaliser[None, None, None, :, None, :]
+            )  # (B, Q, M, L, P, 2)
+            output = ms_deform_attn_pytorch(projected, spatial_shapes, locations, weights)
+        else:  # softmax over L·P, and pixel positions without dividing the offsets
+            weights = (logits - logits.amax((3, 4), keepdim=True)).exp_()
+            weights /= weights.sum((3, 4), keepdim=True)
+            anchor = reference_points[:, :, None, None, None, :] * normaliser[:, None, :] + 0.5
+            positions = [offsets[..., a] + anchor[..., a] for a in (0, 1)]
+            output = _sample_with_bags(projected, spatial_shapes, positions, weights)
         return self.output_proj(output)

@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fps", type=float, help="overlay.mp4 frame rate (default: the input's)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     add_inference_arguments(parser, amp_default="auto")
+    parser.set_defaults(amp=None)  # None: not given (--onnx refuses it); the torch path: auto
 
 
 def add_window_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,9 +90,15 @@ def run(args: argparse.Namespace) -> int:
 
     predict: Callable[[Any], Any]
     if args.onnx:  # torch is never imported
+        from themask.config import ConfigError
         from themask.data.vspw import DataError
         from themask.deploy.runtime import OnnxStreamingPredictor, predict_frames
 
+        for flag in ("config", "amp", "device"):
+            if getattr(args, flag) is not None:
+                why = "ONNX Runtime runs the export on CPU in fp32"
+                why = "the export carries its own config" if flag == "config" else why
+                raise ConfigError(f"--{flag} does not apply to --onnx: {why}")
         predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
         manifest = predictor.manifest
         if args.clip_len not in (None, manifest.clip_len):
@@ -116,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         scale, clip_len, names, palette = window_settings(args, model)
         transform = TestTransform(scale=scale, size_divisor=model.config.size_divisor)
         window = {"clip_len": clip_len, "transform": transform, "step": args.step}
-        predict = partial(predict_video, model, device=device, amp=args.amp, **window)
+        predict = partial(predict_video, model, device=device, amp=args.amp or "auto", **window)
 
     what = (args.input, clip_len, args.step, scale)
     logger.info("predicting %s: windows of %d frames, step %d, test scale %s", *what)

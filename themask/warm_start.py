@@ -22,11 +22,8 @@ _TAD_ONLY = ("decoder.temporal.", "decoder.frame_head.")
 def load_stage1_into_temporal(
     model: nn.Module, state_dict: Mapping[str, Tensor], *, head_init: str = "official"
 ) -> None:
-    """Initialise a TAD model from a fitting stage-1 state dict (ours or official).
-
-    ``official``: ``decoder.temporal``, both head norms and the frame head stay fresh (the
-    official stage-2 start); ``copy``: both heads start as the stage-1 head.
-    """
+    """A TAD model from a fitting stage-1 state dict (ours or official); ``head_init="official"``:
+    the temporal layers, head norms and frame head stay fresh; ``copy``: both heads = stage 1's."""
     if head_init not in HEAD_INITS:
         raise WeightsError(f"head_init: expected one of {HEAD_INITS}, got {head_init!r}")
     if not getattr(model, "is_temporal", False):

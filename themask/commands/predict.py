@@ -45,10 +45,12 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, int], int, list, Any]:
-    """``(scale, clip_len, class_names, palette)`` of ``--weights`` and the window options."""
+    """``(scale, clip_len, class_names, palette)`` of ``--weights`` and the window options; the
+    classes: the weights', else the ``--config`` data's, else VSPW's, else numbers."""
     from themask.config import ConfigError, load_config
+    from themask.data.description import VSPW_DESCRIPTION, default_palette
     from themask.data.vspw import TEST_SCALE
-    from themask.weights import read_test_scale
+    from themask.weights import read_class_info, read_test_scale
 
     scale, clip_len, data = args.scale, args.clip_len, None
     if args.config:
@@ -59,30 +61,21 @@ def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, in
         clip_len = model.config.num_frames if model.is_temporal else 1
     if clip_len < 1:
         raise ConfigError(f"--clip-len must be >= 1, got {clip_len}")
-    names, palette = _class_info(args.weights, data, model.config.num_classes)
-    scale = tuple(scale or read_test_scale(args.weights) or TEST_SCALE)
-    return scale, clip_len, names, palette
-
-
-def _class_info(weights: str, data: Any, num_classes: int) -> tuple[list[str], Any]:
-    """Names and palette of the weights, else of the ``--config`` data, else VSPW's or numbers."""
-    from themask.config import ConfigError
-    from themask.data.description import VSPW_DESCRIPTION, default_palette
-    from themask.weights import read_class_info
-
-    stored = read_class_info(weights)
+    k, stored = model.config.num_classes, read_class_info(args.weights)
+    description = VSPW_DESCRIPTION if data is None else data.description
     if stored is not None:
         names, palette = stored
-        return names, default_palette(len(names)) if palette is None else palette
-    description = VSPW_DESCRIPTION if data is None else data.description
-    if description.num_classes == num_classes:
-        return list(description.classes), description.palette
-    if data is not None:
+        palette = default_palette(len(names)) if palette is None else palette
+    elif description.num_classes == k:
+        names, palette = list(description.classes), description.palette
+    elif data is not None:
         raise ConfigError(
-            f"{weights}: the model predicts {num_classes} classes but the --config dataset "
+            f"{args.weights}: the model predicts {k} classes but the --config dataset "
             f"({description.source}) has {description.num_classes}"
         )
-    return [str(i) for i in range(num_classes)], default_palette(num_classes)
+    else:
+        names, palette = [str(i) for i in range(k)], default_palette(k)
+    return tuple(scale or read_test_scale(args.weights) or TEST_SCALE), clip_len, names, palette
 
 
 def run(args: argparse.Namespace) -> int:

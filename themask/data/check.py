@@ -190,12 +190,6 @@ def format_report(report: CheckReport) -> str:
     return "\n".join(lines)
 
 
-def _video_names(root: Path, frames: str) -> list[str]:
-    """Names of the videos whose frame folder matches ``frames`` (one ``{video}`` component)."""
-    at = len(root.parts) + Path(frames).parts.index("{video}")
-    return sorted(p.parts[at] for p in root.glob(frames.replace("{video}", "*")) if p.is_dir())
-
-
 def write_draft_description(
     root: PathLike, *, frames: str | None = None, masks: str | None = None
 ) -> Path:
@@ -210,7 +204,10 @@ def write_draft_description(
     for frames, masks in layouts:
         if "{video}" not in f"{frames}" or "{video}" not in f"{masks}":
             raise DescriptionError(f"--frames and --masks need a {{video}} part, got {frames}")
-        videos = _video_names(root, frames)
+        at = len(root.parts) + Path(frames).parts.index("{video}")  # the video name's part
+        videos = sorted(
+            p.parts[at] for p in root.glob(frames.replace("{video}", "*")) if p.is_dir()
+        )
         if videos:
             break
     else:

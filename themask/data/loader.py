@@ -1,7 +1,6 @@
 """Training data: clip dataset, resumable infinite sampler, ``Batch``/``collate``, loader. The
-stream is a pure function of ``(seed, batch, rank)``: the sampler yields ``(video_index,
-sample_id)`` (the global position), the dataset draws from ``(seed, sample_id)``; neither the
-worker count nor resuming changes it. A clip with an undecodable file is redrawn (warning)."""
+stream is a pure function of ``(seed, batch, rank)`` (keys ``(video_index, sample_id)``, clips
+drawn from ``(seed, sample_id)``), whatever the workers or resuming; undecodable clips redrawn."""
 
 from __future__ import annotations
 
@@ -69,8 +68,7 @@ class Batch:
 def batch_to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(frames (B, T, 3, H, W) float32 normalised, labels) on ``device``; uint8 frames are
     normalised there, their padding (``ClipMeta.image_size``) set to 0 as if padded after."""
-    frames = batch.frames.to(device, non_blocking=True)
-    labels = batch.labels.to(device, non_blocking=True)
+    frames, labels = (t.to(device, non_blocking=True) for t in (batch.frames, batch.labels))
     if frames.dtype == torch.uint8:
         frames = normalize_frames(frames)
         for clip, meta in zip(frames, batch.meta):
@@ -131,13 +129,9 @@ class VSPWTrainDataset(Dataset):
         self.videos = [v for v in videos if v.name not in unusable]
         if not self.videos:
             raise DataError("no training video has a masked frame that can be a clip target")
-        self.dilation = tuple(dilation)
-        self.transform = transform
-        self.reverse_prob = reverse_prob
-        self.seed = seed
-        self.description = description
+        self.dilation, self.transform, self.reverse_prob = tuple(dilation), transform, reverse_prob
+        self.seed, self.description, self.skipped = seed, description, 0
         self.ignore_index = transform.ignore_index
-        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.videos)

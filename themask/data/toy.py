@@ -1,7 +1,6 @@
-"""The embedded offline dataset: small synthetic videos in the VSPW layout and encoding (raw 0
-others, 1..8 ``TOY_CLASS_NAMES``, 255 void; ``TOY_DESCRIPTION``). Stuff classes differ by
-texture, objects by shape and texture, under smoothly varying random colours; the camera pans,
-objects move and occlude each other. Same arguments -> byte-identical files."""
+"""The embedded offline dataset: synthetic videos in the VSPW layout (raw 0 others, 1..8
+``TOY_CLASS_NAMES``, 255 void): textured stuff, shaped and textured objects under random colours,
+a panning camera, moving and occluding objects. Same arguments -> byte-identical files."""
 
 from __future__ import annotations
 
@@ -49,15 +48,13 @@ class _ColourField:
 
     @staticmethod
     def _at(corners: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        u = np.clip(u, 0.0, 1.0)[:, None]
-        v = np.clip(v, 0.0, 1.0)[:, None]
+        u, v = np.clip(u, 0.0, 1.0)[:, None], np.clip(v, 0.0, 1.0)[:, None]
         top = corners[0, 0] * (1 - u) + corners[0, 1] * u
         bottom = corners[1, 0] * (1 - u) + corners[1, 1] * u
         return top * (1 - v) + bottom * v
 
     def __call__(self, u: np.ndarray, v: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-        c0 = self._at(self.colours[0], u, v)
-        c1 = self._at(self.colours[1], u, v)
+        c0, c1 = (self._at(corners, u, v) for corners in self.colours)
         p = pattern[:, None]
         return (c0 * (1 - p) + c1 * p).astype(np.float32)
 
@@ -112,16 +109,14 @@ class _Scene:
         self.rng, self.size, self.num_frames = rng, size, num_frames
         h, w = size
         self.world = (h + h // 3, w + w // 2)
-        self.stuff = stuff
-        self.stuff_colours = [_ColourField(rng) for _ in stuff]
+        self.stuff, self.stuff_colours = stuff, [_ColourField(rng) for _ in stuff]
         self.horizon = (
             self.world[0] * rng.uniform(0.4, 0.6),
             rng.uniform(4, 10),
             rng.uniform(0.03, 0.08),
             rng.uniform(0, 2 * np.pi),
         )
-        # Coarse random field for "grain" (2x2 cells), defined over the whole world.
-        self.grain = rng.random((self.world[0] // 2 + 2, self.world[1] // 2 + 2)) < 0.5
+        self.grain = rng.random((self.world[0] // 2 + 2, self.world[1] // 2 + 2)) < 0.5  # 2x2 cells
         self.others = None
         if rng.random() < 0.75:
             self.others = (
@@ -140,8 +135,7 @@ class _Scene:
         radius = self.rng.uniform(0.18, 0.28) * h
         centre = np.array(self.world) / 2
         position = centre + self.rng.uniform(-0.35, 0.35, size=2) * np.array([h, w])
-        speed = self.rng.uniform(1.0, 2.5)
-        angle = self.rng.uniform(0, 2 * np.pi)
+        speed, angle = self.rng.uniform(1.0, 2.5), self.rng.uniform(0, 2 * np.pi)
         velocity = speed * np.array([np.sin(angle), np.cos(angle)])
         return _Object(class_id, radius, position, velocity, _ColourField(self.rng))
 

@@ -166,8 +166,7 @@ class TrainTransform(AugmentConfig):
             imgs, segs = imgs[:, :, ::-1], segs[:, :, ::-1]
         if self.photometric:
             imgs = np.stack([photometric_distortion(np.ascontiguousarray(f), rng) for f in imgs])
-        frame_t = to_chw(imgs)
-        label_t = torch.from_numpy(np.ascontiguousarray(segs)).long()
+        frame_t, label_t = to_chw(imgs), torch.from_numpy(np.ascontiguousarray(segs)).long()
         if not self.normalize:
             return frame_t, label_t
         return pad_clip(

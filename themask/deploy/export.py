@@ -39,8 +39,7 @@ class _EncoderGraph(nn.Module):
 class _DecoderGraph(nn.Module):
     def __init__(self, model: THEMask, clip_len: int) -> None:
         super().__init__()
-        self.model = model
-        self.clip_len = clip_len
+        self.model, self.clip_len = model, clip_len
 
     def forward(self, mask_features: Tensor, *multi_scale: Tensor) -> Tensor:
         features = FrameFeatures(mask_features=mask_features, multi_scale=list(multi_scale))

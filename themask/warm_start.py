@@ -38,8 +38,7 @@ def load_stage1_into_temporal(
     target = model.state_dict()
     shared = {key: value for key, value in target.items() if not key.startswith(_TAD_ONLY)}
     check_state_dict(shared, stage1, what="stage-1 checkpoint → temporal model")
-    new_state = dict(target)
-    head = "decoder.clip_head."
+    new_state, head = dict(target), "decoder.clip_head."
     if head_init == "official":
         new_state.update({k: v for k, v in stage1.items() if not k.startswith(f"{head}norm.")})
         fresh = "decoder.temporal, clip_head.norm, frame_head (norm, class_embed, mask_embed)"

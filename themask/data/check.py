@@ -182,11 +182,8 @@ def format_report(report: CheckReport) -> str:
         if absent:
             more = " ..." if len(absent) > 10 else ""
             lines.append(f"classes never present: {len(absent)} ({', '.join(absent[:10])}{more})")
-    if report.problems:
-        lines.append(f"{len(report.problems)} problem(s):")
-        lines.extend(f"  {p}" for p in report.problems)
-    else:
-        lines.append("no problems found")
+    problems = [f"{len(report.problems)} problem(s):", *(f"  {p}" for p in report.problems)]
+    lines += problems if report.problems else ["no problems found"]
     return "\n".join(lines)
 
 

@@ -137,8 +137,7 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
     names_ok = names_ok and all(isinstance(c, str) and c.strip() for c in classes)
     expect(names_ok, "classes", "a list of 1..255 non-empty names")
     expect(len(set(classes)) == len(classes), "classes", "unique names")
-    k = len(classes)
-    palette = given.get("palette")
+    k, palette = len(classes), given.get("palette")
     if palette is not None:
         ok = isinstance(palette, list) and len(palette) == k
         ok = ok and all(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import numpy as np
 import torch
@@ -200,25 +200,22 @@ class VSPWTrainDataset(Dataset):
         return sample
 
 
+@dataclass(eq=False)
 class InfiniteClipSampler(Sampler):
-    """Endless ``(video_index, sample_id)`` keys: epochs of video permutations drawn from
-    ``(seed, epoch)``; rank ``r`` takes global positions ``r, r + W, ...`` and skips the
-    samples of the first ``start_batch`` batches."""
+    """Endless ``(video_index, sample_id)`` keys: video permutations per epoch from ``(seed,
+    epoch)``; rank r takes global positions r, r + W, ... after ``start_batch`` batches."""
 
-    def __init__(
-        self,
-        num_videos: int,
-        *,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_batch: int = 0,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"train.batch_size: need >= 1 clip per process, got {batch_size}")
-        self.num_videos, self.batch_size, self.seed = num_videos, batch_size, seed
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+    num_videos: int
+    _: KW_ONLY
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    start_batch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size: need >= 1 clip per process, got {self.batch_size}")
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         k = self.start_batch * self.batch_size

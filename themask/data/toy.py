@@ -153,8 +153,7 @@ class _Scene:
         cam_y, cam_x = self.camera[0] + alpha * (self.camera[1] - self.camera[0])
         y, x = np.mgrid[0:h, 0:w].astype(np.float32)
         wy, wx = y + np.float32(cam_y), x + np.float32(cam_x)
-        image = np.zeros((h, w, 3), dtype=np.float32)
-        label = np.zeros((h, w), dtype=np.uint8)
+        image, label = np.zeros((h, w, 3), dtype=np.float32), np.zeros((h, w), dtype=np.uint8)
 
         base, amp, freq, phase = self.horizon
         lower = wy > base + amp * np.sin(wx * freq + phase)
@@ -223,13 +222,11 @@ def make_toy_dataset(
     size: tuple[int, int] = (96, 128),
     jpeg_quality: int = 92,
 ) -> Path:
-    """Write (over) the toy dataset under ``root``, returned: videos of ``num_frames - 3 ..
-    num_frames`` (validation: ``val_frames``, > 16 so that mVC16 is defined under the published
-    rule) frames of ``size`` (H, W), numbered from a random offset as in VSPW."""
+    """Write (over) the toy dataset under ``root`` (returned): videos of ``num_frames - 3 ..
+    num_frames`` frames (val: ``val_frames``, > 16 for mVC16) of ``size`` (H, W)."""
     if min(num_frames, val_frames) < 4:
         raise ValueError(f"num_frames and val_frames must be >= 4, got {num_frames}, {val_frames}")
-    root = Path(root)
-    rng = np.random.default_rng(seed)
+    root, rng = Path(root), np.random.default_rng(seed)
     total = num_train + num_val
     plans = _class_plans(rng, total)
     names = [f"{i:04d}_toy{seed}" for i in range(total)]

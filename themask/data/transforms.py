@@ -130,10 +130,9 @@ def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.nd
 
 @dataclass
 class TrainTransform(AugmentConfig):
-    """Clip-consistent training augmentation: resize ratio, crop box (checked on the target
-    frame, the last) and flip drawn once per clip, photometric distortion per frame. Output:
-    frames (T, 3, H, W) float32 normalised, labels (T, H, W) int64, padded to ``crop_size``;
-    ``normalize=False``: uint8 frames, both at the crop's size (the loader pads)."""
+    """Clip-consistent augmentation (ratio, crop checked on the last frame, flip: once per clip;
+    photometric: per frame) → frames (T, 3, H, W) float32 normalised, labels (T, H, W) int64
+    padded to ``crop_size``; ``normalize=False``: uint8 frames, unpadded (the loader pads)."""
 
     normalize: bool = True
 

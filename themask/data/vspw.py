@@ -116,8 +116,7 @@ def read_split(path: PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split file not found (expected one video folder name per line)")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    names = [name for name in names if name]
+    names = [n for n in map(str.strip, path.read_text(encoding="utf-8").splitlines()) if n]
     if not names:
         raise DataError(f"{path}: split file is empty (expected one video folder name per line)")
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -187,9 +186,8 @@ def scan_video(
 
 
 class VSPWIndex:
-    """Videos of one split (``description``: the root's ``dataset.yaml``, else VSPW's). Every
-    listed video must have frames and, when ``labelled`` and not sparse, a mask for each;
-    otherwise ``DataError`` names the offending paths (first 20) and their count."""
+    """Videos of one split (``description``: the root's ``dataset.yaml``, else VSPW's); listed
+    videos without frames or (``labelled``, not sparse) masks: ``DataError`` naming the paths."""
 
     def __init__(
         self,

@@ -133,12 +133,6 @@ def _export(module: nn.Module, args: tuple, path: Path, opset: int, **options) -
     progress = io.StringIO()  # the exporter prints its steps on stdout: kept for -v
     with torch.no_grad(), contextlib.redirect_stdout(progress):
         torch.onnx.export(
-            module.eval(),
-            args,
-            str(path),
-            dynamo=True,
-            opset_version=opset,
-            verbose=False,
-            **options,
+            module.eval(), args, path, dynamo=True, opset_version=opset, verbose=False, **options
         )
     logger.debug("%s", progress.getvalue())

@@ -152,11 +152,10 @@ def format_report(report: CheckReport) -> str:
     """Human-readable summary: videos, frames and masks per split, frame sizes, and the class
     table (masks and pixels per class, ignored and invalid stored values)."""
     description = report.description
-    lines = [f"description: {description.source}"]
-    for split, videos in report.splits.items():
-        lines.append(
-            f"{split}: {videos} videos, {report.frames[split]} frames, {report.masks[split]} masks"
-        )
+    lines = [f"description: {description.source}"] + [
+        f"{split}: {videos} videos, {report.frames[split]} frames, {report.masks[split]} masks"
+        for split, videos in report.splits.items()
+    ]
     sizes = ", ".join(f"{w}x{h} ({n})" for (h, w), n in report.sizes.most_common(8))
     lines.append(f"frame sizes (WxH): {sizes or 'none'}")
     total = int(report.histogram.sum())

@@ -258,14 +258,8 @@ def build_train_loader(
         seed=seed,
         description=index.description,
     )
-    sampler = InfiniteClipSampler(
-        len(dataset),
-        batch_size=batch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        start_batch=start_batch,
-    )
+    positions = {"seed": seed, "rank": rank, "world_size": world_size, "start_batch": start_batch}
+    sampler = InfiniteClipSampler(len(dataset), batch_size=batch_size, **positions)
     workers = data_cfg.num_workers if num_workers is None else num_workers
     return DataLoader(
         dataset,

@@ -1,6 +1,5 @@
-"""Clip transforms: training augmentation with one geometry per clip (docs/DESIGN.md §6,
-``docs/VSPW.md`` §2.1), and the test resize (``docs/VSPW.md`` §2.3). A clip is T frames
-(H, W, 3) uint8 RGB and T label maps (H, W) uint8 train ids of one size."""
+"""Clip transforms of T frames (H, W, 3) uint8 RGB and label maps (H, W) uint8 of one size:
+training augmentation (docs/DESIGN.md §6, docs/VSPW.md §2.1), test resize (docs/VSPW.md §2.3)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Videos on disk: split files, video folders, frame and mask readers; VSPW's class table.
-Layout and label encoding come from a dataset's ``dataset.yaml``, VSPW's by default
-(``docs/VSPW.md`` §1); a stored mask value neither ignored nor a class is an error."""
+"""Videos on disk (layout and labels of a ``dataset.yaml``, VSPW's by default: docs/VSPW.md §1):
+split files, video folders, frame and mask readers (bad stored values: errors); VSPW's classes."""
 
 from __future__ import annotations
 

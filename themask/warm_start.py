@@ -62,10 +62,8 @@ def init_from_weights(model: nn.Module, path: PathLike, *, head_init: str = "off
     ]
     state_dict.update({key: target[key] for key in fresh})
     if fresh:
-        names = ", ".join(fresh)
-        logger.info(
-            "%s: class layers re-initialised for %d classes: %s", path, model.num_classes, names
-        )
+        k, names = model.num_classes, ", ".join(fresh)
+        logger.info("%s: class layers re-initialised for %d classes: %s", path, k, names)
     has_tad = any(key.startswith("decoder.temporal.") for key in state_dict)
     if getattr(model, "is_temporal", False) and not has_tad:
         load_stage1_into_temporal(model, state_dict, head_init=head_init)

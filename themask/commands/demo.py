@@ -16,8 +16,7 @@ from themask.commands import add_command, add_threads_argument, report_metrics
 
 THEMASK_CONFIG = "toy/themask_toy"  # shipped configs, used by name
 BASELINE_CONFIG = "toy/mask2former_toy"
-# with only a few dozen videos the tiny model memorises them instead of learning
-TRAIN_VIDEOS = 200
+TRAIN_VIDEOS = 200  # with a few dozen, the tiny model memorises them instead of learning
 VAL_VIDEOS = 6
 COMPARED = ("mIoU", "WIoU", "aAcc", "mVC8")  # the --baseline comparison
 

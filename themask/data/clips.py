@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-# Frame gap of the official multi-frame test clips (matches the training dilation [-3]).
-TEST_CLIP_STRIDE = 3
+TEST_CLIP_STRIDE = 3  # frame gap of the official multi-frame test clips (training dilation [-3])
 
 
 class ClipTooShortError(ValueError):

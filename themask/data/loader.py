@@ -161,13 +161,9 @@ class VSPWTrainDataset(Dataset):
         frame_t, label_t = pad_clip(  # no-op for a transform that pads itself
             frame_t, label_t, self.transform.crop_size, ignore_index=self.ignore_index
         )
-        meta = ClipMeta(
-            video=video.name,
-            frame_names=[video.frame_paths[i].stem for i in indices],
-            original_size=(frames[0].shape[0], frames[0].shape[1]),
-            frame_indices=list(indices),
-            image_size=image_size,
-        )
+        names = [video.frame_paths[i].stem for i in indices]
+        original_size = (frames[0].shape[0], frames[0].shape[1])
+        meta = ClipMeta(video.name, names, original_size, list(indices), image_size)
         return ClipSample(frame_t, label_t, meta)
 
     def __getitem__(self, key: tuple[int, int]) -> ClipSample:

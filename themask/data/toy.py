@@ -33,8 +33,7 @@ STUFF_IDS = (1, 2, 3, 4)  # raw ids
 OBJECT_IDS = (5, 6, 7, 8)
 OTHERS_ID = 0
 VOID_ID = 255
-# Texture contrast: the light colour exceeds the dark one by this much in every channel.
-_CONTRAST = (60.0, 120.0)
+_CONTRAST = (60.0, 120.0)  # the light colour exceeds the dark one by this much (each channel)
 
 
 class _ColourField:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,14 +151,8 @@ class TrainTransform(AugmentConfig):
         size = keep_ratio_size(frames[0].shape[:2], target_scale)
         imgs = np.stack([resize_frame(f, size) for f in frames])
         segs = np.stack([resize_frame(s, size, Image.Resampling.NEAREST) for s in labels])
-        y, x = choose_crop(
-            segs[-1],
-            self.crop_size,
-            rng,
-            cat_max_ratio=self.cat_max_ratio,
-            retries=self.crop_retries,
-            ignore_index=self.ignore_index,
-        )
+        check: dict[str, Any] = {"cat_max_ratio": self.cat_max_ratio, "retries": self.crop_retries}
+        y, x = choose_crop(segs[-1], self.crop_size, rng, ignore_index=self.ignore_index, **check)
         ch, cw = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
         imgs, segs = imgs[:, y : y + ch, x : x + cw], segs[:, y : y + ch, x : x + cw]
         if rng.random() < self.flip_prob:

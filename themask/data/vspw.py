@@ -23,8 +23,7 @@ TEST_SCALE = (853, 480)  # (long, short) side of the official test resize
 IGNORE_INDEX = 255
 MASK_SUFFIX = ".png"
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
-# Single-channel PIL modes whose pixel values are raw label ids.
-_LABEL_MODES = ("L", "P", "I", "I;16")
+_LABEL_MODES = ("L", "P", "I", "I;16")  # single-channel PIL modes: the values are label ids
 
 # VSPW's class names and (124, 3) uint8 RGB palette by train id (the first 124 ADE20K colours;
 # ids 6 and 48 share one).

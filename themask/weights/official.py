@@ -66,8 +66,7 @@ def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
     """The shape facts of a full state dict (our names) that network presets differ in."""
 
     def count(pattern: str) -> int:
-        regex = re.compile(pattern)
-        return len({m.group(1) for key in ours if (m := regex.match(key))})
+        return len({m.group(1) for key in ours if (m := re.match(pattern, key))})
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in ours:

@@ -34,16 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from themask.config import ConfigError
     from themask.data.toy import make_toy_dataset
     from themask.evaluation.metrics import summarize_metrics
 
-    if args.device == "cuda":
-        import torch
-
-        from themask.config import ConfigError
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
     out = Path(args.out)
     data_root = out / "toy_data"
     train_list = data_root / "train.txt"

@@ -84,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
     predict: Callable[[Any], Any]
     if args.onnx:  # torch is never imported
         from themask.config import ConfigError
-        from themask.data.vspw import DataError
         from themask.deploy.runtime import OnnxStreamingPredictor, predict_frames
 
         for flag in ("config", "amp", "device"):
@@ -95,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
         manifest = predictor.manifest
         if args.clip_len not in (None, manifest.clip_len):
-            raise DataError(
+            raise ConfigError(
                 f"{predictor.directory}: exported for windows of {manifest.clip_len} frames, "
                 f"not --clip-len {args.clip_len} (export again with --clip-len {args.clip_len})"
             )

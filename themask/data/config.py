@@ -1,5 +1,4 @@
-"""``DataConfig``: where the data lives, how clips are built and augmented. Defaults: the VSPW
-480p recipe of THE-Mask's second stage (T = 2, dilation [-3]; the first stage: ``(0,)``)."""
+"""``DataConfig``: data, clips, augmentation; defaults: VSPW 480p, stage 2 (stage 1: dilation 0)."""
 
 from __future__ import annotations
 

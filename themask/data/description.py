@@ -1,5 +1,4 @@
-"""``dataset.yaml``: the description of a video dataset (classes, label encoding, layout; see
-README.md "Your own dataset"). A root without one is read as VSPW (``VSPW_DESCRIPTION``)."""
+"""``dataset.yaml``: a dataset's classes, label encoding, layout (README "Your own dataset")."""
 
 from __future__ import annotations
 
@@ -12,14 +11,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from themask.data.vspw import (
-    CLASS_NAMES,
-    PALETTE,
-    DataError,
-    PathLike,
-    map_raw_labels,
-    read_raw_label,
-)
+from themask.data.vspw import CLASS_NAMES, PALETTE, DataError, map_raw_labels, read_raw_label
+from themask.io import PathLike
 
 DESCRIPTION_FILE = "dataset.yaml"
 VSPW_FRAMES = "data/{video}/origin"

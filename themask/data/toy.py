@@ -25,9 +25,7 @@ TOY_PALETTE: np.ndarray = np.array([
     (70, 240, 240), (240, 50, 230),
 ], dtype=np.uint8)  # fmt: skip
 
-TOY_DESCRIPTION = DatasetDescription(
-    classes=TOY_CLASS_NAMES, palette=TOY_PALETTE, source="toy dataset description"
-)
+TOY_DESCRIPTION = DatasetDescription(TOY_CLASS_NAMES, TOY_PALETTE, source="toy dataset description")
 
 STUFF_IDS = (1, 2, 3, 4)  # raw ids
 OBJECT_IDS = (5, 6, 7, 8)

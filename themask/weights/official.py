@@ -1,5 +1,4 @@
-"""Official THE-Mask checkpoints (mmseg 0.x names; the table in ``names.yaml``, docs/DESIGN.md
-§9) → ours; the network of a full state dict."""
+"""Official THE-Mask checkpoints (``names.yaml``, docs/DESIGN.md §9) → ours; a state dict's net."""
 
 from __future__ import annotations
 

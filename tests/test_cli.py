@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from PIL import Image
 from themask.cli import COMMAND_MODULES, build_parser, main
 from themask.data.toy import make_toy_dataset
 from themask.evaluation.visualize import plot_loss_curve
-from themask.logger import MetricWriter, read_metrics
+from themask.logger import MetricWriter, read_metrics, setup_logging
 
 # arguments each of our commands must explain in its --help
 EXPECTED = {
@@ -152,6 +153,39 @@ def test_demo_writes_everything_it_promises(tmp_path, capsys):
     assert (out / "overlay.mp4").stat().st_size > 0
     assert Image.open(out / "loss_curve.png").size == (700, 400)
     assert (out / "run" / "model.safetensors").is_file()
+
+
+def test_setup_logging_again_replaces_its_own_handlers_only(tmp_path):
+    """A second call (a second run in one process) closes the first call's log file: that
+    file stops growing, the new one gets each record once; the user's handler stays."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    own = logging.NullHandler()
+    root.addHandler(own)
+    log = logging.getLogger("themask.test_cli")
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    try:
+        first_handler = setup_logging(log_file=first)
+        log.info("record one")
+        setup_logging(log_file=second)
+        size = first.stat().st_size
+        log.info("record two")
+        log.warning("record three")
+        assert first.stat().st_size == size and "record one" in first.read_text()
+        assert first_handler is not None and first_handler.stream is None  # closed
+        lines = second.read_text().splitlines()
+        assert [line.rsplit(": ", 1)[1] for line in lines] == ["record two", "record three"]
+        assert own in root.handlers
+        files = [getattr(h, "baseFilename", None) for h in root.handlers]
+        assert str(first) not in files and files.count(str(second)) == 1
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in before:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 def test_building_the_cli_imports_no_torch():

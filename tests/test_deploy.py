@@ -301,3 +301,25 @@ def test_predict_onnx_bad_inputs_are_one_line_errors(exported, tmp_path, capsys,
 
     code = main(["predict", "--onnx", str(root / "t2"), str(video), *out, "--clip-len", "3"])
     assert "--clip-len 3" in _one_line_error(capsys, code)
+
+
+@pytest.mark.parametrize(
+    "flag, value, why",
+    [
+        ("--config", "toy/themask_toy", "own config"),
+        ("--amp", "auto", "fp32"),
+        ("--device", "cpu", "CPU"),
+    ],
+)
+def test_predict_onnx_refuses_the_torch_only_flags(
+    exported, tmp_path, capsys, fresh_log_handler, flag, value, why
+):
+    """--config, --amp and --device would be ignored with --onnx: a one-line error instead."""
+    _, _, root = exported
+    video = tmp_path / "clip.mp4"
+    _write_video(video, frames=2)
+    out = tmp_path / "out"
+    code = main(["predict", "--onnx", str(root / "t2"), str(video), "--out", str(out), flag, value])
+    line = _one_line_error(capsys, code)
+    assert f"{flag} does not apply to --onnx" in line and why in line
+    assert not out.exists()

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from themask.weights.files import StateDict
-from themask.weights.mit import ORIGINAL_BLOCK_TO_OURS
+from themask.weights.files import NAME_TABLES, StateDict
 from themask.weights.official import official_table, rename
 
+ORIGINAL_BLOCK_TO_OURS = NAME_TABLES["mit"]["original"]["in_block"]
 _OURS_BLOCK_TO_ORIGINAL = {ours: original for original, ours in ORIGINAL_BLOCK_TO_OURS.items()}
 _RE_OURS = re.compile(
     r"stages\.(\d+)\.(?:(patch_embed\.(?:proj|norm))|blocks\.(\d+)\.(.+)|(norm))\.(weight|bias)"

@@ -3,6 +3,7 @@ network and objective, the YAML file, then dotted ``key=value`` overrides parsed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import types
@@ -110,10 +111,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
         return update_dataclass(tp(), value, key)
     if tp is float and isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
-        try:
+        with contextlib.suppress(ValueError):
             return float(value)
-        except ValueError:
-            pass
     if tp in _SCALARS:
         accepted = (int, float) if tp is float else tp
         if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
@@ -155,7 +154,7 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
     model = values.get("model")
     if isinstance(model, Mapping) and isinstance(model.get("loss"), Mapping):
         values["model"] = {k: v for k, v in model.items() if k != "loss"}
-        values["loss"] = _deep_merge(dict(model["loss"]), values.get("loss") or {})
+        values["loss"] = _deep_merge(model["loss"], values.get("loss") or {})
     from themask.modeling import build
 
     base = RunConfig()
@@ -167,13 +166,7 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
     model = build.preset_config(preset, num_classes=data.num_classes)
     loss = build.preset_loss_config(preset)
     base = dataclasses.replace(base, preset=preset, model=model, loss=loss)
-    cfg = update_dataclass(base, values)
-    check_consistency(cfg)
-    return cfg
-
-
-def check_consistency(cfg: RunConfig) -> None:
-    """The model must fit the data it is trained on."""
+    cfg = update_dataclass(base, values)  # then: the model must fit the data
     if cfg.model.num_classes != cfg.data.num_classes:
         raise ConfigError(
             f"model.num_classes={cfg.model.num_classes} but the dataset "
@@ -187,6 +180,7 @@ def check_consistency(cfg: RunConfig) -> None:
     if cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     cfg.train.per_process_batch(1)  # batch_size divisible by grad_accum
+    return cfg
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -213,13 +207,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(dict(merged[key]), value)
-        else:
-            merged[key] = value
+        nested = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
+        merged[key] = _deep_merge(merged[key], value) if nested else value
     return merged
 
 

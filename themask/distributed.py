@@ -43,8 +43,7 @@ def is_main() -> bool:
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Join the torchrun process group if any (NCCL on ``cuda:LOCAL_RANK``, else gloo)."""
     use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

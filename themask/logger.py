@@ -19,25 +19,31 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is now (it may be replaced after set-up)."""
 
-    _themask = True  # marks our handler (tests remove it)
+    _themask = True  # marks the handlers setup_logging adds (a later call replaces them)
     stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+class _FileHandler(logging.FileHandler):
+    _themask = True
 
 
 def setup_logging(
     *, verbose: bool = False, rank: int = 0, log_file: PathLike | None = None
 ) -> logging.Handler | None:
-    """Root logger: INFO (``verbose``: DEBUG) on rank 0 (also to ``log_file``), else WARNING."""
-    level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
+    """Root logger: INFO (``verbose``: DEBUG) on rank 0 (also to ``log_file``), else WARNING;
+    the handlers of an earlier call are closed and replaced, the user's own kept."""
     root = logging.getLogger()
-    if not any(getattr(h, "_themask", False) for h in root.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
-        root.addHandler(handler)
-    root.setLevel(level)
+    for old in [h for h in root.handlers if getattr(h, "_themask", False)]:
+        root.removeHandler(old)
+        old.close()
+    root.setLevel((logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    root.addHandler(handler)
     if log_file is None or rank != 0:
         return None
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    file_handler = _FileHandler(log_file, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(file_handler)
     return file_handler

@@ -22,11 +22,8 @@ _TAD_ONLY = ("decoder.temporal.", "decoder.frame_head.")
 def load_stage1_into_temporal(
     model: nn.Module, state_dict: Mapping[str, Tensor], *, head_init: str = "official"
 ) -> None:
-    """Initialise a TAD model from a fitting stage-1 state dict (ours or official).
-
-    ``official``: ``decoder.temporal``, both head norms and the frame head stay fresh (the
-    official stage-2 start); ``copy``: both heads start as the stage-1 head.
-    """
+    """A TAD model from a fitting stage-1 state dict (ours or official); ``head_init="official"``:
+    the temporal layers, head norms and frame head stay fresh; ``copy``: both heads = stage 1's."""
     if head_init not in HEAD_INITS:
         raise WeightsError(f"head_init: expected one of {HEAD_INITS}, got {head_init!r}")
     if not getattr(model, "is_temporal", False):
@@ -41,8 +38,7 @@ def load_stage1_into_temporal(
     target = model.state_dict()
     shared = {key: value for key, value in target.items() if not key.startswith(_TAD_ONLY)}
     check_state_dict(shared, stage1, what="stage-1 checkpoint → temporal model")
-    new_state = dict(target)
-    head = "decoder.clip_head."
+    new_state, head = dict(target), "decoder.clip_head."
     if head_init == "official":
         new_state.update({k: v for k, v in stage1.items() if not k.startswith(f"{head}norm.")})
         fresh = "decoder.temporal, clip_head.norm, frame_head (norm, class_embed, mask_embed)"
@@ -66,10 +62,8 @@ def init_from_weights(model: nn.Module, path: PathLike, *, head_init: str = "off
     ]
     state_dict.update({key: target[key] for key in fresh})
     if fresh:
-        names = ", ".join(fresh)
-        logger.info(
-            "%s: class layers re-initialised for %d classes: %s", path, model.num_classes, names
-        )
+        k, names = model.num_classes, ", ".join(fresh)
+        logger.info("%s: class layers re-initialised for %d classes: %s", path, k, names)
     has_tad = any(key.startswith("decoder.temporal.") for key in state_dict)
     if getattr(model, "is_temporal", False) and not has_tad:
         load_stage1_into_temporal(model, state_dict, head_init=head_init)

@@ -16,8 +16,7 @@ from themask.commands import add_command, add_threads_argument, report_metrics
 
 THEMASK_CONFIG = "toy/themask_toy"  # shipped configs, used by name
 BASELINE_CONFIG = "toy/mask2former_toy"
-# with only a few dozen videos the tiny model memorises them instead of learning
-TRAIN_VIDEOS = 200
+TRAIN_VIDEOS = 200  # with a few dozen, the tiny model memorises them instead of learning
 VAL_VIDEOS = 6
 COMPARED = ("mIoU", "WIoU", "aAcc", "mVC8")  # the --baseline comparison
 
@@ -35,16 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from themask.config import ConfigError
     from themask.data.toy import make_toy_dataset
     from themask.evaluation.metrics import summarize_metrics
 
-    if args.device == "cuda":
-        import torch
-
-        from themask.config import ConfigError
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
     out = Path(args.out)
     data_root = out / "toy_data"
     train_list = data_root / "train.txt"

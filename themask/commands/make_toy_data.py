@@ -32,14 +32,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
         what = "is not empty" if out.is_dir() else "is not a folder"
         raise FileExistsError(f"{out} {what}; choose a new folder or pass --force")
-    root = make_toy_dataset(
-        out,
-        seed=args.seed,
-        num_train=args.train_videos,
-        num_val=args.val_videos,
-        num_frames=args.frames,
-        val_frames=args.val_frames,
-        size=(args.height, args.width),
-    )
+    videos = {"seed": args.seed, "num_train": args.train_videos, "num_val": args.val_videos}
+    frames = {"num_frames": args.frames, "val_frames": args.val_frames}
+    root = make_toy_dataset(out, size=(args.height, args.width), **videos, **frames)
     print(f"toy dataset written to {root} ({args.train_videos} + {args.val_videos} videos)")
     return 0

@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fps", type=float, help="overlay.mp4 frame rate (default: the input's)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     add_inference_arguments(parser, amp_default="auto")
+    parser.set_defaults(amp=None)  # None: not given (--onnx refuses it); the torch path: auto
 
 
 def add_window_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +45,12 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, int], int, list, Any]:
-    """``(scale, clip_len, class_names, palette)`` of ``--weights`` and the window options."""
+    """``(scale, clip_len, class_names, palette)`` of ``--weights`` and the window options; the
+    classes: the weights', else the ``--config`` data's, else VSPW's, else numbers."""
     from themask.config import ConfigError, load_config
+    from themask.data.description import VSPW_DESCRIPTION, default_palette
     from themask.data.vspw import TEST_SCALE
-    from themask.weights import read_test_scale
+    from themask.weights import read_class_info, read_test_scale
 
     scale, clip_len, data = args.scale, args.clip_len, None
     if args.config:
@@ -58,30 +61,21 @@ def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, in
         clip_len = model.config.num_frames if model.is_temporal else 1
     if clip_len < 1:
         raise ConfigError(f"--clip-len must be >= 1, got {clip_len}")
-    names, palette = _class_info(args.weights, data, model.config.num_classes)
-    scale = tuple(scale or read_test_scale(args.weights) or TEST_SCALE)
-    return scale, clip_len, names, palette
-
-
-def _class_info(weights: str, data: Any, num_classes: int) -> tuple[list[str], Any]:
-    """Names and palette of the weights, else of the ``--config`` data, else VSPW's or numbers."""
-    from themask.config import ConfigError
-    from themask.data.description import VSPW_DESCRIPTION, default_palette
-    from themask.weights import read_class_info
-
-    stored = read_class_info(weights)
+    k, stored = model.config.num_classes, read_class_info(args.weights)
+    description = VSPW_DESCRIPTION if data is None else data.description
     if stored is not None:
         names, palette = stored
-        return names, default_palette(len(names)) if palette is None else palette
-    description = VSPW_DESCRIPTION if data is None else data.description
-    if description.num_classes == num_classes:
-        return list(description.classes), description.palette
-    if data is not None:
+        palette = default_palette(len(names)) if palette is None else palette
+    elif description.num_classes == k:
+        names, palette = list(description.classes), description.palette
+    elif data is not None:
         raise ConfigError(
-            f"{weights}: the model predicts {num_classes} classes but the --config dataset "
+            f"{args.weights}: the model predicts {k} classes but the --config dataset "
             f"({description.source}) has {description.num_classes}"
         )
-    return [str(i) for i in range(num_classes)], default_palette(num_classes)
+    else:
+        names, palette = [str(i) for i in range(k)], default_palette(k)
+    return tuple(scale or read_test_scale(args.weights) or TEST_SCALE), clip_len, names, palette
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,13 +83,18 @@ def run(args: argparse.Namespace) -> int:
 
     predict: Callable[[Any], Any]
     if args.onnx:  # torch is never imported
-        from themask.data.vspw import DataError
+        from themask.config import ConfigError
         from themask.deploy.runtime import OnnxStreamingPredictor, predict_frames
 
+        for flag in ("config", "amp", "device"):
+            if getattr(args, flag) is not None:
+                why = "ONNX Runtime runs the export on CPU in fp32"
+                why = "the export carries its own config" if flag == "config" else why
+                raise ConfigError(f"--{flag} does not apply to --onnx: {why}")
         predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
         manifest = predictor.manifest
         if args.clip_len not in (None, manifest.clip_len):
-            raise DataError(
+            raise ConfigError(
                 f"{predictor.directory}: exported for windows of {manifest.clip_len} frames, "
                 f"not --clip-len {args.clip_len} (export again with --clip-len {args.clip_len})"
             )
@@ -116,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         scale, clip_len, names, palette = window_settings(args, model)
         transform = TestTransform(scale=scale, size_divisor=model.config.size_divisor)
         window = {"clip_len": clip_len, "transform": transform, "step": args.step}
-        predict = partial(predict_video, model, device=device, amp=args.amp, **window)
+        predict = partial(predict_video, model, device=device, amp=args.amp or "auto", **window)
 
     what = (args.input, clip_len, args.step, scale)
     logger.info("predicting %s: windows of %d frames, step %d, test scale %s", *what)

@@ -152,11 +152,10 @@ def format_report(report: CheckReport) -> str:
     """Human-readable summary: videos, frames and masks per split, frame sizes, and the class
     table (masks and pixels per class, ignored and invalid stored values)."""
     description = report.description
-    lines = [f"description: {description.source}"]
-    for split, videos in report.splits.items():
-        lines.append(
-            f"{split}: {videos} videos, {report.frames[split]} frames, {report.masks[split]} masks"
-        )
+    lines = [f"description: {description.source}"] + [
+        f"{split}: {videos} videos, {report.frames[split]} frames, {report.masks[split]} masks"
+        for split, videos in report.splits.items()
+    ]
     sizes = ", ".join(f"{w}x{h} ({n})" for (h, w), n in report.sizes.most_common(8))
     lines.append(f"frame sizes (WxH): {sizes or 'none'}")
     total = int(report.histogram.sum())
@@ -182,18 +181,9 @@ def format_report(report: CheckReport) -> str:
         if absent:
             more = " ..." if len(absent) > 10 else ""
             lines.append(f"classes never present: {len(absent)} ({', '.join(absent[:10])}{more})")
-    if report.problems:
-        lines.append(f"{len(report.problems)} problem(s):")
-        lines.extend(f"  {p}" for p in report.problems)
-    else:
-        lines.append("no problems found")
+    problems = [f"{len(report.problems)} problem(s):", *(f"  {p}" for p in report.problems)]
+    lines += problems if report.problems else ["no problems found"]
     return "\n".join(lines)
-
-
-def _video_names(root: Path, frames: str) -> list[str]:
-    """Names of the videos whose frame folder matches ``frames`` (one ``{video}`` component)."""
-    at = len(root.parts) + Path(frames).parts.index("{video}")
-    return sorted(p.parts[at] for p in root.glob(frames.replace("{video}", "*")) if p.is_dir())
 
 
 def write_draft_description(
@@ -210,7 +200,10 @@ def write_draft_description(
     for frames, masks in layouts:
         if "{video}" not in f"{frames}" or "{video}" not in f"{masks}":
             raise DescriptionError(f"--frames and --masks need a {{video}} part, got {frames}")
-        videos = _video_names(root, frames)
+        at = len(root.parts) + Path(frames).parts.index("{video}")  # the video name's part
+        videos = sorted(
+            p.parts[at] for p in root.glob(frames.replace("{video}", "*")) if p.is_dir()
+        )
         if videos:
             break
     else:

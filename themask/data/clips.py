@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-# Frame gap of the official multi-frame test clips (matches the training dilation [-3]).
-TEST_CLIP_STRIDE = 3
+TEST_CLIP_STRIDE = 3  # frame gap of the official multi-frame test clips (training dilation [-3])
 
 
 class ClipTooShortError(ValueError):
@@ -59,8 +58,7 @@ def sample_train_clip(
     """Draw one training clip: reversal with ``reverse_prob``, then a uniform target among
     ``targets`` (default: every frame) that can end a clip, in the other direction when the drawn
     one has none; ``ClipTooShortError`` when the video or ``targets`` allow no clip."""
-    span = clip_span(dilation)
-    reverse = bool(rng.random() < reverse_prob)
+    span, reverse = clip_span(dilation), bool(rng.random() < reverse_prob)
     frames = range(num_frames) if targets is None else targets
 
     def valid(backwards: bool) -> list[int]:  # positions in the read order
@@ -82,10 +80,9 @@ def sample_train_clip(
 def test_clips(
     num_frames: int, clip_len: int, *, stride: int = TEST_CLIP_STRIDE
 ) -> list[list[int]]:
-    """Clips that predict every frame of a video once (``docs/VSPW.md`` §2.2): each block of
-    ``stride * clip_len`` frames gives the clips ``{b + j + stride * i : i < clip_len}``, ``j <
-    stride`` (T = 2: {b, b+3}, {b+1, b+4}, {b+2, b+5}; the official grouping); frames after the
-    last block form consecutive chunks (unlike the official code, Q6 of docs/VSPW.md §4)."""
+    """Clips predicting each frame once (docs/VSPW.md §2.2, Q6 of §4): a block of ``stride *
+    clip_len`` frames gives ``{b + j + stride * i : i < clip_len}`` per ``j < stride``; the rest
+    consecutive chunks."""
     if clip_len < 1 or stride < 1:
         raise ValueError(f"clip_len and stride must be >= 1, got {clip_len} and {stride}")
     block = stride * clip_len

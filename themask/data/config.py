@@ -1,5 +1,4 @@
-"""``DataConfig``: where the data lives, how clips are built and augmented. Defaults: the VSPW
-480p recipe of THE-Mask's second stage (T = 2, dilation [-3]; the first stage: ``(0,)``)."""
+"""``DataConfig``: data, clips, augmentation; defaults: VSPW 480p, stage 2 (stage 1: dilation 0)."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ class AugmentConfig:
     photometric: bool = True
     ignore_index: int = IGNORE_INDEX
 
-    def __post_init__(self) -> None:
-        # YAML gives lists; keep tuples so configs compare and hash predictably.
+    def __post_init__(self) -> None:  # tuples from YAML's lists: configs compare and hash
         self.scale = (int(self.scale[0]), int(self.scale[1]))
         self.ratio_range = (float(self.ratio_range[0]), float(self.ratio_range[1]))
         self.crop_size = (int(self.crop_size[0]), int(self.crop_size[1]))
@@ -32,8 +30,7 @@ class AugmentConfig:
             raise ValueError(f"data.ratio_range must be 0 < low <= high, got {self.ratio_range}")
         if min(self.crop_size) < 1 or min(self.scale) < 1:
             raise ValueError(
-                f"data.crop_size and data.scale must be positive, "
-                f"got {self.crop_size} and {self.scale}"
+                f"data.crop_size, data.scale must be positive, got {self.crop_size}, {self.scale}"
             )
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")

@@ -1,5 +1,4 @@
-"""``dataset.yaml``: the description of a video dataset (classes, label encoding, layout; see
-README.md "Your own dataset"). A root without one is read as VSPW (``VSPW_DESCRIPTION``)."""
+"""``dataset.yaml``: a dataset's classes, label encoding, layout (README "Your own dataset")."""
 
 from __future__ import annotations
 
@@ -12,14 +11,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from themask.data.vspw import (
-    CLASS_NAMES,
-    PALETTE,
-    DataError,
-    PathLike,
-    map_raw_labels,
-    read_raw_label,
-)
+from themask.data.vspw import CLASS_NAMES, PALETTE, DataError, map_raw_labels, read_raw_label
+from themask.io import PathLike
 
 DESCRIPTION_FILE = "dataset.yaml"
 VSPW_FRAMES = "data/{video}/origin"
@@ -137,8 +130,7 @@ def parse_description(values: Any, source: str) -> DatasetDescription:
     names_ok = names_ok and all(isinstance(c, str) and c.strip() for c in classes)
     expect(names_ok, "classes", "a list of 1..255 non-empty names")
     expect(len(set(classes)) == len(classes), "classes", "unique names")
-    k = len(classes)
-    palette = given.get("palette")
+    k, palette = len(classes), given.get("palette")
     if palette is not None:
         ok = isinstance(palette, list) and len(palette) == k
         ok = ok and all(

@@ -1,14 +1,13 @@
 """Training data: clip dataset, resumable infinite sampler, ``Batch``/``collate``, loader. The
-stream is a pure function of ``(seed, batch, rank)``: the sampler yields ``(video_index,
-sample_id)`` (the global position), the dataset draws from ``(seed, sample_id)``; neither the
-worker count nor resuming changes it. A clip with an undecodable file is redrawn (warning)."""
+stream is a pure function of ``(seed, batch, rank)`` (keys ``(video_index, sample_id)``, clips
+drawn from ``(seed, sample_id)``), whatever the workers or resuming; undecodable clips redrawn."""
 
 from __future__ import annotations
 
 import logging
 import signal
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import numpy as np
 import torch
@@ -69,8 +68,7 @@ class Batch:
 def batch_to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(frames (B, T, 3, H, W) float32 normalised, labels) on ``device``; uint8 frames are
     normalised there, their padding (``ClipMeta.image_size``) set to 0 as if padded after."""
-    frames = batch.frames.to(device, non_blocking=True)
-    labels = batch.labels.to(device, non_blocking=True)
+    frames, labels = (t.to(device, non_blocking=True) for t in (batch.frames, batch.labels))
     if frames.dtype == torch.uint8:
         frames = normalize_frames(frames)
         for clip, meta in zip(frames, batch.meta):
@@ -131,13 +129,9 @@ class VSPWTrainDataset(Dataset):
         self.videos = [v for v in videos if v.name not in unusable]
         if not self.videos:
             raise DataError("no training video has a masked frame that can be a clip target")
-        self.dilation = tuple(dilation)
-        self.transform = transform
-        self.reverse_prob = reverse_prob
-        self.seed = seed
-        self.description = description
+        self.dilation, self.transform, self.reverse_prob = tuple(dilation), transform, reverse_prob
+        self.seed, self.description, self.skipped = seed, description, 0
         self.ignore_index = transform.ignore_index
-        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -167,13 +161,9 @@ class VSPWTrainDataset(Dataset):
         frame_t, label_t = pad_clip(  # no-op for a transform that pads itself
             frame_t, label_t, self.transform.crop_size, ignore_index=self.ignore_index
         )
-        meta = ClipMeta(
-            video=video.name,
-            frame_names=[video.frame_paths[i].stem for i in indices],
-            original_size=(frames[0].shape[0], frames[0].shape[1]),
-            frame_indices=list(indices),
-            image_size=image_size,
-        )
+        names = [video.frame_paths[i].stem for i in indices]
+        original_size = (frames[0].shape[0], frames[0].shape[1])
+        meta = ClipMeta(video.name, names, original_size, list(indices), image_size)
         return ClipSample(frame_t, label_t, meta)
 
     def __getitem__(self, key: tuple[int, int]) -> ClipSample:
@@ -206,25 +196,22 @@ class VSPWTrainDataset(Dataset):
         return sample
 
 
+@dataclass(eq=False)
 class InfiniteClipSampler(Sampler):
-    """Endless ``(video_index, sample_id)`` keys: epochs of video permutations drawn from
-    ``(seed, epoch)``; rank ``r`` takes global positions ``r, r + W, ...`` and skips the
-    samples of the first ``start_batch`` batches."""
+    """Endless ``(video_index, sample_id)`` keys: video permutations per epoch from ``(seed,
+    epoch)``; rank r takes global positions r, r + W, ... after ``start_batch`` batches."""
 
-    def __init__(
-        self,
-        num_videos: int,
-        *,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_batch: int = 0,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"train.batch_size: need >= 1 clip per process, got {batch_size}")
-        self.num_videos, self.batch_size, self.seed = num_videos, batch_size, seed
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+    num_videos: int
+    _: KW_ONLY
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    start_batch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size: need >= 1 clip per process, got {self.batch_size}")
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         k = self.start_batch * self.batch_size
@@ -267,14 +254,8 @@ def build_train_loader(
         seed=seed,
         description=index.description,
     )
-    sampler = InfiniteClipSampler(
-        len(dataset),
-        batch_size=batch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        start_batch=start_batch,
-    )
+    positions = {"seed": seed, "rank": rank, "world_size": world_size, "start_batch": start_batch}
+    sampler = InfiniteClipSampler(len(dataset), batch_size=batch_size, **positions)
     workers = data_cfg.num_workers if num_workers is None else num_workers
     return DataLoader(
         dataset,

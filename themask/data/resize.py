@@ -1,5 +1,4 @@
-"""Torch-free test-time input pipeline: normalisation constants and the resize (shared by
-``themask.data.transforms`` and the ONNX Runtime predictor)."""
+"""Torch-free test input pipeline (``transforms`` and the ONNX Runtime predictor): norm, resize."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ STD = (58.395, 57.12, 57.375)
 
 
 def keep_ratio_size(size_hw: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
-    """Size (h, w) of ``size_hw`` rescaled by min(long / long side, short / short side) for
-    ``scale`` = (long, short), rounded to nearest."""
+    """(h, w) of ``size_hw`` scaled by min(long / long side, short / short side), rounded."""
     h, w = size_hw
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     return int(h * factor + 0.5), int(w * factor + 0.5)

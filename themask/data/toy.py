@@ -1,7 +1,6 @@
-"""The embedded offline dataset: small synthetic videos in the VSPW layout and encoding (raw 0
-others, 1..8 ``TOY_CLASS_NAMES``, 255 void; ``TOY_DESCRIPTION``). Stuff classes differ by
-texture, objects by shape and texture, under smoothly varying random colours; the camera pans,
-objects move and occlude each other. Same arguments -> byte-identical files."""
+"""The embedded offline dataset: synthetic videos in the VSPW layout (raw 0 others, 1..8
+``TOY_CLASS_NAMES``, 255 void): textured stuff, shaped and textured objects under random colours,
+a panning camera, moving and occluding objects. Same arguments -> byte-identical files."""
 
 from __future__ import annotations
 
@@ -26,16 +25,13 @@ TOY_PALETTE: np.ndarray = np.array([
     (70, 240, 240), (240, 50, 230),
 ], dtype=np.uint8)  # fmt: skip
 
-TOY_DESCRIPTION = DatasetDescription(
-    classes=TOY_CLASS_NAMES, palette=TOY_PALETTE, source="toy dataset description"
-)
+TOY_DESCRIPTION = DatasetDescription(TOY_CLASS_NAMES, TOY_PALETTE, source="toy dataset description")
 
 STUFF_IDS = (1, 2, 3, 4)  # raw ids
 OBJECT_IDS = (5, 6, 7, 8)
 OTHERS_ID = 0
 VOID_ID = 255
-# Texture contrast: the light colour exceeds the dark one by this much in every channel.
-_CONTRAST = (60.0, 120.0)
+_CONTRAST = (60.0, 120.0)  # the light colour exceeds the dark one by this much (each channel)
 
 
 class _ColourField:
@@ -49,15 +45,13 @@ class _ColourField:
 
     @staticmethod
     def _at(corners: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        u = np.clip(u, 0.0, 1.0)[:, None]
-        v = np.clip(v, 0.0, 1.0)[:, None]
+        u, v = np.clip(u, 0.0, 1.0)[:, None], np.clip(v, 0.0, 1.0)[:, None]
         top = corners[0, 0] * (1 - u) + corners[0, 1] * u
         bottom = corners[1, 0] * (1 - u) + corners[1, 1] * u
         return top * (1 - v) + bottom * v
 
     def __call__(self, u: np.ndarray, v: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-        c0 = self._at(self.colours[0], u, v)
-        c1 = self._at(self.colours[1], u, v)
+        c0, c1 = (self._at(corners, u, v) for corners in self.colours)
         p = pattern[:, None]
         return (c0 * (1 - p) + c1 * p).astype(np.float32)
 
@@ -112,16 +106,14 @@ class _Scene:
         self.rng, self.size, self.num_frames = rng, size, num_frames
         h, w = size
         self.world = (h + h // 3, w + w // 2)
-        self.stuff = stuff
-        self.stuff_colours = [_ColourField(rng) for _ in stuff]
+        self.stuff, self.stuff_colours = stuff, [_ColourField(rng) for _ in stuff]
         self.horizon = (
             self.world[0] * rng.uniform(0.4, 0.6),
             rng.uniform(4, 10),
             rng.uniform(0.03, 0.08),
             rng.uniform(0, 2 * np.pi),
         )
-        # Coarse random field for "grain" (2x2 cells), defined over the whole world.
-        self.grain = rng.random((self.world[0] // 2 + 2, self.world[1] // 2 + 2)) < 0.5
+        self.grain = rng.random((self.world[0] // 2 + 2, self.world[1] // 2 + 2)) < 0.5  # 2x2 cells
         self.others = None
         if rng.random() < 0.75:
             self.others = (
@@ -140,8 +132,7 @@ class _Scene:
         radius = self.rng.uniform(0.18, 0.28) * h
         centre = np.array(self.world) / 2
         position = centre + self.rng.uniform(-0.35, 0.35, size=2) * np.array([h, w])
-        speed = self.rng.uniform(1.0, 2.5)
-        angle = self.rng.uniform(0, 2 * np.pi)
+        speed, angle = self.rng.uniform(1.0, 2.5), self.rng.uniform(0, 2 * np.pi)
         velocity = speed * np.array([np.sin(angle), np.cos(angle)])
         return _Object(class_id, radius, position, velocity, _ColourField(self.rng))
 
@@ -159,8 +150,7 @@ class _Scene:
         cam_y, cam_x = self.camera[0] + alpha * (self.camera[1] - self.camera[0])
         y, x = np.mgrid[0:h, 0:w].astype(np.float32)
         wy, wx = y + np.float32(cam_y), x + np.float32(cam_x)
-        image = np.zeros((h, w, 3), dtype=np.float32)
-        label = np.zeros((h, w), dtype=np.uint8)
+        image, label = np.zeros((h, w, 3), dtype=np.float32), np.zeros((h, w), dtype=np.uint8)
 
         base, amp, freq, phase = self.horizon
         lower = wy > base + amp * np.sin(wx * freq + phase)
@@ -229,13 +219,11 @@ def make_toy_dataset(
     size: tuple[int, int] = (96, 128),
     jpeg_quality: int = 92,
 ) -> Path:
-    """Write (over) the toy dataset under ``root``, returned: videos of ``num_frames - 3 ..
-    num_frames`` (validation: ``val_frames``, > 16 so that mVC16 is defined under the published
-    rule) frames of ``size`` (H, W), numbered from a random offset as in VSPW."""
+    """Write (over) the toy dataset under ``root`` (returned): videos of ``num_frames - 3 ..
+    num_frames`` frames (val: ``val_frames``, > 16 for mVC16) of ``size`` (H, W)."""
     if min(num_frames, val_frames) < 4:
         raise ValueError(f"num_frames and val_frames must be >= 4, got {num_frames}, {val_frames}")
-    root = Path(root)
-    rng = np.random.default_rng(seed)
+    root, rng = Path(root), np.random.default_rng(seed)
     total = num_train + num_val
     plans = _class_plans(rng, total)
     names = [f"{i:04d}_toy{seed}" for i in range(total)]

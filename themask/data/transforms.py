@@ -1,11 +1,11 @@
-"""Clip transforms: training augmentation with one geometry per clip (docs/DESIGN.md §6,
-``docs/VSPW.md`` §2.1), and the test resize (``docs/VSPW.md`` §2.3). A clip is T frames
-(H, W, 3) uint8 RGB and T label maps (H, W) uint8 train ids of one size."""
+"""Clip transforms of T frames (H, W, 3) uint8 RGB and label maps (H, W) uint8 of one size:
+training augmentation (docs/DESIGN.md §6, docs/VSPW.md §2.1), test resize (docs/VSPW.md §2.3)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,10 +130,9 @@ def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.nd
 
 @dataclass
 class TrainTransform(AugmentConfig):
-    """Clip-consistent training augmentation: resize ratio, crop box (checked on the target
-    frame, the last) and flip drawn once per clip, photometric distortion per frame. Output:
-    frames (T, 3, H, W) float32 normalised, labels (T, H, W) int64, padded to ``crop_size``;
-    ``normalize=False``: uint8 frames, both at the crop's size (the loader pads)."""
+    """Clip-consistent augmentation (ratio, crop checked on the last frame, flip: once per clip;
+    photometric: per frame) → frames (T, 3, H, W) float32 normalised, labels (T, H, W) int64
+    padded to ``crop_size``; ``normalize=False``: uint8 frames, unpadded (the loader pads)."""
 
     normalize: bool = True
 
@@ -152,22 +151,15 @@ class TrainTransform(AugmentConfig):
         size = keep_ratio_size(frames[0].shape[:2], target_scale)
         imgs = np.stack([resize_frame(f, size) for f in frames])
         segs = np.stack([resize_frame(s, size, Image.Resampling.NEAREST) for s in labels])
-        y, x = choose_crop(
-            segs[-1],
-            self.crop_size,
-            rng,
-            cat_max_ratio=self.cat_max_ratio,
-            retries=self.crop_retries,
-            ignore_index=self.ignore_index,
-        )
+        check: dict[str, Any] = {"cat_max_ratio": self.cat_max_ratio, "retries": self.crop_retries}
+        y, x = choose_crop(segs[-1], self.crop_size, rng, ignore_index=self.ignore_index, **check)
         ch, cw = min(self.crop_size[0], size[0]), min(self.crop_size[1], size[1])
         imgs, segs = imgs[:, y : y + ch, x : x + cw], segs[:, y : y + ch, x : x + cw]
         if rng.random() < self.flip_prob:
             imgs, segs = imgs[:, :, ::-1], segs[:, :, ::-1]
         if self.photometric:
             imgs = np.stack([photometric_distortion(np.ascontiguousarray(f), rng) for f in imgs])
-        frame_t = to_chw(imgs)
-        label_t = torch.from_numpy(np.ascontiguousarray(segs)).long()
+        frame_t, label_t = to_chw(imgs), torch.from_numpy(np.ascontiguousarray(segs)).long()
         if not self.normalize:
             return frame_t, label_t
         return pad_clip(

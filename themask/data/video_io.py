@@ -1,5 +1,4 @@
-"""Frame sources for prediction: a video file or a folder of frames, read lazily as RGB uint8.
-Video files are decoded frame by frame with PyAV (its wheels bundle FFmpeg)."""
+"""Frames for prediction, read lazily as RGB uint8: a frame folder or a video file (PyAV)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Videos on disk: split files, video folders, frame and mask readers; VSPW's class table.
-Layout and label encoding come from a dataset's ``dataset.yaml``, VSPW's by default
-(``docs/VSPW.md`` §1); a stored mask value neither ignored nor a class is an error."""
+"""Videos on disk (layout and labels of a ``dataset.yaml``, VSPW's by default: docs/VSPW.md §1):
+split files, video folders, frame and mask readers (bad stored values: errors); VSPW's classes."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ TEST_SCALE = (853, 480)  # (long, short) side of the official test resize
 IGNORE_INDEX = 255
 MASK_SUFFIX = ".png"
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
-# Single-channel PIL modes whose pixel values are raw label ids.
-_LABEL_MODES = ("L", "P", "I", "I;16")
+_LABEL_MODES = ("L", "P", "I", "I;16")  # single-channel PIL modes: the values are label ids
 
 # VSPW's class names and (124, 3) uint8 RGB palette by train id (the first 124 ADE20K colours;
 # ids 6 and 48 share one).
@@ -116,8 +114,7 @@ def read_split(path: PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split file not found (expected one video folder name per line)")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    names = [name for name in names if name]
+    names = [n for n in map(str.strip, path.read_text(encoding="utf-8").splitlines()) if n]
     if not names:
         raise DataError(f"{path}: split file is empty (expected one video folder name per line)")
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -187,9 +184,8 @@ def scan_video(
 
 
 class VSPWIndex:
-    """Videos of one split (``description``: the root's ``dataset.yaml``, else VSPW's). Every
-    listed video must have frames and, when ``labelled`` and not sparse, a mask for each;
-    otherwise ``DataError`` names the offending paths (first 20) and their count."""
+    """Videos of one split (``description``: the root's ``dataset.yaml``, else VSPW's); listed
+    videos without frames or (``labelled``, not sparse) masks: ``DataError`` naming the paths."""
 
     def __init__(
         self,

@@ -39,8 +39,7 @@ class _EncoderGraph(nn.Module):
 class _DecoderGraph(nn.Module):
     def __init__(self, model: THEMask, clip_len: int) -> None:
         super().__init__()
-        self.model = model
-        self.clip_len = clip_len
+        self.model, self.clip_len = model, clip_len
 
     def forward(self, mask_features: Tensor, *multi_scale: Tensor) -> Tensor:
         features = FrameFeatures(mask_features=mask_features, multi_scale=list(multi_scale))
@@ -134,12 +133,6 @@ def _export(module: nn.Module, args: tuple, path: Path, opset: int, **options) -
     progress = io.StringIO()  # the exporter prints its steps on stdout: kept for -v
     with torch.no_grad(), contextlib.redirect_stdout(progress):
         torch.onnx.export(
-            module.eval(),
-            args,
-            str(path),
-            dynamo=True,
-            opset_version=opset,
-            verbose=False,
-            **options,
+            module.eval(), args, path, dynamo=True, opset_version=opset, verbose=False, **options
         )
     logger.debug("%s", progress.getvalue())

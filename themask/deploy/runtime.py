@@ -1,5 +1,4 @@
-"""Prediction with an exported model on ONNX Runtime, without torch: ``manifest.json`` and the
-causal sliding windows of ``StreamingPredictor``, each frame encoded once."""
+"""Torch-free prediction on ONNX Runtime: ``manifest.json``, ``StreamingPredictor``'s windows."""
 
 from __future__ import annotations
 
@@ -108,9 +107,7 @@ class OnnxStreamingPredictor:
         try:
             import onnxruntime as ort
         except ImportError as err:
-            raise DataError(
-                "ONNX prediction needs onnxruntime: pip install 'themask[onnx]'"
-            ) from err
+            raise DataError("ONNX Runtime is not installed: pip install 'themask[onnx]'") from err
         if step < 1:
             raise DataError(f"--step must be >= 1, got {step}")
         self.directory = Path(model_dir)

@@ -48,13 +48,11 @@ def evaluate_split(
     distributed: bool = False,
     progress: bool = True,
 ) -> dict[str, object]:
-    """Score every frame of ``index``, predicted once by test clips of ``clip_len`` frames.
-
-    ``model``: (1, T, 3, h, w) → scores (1, T, K, h, w); ``transform``: frames → (T, 3, h, w).
-    Frames without a mask are context only. ``vc_gt``: mVC's GT, ``"train_id"`` (CFFM) or
-    ``"raw"`` PNG values (VSPW authors'); ``vc_rule``: ``"published"`` (skip videos of <= 16
-    frames) or ``"per_length"`` (<= n). ``write_dir``: also ``<dir>/<video>/<stem>.png``.
-    ``distributed=True`` (every rank calls): videos split over the ranks, sums reduced. Returns
+    """Score every frame of ``index`` with a mask, predicted once by test clips of ``clip_len``
+    frames: ``model`` (1, T, 3, h, w) → scores (1, T, K, h, w), ``transform`` frames → (T, 3, h,
+    w). ``vc_gt``: mVC's GT, train ids (CFFM) or ``raw`` PNG values (VSPW authors'); ``vc_rule``:
+    skip videos of <= 16 frames (``published``) or <= n; ``write_dir``: also label PNGs there;
+    ``distributed``: every rank calls, scores its share of the videos. Returns
     :func:`segmentation_metrics` plus ``mVC<n>``, ``num_videos``, ``num_frames`` (scored)."""
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
@@ -72,11 +70,9 @@ def evaluate_split(
     videos = index.videos[:max_videos] if max_videos is not None else index.videos
     mine = videos[dist_utils.get_rank() :: dist_utils.get_world_size()] if distributed else videos
     num_scored = 0
+    show = progress and (dist_utils.is_main() or not distributed)
     bar = tqdm(
-        total=sum(len(v) for v in mine),
-        desc=f"eval {index.split}",
-        unit="frame",
-        disable=not (progress and (dist_utils.is_main() or not distributed)),
+        total=sum(map(len, mine)), desc=f"eval {index.split}", unit="frame", disable=not show
     )
     with eval_mode(model), bar:
         for video in mine:
@@ -112,8 +108,7 @@ def evaluate_split(
         for vc in vcs.values():
             vc.all_reduce()
         counts = dist_utils.all_reduce(counts)
-    results: dict[str, object] = dict(seg.compute())
-    results.update({f"mVC{n}": vc.compute() for n, vc in vcs.items()})
+    results = {**seg.compute(), **{f"mVC{n}": vc.compute() for n, vc in vcs.items()}}
     return dict(results, num_videos=int(counts[0]), num_frames=int(counts[1]))
 
 
@@ -160,8 +155,7 @@ def _predict_in_frame_order(
 ) -> Iterator[tuple[int, Tensor]]:
     """``(frame index, labels (H, W))`` of every frame in order (a frame predicted early waits)."""
     pending: dict[int, Tensor] = {}
-    next_frame = 0
-    size = None  # (H, W) of the video's first frame read
+    next_frame, size = 0, None  # size: (H, W) of the video's first frame read
     for clip in test_clips(len(video), clip_len):
         frames = [read_frame(video.frame_paths[i]) for i in clip]
         size = size or frames[0].shape[:2]

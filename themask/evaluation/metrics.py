@@ -30,14 +30,12 @@ def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
     m = _as_tensor(conf).detach().to("cpu", torch.float64)
     if m.dim() != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"segmentation_metrics: expected a square matrix, got {tuple(m.shape)}")
-    inter = m.diagonal()
-    gt = m.sum(dim=1)
+    inter, gt = m.diagonal(), m.sum(dim=1)
     union = gt + m.sum(dim=0) - inter
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     iou = torch.where(union > 0, inter / union.clamp(min=1), nan)
     acc = torch.where(gt > 0, inter / gt.clamp(min=1), nan)
-    present = gt > 0
-    total = gt.sum()
+    present, total = gt > 0, gt.sum()
 
     def mean_or_nan(values: Tensor) -> float:
         return float(values.mean()) if values.numel() else math.nan
@@ -72,8 +70,7 @@ class SegmentationAccumulator:
         ignore_index: int = IGNORE_INDEX,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
+        self.num_classes, self.ignore_index = num_classes, ignore_index
         self.device = torch.device(device)
         k2 = num_classes * num_classes
         self.counts = torch.zeros(k2 + 3, dtype=torch.int64, device=self.device)
@@ -120,19 +117,16 @@ class SegmentationAccumulator:
 
 
 class VideoConsistencyAccumulator:
-    """mVC_n of docs/VSPW.md §3.3 (windows 0 … N−n−1; VC = |S ∩ T| / |S| averaged over those
-    with non-empty S), streaming: ``start_video()``, ``update(pred, gt)`` per frame in order,
-    ``end_video()``; ``compute()`` → fraction. Videos of N ≤ ``skip_up_to`` frames add none
-    (default n, the VSPW authors' rule; ``PUBLISHED_VC_SKIP`` is VSS-CFFM's, the published one).
-    Each pixel keeps the length of its run of equal values, not n frames."""
+    """mVC_n of docs/VSPW.md §3.3, streaming: ``start_video()``, ``update(pred, gt)`` per frame,
+    ``end_video()``; ``compute()`` → fraction. Videos of N ≤ ``skip_up_to`` frames add no window
+    (default n, the VSPW authors' rule; ``PUBLISHED_VC_SKIP``: VSS-CFFM's, the published one)."""
 
     def __init__(
         self, n: int, *, skip_up_to: int | None = None, device: str | torch.device = "cpu"
     ) -> None:
         if n < 2:
             raise ValueError(f"VideoConsistencyAccumulator: window length n must be >= 2, got {n}")
-        self.n = n
-        self.skip_up_to = n if skip_up_to is None else skip_up_to
+        self.n, self.skip_up_to = n, n if skip_up_to is None else skip_up_to
         self.device = torch.device(device)
         self.totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [Σ VC, windows]
         self._video_totals: Tensor | None = None  # the current video's; None between videos
@@ -150,8 +144,7 @@ class VideoConsistencyAccumulator:
         """Add the next frame of the current video. pred, gt: (H, W) integer maps."""
         if self._video_totals is None:
             raise RuntimeError("VideoConsistencyAccumulator: update() outside start/end_video()")
-        pred_t = _as_tensor(pred).to(self.device)
-        gt_t = _as_tensor(gt).to(self.device)
+        pred_t, gt_t = _as_tensor(pred).to(self.device), _as_tensor(gt).to(self.device)
         if pred_t.shape != gt_t.shape or pred_t.dim() != 2:
             raise ValueError(
                 f"VideoConsistencyAccumulator: expected pred and gt of one (H, W) shape, got "

@@ -47,9 +47,7 @@ def overlay(
     labels outside [0, K) keep the frame."""
     labels = np.asarray(labels)
     if frame.shape[:2] != labels.shape:
-        raise ValueError(
-            f"overlay: frame {frame.shape[:2]} and labels {labels.shape} differ in size"
-        )
+        raise ValueError(f"overlay: frame {frame.shape[:2]} and labels {labels.shape} differ")
     colours = colorize(labels, palette).astype(np.float32)
     blended = (1.0 - alpha) * frame.astype(np.float32) + alpha * colours
     valid = (labels >= 0) & (labels < len(palette))
@@ -126,8 +124,7 @@ class OverlayVideoWriter(AbstractContextManager):
     the first frame's size (odd sides padded for yuv420p; other sizes scaled to fit)."""
 
     def __init__(self, path: PathLike, *, fps: float = 15.0) -> None:
-        self.path = Path(path)
-        self.fps = fps
+        self.path, self.fps = Path(path), fps
         self._container: av.container.OutputContainer | None = None
         self._stream: VideoStream | None = None
         self._size = (0, 0)  # (H, W) of the first frame
@@ -242,8 +239,7 @@ def plot_loss_curve(
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], color="tab:blue", label="total loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set(xlabel="step", ylabel="loss", title=title or "")
     ax.grid(alpha=0.3)
     fractions = [
         k for k in ("matched_fraction_round1", "matched_fraction_round2") if k in records[0]
@@ -255,8 +251,6 @@ def plot_loss_curve(
         right.set_ylabel("fraction of queries matched")
         right.legend(loc="upper right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
-    if title:
-        ax.set_title(title)
     fig.tight_layout()
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=100)

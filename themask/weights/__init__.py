@@ -49,12 +49,11 @@ def save_model(
     if test_scale is not None:
         metadata[TEST_METADATA_KEY] = json.dumps({"scale": [int(v) for v in test_scale]})
     if class_names is not None:
-        if len(class_names) != model.num_classes or (
-            palette is not None and len(palette) != len(class_names)
-        ):
+        colours = None if palette is None else len(palette)
+        if len(class_names) != model.num_classes or colours not in (None, len(class_names)):
             raise WeightsError(
-                f"save_model: {len(class_names)} class names (palette: "
-                f"{None if palette is None else len(palette)}) for {model.num_classes} classes"
+                f"save_model: {len(class_names)} class names (palette: {colours}) for "
+                f"{model.num_classes} classes"
             )
         classes: dict[str, list] = {"names": list(class_names)}
         if palette is not None:
@@ -113,9 +112,8 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> T
 def model_from_weights(
     path: PathLike, *, preset: str | None = None, num_classes: int | None = None
 ) -> THEMask:
-    """A ``THEMask`` holding the weights at ``path``: our own file (no ``preset`` or
-    ``num_classes`` then), a full state dict, ours or official (network and K inferred unless
-    given), or MiT ImageNet weights (``preset`` required, K default VSPW's 124)."""
+    """A ``THEMask`` with the weights at ``path``: our file, a full state dict (ours or official;
+    network and K inferred unless given) or MiT ImageNet weights (``preset`` needed, K: 124)."""
     if _stored(path, CONFIG_METADATA_KEY) is not None:
         if preset is not None or num_classes is not None:
             raise WeightsError(f"{path} is a themask model file; it fixes its own preset")

@@ -119,8 +119,7 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, what: st
 def rename(key: str, table: NameTable) -> str | None:
     """``key`` renamed by the first matching (source, target) prefix pair (``{i}``: an index)."""
     for source, target in table:
-        pattern = re.escape(source).replace(re.escape("{i}"), r"(\d+)")
-        match = re.match(pattern, key)
+        match = re.match(re.escape(source).replace(re.escape("{i}"), r"(\d+)"), key)
         if match is not None:
             new = target.replace("{i}", match.group(1)) if match.groups() else target
             return new + key[match.end() :]

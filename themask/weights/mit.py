@@ -21,8 +21,6 @@ from themask.weights.files import (
 
 logger = logging.getLogger(__name__)
 
-ORIGINAL_BLOCK_TO_OURS = NAME_TABLES["mit"]["original"]["in_block"]
-
 
 def _expand(table: dict) -> NameTable:
     """The (source, target) prefix pairs of stages 0–3 of a MiT layout in ``names.yaml``."""

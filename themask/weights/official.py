@@ -1,5 +1,4 @@
-"""Official THE-Mask checkpoints (mmseg 0.x names; the table in ``names.yaml``, docs/DESIGN.md
-§9) → ours; the network of a full state dict."""
+"""Official THE-Mask checkpoints (``names.yaml``, docs/DESIGN.md §9) → ours; a state dict's net."""
 
 from __future__ import annotations
 
@@ -36,8 +35,7 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
     table = official_table(f"decode_head.{TAD}time_attention.weight" in state_dict)
     backbone: StateDict = {}
     out: StateDict = {}
-    unknown = []
-    dropped = 0
+    unknown, dropped = [], 0
     for key, value in state_dict.items():
         if key.startswith("backbone."):
             backbone[key[len("backbone.") :]] = value
@@ -67,8 +65,7 @@ def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
     """The shape facts of a full state dict (our names) that network presets differ in."""
 
     def count(pattern: str) -> int:
-        regex = re.compile(pattern)
-        return len({m.group(1) for key in ours if (m := regex.match(key))})
+        return len({m.group(1) for key in ours if (m := re.match(pattern, key))})
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in ours:
@@ -102,8 +99,7 @@ def _architecture_of_config(config: ModelConfig) -> dict:
 def infer_model_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
     """The preset network (with K classes) of a full state dict, ours or official."""
     ours = as_ours(state_dict)
-    found = _architecture_of_state(ours)
-    num_classes = infer_num_classes(ours)
+    found, num_classes = _architecture_of_state(ours), infer_num_classes(ours)
     for name in list_presets():
         config = preset_config(name, num_classes=num_classes)
         if _architecture_of_config(config) == found:

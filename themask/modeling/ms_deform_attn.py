@@ -70,18 +70,20 @@ def _sample_with_grid(
     value = value.permute(0, 2, 3, 1).reshape(bm, head_dim, num_tokens)
     grids = (2 * locations - 1).permute(0, 2, 3, 4, 1, 5).contiguous()  # (B, M, L, P, Q, 2)
     weights = weights.permute(0, 2, 3, 4, 1).contiguous()  # (B, M, L, P, Q)
-    output = 0
     level_sizes = [h * w for h, w in spatial_shapes]
-    for level, ((height, width), value_l) in enumerate(
-        zip(spatial_shapes, value.split(level_sizes, dim=2))
-    ):
-        sampled = F.grid_sample(
-            value_l.view(bm, head_dim, height, width),
-            grids[:, :, level].reshape(bm, num_points, num_queries, 2),
-            align_corners=False,
-        )  # (B·M, D, P, Q)
-        weights_l = weights[:, :, level].reshape(bm, 1, num_points, num_queries)
-        output = output + (sampled * weights_l).sum(dim=2)  # (B·M, D, Q)
+    output = sum(
+        (
+            F.grid_sample(
+                value_l.view(bm, head_dim, height, width),
+                grids[:, :, level].reshape(bm, num_points, num_queries, 2),
+                align_corners=False,
+            )  # (B·M, D, P, Q)
+            * weights[:, :, level].reshape(bm, 1, num_points, num_queries)
+        ).sum(dim=2)  # (B·M, D, Q)
+        for level, ((height, width), value_l) in enumerate(
+            zip(spatial_shapes, value.split(level_sizes, dim=2))
+        )
+    )
     assert isinstance(output, Tensor)
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)  # (B, Q, M·D)
 

@@ -205,6 +205,7 @@ class MSDeformAttn(nn.Module):
             )  # (B, Q, M, L, P, 2)
             output = ms_deform_attn_pytorch(projected, spatial_shapes, locations, weights)
         else:  # softmax over L·P, and pixel positions without dividing the offsets
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             weights = (logits - logits.amax((3, 4), keepdim=True)).exp_()
             weights /= weights.sum((3, 4), keepdim=True)
             anchor = reference_points[:, :, None, None, None, :] * normaliser[:, None, :] + 0.5

@@ -106,7 +106,7 @@ class DecoderLayer(nn.Module):
         self.ffn = FFNLayer(dim=dim, ffn_dim=ffn_dim)
 
     def forward(
-        self, x: Tensor, keys: Tensor, values: Tensor, *, query_pos: Tensor, allowed: Tensor
+        self, x: Tensor, keys: Tensor, values: Tensor, *, query_pos: Tensor, allowed: Tensor | None
     ) -> Tensor:
         x = self.cross_attn(x, keys, values, query_pos=query_pos, allowed=allowed)
         x = self.self_attn(x, query_pos)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from themask.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_pytorch
+from themask.modeling.ms_deform_attn import MSDeformAttn, _sample_with_grid, ms_deform_attn_pytorch
 
 SHAPES = [(3, 4), (2, 5), (1, 1)]
 
@@ -201,3 +201,25 @@ def test_reference_points_shared_by_the_batch_broadcast():
         torch.testing.assert_close(
             shared[b : b + 1], attn(query[b : b + 1], ref, value[b : b + 1], SHAPES)
         )
+
+
+def test_training_read_keeps_only_its_inputs_for_backward():
+    # The (B·M, D, P, Q) samples are recomputed in backward, not saved: a deformable layer
+    # keeps only value, locations and weights, and still gets the grid_sample gradients.
+    value, locations, weights = random_inputs(queries=20, points=4, seed=5)
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        output = ms_deform_attn_pytorch(value, SHAPES, locations, weights)
+    assert sum(saved) == value.numel() + locations.numel() + weights.numel()
+    output.pow(2).sum().backward()
+    grads = [t.grad.clone() for t in (value, locations, weights)]
+    for t in (value, locations, weights):
+        t.grad = None
+    _sample_with_grid(value, SHAPES, locations, weights).pow(2).sum().backward()
+    for got, expected in zip(grads, (value.grad, locations.grad, weights.grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

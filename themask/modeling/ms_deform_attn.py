@@ -45,17 +45,43 @@ def ms_deform_attn_pytorch(
             f"ms_deform_attn: value has {num_tokens} tokens but spatial_shapes "
             f"{list(spatial_shapes)} hold {sum(level_sizes)}"
         )
-    if _read_with_grid(value, sampling_locations, attention_weights):
+    if torch.compiler.is_compiling():
         return _sample_with_grid(value, spatial_shapes, sampling_locations, attention_weights)
+    if _read_with_grid(value, sampling_locations, attention_weights):
+        return _RecomputedRead.apply(value, sampling_locations, attention_weights, spatial_shapes)
     work = torch.promote_types(sampling_locations.dtype, torch.float32)
     size = offset_normaliser(spatial_shapes, device=value.device, dtype=work)
     positions = [sampling_locations[..., a] * size[:, None, a] + 0.5 for a in (0, 1)]
     return _sample_with_bags(value, spatial_shapes, positions, attention_weights)
 
 
+class _RecomputedRead(torch.autograd.Function):
+    """Training: the bag reader forward, keeping only its inputs; the backward recomputes the
+    ``grid_sample`` reader and differentiates it, so the (B·M, D, P, Q) samples of every level
+    live only during one layer's backward (≈ half of a deformable layer's saved activations)."""
+
+    @staticmethod
+    def forward(ctx, value, locations, weights, spatial_shapes):
+        ctx.save_for_backward(value, locations, weights)
+        ctx.spatial_shapes = spatial_shapes
+        with torch.no_grad():
+            return ms_deform_attn_pytorch(value, spatial_shapes, locations, weights)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():  # value in float32 under a bf16 autocast, as its forward had
+            value = inputs[0].to(torch.promote_types(inputs[0].dtype, inputs[1].dtype))
+            output = _sample_with_grid(value, ctx.spatial_shapes, *inputs[1:])
+        needed = [t for t in inputs if t.requires_grad]
+        grad_output = grad_output.transpose(1, 2).contiguous().transpose(1, 2)  # output's layout
+        grads = iter(torch.autograd.grad(output, needed, grad_output))
+        return *(next(grads) if t.requires_grad else None for t in inputs), None
+
+
 def _read_with_grid(*tensors: Tensor) -> bool:
-    """grid_sample for export (ONNX GridSample) and under autograd (its backward is the faster
-    one); one embedding_bag otherwise."""
+    """True under autograd (``_RecomputedRead``: grid_sample's backward is faster than
+    embedding_bag's) and export (ONNX GridSample); False: the bag reader alone."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return grad or torch.compiler.is_compiling()
 

@@ -35,8 +35,8 @@ H, W = 32, 32
 
 @pytest.fixture(autouse=True)
 def _fresh_log_handlers():
-    """``setup_logging`` binds its handler to the sys.stderr of the first CLI call; drop it so
-    each test's ``capsys`` sees its own stream."""
+    """Drop the handlers of earlier CLI calls before and after each test (a run's log file is
+    closed at once, and no handler outlives the test that made it)."""
     import logging
 
     def drop() -> None:

@@ -170,20 +170,22 @@ def test_predict_cli_amp_bf16_runs_the_network_under_a_bf16_autocast(tmp_path, m
         image = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
         Image.fromarray(image).save(frames / f"{index:05d}.png")
     seen = []
-    original = THEMask.semantic_scores
+    original = THEMask.decode
 
-    def spy(self, predictions, image_size):
-        scores = original(self, predictions, image_size)
+    def spy(self, features, batch, frames):
+        predictions = original(self, features, batch, frames)
         autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
-        seen.append((autocast, predictions.final.mask_logits.dtype, scores.dtype))
-        return scores
+        dtypes = (features.mask_features.dtype, predictions.final.mask_logits.dtype)
+        seen.append((autocast, *dtypes))
+        return predictions
 
-    monkeypatch.setattr(THEMask, "semantic_scores", spy)
+    monkeypatch.setattr(THEMask, "decode", spy)
     for amp in ("bf16", "off"):
         args = ["predict", str(frames), "--out", str(tmp_path / amp), "--amp", amp]
         args += ["--weights", str(tmp_path / "model.safetensors"), "--scale", "64", "48"]
         assert main([*args, "--device", "cpu"]) == 0
         assert len(list((tmp_path / amp / "labels").glob("*.png"))) == 3
+    # bf16: backbone and pixel decoder in bf16, the transformer decoder in float32
     assert seen[:3] == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 3
     assert seen[3:] == [(False, torch.float32, torch.float32)] * 3
 

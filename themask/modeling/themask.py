@@ -86,7 +86,15 @@ class THEMask(nn.Module):
                 f"batch × frames = {batch} × {frames}"
             )
         mask_features, multi_scale = features.mask_features, features.multi_scale
-        return self.decoder(mask_features, multi_scale, frames=frames, return_all=self.training)
+        device = mask_features.device.type
+        if self.training or not torch.is_autocast_enabled(device):
+            return self.decoder(mask_features, multi_scale, frames=frames, return_all=self.training)
+        # inference under autocast: the decoder in float32 (in bf16 it flips near-tied regions)
+        wide = [
+            x.to(torch.promote_types(x.dtype, torch.float32)) for x in (mask_features, *multi_scale)
+        ]
+        with torch.autocast(device, enabled=False):
+            return self.decoder(wide[0], wide[1:], frames=frames, return_all=False)
 
     @staticmethod
     def stride4_scores(predictions: Predictions) -> Tensor:

@@ -33,8 +33,7 @@ def ms_deform_attn_pytorch(
     """value (B, S, M, D): the L levels of ``spatial_shapes`` ((H_l, W_l)) flattened row-major,
     concatenated; sampling_locations (B, Q, M, L, P, 2): (x, y) in [0, 1] over each map (zeros
     outside); attention_weights (B, Q, M, L, P) → weighted sum (B, Q, M·D), heads concatenated."""
-    batch, num_tokens, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    num_tokens, num_levels = value.shape[1], sampling_locations.shape[3]
     if len(spatial_shapes) != num_levels:
         raise ValueError(
             f"ms_deform_attn: {len(spatial_shapes)} spatial shapes for {num_levels} sampling levels"
@@ -45,14 +44,14 @@ def ms_deform_attn_pytorch(
             f"ms_deform_attn: value has {num_tokens} tokens but spatial_shapes "
             f"{list(spatial_shapes)} hold {sum(level_sizes)}"
         )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # export: ONNX GridSample
         return _sample_with_grid(value, spatial_shapes, sampling_locations, attention_weights)
-    if _read_with_grid(value, sampling_locations, attention_weights):
+    if _needs_grad(value, sampling_locations, attention_weights):
         return _RecomputedRead.apply(value, sampling_locations, attention_weights, spatial_shapes)
     work = torch.promote_types(sampling_locations.dtype, torch.float32)
     size = offset_normaliser(spatial_shapes, device=value.device, dtype=work)
     positions = [sampling_locations[..., a] * size[:, None, a] + 0.5 for a in (0, 1)]
-    return _sample_with_bags(value, spatial_shapes, positions, attention_weights)
+    return _sample_with_bags(value, spatial_shapes, positions, attention_weights, size)
 
 
 class _RecomputedRead(torch.autograd.Function):
@@ -79,11 +78,10 @@ class _RecomputedRead(torch.autograd.Function):
         return *(next(grads) if t.requires_grad else None for t in inputs), None
 
 
-def _read_with_grid(*tensors: Tensor) -> bool:
-    """True under autograd (``_RecomputedRead``: grid_sample's backward is faster than
-    embedding_bag's) and export (ONNX GridSample); False: the bag reader alone."""
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return grad or torch.compiler.is_compiling()
+def _needs_grad(*tensors: Tensor) -> bool:
+    """Autograd records this call (then ``_RecomputedRead``: grid_sample's backward is faster
+    than embedding_bag's)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _sample_with_grid(
@@ -115,9 +113,14 @@ def _sample_with_grid(
 
 
 def _sample_with_bags(
-    value: Tensor, spatial_shapes: SpatialShapes, positions: list[Tensor], weights: Tensor
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    positions: list[Tensor],
+    weights: Tensor,
+    normaliser: Tensor,
 ) -> Tensor:
-    """``positions``: x and y (B, Q, M, L, P) of the points in pixels + 0.5 (overwritten). One
+    """``positions``: x and y (B, Q, M, L, P) of the points in pixels + 0.5 (overwritten);
+    ``normaliser``: ``offset_normaliser(spatial_shapes)``. One
     ``embedding_bag`` over the rows (batch, token, head) of the value maps, each map given a zero
     border (1 before, 2 after) so that clamped corners read 0: bag (b, q, m) sums its 4·L·P
     corners weighted by bilinear × attention weight. No (B·M, D, P, Q) buffer."""
@@ -131,8 +134,7 @@ def _sample_with_bags(
     ]
     table = torch.cat(padded, 1).to(dtype)  # (B, S', M, D)
     # per-level constants as (L, P) rows, so that broadcasts run over L·P contiguous values
-    size = offset_normaliser(spatial_shapes, device=device, dtype=work).t()[..., None]
-    size = size.repeat(1, 1, num_points)  # (2, L, P): W, H
+    size = normaliser.to(work).t()[..., None].repeat(1, 1, num_points)  # (2, L, P): W, H
     low, high_w, low_w = [], [], []
     for axis, pos in enumerate(positions):  # clamped to the zero border
         pos = pos.to(work).clamp_(min=0)
@@ -223,7 +225,7 @@ class MSDeformAttn(nn.Module):
         logits = self.attention_weights(query).view(batch, num_queries, heads, levels, points)
         if normaliser is None:
             normaliser = offset_normaliser(spatial_shapes, device=query.device, dtype=query.dtype)
-        if _read_with_grid(projected, offsets, logits):
+        if torch.compiler.is_compiling() or _needs_grad(projected, offsets, logits):
             weights = logits.flatten(3).softmax(dim=-1).view_as(logits)
             locations = (
                 reference_points[:, :, None, None, None, :]
@@ -236,5 +238,5 @@ class MSDeformAttn(nn.Module):
             weights /= weights.sum((3, 4), keepdim=True)
             anchor = reference_points[:, :, None, None, None, :] * normaliser[:, None, :] + 0.5
             positions = [offsets[..., a] + anchor[..., a] for a in (0, 1)]
-            output = _sample_with_bags(projected, spatial_shapes, positions, weights)
+            output = _sample_with_bags(projected, spatial_shapes, positions, weights, normaliser)
         return self.output_proj(output)

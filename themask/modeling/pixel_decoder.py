@@ -3,8 +3,8 @@ res4, res3 and one FPN step onto res2 that gives the per-pixel ``mask_features``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -67,11 +67,11 @@ def _pixel_centres(
     return torch.cat(centres, dim=0).to(dtype).unsqueeze(0)
 
 
-def _without_autocast(projection: nn.Module, x: Tensor) -> Tensor:
-    """``projection(x)`` in at least float32 under any autocast (in bf16 these 1×1 convs and
-    group statistics flip the argmax of near-tied pixels; they cost < 1 % of the FLOPs)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return projection(x.to(torch.promote_types(x.dtype, torch.float32)))
+def in_float32(fn: Callable[..., Any], *tensors: Tensor) -> Any:
+    """``fn(*tensors)`` in at least float32 under any autocast (in bf16 the pixel decoder's 1×1
+    input projections and the transformer decoder flip the argmax of near-tied pixels)."""
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        return fn(*(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors))
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -156,9 +156,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 f"MSDeformAttnPixelDecoder: expected 4 feature maps res2..res5 of the in_channels "
                 f"{self.in_channels} it was built with, got channels {channels}"
             )
-        maps = [
-            _without_autocast(proj, x) for proj, x in zip(self.input_proj, reversed(features[1:]))
-        ]
+        maps = [in_float32(proj, x) for proj, x in zip(self.input_proj, reversed(features[1:]))]
         batch = maps[0].shape[0]
         spatial_shapes = [(m.shape[2], m.shape[3]) for m in maps]  # stride 32, 16, 8
         src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (N, S, C)
@@ -186,7 +184,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 spatial_shapes, src.split([h * w for h, w in spatial_shapes], 1)
             )
         ]
-        lateral = _without_autocast(self.lateral, features[0])  # (N, C, H/4, W/4)
+        lateral = in_float32(self.lateral, features[0])  # (N, C, H/4, W/4)
         upsampled = F.interpolate(
             multi_scale[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
         )

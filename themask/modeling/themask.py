@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from themask.modeling.config import ModelConfig
 from themask.modeling.outputs import FrameFeatures, Predictions
-from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
+from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder, in_float32
 from themask.modeling.transformer import QueryDecoder
 
 
@@ -89,12 +89,11 @@ class THEMask(nn.Module):
         device = mask_features.device.type
         if self.training or not torch.is_autocast_enabled(device):
             return self.decoder(mask_features, multi_scale, frames=frames, return_all=self.training)
-        # inference under autocast: the decoder in float32 (in bf16 it flips near-tied regions)
-        wide = [
-            x.to(torch.promote_types(x.dtype, torch.float32)) for x in (mask_features, *multi_scale)
-        ]
-        with torch.autocast(device, enabled=False):
-            return self.decoder(wide[0], wide[1:], frames=frames, return_all=False)
+        return in_float32(  # inference under autocast
+            lambda m, *ms: self.decoder(m, ms, frames=frames, return_all=False),
+            mask_features,
+            *multi_scale,
+        )
 
     @staticmethod
     def stride4_scores(predictions: Predictions) -> Tensor:

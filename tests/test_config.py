@@ -140,3 +140,11 @@ def test_shipped_config_loads(path):
             assert cfg.train.max_steps == 160_000 and not cfg.train.freeze
         assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.05
         assert cfg.train.backbone_lr_mult == 0.1 and cfg.train.clip_grad_norm == 0.01
+
+
+def test_train_config_checks_itself_when_built_in_python():
+    # not only when loaded from YAML: a TrainConfig made by hand for a Trainer is checked too
+    with pytest.raises(ConfigError, match="max_steps must be positive"):
+        TrainConfig(max_steps=0)
+    with pytest.raises(ConfigError, match="grad_accum"):
+        TrainConfig(batch_size=8, grad_accum=3)

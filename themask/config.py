@@ -50,6 +50,11 @@ class TrainConfig:
     init_from: str | None = None
     head_init: Literal["official", "copy"] = "official"
 
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0:
+            raise ConfigError(f"train.max_steps must be positive, got {self.max_steps}")
+        self.per_process_batch(1)  # batch_size divisible by grad_accum
+
     def per_process_batch(self, world_size: int) -> int:
         split = world_size * self.grad_accum
         if self.batch_size % split:
@@ -177,9 +182,6 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
             f"model.num_frames={cfg.model.num_frames} but data.dilation={list(cfg.data.dilation)} "
             f"gives clips of {cfg.data.num_frames} frames"
         )
-    if cfg.train.max_steps <= 0:
-        raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
-    cfg.train.per_process_batch(1)  # batch_size divisible by grad_accum
     return cfg
 
 

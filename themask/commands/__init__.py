@@ -34,12 +34,12 @@ def add_overrides_argument(parser: argparse.ArgumentParser, example: str) -> Non
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=text)
 
 
-def add_inference_arguments(parser: argparse.ArgumentParser, amp_default: str | None) -> None:
-    """``--amp``, ``--device`` and ``--threads`` (``eval`` and ``predict``)."""
+def add_inference_arguments(parser: argparse.ArgumentParser, amp_default_help: str) -> None:
+    """``--amp`` (None when not given), ``--device`` and ``--threads`` (``eval``, ``predict``)."""
     from themask.precision import AMP_MODES
 
-    text = f"inference autocast (default: {amp_default or 'eval.amp'}; auto: bf16 on CUDA)"
-    parser.add_argument("--amp", choices=AMP_MODES, default=amp_default, help=text)
+    text = f"inference autocast (default: {amp_default_help}; auto: bf16 on CUDA)"
+    parser.add_argument("--amp", choices=AMP_MODES, default=None, help=text)
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     add_threads_argument(parser)
 

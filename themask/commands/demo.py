@@ -81,9 +81,9 @@ def _train_and_report(
     )
     start = time.time()
     trainer = Trainer(cfg, out / "run", device=args.device, evaluate=False, overwrite=True)
-    trainer.train()
+    weights = trainer.train().weights_path
     minutes = (time.time() - start) / 60
-    print(f"trained in {minutes:.1f} min; weights: {out / 'run' / 'model.safetensors'}")
+    print(f"trained in {minutes:.1f} min; weights: {weights}")
 
     report = evaluate_config(trainer.model, cfg, device=trainer.device)
     print(

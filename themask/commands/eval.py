@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--vc-gt", choices=("train_id", "raw"), default="train_id", help=text)
     text = "mVC leaves out videos of <= 16 frames or of <= n (default: eval.vc_rule)"
     parser.add_argument("--vc-rule", choices=("published", "per_length"), help=text)
-    add_inference_arguments(parser, amp_default=None)
+    add_inference_arguments(parser, amp_default_help="eval.amp")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,8 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--step", type=int, default=3, help="frame gap inside a window")
     parser.add_argument("--fps", type=float, help="overlay.mp4 frame rate (default: the input's)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    add_inference_arguments(parser, amp_default="auto")
-    parser.set_defaults(amp=None)  # None: not given (--onnx refuses it); the torch path: auto
+    add_inference_arguments(parser, amp_default_help="auto")  # --onnx refuses a given --amp
 
 
 def add_window_arguments(parser: argparse.ArgumentParser) -> None:

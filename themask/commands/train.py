@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import logging
 import logging.handlers
-import os
 import shlex
 import signal
 import sys
@@ -51,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
         train = dataclasses.replace(cfg.train, init_from=args.init_from)
         cfg = dataclasses.replace(cfg, train=train)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    rank = int(os.environ.get("RANK", "0"))
     # train.log opens once the run folder exists; the set-up's records are held until then
     held = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)
     logging.getLogger().addHandler(held)
@@ -62,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             )
         finally:
             logging.getLogger().removeHandler(held)
+        rank = trainer.dist.rank
         held.setTarget(setup_logging(verbose=args.verbose, rank=rank, log_file=out / "train.log"))
         held.close()  # writes the held records to train.log (drops them on other ranks)
         result = trainer.train()

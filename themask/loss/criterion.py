@@ -141,7 +141,9 @@ def hard_mask_loss(
     ``predicted`` (R, h, w); ``gt_at(coords (r, P, 2), rows)`` reads the GT (``mask_reader``)."""
     # row chunks of bounded size (faster on CPU), the same on every device
     chunk = max(1, CHUNK_VALUES // int(2 * oversample_ratio * num_points))
-    bce = dice = predicted.sum() * 0.0  # no rows: zero, the graph still connected
+    if predicted.shape[0] == 0:  # zero, the graph still connected
+        return predicted.sum() * 0.0, predicted.sum() * 0.0
+    bce = dice = predicted.new_zeros(())
     start = 0
     for part in predicted.split(chunk):  # one backward for all parts (split, not slicing)
         rows = slice(start, start + part.shape[0])

@@ -204,9 +204,11 @@ def test_reference_points_shared_by_the_batch_broadcast():
 
 
 def test_training_read_keeps_only_its_inputs_for_backward():
-    # The (B·M, D, P, Q) samples are recomputed in backward, not saved: a deformable layer
-    # keeps only value, locations and weights, and still gets the grid_sample gradients.
+    # A deformable layer keeps only value, locations and weights; its own backward (per-corner
+    # dot products, the value gradient as a sorted transposed read) gives grid_sample's
+    # gradients, also for points far outside in every direction (no gradient there).
     value, locations, weights = random_inputs(queries=20, points=4, seed=5)
+    locations = (locations.detach() * 2 - 0.5).requires_grad_()
     saved = []
 
     def keep(tensor):
@@ -223,3 +225,6 @@ def test_training_read_keeps_only_its_inputs_for_backward():
     _sample_with_grid(value, SHAPES, locations, weights).pow(2).sum().backward()
     for got, expected in zip(grads, (value.grad, locations.grad, weights.grad)):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    far = ((locations < -0.6) | (locations > 1.6)).any(-1)  # outside every level's border
+    assert far.any() and grads[1][far].eq(0).all() and grads[2][far].eq(0).all()
+    assert grads[1][~far].ne(0).any()

@@ -56,8 +56,9 @@ def ms_deform_attn_pytorch(
 
 class _RecomputedRead(torch.autograd.Function):
     """Training: the bag reader forward, keeping only its inputs; the backward recomputes the
-    ``grid_sample`` reader and differentiates it, so the (B·M, D, P, Q) samples of every level
-    live only during one layer's backward (≈ half of a deformable layer's saved activations)."""
+    corner layout and differentiates the bags directly (no (B·M, D, P, Q) samples anywhere):
+    per-corner dot products ⟨grad, value row⟩ give the weight and location gradients, and the
+    value gradient is the transposed read, corners sorted by the row they touch."""
 
     @staticmethod
     def forward(ctx, value, locations, weights, spatial_shapes):
@@ -68,26 +69,49 @@ class _RecomputedRead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad():  # value in float32 under a bf16 autocast, as its forward had
-            value = inputs[0].to(torch.promote_types(inputs[0].dtype, inputs[1].dtype))
-            output = _sample_with_grid(value, ctx.spatial_shapes, *inputs[1:])
-        needed = [t for t in inputs if t.requires_grad]
-        grad_output = grad_output.transpose(1, 2).contiguous().transpose(1, 2)  # output's layout
-        grads = iter(torch.autograd.grad(output, needed, grad_output))
-        return *(next(grads) if t.requires_grad else None for t in inputs), None
+        value, locations, weights = ctx.saved_tensors
+        num_levels, num_points = weights.shape[3:]
+        size = offset_normaliser(ctx.spatial_shapes, device=value.device, dtype=locations.dtype)
+        positions = [locations[..., a] * size[:, None, a] + 0.5 for a in (0, 1)]
+        inside = [pos >= 0 for pos in positions]  # left of / above the border: no gradient
+        with torch.enable_grad():  # autograd for two pieces: bordered table → value, and
+            value = value.detach().requires_grad_()  # ⟨grad, row⟩ per corner (embedding_bag's)
+            layout = _bag_layout(value, ctx.spatial_shapes, positions, weights.detach(), size)
+            table, index, corner_w, (fx, fy) = layout
+            leaf = corner_w.detach().requires_grad_()
+            read = F.embedding_bag(index, table.detach(), per_sample_weights=leaf, mode="sum")
+            grad_rows = grad_output.reshape(read.shape).to(read.dtype)  # (B·Q·M, D)
+            (dots,) = torch.autograd.grad(read, leaf, grad_rows)
+        dots = dots.view(*weights.shape[:3], 2, 2, num_levels, num_points).to(fx.dtype)
+        along_x = dots[..., 1, :, :] - dots[..., 0, :, :]  # (B, Q, M, dy, L, P)
+        rows = dots[..., 0, :, :] + fx.unsqueeze(3) * along_x
+        grad_fx = weights * torch.lerp(along_x[:, :, :, 0], along_x[:, :, :, 1], fy)
+        grad_fy = weights * (rows[:, :, :, 1] - rows[:, :, :, 0])
+        grad_weights = torch.lerp(rows[:, :, :, 0], rows[:, :, :, 1], fy).to(weights.dtype)
+        grad_xy = torch.stack((grad_fx * inside[0], grad_fy * inside[1]), -1)  # (B, Q, M, L, P, 2)
+        # value: each table row sums the grads of the bags that read it (corners sorted by row)
+        touched, order = index.flatten().sort()
+        rows_start = torch.searchsorted(
+            touched, torch.arange(len(table), dtype=touched.dtype, device=touched.device)
+        )
+        bags = order.div(index.shape[1], rounding_mode="floor")
+        grad_table = F.embedding_bag(
+            bags, grad_rows, rows_start, per_sample_weights=corner_w.flatten()[order], mode="sum"
+        )
+        (grad_value,) = torch.autograd.grad(table, value, grad_table)
+        return grad_value, grad_xy * size[:, None].to(grad_xy.dtype), grad_weights, None
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
-    """Autograd records this call (then ``_RecomputedRead``: grid_sample's backward is faster
-    than embedding_bag's)."""
+    """Autograd records this call (then ``_RecomputedRead``, which saves only its inputs)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _sample_with_grid(
     value: Tensor, spatial_shapes: SpatialShapes, locations: Tensor, weights: Tensor
 ) -> Tensor:
-    """One ``grid_sample`` per level, Q innermost (the CPU kernel vectorises along it)."""
+    """One ``grid_sample`` per level, Q innermost (the CPU kernel vectorises along it); the
+    export path (ONNX ``GridSample``)."""
     batch, num_tokens, num_heads, head_dim = value.shape
     _, num_queries, _, _, num_points, _ = locations.shape
     bm = batch * num_heads
@@ -119,11 +143,25 @@ def _sample_with_bags(
     weights: Tensor,
     normaliser: Tensor,
 ) -> Tensor:
+    """One ``embedding_bag`` over the rows of the zero-bordered value maps (``_bag_layout``)."""
+    table, index, corner_w, _ = _bag_layout(value, spatial_shapes, positions, weights, normaliser)
+    output = F.embedding_bag(index, table, per_sample_weights=corner_w, mode="sum")
+    return output.view(value.shape[0], -1, value.shape[2] * value.shape[3])  # (B, Q, M·D)
+
+
+def _bag_layout(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    positions: list[Tensor],
+    weights: Tensor,
+    normaliser: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """``positions``: x and y (B, Q, M, L, P) of the points in pixels + 0.5 (overwritten);
-    ``normaliser``: ``offset_normaliser(spatial_shapes)``. One
-    ``embedding_bag`` over the rows (batch, token, head) of the value maps, each map given a zero
-    border (1 before, 2 after) so that clamped corners read 0: bag (b, q, m) sums its 4·L·P
-    corners weighted by bilinear × attention weight. No (B·M, D, P, Q) buffer."""
+    ``normaliser``: ``offset_normaliser(spatial_shapes)``. The rows (batch, token, head) of the
+    value maps, each map given a zero border (1 before, 2 after) so that clamped corners read 0:
+    table (B·S'·M, D); bag (b, q, m) reads its 4·L·P corners, index and corner weights (bilinear ×
+    attention) (B·Q·M, 4·L·P), corner order (dy, dx, level, point); and the fractional parts x, y
+    (B, Q, M, L, P). No (B·M, D, P, Q) buffer."""
     batch, _, num_heads, head_dim = value.shape
     num_levels, num_points = weights.shape[3:5]
     dtype = torch.promote_types(value.dtype, positions[0].dtype)
@@ -159,13 +197,12 @@ def _sample_with_bags(
         for dx, column in enumerate((low_w[0], high_w[0])):
             torch.mul(row, column, out=corner_w[:, :, :, 2 * dy + dx])
             torch.add(first, row_step * dy + dx * num_heads, out=index[:, :, :, 2 * dy + dx])
-    output = F.embedding_bag(
-        index.flatten(3).flatten(0, 2),
+    return (
         table.view(-1, head_dim),
-        per_sample_weights=corner_w.flatten(3).flatten(0, 2).to(dtype),
-        mode="sum",
-    )  # (B·Q·M, D)
-    return output.view(batch, -1, num_heads * head_dim)
+        index.flatten(3).flatten(0, 2),
+        corner_w.flatten(3).flatten(0, 2).to(dtype),
+        high_w,
+    )
 
 
 class MSDeformAttn(nn.Module):

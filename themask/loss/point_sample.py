@@ -33,8 +33,8 @@ def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tens
 
 def most_uncertain(candidates: Tensor, logits: Tensor, count: int) -> Tensor:
     """The ``count`` candidates (R, S, 2) whose logits (R, S) are nearest 0 → (R, count, 2)."""
-    # unsorted top-k: the same set (the loss averages over points), faster on CPU
-    index = (-logits.abs()).topk(count, dim=1, sorted=False).indices  # (R, count)
+    # the smallest |logit|, unsorted: the same set (the loss averages over points), faster
+    index = logits.abs().topk(count, dim=1, largest=False, sorted=False).indices  # (R, count)
     return torch.gather(candidates, 1, index.unsqueeze(-1).expand(-1, -1, 2))
 
 

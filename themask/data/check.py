@@ -57,11 +57,8 @@ class CheckReport:
 
     def add(self, other: CheckReport) -> None:
         """Count ``other``'s findings (a video's) in this report."""
-        for counter in ("frames", "masks", "sizes"):
-            getattr(self, counter).update(getattr(other, counter))
-        self.histogram += other.histogram
-        self.mask_counts += other.mask_counts
-        self.problems += other.problems
+        for name in ("frames", "masks", "sizes", "histogram", "mask_counts", "problems"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def check_video(

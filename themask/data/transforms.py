@@ -22,7 +22,7 @@ CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18  # in OpenCV's 0..180 hue units
 
-_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_STATS: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
 
 def to_chw(frames: np.ndarray) -> torch.Tensor:
@@ -33,9 +33,8 @@ def to_chw(frames: np.ndarray) -> torch.Tensor:
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) RGB 0..255 -> float32 normalised with ``MEAN``/``STD`` on their device."""
     if frames.device not in _STATS:
-        stats = torch.tensor([MEAN, STD], dtype=torch.float32)
-        mean, std = stats.to(frames.device).view(2, 3, 1, 1).unbind(0)
-        _STATS[frames.device] = (mean, std)
+        stats = torch.tensor([MEAN, STD], dtype=torch.float32, device=frames.device)
+        _STATS[frames.device] = stats.view(2, 3, 1, 1).unbind(0)
     mean, std = _STATS[frames.device]
     return (frames.float() - mean) / std
 

@@ -90,9 +90,7 @@ def resize_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         source = np.maximum((np.arange(length) + 0.5) * (old / length) - 0.5, 0.0)
         low = np.minimum(source.astype(np.int64), old - 1)
         high = np.minimum(low + 1, old - 1)
-        shape = [1, 1, 1]
-        shape[axis] = length
-        weight = (source - low).astype(np.float32).reshape(shape)
+        weight = (source - low).astype(np.float32).reshape((-1, 1) if axis == 1 else -1)
         scores = np.take(scores, low, axis) * (1 - weight) + np.take(scores, high, axis) * weight
     return scores
 
@@ -128,8 +126,7 @@ class OnnxStreamingPredictor:
     def push(self, image: np.ndarray) -> np.ndarray:
         """Next frame (3, H, W) float32, normalised → its class scores (K, H, W) float32."""
         height, width = image.shape[-2:]
-        divisor = self.manifest.size_divisor
-        padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+        padded = aligned_size((height, width), None, self.manifest.size_divisor)
         if self._padded not in (None, padded):
             raise DataError(
                 f"frame {self.windows.count}: network input {height}×{width} differs from the "

@@ -48,12 +48,10 @@ def evaluate_split(
     distributed: bool = False,
     progress: bool = True,
 ) -> dict[str, object]:
-    """Score every frame of ``index`` with a mask, predicted once by test clips of ``clip_len``
-    frames: ``model`` (1, T, 3, h, w) → scores (1, T, K, h, w), ``transform`` frames → (T, 3, h,
-    w). ``vc_gt``: mVC's GT, train ids (CFFM) or ``raw`` PNG values (VSPW authors'); ``vc_rule``:
-    skip videos of <= 16 frames (``published``) or <= n; ``write_dir``: also label PNGs there;
-    ``distributed``: every rank calls, scores its share of the videos. Returns
-    :func:`segmentation_metrics` plus ``mVC<n>``, ``num_videos``, ``num_frames`` (scored)."""
+    """:func:`segmentation_metrics` + ``mVC<n>``, ``num_videos``, ``num_frames`` of the masked
+    frames of ``index``, each predicted once by test clips: ``model`` (1, T, 3, h, w) → (1, T, K,
+    h, w). ``vc_gt``: train ids or ``raw`` values; ``vc_rule``: ``EvalConfig``'s; ``distributed``:
+    every rank calls and scores its share of the videos; ``write_dir``: label PNGs there too."""
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
     if vc_rule not in ("published", "per_length"):

@@ -23,9 +23,7 @@ Transform = Callable[[list[np.ndarray]], Tensor]  # list of (H, W, 3) uint8 → 
 
 def upload(x: Tensor, device: torch.device) -> Tensor:
     """A host tensor on ``device``; to CUDA through pinned memory without blocking the host."""
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def network_input(transform: Transform, frames: list[np.ndarray], device: torch.device) -> Tensor:

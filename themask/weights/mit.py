@@ -114,13 +114,18 @@ def _select_backbone_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
     return selected
 
 
-def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Any supported MiT layout → our backbone names; non-backbone keys are dropped."""
+def _converted(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, str]:
+    """(the backbone keys in our names, the layout they came in) of any supported MiT layout."""
     state_dict = _select_backbone_keys(state_dict)
     layout = detect_mit_layout(state_dict)
     if layout in _TO_ORIGINAL:
         state_dict = _TO_ORIGINAL[layout](state_dict)
-    return state_dict if layout == "themask" else mit_original_to_ours(state_dict)
+    return (state_dict if layout == "themask" else mit_original_to_ours(state_dict)), layout
+
+
+def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Any supported MiT layout → our backbone names; non-backbone keys are dropped."""
+    return _converted(state_dict)[0]
 
 
 def load_backbone_weights(
@@ -129,9 +134,7 @@ def load_backbone_weights(
     """Load MiT weights (file, Hugging Face directory or state dict) strictly; → the layout."""
     if not isinstance(weights, Mapping):
         weights, source = read_state_dict(weights), str(weights)
-    selected = _select_backbone_keys(weights)
-    layout = detect_mit_layout(selected)
-    converted = convert_mit_state_dict(selected)  # (selecting again is a no-op)
+    converted, layout = _converted(weights)
     load_strict(backbone, converted, what=f"MiT weights {source} ({layout} layout)")
     logger.info(
         "loaded MiT weights from %s (%s layout, %d tensors)", source, layout, len(converted)

@@ -57,9 +57,8 @@ def choose_crop(
     retries: int = 10,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[int, int]:
-    """Top-left corner (y, x) of a crop box of ``label`` (H, W), sides clipped to the map: a
-    uniform draw, redrawn at most ``retries`` times while not ``crop_is_acceptable`` (the last
-    kept unchecked, mmseg's rule); ``cat_max_ratio >= 1``: no check."""
+    """Top-left (y, x) of a uniform crop box of ``label`` (H, W), redrawn at most ``retries``
+    times while not ``crop_is_acceptable`` (``cat_max_ratio >= 1``: no check)."""
     h, w = label.shape
     ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
 
@@ -129,9 +128,8 @@ def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.nd
 
 @dataclass
 class TrainTransform(AugmentConfig):
-    """Clip-consistent augmentation (ratio, crop checked on the last frame, flip: once per clip;
-    photometric: per frame) → frames (T, 3, H, W) float32 normalised, labels (T, H, W) int64
-    padded to ``crop_size``; ``normalize=False``: uint8 frames, unpadded (the loader pads)."""
+    """Clip augmentation → frames (T, 3, H, W) float32 normalised, labels (T, H, W) int64 padded
+    to ``crop_size``; ``normalize=False``: uint8 frames, unpadded (the loader pads)."""
 
     normalize: bool = True
 

@@ -49,9 +49,8 @@ def evaluate_split(
     progress: bool = True,
 ) -> dict[str, object]:
     """:func:`segmentation_metrics` + ``mVC<n>``, ``num_videos``, ``num_frames`` of the masked
-    frames of ``index``, each predicted once by test clips: ``model`` (1, T, 3, h, w) → (1, T, K,
-    h, w). ``vc_gt``: train ids or ``raw`` values; ``vc_rule``: ``EvalConfig``'s; ``distributed``:
-    every rank calls and scores its share of the videos; ``write_dir``: label PNGs there too."""
+    frames of ``index``, predicted once by test clips (``model``: (1, T, 3, h, w) → (1, T, K, h,
+    w)); ``distributed``: every rank calls and scores its share; ``write_dir``: also label PNGs."""
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
     if vc_rule not in ("published", "per_length"):
@@ -123,8 +122,7 @@ def evaluate_config(
     vc_rule: str | None = None,
     progress: bool = True,
 ) -> dict[str, object]:
-    """:func:`evaluate_split` on ``<data.root>/<split>`` (default ``data.val_split``) with a
-    run config's data and eval settings; under torch.distributed every rank must call it."""
+    """:func:`evaluate_split` with a run config's data and eval settings (DDP: every rank calls)."""
     data, description = cfg.data, cfg.data.description
     return evaluate_split(
         model,

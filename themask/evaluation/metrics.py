@@ -24,9 +24,8 @@ def _as_tensor(x: ArrayLike) -> Tensor:
 
 
 def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
-    """Metrics of a (K, K) confusion matrix (rows = GT), docs/VSPW.md §3.1–3.2: ``mIoU``
-    (classes with union > 0, mmseg), ``mIoU_present`` (classes in the GT), ``WIoU``, ``aAcc``,
-    ``mAcc`` and the per-class lists ``IoU``, ``Acc`` (``nan`` where undefined)."""
+    """``mIoU`` (classes with union > 0), ``mIoU_present``, ``WIoU``, ``aAcc``, ``mAcc``, per-class
+    ``IoU`` and ``Acc`` of a (K, K) confusion matrix (rows = GT; docs/VSPW.md §3.1–3.2)."""
     m = _as_tensor(conf).detach().to("cpu", torch.float64)
     if m.dim() != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"segmentation_metrics: expected a square matrix, got {tuple(m.shape)}")
@@ -84,8 +83,7 @@ class SegmentationAccumulator:
                 f"confusion matrix: pred shape {tuple(pred_t.shape)} != target shape "
                 f"{tuple(target_t.shape)}"
             )
-        # bins: the row-major K×K matrix, then out-of-range targets, out-of-range predictions
-        # (of the others) and ignored pixels
+        # bins: the K×K matrix (row-major), bad targets, bad predictions (of the rest), ignored
         k, k2 = self.num_classes, self.num_classes * self.num_classes
         pred_t, target_t = pred_t.reshape(-1).long(), target_t.reshape(-1).long()
         ignored = target_t == self.ignore_index
@@ -117,9 +115,8 @@ class SegmentationAccumulator:
 
 
 class VideoConsistencyAccumulator:
-    """mVC_n of docs/VSPW.md §3.3, streaming: ``start_video()``, ``update(pred, gt)`` per frame,
-    ``end_video()``; ``compute()`` → fraction. Videos of N ≤ ``skip_up_to`` frames add no window
-    (default n, the VSPW authors' rule; ``PUBLISHED_VC_SKIP``: VSS-CFFM's, the published one)."""
+    """mVC_n (docs/VSPW.md §3.3): ``start_video()``, ``update(pred, gt)`` per frame, ``end_video``;
+    videos of N ≤ ``skip_up_to`` frames (default n; published: ``PUBLISHED_VC_SKIP``) add none."""
 
     def __init__(
         self, n: int, *, skip_up_to: int | None = None, device: str | torch.device = "cpu"

@@ -99,8 +99,8 @@ def detect_mit_layout(state_dict: Mapping[str, Tensor]) -> str:
     )
 
 
-def _select_backbone_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """The encoder part of a classification/segmentation checkpoint, prefix removed."""
+def _converted(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, str]:
+    """(our names, layout) of the MiT encoder part of a classification/segmentation state dict."""
     keys = list(state_dict)
     found = [p for p in ("backbone.", "segformer.") if any(k.startswith(p) for k in keys)]
     if found:
@@ -111,16 +111,10 @@ def _select_backbone_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
         selected = {k: state_dict[k] for k in keys if not k.startswith(("head.", "classifier."))}
     if len(selected) < len(keys):
         logger.info("MiT weights: ignoring %d non-backbone keys", len(keys) - len(selected))
-    return selected
-
-
-def _converted(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, str]:
-    """(the backbone keys in our names, the layout they came in) of any supported MiT layout."""
-    state_dict = _select_backbone_keys(state_dict)
-    layout = detect_mit_layout(state_dict)
+    layout = detect_mit_layout(selected)
     if layout in _TO_ORIGINAL:
-        state_dict = _TO_ORIGINAL[layout](state_dict)
-    return (state_dict if layout == "themask" else mit_original_to_ours(state_dict)), layout
+        selected = _TO_ORIGINAL[layout](selected)
+    return (selected if layout == "themask" else mit_original_to_ours(selected)), layout
 
 
 def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:

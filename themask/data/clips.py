@@ -99,8 +99,7 @@ def causal_window(t: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> lis
 
 
 class CausalWindows:
-    """Each frame's item (features) held once: ``push(item)`` adds frame t's and returns the
-    items of its :func:`causal_window`, oldest first (both streaming predictors use it)."""
+    """``push(item)`` of frame t → the items of :func:`causal_window` of t, oldest first."""
 
     def __init__(self, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
         if clip_len < 1 or step < 1:

@@ -241,8 +241,7 @@ def build_train_loader(
     start_batch: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Endless loader of training ``Batch``es (uint8 frames) for one rank, starting after
-    ``start_batch`` batches; ``num_workers=None`` uses ``data_cfg.num_workers``."""
+    """Endless loader of one rank's training ``Batch``es (uint8 frames) after ``start_batch``."""
     index = VSPWIndex(data_cfg.root, data_cfg.train_split)
     dataset = VSPWTrainDataset(
         index.videos,

@@ -82,8 +82,7 @@ def pad_clip(
     *,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad frames (T, 3, h, w) with 0 and labels (T, h, w) with ``ignore_index`` at the bottom
-    and right to (T, 3, H, W), (T, H, W) with (H, W) = ``size_hw`` >= (h, w)."""
+    """Pad frames (T, 3, h, w) with 0, labels (T, h, w) with ``ignore_index``, bottom/right."""
     h, w = frames.shape[-2:]
     ph, pw = size_hw[0] - h, size_hw[1] - w
     if ph < 0 or pw < 0:

@@ -114,10 +114,9 @@ class OnnxStreamingPredictor:
         threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads:
             options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
         self.encoder, self.decoder = (
-            ort.InferenceSession(
-                str(self.directory / name), options, providers=["CPUExecutionProvider"]
-            )
+            ort.InferenceSession(str(self.directory / name), options, providers=providers)
             for name in (self.manifest.encoder, self.manifest.decoder)
         )
         self.windows = CausalWindows(self.manifest.clip_len, step)

@@ -35,16 +35,12 @@ def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
     iou = torch.where(union > 0, inter / union.clamp(min=1), nan)
     acc = torch.where(gt > 0, inter / gt.clamp(min=1), nan)
     present, total = gt > 0, gt.sum()
-
-    def mean_or_nan(values: Tensor) -> float:
-        return float(values.mean()) if values.numel() else math.nan
-
-    return {
-        "mIoU": mean_or_nan(iou[union > 0]),
-        "mIoU_present": mean_or_nan(iou[present]),
+    return {  # the mean of no value is nan
+        "mIoU": float(iou[union > 0].mean()),
+        "mIoU_present": float(iou[present].mean()),
         "WIoU": float((gt[present] / total * iou[present]).sum()) if total > 0 else math.nan,
         "aAcc": float(inter.sum() / total) if total > 0 else math.nan,
-        "mAcc": mean_or_nan(acc[present]),
+        "mAcc": float(acc[present].mean()),
         "IoU": iou.tolist(),
         "Acc": acc.tolist(),
     }

@@ -1,5 +1,5 @@
-"""Fast paths against the plain ones: bf16 CPU inference (scores accumulated in fp32) and
-activation checkpointing (same loss and gradients)."""
+"""Fast paths against the plain ones: bf16 CPU inference (scores accumulated in fp32),
+activation checkpointing and the mask product's row-skipping backward (same gradients)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from themask import SetCriterion, build_model, training_loss
 from themask.modeling.build import preset_loss_config
 from themask.modeling.outputs import Predictions, PredictionSet
+from themask.modeling.transformer import mask_product
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -250,3 +251,21 @@ def test_keep_freed_memory_serves_large_tensors_from_the_heap():
         assert run.returncode == 0, run.stderr
         mapped[mode] = int(run.stdout)
     assert mapped["plain"] >= 24 << 20 and mapped["keep"] == 0, mapped
+
+
+def test_mask_product_backward_skips_zero_rows_with_the_same_gradients():
+    # Only the matched queries' mask logits get a gradient; rows of exact zeros are skipped.
+    gen = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(2, 4, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 6, 9, generator=gen, dtype=torch.float64)
+    upstream[:, [0, 2, 5]] = 0  # zero in every group; row 3 only in group 1
+    upstream[1, 3] = 0
+    for grad in (upstream, torch.zeros_like(upstream), upstream.exp()):
+        got = torch.autograd.grad(mask_product(embeddings, features), (embeddings, features), grad)
+        plain = torch.autograd.grad(torch.bmm(embeddings, features), (embeddings, features), grad)
+        for a, b in zip(got, plain):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.autocast(**BF16):  # the cast autocast gives a plain bmm
+        logits = mask_product(embeddings.float(), features.float())
+    assert logits.dtype == torch.bfloat16

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from themask.modeling.outputs import PredictionSet
 from themask.modeling.transformer import (
     CrossAttentionLayer,
     DecodingState,
@@ -88,14 +87,12 @@ class TemporalDecoder(QueryDecoder):
         frame = state.queries.view(state.clip.shape[0], state.frames, *state.queries.shape[1:])
         state.clip = run_layer(self.temporal, self.checkpoint_layers, state.clip, frame)
 
-    def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
-        sets, embeddings = super()._heads(state, full=full)
+    def _heads(
+        self, state: DecodingState, *, full: bool
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        heads, embeddings = super()._heads(state, full=full)
         if not full:
-            return sets, embeddings
+            return heads, embeddings
         batch, frames = state.clip.shape[0], state.frames
-        frame_class, frame_embeddings = self.frame_head(
-            state.queries.view(batch, frames, *state.queries.shape[1:])
-        )  # (B, T, N, K+1), (B, T, N, D)
-        per_frame = state.mask_features.view(batch, frames, *state.mask_features.shape[1:])
-        frame_masks = torch.einsum("btnd,btdhw->bnthw", frame_embeddings, per_frame)
-        return sets + [PredictionSet(frame_class, frame_masks)], embeddings
+        frame_head = self.frame_head(state.queries.view(batch, frames, *state.queries.shape[1:]))
+        return heads + [frame_head], embeddings  # frame head: (B, T, N, K+1), (B, T, N, D)

@@ -150,6 +150,42 @@ def run_layer(layer: Callable[..., Any], checkpointed: bool, *args: Any, **kwarg
     return layer(*args, **kwargs)
 
 
+class _MaskProduct(torch.autograd.Function):
+    """Mask logits (G, N, X) = embeddings (G, N, D) @ features (G, D, X); on CPU the backward
+    multiplies only the query rows whose gradient is not all zero (the loss reads the matched
+    queries alone, a few of N), skipping exact zeros: the same gradients."""
+
+    @staticmethod
+    def forward(ctx, embeddings, features):
+        ctx.save_for_backward(embeddings, features)
+        return torch.bmm(embeddings, features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        embeddings, features = ctx.saved_tensors
+        rows = None  # elsewhere finding the rows would wait for the device
+        if grad.device.type == "cpu":
+            rows = grad.ne(0).any(-1).any(0).nonzero().squeeze(1)
+            grad, embeddings = grad.index_select(1, rows), embeddings.index_select(1, rows)
+        grad_embeddings = torch.bmm(grad, features.transpose(1, 2))
+        if rows is not None:
+            grad_embeddings = grad.new_zeros(ctx.saved_tensors[0].shape).index_copy_(
+                1, rows, grad_embeddings
+            )
+        return grad_embeddings, torch.bmm(embeddings.transpose(1, 2), grad)
+
+
+def mask_product(embeddings: Tensor, features: Tensor) -> Tensor:
+    """embeddings (G, N, D) @ features (G, D, X) → (G, N, X); in training, ``_MaskProduct``."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return torch.bmm(embeddings, features)
+    device = embeddings.device.type
+    if torch.is_autocast_enabled(device):  # the cast autocast would give the bmm
+        dtype = torch.get_autocast_dtype(device)
+        embeddings, features = embeddings.to(dtype), features.to(dtype)
+    return _MaskProduct.apply(embeddings, features)
+
+
 def allowed_positions(mask_logits: Tensor) -> Tensor:
     """Masked-attention mask (§4.1): mask_logits (B, N, S) → (B, N, S) bool, False where
     ``sigmoid(logit) < 0.5``; a query blocked everywhere may attend everywhere."""
@@ -255,7 +291,7 @@ class QueryDecoder(nn.Module):
         clip_features = mask_features.unflatten(0, (batch, clip_len)).transpose(1, 2).flatten(2)
         state = DecodingState(queries, clip, mask_features, clip_features, clip_len)
 
-        sets: list[list[PredictionSet]] = []  # per read-out: one set per head
+        read_outs: list[list[tuple[Tensor, Tensor]]] = []  # per head: class logits, embeddings
         allowed: Tensor | None = None
         for index in range(len(self.layers) + 1):
             if index > 0:
@@ -271,20 +307,47 @@ class QueryDecoder(nn.Module):
                 )  # (B·T, N, C)
                 self._after_layer(state)
             is_final = index == len(self.layers)
-            head_sets, embeddings = self._heads(state, full=return_all or is_final)
-            if head_sets:
-                sets.append(head_sets)
+            heads, embeddings = self._heads(state, full=return_all or is_final)
+            if heads:
+                read_outs.append(heads)
             if not is_final:
                 with torch.no_grad():
                     low = self._attention_logits(
                         embeddings, resized[index % self.num_levels], state
                     )
                 allowed = allowed_positions(low)  # (B·T, N, h·w)
+        sets = self._prediction_sets(read_outs, state)
         return Predictions(
             clip=[head_sets[0] for head_sets in sets],
             frame=[head_sets[1] for head_sets in sets] if self.is_temporal else None,
             frames_per_clip=frames,
         )
+
+    def _prediction_sets(
+        self, read_outs: list[list[tuple[Tensor, Tensor]]], state: DecodingState
+    ) -> list[list[PredictionSet]]:
+        """S read-outs' per-head (class logits, mask embeddings (B, N, D) clip head or
+        (B, T, N, D) frame head) → prediction sets, each head's S mask logits from one product
+        (in training its backward then writes the features' gradient once, not S times)."""
+        batch, frames, sets = state.clip.shape[0], state.frames, len(read_outs)
+        height, width = state.mask_features.shape[-2:]
+        masks = []
+        for head in range(len(read_outs[0])):
+            embeddings = torch.cat([heads[head][1] for heads in read_outs], -2)  # (.., S·N, D)
+            if embeddings.dim() == 3:  # clip head: (B, S·N, T·H/4·W/4)
+                logits = mask_product(embeddings, state.clip_features)
+                logits = logits.view(batch, sets, -1, frames, height, width).transpose(0, 1)
+            else:  # frame head: (B·T, S·N, H/4·W/4)
+                features = state.mask_features.flatten(2)
+                logits = mask_product(embeddings.flatten(0, 1), features)
+                logits = logits.view(batch, frames, sets, -1, height, width).permute(
+                    2, 0, 3, 1, 4, 5
+                )
+            masks.append(logits.unbind(0))  # S × (B, N, T, H/4, W/4)
+        return [
+            [PredictionSet(heads[h][0], masks[h][s]) for h in range(len(heads))]
+            for s, heads in enumerate(read_outs)
+        ]
 
     def _start(
         self, queries: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], frames: int
@@ -296,14 +359,13 @@ class QueryDecoder(nn.Module):
         """The clip queries after a layer has refined ``state.queries``."""
         raise NotImplementedError
 
-    def _heads(self, state: DecodingState, *, full: bool) -> tuple[list[PredictionSet], Tensor]:
-        """Each head's prediction set (none unless ``full``), the clip head's mask embeddings."""
+    def _heads(
+        self, state: DecodingState, *, full: bool
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """Each head's class logits and mask embeddings (none unless ``full``), the clip head's
+        mask embeddings (B, N, D)."""
         class_logits, embeddings = self.clip_head(state.clip)  # (B, N, K+1), (B, N, D)
-        if not full:
-            return [], embeddings
-        height, width = state.mask_features.shape[-2:]
-        masks = torch.bmm(embeddings, state.clip_features)  # (B, N, T·H/4·W/4)
-        return [PredictionSet(class_logits, masks.unflatten(2, (-1, height, width)))], embeddings
+        return ([(class_logits, embeddings)] if full else []), embeddings
 
     def _attention_logits(
         self, embeddings: Tensor, features: Tensor, state: DecodingState

@@ -230,11 +230,8 @@ def list_shipped_configs() -> list[str]:
 
 def resolve_config_path(path: PathLike) -> Path:
     """``path`` if it is a file, else the shipped config of that name."""
-    given = Path(path)
-    if given.is_file():
-        return given
-    name = given.as_posix().removeprefix("configs/")
-    for candidate in (SHIPPED_CONFIG_DIR / name, SHIPPED_CONFIG_DIR / f"{name}.yaml"):
+    name = Path(path).as_posix().removeprefix("configs/")
+    for candidate in (Path(path), SHIPPED_CONFIG_DIR / name, SHIPPED_CONFIG_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
     raise ConfigError(

@@ -49,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if not (data_root / "dataset.yaml").is_file() or videos != args.train_videos:
         print(f"writing the toy dataset ({args.train_videos} + {VAL_VIDEOS} videos) to {data_root}")
         make_toy_dataset(data_root, seed=0, num_train=args.train_videos, num_val=VAL_VIDEOS)
-    config = args.config or THEMASK_CONFIG
-    results = {"THE-Mask": _train_and_report(config, args, data_root, out)}
+    results = {"THE-Mask": _train_and_report(args.config or THEMASK_CONFIG, args, data_root, out)}
     if args.baseline:
         report = _train_and_report(BASELINE_CONFIG, args, data_root, out / "baseline")
         results["Mask2Former"] = report

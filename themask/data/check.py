@@ -1,5 +1,4 @@
-"""``themask check-data``: check a dataset folder against its description, collecting every
-problem (never stopping at the first), and summarise it; draft a description for a new folder."""
+"""``themask check-data``: every problem of a dataset folder, a summary; a draft description."""
 
 from __future__ import annotations
 
@@ -57,11 +56,8 @@ class CheckReport:
 
     def add(self, other: CheckReport) -> None:
         """Count ``other``'s findings (a video's) in this report."""
-        for counter in ("frames", "masks", "sizes"):
-            getattr(self, counter).update(getattr(other, counter))
-        self.histogram += other.histogram
-        self.mask_counts += other.mask_counts
-        self.problems += other.problems
+        for name in ("frames", "masks", "sizes", "histogram", "mask_counts", "problems"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def check_video(
@@ -149,8 +145,7 @@ def check_dataset(
 
 
 def format_report(report: CheckReport) -> str:
-    """Human-readable summary: videos, frames and masks per split, frame sizes, and the class
-    table (masks and pixels per class, ignored and invalid stored values)."""
+    """Summary: videos, frames, masks per split, frame sizes, masks and pixels per stored value."""
     description = report.description
     lines = [f"description: {description.source}"] + [
         f"{split}: {videos} videos, {report.frames[split]} frames, {report.masks[split]} masks"
@@ -189,9 +184,8 @@ def format_report(report: CheckReport) -> str:
 def write_draft_description(
     root: PathLike, *, frames: str | None = None, masks: str | None = None
 ) -> Path:
-    """Write a draft ``ROOT/dataset.yaml`` (never over one) from the masks of layout ``frames``/
-    ``masks`` (default: the first of ``KNOWN_LAYOUTS`` with videos): a class per stored value,
-    255 ignored if present, the split files (``*.txt``, ``ImageSets/*.txt``), ``sparse``."""
+    """Write a draft ``ROOT/dataset.yaml`` (never over one), a class per stored mask value, from
+    the layout ``frames``/``masks`` (default: the first of ``KNOWN_LAYOUTS`` with videos)."""
     root = Path(root)
     out = root / DESCRIPTION_FILE
     if out.exists():

@@ -1,5 +1,4 @@
-"""Which frames form a clip: training clips (dilation offsets), test clips, causal windows.
-Functions take frame indices ``0..N-1`` of one video sorted by name and return plain lists."""
+"""Which frames (indices 0..N-1 of a video sorted by name) form training, test, causal clips."""
 
 from __future__ import annotations
 
@@ -55,9 +54,8 @@ def sample_train_clip(
     reverse_prob: float = 0.5,
     targets: Sequence[int] | None = None,
 ) -> list[int]:
-    """Draw one training clip: reversal with ``reverse_prob``, then a uniform target among
-    ``targets`` (default: every frame) that can end a clip, in the other direction when the drawn
-    one has none; ``ClipTooShortError`` when the video or ``targets`` allow no clip."""
+    """One training clip: reversed with ``reverse_prob`` (not if that leaves no target), a uniform
+    target among ``targets`` (default: all frames); ``ClipTooShortError`` if none can end one."""
     span, reverse = clip_span(dilation), bool(rng.random() < reverse_prob)
     frames = range(num_frames) if targets is None else targets
 
@@ -80,9 +78,8 @@ def sample_train_clip(
 def test_clips(
     num_frames: int, clip_len: int, *, stride: int = TEST_CLIP_STRIDE
 ) -> list[list[int]]:
-    """Clips predicting each frame once (docs/VSPW.md §2.2, Q6 of §4): a block of ``stride *
-    clip_len`` frames gives ``{b + j + stride * i : i < clip_len}`` per ``j < stride``; the rest
-    consecutive chunks."""
+    """Clips predicting each frame once (docs/VSPW.md §2.2): ``{b + j + stride·i : i < clip_len}``
+    per ``j < stride`` in blocks b of ``stride·clip_len`` frames; the rest consecutive chunks."""
     if clip_len < 1 or stride < 1:
         raise ValueError(f"clip_len and stride must be >= 1, got {clip_len} and {stride}")
     block = stride * clip_len
@@ -97,14 +94,12 @@ def test_clips(
 
 
 def causal_window(t: int, clip_len: int, *, step: int = TEST_CLIP_STRIDE) -> list[int]:
-    """The window that predicts frame ``t`` of a stream: ``[t - (T-1)·step, ..., t - step,
-    t]``, indices before 0 clamped to 0, so it always has ``clip_len`` frames, ``t`` last."""
+    """The window predicting frame ``t``: ``[t - (T-1)·step, ..., t - step, t]`` clamped at 0."""
     return [max(0, t - step * (clip_len - 1 - i)) for i in range(clip_len)]
 
 
 class CausalWindows:
-    """Each frame's item (features) held once: ``push(item)`` adds frame t's and returns the
-    items of its :func:`causal_window`, oldest first (both streaming predictors use it)."""
+    """``push(item)`` of frame t → the items of :func:`causal_window` of t, oldest first."""
 
     def __init__(self, clip_len: int, step: int = TEST_CLIP_STRIDE) -> None:
         if clip_len < 1 or step < 1:

@@ -1,6 +1,5 @@
-"""Training data: clip dataset, resumable infinite sampler, ``Batch``/``collate``, loader. The
-stream is a pure function of ``(seed, batch, rank)`` (keys ``(video_index, sample_id)``, clips
-drawn from ``(seed, sample_id)``), whatever the workers or resuming; undecodable clips redrawn."""
+"""Training data: clip dataset, resumable infinite sampler, ``Batch``/``collate``, loader; the
+stream is a pure function of ``(seed, batch, rank)``, whatever the workers or resuming."""
 
 from __future__ import annotations
 
@@ -93,9 +92,8 @@ def collate(samples: Sequence[ClipSample]) -> Batch:
 
 
 class VSPWTrainDataset(Dataset):
-    """Training clips (``docs/VSPW.md`` §2.1): key ``(video_index, sample_id)`` -> ``ClipSample``
-    at the crop size. ``DataError`` names the videos shorter than the clip span; a video none
-    of whose masked frames can end a clip is left out with a warning."""
+    """Key ``(video_index, sample_id)`` -> training ``ClipSample`` at the crop size (docs/VSPW.md
+    §2.1), drawn from ``(seed, sample_id)``; undecodable clips are redrawn from other videos."""
 
     def __init__(
         self,
@@ -243,8 +241,7 @@ def build_train_loader(
     start_batch: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Endless loader of training ``Batch``es (uint8 frames) for one rank, starting after
-    ``start_batch`` batches; ``num_workers=None`` uses ``data_cfg.num_workers``."""
+    """Endless loader of one rank's training ``Batch``es (uint8 frames) after ``start_batch``."""
     index = VSPWIndex(data_cfg.root, data_cfg.train_split)
     dataset = VSPWTrainDataset(
         index.videos,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from PIL import Image
 
@@ -31,8 +29,8 @@ def resize_frame(
 
 
 def aligned_size(
-    size_hw: tuple[int, int], scale: tuple[int, int], size_divisor: int
+    size_hw: tuple[int, int], scale: tuple[int, int] | None, size_divisor: int
 ) -> tuple[int, int]:
-    """Network input size of the test transform: keep-ratio fit, each side up to a multiple."""
-    h, w = keep_ratio_size(size_hw, scale)
-    return math.ceil(h / size_divisor) * size_divisor, math.ceil(w / size_divisor) * size_divisor
+    """Network input size: keep-ratio fit to ``scale`` (None: as is), each side up to a multiple."""
+    h, w = size_hw if scale is None else keep_ratio_size(size_hw, scale)
+    return -(-h // size_divisor) * size_divisor, -(-w // size_divisor) * size_divisor

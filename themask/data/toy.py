@@ -1,6 +1,5 @@
 """The embedded offline dataset: synthetic videos in the VSPW layout (raw 0 others, 1..8
-``TOY_CLASS_NAMES``, 255 void): textured stuff, shaped and textured objects under random colours,
-a panning camera, moving and occluding objects. Same arguments -> byte-identical files."""
+``TOY_CLASS_NAMES``, 255 void); same arguments -> byte-identical files."""
 
 from __future__ import annotations
 

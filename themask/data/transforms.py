@@ -22,7 +22,7 @@ CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18  # in OpenCV's 0..180 hue units
 
-_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_STATS: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
 
 def to_chw(frames: np.ndarray) -> torch.Tensor:
@@ -33,9 +33,8 @@ def to_chw(frames: np.ndarray) -> torch.Tensor:
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) RGB 0..255 -> float32 normalised with ``MEAN``/``STD`` on their device."""
     if frames.device not in _STATS:
-        stats = torch.tensor([MEAN, STD], dtype=torch.float32)
-        mean, std = stats.to(frames.device).view(2, 3, 1, 1).unbind(0)
-        _STATS[frames.device] = (mean, std)
+        stats = torch.tensor([MEAN, STD], dtype=torch.float32, device=frames.device)
+        _STATS[frames.device] = stats.view(2, 3, 1, 1).unbind(0)
     mean, std = _STATS[frames.device]
     return (frames.float() - mean) / std
 
@@ -58,9 +57,8 @@ def choose_crop(
     retries: int = 10,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[int, int]:
-    """Top-left corner (y, x) of a crop box of ``label`` (H, W), sides clipped to the map: a
-    uniform draw, redrawn at most ``retries`` times while not ``crop_is_acceptable`` (the last
-    kept unchecked, mmseg's rule); ``cat_max_ratio >= 1``: no check."""
+    """Top-left (y, x) of a uniform crop box of ``label`` (H, W), redrawn at most ``retries``
+    times while not ``crop_is_acceptable`` (``cat_max_ratio >= 1``: no check)."""
     h, w = label.shape
     ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
 
@@ -84,8 +82,7 @@ def pad_clip(
     *,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad frames (T, 3, h, w) with 0 and labels (T, h, w) with ``ignore_index`` at the bottom
-    and right to (T, 3, H, W), (T, H, W) with (H, W) = ``size_hw`` >= (h, w)."""
+    """Pad frames (T, 3, h, w) with 0, labels (T, h, w) with ``ignore_index``, bottom/right."""
     h, w = frames.shape[-2:]
     ph, pw = size_hw[0] - h, size_hw[1] - w
     if ph < 0 or pw < 0:
@@ -130,9 +127,8 @@ def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.nd
 
 @dataclass
 class TrainTransform(AugmentConfig):
-    """Clip-consistent augmentation (ratio, crop checked on the last frame, flip: once per clip;
-    photometric: per frame) → frames (T, 3, H, W) float32 normalised, labels (T, H, W) int64
-    padded to ``crop_size``; ``normalize=False``: uint8 frames, unpadded (the loader pads)."""
+    """Clip augmentation → frames (T, 3, H, W) float32 normalised, labels (T, H, W) int64 padded
+    to ``crop_size``; ``normalize=False``: uint8 frames, unpadded (the loader pads)."""
 
     normalize: bool = True
 

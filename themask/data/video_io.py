@@ -42,8 +42,7 @@ def video_frame_rate(path: PathLike) -> float | None:
 
 
 def iter_input_frames(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(frame_name, frame)`` of a frame folder (names: file stems) or a video file
-    (names: 8-digit positions)."""
+    """``(name, frame)`` of a frame folder (names: file stems) or video file (8-digit positions)."""
     path = Path(path)
     if path.is_dir():
         frames = list_frames(path)

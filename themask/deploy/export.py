@@ -57,8 +57,7 @@ def export_onnx(
     opset: int = OPSET,
     scale: tuple[int, int] = TEST_SCALE,
 ) -> Manifest:
-    """Write both graphs and the manifest of ``model`` to ``out_dir``; return the manifest.
-    ``ConfigError`` for a clip length or opset the model cannot be exported with."""
+    """Write both graphs and the manifest of ``model`` to ``out_dir`` (``ConfigError``: cannot)."""
     if opset < OPSET:
         raise ConfigError(f"--opset must be >= {OPSET}, got {opset}")
     model = model.eval().cpu()

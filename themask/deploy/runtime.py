@@ -90,9 +90,7 @@ def resize_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         source = np.maximum((np.arange(length) + 0.5) * (old / length) - 0.5, 0.0)
         low = np.minimum(source.astype(np.int64), old - 1)
         high = np.minimum(low + 1, old - 1)
-        shape = [1, 1, 1]
-        shape[axis] = length
-        weight = (source - low).astype(np.float32).reshape(shape)
+        weight = (source - low).astype(np.float32).reshape((-1, 1) if axis == 1 else -1)
         scores = np.take(scores, low, axis) * (1 - weight) + np.take(scores, high, axis) * weight
     return scores
 
@@ -116,10 +114,9 @@ class OnnxStreamingPredictor:
         threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads:
             options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
         self.encoder, self.decoder = (
-            ort.InferenceSession(
-                str(self.directory / name), options, providers=["CPUExecutionProvider"]
-            )
+            ort.InferenceSession(str(self.directory / name), options, providers=providers)
             for name in (self.manifest.encoder, self.manifest.decoder)
         )
         self.windows = CausalWindows(self.manifest.clip_len, step)
@@ -128,8 +125,7 @@ class OnnxStreamingPredictor:
     def push(self, image: np.ndarray) -> np.ndarray:
         """Next frame (3, H, W) float32, normalised → its class scores (K, H, W) float32."""
         height, width = image.shape[-2:]
-        divisor = self.manifest.size_divisor
-        padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+        padded = aligned_size((height, width), None, self.manifest.size_divisor)
         if self._padded not in (None, padded):
             raise DataError(
                 f"frame {self.windows.count}: network input {height}×{width} differs from the "

@@ -48,12 +48,9 @@ def evaluate_split(
     distributed: bool = False,
     progress: bool = True,
 ) -> dict[str, object]:
-    """Score every frame of ``index`` with a mask, predicted once by test clips of ``clip_len``
-    frames: ``model`` (1, T, 3, h, w) → scores (1, T, K, h, w), ``transform`` frames → (T, 3, h,
-    w). ``vc_gt``: mVC's GT, train ids (CFFM) or ``raw`` PNG values (VSPW authors'); ``vc_rule``:
-    skip videos of <= 16 frames (``published``) or <= n; ``write_dir``: also label PNGs there;
-    ``distributed``: every rank calls, scores its share of the videos. Returns
-    :func:`segmentation_metrics` plus ``mVC<n>``, ``num_videos``, ``num_frames`` (scored)."""
+    """:func:`segmentation_metrics` + ``mVC<n>``, ``num_videos``, ``num_frames`` of the masked
+    frames of ``index``, predicted once by test clips (``model``: (1, T, 3, h, w) → (1, T, K, h,
+    w)); ``distributed``: every rank calls and scores its share; ``write_dir``: also label PNGs."""
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
     if vc_rule not in ("published", "per_length"):
@@ -125,8 +122,7 @@ def evaluate_config(
     vc_rule: str | None = None,
     progress: bool = True,
 ) -> dict[str, object]:
-    """:func:`evaluate_split` on ``<data.root>/<split>`` (default ``data.val_split``) with a
-    run config's data and eval settings; under torch.distributed every rank must call it."""
+    """:func:`evaluate_split` with a run config's data and eval settings (DDP: every rank calls)."""
     data, description = cfg.data, cfg.data.description
     return evaluate_split(
         model,

@@ -24,9 +24,8 @@ def _as_tensor(x: ArrayLike) -> Tensor:
 
 
 def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
-    """Metrics of a (K, K) confusion matrix (rows = GT), docs/VSPW.md §3.1–3.2: ``mIoU``
-    (classes with union > 0, mmseg), ``mIoU_present`` (classes in the GT), ``WIoU``, ``aAcc``,
-    ``mAcc`` and the per-class lists ``IoU``, ``Acc`` (``nan`` where undefined)."""
+    """``mIoU`` (classes with union > 0), ``mIoU_present``, ``WIoU``, ``aAcc``, ``mAcc``, per-class
+    ``IoU`` and ``Acc`` of a (K, K) confusion matrix (rows = GT; docs/VSPW.md §3.1–3.2)."""
     m = _as_tensor(conf).detach().to("cpu", torch.float64)
     if m.dim() != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"segmentation_metrics: expected a square matrix, got {tuple(m.shape)}")
@@ -36,16 +35,12 @@ def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
     iou = torch.where(union > 0, inter / union.clamp(min=1), nan)
     acc = torch.where(gt > 0, inter / gt.clamp(min=1), nan)
     present, total = gt > 0, gt.sum()
-
-    def mean_or_nan(values: Tensor) -> float:
-        return float(values.mean()) if values.numel() else math.nan
-
-    return {
-        "mIoU": mean_or_nan(iou[union > 0]),
-        "mIoU_present": mean_or_nan(iou[present]),
+    return {  # the mean of no value is nan
+        "mIoU": float(iou[union > 0].mean()),
+        "mIoU_present": float(iou[present].mean()),
         "WIoU": float((gt[present] / total * iou[present]).sum()) if total > 0 else math.nan,
         "aAcc": float(inter.sum() / total) if total > 0 else math.nan,
-        "mAcc": mean_or_nan(acc[present]),
+        "mAcc": float(acc[present].mean()),
         "IoU": iou.tolist(),
         "Acc": acc.tolist(),
     }
@@ -84,8 +79,7 @@ class SegmentationAccumulator:
                 f"confusion matrix: pred shape {tuple(pred_t.shape)} != target shape "
                 f"{tuple(target_t.shape)}"
             )
-        # bins: the row-major K×K matrix, then out-of-range targets, out-of-range predictions
-        # (of the others) and ignored pixels
+        # bins: the K×K matrix (row-major), bad targets, bad predictions (of the rest), ignored
         k, k2 = self.num_classes, self.num_classes * self.num_classes
         pred_t, target_t = pred_t.reshape(-1).long(), target_t.reshape(-1).long()
         ignored = target_t == self.ignore_index
@@ -117,9 +111,8 @@ class SegmentationAccumulator:
 
 
 class VideoConsistencyAccumulator:
-    """mVC_n of docs/VSPW.md §3.3, streaming: ``start_video()``, ``update(pred, gt)`` per frame,
-    ``end_video()``; ``compute()`` → fraction. Videos of N ≤ ``skip_up_to`` frames add no window
-    (default n, the VSPW authors' rule; ``PUBLISHED_VC_SKIP``: VSS-CFFM's, the published one)."""
+    """mVC_n (docs/VSPW.md §3.3): ``start_video()``, ``update(pred, gt)`` per frame, ``end_video``;
+    videos of N ≤ ``skip_up_to`` frames (default n; published: ``PUBLISHED_VC_SKIP``) add none."""
 
     def __init__(
         self, n: int, *, skip_up_to: int | None = None, device: str | torch.device = "cpu"

@@ -23,9 +23,7 @@ Transform = Callable[[list[np.ndarray]], Tensor]  # list of (H, W, 3) uint8 → 
 
 def upload(x: Tensor, device: torch.device) -> Tensor:
     """A host tensor on ``device``; to CUDA through pinned memory without blocking the host."""
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def network_input(transform: Transform, frames: list[np.ndarray], device: torch.device) -> Tensor:
@@ -69,9 +67,6 @@ class StreamingPredictor:
             clip_len = 1
         self.windows = CausalWindows(clip_len, step)
 
-    def reset(self) -> None:
-        self.windows.reset()
-
     @torch.no_grad()
     def push(self, frame: Tensor) -> Tensor:
         """Add the next frame (3, h, w), normalised; return its class scores (K, h, w)."""
@@ -100,7 +95,7 @@ def predict_video(
         for frame in frames:
             inputs = network_input(transform, [frame], device)[0]  # (3, h, w)
             if inputs.shape[-2:] != input_size:
-                predictor.reset()
+                predictor.windows.reset()
                 input_size = inputs.shape[-2:]
             with autocast_context(amp, device):
                 scores = predictor.push(inputs)

@@ -175,9 +175,8 @@ def write_predictions(
     fps: float | None = None,
     alpha: float = 0.5,
 ) -> int:
-    """Write ``out/labels/<frame>.png`` (train ids), ``out/overlays/<frame>.png`` (with legend)
-    and ``out/overlay.mp4`` (``fps`` default: the video's, 15 for a frame folder) of a video file
-    or frame folder; ``segment``: frames → ``(frame, labels (H, W))``. Returns the frame count."""
+    """Write ``out/labels/*.png``, ``out/overlays/*.png`` and ``out/overlay.mp4`` (``fps``: else the
+    video's, or 15) of a video or frame folder; ``segment``: frames → ``(frame, labels (H, W))``."""
     from tqdm import tqdm
 
     from themask.data.video_io import iter_input_frames, video_frame_rate
@@ -213,8 +212,7 @@ def comparison_panel(
     *,
     scale: int = 2,
 ) -> np.ndarray:
-    """Ground truth | prediction overlays of one (H, W, 3) frame side by side, upscaled
-    ``scale`` times (nearest), with a legend of the classes of both on the right."""
+    """GT | prediction overlays of an (H, W, 3) frame, upscaled ``scale``× (nearest), a legend."""
     gap = np.full((frame.shape[0], 4, 3), 255, dtype=np.uint8)
     pair = Image.fromarray(
         np.concatenate([overlay(frame, gt, palette), gap, overlay(frame, pred, palette)], axis=1)

@@ -21,9 +21,9 @@ from themask.io import PathLike, atomic_write
 from themask.modeling.build import build_model, build_model_from_config, preset_config
 from themask.modeling.config import ModelConfig
 from themask.modeling.themask import THEMask
+from themask.weights import official
 from themask.weights.files import WeightsError, load_strict, read_state_dict
 from themask.weights.mit import load_backbone_weights
-from themask.weights.official import as_ours, infer_model_config, infer_num_classes, is_official
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,11 @@ def read_test_scale(path: PathLike) -> tuple[int, int] | None:
 
 def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> THEMask:
     """The ``THEMask`` of a file written by :func:`save_model`, on ``map_location``."""
-    values = _stored(path, CONFIG_METADATA_KEY)
+    return _load_ours(path, _stored(path, CONFIG_METADATA_KEY)).to(map_location)
+
+
+def _load_ours(path: PathLike, values: dict | None) -> THEMask:
+    """The model of our file ``path`` with its stored config ``values`` (None: not our file)."""
     if values is None:
         raise WeightsError(
             f"{path}: no '{CONFIG_METADATA_KEY}' metadata; not a themask model file "
@@ -106,7 +110,7 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> T
         raise WeightsError(f"{path}: {err}") from None
     model = build_model_from_config(config)
     load_strict(model, read_state_dict(path), what=str(path))
-    return model.to(map_location)
+    return model
 
 
 def model_from_weights(
@@ -114,20 +118,19 @@ def model_from_weights(
 ) -> THEMask:
     """A ``THEMask`` with the weights at ``path``: our file, a full state dict (ours or official;
     network and K inferred unless given) or MiT ImageNet weights (``preset`` needed, K: 124)."""
-    if _stored(path, CONFIG_METADATA_KEY) is not None:
+    values = _stored(path, CONFIG_METADATA_KEY)
+    if values is not None:
         if preset is not None or num_classes is not None:
             raise WeightsError(f"{path} is a themask model file; it fixes its own preset")
-        return load_model(path)
+        return _load_ours(path, values)
     state_dict = read_state_dict(path)
-    if is_official(state_dict) or any(key.startswith("decoder.") for key in state_dict):
-        layout = "official THE-Mask" if is_official(state_dict) else "themask"
-        ours = as_ours(state_dict)
-        classes = infer_num_classes(ours) if num_classes is None else num_classes
-        if preset is None:
-            config = dataclasses.replace(infer_model_config(ours), num_classes=classes)
-        else:
-            config = preset_config(preset, num_classes=classes)
-        model = build_model_from_config(config)
+    from_official = official.is_official(state_dict)
+    if from_official or any(key.startswith("decoder.") for key in state_dict):
+        layout = "official THE-Mask" if from_official else "themask"
+        ours = official.convert_official_state_dict(state_dict) if from_official else state_dict
+        classes = official.infer_num_classes(ours) if num_classes is None else num_classes
+        base = official.infer_model_config(ours) if preset is None else preset_config(preset)
+        model = build_model_from_config(dataclasses.replace(base, num_classes=classes))
         load_strict(model, ours, what=f"{path} ({layout} layout)")
     else:
         if preset is None:

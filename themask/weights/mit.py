@@ -99,8 +99,8 @@ def detect_mit_layout(state_dict: Mapping[str, Tensor]) -> str:
     )
 
 
-def _select_backbone_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """The encoder part of a classification/segmentation checkpoint, prefix removed."""
+def _converted(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, str]:
+    """(our names, layout) of the MiT encoder part of a classification/segmentation state dict."""
     keys = list(state_dict)
     found = [p for p in ("backbone.", "segformer.") if any(k.startswith(p) for k in keys)]
     if found:
@@ -111,16 +111,15 @@ def _select_backbone_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
         selected = {k: state_dict[k] for k in keys if not k.startswith(("head.", "classifier."))}
     if len(selected) < len(keys):
         logger.info("MiT weights: ignoring %d non-backbone keys", len(keys) - len(selected))
-    return selected
+    layout = detect_mit_layout(selected)
+    if layout in _TO_ORIGINAL:
+        selected = _TO_ORIGINAL[layout](selected)
+    return (selected if layout == "themask" else mit_original_to_ours(selected)), layout
 
 
 def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Any supported MiT layout → our backbone names; non-backbone keys are dropped."""
-    state_dict = _select_backbone_keys(state_dict)
-    layout = detect_mit_layout(state_dict)
-    if layout in _TO_ORIGINAL:
-        state_dict = _TO_ORIGINAL[layout](state_dict)
-    return state_dict if layout == "themask" else mit_original_to_ours(state_dict)
+    return _converted(state_dict)[0]
 
 
 def load_backbone_weights(
@@ -129,9 +128,7 @@ def load_backbone_weights(
     """Load MiT weights (file, Hugging Face directory or state dict) strictly; → the layout."""
     if not isinstance(weights, Mapping):
         weights, source = read_state_dict(weights), str(weights)
-    selected = _select_backbone_keys(weights)
-    layout = detect_mit_layout(selected)
-    converted = convert_mit_state_dict(selected)  # (selecting again is a no-op)
+    converted, layout = _converted(weights)
     load_strict(backbone, converted, what=f"MiT weights {source} ({layout} layout)")
     logger.info(
         "loaded MiT weights from %s (%s layout, %d tensors)", source, layout, len(converted)

@@ -33,9 +33,7 @@ def is_official(state_dict: Mapping[str, Tensor]) -> bool:
 def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Official THE-Mask state dict → ours; unread keys dropped, unknown ones a ``WeightsError``."""
     table = official_table(f"decode_head.{TAD}time_attention.weight" in state_dict)
-    backbone: StateDict = {}
-    out: StateDict = {}
-    unknown, dropped = [], 0
+    backbone, out, unknown, dropped = {}, {}, [], 0
     for key, value in state_dict.items():
         if key.startswith("backbone."):
             backbone[key[len("backbone.") :]] = value

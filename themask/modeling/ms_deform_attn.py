@@ -91,12 +91,10 @@ class _RecomputedRead(torch.autograd.Function):
         grad_xy = torch.stack((grad_fx * inside[0], grad_fy * inside[1]), -1)  # (B, Q, M, L, P, 2)
         # value: each table row sums the grads of the bags that read it (corners sorted by row)
         touched, order = index.flatten().sort()
-        rows_start = torch.searchsorted(
-            touched, torch.arange(len(table), dtype=touched.dtype, device=touched.device)
-        )
+        starts = torch.searchsorted(touched, torch.arange(len(table), device=table.device).int())
         bags = order.div(index.shape[1], rounding_mode="floor")
         grad_table = F.embedding_bag(
-            bags, grad_rows, rows_start, per_sample_weights=corner_w.flatten()[order], mode="sum"
+            bags, grad_rows, starts, per_sample_weights=corner_w.flatten()[order], mode="sum"
         )
         (grad_value,) = torch.autograd.grad(table, value, grad_table)
         return grad_value, grad_xy * size[:, None].to(grad_xy.dtype), grad_weights, None

@@ -163,16 +163,12 @@ class _MaskProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         embeddings, features = ctx.saved_tensors
-        rows = None  # elsewhere finding the rows would wait for the device
+        rows: Tensor | slice = slice(None)  # elsewhere finding rows would wait for the device
         if grad.device.type == "cpu":
             rows = grad.ne(0).any(-1).any(0).nonzero().squeeze(1)
-            grad, embeddings = grad.index_select(1, rows), embeddings.index_select(1, rows)
-        grad_embeddings = torch.bmm(grad, features.transpose(1, 2))
-        if rows is not None:
-            grad_embeddings = grad.new_zeros(ctx.saved_tensors[0].shape).index_copy_(
-                1, rows, grad_embeddings
-            )
-        return grad_embeddings, torch.bmm(embeddings.transpose(1, 2), grad)
+        grad, grad_embeddings = grad[:, rows], torch.zeros_like(embeddings)
+        grad_embeddings[:, rows] = torch.bmm(grad, features.transpose(1, 2))
+        return grad_embeddings, torch.bmm(embeddings[:, rows].transpose(1, 2), grad)
 
 
 def mask_product(embeddings: Tensor, features: Tensor) -> Tensor:
@@ -228,13 +224,11 @@ def decoder_memory(
 @dataclass
 class DecodingState:
     """queries (B·T, N, C) per frame; clip (B, N, C) the clip queries (the single-frame
-    decoder's queries, T = 1); mask_features (B·T, D, H/4, W/4); clip_features (B, D, T·H/4·W/4);
-    frames T decoded jointly."""
+    decoder's queries, T = 1); mask_features (B·T, D, H/4, W/4); frames T decoded jointly."""
 
     queries: Tensor
     clip: Tensor
     mask_features: Tensor
-    clip_features: Tensor
     frames: int
 
 
@@ -287,9 +281,7 @@ class QueryDecoder(nn.Module):
         batch = mask_features.shape[0] // clip_len
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, N, C)
         queries, clip = self._start(queries, query_pos, keys, values, clip_len)
-        # (B, D, T·H/4·W/4) once: each clip-head mask prediction is one bmm
-        clip_features = mask_features.unflatten(0, (batch, clip_len)).transpose(1, 2).flatten(2)
-        state = DecodingState(queries, clip, mask_features, clip_features, clip_len)
+        state = DecodingState(queries, clip, mask_features, clip_len)
 
         read_outs: list[list[tuple[Tensor, Tensor]]] = []  # per head: class logits, embeddings
         allowed: Tensor | None = None
@@ -333,17 +325,12 @@ class QueryDecoder(nn.Module):
         height, width = state.mask_features.shape[-2:]
         masks = []
         for head in range(len(read_outs[0])):
-            embeddings = torch.cat([heads[head][1] for heads in read_outs], -2)  # (.., S·N, D)
-            if embeddings.dim() == 3:  # clip head: (B, S·N, T·H/4·W/4)
-                logits = mask_product(embeddings, state.clip_features)
-                logits = logits.view(batch, sets, -1, frames, height, width).transpose(0, 1)
-            else:  # frame head: (B·T, S·N, H/4·W/4)
-                features = state.mask_features.flatten(2)
-                logits = mask_product(embeddings.flatten(0, 1), features)
-                logits = logits.view(batch, frames, sets, -1, height, width).permute(
-                    2, 0, 3, 1, 4, 5
-                )
-            masks.append(logits.unbind(0))  # S × (B, N, T, H/4, W/4)
+            embeddings = torch.cat([heads[head][1] for heads in read_outs], -2)  # (B, [T,] S·N, D)
+            if embeddings.dim() == 3:  # clip head: the same embeddings for every frame
+                embeddings = embeddings.unsqueeze(1).expand(-1, frames, -1, -1)
+            logits = mask_product(embeddings.flatten(0, 1), state.mask_features.flatten(2))
+            logits = logits.view(batch, frames, sets, -1, height, width)  # from (B·T, S·N, h·w)
+            masks.append(logits.permute(2, 0, 3, 1, 4, 5).unbind(0))  # S × (B, N, T, h, w)
         return [
             [PredictionSet(heads[h][0], masks[h][s]) for h in range(len(heads))]
             for s, heads in enumerate(read_outs)

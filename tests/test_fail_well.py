@@ -375,6 +375,18 @@ def test_eval_names_a_video_whose_frames_differ_in_size(tmp_path, capsys):
     _one_line_error(err, "eval", f"video {video}", "is 40x40, earlier frames 64x48")
 
 
+def test_predict_step_below_one_is_one_line_with_either_engine(tmp_path, capsys):
+    weights = _tiny_weights(tmp_path / "w.safetensors")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(folder / "a.png")
+    for source in (["--weights", str(weights)], ["--onnx", str(tmp_path)]):
+        args = ["predict", str(folder), *source, "--out", str(tmp_path / "o"), "--step", "0"]
+        assert main(args) == 2
+        _one_line_error(capsys.readouterr().err, "predict", "--step", ">= 1")
+    assert not (tmp_path / "o").exists()
+
+
 def test_predict_keeps_the_frame_rate_and_uses_the_stored_scale(tmp_path, caplog):
     weights = _tiny_weights(tmp_path / "w.safetensors", scale=(64, 48))
     assert read_test_scale(weights) == (64, 48)

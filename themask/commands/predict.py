@@ -78,11 +78,13 @@ def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, in
 
 
 def run(args: argparse.Namespace) -> int:
+    from themask.config import ConfigError
     from themask.evaluation.visualize import write_predictions
 
     predict: Callable[[Any], Any]
+    if args.step < 1:
+        raise ConfigError(f"--step must be >= 1, got {args.step}")
     if args.onnx:  # torch is never imported
-        from themask.config import ConfigError
         from themask.deploy.runtime import OnnxStreamingPredictor, predict_frames
 
         for flag in ("config", "amp", "device"):

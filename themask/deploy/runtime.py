@@ -106,8 +106,6 @@ class OnnxStreamingPredictor:
             import onnxruntime as ort
         except ImportError as err:
             raise DataError("ONNX Runtime is not installed: pip install 'themask[onnx]'") from err
-        if step < 1:
-            raise DataError(f"--step must be >= 1, got {step}")
         self.directory = Path(model_dir)
         self.manifest: Manifest = read_manifest(self.directory)
         options = ort.SessionOptions()

@@ -21,7 +21,12 @@ from themask.loss.criterion import (
     soft_mask_loss,
 )
 from themask.loss.matcher import BatchMatch, MatchIndices
-from themask.loss.point_sample import most_uncertain, point_sample, uncertain_point_coords
+from themask.loss.point_sample import (
+    most_uncertain,
+    point_sample,
+    sample_queries,
+    uncertain_point_coords,
+)
 from themask.loss.targets import build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
 
@@ -120,6 +125,17 @@ def test_point_sample_equals_naive_bilinear():
             for p in range(9):
                 expected = naive_bilinear(maps[r, c], *coords[r, p].tolist())
                 assert sampled[r, c, p].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_sample_queries_reads_every_frame_like_point_sample():
+    # the matcher's reader (one embedding_bag over pixel rows) against grid_sample per frame,
+    # points inside and outside the map
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 5, 3, 7, 9, generator=gen, dtype=torch.float64).float()
+    coords = torch.rand(2, 11, 2, generator=gen) * 1.4 - 0.2
+    assert ((coords < 0) | (coords > 1)).any()
+    expected = point_sample(maps.flatten(1, 2), coords).reshape(2, 5, 3 * 11).transpose(1, 2)
+    torch.testing.assert_close(sample_queries(maps, coords), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_most_uncertain_equals_naive_sort():

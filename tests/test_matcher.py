@@ -103,7 +103,7 @@ def test_pairwise_costs_equal_naive_loops_and_leave_out_weightless_points():
     weight = torch.ones(2, 7)
     weight[1, 4:] = 0  # points 4..6 of clip 1 are left out
     targets[1, 4:] = 0
-    bce, dice = pairwise_bce_dice(logits, targets, weight)
+    bce, dice = pairwise_bce_dice(logits.transpose(1, 2), targets, weight)  # (B, L, N) in
     for b in range(2):
         kept = [p for p in range(7) if weight[b, p] > 0]
         for q in range(3):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from themask.loss.point_sample import bilinear_taps, point_sample
+from themask.loss.point_sample import bilinear_taps, sample_queries
 from themask.loss.targets import BatchTargets, check_invalid
 
 IndexPair = tuple[Tensor, Tensor]
@@ -67,16 +67,18 @@ def dice_loss(intersection: Tensor, predicted: Tensor, target: Tensor) -> Tensor
 def pairwise_bce_dice(
     logits: Tensor, targets: Tensor, weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Mean sigmoid BCE and dice cost of every pair → (B, N, M) each. logits (B, N, L) at L
-    points, targets (B, L, M) in [0, 1], weight (B, L) in {0, 1} (0: left out, target 0)."""
+    """Mean sigmoid BCE and dice cost of every pair → (B, N, M) each. logits (B, L, N) of N
+    queries at L points, targets (B, L, M) in [0, 1], weight (B, L) in {0, 1} (0: left out,
+    target 0)."""
     if weight is None:
-        weight = torch.ones_like(logits[:, 0])
-    kept = weight.unsqueeze(-1)  # (B, L, 1)
+        weight = torch.ones_like(logits[..., 0])
+    columns = torch.cat([targets, weight.unsqueeze(-1)], -1).transpose(1, 2)  # (B, M+1, L)
     # BCE(x, y) = softplus(x) − x·y
-    bce = F.softplus(logits) @ kept - logits @ targets
+    bce = columns[:, -1:] @ F.softplus(logits) - columns[:, :-1] @ logits  # (B, M, N)
     bce = bce / weight.sum(-1).clamp(min=1.0)[:, None, None]
-    products = logits.sigmoid() @ torch.cat([targets, kept], -1)  # (B, N, M+1): Σσ·y, Σσ
-    return bce, dice_loss(products[..., :-1], products[..., -1:], targets.sum(1)[:, None, :])
+    products = columns @ logits.sigmoid()  # (B, M+1, N): Σσ·y, Σσ
+    dice = dice_loss(products[:, :-1], products[:, -1:], targets.sum(1)[:, :, None])
+    return bce.transpose(1, 2), dice.transpose(1, 2)
 
 
 @dataclass
@@ -149,8 +151,7 @@ class HungarianMatcher:
         with torch.autocast(device_type=device.type, enabled=False):
             for (class_logits, mask_logits), set_coords in zip(sets, coords):
                 queries = mask_logits.shape[1]
-                maps = mask_logits.detach().float().flatten(1, 2)  # (B, N·T, h, w)
-                pred_points = point_sample(maps, set_coords).reshape(batch, queries, -1)
+                pred_points = sample_queries(mask_logits.detach().float(), set_coords)
                 index, weight = bilinear_taps(set_coords, height, width)  # (B, P, 4)
                 taps = label_columns.gather(2, index.view(batch, 1, -1).expand(-1, frames, -1))
                 shape = (batch, frames, self.num_points, 4)

@@ -31,6 +31,22 @@ def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tens
     return index, weight * inside
 
 
+def sample_queries(maps: Tensor, coords: Tensor) -> Tensor:
+    """maps (B, N, T, h, w) read bilinearly at the same coords (B, P, 2) in every frame →
+    (B, T·P, N) (``point_sample`` transposed); one ``embedding_bag`` whose rows are pixels of N
+    values (``grid_sample`` would redo each point's taps for each of the N channels)."""
+    batch, queries, frames, height, width = maps.shape
+    index, weight = bilinear_taps(coords, height, width)  # (B, P, 4)
+    first = torch.arange(batch * frames, device=maps.device).view(batch, frames, 1, 1)
+    rows = F.embedding_bag(
+        (index.unsqueeze(1) + first * (height * width)).flatten(0, 2),
+        maps.permute(0, 2, 3, 4, 1).reshape(-1, queries).contiguous(),  # (B·T·h·w, N)
+        per_sample_weights=weight.unsqueeze(1).expand(-1, frames, -1, -1).flatten(0, 2),
+        mode="sum",
+    )  # (B·T·P, N)
+    return rows.view(batch, -1, queries)
+
+
 def most_uncertain(candidates: Tensor, logits: Tensor, count: int) -> Tensor:
     """The ``count`` candidates (R, S, 2) whose logits (R, S) are nearest 0 → (R, count, 2)."""
     # the smallest |logit|, unsorted: the same set (the loss averages over points), faster

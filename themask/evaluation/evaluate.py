@@ -68,9 +68,8 @@ def evaluate_split(
     mine = videos[dist_utils.get_rank() :: dist_utils.get_world_size()] if distributed else videos
     num_scored = 0
     show = progress and (dist_utils.is_main() or not distributed)
-    bar = tqdm(
-        total=sum(map(len, mine)), desc=f"eval {index.split}", unit="frame", disable=not show
-    )
+    frames = sum(map(len, mine))
+    bar = tqdm(total=frames, desc=f"eval {index.split}", unit="frame", disable=not show)
     with eval_mode(model), bar:
         for video in mine:
             for vc in vcs.values():

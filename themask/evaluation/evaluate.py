@@ -90,11 +90,8 @@ def evaluate_split(
                         vc.update(pred, target)
                     num_scored += 1
                 if write_dir is not None:
-                    save_label_png(
-                        pred.to("cpu", torch.uint8).numpy(),
-                        Path(write_dir) / video.name / f"{video.frame_paths[frame].stem}.png",
-                        palette,
-                    )
+                    png = Path(write_dir) / video.name / f"{video.frame_paths[frame].stem}.png"
+                    save_label_png(pred.to("cpu", torch.uint8).numpy(), png, palette)
                 bar.update(1)
             for vc in vcs.values():
                 vc.end_video()

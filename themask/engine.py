@@ -397,10 +397,8 @@ class Trainer:
             if len(rng) == self.dist.world_size:
                 set_rng_state(rng[self.dist.rank])
             else:
-                counts = (len(rng), self.dist.world_size)
-                logger.warning(
-                    "checkpoint has RNG states of %d processes, not %d: reseeding", *counts
-                )
+                message = "checkpoint has RNG states of %d processes, not %d: reseeding"
+                logger.warning(message, len(rng), self.dist.world_size)
                 seed_everything(distributed.rank_seed(tcfg.seed + self.step, self.dist.rank))
             self._resume_state = None
         bar = None

@@ -58,10 +58,8 @@ def run(args: argparse.Namespace) -> int:
         clip_len = args.clip_len or cfg.data.eval_clip_len
         settings = {"split": split, "clip_len": clip_len, "vc_gt": args.vc_gt, "vc_rule": vc_rule}
         logger.info("evaluating %s on %s/%s, T = %d", args.weights, cfg.data.root, split, clip_len)
-        write_dir, amp = args.save_predictions, args.amp
-        report = evaluate_config(
-            model, cfg, device=info.device, write_dir=write_dir, amp=amp, **settings
-        )
+        options = dict(settings, write_dir=args.save_predictions, amp=args.amp)
+        report = evaluate_config(model, cfg, device=info.device, **options)
         if info.is_main:
             print(
                 f"{report['num_videos']} videos, {report['num_frames']} frames scored of "

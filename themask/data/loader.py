@@ -117,13 +117,9 @@ class VSPWTrainDataset(Dataset):
         ends = [[max(i, len(v) - 1 - i) for i in v.labelled_indices] for v in videos]
         unusable = [v.name for v, e in zip(videos, ends) if max(e, default=-1) < span - 1]
         if unusable:
-            logger.warning(
-                "%d training video(s) left out: no masked frame can be a clip target "
-                "(dilation %s): %s",
-                len(unusable),
-                list(dilation),
-                ", ".join(unusable[:10]),
-            )
+            listed, why = ", ".join(unusable[:10]), "no masked frame can be a clip target"
+            message = "%d training video(s) left out: %s (dilation %s): %s"
+            logger.warning(message, len(unusable), why, list(dilation), listed)
         self.videos = [v for v in videos if v.name not in unusable]
         if not self.videos:
             raise DataError("no training video has a masked frame that can be a clip target")
@@ -175,22 +171,16 @@ class VSPWTrainDataset(Dataset):
                     return sample
             except CorruptFileError as err:
                 self.skipped += 1
-                logger.warning(
-                    "skipping a clip of %s: %s (%d clip(s) skipped so far in this process)",
-                    self.videos[video_index].name,
-                    err,
-                    self.skipped,
-                )
+                name = self.videos[video_index].name
+                message = "skipping a clip of %s: %s (%d clip(s) skipped so far in this process)"
+                logger.warning(message, name, err, self.skipped)
             video_index = int(rng.integers(len(self.videos)))  # redraw from another video
         if sample is None:
             raise DataError(
                 f"{MAX_REDRAWS + 1} clips in a row could not be decoded; see the warnings above"
             )
-        logger.warning(
-            "sample %d: every label is ignored after %d redraws; using it anyway",
-            sample_id,
-            MAX_REDRAWS,
-        )
+        message = "sample %d: every label is ignored after %d redraws; using it anyway"
+        logger.warning(message, sample_id, MAX_REDRAWS)
         return sample
 
 

@@ -106,22 +106,14 @@ class _Scene:
         h, w = size
         self.world = (h + h // 3, w + w // 2)
         self.stuff, self.stuff_colours = stuff, [_ColourField(rng) for _ in stuff]
-        self.horizon = (
-            self.world[0] * rng.uniform(0.4, 0.6),
-            rng.uniform(4, 10),
-            rng.uniform(0.03, 0.08),
-            rng.uniform(0, 2 * np.pi),
-        )
+        base, amp = self.world[0] * rng.uniform(0.4, 0.6), rng.uniform(4, 10)
+        self.horizon = (base, amp, rng.uniform(0.03, 0.08), rng.uniform(0, 2 * np.pi))
         self.grain = rng.random((self.world[0] // 2 + 2, self.world[1] // 2 + 2)) < 0.5  # 2x2 cells
         self.others = None
-        if rng.random() < 0.75:
-            self.others = (
-                rng.uniform(0, self.world[0]),
-                rng.uniform(0, self.world[1]),
-                rng.uniform(h * 0.12, h * 0.22),
-                rng.uniform(w * 0.15, w * 0.3),
-                _ColourField(rng),
-            )
+        if rng.random() < 0.75:  # (centre y, x, radius y, x, colours)
+            centre = (rng.uniform(0, self.world[0]), rng.uniform(0, self.world[1]))
+            radii = (rng.uniform(h * 0.12, h * 0.22), rng.uniform(w * 0.15, w * 0.3))
+            self.others = (*centre, *radii, _ColourField(rng))
         corner = (self.world[0] - h, self.world[1] - w)  # the camera's top-left: start, end
         self.camera = [np.array([rng.uniform(0, c) for c in corner]) for _ in range(2)]
         self.objects = [self._new_object(c) for c in objects]

@@ -134,10 +134,8 @@ class TrainTransform(AugmentConfig):
 
     @classmethod
     def from_config(cls, data_cfg: AugmentConfig, *, normalize: bool = True) -> TrainTransform:
-        return cls(
-            **{f.name: getattr(data_cfg, f.name) for f in fields(AugmentConfig)},
-            normalize=normalize,
-        )
+        values = {f.name: getattr(data_cfg, f.name) for f in fields(AugmentConfig)}
+        return cls(**values, normalize=normalize)
 
     def __call__(
         self, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], rng: np.random.Generator

@@ -125,11 +125,8 @@ def read_split(path: PathLike) -> list[str]:
 
 def list_frames(folder: PathLike) -> list[Path]:
     """Image files of ``folder`` sorted by name (hidden files such as macOS ``._*`` skipped)."""
-    return sorted(
-        p
-        for p in Path(folder).iterdir()
-        if p.suffix.lower() in FRAME_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
+    images = [p for p in Path(folder).iterdir() if p.suffix.lower() in FRAME_SUFFIXES]
+    return sorted(p for p in images if not p.name.startswith(".") and p.is_file())
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,8 @@ def evaluate_split(
     mine = videos[dist_utils.get_rank() :: dist_utils.get_world_size()] if distributed else videos
     num_scored = 0
     show = progress and (dist_utils.is_main() or not distributed)
-    bar = tqdm(
-        total=sum(map(len, mine)), desc=f"eval {index.split}", unit="frame", disable=not show
-    )
+    frames = sum(map(len, mine))
+    bar = tqdm(total=frames, desc=f"eval {index.split}", unit="frame", disable=not show)
     with eval_mode(model), bar:
         for video in mine:
             for vc in vcs.values():
@@ -91,11 +90,8 @@ def evaluate_split(
                         vc.update(pred, target)
                     num_scored += 1
                 if write_dir is not None:
-                    save_label_png(
-                        pred.to("cpu", torch.uint8).numpy(),
-                        Path(write_dir) / video.name / f"{video.frame_paths[frame].stem}.png",
-                        palette,
-                    )
+                    png = Path(write_dir) / video.name / f"{video.frame_paths[frame].stem}.png"
+                    save_label_png(pred.to("cpu", torch.uint8).numpy(), png, palette)
                 bar.update(1)
             for vc in vcs.values():
                 vc.end_video()

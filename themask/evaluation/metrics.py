@@ -48,11 +48,8 @@ def segmentation_metrics(conf: ArrayLike) -> dict[str, object]:
 
 def scalar_metrics(results: Mapping[str, object]) -> dict[str, float]:
     """The scalar entries of an ``evaluate_split`` result (per-class lists left out)."""
-    return {
-        k: float(v)
-        for k, v in results.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+    numbers = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    return {k: float(v) for k, v in numbers.items() if not isinstance(v, bool)}
 
 
 class SegmentationAccumulator:

@@ -214,9 +214,8 @@ def comparison_panel(
 ) -> np.ndarray:
     """GT | prediction overlays of an (H, W, 3) frame, upscaled ``scale``× (nearest), a legend."""
     gap = np.full((frame.shape[0], 4, 3), 255, dtype=np.uint8)
-    pair = Image.fromarray(
-        np.concatenate([overlay(frame, gt, palette), gap, overlay(frame, pred, palette)], axis=1)
-    )
+    panels = [overlay(frame, gt, palette), gap, overlay(frame, pred, palette)]
+    pair = Image.fromarray(np.concatenate(panels, axis=1))
     pair = pair.resize((pair.width * scale, pair.height * scale), Image.Resampling.NEAREST)
     shown = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
     return with_legend(np.asarray(pair), shown, class_names, palette)
@@ -239,9 +238,8 @@ def plot_loss_curve(
     ax.plot(steps, [r["loss"] for r in records], color="tab:blue", label="total loss")
     ax.set(xlabel="step", ylabel="loss", title=title or "")
     ax.grid(alpha=0.3)
-    fractions = [
-        k for k in ("matched_fraction_round1", "matched_fraction_round2") if k in records[0]
-    ]
+    keys = ("matched_fraction_round1", "matched_fraction_round2")
+    fractions = [k for k in keys if k in records[0]]
     if fractions:
         right = ax.twinx()
         for key, colour in zip(fractions, ("tab:orange", "tab:green")):

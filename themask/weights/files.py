@@ -21,9 +21,7 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, Tensor]
 NameTable = tuple[tuple[str, str], ...]  # (source prefix, target prefix) pairs
 # the key-name tables of the MiT and official layouts, described in names.yaml
-NAME_TABLES: dict[str, Any] = yaml.safe_load(
-    (Path(__file__).parent / "names.yaml").read_text(encoding="utf-8")
-)
+NAME_TABLES: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("names.yaml").read_bytes())
 
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -97,15 +95,9 @@ def check_state_dict(
         for key in set(expected) & set(given)
         if expected[key].shape != given[key].shape
     )
-    problems = [
-        f"{len(items)} {title}:\n  " + "\n  ".join(items)
-        for title, items in (
-            ("missing keys", sorted(set(expected) - set(given))),
-            ("unexpected keys", sorted(set(given) - set(expected))),
-            ("mis-shaped keys", mis_shaped),
-        )
-        if items
-    ]
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    groups = {"missing keys": missing, "unexpected keys": unexpected, "mis-shaped keys": mis_shaped}
+    problems = [f"{len(v)} {k}:\n  " + "\n  ".join(v) for k, v in groups.items() if v]
     if problems:
         raise WeightsError(f"{what}: weights do not fit the model.\n" + "\n".join(problems))
 

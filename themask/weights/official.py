@@ -44,9 +44,8 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
         else:
             unknown.append(key)
     if unknown:
-        raise WeightsError(
-            f"official THE-Mask checkpoint: {len(unknown)} unknown keys:\n  " + "\n  ".join(unknown)
-        )
+        listed = "".join(f"\n  {key}" for key in unknown)
+        raise WeightsError(f"official THE-Mask checkpoint: {len(unknown)} unknown keys:{listed}")
     if not backbone:
         raise WeightsError("official THE-Mask checkpoint: no backbone.* keys")
     out.update({f"backbone.{k}": v for k, v in mit_original_to_ours(backbone).items()})

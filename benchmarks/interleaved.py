@@ -1,0 +1,108 @@
+"""Training step of two or more code trees, timed in turn: one worker process per tree, and the
+workers take strict turns (A, B, B, A, ...), so a machine whose speed drifts (a shared VM) slows
+every tree alike. Prints the median step per tree and the per-turn ratios to the first tree.
+
+    python benchmarks/interleaved.py --trees base=/tmp/base main=. --preset themask_mit_b0_t2 \
+        --frames 2 --size 256 --pairs 12
+
+Each tree is a checkout (``git worktree add /tmp/base <commit>``); its own ``themask`` is imported.
+The step is ``bench.py --mode train``'s (one clip, 8 classes in bands, AdamW); trees as old as
+the first release (its ``themask.loss.api.training_loss``) are understood too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+WORKER = r"""
+import sys, time, torch
+from themask.modeling.build import build_model
+preset, frames, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4])); torch.manual_seed(0)
+model = build_model(preset).train()
+clip = torch.randn(1, frames, 3, side, side)
+labels = (torch.arange(side) * 8 // side).expand(1, frames, side, side).clone()
+try:
+    from themask.config import TrainConfig
+    from themask.loss.criterion import SetCriterion, training_loss
+    from themask.modeling.build import preset_loss_config
+    from themask.optim import build_optimizer
+    from themask.precision import keep_freed_memory
+    criterion = SetCriterion(preset_loss_config(preset), model.num_classes)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4)); keep_freed_memory()
+    loss_of = lambda: training_loss(model, clip, labels, criterion)[0]
+except ImportError:  # the first release
+    from themask.loss.api import training_loss
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_of = lambda: training_loss(model, clip, labels, step=0)[0]
+def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss_of().backward()
+    optimizer.step()
+step()
+print("ready", flush=True)
+for _ in sys.stdin:
+    start = time.perf_counter(); step(); print(time.perf_counter() - start, flush=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trees", nargs="+", required=True, metavar="NAME=PATH")
+    parser.add_argument("--preset", default="themask_mit_b0_t2")
+    parser.add_argument("--frames", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256, help="square crop side")
+    parser.add_argument("--pairs", type=int, default=12, help="turns per tree")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    trees = dict(tree.split("=", 1) for tree in args.trees)
+    workers = {}
+    for name, path in trees.items():
+        path = os.path.abspath(path)
+        command = [sys.executable, "-c", WORKER, args.preset, str(args.frames), str(args.size)]
+        workers[name] = subprocess.Popen(
+            [*command, str(args.threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=path,
+            env=dict(os.environ, PYTHONPATH=path),
+        )
+        if workers[name].stdout.readline().strip() != "ready":
+            sys.exit(f"{name}: the worker did not start (see its error above)")
+    times: dict[str, list[float]] = {name: [] for name in trees}
+    names = list(trees)
+    for turn in range(args.pairs):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            workers[name].stdin.write("step\n")
+            workers[name].stdin.flush()
+            times[name].append(float(workers[name].stdout.readline()))
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+    result: dict = {
+        "preset": args.preset,
+        "frames": args.frames,
+        "size": args.size,
+        "pairs": args.pairs,
+        "threads": args.threads,
+        "median_ms": {name: round(statistics.median(t) * 1000, 1) for name, t in times.items()},
+    }
+    for name in names[1:]:
+        ratios = sorted(b / a for a, b in zip(times[names[0]], times[name]))
+        quartiles = statistics.quantiles(ratios, n=4)
+        result[f"{name}/{names[0]}"] = {
+            "median": round(statistics.median(ratios), 3),
+            "q1": round(quartiles[0], 3),
+            "q3": round(quartiles[2], 3),
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -163,7 +163,7 @@ class _MaskProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         embeddings, features = ctx.saved_tensors
-        rows: Tensor | slice = slice(None)  # elsewhere finding rows would wait for the device
+        rows = slice(None)  # elsewhere finding the rows would wait for the device
         if grad.device.type == "cpu":
             rows = grad.ne(0).any(-1).any(0).nonzero().squeeze(1)
         grad, grad_embeddings = grad[:, rows], torch.zeros_like(embeddings)

@@ -6,8 +6,8 @@ every tree alike. Prints the median step per tree and the per-turn ratios to the
         --frames 2 --size 256 --pairs 12
 
 Each tree is a checkout (``git worktree add /tmp/base <commit>``); its own ``themask`` is imported.
-The step is ``bench.py --mode train``'s (one clip, 8 classes in bands, AdamW); trees as old as
-the first release (its ``themask.loss.api.training_loss``) are understood too.
+The step is ``bench.py --mode train``'s (``--batch`` clips, 8 classes in bands, AdamW); trees
+as old as the first release (its ``themask.loss.api.training_loss``) are understood too.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import sys
 WORKER = r"""
 import sys, time, torch
 from themask.modeling.build import build_model
-preset, frames, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-torch.set_num_threads(int(sys.argv[4])); torch.manual_seed(0)
+preset, frames, side, batch = (int(a) if a.isdigit() else a for a in sys.argv[1:5])
+torch.set_num_threads(int(sys.argv[5])); torch.manual_seed(0)
 model = build_model(preset).train()
-clip = torch.randn(1, frames, 3, side, side)
-labels = (torch.arange(side) * 8 // side).expand(1, frames, side, side).clone()
+clip = torch.randn(batch, frames, 3, side, side)
+labels = (torch.arange(side) * 8 // side).expand(batch, frames, side, side).clone()
 try:
     from themask.config import TrainConfig
     from themask.loss.criterion import SetCriterion, training_loss
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--preset", default="themask_mit_b0_t2")
     parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--size", type=int, default=256, help="square crop side")
+    parser.add_argument("--batch", type=int, default=1, help="clips per step")
     parser.add_argument("--pairs", type=int, default=12, help="turns per tree")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -64,7 +65,8 @@ def main() -> None:
     workers = {}
     for name, path in trees.items():
         path = os.path.abspath(path)
-        command = [sys.executable, "-c", WORKER, args.preset, str(args.frames), str(args.size)]
+        sizes = [str(args.frames), str(args.size), str(args.batch)]
+        command = [sys.executable, "-c", WORKER, args.preset, *sizes]
         workers[name] = subprocess.Popen(
             [*command, str(args.threads)],
             stdin=subprocess.PIPE,
@@ -89,6 +91,7 @@ def main() -> None:
         "preset": args.preset,
         "frames": args.frames,
         "size": args.size,
+        "batch": args.batch,
         "pairs": args.pairs,
         "threads": args.threads,
         "median_ms": {name: round(statistics.median(t) * 1000, 1) for name, t in times.items()},

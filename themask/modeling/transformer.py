@@ -283,7 +283,7 @@ class QueryDecoder(nn.Module):
         queries, clip = self._start(queries, query_pos, keys, values, clip_len)
         state = DecodingState(queries, clip, mask_features, clip_len)
 
-        read_outs: list[list[tuple[Tensor, Tensor]]] = []  # per head: class logits, embeddings
+        read_outs: list[list[tuple[Tensor, Tensor]]] = []  # per read-out and head: (class, embed)
         allowed: Tensor | None = None
         for index in range(len(self.layers) + 1):
             if index > 0:

@@ -168,7 +168,7 @@ def test_auto_precision_on_cuda():
 
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 def test_deformable_attention_matches_cpu(exact_fp32, grad):
-    # training: bag reader forward + recomputed grid_sample backward; inference: the bag reader
+    # training: the bag reader and its own backward; inference: the bag reader alone
     from themask.modeling.ms_deform_attn import ms_deform_attn_pytorch
 
     g = torch.Generator().manual_seed(0)
@@ -189,13 +189,33 @@ def test_deformable_attention_matches_cpu(exact_fp32, grad):
 
 
 def test_point_sampling_matches_cpu():
-    from themask.loss.point_sample import point_sample
+    from themask.loss.point_sample import point_sample, sample_queries
 
     g = torch.Generator().manual_seed(1)
     maps = torch.randn(5, 1, 13, 17, generator=g)
     coords = torch.rand(5, 40, 2, generator=g)
     on_cuda = point_sample(maps.to(CUDA), coords.to(CUDA)).cpu()
     torch.testing.assert_close(on_cuda, point_sample(maps, coords), rtol=1e-5, atol=1e-6)
+    queries = maps.view(1, 5, 1, 13, 17).expand(2, -1, 3, -1, -1)  # (B, N, T, h, w)
+    on_cuda = sample_queries(queries.to(CUDA), coords[:2].to(CUDA)).cpu()
+    torch.testing.assert_close(on_cuda, sample_queries(queries, coords[:2]), rtol=1e-5, atol=1e-6)
+
+
+def test_mask_product_gradients_match_cpu(exact_fp32):
+    # on CUDA the backward multiplies every row (finding the non-zero ones would sync)
+    from themask.modeling.transformer import mask_product
+
+    g = torch.Generator().manual_seed(2)
+    embeddings, features = torch.randn(2, 6, 4, generator=g), torch.randn(2, 4, 9, generator=g)
+    upstream = torch.randn(2, 6, 9, generator=g)
+    upstream[:, [0, 2]] = 0
+    grads = {}
+    for device in ("cpu", "cuda"):
+        inputs = [x.to(device).requires_grad_() for x in (embeddings, features)]
+        mask_product(*inputs).backward(upstream.to(device))
+        grads[device] = [x.grad.cpu() for x in inputs]
+    for cpu, cuda in zip(grads["cpu"], grads["cuda"]):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-5, atol=1e-6)
 
 
 def _to(obj, device):

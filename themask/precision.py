@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext, suppress
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
     import torch
@@ -56,3 +57,12 @@ def keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
+def in_float32(fn: Callable[..., Any], *tensors: torch.Tensor) -> Any:
+    """``fn(*tensors)`` in at least float32 under any autocast (in bf16 the pixel decoder's 1×1
+    input projections and the transformer decoder flip the argmax of near-tied pixels)."""
+    import torch
+
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        return fn(*(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors))

@@ -47,14 +47,22 @@ def ms_deform_attn_pytorch(
     if torch.compiler.is_compiling():  # export: ONNX GridSample
         return _sample_with_grid(value, spatial_shapes, sampling_locations, attention_weights)
     if _needs_grad(value, sampling_locations, attention_weights):
-        return _RecomputedRead.apply(value, sampling_locations, attention_weights, spatial_shapes)
-    work = torch.promote_types(sampling_locations.dtype, torch.float32)
-    size = offset_normaliser(spatial_shapes, device=value.device, dtype=work)
-    positions = [sampling_locations[..., a] * size[:, None, a] + 0.5 for a in (0, 1)]
+        return _BagRead.apply(value, sampling_locations, attention_weights, spatial_shapes)
+    positions, size = _pixel_positions(sampling_locations, spatial_shapes)
     return _sample_with_bags(value, spatial_shapes, positions, attention_weights, size)
 
 
-class _RecomputedRead(torch.autograd.Function):
+def _pixel_positions(
+    locations: Tensor, spatial_shapes: SpatialShapes
+) -> tuple[list[Tensor], Tensor]:
+    """x and y (B, Q, M, L, P) of locations (B, Q, M, L, P, 2) in pixels + 0.5, at least float32,
+    and the (L, 2) ``offset_normaliser`` they were scaled by."""
+    work = torch.promote_types(locations.dtype, torch.float32)
+    size = offset_normaliser(spatial_shapes, device=locations.device, dtype=work)
+    return [locations[..., a] * size[:, None, a] + 0.5 for a in (0, 1)], size
+
+
+class _BagRead(torch.autograd.Function):
     """Training: the bag reader forward, keeping only its inputs; the backward recomputes the
     corner layout and differentiates the bags directly (no (B·M, D, P, Q) samples anywhere):
     per-corner dot products ⟨grad, value row⟩ give the weight and location gradients, and the
@@ -71,8 +79,7 @@ class _RecomputedRead(torch.autograd.Function):
     def backward(ctx, grad_output):
         value, locations, weights = ctx.saved_tensors
         num_levels, num_points = weights.shape[3:]
-        size = offset_normaliser(ctx.spatial_shapes, device=value.device, dtype=locations.dtype)
-        positions = [locations[..., a] * size[:, None, a] + 0.5 for a in (0, 1)]
+        positions, size = _pixel_positions(locations, ctx.spatial_shapes)
         inside = [pos >= 0 for pos in positions]  # left of / above the border: no gradient
         with torch.enable_grad():  # autograd for two pieces: bordered table → value, and
             value = value.detach().requires_grad_()  # ⟨grad, row⟩ per corner (embedding_bag's)
@@ -101,7 +108,7 @@ class _RecomputedRead(torch.autograd.Function):
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
-    """Autograd records this call (then ``_RecomputedRead``, which saves only its inputs)."""
+    """Autograd records this call (then ``_BagRead``, which saves only its inputs)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 

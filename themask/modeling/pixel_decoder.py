@@ -3,8 +3,8 @@ res4, res3 and one FPN step onto res2 that gives the per-pixel ``mask_features``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from themask.modeling.ms_deform_attn import MSDeformAttn, SpatialShapes, offset_
 from themask.modeling.outputs import FrameFeatures
 from themask.modeling.position_encoding import sine_position_encoding_2d
 from themask.modeling.transformer import run_layer
+from themask.precision import in_float32
 
 NUM_ENCODER_LEVELS = 3
 
@@ -65,13 +66,6 @@ def _pixel_centres(
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         centres.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1))
     return torch.cat(centres, dim=0).to(dtype).unsqueeze(0)
-
-
-def in_float32(fn: Callable[..., Any], *tensors: Tensor) -> Any:
-    """``fn(*tensors)`` in at least float32 under any autocast (in bf16 the pixel decoder's 1×1
-    input projections and the transformer decoder flip the argmax of near-tied pixels)."""
-    with torch.autocast(tensors[0].device.type, enabled=False):
-        return fn(*(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors))
 
 
 class MSDeformAttnPixelDecoder(nn.Module):

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from themask.modeling.config import ModelConfig
 from themask.modeling.outputs import FrameFeatures, Predictions
-from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder, in_float32
+from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from themask.modeling.transformer import QueryDecoder
+from themask.precision import in_float32
 
 
 def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:

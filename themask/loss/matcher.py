@@ -16,6 +16,7 @@ from torch import Tensor
 
 from themask.loss.point_sample import bilinear_taps, sample_queries
 from themask.loss.targets import BatchTargets, check_invalid
+from themask.rng import uniform
 
 IndexPair = tuple[Tensor, Tensor]
 
@@ -146,7 +147,7 @@ class HungarianMatcher:
             batch, frames, height * width
         )
         point_weight = targets.labelled.float().repeat_interleave(self.num_points, 1)  # (B, T·P)
-        coords = torch.rand(len(sets), batch, self.num_points, 2, device=device)  # (S, B, P, 2)
+        coords = uniform(len(sets), batch, self.num_points, 2, device=device)  # (S, B, P, 2)
         full, bce_only = [], []
         with torch.autocast(device_type=device.type, enabled=False):
             for (class_logits, mask_logits), set_coords in zip(sets, coords):

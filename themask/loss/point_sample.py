@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from themask.rng import uniform
+
 
 def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
     """maps (R, C, H, W) read at coords (R, P, 2) → (R, C, P)."""
@@ -68,10 +70,10 @@ def uncertain_point_coords(
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    candidates = torch.rand(rows, num_candidates, 2, device=device, generator=generator)
+    candidates = uniform(rows, num_candidates, 2, device=device, generator=generator)
     values = point_sample(logits.unsqueeze(1).float(), candidates)[:, 0]  # (R, S)
     chosen = most_uncertain(candidates, values, num_uncertain)
     if num_random == 0:
         return chosen
-    fill = torch.rand(rows, num_random, 2, device=device, generator=generator)
+    fill = uniform(rows, num_random, 2, device=device, generator=generator)
     return torch.cat([chosen, fill], dim=1)

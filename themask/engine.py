@@ -226,8 +226,7 @@ class Trainer:
         self.device = self.dist.device
         self.is_main = self.dist.is_main
         self.per_process_batch = tcfg.per_process_batch(self.dist.world_size)
-        self.evaluate_enabled = evaluate
-        self.progress = progress
+        self.evaluate_enabled, self.progress = evaluate, progress
 
         seed_everything(distributed.rank_seed(tcfg.seed, 0))  # same init on every rank
         if model is None:

@@ -9,7 +9,6 @@ become the backbone of a fresh --preset model.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from themask.commands import add_command
@@ -27,12 +26,8 @@ def preset_of(config: Any) -> str:
     """The presets of network ``config`` (dropout aside), else ``custom <backbone>-based``."""
     from themask.modeling.build import list_presets, preset_config
 
-    names = []
-    for name in list_presets():
-        preset = preset_config(name, num_classes=config.num_classes)
-        ignored = {k: getattr(preset, k) for k in ("drop_path_rate", "tad_dropout")}
-        if dataclasses.replace(config, **ignored) == preset:
-            names.append(name)
+    kept = {k: getattr(config, k) for k in ("num_classes", "drop_path_rate", "tad_dropout")}
+    names = [name for name in list_presets() if preset_config(name, **kept) == config]
     return " / ".join(names) or f"custom {config.backbone}-based"
 
 

@@ -54,11 +54,6 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.problems
 
-    def add(self, other: CheckReport) -> None:
-        """Count ``other``'s findings (a video's) in this report."""
-        for name in ("frames", "masks", "sizes", "histogram", "mask_counts", "problems"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
 
 def check_video(
     root: PathLike, split: str, name: str, description: DatasetDescription, require_masks: bool
@@ -139,8 +134,9 @@ def check_dataset(
             videos = list(pool.map(check_video, *zip(*tasks), chunksize=4))
     else:
         videos = [check_video(*task) for task in tasks]
-    for video in videos:
-        report.add(video)
+    for video in videos:  # its findings counted in the report
+        for name in ("frames", "masks", "sizes", "histogram", "mask_counts", "problems"):
+            setattr(report, name, getattr(report, name) + getattr(video, name))
     return report
 
 

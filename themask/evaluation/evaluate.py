@@ -56,20 +56,18 @@ def evaluate_split(
     if vc_rule not in ("published", "per_length"):
         raise ValueError(f"vc_rule must be 'published' or 'per_length', got {vc_rule!r}")
     description = index.description
-    num_classes = num_classes or description.num_classes
     palette = description.palette if palette is None else palette
     if not index.labelled:
         raise ValueError(f"evaluate_split: split '{index.split}' of {index.root} has no masks")
     device = torch.device(device)
-    seg = SegmentationAccumulator(num_classes=num_classes, device=device)
+    seg = SegmentationAccumulator(num_classes=num_classes or description.num_classes, device=device)
     skip = PUBLISHED_VC_SKIP if vc_rule == "published" else None
     vcs = {n: VideoConsistencyAccumulator(n, skip_up_to=skip, device=device) for n in vc_lengths}
-    videos = index.videos[:max_videos] if max_videos is not None else index.videos
+    videos = index.videos[:max_videos]  # None: all
     mine = videos[dist_utils.get_rank() :: dist_utils.get_world_size()] if distributed else videos
     num_scored = 0
-    show = progress and (dist_utils.is_main() or not distributed)
-    frames = sum(map(len, mine))
-    bar = tqdm(total=frames, desc=f"eval {index.split}", unit="frame", disable=not show)
+    show = progress and (dist_utils.get_rank() == 0 or not distributed)
+    bar = tqdm(total=sum(map(len, mine)), desc=f"eval {index.split}", unit="frame", disable=not show)
     with eval_mode(model), bar:
         for video in mine:
             for vc in vcs.values():

@@ -17,6 +17,7 @@ from themask.weights.mit import mit_original_to_ours
 logger = logging.getLogger(__name__)
 
 TAD = "predictor.deformabel_transformer_cross_attention_layers."  # (sic)
+_CONFIG_FACTS = ("num_queries", "hidden_dim", "decoder_layers", "pixel_decoder_layers")
 _OFFICIAL_UNUSED = re.compile(r"decode_head\.(?:" + "|".join(NAME_TABLES["official_unused"]) + ")")
 
 
@@ -86,10 +87,7 @@ def _architecture_of_config(config: ModelConfig) -> dict:
         widths=tuple(config.backbone_embed_dims or variant["embed_dims"]),
         depths=tuple(config.backbone_depths or variant["depths"]),
         temporal=config.decoder == "temporal",
-        num_queries=config.num_queries,
-        hidden_dim=config.hidden_dim,
-        decoder_layers=config.decoder_layers,
-        pixel_decoder_layers=config.pixel_decoder_layers,
+        **{name: getattr(config, name) for name in _CONFIG_FACTS},
     )
 
 

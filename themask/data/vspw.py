@@ -130,8 +130,7 @@ def list_frames(folder: PathLike) -> list[Path]:
 
 @dataclass(frozen=True)
 class Video:
-    """One video: frames sorted by name; ``mask_paths`` is ``None`` for an unlabelled split,
-    and holds ``None`` for each frame without a mask in a sparse dataset."""
+    """Frames sorted by name; ``mask_paths``: None (unlabelled split), None per maskless frame."""
 
     name: str
     frame_paths: tuple[Path, ...]

@@ -26,9 +26,8 @@ SCORES = "scores"
 
 @dataclass
 class Manifest:
-    """Contents of ``manifest.json``. Input: an RGB frame resized to fit ``scale`` (long, short),
-    sides stretched to multiples of ``size_divisor``, (x − mean) / std, (1, 3, H, W). Output:
-    scores (T, K, H/``mask_stride``, W/``mask_stride``), to upsample bilinearly and argmax."""
+    """``manifest.json``. Input (1, 3, H, W): a frame fit to ``scale``, sides up to multiples of
+    ``size_divisor``, (x − mean) / std. Output: (T, K, H/4, W/4) scores, to upsample bilinearly."""
 
     num_classes: int
     clip_len: int

@@ -48,9 +48,8 @@ def evaluate_split(
     distributed: bool = False,
     progress: bool = True,
 ) -> dict[str, object]:
-    """:func:`segmentation_metrics` + ``mVC<n>``, ``num_videos``, ``num_frames`` of the masked
-    frames of ``index``, predicted once by test clips (``model``: (1, T, 3, h, w) → (1, T, K, h,
-    w)); ``distributed``: every rank calls and scores its share; ``write_dir``: also label PNGs."""
+    """Metrics, ``mVC<n>`` and counts of the masked frames, each predicted once by test clips
+    (``model``: (1, T, 3, h, w) → (1, T, K, h, w)); ``distributed``: each rank scores a share."""
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
     if vc_rule not in ("published", "per_length"):
@@ -67,7 +66,8 @@ def evaluate_split(
     mine = videos[dist_utils.get_rank() :: dist_utils.get_world_size()] if distributed else videos
     num_scored = 0
     show = progress and (dist_utils.get_rank() == 0 or not distributed)
-    bar = tqdm(total=sum(map(len, mine)), desc=f"eval {index.split}", unit="frame", disable=not show)
+    frames = sum(map(len, mine))
+    bar = tqdm(total=frames, desc=f"eval {index.split}", unit="frame", disable=not show)
     with eval_mode(model), bar:
         for video in mine:
             for vc in vcs.values():

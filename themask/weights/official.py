@@ -81,23 +81,20 @@ def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
     )
 
 
-def _architecture_of_config(config: ModelConfig) -> dict:
-    variant = MIT_VARIANTS[config.backbone]
-    return dict(
-        widths=tuple(config.backbone_embed_dims or variant["embed_dims"]),
-        depths=tuple(config.backbone_depths or variant["depths"]),
-        temporal=config.decoder == "temporal",
-        **{name: getattr(config, name) for name in _CONFIG_FACTS},
-    )
-
-
 def infer_model_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
     """The preset network (with K classes) of a full state dict, ours or official."""
     ours = as_ours(state_dict)
     found, num_classes = _architecture_of_state(ours), infer_num_classes(ours)
     for name in list_presets():
         config = preset_config(name, num_classes=num_classes)
-        if _architecture_of_config(config) == found:
+        variant = MIT_VARIANTS[config.backbone]
+        facts = dict(  # the same facts of the preset's network
+            widths=tuple(config.backbone_embed_dims or variant["embed_dims"]),
+            depths=tuple(config.backbone_depths or variant["depths"]),
+            temporal=config.decoder == "temporal",
+            **{field: getattr(config, field) for field in _CONFIG_FACTS},
+        )
+        if facts == found:
             return config
     raise WeightsError(f"no preset has this architecture {found}; pass one explicitly")
 

@@ -96,15 +96,42 @@ class _BagRead(torch.autograd.Function):
         grad_fy = weights * (rows[:, :, :, 1] - rows[:, :, :, 0])
         grad_weights = torch.lerp(rows[:, :, :, 0], rows[:, :, :, 1], fy).to(weights.dtype)
         grad_xy = torch.stack((grad_fx * inside[0], grad_fy * inside[1]), -1)  # (B, Q, M, L, P, 2)
-        # value: each table row sums the grads of the bags that read it (corners sorted by row)
-        touched, order = index.flatten().sort()
-        starts = torch.searchsorted(touched, torch.arange(len(table), device=table.device).int())
-        bags = order.div(index.shape[1], rounding_mode="floor")
-        grad_table = F.embedding_bag(
-            bags, grad_rows, starts, per_sample_weights=corner_w.flatten()[order], mode="sum"
-        )
-        (grad_value,) = torch.autograd.grad(table, value, grad_table)
+        grad_table = _spread_rows(grad_rows, index, corner_w, ctx.spatial_shapes, value.shape)
+        (grad_value,) = torch.autograd.grad(table, value, grad_table.view(table.shape))
         return grad_value, grad_xy * size[:, None].to(grad_xy.dtype), grad_weights, None
+
+
+def _spread_rows(
+    grad_rows: Tensor,
+    index: Tensor,
+    corner_w: Tensor,
+    spatial_shapes: SpatialShapes,
+    value_shape: torch.Size,
+) -> Tensor:
+    """The transposed bag read: table row r sums corner weight × grad of every bag that reads
+    it; grad_rows (B·Q·M, D), index and corner_w (B·Q·M, 4·L·P) of ``_bag_layout``, value_shape
+    (B, S, M, D) → (B, S', M, D). The points are sorted once, by their top-left row: corner
+    (dy, dx) reads that row shifted within its level, so each corner is one bag sum, shifted."""
+    batch, _, num_heads, head_dim = value_shape
+    padded = [(h + 3, w + 3) for h, w in spatial_shapes]
+    sizes = [h * w for h, w in padded]
+    points = index.shape[1] // 4
+    touched, order = index[:, :points].flatten().sort()  # corner (0, 0) of each point
+    rows = torch.arange(batch * sum(sizes) * num_heads, device=index.device, dtype=touched.dtype)
+    starts = torch.searchsorted(touched, rows)
+    bags = order.div(points, rounding_mode="floor")
+    weights = corner_w.view(-1, 4, points).transpose(0, 1).reshape(4, -1).index_select(1, order)
+    grad_table = grad_rows.new_zeros(batch, sum(sizes), num_heads, head_dim)
+    for corner in range(4):
+        part = F.embedding_bag(
+            bags, grad_rows, starts, per_sample_weights=weights[corner], mode="sum"
+        ).view(grad_table.shape)
+        start = 0
+        for size, (_, width) in zip(sizes, padded):
+            shift = (corner // 2) * width + corner % 2  # rows stay inside the zero border
+            grad_table[:, start + shift : start + size] += part[:, start : start + size - shift]
+            start += size
+    return grad_table
 
 
 def _needs_grad(*tensors: Tensor) -> bool:

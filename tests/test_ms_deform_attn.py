@@ -176,6 +176,15 @@ def test_module_wiring_matches_reference():
     sampled = reference_attention(value, SHAPES, locations, weights)
     expected = lin(sampled, attn.output_proj.weight, attn.output_proj.bias)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    # the training read's gradients, off the pixel grid, against autograd through grid_sample
+    by_grid = _sample_with_grid(value, SHAPES, locations, weights)
+    by_grid = lin(by_grid, attn.output_proj.weight, attn.output_proj.bias)
+    params = list(attn.parameters())
+    for got_grad, expected_grad in zip(
+        torch.autograd.grad(got.pow(2).sum(), params),
+        torch.autograd.grad(by_grid.pow(2).sum(), params),
+    ):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-9, atol=1e-9)
 
 
 def test_module_gradients_reach_every_parameter():
@@ -204,9 +213,10 @@ def test_reference_points_shared_by_the_batch_broadcast():
 
 
 def test_training_read_keeps_only_its_inputs_for_backward():
-    # A deformable layer keeps only value, locations and weights; its own backward (per-corner
-    # dot products, the value gradient as a sorted transposed read) gives grid_sample's
-    # gradients, also for points far outside in every direction (no gradient there).
+    # A deformable layer keeps only value, positions and weights (and the L map sizes that
+    # scale locations to positions); its own backward (per-corner dot products, the value
+    # gradient as a sorted transposed read) gives grid_sample's gradients, also for points far
+    # outside in every direction (no gradient there).
     value, locations, weights = random_inputs(queries=20, points=4, seed=5)
     locations = (locations.detach() * 2 - 0.5).requires_grad_()
     saved = []
@@ -217,7 +227,8 @@ def test_training_read_keeps_only_its_inputs_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         output = ms_deform_attn_pytorch(value, SHAPES, locations, weights)
-    assert sum(saved) == value.numel() + locations.numel() + weights.numel()
+    sizes = 2 * len(SHAPES)
+    assert sum(saved) == value.numel() + locations.numel() + weights.numel() + sizes
     output.pow(2).sum().backward()
     grads = [t.grad.clone() for t in (value, locations, weights)]
     for t in (value, locations, weights):

@@ -46,40 +46,33 @@ def ms_deform_attn_pytorch(
         )
     if torch.compiler.is_compiling():  # export: ONNX GridSample
         return _sample_with_grid(value, spatial_shapes, sampling_locations, attention_weights)
-    if _needs_grad(value, sampling_locations, attention_weights):
-        return _BagRead.apply(value, sampling_locations, attention_weights, spatial_shapes)
-    positions, size = _pixel_positions(sampling_locations, spatial_shapes)
-    return _sample_with_bags(value, spatial_shapes, positions, attention_weights, size)
-
-
-def _pixel_positions(
-    locations: Tensor, spatial_shapes: SpatialShapes
-) -> tuple[list[Tensor], Tensor]:
-    """x and y (B, Q, M, L, P) of locations (B, Q, M, L, P, 2) in pixels + 0.5, at least float32,
-    and the (L, 2) ``offset_normaliser`` they were scaled by."""
-    work = torch.promote_types(locations.dtype, torch.float32)
-    size = offset_normaliser(spatial_shapes, device=locations.device, dtype=work)
-    return [locations[..., a] * size[:, None, a] + 0.5 for a in (0, 1)], size
+    work = torch.promote_types(sampling_locations.dtype, torch.float32)
+    size = offset_normaliser(spatial_shapes, device=value.device, dtype=work)
+    positions = sampling_locations * size[:, None] + 0.5  # pixels + 0.5, at least float32
+    if _needs_grad(value, positions, attention_weights):
+        return _BagRead.apply(value, positions, attention_weights, spatial_shapes)
+    return _sample_with_bags(value, spatial_shapes, positions.unbind(-1), attention_weights, size)
 
 
 class _BagRead(torch.autograd.Function):
-    """Training: the bag reader forward, keeping only its inputs; the backward recomputes the
-    corner layout and differentiates the bags directly (no (B·M, D, P, Q) samples anywhere):
-    per-corner dot products ⟨grad, value row⟩ give the weight and location gradients, and the
-    value gradient is the transposed read, corners sorted by the row they touch."""
+    """Training: the bag reader at positions (B, Q, M, L, P, 2) in pixels + 0.5, keeping only
+    its inputs; the backward recomputes the corner layout and differentiates the bags directly
+    (no (B·M, D, P, Q) samples anywhere): per-corner dot products ⟨grad, value row⟩ give the
+    weight and position gradients, and the value gradient is the transposed read."""
 
     @staticmethod
-    def forward(ctx, value, locations, weights, spatial_shapes):
-        ctx.save_for_backward(value, locations, weights)
+    def forward(ctx, value, positions, weights, spatial_shapes):
+        ctx.save_for_backward(value, positions, weights)
         ctx.spatial_shapes = spatial_shapes
-        with torch.no_grad():
-            return ms_deform_attn_pytorch(value, spatial_shapes, locations, weights)
+        size = offset_normaliser(spatial_shapes, device=value.device, dtype=positions.dtype)
+        return _sample_with_bags(value, spatial_shapes, positions.unbind(-1), weights, size)
 
     @staticmethod
     def backward(ctx, grad_output):
-        value, locations, weights = ctx.saved_tensors
+        value, positions, weights = ctx.saved_tensors
         num_levels, num_points = weights.shape[3:]
-        positions, size = _pixel_positions(locations, ctx.spatial_shapes)
+        size = offset_normaliser(ctx.spatial_shapes, device=value.device, dtype=positions.dtype)
+        positions = positions.detach().unbind(-1)
         inside = [pos >= 0 for pos in positions]  # left of / above the border: no gradient
         with torch.enable_grad():  # autograd for two pieces: bordered table → value, and
             value = value.detach().requires_grad_()  # ⟨grad, row⟩ per corner (embedding_bag's)
@@ -98,7 +91,7 @@ class _BagRead(torch.autograd.Function):
         grad_xy = torch.stack((grad_fx * inside[0], grad_fy * inside[1]), -1)  # (B, Q, M, L, P, 2)
         grad_table = _spread_rows(grad_rows, index, corner_w, ctx.spatial_shapes, value.shape)
         (grad_value,) = torch.autograd.grad(table, value, grad_table.view(table.shape))
-        return grad_value, grad_xy * size[:, None].to(grad_xy.dtype), grad_weights, None
+        return grad_value, grad_xy.to(positions[0].dtype), grad_weights, None
 
 
 def _spread_rows(
@@ -171,7 +164,7 @@ def _sample_with_grid(
 def _sample_with_bags(
     value: Tensor,
     spatial_shapes: SpatialShapes,
-    positions: list[Tensor],
+    positions: Sequence[Tensor],
     weights: Tensor,
     normaliser: Tensor,
 ) -> Tensor:
@@ -184,11 +177,11 @@ def _sample_with_bags(
 def _bag_layout(
     value: Tensor,
     spatial_shapes: SpatialShapes,
-    positions: list[Tensor],
+    positions: Sequence[Tensor],
     weights: Tensor,
     normaliser: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """``positions``: x and y (B, Q, M, L, P) of the points in pixels + 0.5 (overwritten);
+    """``positions``: x and y (B, Q, M, L, P) of the points in pixels + 0.5;
     ``normaliser``: ``offset_normaliser(spatial_shapes)``. The rows (batch, token, head) of the
     value maps, each map given a zero border (1 before, 2 after) so that clamped corners read 0:
     table (B·S'·M, D); bag (b, q, m) reads its 4·L·P corners, index and corner weights (bilinear ×
@@ -207,7 +200,7 @@ def _bag_layout(
     size = normaliser.to(work).t()[..., None].repeat(1, 1, num_points)  # (2, L, P): W, H
     low, high_w, low_w = [], [], []
     for axis, pos in enumerate(positions):  # clamped to the zero border
-        pos = pos.to(work).clamp_(min=0)
+        pos = pos.to(work).clamp(min=0)
         torch.minimum(pos, size[axis] + 1, out=pos)
         low.append(pos.int())  # floor, as pos >= 0
         high_w.append(pos.sub_(low[-1]))
@@ -294,18 +287,19 @@ class MSDeformAttn(nn.Module):
         logits = self.attention_weights(query).view(batch, num_queries, heads, levels, points)
         if normaliser is None:
             normaliser = offset_normaliser(spatial_shapes, device=query.device, dtype=query.dtype)
-        if torch.compiler.is_compiling() or _needs_grad(projected, offsets, logits):
+        reference = reference_points[:, :, None, None, None, :]
+        anchor = reference * normaliser[:, None, :] + 0.5  # pixels + 0.5, offsets undivided
+        if torch.compiler.is_compiling():  # export: normalised locations for ONNX GridSample
             weights = logits.flatten(3).softmax(dim=-1).view_as(logits)
-            locations = (
-                reference_points[:, :, None, None, None, :]
-                + offsets / normaliser[None, None, None, :, None, :]
-            )  # (B, Q, M, L, P, 2)
+            locations = reference + offsets / normaliser[:, None, :]  # (B, Q, M, L, P, 2)
             output = ms_deform_attn_pytorch(projected, spatial_shapes, locations, weights)
-        else:  # softmax over L·P, and pixel positions without dividing the offsets
+        elif _needs_grad(projected, offsets, logits):
+            weights = logits.flatten(3).softmax(dim=-1).view_as(logits)
+            output = _BagRead.apply(projected, offsets + anchor, weights, spatial_shapes)
+        else:  # softmax over L·P in at least float32
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             weights = (logits - logits.amax((3, 4), keepdim=True)).exp_()
             weights /= weights.sum((3, 4), keepdim=True)
-            anchor = reference_points[:, :, None, None, None, :] * normaliser[:, None, :] + 0.5
             positions = [offsets[..., a] + anchor[..., a] for a in (0, 1)]
             output = _sample_with_bags(projected, spatial_shapes, positions, weights, normaliser)
         return self.output_proj(output)

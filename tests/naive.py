@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def naive_bilinear(image, x, y):
     """align_corners=False bilinear sample with zero padding; image (H, W), x, y in [0, 1]."""
@@ -32,3 +34,25 @@ def naive_sliding_windows(num_frames, clip_len, step=3):
 def match_one_set(matcher, class_logits, mask_logits, targets):
     """``HungarianMatcher.match_sets`` on one prediction set: one ``MatchIndices`` per clip."""
     return matcher.match_sets([(class_logits, mask_logits)], targets).matches[0]
+
+
+def naive_attention(attn, query, key, value, blocked=None, keep=None):
+    """query (N, C), key/value (S, C), blocked (N, S) bool, keep (heads, N, S) factors for the
+    attention weights (dropout) → (N, C); loops over heads."""
+    dim = query.shape[-1]
+    head_dim = dim // attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    q = query @ w[:dim].T + b[:dim]
+    k = key @ w[dim : 2 * dim].T + b[dim : 2 * dim]
+    v = value @ w[2 * dim :].T + b[2 * dim :]
+    out = torch.zeros_like(q)
+    for head in range(attn.num_heads):
+        cols = slice(head * head_dim, (head + 1) * head_dim)
+        scores = q[:, cols] @ k[:, cols].T / math.sqrt(head_dim)
+        if blocked is not None:
+            scores = scores.masked_fill(blocked, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        if keep is not None:
+            weights = weights * keep[head]
+        out[:, cols] = weights @ v[:, cols]
+    return out @ attn.out_proj.weight.T + attn.out_proj.bias

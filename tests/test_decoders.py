@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from naive import naive_attention
 
 from themask.modeling.temporal_decoder import TemporalAggregation, TemporalDecoder
 from themask.modeling.transformer import (
@@ -21,24 +22,6 @@ DIM, HEADS, QUERIES, CLASSES = 16, 2, 5, 3
 
 
 # ----------------------------------------------------------------------------- naive pieces
-def naive_attention(attn, query, key, value, blocked=None):
-    """query (N, C), key/value (S, C), blocked (N, S) bool → (N, C); loops over heads."""
-    dim = query.shape[-1]
-    head_dim = dim // attn.num_heads
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    q = query @ w[:dim].T + b[:dim]
-    k = key @ w[dim : 2 * dim].T + b[dim : 2 * dim]
-    v = value @ w[2 * dim :].T + b[2 * dim :]
-    out = torch.zeros_like(q)
-    for head in range(attn.num_heads):
-        cols = slice(head * head_dim, (head + 1) * head_dim)
-        scores = q[:, cols] @ k[:, cols].T / math.sqrt(head_dim)
-        if blocked is not None:
-            scores = scores.masked_fill(blocked, float("-inf"))
-        out[:, cols] = scores.softmax(dim=-1) @ v[:, cols]
-    return out @ attn.out_proj.weight.T + attn.out_proj.bias
-
-
 def layer_norm(x, norm):
     return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
 

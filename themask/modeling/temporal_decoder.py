@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from themask.modeling.transformer import (
     CrossAttentionLayer,
     DecodingState,
+    Dropout,
     FFNLayer,
     PredictionHead,
     QueryDecoder,
@@ -34,7 +35,7 @@ class TemporalAggregation(nn.Module):
         self.time_score = nn.Linear(dim, 1)
         self.time_value = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.ffn = FFNLayer(dim=dim, ffn_dim=ffn_dim, dropout=dropout)
         nn.init.xavier_uniform_(self.time_score.weight)
         nn.init.xavier_uniform_(self.time_value.weight)

@@ -15,11 +15,28 @@ from torch.utils.checkpoint import checkpoint
 from themask.data.vspw import NUM_CLASSES
 from themask.modeling.outputs import Predictions, PredictionSet
 from themask.modeling.position_encoding import sine_position_encoding_3d
+from themask.rng import uniform
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Train-mode dropout, any shape: on CPU x · [u ≥ p] / (1 − p) with u from
+    ``themask.rng.uniform`` (torch's CPU ``bernoulli_`` fills serially); ``F.dropout`` elsewhere."""
+    if x.device.type != "cpu" or not 0 < p < 1:
+        return F.dropout(x, p)  # p = 0: x itself
+    return x * uniform(*x.shape).ge_(p).mul_(1 / (1 - p)).to(x.dtype)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same repr, no state) through ``dropout``; the identity in eval mode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p) if self.training else x
 
 
 class MultiHeadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` parameters with a batch-first forward on
-    ``F.scaled_dot_product_attention`` (``dropout`` on the attention weights in train mode)."""
+    ``F.scaled_dot_product_attention``; with ``dropout`` on the attention weights in train mode,
+    on CPU the same attention computed explicitly, its weights through ``dropout``."""
 
     def __init__(self, *, dim: int = 256, num_heads: int = 8, dropout: float = 0.0):
         if dim % num_heads != 0:
@@ -40,8 +57,16 @@ class MultiHeadAttention(nn.MultiheadAttention):
         v = F.linear(value, weight[2 * dim :], bias[2 * dim :])
         mask = None if allowed is None else allowed.unsqueeze(1)  # (B, 1, N, S), all heads
         q, k, v = (x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for x in (q, k, v))
-        dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        p = self.dropout if self.training else 0.0
+        if p > 0 and q.device.type == "cpu":  # SDPA would draw with bernoulli_
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, S)
+            if mask is not None:  # as SDPA: -inf where not allowed, 0 for rows blocked everywhere
+                blocked = ~mask.any(-1, keepdim=True)
+                scores.masked_fill_(~(mask | blocked), float("-inf"))
+            out = dropout(scores.softmax(-1), p) @ v
+            out = out if mask is None else out.masked_fill(blocked, 0.0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, heads, N, C/heads) → (B, N, C)
 
 
@@ -50,7 +75,7 @@ class _AttentionLayer(nn.Module):
         super().__init__()
         self.attn = MultiHeadAttention(dim=dim, num_heads=num_heads, dropout=dropout)
         self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
 
 class SelfAttentionLayer(_AttentionLayer):
@@ -86,7 +111,7 @@ class FFNLayer(nn.Module):
         self.linear1 = nn.Linear(dim, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         nn.init.xavier_uniform_(self.linear1.weight)
         nn.init.xavier_uniform_(self.linear2.weight)
 

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,7 @@ from themask.data.vspw import (
 
 # (frames, masks) folder patterns tried by ``write_draft_description``: VSPW, then DAVIS
 KNOWN_LAYOUTS = ((VSPW_FRAMES, VSPW_MASKS), ("JPEGImages/{video}", "Annotations/{video}"))
-
-
-def _zeros() -> np.ndarray:
-    return np.zeros(256, dtype=np.int64)
+_zeros = partial(np.zeros, 256, dtype=np.int64)  # a count per stored mask value
 
 
 @dataclass

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from weights_oracles import mit_ours_to_original, to_official_state_dict
+from weights_oracles import convert_mit_state_dict, mit_ours_to_original, to_official_state_dict
 
 from themask.modeling.build import build_model, preset_config
 from themask.modeling.mit import MixTransformer
 from themask.warm_start import load_stage1_into_temporal
 from themask.weights import load_backbone_weights, load_model, read_state_dict, save_model
-from themask.weights.mit import convert_mit_state_dict, detect_mit_layout
+from themask.weights.mit import detect_mit_layout
 from themask.weights.official import (
     convert_official_state_dict,
     infer_model_config,

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from themask.weights.files import NAME_TABLES, StateDict
+from themask.weights.mit import mit_to_ours
 from themask.weights.official import official_table, rename
 
 ORIGINAL_BLOCK_TO_OURS = NAME_TABLES["mit"]["original"]["in_block"]
@@ -16,6 +17,11 @@ _OURS_BLOCK_TO_ORIGINAL = {ours: original for original, ours in ORIGINAL_BLOCK_T
 _RE_OURS = re.compile(
     r"stages\.(\d+)\.(?:(patch_embed\.(?:proj|norm))|blocks\.(\d+)\.(.+)|(norm))\.(weight|bias)"
 )
+
+
+def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Any supported MiT layout → our backbone names (the library's conversion, layout dropped)."""
+    return mit_to_ours(state_dict)[0]
 
 
 def mit_ours_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:

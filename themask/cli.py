@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 # the order of ``themask --help``
 COMMAND_MODULES = "demo train check_data make_toy_data eval predict convert export configs".split()
-USER_ERRORS = ("ConfigError", "DataError", "WeightsError")  # themask's own, all ValueError
+USER_ERRORS = {"ConfigError", "DataError", "WeightsError"}  # themask's own, all ValueError
 FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
 
 logger = logging.getLogger(__name__)
@@ -41,14 +41,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
-def is_user_error(err: BaseException) -> bool:
-    """Bad input, not a bug; matched by class name so that nothing (torch) is imported."""
-    return isinstance(err, (*FILE_ERRORS, NotADirectoryError)) or any(
-        cls.__name__ in USER_ERRORS and cls.__module__.startswith("themask.")
-        for cls in type(err).__mro__
-    )
-
-
 def one_line(err: BaseException) -> str:
     """``err``'s message in one line (a DataLoader worker's: its own message only)."""
     text = str(err).strip()
@@ -73,8 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"themask {args.command}"
     try:
         return int(args.func(args) or 0)
-    except Exception as err:
-        if not is_user_error(err):
+    except Exception as err:  # bad input, not a bug: matched by class name (no torch import)
+        ours = {cls.__name__ for cls in type(err).__mro__ if cls.__module__.startswith("themask.")}
+        if not isinstance(err, (*FILE_ERRORS, NotADirectoryError)) and not ours & USER_ERRORS:
             raise
         if args.verbose:
             logger.exception("%s failed", prog)

@@ -35,11 +35,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def is_main() -> bool:
-    """Rank 0 (or a single process): the one that writes files."""
-    return get_rank() == 0
-
-
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Join the torchrun process group if any (NCCL on ``cuda:LOCAL_RANK``, else gloo)."""
     use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
@@ -77,8 +72,7 @@ def all_reduce(value: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
         return out
     staged = out.cuda() if dist.get_backend() == "nccl" and out.device.type != "cuda" else out
     dist.all_reduce(staged)
-    # gloo's worker threads may drop their reference after we return; were it the last, torch
-    # < 2.8 could deadlock in destroy_process_group (pytorch PR 154976): keep the latest ones
+    # kept: gloo dropping the last reference can hang destroy_process_group (torch < 2.8, PR 154976)
     _LAST_REDUCED[:] = [*_LAST_REDUCED[-3:], staged]
     out = staged.to(value.device)
     return out / get_world_size() if mean else out

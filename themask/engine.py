@@ -226,8 +226,7 @@ class Trainer:
         self.device = self.dist.device
         self.is_main = self.dist.is_main
         self.per_process_batch = tcfg.per_process_batch(self.dist.world_size)
-        self.evaluate_enabled = evaluate
-        self.progress = progress
+        self.evaluate_enabled, self.progress = evaluate, progress
 
         seed_everything(distributed.rank_seed(tcfg.seed, 0))  # same init on every rank
         if model is None:
@@ -417,8 +416,12 @@ class Trainer:
             getattr(batches, "_shutdown_workers", lambda: None)()
             self._loader = None
         result.step = self.step
-        if self.is_main and result.stopped_by is None:
-            result.weights_path = self.save_final_weights()
+        if self.is_main and result.stopped_by is None:  # the final weights
+            path, data = self.run_dir / "model.safetensors", self.cfg.data
+            names, colours = data.description.classes, data.description.palette
+            save_model(self.model, path, class_names=names, palette=colours, test_scale=data.scale)
+            logger.info("final weights: %s", path)
+            result.weights_path = path
         if self.writer is not None:
             self.writer.close()
         distributed.barrier()
@@ -460,13 +463,6 @@ class Trainer:
                     self.save()
                 return stopped_by
         return None
-
-    def save_final_weights(self) -> Path:
-        path, data = self.run_dir / "model.safetensors", self.cfg.data
-        classes, palette = data.description.classes, data.description.palette
-        save_model(self.model, path, class_names=classes, palette=palette, test_scale=data.scale)
-        logger.info("final weights: %s", path)
-        return path
 
     def run_evaluation(self) -> dict[str, float]:
         """Evaluate on ``data.val_split`` (all ranks) and log the scalar metrics."""

@@ -38,8 +38,7 @@ def poly_lr(step: int, base_lr: float, max_steps: int, power: float) -> float:
     """``base_lr · (1 − step / max_steps) ** power`` for the 0-based step to take."""
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
-    progress = min(max(step, 0), max_steps) / max_steps
-    return base_lr * (1.0 - progress) ** power
+    return base_lr * (1.0 - min(max(step, 0), max_steps) / max_steps) ** power
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -9,8 +9,6 @@ become the backbone of a fresh --preset model.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from typing import Any
 
 from themask.commands import add_command
 
@@ -23,30 +21,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-classes", type=int, help="default: inferred, or 124 for MiT")
 
 
-def preset_of(config: Any) -> str:
-    """The presets of network ``config`` (dropout aside), else ``custom <backbone>-based``."""
-    from themask.modeling.build import list_presets, preset_config
-
-    names = []
-    for name in list_presets():
-        preset = preset_config(name, num_classes=config.num_classes)
-        ignored = {k: getattr(preset, k) for k in ("drop_path_rate", "tad_dropout")}
-        if dataclasses.replace(config, **ignored) == preset:
-            names.append(name)
-    return " / ".join(names) or f"custom {config.backbone}-based"
-
-
 def run(args: argparse.Namespace) -> int:
     from themask.config import ConfigError
+    from themask.modeling.build import list_presets, preset_config
     from themask.weights import model_from_weights, save_model
 
     if not str(args.dst).endswith(".safetensors"):
         raise ConfigError(f"DST must end in .safetensors, got {args.dst}")
     model = model_from_weights(args.src, preset=args.preset, num_classes=args.num_classes)
     save_model(model, args.dst)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(
-        f"wrote {args.dst}: preset {preset_of(model.config)}, {model.num_classes} classes, "
-        f"{params:.2f} M parameters"
-    )
+    config, params = model.config, sum(p.numel() for p in model.parameters()) / 1e6
+    kept = {k: getattr(config, k) for k in ("num_classes", "drop_path_rate", "tad_dropout")}
+    names = [name for name in list_presets() if preset_config(name, **kept) == config]
+    preset = " / ".join(names) or f"custom {config.backbone}-based"  # dropout aside
+    size = f"{model.num_classes} classes, {params:.2f} M parameters"
+    print(f"wrote {args.dst}: preset {preset}, {size}")
     return 0

@@ -14,7 +14,6 @@ intervals, a longer train.max_steps, data.num_workers, data.root and eval.* may 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import logging.handlers
 import shlex
@@ -47,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.init_from:
-        train = dataclasses.replace(cfg.train, init_from=args.init_from)
-        cfg = dataclasses.replace(cfg, train=train)
+        cfg.train.init_from = args.init_from
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     # train.log opens once the run folder exists; the set-up's records are held until then
     held = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,7 @@ from themask.data.vspw import (
 
 # (frames, masks) folder patterns tried by ``write_draft_description``: VSPW, then DAVIS
 KNOWN_LAYOUTS = ((VSPW_FRAMES, VSPW_MASKS), ("JPEGImages/{video}", "Annotations/{video}"))
-
-
-def _zeros() -> np.ndarray:
-    return np.zeros(256, dtype=np.int64)
+_zeros = partial(np.zeros, 256, dtype=np.int64)  # a count per stored mask value
 
 
 @dataclass
@@ -53,11 +51,6 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-    def add(self, other: CheckReport) -> None:
-        """Count ``other``'s findings (a video's) in this report."""
-        for name in ("frames", "masks", "sizes", "histogram", "mask_counts", "problems"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def check_video(
@@ -139,8 +132,9 @@ def check_dataset(
             videos = list(pool.map(check_video, *zip(*tasks), chunksize=4))
     else:
         videos = [check_video(*task) for task in tasks]
-    for video in videos:
-        report.add(video)
+    for video in videos:  # its findings counted in the report
+        for name in ("frames", "masks", "sizes", "histogram", "mask_counts", "problems"):
+            setattr(report, name, getattr(report, name) + getattr(video, name))
     return report
 
 

@@ -118,6 +118,3 @@ class CausalWindows:
         t, self.count = self.count, self.count + 1
         first = t - len(self.history) + 1  # frame index of history[0]
         return [self.history[i - first] for i in causal_window(t, self.clip_len, step=self.step)]
-
-
-test_clips.__test__ = False  # type: ignore[attr-defined]  # a library function, not a test

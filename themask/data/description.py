@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -167,7 +166,7 @@ def load_description(root: PathLike) -> DatasetDescription:
     """``ROOT/dataset.yaml`` parsed and validated, or ``VSPW_DESCRIPTION`` when it is absent."""
     path = Path(root) / DESCRIPTION_FILE
     try:
-        stamp = os.stat(path).st_mtime_ns
+        stamp = path.stat().st_mtime_ns
     except OSError:
         return VSPW_DESCRIPTION
     key = (str(path.resolve()), stamp)

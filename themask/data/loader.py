@@ -53,8 +53,7 @@ class ClipSample:
 
 @dataclass
 class Batch:
-    """frames (B, T, 3, H, W) uint8 RGB (or float32 normalised); labels (B, T, H, W) int64
-    (255 = ignore). ``batch_to_device`` gives the network input."""
+    """frames (B, T, 3, H, W) uint8 RGB (or float32 normalised); labels (B, T, H, W) int64."""
 
     frames: torch.Tensor
     labels: torch.Tensor

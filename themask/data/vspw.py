@@ -25,8 +25,7 @@ MASK_SUFFIX = ".png"
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 _LABEL_MODES = ("L", "P", "I", "I;16")  # single-channel PIL modes: the values are label ids
 
-# VSPW's class names and (124, 3) uint8 RGB palette by train id (the first 124 ADE20K colours;
-# ids 6 and 48 share one).
+# VSPW's class names and (124, 3) uint8 palette by train id (ADE20K's first; 6 and 48 share one)
 _TABLE = np.loadtxt(Path(__file__).with_name("vspw_classes.txt"), dtype=str)
 CLASS_NAMES: tuple[str, ...] = tuple(str(name) for name in _TABLE[:, 0])
 PALETTE: np.ndarray = _TABLE[:, 1:].astype(np.uint8)
@@ -131,8 +130,7 @@ def list_frames(folder: PathLike) -> list[Path]:
 
 @dataclass(frozen=True)
 class Video:
-    """One video: frames sorted by name; ``mask_paths`` is ``None`` for an unlabelled split,
-    and holds ``None`` for each frame without a mask in a sparse dataset."""
+    """Frames sorted by name; ``mask_paths``: None (unlabelled split), None per maskless frame."""
 
     name: str
     frame_paths: tuple[Path, ...]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,8 @@ SCORES = "scores"
 
 @dataclass
 class Manifest:
-    """Contents of ``manifest.json``. Input: an RGB frame resized to fit ``scale`` (long, short),
-    sides stretched to multiples of ``size_divisor``, (x − mean) / std, (1, 3, H, W). Output:
-    scores (T, K, H/``mask_stride``, W/``mask_stride``), to upsample bilinearly and argmax."""
+    """``manifest.json``. Input (1, 3, H, W): a frame fit to ``scale``, sides up to multiples of
+    ``size_divisor``, (x − mean) / std. Output: (T, K, H/4, W/4) scores, to upsample bilinearly."""
 
     num_classes: int
     clip_len: int
@@ -49,7 +47,7 @@ class Manifest:
 
     def write(self, directory: PathLike) -> None:
         with atomic_write(Path(directory) / "manifest.json") as tmp:
-            tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+            tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
 
 
 def read_manifest(directory: PathLike) -> Manifest:
@@ -68,7 +66,7 @@ def read_manifest(directory: PathLike) -> Manifest:
             f"{data.get('themask_version', '?')}); this themask reads format {FORMAT}: export the "
             "model again"
         )
-    names = {f.name for f in dataclasses.fields(Manifest)}
+    names = {f.name for f in fields(Manifest)}
     try:
         manifest = Manifest(**{k: v for k, v in data.items() if k in names})
     except TypeError as err:

@@ -48,26 +48,24 @@ def evaluate_split(
     distributed: bool = False,
     progress: bool = True,
 ) -> dict[str, object]:
-    """:func:`segmentation_metrics` + ``mVC<n>``, ``num_videos``, ``num_frames`` of the masked
-    frames of ``index``, predicted once by test clips (``model``: (1, T, 3, h, w) → (1, T, K, h,
-    w)); ``distributed``: every rank calls and scores its share; ``write_dir``: also label PNGs."""
+    """Metrics, ``mVC<n>`` and counts of the masked frames, each predicted once by test clips
+    (``model``: (1, T, 3, h, w) → (1, T, K, h, w)); ``distributed``: each rank scores a share."""
     if vc_gt not in ("train_id", "raw"):
         raise ValueError(f"vc_gt must be 'train_id' or 'raw', got {vc_gt!r}")
     if vc_rule not in ("published", "per_length"):
         raise ValueError(f"vc_rule must be 'published' or 'per_length', got {vc_rule!r}")
     description = index.description
-    num_classes = num_classes or description.num_classes
     palette = description.palette if palette is None else palette
     if not index.labelled:
         raise ValueError(f"evaluate_split: split '{index.split}' of {index.root} has no masks")
     device = torch.device(device)
-    seg = SegmentationAccumulator(num_classes=num_classes, device=device)
+    seg = SegmentationAccumulator(num_classes=num_classes or description.num_classes, device=device)
     skip = PUBLISHED_VC_SKIP if vc_rule == "published" else None
     vcs = {n: VideoConsistencyAccumulator(n, skip_up_to=skip, device=device) for n in vc_lengths}
-    videos = index.videos[:max_videos] if max_videos is not None else index.videos
+    videos = index.videos[:max_videos]  # None: all
     mine = videos[dist_utils.get_rank() :: dist_utils.get_world_size()] if distributed else videos
     num_scored = 0
-    show = progress and (dist_utils.is_main() or not distributed)
+    show = progress and (dist_utils.get_rank() == 0 or not distributed)
     frames = sum(map(len, mine))
     bar = tqdm(total=frames, desc=f"eval {index.split}", unit="frame", disable=not show)
     with eval_mode(model), bar:

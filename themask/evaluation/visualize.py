@@ -43,8 +43,7 @@ def colorize(
 def overlay(
     frame: np.ndarray, labels: np.ndarray, palette: Palette, *, alpha: float = 0.5
 ) -> np.ndarray:
-    """(H, W, 3) uint8 frame blended with coloured (H, W) labels, (1 − alpha)·frame + alpha·colour;
-    labels outside [0, K) keep the frame."""
+    """(1 − alpha)·frame + alpha·colour of (H, W) labels in [0, K) over an (H, W, 3) uint8 frame."""
     labels = np.asarray(labels)
     if frame.shape[:2] != labels.shape:
         raise ValueError(f"overlay: frame {frame.shape[:2]} and labels {labels.shape} differ")
@@ -106,19 +105,6 @@ def save_label_png(labels: np.ndarray, path: PathLike, palette: Palette) -> None
     image.save(path)
 
 
-def fit_into(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w, 3) frame scaled into ``size`` (H, W) keeping its aspect ratio, centred on black."""
-    height, width = size
-    factor = min(height / frame.shape[0], width / frame.shape[1])
-    new_w = max(1, min(width, round(frame.shape[1] * factor)))
-    new_h = max(1, min(height, round(frame.shape[0] * factor)))
-    scaled = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BILINEAR))
-    out = np.zeros((height, width, 3), dtype=np.uint8)
-    top, left = (height - new_h) // 2, (width - new_w) // 2
-    out[top : top + new_h, left : left + new_w] = scaled
-    return out
-
-
 class OverlayVideoWriter(AbstractContextManager):
     """Context manager writing RGB frames to an MP4 with PyAV (H.264, else MPEG-4 part 2) at
     the first frame's size (odd sides padded for yuv420p; other sizes scaled to fit)."""
@@ -148,8 +134,15 @@ class OverlayVideoWriter(AbstractContextManager):
             self._stream.height, self._stream.width = (side + side % 2 for side in self._size)
             self._stream.pix_fmt = "yuv420p"
             logger.debug("writing %s with codec %s at %s fps", self.path, codec, rate)
-        if frame.shape[:2] != self._size:
-            frame = fit_into(frame, self._size)
+        if frame.shape[:2] != self._size:  # scaled into it, keeping its aspect ratio, on black
+            height, width = self._size
+            factor = min(height / frame.shape[0], width / frame.shape[1])
+            new_w = max(1, min(width, round(frame.shape[1] * factor)))
+            new_h = max(1, min(height, round(frame.shape[0] * factor)))
+            scaled = Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BILINEAR)
+            top, left = (height - new_h) // 2, (width - new_w) // 2
+            frame = np.zeros((height, width, 3), dtype=np.uint8)
+            frame[top : top + new_h, left : left + new_w] = np.asarray(scaled)
         height, width = frame.shape[:2]
         frame = np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")

@@ -93,11 +93,7 @@ def read_test_scale(path: PathLike) -> tuple[int, int] | None:
 
 def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> THEMask:
     """The ``THEMask`` of a file written by :func:`save_model`, on ``map_location``."""
-    return _load_ours(path, _stored(path, CONFIG_METADATA_KEY)).to(map_location)
-
-
-def _load_ours(path: PathLike, values: dict | None) -> THEMask:
-    """The model of our file ``path`` with its stored config ``values`` (None: not our file)."""
+    values = _stored(path, CONFIG_METADATA_KEY)
     if values is None:
         raise WeightsError(
             f"{path}: no '{CONFIG_METADATA_KEY}' metadata; not a themask model file "
@@ -110,7 +106,7 @@ def _load_ours(path: PathLike, values: dict | None) -> THEMask:
         raise WeightsError(f"{path}: {err}") from None
     model = build_model_from_config(config)
     load_strict(model, read_state_dict(path), what=str(path))
-    return model
+    return model.to(map_location)
 
 
 def model_from_weights(
@@ -118,11 +114,10 @@ def model_from_weights(
 ) -> THEMask:
     """A ``THEMask`` with the weights at ``path``: our file, a full state dict (ours or official;
     network and K inferred unless given) or MiT ImageNet weights (``preset`` needed, K: 124)."""
-    values = _stored(path, CONFIG_METADATA_KEY)
-    if values is not None:
+    if _stored(path, CONFIG_METADATA_KEY) is not None:
         if preset is not None or num_classes is not None:
             raise WeightsError(f"{path} is a themask model file; it fixes its own preset")
-        return _load_ours(path, values)
+        return load_model(path)
     state_dict = read_state_dict(path)
     from_official = official.is_official(state_dict)
     if from_official or any(key.startswith("decoder.") for key in state_dict):

@@ -49,9 +49,9 @@ def read_state_dict(path: PathLike) -> StateDict:
         )
     try:
         if source.suffix == ".safetensors":
-            loaded: object = load_file(str(source), device="cpu")
+            obj: object = load_file(str(source), device="cpu")
         else:
-            loaded = torch.load(source, map_location="cpu", weights_only=True)
+            obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors and torch raise many kinds
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if isinstance(error, pickle.UnpicklingError) and found is not None:
@@ -64,23 +64,18 @@ def read_state_dict(path: PathLike) -> StateDict:
         text = str(error).strip()
         reason = text.splitlines()[0] if text else type(error).__name__
         raise WeightsError(f"{path}: not a readable {kind} file ({reason})") from error
-    return unwrap_state_dict(loaded, source=str(path))
-
-
-def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
-    """Remove ``state_dict``/``model`` wrappers and a ``module.`` prefix; keep tensors only."""
     while isinstance(obj, Mapping):
         wrapper = next((key for key in _WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
         if wrapper is None:
             break
         obj = obj[wrapper]
     if not isinstance(obj, Mapping):
-        raise WeightsError(f"{source}: expected a mapping of tensors, got {type(obj).__name__}")
+        raise WeightsError(f"{path}: expected a mapping of tensors, got {type(obj).__name__}")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise WeightsError(f"{source}: holds no tensors (keys: {sorted(obj)[:10]})")
+        raise WeightsError(f"{path}: holds no tensors (keys: {sorted(obj)[:10]})")
     if len(obj) > len(tensors):
-        logger.debug("%s: ignored %d non-tensor entries", source, len(obj) - len(tensors))
+        logger.debug("%s: ignored %d non-tensor entries", path, len(obj) - len(tensors))
     if all(key.startswith("module.") for key in tensors):
         tensors = {key[len("module.") :]: value for key, value in tensors.items()}
     return tensors

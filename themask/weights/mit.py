@@ -99,8 +99,8 @@ def detect_mit_layout(state_dict: Mapping[str, Tensor]) -> str:
     )
 
 
-def _converted(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, str]:
-    """(our names, layout) of the MiT encoder part of a classification/segmentation state dict."""
+def mit_to_ours(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, str]:
+    """(our names, layout) of the MiT encoder of a supported state dict; other keys dropped."""
     keys = list(state_dict)
     found = [p for p in ("backbone.", "segformer.") if any(k.startswith(p) for k in keys)]
     if found:
@@ -117,18 +117,13 @@ def _converted(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, str]:
     return (selected if layout == "themask" else mit_original_to_ours(selected)), layout
 
 
-def convert_mit_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Any supported MiT layout → our backbone names; non-backbone keys are dropped."""
-    return _converted(state_dict)[0]
-
-
 def load_backbone_weights(
     backbone: nn.Module, weights: PathLike | Mapping[str, Tensor], *, source: str = "state dict"
 ) -> str:
     """Load MiT weights (file, Hugging Face directory or state dict) strictly; → the layout."""
     if not isinstance(weights, Mapping):
         weights, source = read_state_dict(weights), str(weights)
-    converted, layout = _converted(weights)
+    converted, layout = mit_to_ours(weights)
     load_strict(backbone, converted, what=f"MiT weights {source} ({layout} layout)")
     logger.info(
         "loaded MiT weights from %s (%s layout, %d tensors)", source, layout, len(converted)

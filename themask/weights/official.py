@@ -17,6 +17,7 @@ from themask.weights.mit import mit_original_to_ours
 logger = logging.getLogger(__name__)
 
 TAD = "predictor.deformabel_transformer_cross_attention_layers."  # (sic)
+_CONFIG_FACTS = ("num_queries", "hidden_dim", "decoder_layers", "pixel_decoder_layers")
 _OFFICIAL_UNUSED = re.compile(r"decode_head\.(?:" + "|".join(NAME_TABLES["official_unused"]) + ")")
 
 
@@ -80,26 +81,20 @@ def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
     )
 
 
-def _architecture_of_config(config: ModelConfig) -> dict:
-    variant = MIT_VARIANTS[config.backbone]
-    return dict(
-        widths=tuple(config.backbone_embed_dims or variant["embed_dims"]),
-        depths=tuple(config.backbone_depths or variant["depths"]),
-        temporal=config.decoder == "temporal",
-        num_queries=config.num_queries,
-        hidden_dim=config.hidden_dim,
-        decoder_layers=config.decoder_layers,
-        pixel_decoder_layers=config.pixel_decoder_layers,
-    )
-
-
 def infer_model_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
     """The preset network (with K classes) of a full state dict, ours or official."""
     ours = as_ours(state_dict)
     found, num_classes = _architecture_of_state(ours), infer_num_classes(ours)
     for name in list_presets():
         config = preset_config(name, num_classes=num_classes)
-        if _architecture_of_config(config) == found:
+        variant = MIT_VARIANTS[config.backbone]
+        facts = dict(  # the same facts of the preset's network
+            widths=tuple(config.backbone_embed_dims or variant["embed_dims"]),
+            depths=tuple(config.backbone_depths or variant["depths"]),
+            temporal=config.decoder == "temporal",
+            **{field: getattr(config, field) for field in _CONFIG_FACTS},
+        )
+        if facts == found:
             return config
     raise WeightsError(f"no preset has this architecture {found}; pass one explicitly")
 

@@ -29,6 +29,7 @@ from themask.loss.point_sample import (
 )
 from themask.loss.targets import build_targets
 from themask.modeling.outputs import Predictions, PredictionSet
+from themask.rng import uniform
 
 # ---------------------------------------------------------------- naive references
 
@@ -162,8 +163,8 @@ def test_uncertain_point_coords_keeps_most_uncertain_candidates_then_fills():
     )
     assert coords.shape == (2, 8, 2)
     replay = torch.Generator().manual_seed(11)
-    candidates = torch.rand(2, 24, 2, generator=replay)
-    fill = torch.rand(2, 2, 2, generator=replay)
+    candidates = uniform(2, 24, 2, generator=replay)
+    fill = uniform(2, 2, 2, generator=replay)
     for r in range(2):
         values = [naive_bilinear(logits[r], *candidates[r, i].tolist()) for i in range(24)]
         order = sorted(range(24), key=lambda i: abs(values[i]))[:6]

@@ -10,18 +10,15 @@ from naive import naive_attention
 import themask.modeling.transformer as transformer
 from themask.modeling.build import build_model
 from themask.modeling.transformer import Dropout, MultiHeadAttention
-from themask.rng import MIN_SPLIT, uniform
+from themask.rng import uniform
 
-SMALL, LARGE = (3, 7, 5), (2, 100, 2048)  # one plain torch.rand; four seeded pieces
-assert SMALL[0] * SMALL[1] * SMALL[2] < MIN_SPLIT <= LARGE[0] * LARGE[1] * LARGE[2]
+SMALL, LARGE = (3, 7, 5), (2, 100, 2048)  # an odd count (half a 64-bit draw unused), a large one
 
 
 def _expected_keep(shape, seed):
-    """The keep mask the seeded default generator gives: torch.rand for small draws, the
-    pieces of themask.rng.uniform (tested in test_rng.py) for large ones."""
+    """The keep mask the seeded default generator gives (themask.rng.uniform: test_rng.py)."""
     torch.manual_seed(seed)
-    u = torch.rand(shape) if shape == SMALL else uniform(*shape)
-    return u >= 0.1 if shape == SMALL else u >= 0.25
+    return uniform(*shape) >= (0.1 if shape == SMALL else 0.25)
 
 
 @pytest.mark.parametrize("shape", [SMALL, LARGE])
@@ -131,7 +128,7 @@ def test_attention_dropout_drops_the_seeded_weights():
     torch.manual_seed(9)
     out = attn(query, key, value, allowed)
     torch.manual_seed(9)
-    keep = (torch.rand(2, 2, 6, 6) >= 0.3) / 0.7  # (B, heads, N, S): a small draw, torch.rand
+    keep = (uniform(2, 2, 6, 6) >= 0.3) / 0.7  # (B, heads, N, S)
     for b in range(2):
         expected = naive_attention(attn, query[b], key[b], value[b], ~allowed[b], keep[b])
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)

@@ -10,6 +10,7 @@ from naive import match_one_set, naive_bilinear
 
 from themask.loss.matcher import HungarianMatcher, match_two_rounds, pairwise_bce_dice
 from themask.loss.targets import build_targets
+from themask.rng import uniform
 
 
 def brute_force(cost, rows):
@@ -139,7 +140,7 @@ def test_matcher_cost_equals_naive_cost_at_the_drawn_points(frames, all_class_co
     torch.manual_seed(7)
     costs = matcher.costs(list(zip(class_logits, mask_logits)), targets)
     torch.manual_seed(7)
-    coords = torch.rand(sets, batch, points, 2)  # the matcher's random draw
+    coords = uniform(sets, batch, points, 2)  # the matcher's random draw
     assert costs.columns.shape[1] == (classes if all_class_columns else 3)
     for s, b in itertools.product(range(sets), range(batch)):
         present = sorted({int(v) for v in labels[b].flatten()} - {255})
@@ -234,9 +235,9 @@ def test_bce_second_round_cost_uses_the_bce_matrix():
     class_logits = torch.randn(2, 6, 4) * 3
     mask_logits = torch.randn(2, 6, 1, 4, 4)
     matcher = HungarianMatcher(num_points=32, second_round_cost="bce")
-    torch.manual_seed(5)
+    torch.manual_seed(1)
     matches = match_one_set(matcher, class_logits, mask_logits, targets)
-    torch.manual_seed(5)
+    torch.manual_seed(1)
     costs = matcher.costs([(class_logits, mask_logits)], targets)
     differs = False
     for b, match in enumerate(matches):

@@ -1,46 +1,39 @@
-"""themask.rng.uniform: torch.rand's values, drawn in parallel pieces, reproducible."""
+"""themask.rng.uniform: torch.rand's values, two from each 64-bit draw, reproducible."""
 
 from __future__ import annotations
 
 import torch
 
-from themask.rng import MIN_SPLIT, PARTS, uniform
+from themask.rng import uniform
 
 
-def _draw(seed: int, threads: int, shape: tuple[int, ...]) -> torch.Tensor:
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return uniform(*shape, generator=torch.Generator().manual_seed(seed))
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_large_draws_do_not_depend_on_the_thread_count_and_follow_the_seed():
-    shape = (3, MIN_SPLIT, 2)
-    one, two = _draw(5, 1, shape), _draw(5, 2, shape)
-    assert torch.equal(one, two)
-    assert not torch.equal(one, _draw(6, 2, shape))
+def test_draws_follow_the_generator():
+    one = uniform(3, 1001, 2, generator=torch.Generator().manual_seed(5))
+    assert one.shape == (3, 1001, 2)
+    assert torch.equal(one, uniform(3, 1001, 2, generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(one, uniform(3, 1001, 2, generator=torch.Generator().manual_seed(6)))
     generator = torch.Generator().manual_seed(5)
-    first, second = (uniform(*shape, generator=generator) for _ in range(2))
+    first, second = (uniform(3, 1001, 2, generator=generator) for _ in range(2))
     assert torch.equal(first, one) and not torch.equal(first, second)  # the generator advances
+    torch.manual_seed(7)
+    default = uniform(5, 3)
+    torch.manual_seed(7)
+    assert torch.equal(default, uniform(5, 3))  # the default generator when none is given
 
 
-def test_large_draws_are_uniform_on_torch_rands_lattice_with_independent_pieces():
-    values = _draw(1, 2, (PARTS * MIN_SPLIT,))
+def test_values_are_uniform_on_torch_rands_lattice_with_independent_halves():
+    values = uniform(1 << 20, generator=torch.Generator().manual_seed(1))
     assert values.dtype == torch.float32 and values.min() >= 0 and values.max() < 1
     assert torch.equal(values * 2**24, (values * 2**24).round())  # multiples of 2^-24
-    pieces = values.view(PARTS, -1)
-    for piece in pieces:  # each piece alone: mean 1/2 and variance 1/12 within 5 sigma
-        assert abs(piece.mean().item() - 0.5) < 5 * (1 / 12 / len(piece)) ** 0.5
-        assert abs(piece.var().item() - 1 / 12) < 5 * (1 / 180 / len(piece)) ** 0.5
-    histogram = torch.histc(values, bins=16, min=0, max=1)
-    expected = len(values) / 16
-    assert ((histogram - expected).abs() < 5 * expected**0.5).all()
-    correlation = torch.corrcoef(pieces)  # distinct seeds: no piece repeats another
-    assert (correlation - torch.eye(PARTS)).abs().max() < 5 / len(pieces[0]) ** 0.5
-
-
-def test_small_draws_are_torch_rand_from_the_same_generator():
-    drawn = uniform(2, 5, 2, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(drawn, torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(3)))
+    n = len(values)
+    assert abs(values.mean().item() - 0.5) < 5 * (1 / 12 / n) ** 0.5
+    assert abs(values.var().item() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5
+    histogram = torch.histc(values, bins=64, min=0, max=1)
+    assert ((histogram - n / 64).abs() < 5 * (n / 64) ** 0.5).all()
+    low, high = values.view(-1, 2).unbind(1)  # the two numbers of one 64-bit draw
+    correlation = torch.corrcoef(torch.stack([low, high]))[0, 1].item()
+    assert abs(correlation) < 5 / (n / 2) ** 0.5
+    for half in (low, high):  # each keeps all 24 bits: every bit is set half of the time
+        bits = (half * 2**24).long()
+        ones = torch.stack([(bits >> b) & 1 for b in range(24)]).float().mean(1)
+        assert ((ones - 0.5).abs() < 5 * (0.25 / len(half)) ** 0.5).all()

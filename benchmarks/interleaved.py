@@ -6,8 +6,10 @@ every tree alike. Prints the median step per tree and the per-turn ratios to the
         --frames 2 --size 256 --pairs 12
 
 Each tree is a checkout (``git worktree add /tmp/base <commit>``); its own ``themask`` is imported.
-The step is ``bench.py --mode train``'s (``--batch`` clips, 8 classes in bands, AdamW); trees
-as old as the first release (its ``themask.loss.api.training_loss``) are understood too.
+A turn runs ``--steps-per-turn`` consecutive steps and reports their median (a step right after
+the worker waited is slower). The step is ``bench.py --mode train``'s (``--batch`` clips, 8
+classes in bands, AdamW); trees as old as the first release (its
+``themask.loss.api.training_loss``) are understood too.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ def step():
     optimizer.step()
 step()
 print("ready", flush=True)
-for _ in sys.stdin:
-    start = time.perf_counter(); step(); print(time.perf_counter() - start, flush=True)
+for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+        start = time.perf_counter(); step(); times.append(time.perf_counter() - start)
+    print(sorted(times)[len(times) // 2], flush=True)
 """
 
 
@@ -60,6 +65,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="clips per step")
     parser.add_argument("--pairs", type=int, default=12, help="turns per tree")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--steps-per-turn", type=int, default=1, help="a turn's time: the median of its steps"
+    )
     args = parser.parse_args()
     trees = dict(tree.split("=", 1) for tree in args.trees)
     workers = {}
@@ -81,7 +89,7 @@ def main() -> None:
     names = list(trees)
     for turn in range(args.pairs):
         for name in names if turn % 2 == 0 else names[::-1]:
-            workers[name].stdin.write("step\n")
+            workers[name].stdin.write(f"{args.steps_per_turn}\n")
             workers[name].stdin.flush()
             times[name].append(float(workers[name].stdout.readline()))
     for worker in workers.values():
@@ -94,6 +102,7 @@ def main() -> None:
         "batch": args.batch,
         "pairs": args.pairs,
         "threads": args.threads,
+        "steps_per_turn": args.steps_per_turn,
         "median_ms": {name: round(statistics.median(t) * 1000, 1) for name, t in times.items()},
     }
     for name in names[1:]:

@@ -28,7 +28,7 @@ from themask.loss.point_sample import (
     uncertain_point_coords,
 )
 from themask.loss.targets import build_targets
-from themask.modeling.outputs import Predictions, PredictionSet
+from themask.modeling.outputs import MaskSource, Predictions, PredictionSet
 from themask.rng import uniform
 
 # ---------------------------------------------------------------- naive references
@@ -251,7 +251,11 @@ def test_hard_mask_loss_equals_naive_point_loss(fixed_points):
     labels, targets, matches = make_clip_example(frames=2)
     mask_logits = torch.randn(2, 5, 2, 4, 4) * 2
     rows = assigned(matches, labels).primary
-    bce, dice = hard_mask_loss(gather([mask_logits], rows), gt_reader(labels, rows), **HARD_ARGS)
+    bce, dice = hard_mask_loss(
+        gather([PredictionSet(torch.empty(0), mask_logits)], rows),
+        gt_reader(labels, rows),
+        **HARD_ARGS,
+    )
     expected_bce = expected_dice = 0.0
     for b, match in enumerate(matches):
         for q, m in zip(*[x.tolist() for x in match.primary]):
@@ -266,7 +270,9 @@ def test_soft_mask_loss_equals_naive_dense_loss_with_soft_target():
     labels, targets, matches = make_clip_example(frames=2)
     mask_logits = torch.randn(2, 5, 2, 4, 4) * 2
     rows = assigned(matches, labels).secondary
-    bce, dice = soft_mask_loss(gather([mask_logits], rows), *gt_cells(labels, rows, (4, 4)))
+    bce, dice = soft_mask_loss(
+        gather([PredictionSet(torch.empty(0), mask_logits)], rows), *gt_cells(labels, rows, (4, 4))
+    )
     expected_bce = expected_dice = 0.0
     for b, match in enumerate(matches):
         for q, m in zip(*[x.tolist() for x in match.secondary]):
@@ -292,7 +298,9 @@ def test_soft_mask_loss_per_cell_equals_naive_dense_loss_for_uneven_cells():
     mask_logits = torch.randn(1, 5, 2, 3, 5) * 2
     match = MatchIndices(primary=pair([0], [0]), secondary=pair([1, 2, 4], [0, 1, 2]))
     rows = assigned([match], labels).secondary
-    bce, dice = soft_mask_loss(gather([mask_logits], rows), *gt_cells(labels, rows, (3, 5)))
+    bce, dice = soft_mask_loss(
+        gather([PredictionSet(torch.empty(0), mask_logits)], rows), *gt_cells(labels, rows, (3, 5))
+    )
     expected = [0.0, 0.0]
     for q, m in zip(*[x.tolist() for x in match.secondary]):
         for t in range(2):
@@ -513,7 +521,8 @@ def test_sets_together_equal_sets_one_by_one_in_values_and_gradients(
 ):
     labels, _, matches = make_clip_example(frames=3, unlabelled_frame=2)
     predictions = random_sets(3, frames=3, temporal=True)
-    leaves = [t for s in predictions.clip + predictions.frame for t in vars(s).values()]
+    sets = predictions.clip + predictions.frame
+    leaves = [t for s in sets for t in (s.class_logits, s.mask_logits)]
     for leaf in leaves:
         leaf.requires_grad_(True)
     criterion = SetCriterion(LossConfig(second_round_loss=second_round_loss), num_classes=3)
@@ -584,7 +593,9 @@ def test_gradients_reach_secondary_queries_through_soft_and_class_loss():
     unmatched = sorted(set(range(6)) - set(secondary.tolist()) - set(match.primary[0].tolist()))
     assignment = assigned([match], labels, queries=6, num_classes=2)
     rows = assignment.secondary
-    bce, dice = soft_mask_loss(gather([mask_logits], rows), *gt_cells(labels, rows, (4, 4)))
+    bce, dice = soft_mask_loss(
+        gather([PredictionSet(torch.empty(0), mask_logits)], rows), *gt_cells(labels, rows, (4, 4))
+    )
     (bce + dice).backward()
     grad = mask_logits.grad[0]
     assert all(grad[q].abs().sum() > 0 for q in secondary.tolist())
@@ -716,3 +727,37 @@ def test_transfer_counter_sees_reads_uploads_and_hidden_syncs():
         "h2d:mixed add": 1,
         "d2h:tolist": 1,
     }
+
+
+def test_matched_rows_read_from_the_product_equal_indexing_with_its_gradients():
+    # _RowProduct: the rows' values are the product's, and its backward (row products grouped by
+    # frame) gives autograd's gradients through the full product + indexing; the clip head's
+    # embeddings are expanded over frames, sets 1-2 of 3 are read (offset), frame 1 unlabelled.
+    gen = torch.Generator().manual_seed(0)
+    batch, frames, sets, queries, dim, h, w = 2, 3, 3, 5, 4, 3, 4
+    embeddings = torch.randn(batch, sets * queries, dim, generator=gen, dtype=torch.float64)
+    embeddings.requires_grad_()
+    features = torch.randn(batch * frames, dim, h * w, generator=gen, dtype=torch.float64)
+    features.requires_grad_()
+    expanded = embeddings.unsqueeze(1).expand(-1, frames, -1, -1).flatten(0, 1)
+    flat = torch.bmm(expanded, features)  # (B·T, S·N, h·w)
+    masks = flat.view(batch, frames, sets, queries, h, w).permute(2, 0, 3, 1, 4, 5)
+    sources = [MaskSource(expanded, features, flat.detach(), s * queries) for s in (1, 2)]
+    kept = [PredictionSet(torch.empty(0), masks[s], source) for s, source in zip((1, 2), sources)]
+    labels = torch.zeros(batch, frames, 4, 4, dtype=torch.long)
+    labels[0, :, :, 2:], labels[1, 2, 1:] = 1, 2
+    labels[:, 1] = 255  # unlabelled: no rows there
+    none = pair([], [])
+    matches = [[MatchIndices(pair([4, 0], [0, 1]), none), MatchIndices(pair([2], [0]), none)]] * 2
+    labelled = (labels != 255).flatten(2).any(2).numpy()
+    result = BatchMatch(matches, [np.array([0, 1]), np.array([2])], labelled)
+    rows = assign(result, queries=queries, num_classes=3, device=torch.device("cpu")).primary
+    assert rows.groups == [4, 0, 4, 2, 0, 2] and rows.frame.ne(1).all()
+    upstream = torch.randn(len(rows.set), h, w, generator=gen, dtype=torch.float64)
+    got = gather(kept, rows)
+    indexed = gather([PredictionSet(s.class_logits, s.mask_logits) for s in kept], rows)
+    torch.testing.assert_close(got, indexed.float(), rtol=0, atol=0)
+    grads = torch.autograd.grad(got, (embeddings, features), upstream.float())
+    plain = torch.autograd.grad(indexed, (embeddings, features), upstream)
+    for a, b in zip(grads, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -201,18 +201,29 @@ def test_point_sampling_matches_cpu():
     torch.testing.assert_close(on_cuda, sample_queries(queries, coords[:2]), rtol=1e-5, atol=1e-6)
 
 
-def test_mask_product_gradients_match_cpu(exact_fp32):
-    # on CUDA the backward multiplies every row (finding the non-zero ones would sync)
-    from themask.modeling.transformer import mask_product
+def test_matched_row_gradients_match_cpu(exact_fp32):
+    # the criterion's row product (gather from a MaskSource; rows uploaded by assign)
+    import numpy as np
+
+    from themask.loss.criterion import assign, gather
+    from themask.loss.matcher import BatchMatch, MatchIndices
+    from themask.modeling.outputs import MaskSource, PredictionSet
 
     g = torch.Generator().manual_seed(2)
-    embeddings, features = torch.randn(2, 6, 4, generator=g), torch.randn(2, 4, 9, generator=g)
-    upstream = torch.randn(2, 6, 9, generator=g)
-    upstream[:, [0, 2]] = 0
+    embeddings, features = torch.randn(4, 10, 4, generator=g), torch.randn(4, 4, 6, generator=g)
+    match = MatchIndices((torch.tensor([1, 3]), torch.tensor([0, 1])))
+    result = BatchMatch([[match, match]] * 2, [np.array([0, 2])] * 2, np.ones((2, 2), bool))
     grads = {}
     for device in ("cpu", "cuda"):
-        inputs = [x.to(device).requires_grad_() for x in (embeddings, features)]
-        mask_product(*inputs).backward(upstream.to(device))
+        inputs = [x.detach().to(device).requires_grad_() for x in (embeddings, features)]
+        flat = torch.bmm(*inputs)  # B·T = 4 frames, S·N = 2 sets of 5 queries, 2×3 maps
+        masks = flat.view(2, 2, 2, 5, 2, 3).permute(2, 0, 3, 1, 4, 5)
+        sets = [
+            PredictionSet(flat, masks[s], MaskSource(*inputs, flat.detach(), 5 * s)) for s in (0, 1)
+        ]
+        rows = assign(result, queries=5, num_classes=3, device=torch.device(device)).primary
+        picked = gather(sets, rows)
+        picked.backward(torch.linspace(-1, 1, picked.numel(), device=device).view_as(picked))
         grads[device] = [x.grad.cpu() for x in inputs]
     for cpu, cuda in zip(grads["cpu"], grads["cuda"]):
         torch.testing.assert_close(cuda, cpu, rtol=1e-5, atol=1e-6)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from themask import SetCriterion, build_model, training_loss
 from themask.modeling.build import preset_loss_config
 from themask.modeling.outputs import Predictions, PredictionSet
-from themask.modeling.transformer import mask_product
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -253,19 +252,30 @@ def test_keep_freed_memory_serves_large_tensors_from_the_heap():
     assert mapped["plain"] >= 24 << 20 and mapped["keep"] == 0, mapped
 
 
-def test_mask_product_backward_skips_zero_rows_with_the_same_gradients():
-    # Only the matched queries' mask logits get a gradient; rows of exact zeros are skipped.
-    gen = torch.Generator().manual_seed(0)
-    embeddings = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    features = torch.randn(2, 4, 9, generator=gen, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(2, 6, 9, generator=gen, dtype=torch.float64)
-    upstream[:, [0, 2, 5]] = 0  # zero in every group; row 3 only in group 1
-    upstream[1, 3] = 0
-    for grad in (upstream, torch.zeros_like(upstream), upstream.exp()):
-        got = torch.autograd.grad(mask_product(embeddings, features), (embeddings, features), grad)
-        plain = torch.autograd.grad(torch.bmm(embeddings, features), (embeddings, features), grad)
-        for a, b in zip(got, plain):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    with torch.autocast(**BF16):  # the cast autocast gives a plain bmm
-        logits = mask_product(embeddings.float(), features.float())
-    assert logits.dtype == torch.bfloat16
+@pytest.mark.parametrize("preset", ["themask_tiny_t2", "mask2former_tiny"])
+def test_criterion_on_the_model_gives_the_same_loss_and_gradients_through_mask_sources(preset):
+    # The model's sets carry MaskSources in training: the loss reads matched rows from them. The
+    # same predictions without sources (indexed rows, autograd through the full product) give
+    # the same loss and parameter gradients.
+    torch.manual_seed(0)
+    model = build_model(preset, num_classes=4).train()
+    clip, labels = torch.randn(1, 2, 3, 64, 64), torch.randint(0, 4, (1, 2, 64, 64))
+    criterion = SetCriterion(preset_loss_config(preset), 4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for strip in (False, True):
+        torch.manual_seed(1)
+        predictions = model(clip)
+        assert all(s.source is not None for s in predictions.clip)
+        if strip:
+            for sets in (predictions.clip, predictions.frame or []):
+                sets[:] = [PredictionSet(s.class_logits, s.mask_logits) for s in sets]
+        torch.manual_seed(2)
+        loss = criterion(predictions, labels).total
+        results.append((loss, torch.autograd.grad(loss, params, allow_unused=True)))
+    (loss, grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, plain_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,9 +19,7 @@ def uniform(
     device = torch.device(device)
     if device.type != "cpu":
         return torch.rand(*shape, device=device, generator=generator)
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device)
     bits.random_(generator=generator)
     halves = bits.view(torch.int32)[:count].bitwise_and_(LOW_24_BITS)

@@ -36,9 +36,11 @@ class LossOutput:
 @dataclass
 class MatchedRows:
     """Matched (mask, labelled frame) pairs of one round, index tensors (R,): the prediction
-    ``mask_logits[clip, query, frame]`` and GT class ``cls``; grouped by set (``sizes``)."""
+    ``mask_logits[clip, query, frame]`` of the ``set``-th kept set and GT class ``cls``; sorted
+    by clip·T + frame, ``groups`` the rows of each (host list of B·T counts)."""
 
-    sizes: list[int]
+    groups: list[int]
+    set: Tensor
     clip: Tensor
     query: Tensor
     frame: Tensor
@@ -60,46 +62,82 @@ def assign(
     result: BatchMatch, *, queries: int, num_classes: int, device: torch.device
 ) -> Assignment:
     """The host-side matches of S sets as index tensors on ``device``, in one upload."""
-    sets = len(result.matches)
+    sets, clip_frames = len(result.matches), len(result.labelled[0])
     frames = [np.flatnonzero(row) for row in result.labelled]  # labelled frames per clip
     class_target = np.full((sets, len(result.classes), queries), num_classes, dtype=np.int64)
     rows: dict[str, list[list[np.ndarray]]] = {"primary": [], "secondary": []}
     for s, set_matches in enumerate(result.matches):
         for round_name, round_rows in rows.items():
-            columns: list[list[np.ndarray]] = [[], [], [], []]  # clip, query, frame, class
+            columns: list[list[np.ndarray]] = [[], [], [], [], []]  # set, clip, query, frame, class
             for b, match in enumerate(set_matches):
                 query, target = (x.numpy() for x in getattr(match, round_name))
                 classes = result.classes[b][target]
                 class_target[s, b, query] = classes
                 repeat = len(frames[b])
-                columns[0].append(np.full(len(query) * repeat, b))
-                columns[1].append(np.repeat(query, repeat))
-                columns[2].append(np.tile(frames[b], len(query)))
-                columns[3].append(np.repeat(classes, repeat))
+                columns[0].append(np.full(len(query) * repeat, s))
+                columns[1].append(np.full(len(query) * repeat, b))
+                columns[2].append(np.repeat(query, repeat))
+                columns[3].append(np.tile(frames[b], len(query)))
+                columns[4].append(np.repeat(classes, repeat))
             round_rows.append([np.concatenate(c).astype(np.int64) for c in columns])
     pairs = sum(len(c) * len(f) for c, f in zip(result.classes, frames))
     masks = sum(len(c) for c in result.classes)
     pieces = [class_target.ravel(), np.array([pairs, masks], dtype=np.int64)]
-    for round_rows in rows.values():
-        pieces += [np.concatenate([r[i] for r in round_rows]) for i in range(4)]
+    groups = {}
+    for name, round_rows in rows.items():
+        columns_all = [np.concatenate([r[i] for r in round_rows]) for i in range(5)]
+        clip_frame = columns_all[1] * clip_frames + columns_all[3]  # the row of a frame's maps
+        order = np.argsort(clip_frame, kind="stable")
+        groups[name] = np.bincount(clip_frame, minlength=len(frames) * clip_frames).tolist()
+        pieces += [column[order] for column in columns_all]
     upload = torch.from_numpy(np.concatenate(pieces))
     if device.type == "cuda":
         upload = upload.pin_memory()
     moved = iter(upload.to(device, non_blocking=True).split([len(p) for p in pieces]))
     class_target_t = next(moved).view(class_target.shape)
     counts = next(moved).float()
-    matched = {}
-    for name, round_rows in rows.items():
-        sizes = [len(r[0]) for r in round_rows]
-        matched[name] = MatchedRows(sizes, next(moved), next(moved), next(moved), next(moved))
+    matched = {name: MatchedRows(groups[name], *(next(moved) for _ in range(5))) for name in rows}
     return Assignment(class_target_t, matched["primary"], matched["secondary"], counts)
 
 
-def gather(mask_logits: Sequence[Tensor], rows: MatchedRows) -> Tensor:
-    """Matched predictions of S sets' mask_logits (B, N, T, h, w): (R, h, w) float32."""
-    per_set = [index.split(rows.sizes) for index in (rows.clip, rows.query, rows.frame)]
-    picked = [logits[c, q, f] for logits, c, q, f in zip(mask_logits, *per_set)]
-    return torch.cat(picked).float()
+def gather(sets: Sequence[PredictionSet], rows: MatchedRows) -> Tensor:
+    """Matched predictions (R, h, w) float32 of S sets' mask_logits (B, N, T, h, w), consecutive
+    read-outs of one head: from its ``MaskSource`` (a backward over these rows), else indexed."""
+    masks, source = sets[0].mask_logits, sets[0].source
+    if source is None:
+        stacked = torch.stack([s.mask_logits for s in sets])  # (S, B, N, T, h, w)
+        return stacked[rows.set, rows.clip, rows.query, rows.frame].float()
+    queries, frames = masks.shape[1:3]
+    g, j = rows.clip * frames + rows.frame, rows.set * queries + rows.query + source.first_query
+    picked = _RowProduct.apply(source.embeddings, source.features, source.logits, g, j, rows.groups)
+    return picked.view(-1, *masks.shape[-2:]).float()
+
+
+class _RowProduct(torch.autograd.Function):
+    """Rows (R, X) = logits[g, j] of logits (G, M, X) = embeddings (G, M, D) @ features (G, D, X)
+    (given, without gradient), (g, j) distinct; the backward multiplies the R rows alone, group
+    by group of equal g (rows sorted by g, ``groups`` the host counts): no dense (G, M, X)."""
+
+    @staticmethod
+    def forward(ctx, embeddings, features, logits, g, j, groups):
+        ctx.save_for_backward(embeddings, features, g, j)
+        ctx.groups = groups
+        return logits[g, j]
+
+    @staticmethod
+    def backward(ctx, grad):
+        embeddings, features, g, j = ctx.saved_tensors
+        grad, rows = grad.to(embeddings.dtype), embeddings[g, j]  # (R, X), (R, D)
+        grad_rows, grad_features = torch.empty_like(rows), torch.zeros_like(features)
+        start = 0
+        for frame, count in enumerate(ctx.groups):
+            part = slice(start, start + count)
+            start += count
+            if count:
+                grad_rows[part] = grad[part] @ features[frame].t()
+                grad_features[frame] = rows[part].t() @ grad[part]
+        grad_embeddings = torch.zeros_like(embeddings).index_put_((g, j), grad_rows)
+        return grad_embeddings, grad_features, None, None, None, None
 
 
 def class_loss(
@@ -318,12 +356,11 @@ class SetCriterion:
             labelled=labelled,
         )
         terms = {"loss_class": cfg.class_weight * class_term}
-        mask_logits = [s.mask_logits for s in sets]
-        bce, dice = self._hard(gather(mask_logits, rows[0]), readers[0])
+        bce, dice = self._hard(gather(sets, rows[0]), readers[0])
         terms["loss_mask"] = cfg.round_weights[0] * cfg.mask_weight * bce / normaliser
         terms["loss_dice"] = cfg.round_weights[0] * cfg.dice_weight * dice / normaliser
         if len(rows) == 2:
-            predicted = gather(mask_logits, rows[1])
+            predicted = gather(sets, rows[1])
             if soft_gt is not None:
                 bce, dice = soft_mask_loss(predicted, *soft_gt)
                 mask_weight, dice_weight = cfg.soft_mask_weight, cfg.soft_dice_weight

@@ -119,9 +119,7 @@ class HungarianMatcher:
         """Cost columns (B, C) class ids and their validity (B, C) from ``present`` (B, K)."""
         batch, num_classes = present.shape
         all_classes = self.all_class_columns
-        if all_classes is None:
-            all_classes = present.device.type != "cpu"
-        if all_classes:
+        if all_classes or (all_classes is None and present.device.type != "cpu"):
             columns = torch.arange(num_classes, device=present.device).expand(batch, -1)
             return columns, present
         width = int(present.sum(1).max()) if batch else 0  # on CPU nothing waits here

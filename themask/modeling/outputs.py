@@ -10,12 +10,25 @@ from torch import Tensor
 
 
 @dataclass
+class MaskSource:
+    """In training, a head's mask logits as the product they are, for the loss to read a few
+    rows with gradient: embeddings (B·T, M, D) @ features (B·T, D, h·w) = logits (B·T, M, h·w)
+    (without gradient), M = S·N of all read-outs; the set's queries start at ``first_query``."""
+
+    embeddings: Tensor
+    features: Tensor
+    logits: Tensor
+    first_query: int
+
+
+@dataclass
 class PredictionSet:
     """One head's prediction set: class_logits (B, N, K+1) (clip head) or (B, T, N, K+1)
-    (frame head); mask_logits (B, N, T, H/4, W/4) for both."""
+    (frame head); mask_logits (B, N, T, H/4, W/4) for both; ``source`` in training."""
 
     class_logits: Tensor
     mask_logits: Tensor
+    source: MaskSource | None = None
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from themask.data.vspw import NUM_CLASSES
-from themask.modeling.outputs import Predictions, PredictionSet
+from themask.modeling.outputs import MaskSource, Predictions, PredictionSet
 from themask.modeling.position_encoding import sine_position_encoding_3d
 from themask.rng import uniform
 
@@ -175,38 +176,6 @@ def run_layer(layer: Callable[..., Any], checkpointed: bool, *args: Any, **kwarg
     return layer(*args, **kwargs)
 
 
-class _MaskProduct(torch.autograd.Function):
-    """Mask logits (G, N, X) = embeddings (G, N, D) @ features (G, D, X); on CPU the backward
-    multiplies only the query rows whose gradient is not all zero (the loss reads the matched
-    queries alone, a few of N), skipping exact zeros: the same gradients."""
-
-    @staticmethod
-    def forward(ctx, embeddings, features):
-        ctx.save_for_backward(embeddings, features)
-        return torch.bmm(embeddings, features)
-
-    @staticmethod
-    def backward(ctx, grad):
-        embeddings, features = ctx.saved_tensors
-        rows = slice(None)  # elsewhere finding the rows would wait for the device
-        if grad.device.type == "cpu":
-            rows = grad.ne(0).any(-1).any(0).nonzero().squeeze(1)
-        grad, grad_embeddings = grad[:, rows], torch.zeros_like(embeddings)
-        grad_embeddings[:, rows] = torch.bmm(grad, features.transpose(1, 2))
-        return grad_embeddings, torch.bmm(embeddings[:, rows].transpose(1, 2), grad)
-
-
-def mask_product(embeddings: Tensor, features: Tensor) -> Tensor:
-    """embeddings (G, N, D) @ features (G, D, X) → (G, N, X); in training, ``_MaskProduct``."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return torch.bmm(embeddings, features)
-    device = embeddings.device.type
-    if torch.is_autocast_enabled(device):  # the cast autocast would give the bmm
-        dtype = torch.get_autocast_dtype(device)
-        embeddings, features = embeddings.to(dtype), features.to(dtype)
-    return _MaskProduct.apply(embeddings, features)
-
-
 def allowed_positions(mask_logits: Tensor) -> Tensor:
     """Masked-attention mask (§4.1): mask_logits (B, N, S) → (B, N, S) bool, False where
     ``sigmoid(logit) < 0.5``; a query blocked everywhere may attend everywhere."""
@@ -345,19 +314,24 @@ class QueryDecoder(nn.Module):
     ) -> list[list[PredictionSet]]:
         """S read-outs' per-head (class logits, mask embeddings (B, N, D) clip head or
         (B, T, N, D) frame head) → prediction sets, each head's S mask logits from one product
-        (in training its backward then writes the features' gradient once, not S times)."""
+        (in training also named as a ``MaskSource``: the loss reads its matched rows from it)."""
         batch, frames, sets = state.clip.shape[0], state.frames, len(read_outs)
         height, width = state.mask_features.shape[-2:]
-        masks = []
+        masks, sources = [], []
         for head in range(len(read_outs[0])):
             embeddings = torch.cat([heads[head][1] for heads in read_outs], -2)  # (B, [T,] S·N, D)
             if embeddings.dim() == 3:  # clip head: the same embeddings for every frame
                 embeddings = embeddings.unsqueeze(1).expand(-1, frames, -1, -1)
-            logits = mask_product(embeddings.flatten(0, 1), state.mask_features.flatten(2))
-            logits = logits.view(batch, frames, sets, -1, height, width)  # from (B·T, S·N, h·w)
+            embeddings, features = embeddings.flatten(0, 1), state.mask_features.flatten(2)
+            flat = torch.bmm(embeddings, features)  # (B·T, S·N, h·w)
+            logits = flat.view(batch, frames, sets, -1, height, width)
+            queries = logits.shape[3]
             masks.append(logits.permute(2, 0, 3, 1, 4, 5).unbind(0))  # S × (B, N, T, h, w)
+            source = partial(MaskSource, embeddings, features, flat.detach())
+            training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            sources.append([source(s * queries) if training else None for s in range(sets)])
         return [
-            [PredictionSet(heads[h][0], masks[h][s]) for h in range(len(heads))]
+            [PredictionSet(heads[h][0], masks[h][s], sources[h][s]) for h in range(len(heads))]
             for s, heads in enumerate(read_outs)
         ]
 

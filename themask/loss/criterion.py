@@ -128,15 +128,12 @@ class _RowProduct(torch.autograd.Function):
     def backward(ctx, grad):
         embeddings, features, g, j = ctx.saved_tensors
         grad, rows = grad.to(embeddings.dtype), embeddings[g, j]  # (R, X), (R, D)
-        grad_rows, grad_features = torch.empty_like(rows), torch.zeros_like(features)
-        start = 0
-        for frame, count in enumerate(ctx.groups):
-            part = slice(start, start + count)
-            start += count
-            if count:
-                grad_rows[part] = grad[part] @ features[frame].t()
-                grad_features[frame] = rows[part].t() @ grad[part]
-        grad_embeddings = torch.zeros_like(embeddings).index_put_((g, j), grad_rows)
+        grad_features, grad_rows = torch.empty_like(features), []
+        parts = zip(grad.split(ctx.groups), rows.split(ctx.groups))  # the rows of frame 0, 1, ...
+        for frame, (part, part_rows) in enumerate(parts):
+            grad_rows.append(part @ features[frame].t())
+            grad_features[frame] = part_rows.t() @ part  # zero for a frame without rows
+        grad_embeddings = torch.zeros_like(embeddings).index_put_((g, j), torch.cat(grad_rows))
         return grad_embeddings, grad_features, None, None, None, None
 
 

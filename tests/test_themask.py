@@ -194,4 +194,10 @@ def test_gradients_reach_every_parameter(models, name):
     # and every decoder parameter really gets a signal (the pixel decoder's deformable
     # attention starts from zero-initialised offset/weight projections, so some of its
     # inputs get exactly zero gradient at initialisation)
-    assert [n for n, p in model.decoder.named_parameters() if not p.grad.abs().sum()] == []
+    silent = {n for n, p in model.decoder.named_parameters() if not p.grad.abs().sum()}
+    # but time_score.bias shifts every frame's score alike and the softmax over frames cancels
+    # it: its gradient is zero up to round-off (exactly zero in some runs)
+    assert silent <= {"temporal.time_score.bias"}
+    if name.endswith("t2"):
+        bias_grad = model.decoder.temporal.time_score.bias.grad.abs().max()
+        assert bias_grad <= 1e-5 * model.decoder.temporal.time_score.weight.grad.abs().max()

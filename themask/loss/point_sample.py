@@ -53,7 +53,8 @@ def most_uncertain(candidates: Tensor, logits: Tensor, count: int) -> Tensor:
     """The ``count`` candidates (R, S, 2) whose logits (R, S) are nearest 0 → (R, count, 2)."""
     # the smallest |logit|, unsorted: the same set (the loss averages over points), faster
     index = logits.abs().topk(count, dim=1, largest=False, sorted=False).indices  # (R, count)
-    return torch.gather(candidates, 1, index.unsqueeze(-1).expand(-1, -1, 2))
+    points = torch.view_as_complex(candidates.contiguous())  # (R, S): (x, y) as one value
+    return torch.view_as_real(points.gather(1, index))
 
 
 def uncertain_point_coords(

@@ -288,13 +288,14 @@ class MSDeformAttn(nn.Module):
         if normaliser is None:
             normaliser = offset_normaliser(spatial_shapes, device=query.device, dtype=query.dtype)
         reference = reference_points[:, :, None, None, None, :]
-        anchor = (reference * normaliser[:, None, :] + 0.5).expand(-1, -1, heads, -1, points, -1)
-        anchor = anchor.contiguous()  # pixels + 0.5 (B or 1, Q, M, L, P, 2): plain adds below
         if torch.compiler.is_compiling():  # export: normalised locations for ONNX GridSample
             weights = logits.flatten(3).softmax(dim=-1).view_as(logits)
             locations = reference + offsets / normaliser[:, None, :]  # (B, Q, M, L, P, 2)
             output = ms_deform_attn_pytorch(projected, spatial_shapes, locations, weights)
-        elif _needs_grad(projected, offsets, logits):
+            return self.output_proj(output)
+        anchor = (reference * normaliser[:, None, :] + 0.5).expand(-1, -1, heads, -1, points, -1)
+        anchor = anchor.contiguous()  # pixels + 0.5 (B or 1, Q, M, L, P, 2): plain adds below
+        if _needs_grad(projected, offsets, logits):
             weights = logits.flatten(3).softmax(dim=-1).view_as(logits)
             output = _BagRead.apply(projected, offsets + anchor, weights, spatial_shapes)
         else:  # softmax over L·P in at least float32

@@ -318,6 +318,7 @@ class QueryDecoder(nn.Module):
         batch, frames, sets = state.clip.shape[0], state.frames, len(read_outs)
         height, width = state.mask_features.shape[-2:]
         masks, sources = [], []
+        training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
         for head in range(len(read_outs[0])):
             embeddings = torch.cat([heads[head][1] for heads in read_outs], -2)  # (B, [T,] S·N, D)
             if embeddings.dim() == 3:  # clip head: the same embeddings for every frame
@@ -327,9 +328,8 @@ class QueryDecoder(nn.Module):
             logits = flat.view(batch, frames, sets, -1, height, width)
             queries = logits.shape[3]
             masks.append(logits.permute(2, 0, 3, 1, 4, 5).unbind(0))  # S × (B, N, T, h, w)
-            source = partial(MaskSource, embeddings, features, flat.detach())
-            training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            sources.append([source(s * queries) if training else None for s in range(sets)])
+            source = partial(MaskSource, embeddings, features, flat.detach()) if training else None
+            sources.append([source(s * queries) if source else None for s in range(sets)])
         return [
             [PredictionSet(heads[h][0], masks[h][s], sources[h][s]) for h in range(len(heads))]
             for s, heads in enumerate(read_outs)

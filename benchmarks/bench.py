@@ -173,15 +173,18 @@ def _sync(device: str) -> None:
 
 
 def _torch_step(job: dict[str, Any], model, clip) -> Callable[[], object]:
-    """The timed call of ``job['mode']`` (one clip, or one streamed frame)."""
+    """The timed call of ``job['mode']`` (one clip, or one streamed frame), with the process's
+    memory settings of the ``themask`` CLI (``keep_freed_memory``)."""
     import torch
 
+    from themask.precision import keep_freed_memory
+
+    keep_freed_memory()
     if job["mode"] == "train":
         from themask.config import TrainConfig
         from themask.loss.criterion import SetCriterion, training_loss
         from themask.modeling.build import preset_loss_config
         from themask.optim import build_optimizer
-        from themask.precision import keep_freed_memory
 
         criterion = SetCriterion(preset_loss_config(job["preset"]), model.num_classes)
         model.train()
@@ -189,7 +192,6 @@ def _torch_step(job: dict[str, Any], model, clip) -> Callable[[], object]:
         bands = torch.arange(width, device=clip.device) * 8 // width  # 8 classes in bands
         labels = bands.expand(1, frames, height, width).clone()
         optimizer = build_optimizer(model, TrainConfig(lr=1e-4))  # as `themask train`
-        keep_freed_memory()
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
-"""Training step of two or more code trees, timed in turn: one worker process per tree, and the
-workers take strict turns (A, B, B, A, ...), so a machine whose speed drifts (a shared VM) slows
-every tree alike. Prints the median step per tree and the per-turn ratios to the first tree.
+"""Training step (``--mode infer``: an inference forward) of two or more code trees, timed in
+turn: one worker process per tree, and the workers take strict turns (A, B, B, A, ...), so a
+machine whose speed drifts (a shared VM) slows every tree alike. Prints the median step per tree
+and the per-turn ratios to the first tree.
 
     python benchmarks/interleaved.py --trees base=/tmp/base main=. --preset themask_mit_b0_t2 \
         --frames 2 --size 256 --pairs 12
@@ -9,7 +10,8 @@ Each tree is a checkout (``git worktree add /tmp/base <commit>``); its own ``the
 A turn runs ``--steps-per-turn`` consecutive steps and reports their median (a step right after
 the worker waited is slower). The step is ``bench.py --mode train``'s (``--batch`` clips, 8
 classes in bands, AdamW); trees as old as the first release (its
-``themask.loss.api.training_loss``) are understood too.
+``themask.loss.api.training_loss``) are understood too. ``--mode infer`` times ``model(clip)``
+in eval mode under ``torch.inference_mode`` (``--size`` may be ``HxW``).
 """
 
 from __future__ import annotations
@@ -25,27 +27,38 @@ WORKER = r"""
 import sys, time, torch
 from themask.modeling.build import build_model
 preset, frames, side, batch = (int(a) if a.isdigit() else a for a in sys.argv[1:5])
+height, width = (int(a) for a in str(side).split("x")) if "x" in str(side) else (side, side)
 torch.set_num_threads(int(sys.argv[5])); torch.manual_seed(0)
-model = build_model(preset).train()
-clip = torch.randn(batch, frames, 3, side, side)
-labels = (torch.arange(side) * 8 // side).expand(batch, frames, side, side).clone()
-try:
-    from themask.config import TrainConfig
-    from themask.loss.criterion import SetCriterion, training_loss
-    from themask.modeling.build import preset_loss_config
-    from themask.optim import build_optimizer
+model = build_model(preset).train(sys.argv[6] == "train")
+clip = torch.randn(batch, frames, 3, height, width)
+labels = (torch.arange(width) * 8 // width).expand(batch, frames, height, width).clone()
+def train_step_of():
+    try:
+        from themask.config import TrainConfig
+        from themask.loss.criterion import SetCriterion, training_loss
+        from themask.modeling.build import preset_loss_config
+        from themask.optim import build_optimizer
+        criterion = SetCriterion(preset_loss_config(preset), model.num_classes)
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
+        loss_of = lambda: training_loss(model, clip, labels, criterion)[0]
+    except ImportError:  # the first release
+        from themask.loss.api import training_loss
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loss_of = lambda: training_loss(model, clip, labels, step=0)[0]
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_of().backward()
+        optimizer.step()
+    return step
+try:  # the CLI's memory settings, where the tree has them
     from themask.precision import keep_freed_memory
-    criterion = SetCriterion(preset_loss_config(preset), model.num_classes)
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-4)); keep_freed_memory()
-    loss_of = lambda: training_loss(model, clip, labels, criterion)[0]
-except ImportError:  # the first release
-    from themask.loss.api import training_loss
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_of = lambda: training_loss(model, clip, labels, step=0)[0]
-def step():
-    optimizer.zero_grad(set_to_none=True)
-    loss_of().backward()
-    optimizer.step()
+    keep_freed_memory()
+except ImportError:
+    pass
+def infer_step():
+    with torch.inference_mode():
+        model(clip)
+step = train_step_of() if sys.argv[6] == "train" else infer_step
 step()
 print("ready", flush=True)
 for line in sys.stdin:
@@ -61,7 +74,8 @@ def main() -> None:
     parser.add_argument("--trees", nargs="+", required=True, metavar="NAME=PATH")
     parser.add_argument("--preset", default="themask_mit_b0_t2")
     parser.add_argument("--frames", type=int, default=2)
-    parser.add_argument("--size", type=int, default=256, help="square crop side")
+    parser.add_argument("--size", default="256", help="square side, or HxW")
+    parser.add_argument("--mode", choices=("train", "infer"), default="train")
     parser.add_argument("--batch", type=int, default=1, help="clips per step")
     parser.add_argument("--pairs", type=int, default=12, help="turns per tree")
     parser.add_argument("--threads", type=int, default=2)
@@ -76,7 +90,7 @@ def main() -> None:
         sizes = [str(args.frames), str(args.size), str(args.batch)]
         command = [sys.executable, "-c", WORKER, args.preset, *sizes]
         workers[name] = subprocess.Popen(
-            [*command, str(args.threads)],
+            [*command, str(args.threads), args.mode],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -96,6 +110,7 @@ def main() -> None:
         worker.stdin.close()
         worker.wait()
     result: dict = {
+        "mode": args.mode,
         "preset": args.preset,
         "frames": args.frames,
         "size": args.size,

@@ -129,7 +129,9 @@ def reference_encoder_layer(layer, level_maps, level_embed):
     return result
 
 
-def test_encoder_and_fpn_match_token_by_token_reference():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_encoder_and_fpn_match_token_by_token_reference(layout):
+    # Either memory layout of the backbone maps (MiT's are channels-last views) gives the same.
     torch.manual_seed(0)
     decoder = MSDeformAttnPixelDecoder(**TINY).double()
     attn = decoder.encoder_layers[0].self_attn
@@ -137,7 +139,7 @@ def test_encoder_and_fpn_match_token_by_token_reference():
     torch.nn.init.normal_(attn.attention_weights.weight, std=0.3)
     sizes = [(10, 18), (5, 9), (3, 5), (2, 3)]
     maps = backbone_maps(1, sizes, dtype=torch.float64, seed=3)
-    out = decoder(maps)
+    out = decoder([m.contiguous(memory_format=layout) for m in maps])
     with torch.no_grad():
         level_maps = [proj(x)[0] for proj, x in zip(decoder.input_proj, maps[::-1])]
         expected = reference_encoder_layer(

@@ -56,8 +56,10 @@ def one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     from themask.logger import setup_logging
+    from themask.precision import keep_freed_memory
 
     setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
+    keep_freed_memory()
     if getattr(args, "threads", None) and not getattr(args, "onnx", None):
         import torch  # predict --onnx stays torch-free (ONNX Runtime takes args.threads)
 

@@ -51,11 +51,12 @@ def configure_cuda_math(device: torch.device | str) -> None:
 
 
 def keep_freed_memory() -> None:
-    """glibc, process-wide: freed blocks up to 32 MiB stay in the heap for reuse (1 GiB kept at
-    most): a training step's large temporaries then fault in no fresh pages (no-op elsewhere)."""
+    """glibc, process-wide (the CLI and training set it): large blocks come from the heap, not
+    from mmaps of their own, and stay there when freed (1 GiB kept at most), so a step's or a
+    clip's large tensors fault in no fresh pages each time (no-op elsewhere)."""
     with suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmapped blocks (the heap maps more when it must)
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from themask.modeling.linear import Linear
+
 BLOCK_NORM_EPS = 1e-6
 
 _WIDE = (64, 128, 320, 512)
@@ -72,9 +74,9 @@ class SpatialReductionAttention(nn.Module):
             raise ValueError(f"MiT attention: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.sr_ratio = sr_ratio
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
             self.sr_norm = nn.LayerNorm(dim)
@@ -99,9 +101,9 @@ class MixFFN(nn.Module):
 
     def __init__(self, *, dim: int, hidden_dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         """x: (N, L, C) → (N, L, C)."""
@@ -209,11 +211,11 @@ class MixTransformer(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """x: (N, 3, H, W) → [(N, C_s, ⌈H/stride_s⌉, ⌈W/stride_s⌉) for the 4 stages]."""
+        """x: (N, 3, H, W) → [(N, C_s, ⌈H/stride_s⌉, ⌈W/stride_s⌉) for the 4 stages], each a
+        channels-last view of the stage's tokens (no copy; convolutions read it as is)."""
         features = []
         for stage in self.stages:
-            x = stage(x)  # channels-last view: the next patch-embedding conv reads it as is
-            features.append(x.contiguous())
+            features.append(x := stage(x))
         return features
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from themask.modeling.linear import Linear
 from themask.modeling.ms_deform_attn import MSDeformAttn, SpatialShapes, offset_normaliser
 from themask.modeling.outputs import FrameFeatures
 from themask.modeling.position_encoding import sine_position_encoding_2d
@@ -35,8 +36,8 @@ class DeformableEncoderLayer(nn.Module):
             dim=dim, num_heads=num_heads, num_levels=NUM_ENCODER_LEVELS, num_points=num_points
         )
         self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.linear1 = Linear(dim, ffn_dim)
+        self.linear2 = Linear(ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(
@@ -178,7 +179,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 spatial_shapes, src.split([h * w for h, w in spatial_shapes], 1)
             )
         ]
-        lateral = in_float32(self.lateral, features[0])  # (N, C, H/4, W/4)
+        res2 = features[0].contiguous(memory_format=torch.channels_last)  # as MiT's: faster convs
+        lateral = in_float32(self.lateral, res2)  # (N, C, H/4, W/4), channels-last like the rest
         upsampled = F.interpolate(
             multi_scale[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
         )

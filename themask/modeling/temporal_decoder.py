@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from themask.modeling.linear import Linear
 from themask.modeling.transformer import (
     CrossAttentionLayer,
     DecodingState,
@@ -32,8 +33,8 @@ class TemporalAggregation(nn.Module):
         self.frame_self_attn = SelfAttentionLayer(dim=dim, num_heads=num_heads, dropout=dropout)
         self.frame_cross_attn = CrossAttentionLayer(dim=dim, num_heads=num_heads, dropout=dropout)
         self.frame_ffn = FFNLayer(dim=dim, ffn_dim=ffn_dim, dropout=dropout)
-        self.time_score = nn.Linear(dim, 1)
-        self.time_value = nn.Linear(dim, dim)
+        self.time_score = Linear(dim, 1)
+        self.time_value = Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
         self.dropout = Dropout(dropout)
         self.ffn = FFNLayer(dim=dim, ffn_dim=ffn_dim, dropout=dropout)

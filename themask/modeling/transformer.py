@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from themask.data.vspw import NUM_CLASSES
+from themask.modeling.linear import Linear, linear
 from themask.modeling.outputs import MaskSource, Predictions, PredictionSet
 from themask.modeling.position_encoding import sine_position_encoding_3d
 from themask.rng import uniform
@@ -51,11 +52,11 @@ class MultiHeadAttention(nn.MultiheadAttention):
         """query (B, N, C), key/value (B, S, C), allowed (B, N, S) bool → (B, N, C)."""
         weight, bias, dim = self.in_proj_weight, self.in_proj_bias, query.shape[-1]
         if key is query:  # self-attention: one matmul for queries and keys
-            q, k = F.linear(query, weight[: 2 * dim], bias[: 2 * dim]).chunk(2, dim=-1)
+            q, k = linear(query, weight[: 2 * dim], bias[: 2 * dim]).chunk(2, dim=-1)
         else:
-            q = F.linear(query, weight[:dim], bias[:dim])
-            k = F.linear(key, weight[dim : 2 * dim], bias[dim : 2 * dim])
-        v = F.linear(value, weight[2 * dim :], bias[2 * dim :])
+            q = linear(query, weight[:dim], bias[:dim])
+            k = linear(key, weight[dim : 2 * dim], bias[dim : 2 * dim])
+        v = linear(value, weight[2 * dim :], bias[2 * dim :])
         mask = None if allowed is None else allowed.unsqueeze(1)  # (B, 1, N, S), all heads
         q, k, v = (x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for x in (q, k, v))
         p = self.dropout if self.training else 0.0
@@ -68,7 +69,8 @@ class MultiHeadAttention(nn.MultiheadAttention):
             out = out if mask is None else out.masked_fill(blocked, 0.0)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, heads, N, C/heads) → (B, N, C)
+        out = out.transpose(1, 2).flatten(2)  # (B, heads, N, C/heads) → (B, N, C)
+        return linear(out, self.out_proj.weight, self.out_proj.bias)
 
 
 class _AttentionLayer(nn.Module):
@@ -109,8 +111,8 @@ class FFNLayer(nn.Module):
 
     def __init__(self, *, dim: int = 256, ffn_dim: int = 2048, dropout: float = 0.0):
         super().__init__()
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.linear1 = Linear(dim, ffn_dim)
+        self.linear2 = Linear(ffn_dim, dim)
         self.norm = nn.LayerNorm(dim)
         self.dropout = Dropout(dropout)
         nn.init.xavier_uniform_(self.linear1.weight)
@@ -145,7 +147,7 @@ class MLP(nn.Module):
     def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers[:-1]:
@@ -160,7 +162,7 @@ class PredictionHead(nn.Module):
     def __init__(self, *, dim: int = 256, num_classes: int = NUM_CLASSES, mask_dim: int = 256):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.class_embed = nn.Linear(dim, num_classes + 1)
+        self.class_embed = Linear(dim, num_classes + 1)
         self.mask_embed = MLP(in_dim=dim, hidden_dim=dim, out_dim=mask_dim, num_layers=3)
 
     def forward(self, queries: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,122 @@
+"""``themask.modeling.linear``: float32 CPU products on oneDNN against a float64 reference, the
+cases that stay on ``F.linear``, and the whole model with and without the oneDNN path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from themask.loss.criterion import SetCriterion, training_loss
+from themask.modeling import linear as linear_module
+from themask.modeling.build import build_model, preset_loss_config
+from themask.modeling.linear import Linear, linear
+
+pytestmark = pytest.mark.skipif(not linear_module.ENABLED, reason="oneDNN path off here")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the products that run on oneDNN."""
+    count = []
+    product = linear_module._product
+
+    def counted(*args):
+        count.append(1)
+        return product(*args)
+
+    monkeypatch.setattr(linear_module, "_product", counted)
+    return count
+
+
+def reference(x, weight, bias):
+    out = x.double() @ weight.double().t()
+    return out if bias is None else out + bias.double()
+
+
+CASES = {
+    "2d": lambda g: (torch.randn(70, 48, generator=g), torch.randn(24, 48, generator=g)),
+    "3d": lambda g: (torch.randn(2, 35, 48, generator=g), torch.randn(24, 48, generator=g)),
+    # a transposed input and a row slice of a larger weight (MultiHeadAttention's in_proj)
+    "strided": lambda g: (
+        torch.randn(2, 48, 35, generator=g).transpose(1, 2),
+        torch.randn(72, 48, generator=g)[24:48],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_values_and_gradients_equal_the_float64_product(case, with_bias, calls):
+    gen = torch.Generator().manual_seed(0)
+    x, weight = CASES[case](gen)
+    bias = torch.randn(24, generator=gen) if with_bias else None
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    bias_leaf = bias.clone().requires_grad_() if with_bias else None
+    out = linear(*leaves, bias_leaf)
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad)
+    assert len(calls) == 3  # forward, input gradient, weight gradient
+    torch.testing.assert_close(out.double(), reference(x, weight, bias), rtol=0, atol=1e-5)
+    want = [t.double().requires_grad_() for t in (x, weight)]
+    want_bias = bias.double().requires_grad_() if with_bias else None
+    reference(*want, want_bias).backward(grad.double())
+    for got, expected in zip(leaves, want):
+        torch.testing.assert_close(got.grad.double(), expected.grad, rtol=0, atol=1e-4)
+    if with_bias:
+        torch.testing.assert_close(bias_leaf.grad.double(), want_bias.grad, rtol=0, atol=1e-4)
+
+
+def test_only_the_gradients_asked_for_are_computed(calls):
+    x, weight = torch.randn(10, 8), torch.randn(6, 8, requires_grad=True)
+    linear(x, weight).sum().backward()
+    assert len(calls) == 2 and weight.grad is not None  # no product for x's gradient
+    torch.testing.assert_close(weight.grad, torch.ones(10, 6).t() @ x)
+
+
+def test_outside_float32_cpu_it_is_f_linear(calls):
+    x, weight, bias = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
+    assert torch.equal(
+        linear(x.double(), weight.double(), bias.double()),
+        F.linear(x.double(), weight.double(), bias.double()),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, weight, bias).dtype == torch.bfloat16
+    assert torch.equal(linear(x[:0], weight, bias), F.linear(x[:0], weight, bias))
+    assert not calls
+    with torch.no_grad():
+        linear(x, weight, bias)
+    assert len(calls) == 1
+
+
+def test_repeated_calls_are_bit_identical():
+    layer = Linear(64, 32)
+    x = torch.randn(300, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x))
+    assert list(layer.state_dict()) == ["weight", "bias"]  # nn.Linear's keys
+
+
+@pytest.mark.parametrize("preset", ["themask_tiny_t2", "mask2former_tiny"])
+def test_model_scores_loss_and_gradients_match_the_blas_path(preset, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(preset, num_classes=4)
+    criterion = SetCriterion(preset_loss_config(preset), num_classes=4)
+    clip, labels = torch.randn(1, 2, 3, 64, 64), torch.randint(0, 4, (1, 2, 64, 64))
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(linear_module, "ENABLED", enabled)
+        with torch.no_grad():
+            scores = model.eval()(clip)
+        torch.manual_seed(1)  # the same points and dropout masks
+        model.train().zero_grad()
+        loss = training_loss(model, clip, labels, criterion)[0]
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((scores, loss.detach(), grads))
+    (fast_scores, fast_loss, fast_grads), (scores, loss, grads) = results
+    torch.testing.assert_close(fast_scores, scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_loss, loss, rtol=1e-4, atol=0)
+    assert len(fast_grads) == len(grads) > 0
+    for fast, plain in zip(fast_grads, grads):
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4 * plain.abs().max() + 1e-7)

@@ -109,12 +109,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         kinds = args if fixed else args[:1] * len(value)
         items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, kinds))]
         return tuple(items) if origin is tuple else items
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # update_dataclass took mappings
         if isinstance(value, tp):
             return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return update_dataclass(tp(), value, key)
+        raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
     if tp is float and isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
         with contextlib.suppress(ValueError):
             return float(value)

@@ -86,10 +86,6 @@ def save_checkpoint(state: dict[str, Any], path: PathLike) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: PathLike) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete the ``.<name>.*.tmp`` files a killed ``atomic_write`` left."""
     for path in run_dir.glob(".*.tmp"):
@@ -208,8 +204,7 @@ class Trainer:
         progress: bool = True,
         overwrite: bool = False,
     ) -> None:
-        self.cfg, tcfg = cfg, cfg.train
-        self.run_dir = Path(run_dir)
+        self.cfg, tcfg, self.run_dir = cfg, cfg.train, Path(run_dir)
         checkpoint = self.run_dir / CHECKPOINT_NAME
         if not resume and not overwrite and checkpoint.exists():
             raise FileExistsError(
@@ -220,11 +215,10 @@ class Trainer:
         if resume:  # refuse early, create nothing
             if not checkpoint.exists():
                 raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} in {self.run_dir}")
-            state = load_checkpoint(checkpoint)
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             changes = resume_changes(state["config"], to_dict(cfg), int(state["step"]))
         self.dist = distributed.init_distributed(device)
-        self.device = self.dist.device
-        self.is_main = self.dist.is_main
+        self.device, self.is_main = self.dist.device, self.dist.is_main
         self.per_process_batch = tcfg.per_process_batch(self.dist.world_size)
         self.evaluate_enabled, self.progress = evaluate, progress
 
@@ -232,8 +226,7 @@ class Trainer:
         if model is None:
             model = build_model_from_config(cfg.model)
             if cfg.pretrained_backbone:
-                load_backbone_weights(model.backbone, cfg.pretrained_backbone)
-                logger.info("backbone weights from %s", cfg.pretrained_backbone)
+                load_backbone_weights(model.backbone, cfg.pretrained_backbone)  # logs the source
         self.model = model
         if tcfg.checkpoint_activations:
             model.set_activation_checkpointing(True)
@@ -260,12 +253,10 @@ class Trainer:
             self.criterion = SetCriterion(cfg.loss, cfg.model.num_classes)
             divisor = cfg.model.size_divisor
             loss_fn = partial(training_loss, criterion=self.criterion, size_divisor=divisor)
-        self.loss_fn = loss_fn
-        self._batches_fn = batches
+        self.loss_fn, self._batches_fn = loss_fn, batches
         seed_everything(distributed.rank_seed(tcfg.seed, self.dist.rank))
 
-        self.step = 0
-        self._resume_state = state
+        self.step, self._resume_state = 0, state
         if state is not None:
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -371,21 +362,19 @@ class Trainer:
             self.optimizer.step()
         return norm.detach()
 
-    def _log_window(self, window: StepWindow, result: TrainResult, bar: Any) -> None:
+    def _log_window(self, window: StepWindow, result: TrainResult, bar: tqdm) -> None:
         rows = window.read(reduce=self.dist.world_size > 1)
         result.losses.extend(row["loss"] for row in rows)
         means = window_means(rows, count_skipped=self.scaler is not None)
         if self.writer is not None:
             self.writer.write(self.step, means)
             logger.debug("step %d loss %.4f lr %.3g", self.step, means["loss"], means["lr"])
-        if bar is not None:
-            postfix = {k: f"{means.get(name, math.nan):.3f}" for k, name in BAR_FIELDS.items()}
-            bar.set_postfix(postfix, refresh=False)
+        postfix = {k: f"{means.get(name, math.nan):.3f}" for k, name in BAR_FIELDS.items()}
+        bar.set_postfix(postfix, refresh=False)
 
     def train(self) -> TrainResult:
         """Run until ``train.max_steps`` or a signal."""
-        tcfg = self.cfg.train
-        result = TrainResult(step=self.step)
+        tcfg, result = self.cfg.train, TrainResult(step=self.step)
         batches: Iterator[Any]
         if self._loader is not None:
             batches = iter(self._loader)
@@ -400,18 +389,18 @@ class Trainer:
                 logger.warning(message, len(rng), self.dist.world_size)
                 seed_everything(distributed.rank_seed(tcfg.seed + self.step, self.dist.rank))
             self._resume_state = None
-        bar = None
-        if self.is_main and self.progress:
-            bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-            bar.mininterval = 0.1 if sys.stderr.isatty() else 30.0  # 30 s in a log file
+        hide = not (self.is_main and self.progress)
+        bar = tqdm(
+            total=tcfg.max_steps, initial=self.step, desc="train", disable=hide, dynamic_ncols=True
+        )
+        bar.mininterval = 0.1 if sys.stderr.isatty() else 30.0  # 30 s in a log file
         self._set_train_mode()
         self._saved_step = -1
         try:
             with StopRequest() as stop:
                 result.stopped_by = self._loop(batches, bar, result, stop)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
             # the workers ignore SIGTERM: end them now, whatever still refers to the iterator
             getattr(batches, "_shutdown_workers", lambda: None)()
             self._loader = None
@@ -428,11 +417,10 @@ class Trainer:
         return result
 
     def _loop(
-        self, batches: Iterator[Any], bar: Any, result: TrainResult, stop: StopRequest
+        self, batches: Iterator[Any], bar: tqdm, result: TrainResult, stop: StopRequest
     ) -> int | None:
         """The steps up to ``max_steps``; the signal that stopped it early, if any."""
-        tcfg = self.cfg.train
-        window = StepWindow()
+        tcfg, window = self.cfg.train, StepWindow()
         while self.step < tcfg.max_steps:
             lr = poly_lr(self.step, tcfg.lr, tcfg.max_steps, tcfg.poly_power)
             set_learning_rate(self.optimizer, lr)
@@ -446,8 +434,7 @@ class Trainer:
             sums["grad_norm"] = self._optimizer_step()
             self.step += 1
             window.append({**sums, "lr": lr})
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             end = self.step == tcfg.max_steps
             if self.step % tcfg.log_interval == 0 or end:
                 self._log_window(window, result, bar)

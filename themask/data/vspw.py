@@ -206,9 +206,8 @@ class VSPWIndex:
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise DataError(
-                f"{self.root} split '{split}': {len(problems)} problem(s):\n  {shown}{more}"
-            )
+            head = f"{self.root} split '{split}': {len(problems)} problem(s)"
+            raise DataError(f"{head}:\n  {shown}{more}")
         videos, frames = len(self.videos), self.num_frames
         logger.info("%s split '%s': %d videos, %d frames", self.root, split, videos, frames)
 

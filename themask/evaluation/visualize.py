@@ -69,8 +69,7 @@ def draw_legend(
     picture = Image.fromarray(np.ascontiguousarray(image))
     if not ids:
         return np.asarray(picture)
-    draw = ImageDraw.Draw(picture)
-    row, box, pad = LEGEND_ROW, LEGEND_BOX, LEGEND_PAD
+    draw, row, box, pad = ImageDraw.Draw(picture), LEGEND_ROW, LEGEND_BOX, LEGEND_PAD
     width = max(draw.textlength(class_names[c]) for c in ids) + box + 3 * pad
     draw.rectangle([0, 0, int(width), row * len(ids) + pad], fill=(0, 0, 0))
     for i, c in enumerate(ids):

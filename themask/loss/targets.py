@@ -31,8 +31,7 @@ class BatchTargets:
         """GT pixels per class in each cell of an (h, w) map upsampled by nearest
         interpolation → (B, T, K+1, h, w) (last: ignore, invalid) and cell sizes (h, w)."""
         batch, frames, big_h, big_w = self.labels.shape
-        num_classes = self.present.shape[1]
-        device = self.labels.device
+        num_classes, device = self.present.shape[1], self.labels.device
         cells = torch.arange(height * width, device=device, dtype=torch.float32)
         cell_map = F.interpolate(cells.view(1, 1, height, width), (big_h, big_w), mode="nearest")
         cell_of_pixel = cell_map.long().view(-1)  # (H·W,) the low-resolution cell of each pixel

@@ -69,11 +69,9 @@ def mit_mmseg_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
     """mmseg 1.x names → original: ``in_proj`` split into q and kv, 1×1-conv FFN made linear."""
     out = _renamed(state_dict, "mmseg")
     for key in [k for k in out if ".attn.in_proj_" in k]:
-        prefix, param = key.split(".in_proj_")
-        qkv = out.pop(key)
+        (prefix, param), qkv = key.split(".in_proj_"), out.pop(key)
         dim = qkv.shape[0] // 3  # rows [q; k; v]
-        out[f"{prefix}.q.{param}"] = qkv[:dim]
-        out[f"{prefix}.kv.{param}"] = qkv[dim:]
+        out[f"{prefix}.q.{param}"], out[f"{prefix}.kv.{param}"] = qkv[:dim], qkv[dim:]
     for key in [k for k in out if k.endswith((".mlp.fc1.weight", ".mlp.fc2.weight"))]:
         out[key] = out[key].flatten(1)  # (out, in, 1, 1) → (out, in)
     return out
@@ -125,7 +123,6 @@ def load_backbone_weights(
         weights, source = read_state_dict(weights), str(weights)
     converted, layout = mit_to_ours(weights)
     load_strict(backbone, converted, what=f"MiT weights {source} ({layout} layout)")
-    logger.info(
-        "loaded MiT weights from %s (%s layout, %d tensors)", source, layout, len(converted)
-    )
+    message = "loaded MiT weights from %s (%s layout, %d tensors)"
+    logger.info(message, source, layout, len(converted))
     return layout

@@ -61,10 +61,9 @@ def seed_everything(seed: int) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states as plain values."""
-    py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, *np_rest = cast(tuple, np.random.get_state())  # legacy: a tuple
     return {
-        "python": [py_version, list(py_state), py_gauss],
+        "python": random.getstate(),  # tuples (lists in older checkpoints)
         "numpy": [np_name, np_keys.tolist(), *np_rest],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -138,8 +137,7 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt
-        self.signum = signum
-        name = signal.Signals(signum).name
+        self.signum, name = signum, signal.Signals(signum).name
         logger.warning("%s: checkpoint and stop after this step (again: stop at once)", name)
 
     def __enter__(self) -> StopRequest:
@@ -375,11 +373,8 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run until ``train.max_steps`` or a signal."""
         tcfg, result = self.cfg.train, TrainResult(step=self.step)
-        batches: Iterator[Any]
-        if self._loader is not None:
-            batches = iter(self._loader)
-        else:
-            batches = self._batches_fn(self.step * tcfg.grad_accum)  # type: ignore[misc]
+        start = self.step * tcfg.grad_accum
+        batches = iter(self._loader) if self._loader is not None else self._batches_fn(start)  # type: ignore[misc]
         if self._resume_state is not None:  # after the loader, which may draw from the RNGs
             rng = self._resume_state["rng"]
             if len(rng) == self.dist.world_size:

@@ -33,8 +33,7 @@ _CONTRAST = (60.0, 120.0)  # the light colour exceeds the dark one by this much 
 
 
 class _ColourField:
-    """A dark and a light colour, each bilinear between random corner colours: ``(u, v,
-    pattern)`` in [0, 1] -> (n, 3) RGB floats, pattern 1 picking one of the two at random."""
+    """Two colours bilinear between random corners: (u, v, pattern) in [0, 1] → (n, 3) RGB."""
 
     def __init__(self, rng: np.random.Generator) -> None:
         dark = rng.uniform(0.0, 150.0, size=(2, 2, 3))

@@ -105,8 +105,7 @@ def save_label_png(labels: np.ndarray, path: PathLike, palette: Palette) -> None
 
 
 class OverlayVideoWriter(AbstractContextManager):
-    """Context manager writing RGB frames to an MP4 with PyAV (H.264, else MPEG-4 part 2) at
-    the first frame's size (odd sides padded for yuv420p; other sizes scaled to fit)."""
+    """RGB frames to an MP4 (PyAV: H.264, else MPEG-4 part 2) of the first frame's size (even)."""
 
     def __init__(self, path: PathLike, *, fps: float = 15.0) -> None:
         self.path, self.fps = Path(path), fps

@@ -8,8 +8,7 @@ from typing import Literal
 
 @dataclass
 class LossConfig:
-    """Two-round matching and hierarchical loss; the Mask2Former baseline is
-    ``num_rounds=1, second_round_loss="hard"``."""
+    """Matching and hierarchical loss (Mask2Former: ``num_rounds=1, second_round_loss="hard"``)."""
 
     num_rounds: int = 2  # 1: one-to-one Hungarian only; 2: add the secondary round
     second_round_loss: Literal["soft", "hard"] = "soft"  # soft = hierarchical (paper)

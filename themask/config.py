@@ -1,5 +1,4 @@
-"""Run configuration (model + loss + data + train + eval dataclasses): defaults, the preset's
-network and objective, the YAML file, then dotted ``key=value`` overrides parsed as YAML."""
+"""Run configuration dataclasses: defaults, the preset's, a YAML file, then key=value overrides."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Iteration-based training loop (docs/DESIGN.md §6): one ``Trainer`` for 1 process or DDP; a
-``--resume`` continues bit for bit on CPU from ``checkpoint.pt`` (``weights_only`` loadable)."""
+"""The training loop (docs/DESIGN.md §6), 1 process or DDP; ``--resume`` is bit for bit on CPU."""
 
 from __future__ import annotations
 

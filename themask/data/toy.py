@@ -1,5 +1,4 @@
-"""The embedded offline dataset: synthetic videos in the VSPW layout (raw 0 others, 1..8
-``TOY_CLASS_NAMES``, 255 void); same arguments -> byte-identical files."""
+"""Synthetic videos in the VSPW layout (0 others, 1..8 classes, 255 void), byte-reproducible."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Weight files (``files``), MiT (``mit``) and official (``official``) layouts; here our format,
-a ``.safetensors`` file with the ``ModelConfig`` (class names, palette, test resize optional)."""
+"""Weight files (``files``), MiT (``mit``), official (``official``) layouts; ours: .safetensors."""
 
 from __future__ import annotations
 

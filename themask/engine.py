@@ -204,10 +204,9 @@ class Trainer:
         self.cfg, tcfg, self.run_dir = cfg, cfg.train, Path(run_dir)
         checkpoint = self.run_dir / CHECKPOINT_NAME
         if not resume and not overwrite and checkpoint.exists():
-            raise FileExistsError(
-                f"{self.run_dir} already holds a training run ({CHECKPOINT_NAME}); resume it "
-                "(--resume) or choose another run directory (--out)"
-            )
+            choice = "resume it (--resume) or choose another run directory (--out)"
+            held = f"{self.run_dir} already holds a training run ({CHECKPOINT_NAME})"
+            raise FileExistsError(f"{held}; {choice}")
         state, changes = None, {}
         if resume:  # refuse early, create nothing
             if not checkpoint.exists():

@@ -68,10 +68,8 @@ def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, in
     elif description.num_classes == k:
         names, palette = list(description.classes), description.palette
     elif data is not None:
-        raise ConfigError(
-            f"{args.weights}: the model predicts {k} classes but the --config dataset "
-            f"({description.source}) has {description.num_classes}"
-        )
+        dataset = f"the --config dataset ({description.source}) has {description.num_classes}"
+        raise ConfigError(f"{args.weights}: the model predicts {k} classes but {dataset}")
     else:
         names, palette = [str(i) for i in range(k)], default_palette(k)
     return tuple(scale or read_test_scale(args.weights) or TEST_SCALE), clip_len, names, palette

@@ -72,7 +72,5 @@ def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
 def check_invalid(count: int, value: int, num_classes: int) -> None:
     """Raise for labels that held ``count`` invalid values (``value`` one of them)."""
     if count > 0:
-        raise ValueError(
-            f"labels hold value {value}; expected class ids in [0, {num_classes}) "
-            f"or {IGNORE_INDEX} (ignore)"
-        )
+        expected = f"class ids in [0, {num_classes}) or {IGNORE_INDEX} (ignore)"
+        raise ValueError(f"labels hold value {value}; expected {expected}")

@@ -50,10 +50,8 @@ def save_model(
     if class_names is not None:
         colours = None if palette is None else len(palette)
         if len(class_names) != model.num_classes or colours not in (None, len(class_names)):
-            raise WeightsError(
-                f"save_model: {len(class_names)} class names (palette: {colours}) for "
-                f"{model.num_classes} classes"
-            )
+            names = f"{len(class_names)} class names (palette: {colours})"
+            raise WeightsError(f"save_model: {names} for {model.num_classes} classes")
         classes: dict[str, list] = {"names": list(class_names)}
         if palette is not None:
             classes["palette"] = np.asarray(palette, dtype=np.uint8).tolist()

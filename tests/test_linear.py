@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from themask.loss.criterion import SetCriterion, training_loss
 from themask.modeling import linear as linear_module
 from themask.modeling.build import build_model, preset_loss_config
-from themask.modeling.linear import Linear, linear
+from themask.modeling.linear import Linear, bmm, linear
 
 pytestmark = pytest.mark.skipif(not linear_module.ENABLED, reason="oneDNN path off here")
 
@@ -72,6 +72,43 @@ def test_only_the_gradients_asked_for_are_computed(calls):
     linear(x, weight).sum().backward()
     assert len(calls) == 2 and weight.grad is not None  # no product for x's gradient
     torch.testing.assert_close(weight.grad, torch.ones(10, 6).t() @ x)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_relu_fused_or_after_equals_relu_of_the_product(grad, calls):
+    gen = torch.Generator().manual_seed(1)
+    x, weight, bias = (torch.randn(*s, generator=gen) for s in ((40, 16), (12, 16), (12,)))
+    weight.requires_grad_(grad)
+    out = linear(x, weight, bias, relu=True)
+    expected = reference(x, weight.detach(), bias).clamp_min(0)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    assert len(calls) == 1 and (out == 0).any()
+    if grad:  # the gradient stops where the ReLU clipped
+        out.backward(torch.ones_like(out))
+        want = ((expected > 0).double().t() @ x.double()).float()
+        torch.testing.assert_close(weight.grad, want, rtol=0, atol=1e-4)
+
+
+def test_a_bias_alone_that_needs_its_gradient_gets_it():
+    x, weight, bias = torch.randn(9, 4), torch.randn(3, 4), torch.zeros(3, requires_grad=True)
+    linear(x, weight, bias).sum().backward()
+    torch.testing.assert_close(bias.grad, torch.full((3,), 9.0))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bmm_values_and_gradients_equal_the_float64_product(layout, calls):
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
+    maps = torch.randn(3, 16, 5, 6, generator=gen).contiguous(memory_format=layout)
+    b = maps.requires_grad_().flatten(2)  # (3, 16, 30), rows 30-major when channels-last
+    out = bmm(a, b)
+    assert len(calls) == 3  # one product per group
+    want = a.detach().double() @ b.detach().double()
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad)
+    torch.testing.assert_close(a.grad, grad @ b.detach().transpose(1, 2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(maps.grad.flatten(2), a.detach().transpose(1, 2) @ grad)
 
 
 def test_outside_float32_cpu_it_is_f_linear(calls):

@@ -19,9 +19,10 @@ ENABLED = (
 )
 
 
-def _product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., in) @ weight (out, in)ᵀ + bias (out,) → (..., out) on oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None = None, post: str = "none") -> Tensor:
+    """x (..., in) @ weight (out, in)ᵀ + bias (out,) → (..., out) on oneDNN, then ``post``
+    ("none" or "relu") fused."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -36,16 +37,16 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_x = _product(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = _product(rows.t(), x.reshape(-1, x.shape[-1]).t())  # (out, in)
+        grad_w, flat = None, x.reshape(-1, x.shape[-1])  # (out, in), (N, in)
+        if ctx.needs_input_grad[1]:  # oneDNN copies its input (reads the weight in place):
+            narrow = flat.shape[1] < rows.shape[1]  # the narrower matrix is the input
+            grad_w = _product(flat.t(), rows.t()).t() if narrow else _product(rows.t(), flat.t())
         grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, on oneDNN for float32 CPU tensors outside autocast and export."""
-    if (
+def _on_onednn(x: Tensor, weight: Tensor) -> bool:
+    return (
         ENABLED
         and x.dtype == weight.dtype == torch.float32
         and x.device.type == "cpu"
@@ -53,15 +54,51 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
-    ):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _OneDNNLinear.apply(x, weight, bias)
-        return _product(x, weight, bias)
-    return F.linear(x, weight, bias)
+    )
+
+
+def _records(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``F.linear`` (then ReLU if ``relu``), on oneDNN for float32 CPU tensors outside autocast
+    and export (the ReLU fused in where no gradient is recorded)."""
+    if not _on_onednn(x, weight):
+        out = F.linear(x, weight, bias)
+    elif not _records(x, weight, bias):
+        return _product(x, weight, bias, "relu" if relu else "none")
+    else:
+        out = _OneDNNLinear.apply(x, weight, bias)
+    return F.relu(out) if relu else out
+
+
+class _BatchedProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return torch.stack([_product(a_g, b_g.t()) for a_g, b_g in zip(a, b)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        a, b = ctx.saved_tensors
+        grad_a = torch.bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        return grad_a, torch.bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+
+
+def bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm``: a (G, M, K) @ b (G, K, N) → (G, M, N), each product on oneDNN where
+    ``linear`` would be (b[g] is read as a weight: fastest with N-major rows, e.g. channels-last
+    features); the backward, rarely needed, on ``torch.bmm``."""
+    if not _on_onednn(a, b):
+        return torch.bmm(a, b)
+    if _records(a, b):
+        return _BatchedProduct.apply(a, b)
+    return torch.stack([_product(a_g, b_g.t()) for a_g, b_g in zip(a, b)])
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) through ``linear``."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        return linear(x, self.weight, self.bias, relu)

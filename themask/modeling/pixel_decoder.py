@@ -52,7 +52,7 @@ class DeformableEncoderLayer(nn.Module):
         see ``MSDeformAttn.forward``."""
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, normaliser)
         src = self.norm1(src + attended)
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.linear2(self.linear1(src, relu=True)))
 
 
 def _pixel_centres(
@@ -181,8 +181,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         ]
         res2 = features[0].contiguous(memory_format=torch.channels_last)  # as MiT's: faster convs
         lateral = in_float32(self.lateral, res2)  # (N, C, H/4, W/4), channels-last like the rest
-        upsampled = F.interpolate(
-            multi_scale[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
-        )
+        coarse = multi_scale[-1].clone(memory_format=torch.channels_last)  # else NCHW out (N=1)
+        upsampled = F.interpolate(coarse, lateral.shape[-2:], mode="bilinear", align_corners=False)
         fused = self.fpn_output(lateral + upsampled)
         return FrameFeatures(self.mask_features(fused), multi_scale)

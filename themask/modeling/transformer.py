@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from themask.data.vspw import NUM_CLASSES
-from themask.modeling.linear import Linear, linear
+from themask.modeling.linear import Linear, bmm, linear
 from themask.modeling.outputs import MaskSource, Predictions, PredictionSet
 from themask.modeling.position_encoding import sine_position_encoding_3d
 from themask.rng import uniform
@@ -119,7 +119,7 @@ class FFNLayer(nn.Module):
         nn.init.xavier_uniform_(self.linear2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.dropout(F.relu(self.linear1(x)))
+        hidden = self.dropout(self.linear1(x, relu=True))
         return self.norm(x + self.dropout(self.linear2(hidden)))
 
 
@@ -151,7 +151,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
+            x = layer(x, relu=True)
         return self.layers[-1](x)
 
 
@@ -192,7 +192,7 @@ def resize_features(features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[
     return [
         features
         if tuple(features.shape[-2:]) == tuple(size)
-        else F.interpolate(source, size=size, mode="bilinear", align_corners=False).contiguous()
+        else F.interpolate(source, size=size, mode="bilinear", align_corners=False)
         for size in sizes
     ]
 
@@ -326,7 +326,7 @@ class QueryDecoder(nn.Module):
             if embeddings.dim() == 3:  # clip head: the same embeddings for every frame
                 embeddings = embeddings.unsqueeze(1).expand(-1, frames, -1, -1)
             embeddings, features = embeddings.flatten(0, 1), state.mask_features.flatten(2)
-            flat = torch.bmm(embeddings, features)  # (B·T, S·N, h·w)
+            flat = bmm(embeddings, features)  # (B·T, S·N, h·w)
             logits = flat.view(batch, frames, sets, -1, height, width)
             queries = logits.shape[3]
             masks.append(logits.permute(2, 0, 3, 1, 4, 5).unbind(0))  # S × (B, N, T, h, w)
@@ -359,9 +359,8 @@ class QueryDecoder(nn.Module):
         self, embeddings: Tensor, features: Tensor, state: DecodingState
     ) -> Tensor:
         """Mask logits (B·T, N, h·w) of a memory level's mask features (B·T, D, h, w)."""
-        per_clip = features.view(embeddings.shape[0], state.frames, *features.shape[1:])
-        low = torch.einsum("bnd,btdhw->btnhw", embeddings, per_clip)
-        return low.flatten(3).flatten(0, 1)
+        per_frame = embeddings.repeat_interleave(state.frames, dim=0)  # (B·T, N, D)
+        return bmm(per_frame, features.flatten(2))
 
 
 class MaskDecoder(QueryDecoder):

@@ -57,8 +57,8 @@ class TrainConfig:
     def per_process_batch(self, world_size: int) -> int:
         split = world_size * self.grad_accum
         if self.batch_size % split:
-            split = f"world_size ({world_size}) x train.grad_accum ({self.grad_accum})"
-            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by {split}")
+            product = f"world_size ({world_size}) x train.grad_accum ({self.grad_accum})"
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by {product}")
         return self.batch_size // split
 
 

@@ -118,11 +118,9 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], step: int) -> di
     if "train.max_steps" in changes and new_flat["train.max_steps"] <= step:
         refused.append(f"train.max_steps: {new_flat['train.max_steps']} is not above step {step}")
     if refused:
-        raise ConfigError(
-            "--resume: the config differs from the checkpoint's where exact resumption needs "
-            f"it unchanged ({'; '.join(refused)}); resume with the original values or start a "
-            "new run (--out)"
-        )
+        differs = "the config differs from the checkpoint's where exact resumption needs"
+        advice = "resume with the original values or start a new run (--out)"
+        raise ConfigError(f"--resume: {differs} it unchanged ({'; '.join(refused)}); {advice}")
     return changes
 
 

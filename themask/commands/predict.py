@@ -93,10 +93,9 @@ def run(args: argparse.Namespace) -> int:
         predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
         manifest = predictor.manifest
         if args.clip_len not in (None, manifest.clip_len):
-            raise ConfigError(
-                f"{predictor.directory}: exported for windows of {manifest.clip_len} frames, "
-                f"not --clip-len {args.clip_len} (export again with --clip-len {args.clip_len})"
-            )
+            exported = f"{predictor.directory}: exported for windows of {manifest.clip_len} frames"
+            again = f"export again with --clip-len {args.clip_len}"
+            raise ConfigError(f"{exported}, not --clip-len {args.clip_len} ({again})")
         names, palette, clip_len = manifest.class_names, manifest.palette, manifest.clip_len
         scale = tuple(args.scale or manifest.scale)
         predict = partial(predict_frames, predictor, scale=scale)

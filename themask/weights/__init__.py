@@ -92,10 +92,8 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> T
     """The ``THEMask`` of a file written by :func:`save_model`, on ``map_location``."""
     values = _stored(path, CONFIG_METADATA_KEY)
     if values is None:
-        raise WeightsError(
-            f"{path}: no '{CONFIG_METADATA_KEY}' metadata; not a themask model file "
-            "(convert other checkpoints with `themask convert`)"
-        )
+        hint = "not a themask model file (convert other checkpoints with `themask convert`)"
+        raise WeightsError(f"{path}: no '{CONFIG_METADATA_KEY}' metadata; {hint}")
     values.pop("loss", None)  # files from before the objective left the network config
     try:
         config = update_dataclass(ModelConfig(), values, CONFIG_METADATA_KEY)

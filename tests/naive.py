@@ -56,3 +56,8 @@ def naive_attention(attn, query, key, value, blocked=None, keep=None):
             weights = weights * keep[head]
         out[:, cols] = weights @ v[:, cols]
     return out @ attn.out_proj.weight.T + attn.out_proj.bias
+
+
+def load_checkpoint(path):
+    """A training checkpoint read as the trainer reads it: on CPU, unpickled weights-only."""
+    return torch.load(path, map_location="cpu", weights_only=True)

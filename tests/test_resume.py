@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from naive import load_checkpoint
 
 from themask.config import load_config
 from themask.data.loader import build_train_loader
@@ -15,7 +16,6 @@ from themask.engine import (
     CHECKPOINT_NAME,
     Trainer,
     get_rng_state,
-    load_checkpoint,
     save_checkpoint,
     set_rng_state,
 )

@@ -1,5 +1,4 @@
-"""Run configuration (model + loss + data + train + eval dataclasses): defaults, the preset's
-network and objective, the YAML file, then dotted ``key=value`` overrides parsed as YAML."""
+"""Run configuration dataclasses: defaults, the preset's, a YAML file, then key=value overrides."""
 
 from __future__ import annotations
 
@@ -58,10 +57,8 @@ class TrainConfig:
     def per_process_batch(self, world_size: int) -> int:
         split = world_size * self.grad_accum
         if self.batch_size % split:
-            raise ConfigError(
-                f"train.batch_size={self.batch_size} is not divisible by world_size "
-                f"({world_size}) x train.grad_accum ({self.grad_accum})"
-            )
+            product = f"world_size ({world_size}) x train.grad_accum ({self.grad_accum})"
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by {product}")
         return self.batch_size // split
 
 
@@ -109,12 +106,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         kinds = args if fixed else args[:1] * len(value)
         items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, kinds))]
         return tuple(items) if origin is tuple else items
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # update_dataclass took mappings
         if isinstance(value, tp):
             return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return update_dataclass(tp(), value, key)
+        raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
     if tp is float and isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
         with contextlib.suppress(ValueError):
             return float(value)
@@ -173,15 +168,11 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
     base = dataclasses.replace(base, preset=preset, model=model, loss=loss)
     cfg = update_dataclass(base, values)  # then: the model must fit the data
     if cfg.model.num_classes != cfg.data.num_classes:
-        raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes} but the dataset "
-            f"({cfg.data.description.source}) has {cfg.data.num_classes} classes"
-        )
+        dataset = f"the dataset ({cfg.data.description.source}) has {cfg.data.num_classes} classes"
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {dataset}")
     if cfg.model.decoder == "temporal" and cfg.model.num_frames != cfg.data.num_frames:
-        raise ConfigError(
-            f"model.num_frames={cfg.model.num_frames} but data.dilation={list(cfg.data.dilation)} "
-            f"gives clips of {cfg.data.num_frames} frames"
-        )
+        dilation = f"data.dilation={list(cfg.data.dilation)} gives clips of {cfg.data.num_frames}"
+        raise ConfigError(f"model.num_frames={cfg.model.num_frames} but {dilation} frames")
     return cfg
 
 
@@ -234,10 +225,8 @@ def resolve_config_path(path: PathLike) -> Path:
     for candidate in (Path(path), SHIPPED_CONFIG_DIR / name, SHIPPED_CONFIG_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
-    raise ConfigError(
-        f"config file not found: {path} (neither a file nor a shipped config; shipped: "
-        f"{', '.join(list_shipped_configs())})"
-    )
+    shipped = f"neither a file nor a shipped config; shipped: {', '.join(list_shipped_configs())}"
+    raise ConfigError(f"config file not found: {path} ({shipped})")
 
 
 def load_config(path: PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -1,5 +1,4 @@
-"""Iteration-based training loop (docs/DESIGN.md §6): one ``Trainer`` for 1 process or DDP; a
-``--resume`` continues bit for bit on CPU from ``checkpoint.pt`` (``weights_only`` loadable)."""
+"""The training loop (docs/DESIGN.md §6), 1 process or DDP; ``--resume`` is bit for bit on CPU."""
 
 from __future__ import annotations
 
@@ -61,10 +60,9 @@ def seed_everything(seed: int) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states as plain values."""
-    py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, *np_rest = cast(tuple, np.random.get_state())  # legacy: a tuple
     return {
-        "python": [py_version, list(py_state), py_gauss],
+        "python": random.getstate(),  # tuples (lists in older checkpoints)
         "numpy": [np_name, np_keys.tolist(), *np_rest],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -84,10 +82,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(state: dict[str, Any], path: PathLike) -> None:
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
-
-
-def load_checkpoint(path: PathLike) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -124,11 +118,9 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any], step: int) -> di
     if "train.max_steps" in changes and new_flat["train.max_steps"] <= step:
         refused.append(f"train.max_steps: {new_flat['train.max_steps']} is not above step {step}")
     if refused:
-        raise ConfigError(
-            "--resume: the config differs from the checkpoint's where exact resumption needs "
-            f"it unchanged ({'; '.join(refused)}); resume with the original values or start a "
-            "new run (--out)"
-        )
+        differs = "the config differs from the checkpoint's where exact resumption needs"
+        advice = "resume with the original values or start a new run (--out)"
+        raise ConfigError(f"--resume: {differs} it unchanged ({'; '.join(refused)}); {advice}")
     return changes
 
 
@@ -142,8 +134,7 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt
-        self.signum = signum
-        name = signal.Signals(signum).name
+        self.signum, name = signum, signal.Signals(signum).name
         logger.warning("%s: checkpoint and stop after this step (again: stop at once)", name)
 
     def __enter__(self) -> StopRequest:
@@ -208,23 +199,20 @@ class Trainer:
         progress: bool = True,
         overwrite: bool = False,
     ) -> None:
-        self.cfg, tcfg = cfg, cfg.train
-        self.run_dir = Path(run_dir)
+        self.cfg, tcfg, self.run_dir = cfg, cfg.train, Path(run_dir)
         checkpoint = self.run_dir / CHECKPOINT_NAME
         if not resume and not overwrite and checkpoint.exists():
-            raise FileExistsError(
-                f"{self.run_dir} already holds a training run ({CHECKPOINT_NAME}); resume it "
-                "(--resume) or choose another run directory (--out)"
-            )
+            choice = "resume it (--resume) or choose another run directory (--out)"
+            held = f"{self.run_dir} already holds a training run ({CHECKPOINT_NAME})"
+            raise FileExistsError(f"{held}; {choice}")
         state, changes = None, {}
         if resume:  # refuse early, create nothing
             if not checkpoint.exists():
                 raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} in {self.run_dir}")
-            state = load_checkpoint(checkpoint)
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             changes = resume_changes(state["config"], to_dict(cfg), int(state["step"]))
         self.dist = distributed.init_distributed(device)
-        self.device = self.dist.device
-        self.is_main = self.dist.is_main
+        self.device, self.is_main = self.dist.device, self.dist.is_main
         self.per_process_batch = tcfg.per_process_batch(self.dist.world_size)
         self.evaluate_enabled, self.progress = evaluate, progress
 
@@ -232,8 +220,7 @@ class Trainer:
         if model is None:
             model = build_model_from_config(cfg.model)
             if cfg.pretrained_backbone:
-                load_backbone_weights(model.backbone, cfg.pretrained_backbone)
-                logger.info("backbone weights from %s", cfg.pretrained_backbone)
+                load_backbone_weights(model.backbone, cfg.pretrained_backbone)  # logs the source
         self.model = model
         if tcfg.checkpoint_activations:
             model.set_activation_checkpointing(True)
@@ -260,12 +247,10 @@ class Trainer:
             self.criterion = SetCriterion(cfg.loss, cfg.model.num_classes)
             divisor = cfg.model.size_divisor
             loss_fn = partial(training_loss, criterion=self.criterion, size_divisor=divisor)
-        self.loss_fn = loss_fn
-        self._batches_fn = batches
+        self.loss_fn, self._batches_fn = loss_fn, batches
         seed_everything(distributed.rank_seed(tcfg.seed, self.dist.rank))
 
-        self.step = 0
-        self._resume_state = state
+        self.step, self._resume_state = 0, state
         if state is not None:
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -371,26 +356,21 @@ class Trainer:
             self.optimizer.step()
         return norm.detach()
 
-    def _log_window(self, window: StepWindow, result: TrainResult, bar: Any) -> None:
+    def _log_window(self, window: StepWindow, result: TrainResult, bar: tqdm) -> None:
         rows = window.read(reduce=self.dist.world_size > 1)
         result.losses.extend(row["loss"] for row in rows)
         means = window_means(rows, count_skipped=self.scaler is not None)
         if self.writer is not None:
             self.writer.write(self.step, means)
             logger.debug("step %d loss %.4f lr %.3g", self.step, means["loss"], means["lr"])
-        if bar is not None:
-            postfix = {k: f"{means.get(name, math.nan):.3f}" for k, name in BAR_FIELDS.items()}
-            bar.set_postfix(postfix, refresh=False)
+        postfix = {k: f"{means.get(name, math.nan):.3f}" for k, name in BAR_FIELDS.items()}
+        bar.set_postfix(postfix, refresh=False)
 
     def train(self) -> TrainResult:
         """Run until ``train.max_steps`` or a signal."""
-        tcfg = self.cfg.train
-        result = TrainResult(step=self.step)
-        batches: Iterator[Any]
-        if self._loader is not None:
-            batches = iter(self._loader)
-        else:
-            batches = self._batches_fn(self.step * tcfg.grad_accum)  # type: ignore[misc]
+        tcfg, result = self.cfg.train, TrainResult(step=self.step)
+        start = self.step * tcfg.grad_accum
+        batches = iter(self._loader) if self._loader is not None else self._batches_fn(start)  # type: ignore[misc]
         if self._resume_state is not None:  # after the loader, which may draw from the RNGs
             rng = self._resume_state["rng"]
             if len(rng) == self.dist.world_size:
@@ -400,18 +380,18 @@ class Trainer:
                 logger.warning(message, len(rng), self.dist.world_size)
                 seed_everything(distributed.rank_seed(tcfg.seed + self.step, self.dist.rank))
             self._resume_state = None
-        bar = None
-        if self.is_main and self.progress:
-            bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-            bar.mininterval = 0.1 if sys.stderr.isatty() else 30.0  # 30 s in a log file
+        hide = not (self.is_main and self.progress)
+        bar = tqdm(
+            total=tcfg.max_steps, initial=self.step, desc="train", disable=hide, dynamic_ncols=True
+        )
+        bar.mininterval = 0.1 if sys.stderr.isatty() else 30.0  # 30 s in a log file
         self._set_train_mode()
         self._saved_step = -1
         try:
             with StopRequest() as stop:
                 result.stopped_by = self._loop(batches, bar, result, stop)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
             # the workers ignore SIGTERM: end them now, whatever still refers to the iterator
             getattr(batches, "_shutdown_workers", lambda: None)()
             self._loader = None
@@ -428,11 +408,10 @@ class Trainer:
         return result
 
     def _loop(
-        self, batches: Iterator[Any], bar: Any, result: TrainResult, stop: StopRequest
+        self, batches: Iterator[Any], bar: tqdm, result: TrainResult, stop: StopRequest
     ) -> int | None:
         """The steps up to ``max_steps``; the signal that stopped it early, if any."""
-        tcfg = self.cfg.train
-        window = StepWindow()
+        tcfg, window = self.cfg.train, StepWindow()
         while self.step < tcfg.max_steps:
             lr = poly_lr(self.step, tcfg.lr, tcfg.max_steps, tcfg.poly_power)
             set_learning_rate(self.optimizer, lr)
@@ -446,8 +425,7 @@ class Trainer:
             sums["grad_norm"] = self._optimizer_step()
             self.step += 1
             window.append({**sums, "lr": lr})
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             end = self.step == tcfg.max_steps
             if self.step % tcfg.log_interval == 0 or end:
                 self._log_window(window, result, bar)

@@ -64,13 +64,11 @@ class MetricWriter:
     """``{"step", "tag", <name>: float | null}`` lines in ``metrics.jsonl``, and TensorBoard."""
 
     def __init__(self, run_dir: PathLike, *, tensorboard: bool = True) -> None:
-        self.run_dir = Path(run_dir)
-        self.jsonl_path = self.run_dir / "metrics.jsonl"
-        self._tb = None
+        self.jsonl_path, self._tb = Path(run_dir) / "metrics.jsonl", None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def write(self, step: int, values: Mapping[str, float], *, tag: str = "train") -> None:
         record: dict[str, Any] = {"step": int(step), "tag": tag}

@@ -53,8 +53,7 @@ def load_stage1_into_temporal(
 
 def init_from_weights(model: nn.Module, path: PathLike, *, head_init: str = "official") -> None:
     """Load ``path`` into ``model`` (stage 1 into a TAD model); other-K class layers start fresh."""
-    state_dict = as_ours(read_state_dict(path))
-    target = model.state_dict()
+    state_dict, target = as_ours(read_state_dict(path)), model.state_dict()
     fresh = [
         key
         for key, value in sorted(state_dict.items())

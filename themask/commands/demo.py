@@ -74,10 +74,8 @@ def _train_and_report(
     cfg = load_config(config, [f"data.root={data_root}", *args.overrides])
     names = list(cfg.data.description.classes)
     where = f"CPU ({torch.get_num_threads()} torch thread(s))" if args.device == "cpu" else "cuda"
-    print(
-        f"training {cfg.preset} on the toy dataset ({cfg.data.root}): {cfg.train.max_steps} "
-        f"steps of {cfg.train.batch_size} clips on {where}"
-    )
+    steps = f"{cfg.train.max_steps} steps of {cfg.train.batch_size} clips on {where}"
+    print(f"training {cfg.preset} on the toy dataset ({cfg.data.root}): {steps}")
     start = time.time()
     trainer = Trainer(cfg, out / "run", device=args.device, evaluate=False, overwrite=True)
     weights = trainer.train().weights_path
@@ -85,19 +83,16 @@ def _train_and_report(
     print(f"trained in {minutes:.1f} min; weights: {weights}")
 
     report = evaluate_config(trainer.model, cfg, device=trainer.device)
-    print(
-        f"\n{cfg.preset} on the toy validation split ({report['num_videos']} videos, "
-        f"{report['num_frames']} frames, test clips of {cfg.data.eval_clip_len}); "
-        f"chance level mIoU ≈ {100 / len(names):.1f}"
-    )
+    counts = f"{report['num_videos']} videos, {report['num_frames']} frames"
+    chance = f"chance level mIoU ≈ {100 / len(names):.1f}"
+    split = f"toy validation split ({counts}, test clips of {cfg.data.eval_clip_len})"
+    print(f"\n{cfg.preset} on the {split}; {chance}")
     fields = {"config": str(config), "preset": cfg.preset, "steps": cfg.train.max_steps}
     report_metrics(report, names, out / "metrics.json", train_minutes=round(minutes, 2), **fields)
     video = _write_overlays(trainer.model, cfg, out, trainer.device)
     plot_loss_curve(out / "run" / "metrics.jsonl", out / "loss_curve.png", title=cfg.preset)
-    print(
-        f"wrote {out / 'metrics.json'}, overlays of {video} in {out / 'overlays'}, "
-        f"{out / 'overlay.mp4'} and {out / 'loss_curve.png'}"
-    )
+    files = f"{out / 'overlay.mp4'} and {out / 'loss_curve.png'}"
+    print(f"wrote {out / 'metrics.json'}, overlays of {video} in {out / 'overlays'}, {files}")
     return report
 
 

@@ -61,10 +61,8 @@ def run(args: argparse.Namespace) -> int:
         options = dict(settings, write_dir=args.save_predictions, amp=args.amp)
         report = evaluate_config(model, cfg, device=info.device, **options)
         if info.is_main:
-            print(
-                f"{report['num_videos']} videos, {report['num_frames']} frames scored of "
-                f"{cfg.data.root} / {split}, clip length {clip_len}, mVC rule {vc_rule}"
-            )
+            scored = f"{report['num_videos']} videos, {report['num_frames']} frames scored of"
+            print(f"{scored} {cfg.data.root} / {split}, clip length {clip_len}, mVC rule {vc_rule}")
             names = list(description.classes)
             report_metrics(report, names, args.json_path, weights=str(args.weights), **settings)
             if args.json_path:

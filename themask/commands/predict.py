@@ -68,10 +68,8 @@ def window_settings(args: argparse.Namespace, model: Any) -> tuple[tuple[int, in
     elif description.num_classes == k:
         names, palette = list(description.classes), description.palette
     elif data is not None:
-        raise ConfigError(
-            f"{args.weights}: the model predicts {k} classes but the --config dataset "
-            f"({description.source}) has {description.num_classes}"
-        )
+        dataset = f"the --config dataset ({description.source}) has {description.num_classes}"
+        raise ConfigError(f"{args.weights}: the model predicts {k} classes but {dataset}")
     else:
         names, palette = [str(i) for i in range(k)], default_palette(k)
     return tuple(scale or read_test_scale(args.weights) or TEST_SCALE), clip_len, names, palette
@@ -95,10 +93,9 @@ def run(args: argparse.Namespace) -> int:
         predictor = OnnxStreamingPredictor(args.onnx, step=args.step, threads=args.threads)
         manifest = predictor.manifest
         if args.clip_len not in (None, manifest.clip_len):
-            raise ConfigError(
-                f"{predictor.directory}: exported for windows of {manifest.clip_len} frames, "
-                f"not --clip-len {args.clip_len} (export again with --clip-len {args.clip_len})"
-            )
+            exported = f"{predictor.directory}: exported for windows of {manifest.clip_len} frames"
+            again = f"export again with --clip-len {args.clip_len}"
+            raise ConfigError(f"{exported}, not --clip-len {args.clip_len} ({again})")
         names, palette, clip_len = manifest.class_names, manifest.palette, manifest.clip_len
         scale = tuple(args.scale or manifest.scale)
         predict = partial(predict_frames, predictor, scale=scale)

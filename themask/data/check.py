@@ -112,8 +112,10 @@ def check_dataset(
     if not root.is_dir():
         report.problems.append(f"{root}: dataset root does not exist")
         return report
-    if splits is None:
-        splits = description.split_names(root)
+    if splits is None:  # the description's, else those with a split file
+        splits = list(description.splits or ()) or [
+            s for s in ("train", "val", "test") if description.split_file(root, s).is_file()
+        ]
         if not splits:
             report.problems.append(f"{root}: no split files (train.txt, val.txt, test.txt) found")
             return report

@@ -67,10 +67,8 @@ def sample_train_clip(
         reverse = not reverse
     choices = valid(reverse)
     if not choices:
-        raise ClipTooShortError(
-            f"no frame of {list(frames)} ({num_frames} frames) can end a clip: dilation "
-            f"{list(dilation)} needs at least {span} frames"
-        )
+        why = f"can end a clip: dilation {list(dilation)} needs at least {span} frames"
+        raise ClipTooShortError(f"no frame of {list(frames)} ({num_frames} frames) {why}")
     target = choices[int(rng.integers(len(choices)))]
     return train_clip_indices(num_frames, dilation, target, reverse=reverse)
 

@@ -14,8 +14,7 @@ from themask.data.vspw import CLASS_NAMES, PALETTE, DataError, map_raw_labels, r
 from themask.io import PathLike
 
 DESCRIPTION_FILE = "dataset.yaml"
-VSPW_FRAMES = "data/{video}/origin"
-VSPW_MASKS = "data/{video}/mask"
+VSPW_FRAMES, VSPW_MASKS = "data/{video}/origin", "data/{video}/mask"
 
 
 class DescriptionError(DataError):
@@ -73,16 +72,9 @@ class DatasetDescription:
         if self.splits is None:
             return Path(root) / f"{split}.txt"
         if split not in self.splits:
-            raise DataError(
-                f"{self.source}: splits has no '{split}' (it has: {', '.join(self.splits)})"
-            )
+            known = ", ".join(self.splits)
+            raise DataError(f"{self.source}: splits has no '{split}' (it has: {known})")
         return Path(root) / self.splits[split]
-
-    def split_names(self, root: PathLike) -> list[str]:
-        """The splits this description names (default layout: those with a split file)."""
-        if self.splits is not None:
-            return list(self.splits)
-        return [s for s in ("train", "val", "test") if self.split_file(root, s).is_file()]
 
     def frame_dir(self, root: PathLike, video: str) -> Path:
         return Path(root) / self.frames.format(video=video)

@@ -108,10 +108,8 @@ class VSPWTrainDataset(Dataset):
         short = [v for v in videos if len(v) < span]
         if short:
             listed = ", ".join(f"{v.frame_paths[0].parent} ({len(v)} frames)" for v in short[:10])
-            raise DataError(
-                f"{len(short)} video(s) shorter than the clip span: dilation {list(dilation)} "
-                f"needs at least {span} frames per video: {listed}"
-            )
+            needs = f"dilation {list(dilation)} needs at least {span} frames per video"
+            raise DataError(f"{len(short)} video(s) shorter than the clip span: {needs}: {listed}")
         # a clip ends on a masked frame, read forwards or backwards
         ends = [[max(i, len(v) - 1 - i) for i in v.labelled_indices] for v in videos]
         unusable = [v.name for v, e in zip(videos, ends) if max(e, default=-1) < span - 1]

@@ -1,5 +1,4 @@
-"""The embedded offline dataset: synthetic videos in the VSPW layout (raw 0 others, 1..8
-``TOY_CLASS_NAMES``, 255 void); same arguments -> byte-identical files."""
+"""Synthetic videos in the VSPW layout (0 others, 1..8 classes, 255 void), byte-reproducible."""
 
 from __future__ import annotations
 
@@ -28,14 +27,12 @@ TOY_DESCRIPTION = DatasetDescription(TOY_CLASS_NAMES, TOY_PALETTE, source="toy d
 
 STUFF_IDS = (1, 2, 3, 4)  # raw ids
 OBJECT_IDS = (5, 6, 7, 8)
-OTHERS_ID = 0
-VOID_ID = 255
+OTHERS_ID, VOID_ID = 0, 255
 _CONTRAST = (60.0, 120.0)  # the light colour exceeds the dark one by this much (each channel)
 
 
 class _ColourField:
-    """A dark and a light colour, each bilinear between random corner colours: ``(u, v,
-    pattern)`` in [0, 1] -> (n, 3) RGB floats, pattern 1 picking one of the two at random."""
+    """Two colours bilinear between random corners: (u, v, pattern) in [0, 1] → (n, 3) RGB."""
 
     def __init__(self, rng: np.random.Generator) -> None:
         dark = rng.uniform(0.0, 150.0, size=(2, 2, 3))
@@ -45,8 +42,7 @@ class _ColourField:
     @staticmethod
     def _at(corners: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         u, v = np.clip(u, 0.0, 1.0)[:, None], np.clip(v, 0.0, 1.0)[:, None]
-        top = corners[0, 0] * (1 - u) + corners[0, 1] * u
-        bottom = corners[1, 0] * (1 - u) + corners[1, 1] * u
+        top, bottom = (row[0] * (1 - u) + row[1] * u for row in corners)
         return top * (1 - v) + bottom * v
 
     def __call__(self, u: np.ndarray, v: np.ndarray, pattern: np.ndarray) -> np.ndarray:
@@ -180,25 +176,6 @@ class _Scene:
         return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def _class_plans(
-    rng: np.random.Generator, num_videos: int
-) -> list[tuple[tuple[int, int], list[int]]]:
-    """Per video: 2 stuff classes and 1-3 object classes, cycling so every class is used."""
-    pairs = list(itertools.combinations(STUFF_IDS, 2))
-    pair_order = rng.permutation(len(pairs))
-    object_cycle = [int(c) for c in rng.permutation(OBJECT_IDS)]
-    plans, cursor = [], 0
-    for v in range(num_videos):
-        stuff = pairs[pair_order[v % len(pairs)]]
-        if rng.random() < 0.5:
-            stuff = (stuff[1], stuff[0])
-        count = int(rng.integers(1, 4))
-        objects = [object_cycle[(cursor + i) % len(object_cycle)] for i in range(count)]
-        cursor += count
-        plans.append((stuff, objects))
-    return plans
-
-
 def make_toy_dataset(
     root: PathLike,
     *,
@@ -208,17 +185,24 @@ def make_toy_dataset(
     num_frames: int = 16,
     val_frames: int = 24,
     size: tuple[int, int] = (96, 128),
-    jpeg_quality: int = 92,
 ) -> Path:
     """Write (over) the toy dataset under ``root`` (returned): videos of ``num_frames - 3 ..
     num_frames`` frames (val: ``val_frames``, > 16 for mVC16) of ``size`` (H, W)."""
     if min(num_frames, val_frames) < 4:
         raise ValueError(f"num_frames and val_frames must be >= 4, got {num_frames}, {val_frames}")
     root, rng = Path(root), np.random.default_rng(seed)
-    total = num_train + num_val
-    plans = _class_plans(rng, total)
-    names = [f"{i:04d}_toy{seed}" for i in range(total)]
-    for index, (name, (stuff, objects)) in enumerate(zip(names, plans)):
+    # per video 2 stuff classes and 1-3 object classes, cycling so that every class is used
+    pairs = list(itertools.combinations(STUFF_IDS, 2))
+    pair_order = rng.permutation(len(pairs))
+    object_cycle, cursor = [int(c) for c in rng.permutation(OBJECT_IDS)], 0
+    names = [f"{i:04d}_toy{seed}" for i in range(num_train + num_val)]
+    for index, name in enumerate(names):
+        stuff = pairs[pair_order[index % len(pairs)]]
+        if rng.random() < 0.5:
+            stuff = (stuff[1], stuff[0])
+        count = int(rng.integers(1, 4))
+        objects = [object_cycle[(cursor + i) % len(object_cycle)] for i in range(count)]
+        cursor += count
         video_rng = np.random.default_rng([seed, int(name[:4])])
         most = num_frames if index < num_train else val_frames
         length = int(video_rng.integers(most - 3, most + 1))
@@ -231,7 +215,7 @@ def make_toy_dataset(
         for t in range(length):
             image, label = scene.render(t)
             stem = f"{start + t:08d}"
-            Image.fromarray(image).save(frame_dir / f"{stem}.jpg", quality=jpeg_quality)
+            Image.fromarray(image).save(frame_dir / f"{stem}.jpg", quality=92)
             Image.fromarray(label).save(mask_dir / f"{stem}.png")
     for split, listed in (("train", names[:num_train]), ("val", names[num_train:])):
         (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in listed), encoding="utf-8")

@@ -101,8 +101,7 @@ def _adjust_hsv(frame: np.ndarray, saturation: float, hue_shift: int) -> np.ndar
     if saturation != 1.0:
         hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
     h, w = frame.shape[:2]
-    hsv_image = Image.frombytes("HSV", (w, h), hsv.astype(np.uint8).tobytes())
-    return np.asarray(hsv_image.convert("RGB"))
+    return np.asarray(Image.frombytes("HSV", (w, h), hsv.astype(np.uint8).tobytes()).convert("RGB"))
 
 
 def photometric_distortion(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -59,10 +59,8 @@ def map_raw_labels(
         bad = np.unique(raw[mapped < 0])
         shown = ", ".join(str(int(v)) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
         ignored = ", ".join(str(v) for v in ignore_values) or "none"
-        raise DataError(
-            f"{source}: stored values must be classes {offset}..{offset + num_classes - 1} or "
-            f"ignored values ({ignored}), found {shown}"
-        )
+        allowed = f"classes {offset}..{offset + num_classes - 1} or ignored values ({ignored})"
+        raise DataError(f"{source}: stored values must be {allowed}, found {shown}")
     return mapped.astype(np.uint8)
 
 
@@ -102,10 +100,9 @@ def check_mask_size(
 ) -> None:
     """``DataError`` naming the mask when its size (H, W) differs from its frame's."""
     if tuple(mask_hw) != tuple(frame_hw):
-        raise DataError(
-            f"{mask_path}: mask size {mask_hw[1]}x{mask_hw[0]} (WxH) differs from frame "
-            f"{frame_path.name} size {frame_hw[1]}x{frame_hw[0]}"
-        )
+        mask = f"{mask_path}: mask size {mask_hw[1]}x{mask_hw[0]} (WxH)"
+        frame = f"frame {frame_path.name} size {frame_hw[1]}x{frame_hw[0]}"
+        raise DataError(f"{mask} differs from {frame}")
 
 
 def read_split(path: PathLike) -> list[str]:
@@ -206,9 +203,8 @@ class VSPWIndex:
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise DataError(
-                f"{self.root} split '{split}': {len(problems)} problem(s):\n  {shown}{more}"
-            )
+            head = f"{self.root} split '{split}': {len(problems)} problem(s)"
+            raise DataError(f"{head}:\n  {shown}{more}")
         videos, frames = len(self.videos), self.num_frames
         logger.info("%s split '%s': %d videos, %d frames", self.root, split, videos, frames)
 

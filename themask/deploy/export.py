@@ -106,10 +106,8 @@ def export_decoder(model: THEMask, path: PathLike, *, clip_len: int, opset: int 
     if clip_len < 1:
         raise ConfigError(f"--clip-len must be >= 1, got {clip_len}")
     if clip_len > 1 and not model.is_temporal:
-        raise ConfigError(
-            f"--clip-len {clip_len}: a single-frame ({model.config.decoder}) decoder takes "
-            "one frame per window; use --clip-len 1"
-        )
+        decoder = f"a single-frame ({model.config.decoder}) decoder takes one frame per window"
+        raise ConfigError(f"--clip-len {clip_len}: {decoder}; use --clip-len 1")
     with torch.no_grad():
         features = _EncoderGraph(model.eval())(_sample_image(model))
     _export(

@@ -61,11 +61,9 @@ def read_manifest(directory: PathLike) -> Manifest:
         raise DataError(f"{path}: not a readable JSON manifest ({err})") from err
     data = data if isinstance(data, dict) else {}
     if data.get("format") != FORMAT:
-        raise DataError(
-            f"{path}: manifest format {data.get('format')!r} (themask "
-            f"{data.get('themask_version', '?')}); this themask reads format {FORMAT}: export the "
-            "model again"
-        )
+        version = data.get("themask_version", "?")
+        found = f"{path}: manifest format {data.get('format')!r} (themask {version})"
+        raise DataError(f"{found}; this themask reads format {FORMAT}: export the model again")
     names = {f.name for f in fields(Manifest)}
     try:
         manifest = Manifest(**{k: v for k, v in data.items() if k in names})

@@ -72,10 +72,8 @@ class SegmentationAccumulator:
         """Add the pixels of ``pred`` / ``target`` (one shape); ``compute`` checks the ranges."""
         pred_t, target_t = _as_tensor(pred).to(self.device), _as_tensor(target).to(self.device)
         if pred_t.shape != target_t.shape:
-            raise ValueError(
-                f"confusion matrix: pred shape {tuple(pred_t.shape)} != target shape "
-                f"{tuple(target_t.shape)}"
-            )
+            shapes = f"pred shape {tuple(pred_t.shape)} != target shape {tuple(target_t.shape)}"
+            raise ValueError(f"confusion matrix: {shapes}")
         # bins: the K×K matrix (row-major), bad targets, bad predictions (of the rest), ignored
         k, k2 = self.num_classes, self.num_classes * self.num_classes
         pred_t, target_t = pred_t.reshape(-1).long(), target_t.reshape(-1).long()
@@ -95,15 +93,11 @@ class SegmentationAccumulator:
         k2 = self.num_classes * self.num_classes
         bad_target, bad_pred = self.counts[k2 : k2 + 2].tolist()
         if bad_target:
-            raise ValueError(
-                f"confusion matrix: target values must be in [0, {self.num_classes}) or "
-                f"{self.ignore_index}; {bad_target} pixel(s) are not"
-            )
+            rule = f"target values must be in [0, {self.num_classes}) or {self.ignore_index}"
+            raise ValueError(f"confusion matrix: {rule}; {bad_target} pixel(s) are not")
         if bad_pred:
-            raise ValueError(
-                f"confusion matrix: predicted values must be in [0, {self.num_classes}); "
-                f"{bad_pred} pixel(s) are not"
-            )
+            rule = f"predicted values must be in [0, {self.num_classes})"
+            raise ValueError(f"confusion matrix: {rule}; {bad_pred} pixel(s) are not")
         return segmentation_metrics(self.matrix)
 
 

@@ -69,8 +69,7 @@ def draw_legend(
     picture = Image.fromarray(np.ascontiguousarray(image))
     if not ids:
         return np.asarray(picture)
-    draw = ImageDraw.Draw(picture)
-    row, box, pad = LEGEND_ROW, LEGEND_BOX, LEGEND_PAD
+    draw, row, box, pad = ImageDraw.Draw(picture), LEGEND_ROW, LEGEND_BOX, LEGEND_PAD
     width = max(draw.textlength(class_names[c]) for c in ids) + box + 3 * pad
     draw.rectangle([0, 0, int(width), row * len(ids) + pad], fill=(0, 0, 0))
     for i, c in enumerate(ids):
@@ -106,8 +105,7 @@ def save_label_png(labels: np.ndarray, path: PathLike, palette: Palette) -> None
 
 
 class OverlayVideoWriter(AbstractContextManager):
-    """Context manager writing RGB frames to an MP4 with PyAV (H.264, else MPEG-4 part 2) at
-    the first frame's size (odd sides padded for yuv420p; other sizes scaled to fit)."""
+    """RGB frames to an MP4 (PyAV: H.264, else MPEG-4 part 2) of the first frame's size (even)."""
 
     def __init__(self, path: PathLike, *, fps: float = 15.0) -> None:
         self.path, self.fps = Path(path), fps

@@ -15,8 +15,7 @@ from themask.data.vspw import IGNORE_INDEX
 @dataclass
 class BatchTargets:
     """labels (B, T, H, W) class ids (uint8 for K < 255), 255 = ignore; present (B, K) bool;
-    labelled (B, T) bool, frames with a non-ignore pixel; invalid (2,) int64: the count of
-    values neither ignore nor in [0, K), and one of them."""
+    labelled (B, T) bool; invalid (2,) int64: how many values are not ignore nor in [0, K), one."""
 
     labels: Tensor
     present: Tensor
@@ -31,8 +30,7 @@ class BatchTargets:
         """GT pixels per class in each cell of an (h, w) map upsampled by nearest
         interpolation → (B, T, K+1, h, w) (last: ignore, invalid) and cell sizes (h, w)."""
         batch, frames, big_h, big_w = self.labels.shape
-        num_classes = self.present.shape[1]
-        device = self.labels.device
+        num_classes, device = self.present.shape[1], self.labels.device
         cells = torch.arange(height * width, device=device, dtype=torch.float32)
         cell_map = F.interpolate(cells.view(1, 1, height, width), (big_h, big_w), mode="nearest")
         cell_of_pixel = cell_map.long().view(-1)  # (H·W,) the low-resolution cell of each pixel
@@ -63,10 +61,8 @@ def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
     columns = torch.where(valid & ~bad, labels, num_classes).flatten(1)  # (B, T·H·W)
     present = torch.zeros(labels.shape[0], num_classes + 1, dtype=torch.bool, device=labels.device)
     present.scatter_(1, columns, True)
-    # a compact copy (invalid values may wrap; they stop the step at the matching)
-    compact = torch.uint8 if num_classes < IGNORE_INDEX else torch.int32
-    return BatchTargets(
-        labels=labels.to(compact),
+    return BatchTargets(  # labels compact; invalid values may wrap (the matching stops the step)
+        labels=labels.to(torch.uint8 if num_classes < IGNORE_INDEX else torch.int32),
         present=present[:, :num_classes],
         labelled=valid.flatten(2).any(-1),
         invalid=invalid,
@@ -76,7 +72,5 @@ def build_targets(labels: Tensor, num_classes: int) -> BatchTargets:
 def check_invalid(count: int, value: int, num_classes: int) -> None:
     """Raise for labels that held ``count`` invalid values (``value`` one of them)."""
     if count > 0:
-        raise ValueError(
-            f"labels hold value {value}; expected class ids in [0, {num_classes}) "
-            f"or {IGNORE_INDEX} (ignore)"
-        )
+        expected = f"class ids in [0, {num_classes}) or {IGNORE_INDEX} (ignore)"
+        raise ValueError(f"labels hold value {value}; expected {expected}")

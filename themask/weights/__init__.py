@@ -1,5 +1,4 @@
-"""Weight files (``files``), MiT (``mit``) and official (``official``) layouts; here our format,
-a ``.safetensors`` file with the ``ModelConfig`` (class names, palette, test resize optional)."""
+"""Weight files (``files``), MiT (``mit``), official (``official``) layouts; ours: .safetensors."""
 
 from __future__ import annotations
 
@@ -51,10 +50,8 @@ def save_model(
     if class_names is not None:
         colours = None if palette is None else len(palette)
         if len(class_names) != model.num_classes or colours not in (None, len(class_names)):
-            raise WeightsError(
-                f"save_model: {len(class_names)} class names (palette: {colours}) for "
-                f"{model.num_classes} classes"
-            )
+            names = f"{len(class_names)} class names (palette: {colours})"
+            raise WeightsError(f"save_model: {names} for {model.num_classes} classes")
         classes: dict[str, list] = {"names": list(class_names)}
         if palette is not None:
             classes["palette"] = np.asarray(palette, dtype=np.uint8).tolist()
@@ -95,10 +92,8 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu") -> T
     """The ``THEMask`` of a file written by :func:`save_model`, on ``map_location``."""
     values = _stored(path, CONFIG_METADATA_KEY)
     if values is None:
-        raise WeightsError(
-            f"{path}: no '{CONFIG_METADATA_KEY}' metadata; not a themask model file "
-            "(convert other checkpoints with `themask convert`)"
-        )
+        hint = "not a themask model file (convert other checkpoints with `themask convert`)"
+        raise WeightsError(f"{path}: no '{CONFIG_METADATA_KEY}' metadata; {hint}")
     values.pop("loss", None)  # files from before the objective left the network config
     try:
         config = update_dataclass(ModelConfig(), values, CONFIG_METADATA_KEY)

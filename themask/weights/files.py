@@ -43,10 +43,8 @@ def read_state_dict(path: PathLike) -> StateDict:
     if not source.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     if source.suffix not in (".safetensors", *_TORCH_SUFFIXES):
-        raise WeightsError(
-            f"{path}: unknown weights format {source.suffix!r}; expected .safetensors, "
-            f"{', '.join(_TORCH_SUFFIXES)} or a Hugging Face directory"
-        )
+        expected = f".safetensors, {', '.join(_TORCH_SUFFIXES)} or a Hugging Face directory"
+        raise WeightsError(f"{path}: unknown weights format {source.suffix!r}; expected {expected}")
     try:
         if source.suffix == ".safetensors":
             obj: object = load_file(str(source), device="cpu")

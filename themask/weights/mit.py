@@ -9,20 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from themask.io import PathLike
-from themask.weights.files import (
-    NAME_TABLES,
-    NameTable,
-    StateDict,
-    WeightsError,
-    load_strict,
-    read_state_dict,
-    rename,
-)
+from themask.weights.files import NAME_TABLES, WeightsError, load_strict, read_state_dict, rename
 
 logger = logging.getLogger(__name__)
 
 
-def _expand(table: dict) -> NameTable:
+def _expand(table: dict) -> tuple[tuple[str, str], ...]:
     """The (source, target) prefix pairs of stages 0–3 of a MiT layout in ``names.yaml``."""
     source, target = table["block"]
     block = [(f"{source}{a}.", f"{target}{b}.") for a, b in table["in_block"].items()]
@@ -36,8 +28,8 @@ def _expand(table: dict) -> NameTable:
 _TABLES = {layout: _expand(table) for layout, table in NAME_TABLES["mit"].items()}
 
 
-def _renamed(state_dict: Mapping[str, Tensor], layout: str) -> StateDict:
-    out: StateDict = {}
+def _renamed(state_dict: Mapping[str, Tensor], layout: str) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         new = rename(key, _TABLES[layout])
         if new is None:
@@ -46,12 +38,12 @@ def _renamed(state_dict: Mapping[str, Tensor], layout: str) -> StateDict:
     return out
 
 
-def mit_original_to_ours(state_dict: Mapping[str, Tensor]) -> StateDict:
+def mit_original_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Original SegFormer names → ours; the ImageNet classifier ``head.*`` is dropped."""
     return _renamed({k: v for k, v in state_dict.items() if not k.startswith("head.")}, "original")
 
 
-def mit_hf_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
+def mit_hf_to_original(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Hugging Face ``SegformerModel`` names (``encoder.…``) → original; key and value fused."""
     out = _renamed(state_dict, "huggingface")
     for key in [k for k in out if ".attn.key." in k]:
@@ -65,15 +57,13 @@ def mit_hf_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
     return out
 
 
-def mit_mmseg_to_original(state_dict: Mapping[str, Tensor]) -> StateDict:
+def mit_mmseg_to_original(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """mmseg 1.x names → original: ``in_proj`` split into q and kv, 1×1-conv FFN made linear."""
     out = _renamed(state_dict, "mmseg")
     for key in [k for k in out if ".attn.in_proj_" in k]:
-        prefix, param = key.split(".in_proj_")
-        qkv = out.pop(key)
+        (prefix, param), qkv = key.split(".in_proj_"), out.pop(key)
         dim = qkv.shape[0] // 3  # rows [q; k; v]
-        out[f"{prefix}.q.{param}"] = qkv[:dim]
-        out[f"{prefix}.kv.{param}"] = qkv[dim:]
+        out[f"{prefix}.q.{param}"], out[f"{prefix}.kv.{param}"] = qkv[:dim], qkv[dim:]
     for key in [k for k in out if k.endswith((".mlp.fc1.weight", ".mlp.fc2.weight"))]:
         out[key] = out[key].flatten(1)  # (out, in, 1, 1) → (out, in)
     return out
@@ -99,7 +89,7 @@ def detect_mit_layout(state_dict: Mapping[str, Tensor]) -> str:
     )
 
 
-def mit_to_ours(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, str]:
+def mit_to_ours(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
     """(our names, layout) of the MiT encoder of a supported state dict; other keys dropped."""
     keys = list(state_dict)
     found = [p for p in ("backbone.", "segformer.") if any(k.startswith(p) for k in keys)]
@@ -125,7 +115,6 @@ def load_backbone_weights(
         weights, source = read_state_dict(weights), str(weights)
     converted, layout = mit_to_ours(weights)
     load_strict(backbone, converted, what=f"MiT weights {source} ({layout} layout)")
-    logger.info(
-        "loaded MiT weights from %s (%s layout, %d tensors)", source, layout, len(converted)
-    )
+    message = "loaded MiT weights from %s (%s layout, %d tensors)"
+    logger.info(message, source, layout, len(converted))
     return layout

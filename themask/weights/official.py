@@ -59,8 +59,9 @@ def as_ours(state_dict: Mapping[str, Tensor]) -> StateDict:
     return convert_official_state_dict(state_dict) if is_official(state_dict) else dict(state_dict)
 
 
-def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
-    """The shape facts of a full state dict (our names) that network presets differ in."""
+def infer_model_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
+    """The preset network (with K classes) of a full state dict, ours or official."""
+    ours = as_ours(state_dict)
 
     def count(pattern: str) -> int:
         return len({m.group(1) for key in ours if (m := re.match(pattern, key))})
@@ -70,7 +71,7 @@ def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
             raise WeightsError(f"no {key} in the state dict (not a full model?)")
         return tuple(ours[key].shape)
 
-    return dict(
+    found = dict(  # the shape facts that network presets differ in
         widths=tuple(shape(f"backbone.stages.{s}.patch_embed.proj.weight")[0] for s in range(4)),
         depths=tuple(count(rf"backbone\.stages\.{s}\.blocks\.(\d+)\.") for s in range(4)),
         temporal=any(key.startswith("decoder.temporal.") for key in ours),
@@ -79,12 +80,7 @@ def _architecture_of_state(ours: Mapping[str, Tensor]) -> dict:
         decoder_layers=count(r"decoder\.layers\.(\d+)\."),
         pixel_decoder_layers=count(r"pixel_decoder\.encoder_layers\.(\d+)\."),
     )
-
-
-def infer_model_config(state_dict: Mapping[str, Tensor]) -> ModelConfig:
-    """The preset network (with K classes) of a full state dict, ours or official."""
-    ours = as_ours(state_dict)
-    found, num_classes = _architecture_of_state(ours), infer_num_classes(ours)
+    num_classes = infer_num_classes(ours)
     for name in list_presets():
         config = preset_config(name, num_classes=num_classes)
         variant = MIT_VARIANTS[config.backbone]

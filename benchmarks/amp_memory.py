@@ -40,7 +40,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def speed(args: argparse.Namespace) -> dict:
     from themask import build_model
+    from themask.precision import keep_freed_memory
 
+    keep_freed_memory()  # as the CLI
     torch.manual_seed(0)
     model = build_model(args.preset).eval()
     frames = args.frames or model.config.num_frames

@@ -729,16 +729,19 @@ def test_transfer_counter_sees_reads_uploads_and_hidden_syncs():
     }
 
 
-def test_matched_rows_read_from_the_product_equal_indexing_with_its_gradients():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matched_rows_read_from_the_product_equal_indexing_with_its_gradients(channels_last):
     # _RowProduct: the rows' values are the product's, and its backward (row products grouped by
     # frame) gives autograd's gradients through the full product + indexing; the clip head's
-    # embeddings are expanded over frames, sets 1-2 of 3 are read (offset), frame 1 unlabelled.
+    # embeddings are expanded over frames, sets 1-2 of 3 are read (offset), frame 1 unlabelled;
+    # features (B·T, D, h·w) plain or pixel-major as the model's channels-last ones.
     gen = torch.Generator().manual_seed(0)
     batch, frames, sets, queries, dim, h, w = 2, 3, 3, 5, 4, 3, 4
     embeddings = torch.randn(batch, sets * queries, dim, generator=gen, dtype=torch.float64)
     embeddings.requires_grad_()
-    features = torch.randn(batch * frames, dim, h * w, generator=gen, dtype=torch.float64)
-    features.requires_grad_()
+    shape = (batch * frames, h * w, dim) if channels_last else (batch * frames, dim, h * w)
+    features = torch.randn(shape, generator=gen, dtype=torch.float64)
+    features = (features.transpose(1, 2) if channels_last else features).detach().requires_grad_()
     expanded = embeddings.unsqueeze(1).expand(-1, frames, -1, -1).flatten(0, 1)
     flat = torch.bmm(expanded, features)  # (B·T, S·N, h·w)
     masks = flat.view(batch, frames, sets, queries, h, w).permute(2, 0, 3, 1, 4, 5)

@@ -132,7 +132,8 @@ class _RowProduct(torch.autograd.Function):
         parts = zip(grad.split(ctx.groups), rows.split(ctx.groups))  # the rows of frame 0, 1, ...
         for frame, (part, part_rows) in enumerate(parts):
             grad_rows.append(part @ features[frame].t())
-            grad_features[frame] = part_rows.t() @ part  # zero for a frame without rows
+            # zero for a frame without rows; written (X, D) row by row: channels-last features
+            torch.mm(part.t(), part_rows, out=grad_features[frame].t())
         grad_embeddings = torch.zeros_like(embeddings).index_put_((g, j), torch.cat(grad_rows))
         return grad_embeddings, grad_features, None, None, None, None
 

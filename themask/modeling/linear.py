@@ -90,11 +90,7 @@ def bmm(a: Tensor, b: Tensor) -> Tensor:
     """``torch.bmm``: a (G, M, K) @ b (G, K, N) → (G, M, N), each product on oneDNN where
     ``linear`` would be (b[g] is read as a weight: fastest with N-major rows, e.g. channels-last
     features); the backward, rarely needed, on ``torch.bmm``."""
-    if not _on_onednn(a, b):
-        return torch.bmm(a, b)
-    if _records(a, b):
-        return _BatchedProduct.apply(a, b)
-    return torch.stack([_product(a_g, b_g.t()) for a_g, b_g in zip(a, b)])
+    return _BatchedProduct.apply(a, b) if _on_onednn(a, b) else torch.bmm(a, b)
 
 
 class Linear(nn.Linear):

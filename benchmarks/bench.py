@@ -125,10 +125,20 @@ def _peak_rss_mib() -> float:
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of ``fn`` counted by ``torch.utils.flop_counter.FlopCounterMode``
-    (matrix products, convolutions, attention; 2 per multiply-add)."""
+    (matrix products, convolutions, attention; 2 per multiply-add), oneDNN's inner product
+    (themask's linear layers on CPU) included."""
+    import math
+
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    def inner_product(x_shape, w_shape, *_, **__) -> int:
+        return 2 * math.prod(x_shape) * w_shape[0]
+
+    extra = {}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        extra[torch.ops.mkldnn._linear_pointwise] = inner_product
+    counter = FlopCounterMode(display=False, custom_mapping=extra)
     with counter:
         fn()
     return int(counter.get_total_flops())

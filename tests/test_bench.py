@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from themask.modeling.build import build_model
+from themask.modeling.linear import Linear
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
@@ -35,6 +36,10 @@ def test_flop_count_of_known_ops_matches_the_hand_count():
     # every output pixel (padding 1 keeps 8×8) takes 3·3·3 multiply-adds per output channel
     assert count_flops(lambda: F.conv2d(image, kernel, padding=1)) == 2 * 5 * 8 * 8 * 27
     assert count_flops(lambda: x.relu()) == 0  # elementwise ops are not counted
+    # themask's layers: oneDNN's inner product on CPU, counted like F.linear (3-D input too)
+    layer = Linear(8, 16)
+    with torch.no_grad():
+        assert count_flops(lambda: layer(x[None].expand(3, -1, -1))) == 3 * 2 * 4 * 8 * 16
 
 
 def test_matmul_throughput_is_positive_and_finite():

@@ -157,3 +157,15 @@ def test_model_scores_loss_and_gradients_match_the_blas_path(preset, monkeypatch
     assert len(fast_grads) == len(grads) > 0
     for fast, plain in zip(fast_grads, grads):
         torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4 * plain.abs().max() + 1e-7)
+
+
+def test_an_inner_product_that_fails_or_is_missing_turns_the_path_off(monkeypatch):
+    assert linear_module._available()
+
+    def broken(*args):
+        raise RuntimeError("changed signature")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken)
+    assert not linear_module._available()
+    monkeypatch.setattr(torch.ops, "mkldnn", object())  # a build without the op
+    assert not linear_module._available()

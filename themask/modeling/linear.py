@@ -1,7 +1,6 @@
-"""``Linear``: ``nn.Linear`` whose float32 products on x86 CPUs run on oneDNN, not on the BLAS
-``F.linear`` calls (float32 arithmetic in another order: 2.2× the throughput on the AMD EPYC of
-benchmarks/README.md). Elsewhere (CUDA, autocast, float64, export, ``THEMASK_ONEDNN=0``) it is
-``F.linear``."""
+"""``Linear``: ``nn.Linear`` with float32 x86 CPU products on oneDNN, not on ``F.linear``'s BLAS
+(same arithmetic, other order; 2.2× the throughput on the AMD EPYC of benchmarks/README.md), and
+``F.linear`` elsewhere (CUDA, autocast, float64, export, ``THEMASK_ONEDNN=0``); ``bmm`` likewise."""
 
 from __future__ import annotations
 
@@ -12,10 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
+def _available() -> bool:
+    """oneDNN's inner product is there and answers as expected (it is not public API)."""
+    try:
+        one = torch.ones(1, 1)
+        return torch.ops.mkldnn._linear_pointwise(one, one, None, "none", [], "").item() == 1.0
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
 ENABLED = (
     os.environ.get("THEMASK_ONEDNN", "1") != "0"
     and platform.machine().lower() in ("x86_64", "amd64")
     and torch.backends.mkldnn.is_available()
+    and _available()
 )
 
 

@@ -191,9 +191,8 @@ def write_draft_description(
         if "{video}" not in f"{frames}" or "{video}" not in f"{masks}":
             raise DescriptionError(f"--frames and --masks need a {{video}} part, got {frames}")
         at = len(root.parts) + Path(frames).parts.index("{video}")  # the video name's part
-        videos = sorted(
-            p.parts[at] for p in root.glob(frames.replace("{video}", "*")) if p.is_dir()
-        )
+        folders = root.glob(frames.replace("{video}", "*"))
+        videos = sorted(p.parts[at] for p in folders if p.is_dir())
         if videos:
             break
     else:

@@ -248,20 +248,14 @@ class SetCriterion:
                 f"importance_sample_ratio in [0, 1], got {cfg.num_rounds}, "
                 f"{cfg.oversample_ratio}, {cfg.importance_sample_ratio}"
             )
-        self.config = loss_config
-        self.num_classes = num_classes
-        self.matcher = HungarianMatcher(
-            cost_class=loss_config.cost_class,
-            cost_mask=loss_config.cost_mask,
-            cost_dice=loss_config.cost_dice,
-            num_points=loss_config.num_points,
-            second_round_cost=loss_config.second_round_cost,
-        )
+        self.config, self.num_classes = loss_config, num_classes
+        costs = ("cost_class", "cost_mask", "cost_dice", "num_points", "second_round_cost")
+        self.matcher = HungarianMatcher(**{name: getattr(cfg, name) for name in costs})
         self._hard = partial(
             hard_mask_loss,
-            num_points=loss_config.num_points,
-            oversample_ratio=loss_config.oversample_ratio,
-            importance_sample_ratio=loss_config.importance_sample_ratio,
+            num_points=cfg.num_points,
+            oversample_ratio=cfg.oversample_ratio,
+            importance_sample_ratio=cfg.importance_sample_ratio,
         )
 
     def rounds_at(self, step: int) -> int:
@@ -282,11 +276,8 @@ class SetCriterion:
         frame_sets = None if predictions.frame is None else predictions.frame[kept]
         for prediction_set in clip_sets + (frame_sets or []):
             masks, classes = prediction_set.mask_logits, prediction_set.class_logits
-            if (
-                masks.dim() != 5
-                or masks.shape[:3:2] != labels.shape[:2]
-                or (classes.shape[-1] != self.num_classes + 1)
-            ):
+            fits = masks.dim() == 5 and masks.shape[:3:2] == labels.shape[:2]
+            if not fits or classes.shape[-1] != self.num_classes + 1:
                 raise ValueError(
                     f"expected mask_logits (B, N, T, h, w) with B, T of the labels "
                     f"{tuple(labels.shape)} and class_logits of num_classes + 1 = "
@@ -319,11 +310,9 @@ class SetCriterion:
         heads: list[tuple[str, list[PredictionSet], float]] = [("", clip_sets, 1.0)]
         if frame_sets is not None:
             heads.append(("frame_", frame_sets, cfg.frame_head_weight))
+        shared = (assignment, rows, readers, soft_gt, normaliser, targets.labelled)
         for prefix, sets, head_weight in heads:
-            terms = self._head_terms(
-                sets, assignment, rows, readers, soft_gt, normaliser, targets.labelled
-            )
-            for name, value in terms.items():
+            for name, value in self._head_terms(sets, *shared).items():
                 sums[prefix + name] = head_weight * value
 
         total = torch.stack(list(sums.values())).sum()

@@ -1,6 +1,5 @@
 """Two-round Hungarian matching of queries to GT classes (docs/DESIGN.md §5): cost
-``w_cls·(−p_q(class)) + w_bce·BCE + w_dice·dice`` on random points; round 2 re-solves over
-the queries round 1 left free."""
+``w_cls·(−p_q(class)) + w_bce·BCE + w_dice·dice`` on random points; round 2: queries left free."""
 
 from __future__ import annotations
 
@@ -68,9 +67,8 @@ def dice_loss(intersection: Tensor, predicted: Tensor, target: Tensor) -> Tensor
 def pairwise_bce_dice(
     logits: Tensor, targets: Tensor, weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Mean sigmoid BCE and dice cost of every pair → (B, N, M) each. logits (B, L, N) of N
-    queries at L points, targets (B, L, M) in [0, 1], weight (B, L) in {0, 1} (0: left out,
-    target 0)."""
+    """Mean sigmoid BCE and dice cost of every pair → (B, N, M) each. logits (B, L, N) of N queries
+    at L points, targets (B, L, M) in [0, 1], weight (B, L) in {0, 1} (0: left out, target 0)."""
     if weight is None:
         weight = torch.ones_like(logits[..., 0])
     columns = torch.cat([targets, weight.unsqueeze(-1)], -1).transpose(1, 2)  # (B, M+1, L)
@@ -141,9 +139,8 @@ class HungarianMatcher:
         lookup = torch.full((batch, num_classes + 1), num_columns, device=device)
         lookup.scatter_(1, columns, torch.arange(num_columns, device=device).expand(batch, -1))
         known = (labels >= 0) & (labels < num_classes)
-        label_columns = lookup.gather(1, torch.where(known, labels, num_classes).flatten(1)).view(
-            batch, frames, height * width
-        )
+        known_labels = torch.where(known, labels, num_classes).flatten(1)
+        label_columns = lookup.gather(1, known_labels).view(batch, frames, height * width)
         point_weight = targets.labelled.float().repeat_interleave(self.num_points, 1)  # (B, T·P)
         coords = uniform(len(sets), batch, self.num_points, 2, device=device)  # (S, B, P, 2)
         full, bce_only = [], []
@@ -153,27 +150,19 @@ class HungarianMatcher:
                 pred_points = sample_queries(mask_logits.detach().float(), set_coords)
                 index, weight = bilinear_taps(set_coords, height, width)  # (B, P, 4)
                 taps = label_columns.gather(2, index.view(batch, 1, -1).expand(-1, frames, -1))
-                shape = (batch, frames, self.num_points, 4)
+                shape = (batch, frames, self.num_points, 4)  # target_points: (B, T, P, C+1)
                 target_points = torch.zeros(*shape[:3], num_columns + 1, device=device)
-                target_points.scatter_add_(
-                    3, taps.view(shape), weight.unsqueeze(1).expand(shape)
-                )  # (B, T, P, C+1)
+                target_points.scatter_add_(3, taps.view(shape), weight.unsqueeze(1).expand(shape))
                 target_points = target_points[..., :num_columns].flatten(1, 2)  # (B, T·P, C)
                 bce, dice = pairwise_bce_dice(pred_points, target_points, point_weight)
                 probs = class_logits.detach().float().softmax(-1)  # (B, N, K+1)
                 class_cost = -probs.gather(2, columns.unsqueeze(1).expand(-1, queries, -1))
-                full.append(
-                    self.cost_class * class_cost + self.cost_mask * bce + self.cost_dice * dice
-                )
                 bce_only.append(self.cost_mask * bce)
+                full.append(self.cost_class * class_cost + bce_only[-1] + self.cost_dice * dice)
         return SetCosts(torch.stack(full), torch.stack(bce_only), columns, valid)
 
     def match_sets(
-        self,
-        sets: Sequence[tuple[Tensor, Tensor]],
-        targets: BatchTargets,
-        *,
-        num_rounds: int = 2,
+        self, sets: Sequence[tuple[Tensor, Tensor]], targets: BatchTargets, *, num_rounds: int = 2
     ) -> BatchMatch:
         """Match S sets (class_logits (B, N, K+1), mask_logits (B, N, T, h, w)) with one
         device-to-host transfer."""
@@ -190,16 +179,12 @@ class HungarianMatcher:
         valid = valid.reshape(costs.valid.shape) > 0.5
         columns = columns.reshape(costs.columns.shape).astype(np.int64)
         classes = [columns[b][valid[b]] for b in range(valid.shape[0])]
-        matches = [
-            [
-                match_two_rounds(
-                    full[s, b][:, valid[b]],
-                    second_round_cost=None if bce is None else bce[s, b][:, valid[b]],
-                    num_rounds=num_rounds,
-                )
-                for b in range(valid.shape[0])
-            ]
-            for s in range(full.shape[0])
-        ]
+
+        def match(s: int, b: int) -> MatchIndices:  # set s, clip b: the clip's valid columns
+            second = None if bce is None else bce[s, b][:, valid[b]]
+            cost = full[s, b][:, valid[b]]
+            return match_two_rounds(cost, second_round_cost=second, num_rounds=num_rounds)
+
+        matches = [[match(s, b) for b in range(valid.shape[0])] for s in range(full.shape[0])]
         labelled = labelled.reshape(targets.labelled.shape) > 0.5
         return BatchMatch(matches=matches, classes=classes, labelled=labelled)

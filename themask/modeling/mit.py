@@ -72,8 +72,7 @@ class SpatialReductionAttention(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"MiT attention: dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.sr_ratio = sr_ratio
+        self.num_heads, self.sr_ratio = num_heads, sr_ratio
         self.q = Linear(dim, dim)
         self.kv = Linear(dim, 2 * dim)
         self.proj = Linear(dim, dim)
@@ -146,11 +145,9 @@ class MiTStage(nn.Module):
         first: bool,
     ):
         super().__init__()
+        kernel_size, stride = (7, 4) if first else (3, 2)
         self.patch_embed = OverlapPatchEmbed(
-            in_channels=in_channels,
-            embed_dim=dim,
-            kernel_size=7 if first else 3,
-            stride=4 if first else 2,
+            in_channels=in_channels, embed_dim=dim, kernel_size=kernel_size, stride=stride
         )
         self.blocks = nn.ModuleList(
             MiTBlock(

@@ -209,12 +209,10 @@ def _bag_layout(
         low_w.append(1 - pos)
     padded_size = (size + 3).int()
     area = padded_size[0] * padded_size[1]
-    offset = (area.cumsum(0) - area) * num_heads + torch.arange(
-        num_heads, dtype=torch.int32, device=device
-    )[:, None, None]  # (M, L, P): level start, head
-    offset = offset + torch.arange(batch, dtype=torch.int32, device=device).view(-1, 1, 1, 1, 1) * (
-        table.shape[1] * num_heads
-    )  # (B, 1, M, L, P)
+    heads = torch.arange(num_heads, dtype=torch.int32, device=device)[:, None, None]
+    batches = torch.arange(batch, dtype=torch.int32, device=device).view(-1, 1, 1, 1, 1)
+    offset = (area.cumsum(0) - area) * num_heads + heads  # (M, L, P): level start, head
+    offset = offset + batches * (table.shape[1] * num_heads)  # (B, 1, M, L, P)
     row_step = padded_size[0] * num_heads
     first = low[1].mul_(row_step).add_(low[0], alpha=num_heads).add_(offset)  # (B, Q, M, L, P)
     corner_w = torch.empty(*first.shape[:3], 4, num_levels, num_points, dtype=work, device=device)
@@ -224,17 +222,12 @@ def _bag_layout(
         for dx, column in enumerate((low_w[0], high_w[0])):
             torch.mul(row, column, out=corner_w[:, :, :, 2 * dy + dx])
             torch.add(first, row_step * dy + dx * num_heads, out=index[:, :, :, 2 * dy + dx])
-    return (
-        table.view(-1, head_dim),
-        index.flatten(3).flatten(0, 2),
-        corner_w.flatten(3).flatten(0, 2).to(dtype),
-        high_w,
-    )
+    index, corner_w = index.flatten(3).flatten(0, 2), corner_w.flatten(3).flatten(0, 2).to(dtype)
+    return table.view(-1, head_dim), index, corner_w, high_w
 
 
 class MSDeformAttn(nn.Module):
-    """Multi-scale deformable attention with learned offsets (C → M·L·P·2) and weights
-    (C → M·L·P)."""
+    """Multi-scale deformable attention, learned offsets (C → M·L·P·2) and weights (C → M·L·P)."""
 
     def __init__(
         self, *, dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4
@@ -242,10 +235,8 @@ class MSDeformAttn(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"MSDeformAttn: dim {dim} is not divisible by num_heads {num_heads}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.num_levels = num_levels
-        self.num_points = num_points
+        self.dim, self.num_heads = dim, num_heads
+        self.num_levels, self.num_points = num_levels, num_points
         self.sampling_offsets = Linear(dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = Linear(dim, dim)

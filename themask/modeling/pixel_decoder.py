@@ -24,12 +24,7 @@ class DeformableEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention, then a ReLU FFN (dropout 0)."""
 
     def __init__(
-        self,
-        *,
-        dim: int = 256,
-        ffn_dim: int = 1024,
-        num_heads: int = 8,
-        num_points: int = 4,
+        self, *, dim: int = 256, ffn_dim: int = 1024, num_heads: int = 8, num_points: int = 4
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(
@@ -95,8 +90,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 f"MSDeformAttnPixelDecoder: conv_dim {conv_dim} is not divisible by "
                 f"norm_groups {norm_groups}"
             )
-        self.in_channels = tuple(in_channels)
-        self.conv_dim = conv_dim
+        self.in_channels, self.conv_dim = tuple(in_channels), conv_dim
         # res5, res4, res3: lowest resolution first, the encoder's level order
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, conv_dim, 1), nn.GroupNorm(norm_groups, conv_dim))
@@ -134,9 +128,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for layer in self.encoder_layers:
             layer.self_attn.reset_parameters()  # type: ignore[union-attr, operator]
         nn.init.normal_(self.level_embed)
-        for conv in cast(
-            "tuple[nn.Conv2d, ...]", (self.lateral[0], self.fpn_output[0], self.mask_features)
-        ):
+        convs = (self.lateral[0], self.fpn_output[0], self.mask_features)
+        for conv in cast("tuple[nn.Conv2d, ...]", convs):
             nn.init.kaiming_uniform_(conv.weight, a=1)
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
@@ -155,17 +148,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         batch = maps[0].shape[0]
         spatial_shapes = [(m.shape[2], m.shape[3]) for m in maps]  # stride 32, 16, 8
         src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (N, S, C)
-        pos = torch.cat(
-            [
-                sine_position_encoding_2d(
-                    h, w, num_feats=self.conv_dim // 2, device=src.device, dtype=src.dtype
-                )
-                .flatten(1)
-                .t()
-                + self.level_embed[level]
-                for level, (h, w) in enumerate(spatial_shapes)
-            ]
-        )  # (S, C), shared by the batch
+        encodings = [  # (C, h, w) per level
+            sine_position_encoding_2d(h, w, num_feats=self.conv_dim // 2, device=src.device)
+            for h, w in spatial_shapes
+        ]
+        pos = torch.cat(  # (S, C), shared by the batch
+            [e.to(src.dtype).flatten(1).t() + self.level_embed[i] for i, e in enumerate(encodings)]
+        )
         centres = _pixel_centres(spatial_shapes, device=src.device, dtype=src.dtype)
         normaliser = offset_normaliser(spatial_shapes, device=src.device, dtype=src.dtype)
         for layer in self.encoder_layers:
@@ -173,11 +162,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 layer, self.checkpoint_layers, src, pos, centres, spatial_shapes, normaliser
             )
 
+        level_tokens = src.split([h * w for h, w in spatial_shapes], 1)
         multi_scale = [
             tokens.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
-            for (h, w), tokens in zip(
-                spatial_shapes, src.split([h * w for h, w in spatial_shapes], 1)
-            )
+            for (h, w), tokens in zip(spatial_shapes, level_tokens)
         ]
         res2 = features[0].contiguous(memory_format=torch.channels_last)  # as MiT's: faster convs
         lateral = in_float32(self.lateral, res2)  # (N, C, H/4, W/4), channels-last like the rest

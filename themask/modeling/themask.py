@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from themask.data.resize import aligned_size
 from themask.modeling.config import ModelConfig
 from themask.modeling.outputs import FrameFeatures, Predictions
 from themask.modeling.pixel_decoder import MSDeformAttnPixelDecoder
@@ -35,10 +36,8 @@ class THEMask(nn.Module):
         decoder: QueryDecoder,
     ):
         super().__init__()
-        self.config = config
-        self.backbone = backbone
-        self.pixel_decoder = pixel_decoder
-        self.decoder = decoder
+        self.config, self.backbone = config, backbone
+        self.pixel_decoder, self.decoder = pixel_decoder, decoder
 
     @property
     def is_temporal(self) -> bool:
@@ -54,10 +53,6 @@ class THEMask(nn.Module):
         self.pixel_decoder.checkpoint_layers = enabled
         self.decoder.checkpoint_layers = enabled
 
-    def _padded_size(self, height: int, width: int) -> tuple[int, int]:
-        divisor = self.config.size_divisor
-        return -(-height // divisor) * divisor, -(-width // divisor) * divisor
-
     def encode(self, frames: Tensor) -> FrameFeatures:
         """frames (B, T, 3, H, W), normalised → ``FrameFeatures`` of the B·T frames
         (zero-padded on the bottom/right to a multiple of ``size_divisor``)."""
@@ -66,7 +61,7 @@ class THEMask(nn.Module):
                 f"THEMask.encode: expected frames (B, T, 3, H, W), got {tuple(frames.shape)}"
             )
         height, width = frames.shape[-2:]
-        padded_h, padded_w = self._padded_size(height, width)
+        padded_h, padded_w = aligned_size((height, width), None, self.config.size_divisor)
         images = frames.flatten(0, 1)  # (B·T, 3, H, W)
         if (padded_h, padded_w) != (height, width):
             images = F.pad(images, (0, padded_w - width, 0, padded_h - height))
@@ -115,7 +110,7 @@ class THEMask(nn.Module):
         scores = self.stride4_scores(predictions)
         clips, clip_len, classes, low_h, low_w = scores.shape
         height, width = image_size
-        padded = self._padded_size(height, width)
+        padded = aligned_size((height, width), None, self.config.size_divisor)
         if (padded[0] // 4, padded[1] // 4) != (low_h, low_w):
             raise ValueError(
                 f"THEMask.semantic_scores: masks of {low_h}×{low_w} (stride 4) do not come from "

@@ -247,7 +247,7 @@ class QueryDecoder(nn.Module):
         num_levels: int = 3,
     ):
         super().__init__()
-        self.num_levels = num_levels
+        self.num_levels, self.num_heads = num_levels, num_heads
         self.query_feat = nn.Embedding(num_queries, dim)
         self.query_pos = nn.Embedding(num_queries, dim)
         self.level_embed = nn.Embedding(num_levels, dim)
@@ -255,7 +255,6 @@ class QueryDecoder(nn.Module):
             DecoderLayer(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim) for _ in range(num_layers)
         )
         self.head_sizes = dict(dim=dim, num_classes=num_classes, mask_dim=mask_dim)
-        self.num_heads = num_heads
         self.clip_head = PredictionHead(**self.head_sizes)
         self.checkpoint_layers = False  # recompute the layers in backward (see run_layer)
 
@@ -283,26 +282,19 @@ class QueryDecoder(nn.Module):
         allowed: Tensor | None = None
         for index in range(len(self.layers) + 1):
             if index > 0:
-                level = (index - 1) % self.num_levels
-                state.queries = run_layer(
-                    self.layers[index - 1],
-                    self.checkpoint_layers,
-                    state.queries,
-                    keys[level],
-                    values[level],
-                    query_pos=query_pos,
-                    allowed=allowed,
-                )  # (B·T, N, C)
+                layer, level = self.layers[index - 1], (index - 1) % self.num_levels
+                inputs = (state.queries, keys[level], values[level])  # queries (B·T, N, C)
+                options = {"query_pos": query_pos, "allowed": allowed}
+                state.queries = run_layer(layer, self.checkpoint_layers, *inputs, **options)
                 self._after_layer(state)
             is_final = index == len(self.layers)
             heads, embeddings = self._heads(state, full=return_all or is_final)
             if heads:
                 read_outs.append(heads)
             if not is_final:
+                features = resized[index % self.num_levels]
                 with torch.no_grad():
-                    low = self._attention_logits(
-                        embeddings, resized[index % self.num_levels], state
-                    )
+                    low = self._attention_logits(embeddings, features, state)
                 allowed = allowed_positions(low)  # (B·T, N, h·w)
         sets = self._prediction_sets(read_outs, state)
         return Predictions(

@@ -279,3 +279,33 @@ def test_criterion_on_the_model_gives_the_same_loss_and_gradients_through_mask_s
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("machine", "avx512_bf16", "amx", "native"),
+    [
+        ("x86_64", False, False, False),
+        ("x86_64", True, False, True),
+        ("AMD64", False, True, True),
+        ("aarch64", False, False, True),  # torch's x86 checks say nothing about ARM
+    ],
+)
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(
+    monkeypatch, caplog, machine, avx512_bf16, amx, native
+):
+    from themask import precision
+
+    monkeypatch.setattr(precision.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    precision.native_cpu_bf16.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="themask.precision"):
+            for _ in range(3):
+                assert precision.resolve_amp("bf16", "cpu") == torch.bfloat16
+            precision.resolve_amp("off", "cpu")
+        warnings = [r for r in caplog.records if "emulated" in r.getMessage()]
+        assert len(warnings) == (0 if native else 1)
+        assert precision.native_cpu_bf16() is native
+    finally:
+        precision.native_cpu_bf16.cache_clear()

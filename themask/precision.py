@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import logging
+import platform
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import TYPE_CHECKING, Any, Union
@@ -10,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Union
 if TYPE_CHECKING:
     import torch
 
+logger = logging.getLogger(__name__)
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 AmpSpec = Union[str, "torch.dtype", None]
 
@@ -27,7 +31,26 @@ def resolve_amp(amp: AmpSpec, device: torch.device | str) -> torch.dtype | None:
         raise ValueError("amp=fp16 needs a CUDA device; use bf16 or off on CPU")
     if amp is not None and amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {list(AMP_MODES)} or a torch dtype, got {amp!r}")
+    if amp == "bf16" and not cuda:
+        native_cpu_bf16()  # warns once where bf16 is emulated
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "off")
+
+
+@functools.cache
+def native_cpu_bf16() -> bool:
+    """False (and a warning, once) on an x86 CPU without AVX512-BF16 and AMX, by torch's private
+    checks; True elsewhere."""
+    import torch
+
+    checks = [getattr(torch.cpu, f"_is_{n}_supported", None) for n in ("avx512_bf16", "amx_tile")]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if not x86 or any(check is None or check() for check in checks):
+        return True
+    logger.warning(
+        "amp=bf16: this CPU has no bf16 units (AVX512-BF16, AMX); bf16 is emulated, "
+        "several times slower than fp32 (use amp off here)"
+    )
+    return False
 
 
 def autocast_context(amp: AmpSpec, device: torch.device | str) -> AbstractContextManager:

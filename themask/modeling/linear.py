@@ -1,5 +1,5 @@
 """``Linear``: ``nn.Linear`` with float32 x86 CPU products on oneDNN, not on ``F.linear``'s BLAS
-(same arithmetic, other order; 2.2× the throughput on the AMD EPYC of benchmarks/README.md), and
+(same arithmetic, other order; 1.0–2.2× the throughput on the EPYCs of benchmarks/README.md), and
 ``F.linear`` elsewhere (CUDA, autocast, float64, export, ``THEMASK_ONEDNN=0``); ``bmm`` likewise."""
 
 from __future__ import annotations

@@ -235,8 +235,10 @@ def test_mask_decoder_equals_naive_forward():
                 assert torch.allclose(got.mask_logits[frame, :, 0], masks, atol=1e-4)
     final_only = decoder(mask_features, multi_scale, frames=2, return_all=False)
     assert len(final_only.clip) == 1 and final_only.frames_per_clip == 2
-    # two frames of one clip are still decoded as two one-frame clips
-    assert torch.allclose(final_only.clip[0].mask_logits, predictions.clip[-1].mask_logits)
+    # two frames of one clip are still decoded as two one-frame clips (same values up to the
+    # summation order oneDNN picks for the batch shape: 5e-7 on torch 2.6, 0 on 2.13)
+    final_masks, last_masks = final_only.clip[0].mask_logits, predictions.clip[-1].mask_logits
+    assert torch.allclose(final_masks, last_masks, atol=1e-5)
 
 
 @pytest.mark.parametrize("frames", [1, 3])

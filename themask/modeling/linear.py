@@ -27,6 +27,9 @@ ENABLED = (
     and torch.backends.mkldnn.is_available()
     and _available()
 )
+# the weight gradient's product needs a transposed copy of the input on oneDNN: it pays on
+# AVX-512, not on AVX2, where torch.mm is faster for it (benchmarks/README.md)
+WEIGHT_GRAD_ON_ONEDNN = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None = None, post: str = "none") -> Tensor:
@@ -48,7 +51,9 @@ class _OneDNNLinear(torch.autograd.Function):
         rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_x = _product(grad, weight.t()) if ctx.needs_input_grad[0] else None
         grad_w, flat = None, x.reshape(-1, x.shape[-1])  # (out, in), (N, in)
-        if ctx.needs_input_grad[1]:  # oneDNN copies its input (reads the weight in place):
+        if ctx.needs_input_grad[1] and not WEIGHT_GRAD_ON_ONEDNN:
+            grad_w = rows.t().mm(flat)
+        elif ctx.needs_input_grad[1]:  # oneDNN copies its input (reads the weight in place):
             narrow = flat.shape[1] < rows.shape[1]  # the narrower matrix is the input
             grad_w = _product(flat.t(), rows.t()).t() if narrow else _product(rows.t(), flat.t())
         grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None

@@ -148,12 +148,9 @@ def bf16_matmul_supported(device: str) -> bool:
     """True where bf16 matrix products run on native units (CUDA bf16, CPU AVX512-BF16/AMX)."""
     import torch
 
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return any(
-        getattr(torch.cpu, name, lambda: False)()
-        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
+    from themask.precision import cpu_bf16_units
+
+    return torch.cuda.is_bf16_supported() if device == "cuda" else bool(cpu_bf16_units())
 
 
 def matmul_flops_per_second(dtype, device: str, *, size: int | None = None, runs: int = 3) -> float:
@@ -167,9 +164,11 @@ def matmul_flops_per_second(dtype, device: str, *, size: int | None = None, runs
     size = size or MATMUL_SIZE[device]
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
+    from themask.modeling import linear
+
     products = [lambda: torch.mm(a, b)]
-    if device == "cpu" and torch.backends.mkldnn.is_available():
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    if device == "cpu" and linear.ENABLED:  # a @ bᵀ, the same FLOPs
+        products.append(lambda: linear._product(a, b))
     best = float("inf")
     for product in products:
         for _ in range(runs + 1):  # the first call warms up

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+X86 = platform.machine().lower() in ("x86_64", "amd64")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 AmpSpec = Union[str, "torch.dtype", None]
 
@@ -31,26 +32,29 @@ def resolve_amp(amp: AmpSpec, device: torch.device | str) -> torch.dtype | None:
         raise ValueError("amp=fp16 needs a CUDA device; use bf16 or off on CPU")
     if amp is not None and amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {list(AMP_MODES)} or a torch dtype, got {amp!r}")
-    if amp == "bf16" and not cuda:
-        native_cpu_bf16()  # warns once where bf16 is emulated
+    if amp == "bf16" and not cuda and cpu_bf16_units() is False:
+        _warn_emulated_bf16()
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "off")
 
 
 @functools.cache
-def native_cpu_bf16() -> bool:
-    """False (and a warning, once) on an x86 CPU without AVX512-BF16 and AMX, by torch's private
-    checks; True elsewhere."""
+def cpu_bf16_units() -> bool | None:
+    """Whether this x86 CPU has bf16 matrix units (AVX512-BF16 or AMX), by torch's private
+    checks; None where unknown (another architecture, or a torch without the checks)."""
     import torch
 
     checks = [getattr(torch.cpu, f"_is_{n}_supported", None) for n in ("avx512_bf16", "amx_tile")]
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if not x86 or any(check is None or check() for check in checks):
-        return True
+    if not X86 or not all(checks):
+        return None
+    return any(check() for check in checks if check is not None)
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
     logger.warning(
         "amp=bf16: this CPU has no bf16 units (AVX512-BF16, AMX); bf16 is emulated, "
         "several times slower than fp32 (use amp off here)"
     )
-    return False
 
 
 def autocast_context(amp: AmpSpec, device: torch.device | str) -> AbstractContextManager:

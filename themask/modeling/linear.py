@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import os
-import platform
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from themask.precision import X86
 
 
 def _available() -> bool:
@@ -23,7 +24,7 @@ def _available() -> bool:
 
 ENABLED = (
     os.environ.get("THEMASK_ONEDNN", "1") != "0"
-    and platform.machine().lower() in ("x86_64", "amd64")
+    and X86
     and torch.backends.mkldnn.is_available()
     and _available()
 )

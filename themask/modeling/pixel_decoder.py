@@ -148,15 +148,18 @@ class MSDeformAttnPixelDecoder(nn.Module):
         batch = maps[0].shape[0]
         spatial_shapes = [(m.shape[2], m.shape[3]) for m in maps]  # stride 32, 16, 8
         src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (N, S, C)
+        device, dtype = src.device, src.dtype
         encodings = [  # (C, h, w) per level
-            sine_position_encoding_2d(h, w, num_feats=self.conv_dim // 2, device=src.device)
+            sine_position_encoding_2d(
+                h, w, num_feats=self.conv_dim // 2, device=device, dtype=dtype
+            )
             for h, w in spatial_shapes
         ]
         pos = torch.cat(  # (S, C), shared by the batch
-            [e.to(src.dtype).flatten(1).t() + self.level_embed[i] for i, e in enumerate(encodings)]
+            [e.flatten(1).t() + self.level_embed[i] for i, e in enumerate(encodings)]
         )
-        centres = _pixel_centres(spatial_shapes, device=src.device, dtype=src.dtype)
-        normaliser = offset_normaliser(spatial_shapes, device=src.device, dtype=src.dtype)
+        centres = _pixel_centres(spatial_shapes, device=device, dtype=dtype)
+        normaliser = offset_normaliser(spatial_shapes, device=device, dtype=dtype)
         for layer in self.encoder_layers:
             src = run_layer(
                 layer, self.checkpoint_layers, src, pos, centres, spatial_shapes, normaliser

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,45 @@ def test_semantic_inference_by_hand():
     assert torch.allclose(semantic_map(class_logits, mask_logits), expected, atol=1e-6)
     # a frame head has one class distribution per frame: same formula with (B, T, N, K+1)
     assert torch.allclose(semantic_map(class_logits[:, None], mask_logits), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_semantic_map_equals_a_sum_over_queries_with_classes_innermost(per_frame):
+    g = torch.Generator().manual_seed(4)
+    batch, queries, frames, classes = 2, 5, 3, 6
+    class_shape = (batch, frames, queries, classes + 1) if per_frame else (batch, queries, 7)
+    class_logits = torch.randn(*class_shape, generator=g, dtype=torch.float64)
+    mask_logits = torch.randn(batch, queries, frames, 4, 5, generator=g, dtype=torch.float64)
+    scores = semantic_map(class_logits, mask_logits)
+    probs = class_logits.softmax(-1)[..., :-1]
+    probs = probs if per_frame else probs[:, None].expand(batch, frames, queries, classes)
+    expected = sum(
+        probs[:, :, q, :, None, None] * mask_logits[:, q, :, None].sigmoid() for q in range(queries)
+    )
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
+    assert scores.permute(0, 1, 3, 4, 2).is_contiguous()  # each pixel's K scores together
+
+
+def test_eval_frees_the_predictions_before_the_full_size_scores(models, monkeypatch):
+    model = models["themask_tiny_t2"].eval()
+    predicted, alive = [], []
+    hook = model.decoder.register_forward_hook(
+        lambda module, args, out: predicted.append(weakref.ref(out.final.mask_logits))
+    )
+    interpolate = F.interpolate
+
+    def spy(x, *args, **kwargs):
+        alive.append([ref() is not None for ref in predicted])
+        return interpolate(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", spy)
+    try:
+        with torch.no_grad():
+            scores = model(clip_batch(1, 2))
+    finally:
+        hook.remove()
+    assert alive[-1] == [False]  # the final upsampling: the mask logits are gone
+    assert scores.stride(2) == 1  # a crop of channels-last scores: classes innermost
 
 
 def test_semantic_scores_fuse_heads_upsample_and_crop(models):

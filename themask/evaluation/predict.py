@@ -72,8 +72,8 @@ class StreamingPredictor:
         """Add the next frame (3, h, w), normalised; return its class scores (K, h, w)."""
         parts = self.windows.push(self.model.encode(frame[None, None]))  # B = T = 1 each
         features = parts[0].cat(parts) if len(parts) > 1 else parts[0]
-        predictions = self.model.decode(features, batch=1, frames=len(parts))
-        return self.model.semantic_scores(predictions, (frame.shape[-2], frame.shape[-1]))[0, -1]
+        size = (frame.shape[-2], frame.shape[-1])
+        return self.model.semantic_scores(self.model.decode(features, 1, len(parts)), size)[0, -1]
 
 
 def predict_video(

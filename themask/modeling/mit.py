@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from itertools import accumulate
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -106,8 +107,8 @@ class MixFFN(nn.Module):
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         """x: (N, L, C) → (N, L, C)."""
-        x = self.dwconv(_tokens_to_map(self.fc1(x), height, width))
-        return self.fc2(F.gelu(_map_to_tokens(x)))
+        x = _map_to_tokens(self.dwconv(_tokens_to_map(self.fc1(x), height, width)))
+        return self.fc2(F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x))
 
 
 class MiTBlock(nn.Module):

@@ -110,7 +110,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.fpn_output = nn.Sequential(
             nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False),
             nn.GroupNorm(norm_groups, conv_dim),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
         )
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
         self.checkpoint_layers = False  # recompute encoder layers in backward (see run_layer)
@@ -171,8 +171,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for (h, w), tokens in zip(spatial_shapes, level_tokens)
         ]
         res2 = features[0].contiguous(memory_format=torch.channels_last)  # as MiT's: faster convs
-        lateral = in_float32(self.lateral, res2)  # (N, C, H/4, W/4), channels-last like the rest
+        fused = in_float32(self.lateral, res2)  # (N, C, H/4, W/4), channels-last like the rest
         coarse = multi_scale[-1].clone(memory_format=torch.channels_last)  # else NCHW out (N=1)
-        upsampled = F.interpolate(coarse, lateral.shape[-2:], mode="bilinear", align_corners=False)
-        fused = self.fpn_output(lateral + upsampled)
-        return FrameFeatures(self.mask_features(fused), multi_scale)
+        # in place (the norm's output), as the ReLU: two stride-4 maps fewer at once
+        fused.add_(F.interpolate(coarse, fused.shape[-2:], mode="bilinear", align_corners=False))
+        return FrameFeatures(self.mask_features(self.fpn_output(fused)), multi_scale)

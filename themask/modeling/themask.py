@@ -17,11 +17,17 @@ from themask.precision import in_float32
 
 def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
     """Semantic inference (docs/DESIGN.md §4.3): class_logits (B, N, K+1) or (B, T, N, K+1),
-    mask_logits (B, N, T, h, w) → Σ_q softmax(class)[..., :K] · sigmoid(mask) (B, T, K, h, w)."""
+    mask_logits (B, N, T, h, w) → Σ_q softmax(class)[..., :K] · sigmoid(mask) (B, T, K, h, w),
+    classes innermost in memory (each pixel's K scores together, as the upsampling wants)."""
     probs = class_logits.softmax(dim=-1)[..., :-1]
     masks = mask_logits.sigmoid()
-    per_clip = probs.dim() == 3  # one class per clip query, else per frame
-    return torch.einsum("bnk,bnthw->btkhw" if per_clip else "btnk,bnthw->btkhw", probs, masks)
+    batch, queries, frames, height, width = masks.shape
+    if probs.dim() == 3:  # one class per clip query: (B, T·h·w, N) @ (B, N, K), no copy
+        scores = torch.bmm(masks.flatten(2).transpose(1, 2), probs)
+    else:  # one class per frame query: (B·T, h·w, N) @ (B·T, N, K)
+        pixels = masks.permute(0, 2, 3, 4, 1).reshape(batch * frames, height * width, queries)
+        scores = torch.bmm(pixels, probs.flatten(0, 1))
+    return scores.view(batch, frames, height, width, -1).permute(0, 1, 4, 2, 3)
 
 
 class THEMask(nn.Module):
@@ -106,8 +112,11 @@ class THEMask(nn.Module):
 
     def semantic_scores(self, predictions: Predictions, image_size: tuple[int, int]) -> Tensor:
         """Class scores (B, T, K, H, W) at ``image_size`` = (H, W): ``stride4_scores`` upsampled
-        bilinearly to the padded size and cropped; a channels-last view (classes innermost)."""
+        bilinearly to the padded size and cropped; a channels-last view (classes innermost).
+        ``predictions`` passed as a temporary (``semantic_scores(model.decode(...), size)``) are
+        freed before the full-size scores are made."""
         scores = self.stride4_scores(predictions)
+        del predictions
         clips, clip_len, classes, low_h, low_w = scores.shape
         height, width = image_size
         padded = aligned_size((height, width), None, self.config.size_divisor)
@@ -116,12 +125,15 @@ class THEMask(nn.Module):
                 f"THEMask.semantic_scores: masks of {low_h}×{low_w} (stride 4) do not come from "
                 f"an input of {height}×{width} (padded {padded[0]}×{padded[1]})"
             )
-        # classes innermost: upsampling and the caller's argmax 1.5-3× faster on CPU
-        low = scores.reshape(-1, classes, low_h, low_w).contiguous(
-            memory_format=torch.channels_last
-        )
-        with torch.autocast(low.device.type, enabled=False):
-            scores = F.interpolate(low, size=padded, mode="bilinear", align_corners=False)
+        # classes innermost: upsampling and the caller's argmax 1.5-3× faster on CPU. There a
+        # copy (it lands in a hole the network freed, and the output can start lower in the
+        # heap: ARCHITECTURE.md, "CPU products and memory"); semantic_map wrote that layout
+        scores, layout = scores.reshape(-1, classes, low_h, low_w), torch.channels_last
+        if scores.device.type == "cpu":
+            scores = scores.clone(memory_format=layout)
+        scores = scores.contiguous(memory_format=layout)
+        with torch.autocast(scores.device.type, enabled=False):
+            scores = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)
         scores = scores[..., :height, :width]
         return scores.reshape(clips, clip_len, classes, height, width)
 
@@ -129,7 +141,7 @@ class THEMask(nn.Module):
         """frames (B, T, 3, H, W), normalised → ``Predictions`` (train) or scores
         (B, T, K, H, W) (eval)."""
         batch, clip_len = frames.shape[:2]
-        predictions = self.decode(self.encode(frames), batch, clip_len)
         if self.training:
-            return predictions
-        return self.semantic_scores(predictions, (frames.shape[-2], frames.shape[-1]))
+            return self.decode(self.encode(frames), batch, clip_len)
+        size = (frames.shape[-2], frames.shape[-1])
+        return self.semantic_scores(self.decode(self.encode(frames), batch, clip_len), size)

@@ -53,11 +53,10 @@ def step_shapes(preset: str, size: int) -> collections.Counter:
 def products(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> dict:
     """The input gradient grad @ weight and the weight gradient gradᵀ @ x, on oneDNN (as
     ``_OneDNNLinear`` calls it) and on ``torch.mm``."""
-    product, narrow = linear._product, x.shape[1] < grad.shape[1]
     return {
-        "gx_onednn": lambda: product(grad, weight.t()),
+        "gx_onednn": lambda: linear._product(grad, weight.t()),
         "gx_mm": lambda: grad.mm(weight),
-        "gw_onednn": lambda: product(x.t(), grad.t()).t() if narrow else product(grad.t(), x.t()),
+        "gw_onednn": lambda: linear.onednn_weight_grad(x, grad),
         "gw_mm": lambda: grad.t().mm(x),
     }
 

@@ -39,6 +39,14 @@ def _product(x: Tensor, weight: Tensor, bias: Tensor | None = None, post: str = 
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "")
 
 
+def onednn_weight_grad(x: Tensor, grad: Tensor) -> Tensor:
+    """gradᵀ @ x: (N, out), (N, in) → (out, in) on oneDNN, which copies its input and reads the
+    weight in place: the narrower matrix goes in as the input."""
+    if x.shape[1] < grad.shape[1]:
+        return _product(x.t(), grad.t()).t()
+    return _product(grad.t(), x.t())
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -52,11 +60,8 @@ class _OneDNNLinear(torch.autograd.Function):
         rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_x = _product(grad, weight.t()) if ctx.needs_input_grad[0] else None
         grad_w, flat = None, x.reshape(-1, x.shape[-1])  # (out, in), (N, in)
-        if ctx.needs_input_grad[1] and not WEIGHT_GRAD_ON_ONEDNN:
-            grad_w = rows.t().mm(flat)
-        elif ctx.needs_input_grad[1]:  # oneDNN copies its input (reads the weight in place):
-            narrow = flat.shape[1] < rows.shape[1]  # the narrower matrix is the input
-            grad_w = _product(flat.t(), rows.t()).t() if narrow else _product(rows.t(), flat.t())
+        if ctx.needs_input_grad[1]:
+            grad_w = onednn_weight_grad(flat, rows) if WEIGHT_GRAD_ON_ONEDNN else rows.t().mm(flat)
         grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 

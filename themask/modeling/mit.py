@@ -108,7 +108,7 @@ class MixFFN(nn.Module):
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         """x: (N, L, C) → (N, L, C)."""
         x = _map_to_tokens(self.dwconv(_tokens_to_map(self.fc1(x), height, width)))
-        return self.fc2(F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x))
+        return self.fc2(F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x))
 
 
 class MiTBlock(nn.Module):

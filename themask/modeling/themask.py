@@ -114,7 +114,7 @@ class THEMask(nn.Module):
         """Class scores (B, T, K, H, W) at ``image_size`` = (H, W): ``stride4_scores`` upsampled
         bilinearly to the padded size and cropped; a channels-last view (classes innermost).
         ``predictions`` passed as a temporary (``semantic_scores(model.decode(...), size)``) are
-        freed before the full-size scores are made."""
+        freed before the full-size scores are made (CPython 3.11+ hands arguments over)."""
         scores = self.stride4_scores(predictions)
         del predictions
         clips, clip_len, classes, low_h, low_w = scores.shape

@@ -1,5 +1,6 @@
-"""``themask.modeling.linear``: float32 CPU products on oneDNN against a float64 reference, the
-cases that stay on ``F.linear``, and the whole model with and without the oneDNN path."""
+"""``themask.modeling.linear``: float32 CPU products on oneDNN and ``SameConv2d``'s weight
+gradient against a float64 reference, the cases that stay on ``F.linear`` / ``nn.Conv2d``, and
+the whole model with and without these paths."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from themask.loss.criterion import SetCriterion, training_loss
 from themask.modeling import linear as linear_module
 from themask.modeling.build import build_model, preset_loss_config
-from themask.modeling.linear import Linear, bmm, linear
+from themask.modeling.linear import Linear, SameConv2d, bmm, linear
 
 pytestmark = pytest.mark.skipif(not linear_module.ENABLED, reason="oneDNN path off here")
 
@@ -121,6 +122,45 @@ def test_bmm_values_and_gradients_equal_the_float64_product(layout, calls):
     torch.testing.assert_close(maps.grad.flatten(2), a.detach().transpose(1, 2) @ grad)
 
 
+def _shifted_rows(out: torch.Tensor) -> bool:
+    return out.grad_fn is not None and out.grad_fn.name() == "_ShiftedRowsConvBackward"
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize(("size", "batch"), [(3, 2), (3, 1), (5, 2)])
+def test_same_conv_values_and_gradients_equal_the_float64_convolution(
+    layout, size, batch, weight_grad_on_onednn
+):
+    gen = torch.Generator().manual_seed(3)
+    conv = SameConv2d(6, 4, size)
+    x = torch.randn(batch, 6, 7, 5, generator=gen).contiguous(memory_format=layout)
+    out = conv(x.requires_grad_())
+    assert _shifted_rows(out) != weight_grad_on_onednn  # the row products only off AVX-512
+    grad = torch.randn(out.shape, generator=gen).contiguous(memory_format=layout)
+    out.backward(grad)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, conv.weight))
+    want = F.conv2d(x64, w64, padding=size // 2)
+    want.backward(grad.double())
+    assert conv.padding == (size // 2,) * 2 and conv.bias is None
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=0, atol=1e-4)
+
+
+def test_same_conv_without_a_weight_gradient_is_nn_conv2d(monkeypatch):
+    monkeypatch.setattr(linear_module, "WEIGHT_GRAD_ON_ONEDNN", False)
+    conv, x = SameConv2d(4, 4, 3), torch.randn(1, 4, 6, 6, requires_grad=True)
+    plain = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    plain.load_state_dict(conv.state_dict())  # the same keys
+    assert _shifted_rows(conv(x))
+    conv.weight.requires_grad_(False)  # frozen: nothing for the row products to do
+    out = conv(x)
+    assert not _shifted_rows(out) and torch.equal(out, plain(x))
+    conv.weight.requires_grad_(True)
+    with torch.no_grad():  # no gradient recorded
+        assert torch.equal(conv(x), plain(x))
+
+
 def test_outside_float32_cpu_it_is_f_linear(calls):
     x, weight, bias = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
     assert torch.equal(
@@ -145,7 +185,9 @@ def test_repeated_calls_are_bit_identical():
 
 
 @pytest.mark.parametrize("preset", ["themask_tiny_t2", "mask2former_tiny"])
-def test_model_scores_loss_and_gradients_match_the_blas_path(preset, monkeypatch):
+def test_model_scores_loss_and_gradients_match_the_blas_path(
+    preset, monkeypatch, weight_grad_on_onednn
+):
     torch.manual_seed(0)
     model = build_model(preset, num_classes=4)
     criterion = SetCriterion(preset_loss_config(preset), num_classes=4)

@@ -1,6 +1,7 @@
 """``Linear``: ``nn.Linear`` with float32 x86 CPU products on oneDNN, not on ``F.linear``'s BLAS
 (same arithmetic, other order; 1.0–2.2× the throughput on the EPYCs of benchmarks/README.md), and
-``F.linear`` elsewhere (CUDA, autocast, float64, export, ``THEMASK_ONEDNN=0``); ``bmm`` likewise."""
+``F.linear`` elsewhere (CUDA, autocast, float64, export, ``THEMASK_ONEDNN=0``); ``bmm`` likewise;
+``SameConv2d``: a convolution whose weight gradient is products on ``torch.mm`` where faster."""
 
 from __future__ import annotations
 
@@ -112,6 +113,46 @@ def bmm(a: Tensor, b: Tensor) -> Tensor:
     ``linear`` would be (b[g] is read as a weight: fastest with N-major rows, e.g. channels-last
     features); the backward, rarely needed, on ``torch.bmm``."""
     return _BatchedProduct.apply(a, b) if _on_onednn(a, b) else torch.bmm(a, b)
+
+
+class _ShiftedRowsConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        size, pad = weight.shape[-1], weight.shape[-1] // 2
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, padding=pad)
+        # output pixel (h, w) reads padded input pixel (h + i, w + j). On the rows of the padded
+        # grid that is row p + i·W' + j for p = h·W' + w, so with the output gradient at row p
+        # (zero off the map) tap (i, j)'s weight gradient is one product of two row ranges
+        rows = F.pad(x, [pad] * 4).permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N·H'·W', in)
+        grads = F.pad(grad, [0, 2 * pad] * 2).permute(0, 2, 3, 1).reshape(len(rows), -1)
+        offsets = [i * (x.shape[-1] + 2 * pad) + j for i in range(size) for j in range(size)]
+        taps = [grads[: len(rows) - o].t().mm(rows[o:]) for o in offsets]  # (out, in) each
+        return grad_x, torch.stack(taps, -1).view(weight.shape)
+
+
+class SameConv2d(nn.Conv2d):
+    """``nn.Conv2d(in, out, k, padding=k // 2, bias=False)`` (same keys). Where the weight
+    gradient is not on oneDNN (CPUs without AVX-512), its float32 CPU one is k² products on
+    ``torch.mm`` of row ranges of the padded input: about 0.45× the time of the channels-last
+    ``convolution_backward`` (benchmarks/README.md)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if WEIGHT_GRAD_ON_ONEDNN or not (_on_onednn(x, self.weight) and _records(self.weight)):
+            return super().forward(x)
+        return _ShiftedRowsConv.apply(x, self.weight)
 
 
 class Linear(nn.Linear):

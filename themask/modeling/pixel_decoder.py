@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from themask.modeling.linear import Linear
+from themask.modeling.linear import Linear, SameConv2d
 from themask.modeling.ms_deform_attn import MSDeformAttn, SpatialShapes, offset_normaliser
 from themask.modeling.outputs import FrameFeatures
 from themask.modeling.position_encoding import sine_position_encoding_2d
@@ -108,7 +108,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.GroupNorm(norm_groups, conv_dim),
         )
         self.fpn_output = nn.Sequential(
-            nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False),
+            SameConv2d(conv_dim, conv_dim, 3),
             nn.GroupNorm(norm_groups, conv_dim),
             nn.ReLU(inplace=True),
         )

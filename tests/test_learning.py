@@ -88,9 +88,10 @@ def synthetic_clips(num_clips=4, frames=2, size=32, seed=0):
     return images, labels
 
 
-@pytest.mark.parametrize("preset", ["themask_tiny_t1", "themask_tiny_t2"])
-def test_a_few_adamw_steps_halve_the_loss(preset):
-    torch.manual_seed(0)
+def loss_ratio_after_16_steps(preset: str, seed: int) -> float:
+    """The mean of the last 4 losses of 16 AdamW steps over the first two (two batches
+    alternate)."""
+    torch.manual_seed(seed)
     model = build_model(preset, num_classes=3).train()
     criterion = SetCriterion(preset_loss_config(preset), 3)
     frames, labels = synthetic_clips()
@@ -104,9 +105,15 @@ def test_a_few_adamw_steps_halve_the_loss(preset):
         optimizer.step()
         losses.append(total.item())
         assert "loss_mask_secondary" in terms  # both presets train with two rounds
-    first = (losses[0] + losses[1]) / 2  # the two batches alternate
-    last = sum(losses[-4:]) / 4
-    assert last <= 0.5 * first, losses
+    return sum(losses[-4:]) / 4 / ((losses[0] + losses[1]) / 2)
+
+
+@pytest.mark.parametrize("preset", ["themask_tiny_t1", "themask_tiny_t2"])
+def test_a_few_adamw_steps_halve_the_loss(preset):
+    # the median of three seeds: one seed's ratio moves by a few hundredths with the rounding of
+    # the machine's products (0.46-0.49 for themask_tiny_t2 seed 0, 0.34-0.38 for seeds 1-3)
+    ratios = sorted(loss_ratio_after_16_steps(preset, seed) for seed in range(3))
+    assert ratios[1] <= 0.5, ratios
 
 
 @pytest.mark.parametrize(

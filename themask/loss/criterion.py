@@ -65,10 +65,10 @@ def assign(
     sets, clip_frames = len(result.matches), len(result.labelled[0])
     frames = [np.flatnonzero(row) for row in result.labelled]  # labelled frames per clip
     class_target = np.full((sets, len(result.classes), queries), num_classes, dtype=np.int64)
-    rows: dict[str, list[list[np.ndarray]]] = {"primary": [], "secondary": []}
+    # per round, its rows' columns: set, clip, query, frame, class
+    rows: dict[str, list[list]] = {name: [[], [], [], [], []] for name in ("primary", "secondary")}
     for s, set_matches in enumerate(result.matches):
-        for round_name, round_rows in rows.items():
-            columns: list[list[np.ndarray]] = [[], [], [], [], []]  # set, clip, query, frame, class
+        for round_name, columns in rows.items():
             for b, match in enumerate(set_matches):
                 query, target = (x.numpy() for x in getattr(match, round_name))
                 classes = result.classes[b][target]
@@ -79,13 +79,12 @@ def assign(
                 columns[2].append(np.repeat(query, repeat))
                 columns[3].append(np.tile(frames[b], len(query)))
                 columns[4].append(np.repeat(classes, repeat))
-            round_rows.append([np.concatenate(c).astype(np.int64) for c in columns])
     pairs = sum(len(c) * len(f) for c, f in zip(result.classes, frames))
     masks = sum(len(c) for c in result.classes)
     pieces = [class_target.ravel(), np.array([pairs, masks], dtype=np.int64)]
     groups = {}
-    for name, round_rows in rows.items():
-        columns_all = [np.concatenate([r[i] for r in round_rows]) for i in range(5)]
+    for name, columns in rows.items():
+        columns_all = [np.concatenate(c).astype(np.int64) for c in columns]
         clip_frame = columns_all[1] * clip_frames + columns_all[3]  # the row of a frame's maps
         order = np.argsort(clip_frame, kind="stable")
         groups[name] = np.bincount(clip_frame, minlength=len(frames) * clip_frames).tolist()
@@ -161,8 +160,7 @@ def class_loss(
         weight = weight * labelled[None, :, :, None]
     losses = F.cross_entropy(logits.reshape(-1, columns), target.reshape(-1), reduction="none")
     weight = weight.view(sets, -1)
-    per_set = (losses.view(sets, -1) * weight).sum(1) / weight.sum(1).clamp(min=1e-12)
-    return per_set.sum()
+    return ((losses.view(sets, -1) * weight).sum(1) / weight.sum(1).clamp(min=1e-12)).sum()
 
 
 def hard_mask_loss(
@@ -180,10 +178,8 @@ def hard_mask_loss(
     if predicted.shape[0] == 0:  # zero, the graph still connected
         return predicted.sum() * 0.0, predicted.sum() * 0.0
     bce = dice = predicted.new_zeros(())
-    start = 0
-    for part in predicted.split(chunk):  # one backward for all parts (split, not slicing)
-        rows = slice(start, start + part.shape[0])
-        start = rows.stop
+    for index, part in enumerate(predicted.split(chunk)):  # one backward (split, not slicing)
+        rows = slice(index * chunk, index * chunk + part.shape[0])
         with torch.no_grad():
             coords = uncertain_point_coords(
                 part.detach(),
@@ -196,8 +192,7 @@ def hard_mask_loss(
         losses = F.binary_cross_entropy_with_logits(logit_points, gt_points, reduction="none")
         bce = bce + losses.mean(1).sum()
         probs = logit_points.sigmoid()
-        intersection = (probs * gt_points).sum(1)
-        dice = dice + dice_loss(intersection, probs.sum(1), gt_points.sum(1)).sum()
+        dice = dice + dice_loss((probs * gt_points).sum(1), probs.sum(1), gt_points.sum(1)).sum()
     return bce, dice
 
 
@@ -315,14 +310,13 @@ class SetCriterion:
             for name, value in self._head_terms(sets, *shared).items():
                 sums[prefix + name] = head_weight * value
 
-        total = torch.stack(list(sums.values())).sum()
         log: dict[str, Tensor | float] = {name: value.detach() for name, value in sums.items()}
         for index, which in enumerate(("primary", "secondary"), 1):
             matched = sum(getattr(m, which)[0].numel() for m in result.matches[-1])
             log[f"matched_fraction_round{index}"] = matched / (queries * len(result.classes))
         num_masks = float(sum(len(c) for c in result.classes))
         log["num_masks"] = counts[1].clamp(min=1.0) if is_initialized() else max(num_masks, 1.0)
-        return LossOutput(total=total, terms=log)
+        return LossOutput(total=torch.stack(list(sums.values())).sum(), terms=log)
 
     def _head_terms(
         self,
@@ -372,8 +366,7 @@ def training_loss(
     """``criterion(model(frames), labels)`` for ``model`` in train mode (plain or DDP-wrapped)
     → (total, ``LossOutput.terms``). frames (B, T, 3, H, W) normalised; labels (B, T, H, W)
     long, 255 = ignore, padded here to a multiple of ``size_divisor``."""
-    same = frames.shape[:2] + frames.shape[-2:] == labels.shape
-    if frames.dim() != 5 or not same:
+    if frames.dim() != 5 or frames.shape[:2] + frames.shape[-2:] != labels.shape:
         raise ValueError(
             f"expected frames (B, T, 3, H, W) and labels (B, T, H, W) of the same B, T, H, W, "
             f"got {tuple(frames.shape)} and {tuple(labels.shape)}"

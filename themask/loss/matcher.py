@@ -69,8 +69,7 @@ def pairwise_bce_dice(
 ) -> tuple[Tensor, Tensor]:
     """Mean sigmoid BCE and dice cost of every pair → (B, N, M) each. logits (B, L, N) of N queries
     at L points, targets (B, L, M) in [0, 1], weight (B, L) in {0, 1} (0: left out, target 0)."""
-    if weight is None:
-        weight = torch.ones_like(logits[..., 0])
+    weight = torch.ones_like(logits[..., 0]) if weight is None else weight
     columns = torch.cat([targets, weight.unsqueeze(-1)], -1).transpose(1, 2)  # (B, M+1, L)
     # BCE(x, y) = softplus(x) − x·y
     bce = columns[:, -1:] @ F.softplus(logits) - columns[:, :-1] @ logits  # (B, M, N)
@@ -118,8 +117,7 @@ class HungarianMatcher:
         batch, num_classes = present.shape
         all_classes = self.all_class_columns
         if all_classes or (all_classes is None and present.device.type != "cpu"):
-            columns = torch.arange(num_classes, device=present.device).expand(batch, -1)
-            return columns, present
+            return torch.arange(num_classes, device=present.device).expand(batch, -1), present
         width = int(present.sum(1).max()) if batch else 0  # on CPU nothing waits here
         # present classes first, ascending (stable sort), then absent ones as padding
         order = present.byte().sort(dim=1, descending=True, stable=True).indices[:, :width]

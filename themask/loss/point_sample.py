@@ -13,8 +13,7 @@ from themask.rng import uniform
 def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
     """maps (R, C, H, W) read at coords (R, P, 2) → (R, C, P)."""
     grid = (coords * 2.0).sub_(1.0).unsqueeze(2)  # (R, P, 1, 2) in [-1, 1]; one temporary
-    sampled = F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", align_corners=False)
-    return sampled.squeeze(3)
+    return F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", align_corners=False).squeeze(3)
 
 
 def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -28,9 +27,8 @@ def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tens
     xs = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)  # (..., P, 4): nw, ne, sw, se
     ys = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
     weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
-    inside = (xs >= 0) & (xs <= width - 1) & (ys >= 0) & (ys <= height - 1)
     index = ys.clamp(0, height - 1).long() * width + xs.clamp(0, width - 1).long()
-    return index, weight * inside
+    return index, weight * ((xs >= 0) & (xs <= width - 1) & (ys >= 0) & (ys <= height - 1))
 
 
 def sample_queries(maps: Tensor, coords: Tensor) -> Tensor:

@@ -61,8 +61,7 @@ def preset_config(name: str, *, num_classes: int = NUM_CLASSES, **overrides: Any
     fields) applied. ``mask2former_*`` and ``themask_*_t1`` share a network."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {list_presets()}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - fields)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
     if unknown:
         raise ValueError(f"preset {name!r}: unknown ModelConfig field(s) {unknown}")
     return ModelConfig(**{**PRESETS[name], **overrides, "num_classes": num_classes})

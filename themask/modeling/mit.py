@@ -34,8 +34,7 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
+    return x * x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
 
 
 def _tokens_to_map(x: Tensor, height: int, width: int) -> Tensor:
@@ -89,9 +88,8 @@ class SpatialReductionAttention(nn.Module):
         if self.sr_ratio > 1:
             reduced = self.sr(_tokens_to_map(x, height, width))  # (N, C, h/sr, w/sr)
             x = self.sr_norm(_map_to_tokens(reduced))  # (N, Lk, C)
-        kv = self.kv(x)  # (N, Lk, 2C)
         q = q.unflatten(-1, (self.num_heads, head_dim)).transpose(1, 2)  # (N, heads, L, d)
-        k, v = kv.unflatten(-1, (2, self.num_heads, head_dim)).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(x).unflatten(-1, (2, self.num_heads, head_dim)).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # scale d^-1/2, (N, heads, L, d)
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
@@ -211,10 +209,7 @@ class MixTransformer(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: (N, 3, H, W) → [(N, C_s, ⌈H/stride_s⌉, ⌈W/stride_s⌉) for the 4 stages], each a
         channels-last view of the stage's tokens (no copy; convolutions read it as is)."""
-        features = []
-        for stage in self.stages:
-            features.append(x := stage(x))
-        return features
+        return [x := stage(x) for stage in self.stages]
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -145,7 +145,6 @@ def _sample_with_grid(
     value = value.permute(0, 2, 3, 1).reshape(bm, head_dim, num_tokens)
     grids = (2 * locations - 1).permute(0, 2, 3, 4, 1, 5).contiguous()  # (B, M, L, P, Q, 2)
     weights = weights.permute(0, 2, 3, 4, 1).contiguous()  # (B, M, L, P, Q)
-    level_sizes = [h * w for h, w in spatial_shapes]
     output = sum(
         (
             F.grid_sample(
@@ -156,7 +155,7 @@ def _sample_with_grid(
             * weights[:, :, level].reshape(bm, 1, num_points, num_queries)
         ).sum(dim=2)  # (B·M, D, Q)
         for level, ((height, width), value_l) in enumerate(
-            zip(spatial_shapes, value.split(level_sizes, dim=2))
+            zip(spatial_shapes, value.split([h * w for h, w in spatial_shapes], dim=2))
         )
     )
     assert isinstance(output, Tensor)
@@ -273,9 +272,8 @@ class MSDeformAttn(nn.Module):
         [0, 1] on every level, value (B, S, C) of the levels ``spatial_shapes`` (L × (H_l, W_l)),
         normaliser ``offset_normaliser(spatial_shapes)`` or None → (B, Q, C)."""
         batch, num_queries, _ = query.shape
-        num_tokens = value.shape[1]
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
-        projected = self.value_proj(value).view(batch, num_tokens, heads, self.dim // heads)
+        projected = self.value_proj(value).view(batch, value.shape[1], heads, self.dim // heads)
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
         logits = self.attention_weights(query).view(batch, num_queries, heads, levels, points)
         if normaliser is None:

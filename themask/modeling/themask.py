@@ -88,8 +88,7 @@ class THEMask(nn.Module):
                 f"batch × frames = {batch} × {frames}"
             )
         mask_features, multi_scale = features.mask_features, features.multi_scale
-        device = mask_features.device.type
-        if self.training or not torch.is_autocast_enabled(device):
+        if self.training or not torch.is_autocast_enabled(mask_features.device.type):
             return self.decoder(mask_features, multi_scale, frames=frames, return_all=self.training)
         return in_float32(  # inference under autocast
             lambda m, *ms: self.decoder(m, ms, frames=frames, return_all=False),

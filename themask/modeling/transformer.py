@@ -102,8 +102,7 @@ class CrossAttentionLayer(_AttentionLayer):
         query_pos: Tensor,
         allowed: Tensor | None = None,
     ) -> Tensor:
-        out = self.attn(x + query_pos, keys, values, allowed)
-        return self.norm(x + self.dropout(out))
+        return self.norm(x + self.dropout(self.attn(x + query_pos, keys, values, allowed)))
 
 
 class FFNLayer(nn.Module):
@@ -119,8 +118,7 @@ class FFNLayer(nn.Module):
         nn.init.xavier_uniform_(self.linear2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.dropout(self.linear1(x, relu=True))
-        return self.norm(x + self.dropout(self.linear2(hidden)))
+        return self.norm(x + self.dropout(self.linear2(self.dropout(self.linear1(x, relu=True)))))
 
 
 class DecoderLayer(nn.Module):
@@ -211,9 +209,8 @@ def decoder_memory(
         ).to(features.dtype)  # (T, C, h, w)
         pos = pos.flatten(2).transpose(1, 2)  # (T, h·w, C)
         value = features.flatten(2).transpose(1, 2) + level_embed[level]  # (B·T, h·w, C)
-        key = (value.view(-1, frames, height * width, channels) + pos).flatten(0, 1)
         values.append(value)
-        keys.append(key)
+        keys.append((value.view(-1, frames, height * width, channels) + pos).flatten(0, 1))
     return keys, values
 
 
@@ -351,8 +348,7 @@ class QueryDecoder(nn.Module):
         self, embeddings: Tensor, features: Tensor, state: DecodingState
     ) -> Tensor:
         """Mask logits (B·T, N, h·w) of a memory level's mask features (B·T, D, h, w)."""
-        per_frame = embeddings.repeat_interleave(state.frames, dim=0)  # (B·T, N, D)
-        return bmm(per_frame, features.flatten(2))
+        return bmm(embeddings.repeat_interleave(state.frames, dim=0), features.flatten(2))
 
 
 class MaskDecoder(QueryDecoder):

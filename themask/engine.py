@@ -339,9 +339,8 @@ class Trainer:
             if self.scaler is not None:
                 loss = self.scaler.scale(loss)
             loss.backward()
-        values = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
-        values["loss"] = total.detach()
-        return values
+        values = {**terms, "loss": total}
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in values.items()}
 
     def _optimizer_step(self) -> Tensor:
         """Clip, step; returns the gradient norm before clipping (a 0-d device tensor)."""

@@ -83,9 +83,7 @@ def test_clips(
     block = stride * clip_len
     end = num_frames // block * block
     clips = [
-        [b + j + stride * i for i in range(clip_len)]
-        for b in range(0, end, block)
-        for j in range(stride)
+        list(range(b + j, b + block, stride)) for b in range(0, end, block) for j in range(stride)
     ]
     tail = range(end, num_frames, clip_len)  # consecutive chunks
     return clips + [list(range(s, min(s + clip_len, num_frames))) for s in tail]

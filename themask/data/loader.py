@@ -3,6 +3,7 @@ stream is a pure function of ``(seed, batch, rank)``, whatever the workers or re
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 from collections.abc import Iterator, Sequence
@@ -168,9 +169,8 @@ class VSPWTrainDataset(Dataset):
                     return sample
             except CorruptFileError as err:
                 self.skipped += 1
-                name = self.videos[video_index].name
                 message = "skipping a clip of %s: %s (%d clip(s) skipped so far in this process)"
-                logger.warning(message, name, err, self.skipped)
+                logger.warning(message, self.videos[video_index].name, err, self.skipped)
             video_index = int(rng.integers(len(self.videos)))  # redraw from another video
         if sample is None:
             raise DataError(
@@ -199,16 +199,14 @@ class InfiniteClipSampler(Sampler):
             raise ValueError(f"train.batch_size: need >= 1 clip per process, got {self.batch_size}")
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        k = self.start_batch * self.batch_size
         cached_epoch, order = -1, np.empty(0, dtype=np.int64)
-        while True:
+        for k in itertools.count(self.start_batch * self.batch_size):
             position = k * self.world_size + self.rank
             epoch, offset = divmod(position, self.num_videos)
             if epoch != cached_epoch:
                 cached_epoch = epoch
                 order = np.random.default_rng([self.seed, epoch]).permutation(self.num_videos)
             yield int(order[offset]), position
-            k += 1
 
 
 def _ignore_signals(worker_id: int) -> None:
@@ -239,12 +237,11 @@ def build_train_loader(
         description=index.description,
     )
     positions = {"seed": seed, "rank": rank, "world_size": world_size, "start_batch": start_batch}
-    sampler = InfiniteClipSampler(len(dataset), batch_size=batch_size, **positions)
     workers = data_cfg.num_workers if num_workers is None else num_workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=InfiniteClipSampler(len(dataset), batch_size=batch_size, **positions),
         num_workers=workers,
         collate_fn=collate,
         worker_init_fn=_ignore_signals,

@@ -198,8 +198,7 @@ def make_toy_dataset(
     names = [f"{i:04d}_toy{seed}" for i in range(num_train + num_val)]
     for index, name in enumerate(names):
         stuff = pairs[pair_order[index % len(pairs)]]
-        if rng.random() < 0.5:
-            stuff = (stuff[1], stuff[0])
+        stuff = stuff[::-1] if rng.random() < 0.5 else stuff
         count = int(rng.integers(1, 4))
         objects = [object_cycle[(cursor + i) % len(object_cycle)] for i in range(count)]
         cursor += count

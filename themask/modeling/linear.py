@@ -10,6 +10,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_input
 
 from themask.precision import X86
 
@@ -125,9 +126,9 @@ class _ShiftedRowsConv(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         size, pad = weight.shape[-1], weight.shape[-1] // 2
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, padding=pad)
+        grad_x = (
+            conv2d_input(x.shape, weight, grad, padding=pad) if ctx.needs_input_grad[0] else None
+        )
         # output pixel (h, w) reads padded input pixel (h + i, w + j). On the rows of the padded
         # grid that is row p + i·W' + j for p = h·W' + w, so with the output gradient at row p
         # (zero off the map) tap (i, j)'s weight gradient is one product of two row ranges
@@ -139,10 +140,9 @@ class _ShiftedRowsConv(torch.autograd.Function):
 
 
 class SameConv2d(nn.Conv2d):
-    """``nn.Conv2d(in, out, k, padding=k // 2, bias=False)`` (same keys). Where the weight
-    gradient is not on oneDNN (CPUs without AVX-512), its float32 CPU one is k² products on
-    ``torch.mm`` of row ranges of the padded input: about 0.45× the time of the channels-last
-    ``convolution_backward`` (benchmarks/README.md)."""
+    """``nn.Conv2d(in, out, k, padding=k // 2, bias=False)`` (same keys); off AVX-512 its float32
+    CPU weight gradient is k² ``torch.mm`` products of row ranges of the padded input, about 0.45×
+    the time of ``convolution_backward``'s channels-last one (benchmarks/README.md)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__(

@@ -11,7 +11,9 @@ A turn runs ``--steps-per-turn`` consecutive steps and reports their median (a s
 the worker waited is slower). The step is ``bench.py --mode train``'s (``--batch`` clips, 8
 classes in bands, AdamW); trees as old as the first release (its
 ``themask.loss.api.training_loss``) are understood too. ``--mode infer`` times ``model(clip)``
-in eval mode under ``torch.inference_mode`` (``--size`` may be ``HxW``).
+in eval mode under ``torch.inference_mode`` (``--size`` may be ``HxW``), under
+``torch.autocast("cpu", torch.bfloat16)`` for the trees named by ``--bf16`` (a tree may be
+listed twice under two names, e.g. ``now=. now_bf16=. --bf16 now_bf16``).
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ try:  # the CLI's memory settings, where the tree has them
     keep_freed_memory()
 except ImportError:
     pass
+bf16 = sys.argv[7] == "bf16"
 def infer_step():
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         model(clip)
 step = train_step_of() if sys.argv[6] == "train" else infer_step
 step()
@@ -80,17 +83,22 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=12, help="turns per tree")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--bf16", nargs="*", default=[], metavar="NAME", help="trees that infer under bf16 autocast"
+    )
+    parser.add_argument(
         "--steps-per-turn", type=int, default=1, help="a turn's time: the median of its steps"
     )
     args = parser.parse_args()
     trees = dict(tree.split("=", 1) for tree in args.trees)
+    if unknown := sorted(set(args.bf16) - set(trees)):
+        parser.exit(2, f"interleaved.py: --bf16 {' '.join(unknown)}: not a tree of --trees\n")
     workers = {}
     for name, path in trees.items():
         path = os.path.abspath(path)
         sizes = [str(args.frames), str(args.size), str(args.batch)]
         command = [sys.executable, "-c", WORKER, args.preset, *sizes]
         workers[name] = subprocess.Popen(
-            [*command, str(args.threads), args.mode],
+            [*command, str(args.threads), args.mode, "bf16" if name in args.bf16 else "fp32"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -118,6 +126,7 @@ def main() -> None:
         "pairs": args.pairs,
         "threads": args.threads,
         "steps_per_turn": args.steps_per_turn,
+        "bf16": args.bf16,
         "median_ms": {name: round(statistics.median(t) * 1000, 1) for name, t in times.items()},
     }
     for name in names[1:]:

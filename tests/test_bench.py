@@ -90,3 +90,31 @@ def test_bench_stream_has_a_pytorch_and_an_onnxruntime_row(tmp_path):
         assert row["ms_per_frame"] == row["ms_per_call"] > 0 and row["peak_mib"] > 0
         _check_efficiency(row)
     assert ort_row["gflop"] == torch_row["gflop"]  # the same work, counted once
+
+
+INTERLEAVED = BENCH.with_name("interleaved.py")
+
+
+def _interleaved(*args: str) -> subprocess.CompletedProcess:
+    common = ["--preset", "themask_tiny_t2", "--size", "32x48", "--threads", "1", "--pairs", "2"]
+    command = [sys.executable, str(INTERLEAVED), *common, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_interleaved_times_a_tree_in_fp32_and_under_bf16_autocast():
+    here = str(BENCH.parents[1])
+    done = _interleaved(
+        "--mode", "infer", "--trees", f"fp32={here}", f"bf16={here}", "--bf16", "bf16"
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["bf16"] == ["bf16"] and set(report["median_ms"]) == {"fp32", "bf16"}
+    assert all(ms > 0 for ms in report["median_ms"].values())
+    ratio = report["bf16/fp32"]
+    assert 0 < ratio["q1"] <= ratio["median"] <= ratio["q3"]
+
+
+def test_interleaved_rejects_a_bf16_name_that_is_not_a_tree():
+    done = _interleaved("--trees", f"now={BENCH.parents[1]}", "--bf16", "nwo")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "interleaved.py: --bf16 nwo: not a tree of --trees"

@@ -127,9 +127,10 @@ class THEMask(nn.Module):
         # classes innermost: upsampling and the caller's argmax 1.5-3× faster on CPU. There a
         # copy (it lands in a hole the network freed, and the output can start lower in the
         # heap: ARCHITECTURE.md, "CPU products and memory"); semantic_map wrote that layout
-        scores = scores.reshape(-1, classes, low_h, low_w)
-        copy = scores.clone if scores.device.type == "cpu" else scores.contiguous
-        scores = copy(memory_format=torch.channels_last)
+        scores = scores.reshape(-1, classes, low_h, low_w)  # no name may keep it past the copy
+        scores = (scores.clone if scores.device.type == "cpu" else scores.contiguous)(
+            memory_format=torch.channels_last
+        )
         with torch.autocast(scores.device.type, enabled=False):
             scores = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)
         scores = scores[..., :height, :width]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import subprocess
@@ -118,3 +119,21 @@ def test_interleaved_rejects_a_bf16_name_that_is_not_a_tree():
     done = _interleaved("--trees", f"now={BENCH.parents[1]}", "--bf16", "nwo")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == "interleaved.py: --bf16 nwo: not a tree of --trees"
+
+
+def test_heap_layout_reports_where_each_calls_output_lands():
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    script = BENCH.with_name("heap_layout.py")
+    argv = [sys.executable, str(script), "--preset", "themask_tiny_t2", "--size", "64x96"]
+    done = subprocess.run([*argv, "--calls", "3", "--threads", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [c["call"] for c in calls] == [0, 1, 2]
+    classes = build_model("themask_tiny_t2").num_classes
+    for c in calls:  # the (1, 2, K, 64, 96) float32 scores, counted by hand
+        assert c["output_mib"] == round(2 * classes * 64 * 96 * 4 / 2**20, 1)
+        assert 0 <= c["in_use_mib"] <= c["heap_mib"]
+        assert 0 <= c["input_at_mib"] < c["heap_mib"] and c["output_at_mib"] >= 0
+    peaks = [c["peak_rss_mib"] for c in calls]
+    assert peaks == sorted(peaks)  # a peak never falls

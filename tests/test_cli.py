@@ -204,3 +204,41 @@ def test_building_the_cli_imports_no_torch():
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert result.returncode == 0, result.stderr
+
+
+SHAPE_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+@pytest.mark.parametrize(
+    ("command", "user", "expected"),
+    [
+        ("predict", None, "256"),
+        ("eval", None, "256"),
+        ("predict", "1024", "1024"),
+        ("train", None, None),
+    ],
+)
+def test_eval_and_predict_cap_the_onednn_shape_caches(
+    tmp_path, monkeypatch, command, user, expected
+):
+    """Set before any oneDNN op (tests/test_linear.py measures what the cap bounds); a user's own
+    setting wins; training keeps the libraries' defaults (its working set needs more)."""
+    for name in SHAPE_CACHES:
+        monkeypatch.setenv(name, user or "")  # recorded: the test's end restores the variable
+        if user is None:
+            monkeypatch.delenv(name)
+    missing = str(tmp_path / "missing.safetensors")
+    argv = {
+        "predict": [
+            "predict",
+            str(tmp_path / "missing.mp4"),
+            "--weights",
+            missing,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        "eval": ["eval", "themask_tiny_t2", "--weights", missing, f"data.root={tmp_path}"],
+        "train": ["train", str(tmp_path / "missing.yaml")],
+    }[command]
+    assert main(argv) == 2  # the missing file, after the setting
+    assert [os.environ.get(name) for name in SHAPE_CACHES] == [expected, expected]

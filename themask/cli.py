@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
     keep_freed_memory()
+    if args.command in ("eval", "predict"):  # oneDNN and ideep keep ~250 KiB per input shape, up
+        for cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):  # to 1024 each
+            os.environ.setdefault(cache, "256")  # (benchmarks/README.md); too few for training
     if getattr(args, "threads", None) and not getattr(args, "onnx", None):
         import torch  # predict --onnx stays torch-free (ONNX Runtime takes args.threads)
 

@@ -227,7 +227,8 @@ class DecodingState:
 
 class QueryDecoder(nn.Module):
     """Learned queries refined by ``num_layers`` masked-attention layers, layer i reading memory
-    level ``i mod num_levels`` (strides 32, 16, 8); subclasses supply the hooks below."""
+    level ``i mod num_levels`` (strides 32, 16, 8); the hooks below decode every frame as its own
+    clip (``MaskDecoder``), and ``TemporalDecoder`` overrides them."""
 
     is_temporal = False  # True: B clips of T frames decoded jointly; False: B·T one-frame clips
 
@@ -330,11 +331,11 @@ class QueryDecoder(nn.Module):
         self, queries: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], frames: int
     ) -> tuple[Tensor, Tensor]:
         """Learned queries (B, N, C) → layer 1's queries (B·T, N, C) and clip queries (B, N, C)."""
-        raise NotImplementedError
+        return queries, queries
 
     def _after_layer(self, state: DecodingState) -> None:
         """The clip queries after a layer has refined ``state.queries``."""
-        raise NotImplementedError
+        state.clip = state.queries
 
     def _heads(
         self, state: DecodingState, *, full: bool
@@ -353,12 +354,4 @@ class QueryDecoder(nn.Module):
 
 class MaskDecoder(QueryDecoder):
     """Every frame decoded as its own clip → ``Predictions`` of B·T one-frame clips:
-    class (B·T, N, K+1), masks (B·T, N, 1, H/4, W/4)."""
-
-    def _start(
-        self, queries: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], frames: int
-    ) -> tuple[Tensor, Tensor]:
-        return queries, queries
-
-    def _after_layer(self, state: DecodingState) -> None:
-        state.clip = state.queries
+    class (B·T, N, K+1), masks (B·T, N, 1, H/4, W/4): ``QueryDecoder``'s own hooks."""

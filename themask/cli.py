@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
     keep_freed_memory()
-    if args.command in ("eval", "predict"):  # oneDNN and ideep keep ~250 KiB per input shape, up
-        for cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):  # to 1024 each
-            os.environ.setdefault(cache, "256")  # (benchmarks/README.md); too few for training
+    if args.command in ("eval", "predict"):  # many input sizes: bound oneDNN's per-shape caches
+        for cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+            os.environ.setdefault(cache, "256")  # too few for training (ARCHITECTURE.md)
     if getattr(args, "threads", None) and not getattr(args, "onnx", None):
         import torch  # predict --onnx stays torch-free (ONNX Runtime takes args.threads)
 

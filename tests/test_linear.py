@@ -268,4 +268,6 @@ def test_the_capacities_eval_and_predict_set_bound_the_shape_caches():
         report = json.loads(done.stdout)
         assert report["caps"] == [entries, entries]
         growth[entries] = report["growth_mib"]
+    if growth["1024"] < 20:
+        pytest.skip(f"oneDNN kept only {growth['1024']:.0f} MiB for 16 sizes on this CPU")
     assert growth["256"] < 0.6 * growth["1024"]

@@ -27,12 +27,22 @@ from themask.precision import keep_freed_memory
 MIB = 2**20
 
 
-class _MallInfo2(ctypes.Structure):
+class MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2``: ``arena`` the main heap's size, ``uordblks`` bytes in use."""
+
     _fields_ = [
         (name, ctypes.c_size_t)
         for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks".split()
         + ["keepcost"]
     ]
+
+
+def libc_with_mallinfo2() -> ctypes.CDLL:
+    """glibc with ``mallinfo2()`` returning ``MallInfo2`` and ``sbrk(0)`` the heap's top."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    libc.sbrk.restype = ctypes.c_void_p
+    return libc
 
 
 class _Functional:
@@ -53,9 +63,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    libc.sbrk.restype = ctypes.c_void_p
+    libc = libc_with_mallinfo2()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     keep_freed_memory()  # as the CLI

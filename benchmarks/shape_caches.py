@@ -14,24 +14,16 @@ set already); the Python API leaves them to you: set them before the first oneDN
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
 
 import torch
+from heap_layout import libc_with_mallinfo2  # this directory
 
+from themask.cli import SHAPE_CACHES
 from themask.modeling.build import build_model
 from themask.precision import keep_freed_memory
-
-CAPACITIES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks".split()
-    ]
 
 
 def main() -> None:
@@ -40,13 +32,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, default=120)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
+    libc = libc_with_mallinfo2()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the CLI
     model = build_model(args.preset).eval().requires_grad_(False)
     frames = model.config.num_frames
-    settings = {name: os.environ.get(name, "default") for name in (*CAPACITIES, "THEMASK_ONEDNN")}
+    settings = {name: os.environ.get(name, "default") for name in (*SHAPE_CACHES, "THEMASK_ONEDNN")}
     start = None
     for i in range(args.sizes):
         height, width = 64 + 32 * (i % 8), 64 + 32 * (i // 8)

@@ -294,6 +294,11 @@ def test_read_state_dict_refuses_pickled_objects(tmp_path):
     torch.save({"state_dict": {"a": torch.zeros(1)}, "meta": {"obj": _Pickled()}}, path)
     with pytest.raises(ValueError, match=r"_Pickled, which a safe \(weights-only\) load refuses"):
         read_state_dict(path)
+    # the message's recipe for a trusted file: allow the class, re-save the state dict, safely
+    with torch.serialization.safe_globals([_Pickled]):
+        state = torch.load(path, weights_only=True)["state_dict"]
+    torch.save(state, tmp_path / "clean.pth")
+    assert torch.equal(read_state_dict(tmp_path / "clean.pth")["a"], torch.zeros(1))
 
 
 def test_read_state_dict_rejects_unknown_files(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from themask.cli import COMMAND_MODULES, build_parser, main
+from themask.cli import COMMAND_MODULES, SHAPE_CACHES, build_parser, main
 from themask.data.toy import make_toy_dataset
 from themask.evaluation.visualize import plot_loss_curve
 from themask.logger import MetricWriter, read_metrics, setup_logging
@@ -206,9 +206,6 @@ def test_building_the_cli_imports_no_torch():
     assert result.returncode == 0, result.stderr
 
 
-SHAPE_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-
-
 @pytest.mark.parametrize(
     ("command", "user", "expected"),
     [
@@ -221,7 +218,7 @@ SHAPE_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 def test_eval_and_predict_cap_the_onednn_shape_caches(
     tmp_path, monkeypatch, command, user, expected
 ):
-    """Set before any oneDNN op (tests/test_linear.py measures what the cap bounds); a user's own
+    """Set before any oneDNN op (tests/test_bench.py measures what the cap bounds); a user's own
     setting wins; training keeps the libraries' defaults (its working set needs more)."""
     for name in SHAPE_CACHES:
         monkeypatch.setenv(name, user or "")  # recorded: the test's end restores the variable

@@ -4,12 +4,6 @@ the whole model with and without these paths."""
 
 from __future__ import annotations
 
-import ctypes
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,47 +221,3 @@ def test_an_inner_product_that_fails_or_is_missing_turns_the_path_off(monkeypatc
     assert not linear_module._available()
     monkeypatch.setattr(torch.ops, "mkldnn", object())  # a build without the op
     assert not linear_module._available()
-
-
-CACHE_GROWTH = """
-import ctypes, json, os, sys, torch
-from themask.modeling.build import build_model
-class Info(ctypes.Structure):
-    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks".split()
-    _fields_ = [(n, ctypes.c_size_t) for n in names]
-libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
-torch.set_num_threads(1)
-model = build_model("themask_tiny_t2").eval()
-with torch.inference_mode():
-    model(torch.randn(1, 2, 3, 32, 32))
-    start = libc.mallinfo2().uordblks
-    for width in range(64, 576, 32):  # 16 new input sizes
-        model(torch.randn(1, 2, 3, 32, width))
-caps = [os.environ[name] for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")]
-print(json.dumps({"caps": caps, "growth_mib": (libc.mallinfo2().uordblks - start) / 2**20}))
-"""
-
-
-SHAPE_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-
-
-@pytest.mark.skipif(not linear_module.ENABLED, reason="products on oneDNN only on x86 CPUs")
-def test_the_capacities_eval_and_predict_set_bound_the_shape_caches():
-    """oneDNN's and ideep's caches keep ~250 KiB per input shape: 16 sizes of the tiny model grow
-    the heap by about 230 MiB at their default 1024 entries, by about 80 MiB at the 256 that
-    ``themask eval`` / ``predict`` set (tests/test_cli.py)."""
-    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
-        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-    growth = {}
-    for entries in ("256", "1024"):
-        env = {**os.environ, **dict.fromkeys(SHAPE_CACHES, entries)}
-        done = subprocess.run(
-            [sys.executable, "-c", CACHE_GROWTH], env=env, capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr
-        report = json.loads(done.stdout)
-        assert report["caps"] == [entries, entries]
-        growth[entries] = report["growth_mib"]
-    if growth["1024"] < 20:
-        pytest.skip(f"oneDNN kept only {growth['1024']:.0f} MiB for 16 sizes on this CPU")
-    assert growth["256"] < 0.6 * growth["1024"]

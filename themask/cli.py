@@ -13,6 +13,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = "demo train check_data make_toy_data eval predict convert export configs".split()
 USER_ERRORS = {"ConfigError", "DataError", "WeightsError"}  # themask's own, all ValueError
 FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+SHAPE_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # eval, predict: 256
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(verbose=args.verbose, rank=int(os.environ.get("RANK", "0")))
     keep_freed_memory()
     if args.command in ("eval", "predict"):  # many input sizes: bound oneDNN's per-shape caches
-        for cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        for cache in SHAPE_CACHES:
             os.environ.setdefault(cache, "256")  # too few for training (ARCHITECTURE.md)
     if getattr(args, "threads", None) and not getattr(args, "onnx", None):
         import torch  # predict --onnx stays torch-free (ONNX Runtime takes args.threads)

@@ -55,8 +55,9 @@ def read_state_dict(path: PathLike) -> StateDict:
         if isinstance(error, pickle.UnpicklingError) and found is not None:
             raise WeightsError(
                 f"{path}: holds {found.group(1)}, which a safe (weights-only) load refuses. If "
-                "you trust the file, re-save just its state dict: "
-                "torch.save(torch.load(SRC, weights_only=False)['state_dict'], DST)"
+                "you trust the file, allow that class and re-save just its state dict: with "
+                f"torch.serialization.safe_globals([{found.group(1)}]): "
+                "torch.save(torch.load(SRC, weights_only=True)['state_dict'], DST)"
             ) from None
         kind = ".safetensors" if source.suffix == ".safetensors" else "PyTorch weights"
         text = str(error).strip()
